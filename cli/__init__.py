@@ -1,0 +1,1 @@
+"""Command-line interface ``gradcoh`` (typer); commands import the libraries lazily."""

@@ -1,0 +1,128 @@
+"""The on-disk contract between ``gradcoh.logger`` (writer) and ``gradcoh.analysis`` (reader).
+
+Standard library only: both sides import this module, and ``gradcoh.analysis`` must never import torch.
+
+Layout of a store (one Zarr v3 group)::
+
+    run.zarr/                    root attrs: FORMAT_KEY, CONFIG_KEY, LAYERS_KEY, VERSIONS_KEY, MODEL_KEY, ...
+      batch/                     stream written by ``GradientLogger.record`` (attrs: COMMITTED_KEY, DROPPED_KEY)
+        step        (step)                              int64   coordinate, the step passed to ``record``
+        layer       (layer)                             str     coordinate, qualified module names
+        layer_size  (layer)                             int64   coordinate, parameters per layer
+        group_i     (group_i)                           str     coordinate, group names
+        group_j     (group_j)                           str     coordinate, group names
+        n_examples  (step)                              int64   examples m logged at that step
+        wall_time   (step)                              float64 seconds since the epoch
+        sq_norm     (step, example, layer)              float64 ‖g_{i,l}‖²  (NaN pads a short step)
+        sum_sq_norm (step, layer)                       float64 ‖Σ_i g_{i,l}‖²
+        group_gram  (step, layer, group_i, group_j)     float64 (Σ_{i∈a} g_{i,l})·(Σ_{j∈b} g_{j,l})
+        index       (step, example)                     int64   dataset index, −1 pads
+        label       (step, example)                     int64   training label, −1 when absent or padding
+        true_label  (step, example)                     int64   label before corruption, −1 when unknown
+        group       (step, example)                     int64   position in ``group_i``, −1 when padding
+        loss        (step, example)                     float32 per-example loss, NaN when not recorded
+        finite      (step, layer)                       bool    all statistics of that layer finite
+        sketch      (step, example, layer, proj)        float16 (or the configured dtype), only if sketch_dim > 0
+      probe/                     same variables, written by ``GradientLogger.probe``
+
+Readers trust the stream attribute ``COMMITTED_KEY`` (steps fully written), never an array's shape: the writer
+resizes, writes the data chunks, and only then advances the committed count.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+"""Incremented on every incompatible change of the layout below."""
+
+# --- root attributes -----------------------------------------------------------------------------------
+FORMAT_KEY = "gradcoh_format_version"
+CONFIG_KEY = "gradcoh_config"  # the logger configuration (JSON object)
+LAYERS_KEY = "gradcoh_layers"  # list of {name, type, size, shapes, view, rule}
+SKETCH_KEY = "gradcoh_sketch"  # {kind, dim, seed, dtype, version} or null
+VERSIONS_KEY = "gradcoh_versions"  # {package: version}
+MODEL_KEY = "gradcoh_model"  # model class, qualified name
+NOTES_KEY = "gradcoh_notes"  # list of strings: semantics worth knowing (BatchNorm in train mode, ...)
+ERROR_KEY = "gradcoh_error"  # why logging stopped early (on_error="warn"), or absent
+
+# --- stream attributes ---------------------------------------------------------------------------------
+COMMITTED_KEY = "committed_steps"
+DROPPED_KEY = "dropped_steps"
+
+# --- streams -------------------------------------------------------------------------------------------
+STREAM_BATCH = "batch"
+STREAM_PROBE = "probe"
+STREAMS = (STREAM_BATCH, STREAM_PROBE)
+
+# --- dimensions ----------------------------------------------------------------------------------------
+DIM_STEP = "step"
+DIM_EXAMPLE = "example"
+DIM_LAYER = "layer"
+DIM_GROUP_I = "group_i"
+DIM_GROUP_J = "group_j"
+DIM_PROJ = "proj"
+
+# --- variables -----------------------------------------------------------------------------------------
+STEP = "step"
+LAYER = "layer"
+LAYER_SIZE = "layer_size"
+GROUP_I = "group_i"
+GROUP_J = "group_j"
+N_EXAMPLES = "n_examples"
+WALL_TIME = "wall_time"
+SQ_NORM = "sq_norm"
+SUM_SQ_NORM = "sum_sq_norm"
+GROUP_GRAM = "group_gram"
+INDEX = "index"
+LABEL = "label"
+TRUE_LABEL = "true_label"
+GROUP = "group"
+LOSS = "loss"
+FINITE = "finite"
+SKETCH = "sketch"
+
+DEFAULT_GROUP = "all"
+"""The single group used when the logger is given no ``groups``."""
+
+VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
+    # name: (dimensions, dtype); the order is the order of creation.
+    STEP: ((DIM_STEP,), "int64"),
+    N_EXAMPLES: ((DIM_STEP,), "int64"),
+    WALL_TIME: ((DIM_STEP,), "float64"),
+    SQ_NORM: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER), "float64"),
+    SUM_SQ_NORM: ((DIM_STEP, DIM_LAYER), "float64"),
+    GROUP_GRAM: ((DIM_STEP, DIM_LAYER, DIM_GROUP_I, DIM_GROUP_J), "float64"),
+    INDEX: ((DIM_STEP, DIM_EXAMPLE), "int64"),
+    LABEL: ((DIM_STEP, DIM_EXAMPLE), "int64"),
+    TRUE_LABEL: ((DIM_STEP, DIM_EXAMPLE), "int64"),
+    GROUP: ((DIM_STEP, DIM_EXAMPLE), "int64"),
+    LOSS: ((DIM_STEP, DIM_EXAMPLE), "float32"),
+    FINITE: ((DIM_STEP, DIM_LAYER), "bool"),
+    SKETCH: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER, DIM_PROJ), "float16"),  # dtype configurable
+}
+"""Every variable that grows along ``step``."""
+
+STATIC_COORDS: dict[str, tuple[str, ...]] = {
+    LAYER: (DIM_LAYER,),
+    LAYER_SIZE: (DIM_LAYER,),
+    GROUP_I: (DIM_GROUP_I,),
+    GROUP_J: (DIM_GROUP_J,),
+}
+"""Coordinates written once when a stream is created."""
+
+FILL_VALUES: dict[str, object] = {
+    "int64": -1,
+    "float64": float("nan"),
+    "float32": float("nan"),
+    "float16": float("nan"),
+    "bool": False,
+}
+
+SKETCH_DTYPES = ("float16", "float32", "bfloat16")
+"""Sketch storage types; ``bfloat16`` is stored as float32 rounded to bfloat16's 7 mantissa bits (BitRound)."""
+
+NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE)
+"""Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
+
+
+class FormatError(ValueError):
+    """A path is not a gradcoh store, or one written in a format this version cannot read."""
