@@ -1,0 +1,103 @@
+"""The logger's configuration: one frozen dataclass, validated once at the edge, persisted in the store."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from . import schema
+
+LossReduction = Literal["mean", "sum"]
+Mode = Literal["create", "append", "overwrite"]
+OnFull = Literal["block", "drop"]
+OnError = Literal["raise", "warn"]
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _int_at_least(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    """Everything that shapes what :class:`~gradcoh.logger.GradientLogger` writes.
+
+    Attributes:
+        every: Log every ``every``-th step passed to ``record`` (``step % every == 0``).
+        sketch_dim: Sketch dimension ``k`` per layer; 0 disables sketches.
+        seed: Seed of the sketch projections.
+        loss_reduction: How the training loss combines examples: ``"mean"`` or ``"sum"``. Per-example gradients
+            are those of each example's own loss term either way.
+        groups: Names of the example groups (e.g. ``("clean", "corrupted")``); ``record(group=...)`` gives each
+            example's position in this tuple. Empty: one group ``"all"``.
+        sketch_dtype: Storage type of sketches: ``"float16"`` (default), ``"float32"`` or ``"bfloat16"``.
+        layers: Layer selection: names, glob patterns or module type names; empty selects every module that owns
+            trainable parameters.
+        fallback: Use the ``torch.func`` fallback for modules without a rule; False raises instead.
+        queue_size: Logged steps the background writer may hold before ``on_full`` applies.
+        on_full: ``"block"`` waits for the writer, ``"drop"`` drops the step and counts it in the store.
+        mode: ``"create"`` refuses an existing store, ``"append"`` continues it, ``"overwrite"`` replaces it.
+        on_error: ``"raise"`` re-raises writer failures in the training thread; ``"warn"`` logs them, stops
+            logging and keeps training.
+        flush_secs: The writer commits buffered steps at least this often.
+
+    """
+
+    every: int = 1
+    sketch_dim: int = 0
+    seed: int = 0
+    loss_reduction: LossReduction = "mean"
+    groups: tuple[str, ...] = ()
+    sketch_dtype: str = "float16"
+    layers: tuple[str, ...] = ()
+    fallback: bool = True
+    queue_size: int = 16
+    on_full: OnFull = "block"
+    mode: Mode = "create"
+    on_error: OnError = "raise"
+    flush_secs: float = 10.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _int_at_least("every", self.every, 1)
+        _int_at_least("sketch_dim", self.sketch_dim, 0)
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("queue_size", self.queue_size, 1)
+        _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
+        _choice("sketch_dtype", self.sketch_dtype, schema.SKETCH_DTYPES)
+        _choice("on_full", self.on_full, ("block", "drop"))
+        _choice("mode", self.mode, ("create", "append", "overwrite"))
+        _choice("on_error", self.on_error, ("raise", "warn"))
+        groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
+        if len(set(groups)) != len(groups) or not all(isinstance(g, str) and g for g in groups):
+            raise ValueError(f"groups must be distinct non-empty names, got {self.groups!r}")
+        object.__setattr__(self, "groups", groups)
+        layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
+        object.__setattr__(self, "layers", layers)
+        if self.flush_secs <= 0:
+            raise ValueError(f"flush_secs must be positive, got {self.flush_secs!r}")
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """The stored group names (``("all",)`` without user groups)."""
+        return self.groups or (schema.DEFAULT_GROUP,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, stored in the root attributes."""
+        out = dataclasses.asdict(self)
+        out["groups"] = list(self.groups)
+        out["layers"] = list(self.layers)
+        return out
+
+    def store_identity(self) -> dict[str, Any]:
+        """The fields that must match when appending to an existing store."""
+        keys = ("sketch_dim", "seed", "loss_reduction", "groups", "sketch_dtype", "layers")
+        return {k: self.to_dict()[k] for k in keys}

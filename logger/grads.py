@@ -1,0 +1,219 @@
+"""Per-example layer gradients in the form layer rules produce them, and their exact reductions.
+
+A layer's parameters are viewed as one matrix of shape ``(rows, cols)``: each parameter is reshaped to
+``(shape[0], -1)`` and the pieces are concatenated along columns when they share ``shape[0]`` (Linear: ``[W | b]``
+of shape ``(out, in + 1)``; Conv: ``(C_out, C_in·k… + 1)``; Embedding: ``(V, D)``; LayerNorm: ``(d, 2)``), otherwise
+every parameter is flattened into one row ``(1, P)``. Per-example gradients come as:
+
+* :class:`Factored` — ``G_n = Σ_t u[n, t] v[n, t]ᵀ`` (Linear, Conv via unfold, Embedding with ``rows`` indices):
+  never materialised unless that is cheaper (Bu et al.'s mixed ghost-norm rule);
+* :class:`Dense` — ``G_n`` materialised as ``[n, rows, cols]`` (normalisation layers, the torch.func fallback).
+
+Their reductions are exact: per-example squared norms (ghost norm ``⟨u uᵀ, v vᵀ⟩`` or the materialised norm),
+weighted group sums ``Σ_n w[n, g] G_n`` (the book-keeping GEMM) and sketches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sketch import TensorSketch
+
+MATERIALISE_BYTES = 64 * 2**20
+"""Largest per-example gradient block ``[n, rows, cols]`` the mixed rule may materialise for one layer."""
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """How a layer's parameters map onto its gradient matrix.
+
+    Attributes:
+        shapes: Shapes of the layer's trainable parameters, in ``named_parameters(recurse=False)`` order.
+        rows: Rows of the matrix view.
+        cols: Columns of the matrix view.
+        stacked: True when parameters are concatenated along columns, False when flattened into one row.
+
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    rows: int
+    cols: int
+    stacked: bool
+
+    @classmethod
+    def of(cls, shapes: list[tuple[int, ...]]) -> MatrixView:
+        """The view for parameters of the given shapes."""
+        shapes = [tuple(s) for s in shapes]
+        first = {s[0] if s else 1 for s in shapes}
+        sizes = [_numel(s) for s in shapes]
+        if len(first) == 1 and all(s for s in shapes):
+            rows = first.pop()
+            return cls(tuple(shapes), rows, sum(sizes) // rows, True)
+        return cls(tuple(shapes), 1, sum(sizes), False)
+
+    def to_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Per-example parameter gradients ``[n, *shape]`` → ``[n, rows, cols]``."""
+        n = grads[0].shape[0]
+        if self.stacked:
+            return torch.cat([g.reshape(n, self.rows, -1) for g in grads], dim=2)
+        return torch.cat([g.reshape(n, 1, -1) for g in grads], dim=2)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+@dataclass
+class Dense:
+    """Materialised per-example gradients ``[n, rows, cols]``."""
+
+    m: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return self.m.shape[0]
+
+    def sq_norms(self) -> torch.Tensor:
+        """``[n]`` squared Frobenius norms."""
+        return self.m.pow(2).sum((1, 2))
+
+    def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[g, rows, cols]`` sums ``Σ_n weights[n, g] m[n]``."""
+        return torch.einsum("ng,nrc->grc", weights.to(self.m.dtype), self.m)
+
+    def sketch(self, projector: TensorSketch) -> torch.Tensor:
+        """``[n, k]`` sketches."""
+        return projector.dense(self.m)
+
+    def __add__(self, other: Dense) -> Dense:
+        return Dense(self.m + other.m)
+
+
+@dataclass
+class Factored:
+    """Per-example gradients ``G_n = Σ_t u[n, t] v[n, t]ᵀ`` kept as factors.
+
+    Attributes:
+        u: ``[n, T, rows]`` row factors, or None when ``rows_index`` is given.
+        v: ``[n, T, cols]`` column factors.
+        rows_index: ``[n, T]`` int64 row of each position (``u`` is the one-hot of it), or None.
+        n_rows: Rows of the matrix view.
+
+    """
+
+    u: torch.Tensor | None
+    v: torch.Tensor
+    rows_index: torch.Tensor | None = None
+    n_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if self.u is not None:
+            self.n_rows = self.u.shape[-1]
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return self.v.shape[0]
+
+    @property
+    def positions(self) -> int:
+        """Number of outer products ``T`` per example."""
+        return self.v.shape[1]
+
+    def materialise_cost(self) -> int:
+        """Multiply-adds per example to form ``G_n``."""
+        return self.positions * self.n_rows * self.v.shape[-1]
+
+    def ghost_cost(self) -> int:
+        """Multiply-adds per example of the ghost norm ``⟨u uᵀ, v vᵀ⟩``."""
+        t = self.positions
+        return t * t * (self.n_rows + self.v.shape[-1]) if t > 1 else self.n_rows + self.v.shape[-1]
+
+    def materialise_bytes(self) -> int:
+        """Bytes of ``[n, rows, cols]``."""
+        return self.n * self.n_rows * self.v.shape[-1] * self.v.element_size()
+
+    def materialise(self) -> Dense:
+        """Form ``[n, rows, cols]`` (one batched GEMM or an index-add for embeddings)."""
+        if self.u is not None:
+            return Dense(torch.bmm(self.u.transpose(1, 2), self.v))
+        n, t, c = self.v.shape
+        out = self.v.new_zeros((n * self.n_rows, c))
+        offset = (torch.arange(n, device=self.v.device) * self.n_rows).unsqueeze(1)  # [n, 1]
+        out.index_add_(0, (self.rows_index + offset).reshape(-1), self.v.reshape(n * t, c))
+        return Dense(out.view(n, self.n_rows, c))
+
+    def sq_norms(self) -> torch.Tensor:
+        """``[n]`` exact squared norms by the ghost-norm identity."""
+        if self.positions == 1:
+            vv = self.v.pow(2).sum((1, 2))
+            return vv if self.u is None else self.u.pow(2).sum((1, 2)) * vv
+        gv = torch.bmm(self.v, self.v.transpose(1, 2))  # [n, T, T]
+        if self.u is None:
+            gu = (self.rows_index.unsqueeze(2) == self.rows_index.unsqueeze(1)).to(gv.dtype)
+        else:
+            gu = torch.bmm(self.u, self.u.transpose(1, 2))
+        return (gu * gv).sum((1, 2))
+
+    def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[g, rows, cols]`` sums ``Σ_n weights[n, g] G_n`` (one GEMM per group)."""
+        n, t, c = self.v.shape
+        w = weights.to(self.v.dtype)
+        out = []
+        for g in range(w.shape[1]):
+            wv = (self.v * w[:, g].view(n, 1, 1)).reshape(n * t, c)
+            if self.u is None:
+                s = self.v.new_zeros((self.n_rows, c)).index_add_(0, self.rows_index.reshape(-1), wv)
+            else:
+                s = self.u.reshape(n * t, -1).T @ wv
+            out.append(s)
+        return torch.stack(out)
+
+    def sketch(self, projector: TensorSketch) -> torch.Tensor:
+        """``[n, k]`` sketches without materialising."""
+        if self.u is None:
+            return projector.indexed(self.rows_index, self.v)
+        return projector.factored(self.u, self.v)
+
+    def __add__(self, other: Factored) -> Factored:
+        # Σ_t over two calls of a shared module is Σ_t over the concatenated positions.
+        if (self.u is None) != (other.u is None):
+            raise TypeError("cannot concatenate indexed and dense factors")
+        u = None if self.u is None else torch.cat([self.u, other.u], 1)
+        idx = None if self.rows_index is None else torch.cat([self.rows_index, other.rows_index], 1)
+        return Factored(u, torch.cat([self.v, other.v], 1), idx, self.n_rows)
+
+
+LayerGrad = Dense | Factored
+
+
+def combine(parts: list[LayerGrad]) -> LayerGrad:
+    """The per-example gradient of a module called several times: the sum over its calls."""
+    out = parts[0]
+    for part in parts[1:]:
+        if isinstance(out, Factored) and isinstance(part, Factored) and out.v.shape[-1] == part.v.shape[-1]:
+            out = out + part
+        else:
+            out = as_dense(out) + as_dense(part)
+    return out
+
+
+def as_dense(grad: LayerGrad) -> Dense:
+    """Materialise if needed."""
+    return grad if isinstance(grad, Dense) else grad.materialise()
+
+
+def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
+    """Mixed rule: materialise a factored gradient when that is cheaper and fits in ``MATERIALISE_BYTES``."""
+    if isinstance(grad, Dense) or grad.materialise_bytes() > MATERIALISE_BYTES:
+        return grad
+    factored = grad.ghost_cost()
+    if projector is not None:
+        factored += projector.factored_cost(grad.positions)
+    return grad.materialise() if grad.materialise_cost() < factored else grad

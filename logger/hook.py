@@ -1,0 +1,385 @@
+"""``GradientLogger``: the facade a training loop uses. It only wires trackers, the record step and the writer.
+
+Data flow: ``record`` arms the layer trackers for one step → the trackers turn each layer's inputs and output
+gradients into per-example statistics and sketches during the normal backward pass → at the end of the block the
+results are packed into one buffer, copied to the host once, and handed to the background writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import schema
+from .config import LoggerConfig
+from .layers import LayerRules, default_rules, functional_rule, uses_batch_stats
+from .sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
+from .store import HostRecord, StreamWriter, open_root
+from .tracker import LayerTracker, StepState, end_of_backward
+from .writer import AsyncWriter, WriterError
+
+log = logging.getLogger(__name__)
+
+
+class Recording:
+    """What ``GradientLogger.record`` yields: lets the loop attach per-example losses to the step."""
+
+    def __init__(self, state: StepState | None) -> None:
+        self._state = state
+
+    @property
+    def active(self) -> bool:
+        """True when this step is being logged."""
+        return self._state is not None
+
+    def loss(self, values: torch.Tensor) -> None:
+        """Record per-example losses ``[n]`` of the current micro-batch (call once per forward)."""
+        if self._state is not None:
+            self._state.losses.append(values.detach().reshape(-1).to(torch.float32))
+
+
+class GradientLogger:
+    """Logs exact per-example gradient statistics (and optional sketches) of a model's training steps to Zarr.
+
+    Args:
+        model: The model being trained.
+        store: Path (or fsspec URL) of the Zarr store to write.
+        every: Log steps with ``step % every == 0``.
+        sketch_dim: Sketch dimension per layer (0: no sketches).
+        seed: Seed of the sketch projections.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the training loss combines the examples.
+        groups: Names of example groups (e.g. ``("clean", "corrupted")``).
+        enabled: False turns the logger into a no-op that writes nothing.
+        rules: Layer rules (default: :func:`~gradcoh.logger.layers.default_rules`).
+        storage_options: fsspec options for URL stores.
+        **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
+            ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``flush_secs``).
+
+    Example:
+        >>> with GradientLogger(model, "runs/exp.zarr", every=10) as glog:  # doctest: +SKIP
+        ...     for step, (x, y, idx) in enumerate(loader):
+        ...         with glog.record(step, index=idx, labels=y):
+        ...             F.cross_entropy(model(x), y).backward()
+        ...         opt.step(); opt.zero_grad()
+
+    """
+
+    def __init__(self, model: nn.Module, store: str | Path, *, every: int = 1, sketch_dim: int = 0,
+                 seed: int = 0, loss_reduction: str = "mean", groups: tuple[str, ...] = (),
+                 enabled: bool = True, rules: LayerRules | None = None,
+                 storage_options: dict | None = None, **options: Any) -> None:
+        self.config = LoggerConfig(every=every, sketch_dim=sketch_dim, seed=seed, loss_reduction=loss_reduction,
+                                   groups=groups, **options)
+        self.model = model
+        self.path = str(store)
+        self.enabled = bool(enabled)
+        self._stopped = False
+        self._closed = False
+        self._last_step: dict[str, int] = {}
+        self.trackers = self._make_trackers(model, rules or default_rules())
+        self._writer: AsyncWriter | None = None
+        if self.enabled:
+            self._open(storage_options)
+
+    # --- setup -------------------------------------------------------------------------------------------
+    def _make_trackers(self, model: nn.Module, rules: LayerRules) -> list[LayerTracker]:
+        cfg = self.config
+        trackers = []
+        for name, module in model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                continue
+            name = name or "root"
+            if cfg.layers and not _selected(name, module, cfg.layers):
+                continue
+            rule = rules.lookup(module)
+            if rule is None:
+                if not cfg.fallback:
+                    raise ValueError(
+                        f"module '{name}' ({type(module).__name__}) has parameters but no layer rule; register "
+                        "one with LayerRules.register, exclude it with layers=..., or pass fallback=True"
+                    )
+                rule = functional_rule
+            projector = None
+            tracker = LayerTracker(name, module, rule, None)
+            if cfg.sketch_dim:
+                device = tracker.params[0].device
+                projector = TensorSketch.create(cfg.seed, name, tracker.view.rows, tracker.view.cols,
+                                                cfg.sketch_dim, device)
+                tracker.projector = projector
+            trackers.append(tracker)
+        if not trackers:
+            raise ValueError("the model has no trainable parameters to log (or layers=... selected none)")
+        return trackers
+
+    def _attrs(self) -> dict[str, Any]:
+        cfg = self.config
+        layers = [
+            {"name": t.name, "type": type(t.module).__name__, "size": t.size,
+             "shapes": [list(p.shape) for p in t.params], "view": [t.view.rows, t.view.cols],
+             "rule": getattr(t.rule, "__name__", type(t.rule).__name__)}
+            for t in self.trackers
+        ]
+        sketch = None
+        if cfg.sketch_dim:
+            sketch = {"kind": SKETCH_KIND, "version": SKETCH_VERSION, "dim": cfg.sketch_dim, "seed": cfg.seed,
+                      "dtype": cfg.sketch_dtype}
+        bn = [t.name for t in self.trackers if uses_batch_stats(t.module) or "BatchNorm" in type(t.module).__name__]
+        notes = []
+        if bn:
+            notes.append(
+                "BatchNorm layers " + ", ".join(bn) + ": in train mode the batch statistics couple the examples; "
+                "per-example values are then each example's contribution to the batch gradient (they sum exactly "
+                "to it), and the gradients of earlier layers are coupled the same way. In eval mode they are exact."
+            )
+        config = cfg.to_dict()
+        config["identity"] = cfg.store_identity()
+        return {
+            schema.FORMAT_KEY: schema.FORMAT_VERSION,
+            schema.CONFIG_KEY: config,
+            schema.LAYERS_KEY: layers,
+            schema.SKETCH_KEY: sketch,
+            schema.VERSIONS_KEY: _versions(),
+            schema.MODEL_KEY: f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            schema.NOTES_KEY: notes,
+        }
+
+    def _open(self, storage_options: dict | None) -> None:
+        cfg = self.config
+        attrs = self._attrs()
+        root, _ = open_root(self.path, cfg.mode, attrs, storage_options)
+        for name in schema.STREAMS:
+            if name in root:
+                group = root[name]
+                committed = int(group.attrs.get(schema.COMMITTED_KEY, 0))
+                if committed:
+                    self._last_step[name] = int(group[schema.STEP][committed - 1])
+        layers = attrs[schema.LAYERS_KEY]
+        groups = cfg.group_names
+
+        def make_stream(name: str) -> StreamWriter:
+            return StreamWriter(root, name, layers, groups, cfg.sketch_dim, cfg.sketch_dtype)
+
+        self._writer = AsyncWriter(make_stream, self.path, cfg.queue_size, cfg.on_full, cfg.flush_secs)
+
+    # --- the training-loop API ---------------------------------------------------------------------------
+    def should_log(self, step: int) -> bool:
+        """Whether ``record(step)`` will log (enabled, not stopped by an error, and ``step % every == 0``)."""
+        return self.enabled and not self._stopped and not self._closed and step % self.config.every == 0
+
+    @contextlib.contextmanager
+    def record(self, step: int, *, index: Any = None, labels: Any = None, group: Any = None,
+               true_labels: Any = None, stream: str = schema.STREAM_BATCH) -> Iterator[Recording]:
+        """Arm the hooks for the forward and backward passes of one training step.
+
+        On steps not selected by ``every`` (or when disabled) no hook is installed and the block runs untouched.
+
+        Args:
+            step: The training step (must increase from one logged step to the next).
+            index: ``[n]`` dataset index of each example (stored; −1 pads).
+            labels: ``[n]`` training labels.
+            group: ``[n]`` position of each example's group in ``groups``.
+            true_labels: ``[n]`` labels before corruption, when known.
+            stream: ``"batch"`` (default) or ``"probe"``.
+
+        Yields:
+            A :class:`Recording` (``rec.loss(per_example_losses)`` stores losses).
+
+        Raises:
+            ValueError: Bad step order or inputs whose length differs from the number of examples.
+
+        """
+        if not self.should_log(step):
+            yield Recording(None)
+            return
+        if stream not in schema.STREAMS:
+            raise ValueError(f"stream={stream!r} is not valid; use one of {schema.STREAMS}")
+        last = self._last_step.get(stream)
+        if last is not None and step <= last:
+            raise ValueError(f"step {step} is not after the last logged step {last} of stream '{stream}'; "
+                             "steps must keep increasing (a resumed run continues after the stored steps)")
+        self._raise_writer_error()
+        if self._stopped:
+            yield Recording(None)
+            return
+        state = StepState(len(self.config.group_names), self.config.loss_reduction == "mean")
+        state.trackers = self.trackers
+        if group is not None:
+            state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
+        for tracker in self.trackers:
+            tracker.attach(state)
+        try:
+            yield Recording(state)
+        finally:
+            end_of_backward(state)  # in case the block ended inside an unfinished backward
+            for tracker in self.trackers:
+                tracker.detach()
+        record = self._finish(step, state, index, labels, group, true_labels)
+        if record is not None:
+            self._last_step[stream] = step
+            self._put(stream, record)
+
+    def _finish(self, step: int, state: StepState, index: Any, labels: Any, group: Any,
+                true_labels: Any) -> HostRecord | None:
+        sizes = state.sizes[: state.micro]
+        if not sizes:
+            log.warning("record(%s) saw no backward pass; nothing was logged for this step", step)
+            return None
+        n = sum(sizes)
+        meta = {key: _meta(key, value, n) for key, value in
+                (("index", index), ("label", labels), ("group", group), ("true_label", true_labels))}
+        g = self.config.group_names
+        if group is None and len(g) == 1:
+            meta["group"] = np.zeros(n, dtype=np.int64)
+        elif meta["group"] is None:
+            raise ValueError("groups were declared, so record(..., group=...) must give every example's group")
+        sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
+        sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
+        grams = torch.stack([t.gram(len(g)) for t in self.trackers])  # [L, G, G] float64
+        sums = torch.stack([t.batch_sum().pow(2).sum() for t in self.trackers])  # [L]
+        finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
+        device_tensors = {"sq_norm": sq_norm, "sum_sq_norm": sums, "group_gram": grams, "finite": finite}
+        if state.losses:
+            device_tensors["loss"] = torch.cat(state.losses)
+        if self.config.sketch_dim:
+            dtype = torch.float16 if self.config.sketch_dtype == "float16" else torch.float32
+            device_tensors["sketch"] = torch.stack(sketches, 1).to(dtype)  # [n, L, k]
+        host = to_host(device_tensors)  # the one device→host copy of the step
+        loss = host.get("loss", np.full(n, np.nan, dtype=np.float32))
+        if loss.shape[0] != n:
+            raise ValueError(f"rec.loss() received {loss.shape[0]} values for {n} examples")
+        if (meta["group"] < 0).any() or (meta["group"] >= len(g)).any():
+            raise ValueError(f"group values must lie in [0, {len(g)}) for groups {g}; got "
+                             f"{sorted(set(meta['group'].tolist()) - set(range(len(g))))}")
+        missing = np.full(n, -1, dtype=np.int64)
+        return HostRecord(
+            step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
+            group_gram=host["group_gram"], index=_or(meta["index"], missing), label=_or(meta["label"], missing),
+            true_label=_or(meta["true_label"], missing), group=meta["group"], loss=loss,
+            finite=host["finite"], sketch=host.get("sketch"),
+        )
+
+    def _put(self, stream: str, record: HostRecord) -> None:
+        try:
+            self._writer.put(stream, record)
+        except WriterError as err:
+            self._writer_failed(err)
+
+    def _raise_writer_error(self) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._writer.raise_if_failed()
+        except WriterError as err:
+            self._writer_failed(err)
+
+    def _writer_failed(self, err: WriterError) -> None:
+        if self.config.on_error == "raise":
+            raise err
+        if not self._stopped:
+            log.warning("%s; logging stopped, training continues (on_error='warn')", err)
+        self._stopped = True
+
+    def project_grad(self) -> dict[str, torch.Tensor]:
+        """Sketch the gradient currently in the parameters' ``.grad`` with each layer's projection.
+
+        Returns:
+            ``{layer name: tensor[k]}``. With ``loss_reduction="sum"`` the per-example sketches of a step sum to
+            the ``project_grad()`` of that step's batch gradient.
+
+        Raises:
+            ValueError: The logger was created with ``sketch_dim=0``.
+
+        """
+        if not self.config.sketch_dim:
+            raise ValueError("project_grad() needs sketches; create the logger with sketch_dim > 0")
+        out = {}
+        for t in self.trackers:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in t.params]
+            m = t.view.to_matrix([g.unsqueeze(0).to(torch.float32) for g in grads])
+            out[t.name] = t.projector.dense(m)[0]
+        return out
+
+    def flush(self) -> None:
+        """Write and commit every step logged so far."""
+        if self._writer is not None:
+            try:
+                self._writer.flush()
+            except WriterError as err:
+                self._writer_failed(err)
+
+    def close(self) -> None:
+        """Flush, commit and stop the writer; idempotent. No hook remains on the model afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for tracker in self.trackers:
+            tracker.detach()
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except WriterError as err:
+                self._writer_failed(err)
+
+    def __enter__(self) -> GradientLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _selected(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or type(module).__name__ == p for p in patterns)
+
+
+def _meta(key: str, value: Any, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "iub":
+        raise ValueError(f"{key} must hold integers, got dtype {arr.dtype}")
+    arr = arr.reshape(-1).astype(np.int64)
+    if arr.shape[0] != n:
+        raise ValueError(f"{key} has {arr.shape[0]} entries but the step has {n} examples")
+    return arr
+
+
+def _or(value: np.ndarray | None, default: np.ndarray) -> np.ndarray:
+    return default if value is None else value
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy device tensors to NumPy with a single transfer (they are packed into one byte buffer first)."""
+    on_device = {k: t for k, t in tensors.items() if t.device.type != "cpu"}
+    out = {k: t.numpy() for k, t in tensors.items() if t.device.type == "cpu"}
+    if on_device:
+        flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in on_device.values()])
+        buf = flat.cpu().numpy()  # the device→host copy (synchronises once per logged step)
+        offset = 0
+        for key, t in on_device.items():
+            nbytes = t.numel() * t.element_size()
+            dtype = np.dtype(str(t.dtype).removeprefix("torch."))
+            out[key] = buf[offset : offset + nbytes].view(dtype).reshape(t.shape)
+            offset += nbytes
+    return out
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("gradcoh", "torch", "zarr", "numpy", "numcodecs"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out

@@ -1,0 +1,249 @@
+"""Layer rules: small pure functions from a module call's inputs and output gradient to per-example gradients.
+
+A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | Factored`` where ``args``/``kwargs`` are
+the (detached) inputs of one forward call, ``grad_outputs`` the gradients of the loss with respect to the call's tensor
+outputs (``None`` for outputs that received none), and the batch is on dimension 0. Rules live in a
+:class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in rules, and
+modules without a rule use :func:`functional_rule` (``torch.func`` vmap of the module's vjp) unless the fallback is
+disabled.
+
+BatchNorm: in eval mode (or without batch statistics) the rule is exact per example. In train mode the batch
+statistics couple the examples; the rule then returns each example's *contribution* to the batch gradient (the
+contributions sum exactly to ``.grad``), and the logger records this in the store's notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .grads import Dense, Factored
+
+Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored"]
+
+
+class LayerRules:
+    """A registry of layer rules keyed by module type (looked up along the MRO).
+
+    Example:
+        >>> rules = default_rules()
+        >>> rules.register(MyLayer, my_rule)  # doctest: +SKIP
+
+    """
+
+    def __init__(self, rules: dict[type[nn.Module], Rule] | None = None) -> None:
+        self._rules: dict[type[nn.Module], Rule] = dict(rules or {})
+
+    def register(self, module_type: type[nn.Module], rule: Rule) -> None:
+        """Use ``rule`` for ``module_type`` and its subclasses (unless they have their own)."""
+        self._rules[module_type] = rule
+
+    def lookup(self, module: nn.Module) -> Rule | None:
+        """The rule for ``module``, or None."""
+        for cls in type(module).__mro__:
+            if cls in self._rules:
+                return self._rules[cls]
+        return None
+
+    def copy(self) -> LayerRules:
+        """An independent copy."""
+        return LayerRules(self._rules)
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_ones((*x.shape[:-1], 1))], dim=-1)
+
+
+def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
+    """``nn.Linear`` with any leading dimensions: ``G_n = Σ_t δ_t [x_t, 1]ᵀ``."""
+    x, go = args[0], grad_outputs[0]
+    n = x.shape[0]
+    v = x.reshape(n, -1, x.shape[-1])  # [n, T, in]
+    if module.bias is not None and module.bias.requires_grad:
+        v = _with_ones(v)
+    return Factored(go.reshape(n, -1, go.shape[-1]), v)  # u: [n, T, out]
+
+
+def _conv_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Apply non-zero padding modes and 'same' explicitly; return the input and the remaining zero padding."""
+    nd = x.dim() - 2
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * nd
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return x, (0,) * nd
+        pads: list[int] = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * nd
+    return x, tuple(module.padding)
+
+
+def unfold(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple) -> torch.Tensor:
+    """im2col for 1-, 2- and 3-D convolutions: ``[n, C, *spatial] → [n, T, C·prod(kernel)]``."""
+    nd = x.dim() - 2
+    if nd == 2:
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    pads: list[int] = []
+    for p in reversed(padding):
+        pads += [p, p]
+    x = F.pad(x, pads)
+    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True)):
+        x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]  # appends a window axis
+    n, c = x.shape[:2]
+    t = x.shape[2 : 2 + nd].numel()
+    # [n, C, *out, *k] → [n, *out, C, *k] → [n, T, C·prod(k)]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(perm).reshape(n, t, -1)
+
+
+def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense | Factored:
+    """``nn.Conv1d/2d/3d`` (stride, padding incl. modes and 'same', dilation, groups) via im2col."""
+    x, go = args[0], grad_outputs[0]
+    if module.transposed:
+        raise NotImplementedError("transposed convolutions use the functional fallback")
+    x, padding = _conv_padding(module, x)
+    a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [n, T, C_in·k]
+    n, t = a.shape[:2]
+    b = go.reshape(n, go.shape[1], -1).transpose(1, 2)  # [n, T, C_out]
+    has_bias = module.bias is not None and module.bias.requires_grad
+    if module.groups == 1:
+        return Factored(b, _with_ones(a) if has_bias else a)
+    # Grouped: the weight gradient is block-diagonal across groups; materialise it group by group.
+    g = module.groups
+    a = a.reshape(n, t, g, -1)  # input channels are contiguous per group
+    b = b.reshape(n, t, g, -1)
+    w = torch.einsum("ntgo,ntgi->ngoi", b, a).reshape(n, module.out_channels, -1)  # [n, C_out, C_in/g·k]
+    if has_bias:
+        w = torch.cat([w, b.sum(1).reshape(n, module.out_channels, 1)], dim=2)
+    return Dense(w)
+
+
+def embedding_rule(module: nn.Embedding, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
+    """``nn.Embedding``: ``G_n = Σ_t e_{x_t} δ_tᵀ``, rows addressed by token id."""
+    x, go = args[0], grad_outputs[0]
+    n = x.shape[0]
+    idx = x.reshape(n, -1)
+    v = go.reshape(n, idx.shape[1], -1)
+    if module.padding_idx is not None:
+        v = v * (idx != module.padding_idx).unsqueeze(-1).to(v.dtype)
+    return Factored(None, v, rows_index=idx, n_rows=module.num_embeddings)
+
+
+def _affine_grads(
+    module: nn.Module, xhat: torch.Tensor, go: torch.Tensor, reduce_dims: tuple[int, ...]
+) -> Dense:
+    """Per-example gradients of ``y = x̂·w + b``; the matrix view is built by the tracker's ``MatrixView``."""
+    grads = []
+    for name, p in module.named_parameters(recurse=False):
+        if not p.requires_grad:
+            continue
+        term = xhat * go if name == "weight" else go
+        grads.append(term.sum(reduce_dims) if reduce_dims else term)
+    n = go.shape[0]
+    rows = grads[0][0].shape[0] if grads[0].dim() > 1 else 1
+    return Dense(torch.cat([g.reshape(n, rows, -1) for g in grads], dim=2))
+
+
+def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
+    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example)."""
+    x, go = args[0], grad_outputs[0]
+    nd = len(module.normalized_shape)
+    dims = tuple(range(x.dim() - nd, x.dim()))
+    xhat = (x - x.mean(dims, keepdim=True)) * torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + module.eps)
+    return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
+
+
+def group_norm_rule(module: nn.GroupNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
+    """``nn.GroupNorm`` (exact per example): per-channel sums over spatial positions."""
+    x, go = args[0], grad_outputs[0]
+    n = x.shape[0]
+    xg = x.reshape(n, module.num_groups, -1)
+    xhat = ((xg - xg.mean(-1, keepdim=True)) * torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + module.eps))
+    xhat = xhat.reshape_as(x)
+    return _affine_grads(module, xhat, go, tuple(range(2, x.dim())))
+
+
+def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
+    """``nn.BatchNorm1d/2d/3d``: exact with running statistics; per-example contributions with batch statistics."""
+    x, go = args[0], grad_outputs[0]
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if uses_batch_stats(module):
+        dims = (0, *range(2, x.dim()))
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+    xhat = (x - mean) * torch.rsqrt(var + module.eps)
+    return _affine_grads(module, xhat, go, tuple(range(2, x.dim())))
+
+
+def uses_batch_stats(module: nn.Module) -> bool:
+    """True when a BatchNorm module normalises with the statistics of the current batch."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None
+    )
+
+
+def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
+    """Generic fallback: ``torch.func.vmap`` over examples of the module's vjp with respect to its own parameters.
+
+    The module's forward is recomputed per example, so it must be free of randomness (dropout inside the module
+    must be 0 or the module in eval mode) and take the batch on dimension 0.
+    """
+    named = [(k, p.detach()) for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+    names = [k for k, _ in named]
+    params = tuple(p for _, p in named)
+    n = next(g for g in grad_outputs if g is not None).shape[0]
+    flat_in, spec_in = pytree.tree_flatten((args, kwargs))
+    batched = [torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == n for a in flat_in]
+    used = [i for i, g in enumerate(grad_outputs) if g is not None]
+    cotangents = tuple(grad_outputs[i] for i in used)
+
+    def per_example(batch_leaves: tuple, cot: tuple) -> tuple:
+        leaves = list(flat_in)
+        it = iter(batch_leaves)
+        for i, is_batched in enumerate(batched):
+            if is_batched:
+                leaves[i] = next(it).unsqueeze(0)
+        a, kw = pytree.tree_unflatten(leaves, spec_in)
+
+        def call(*p: torch.Tensor) -> tuple:
+            out = torch.func.functional_call(module, dict(zip(names, p, strict=True)), a, kw)
+            tensors = [o for o in pytree.tree_leaves(out) if torch.is_tensor(o)]
+            return tuple(tensors[i] for i in used)
+
+        _, vjp_fn = torch.func.vjp(call, *params)
+        return vjp_fn(tuple(c.unsqueeze(0) for c in cot))
+
+    batch_leaves = tuple(a for a, b in zip(flat_in, batched, strict=True) if b)
+    grads = torch.func.vmap(per_example, randomness="same")(batch_leaves, cotangents)
+    rows = _view_rows([p.shape for p in params])
+    return Dense(torch.cat([g.reshape(n, rows, -1) for g in grads], dim=2))
+
+
+def _view_rows(shapes: list[torch.Size]) -> int:
+    firsts = {s[0] if len(s) else 1 for s in shapes}
+    return firsts.pop() if len(firsts) == 1 and all(len(s) for s in shapes) else 1
+
+
+def default_rules() -> LayerRules:
+    """A fresh registry with the built-in rules."""
+    conv: Any = conv_rule
+    return LayerRules(
+        {
+            nn.Linear: linear_rule,
+            nn.Conv1d: conv,
+            nn.Conv2d: conv,
+            nn.Conv3d: conv,
+            nn.Embedding: embedding_rule,
+            nn.LayerNorm: layer_norm_rule,
+            nn.GroupNorm: group_norm_rule,
+            nn.modules.batchnorm._BatchNorm: batch_norm_rule,
+        }
+    )

@@ -1,0 +1,142 @@
+"""Seeded per-layer TensorSketch projections of per-example gradients.
+
+Every layer's gradient is viewed as a matrix ``M`` of shape ``(rows, cols)`` (see :mod:`gradcoh.logger.grads`). The
+sketch of ``M`` is the TensorSketch (Pham & Pagh 2013)::
+
+    s[m] = Σ_{i, j : (h_r(i) + h_c(j)) mod k = m}  σ_r(i) σ_c(j) M[i, j]
+
+with hash functions ``h_r, h_c`` into ``[0, k)`` and random signs ``σ_r, σ_c``. It is linear in ``M`` (so sums of
+sketches are sketches of sums), unbiased for inner products (``E⟨s(M), s(N)⟩ = ⟨M, N⟩``) and, for a sum of outer
+products ``M = Σ_t u_t v_tᵀ``, computable without forming ``M``: ``s = IFFT(Σ_t FFT(CS_r u_t) ⊙ FFT(CS_c v_t))``.
+
+The hashes depend only on ``(seed, layer name, rows, cols, k)`` through :class:`numpy.random.SeedSequence`, are
+generated on the CPU with NumPy and then moved to the device, so that the projection is identical across steps,
+processes, restarts and devices. :func:`sketch_hashes` rebuilds them without torch for analysis code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SKETCH_KIND = "tensorsketch"
+SKETCH_VERSION = 1
+
+
+def _entropy(seed: int, name: str, rows: int, cols: int, dim: int) -> list[int]:
+    digest = hashlib.sha256(f"{SKETCH_KIND}/{SKETCH_VERSION}/{name}".encode()).digest()
+    name_words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    return [int(seed), *name_words, rows, cols, dim]
+
+
+def sketch_hashes(seed: int, name: str, rows: int, cols: int, dim: int) -> dict[str, np.ndarray]:
+    """Hash functions and signs of one layer's TensorSketch.
+
+    Args:
+        seed: The logger's seed.
+        name: Qualified layer name.
+        rows: Rows of the layer's gradient matrix view.
+        cols: Columns of the layer's gradient matrix view.
+        dim: Sketch dimension ``k``.
+
+    Returns:
+        ``{"row_hash", "row_sign", "col_hash", "col_sign"}`` as NumPy arrays (int64 hashes in ``[0, dim)``,
+        float32 signs ±1).
+
+    """
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy(seed, name, rows, cols, dim))))
+    return {
+        "row_hash": rng.integers(0, dim, size=rows, dtype=np.int64),
+        "row_sign": rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=rows),
+        "col_hash": rng.integers(0, dim, size=cols, dtype=np.int64),
+        "col_sign": rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=cols),
+    }
+
+
+@dataclass
+class TensorSketch:
+    """The projection ``P_l`` of one layer, on one device.
+
+    Attributes:
+        dim: Sketch dimension ``k``.
+        rows: Rows of the gradient matrix view.
+        cols: Columns of the gradient matrix view.
+        row_hash: ``[rows]`` int64 bucket of each row.
+        row_sign: ``[rows]`` ±1 sign of each row.
+        col_hash: ``[cols]`` int64 bucket of each column.
+        col_sign: ``[cols]`` ±1 sign of each column.
+
+    """
+
+    dim: int
+    rows: int
+    cols: int
+    row_hash: torch.Tensor
+    row_sign: torch.Tensor
+    col_hash: torch.Tensor
+    col_sign: torch.Tensor
+    _flat: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def create(
+        cls, seed: int, name: str, rows: int, cols: int, dim: int, device: torch.device | str = "cpu"
+    ) -> TensorSketch:
+        """Build the projection of layer ``name`` from the seed (see :func:`sketch_hashes`)."""
+        h = {key: torch.from_numpy(value).to(device) for key, value in sketch_hashes(seed, name, rows, cols, dim).items()}
+        return cls(dim, rows, cols, h["row_hash"], h["row_sign"], h["col_hash"], h["col_sign"])
+
+    def count_sketch_cols(self, v: torch.Tensor) -> torch.Tensor:
+        """CountSketch ``[..., cols] → [..., k]`` with the column hashes."""
+        out = v.new_zeros((*v.shape[:-1], self.dim))
+        return out.index_add_(-1, self.col_hash, v * self.col_sign.to(v.dtype))
+
+    def count_sketch_rows(self, u: torch.Tensor) -> torch.Tensor:
+        """CountSketch ``[..., rows] → [..., k]`` with the row hashes."""
+        out = u.new_zeros((*u.shape[:-1], self.dim))
+        return out.index_add_(-1, self.row_hash, u * self.row_sign.to(u.dtype))
+
+    def factored(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Sketch ``[n, k]`` of ``M_n = Σ_t u[n, t] v[n, t]ᵀ`` without forming ``M``.
+
+        Args:
+            u: ``[n, T, rows]`` row factors.
+            v: ``[n, T, cols]`` column factors.
+
+        """
+        fu = torch.fft.rfft(self.count_sketch_rows(u), dim=-1)  # [n, T, k//2+1]
+        fv = torch.fft.rfft(self.count_sketch_cols(v), dim=-1)
+        return torch.fft.irfft((fu * fv).sum(1), n=self.dim, dim=-1)  # [n, k]
+
+    def indexed(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Sketch ``[n, k]`` of ``M_n = Σ_t e_{rows[n, t]} v[n, t]ᵀ`` (an embedding gradient).
+
+        Args:
+            rows: ``[n, T]`` int64 row of each position (the token id).
+            v: ``[n, T, cols]`` column factors (the output gradients).
+
+        """
+        cs = self.count_sketch_cols(v)  # [n, T, k]
+        # Circular convolution with a signed one-hot is a signed roll by the row's bucket.
+        shift = self.row_hash[rows].unsqueeze(-1)  # [n, T, 1]
+        idx = (torch.arange(self.dim, device=v.device) - shift) % self.dim
+        rolled = cs.gather(-1, idx) * self.row_sign[rows].unsqueeze(-1).to(cs.dtype)
+        return rolled.sum(1)
+
+    def dense(self, m: torch.Tensor) -> torch.Tensor:
+        """Sketch ``[n, k]`` of materialised matrices ``m`` of shape ``[n, rows, cols]``."""
+        if self._flat is None:
+            idx = (self.row_hash[:, None] + self.col_hash[None, :]) % self.dim  # [rows, cols]
+            sign = self.row_sign[:, None] * self.col_sign[None, :]
+            self._flat = (idx.reshape(-1), sign.reshape(-1))
+        idx, sign = self._flat
+        n = m.shape[0]
+        out = m.new_zeros((n, self.dim))
+        return out.index_add_(1, idx, m.reshape(n, -1) * sign.to(m.dtype))
+
+    def factored_cost(self, positions: int) -> float:
+        """Multiply-adds per example of :meth:`factored` over ``positions`` outer products."""
+        return positions * (self.rows + self.cols + 3 * self.dim * math.log2(max(self.dim, 2)))

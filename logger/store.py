@@ -1,0 +1,310 @@
+"""The Zarr v3 store: create / append / overwrite, and chunk-aligned, committed writes of one stream.
+
+Commit protocol (crash consistency): for every batch of steps the stream writer (1) resizes its arrays, (2) writes
+the data chunks of every array, and only then (3) advances the stream attribute ``committed_steps``. A process killed
+at any moment leaves a store whose first ``committed_steps`` steps are complete; arrays may be longer (their tail
+holds fill values or a partial chunk), which readers trim. Only the writer thread holds array handles, so no stale
+handle can rewrite metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from . import schema
+
+log = logging.getLogger(__name__)
+
+CHUNK_TARGET_BYTES = 4 * 2**20
+"""Target size of one chunk of the largest per-step array; bounds the steps per chunk."""
+
+MAX_STEPS_PER_CHUNK = 256
+
+
+class StoreError(RuntimeError):
+    """A store cannot be created, appended to or written."""
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def open_root(
+    path: str | Path, mode: str, attrs: dict[str, Any], storage_options: dict | None = None
+) -> tuple[zarr.Group, dict[str, Any]]:
+    """Open the root group for writing according to ``mode``.
+
+    Args:
+        path: Local path or fsspec URL of the store.
+        mode: ``"create"``, ``"append"`` or ``"overwrite"``.
+        attrs: Root attributes of this run (format, configuration, layers, sketch, versions, model).
+        storage_options: fsspec options for URLs (credentials should come from the environment).
+
+    Returns:
+        The root group and the stream states found in it (``{stream: committed steps, last step}``).
+
+    Raises:
+        StoreError: The store exists in ``"create"`` mode, does not exist in ``"append"`` mode, or differs from
+            this run in layers, sketch configuration, seed or format version.
+
+    """
+    path = str(path)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    exists = _exists(path, storage_options)
+    if mode == "create" and exists:
+        raise StoreError(
+            f"{path} already exists; pass mode='append' to continue it or mode='overwrite' to replace it"
+        )
+    if mode == "append" and not exists:
+        raise StoreError(f"{path} does not exist, so there is nothing to append to; use mode='create'")
+    if mode == "overwrite" and exists:
+        _remove(path, storage_options)
+    if mode == "append":
+        root = zarr.open_group(path, mode="r+", storage_options=storage_options if _is_url(path) else None)
+        check_compatible(path, dict(root.attrs), attrs)
+        return root, {name: dict(root[name].attrs) for name in schema.STREAMS if name in root}
+    root = zarr.open_group(
+        path, mode="w-", zarr_format=3, storage_options=storage_options if _is_url(path) else None
+    )
+    root.attrs.update(attrs)
+    return root, {}
+
+
+def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to append a run whose configuration differs from the store's."""
+    version = old.get(schema.FORMAT_KEY)
+    if version != schema.FORMAT_VERSION:
+        raise StoreError(f"{path}: format version {version!r} differs from this gradcoh's {schema.FORMAT_VERSION}")
+    old_layers = [(x["name"], x["shapes"]) for x in old.get(schema.LAYERS_KEY, [])]
+    new_layers = [(x["name"], x["shapes"]) for x in new[schema.LAYERS_KEY]]
+    if old_layers != new_layers:
+        raise StoreError(f"{path}: the model's layers differ from the store's (names or shapes); cannot append")
+    old_id = old.get(schema.CONFIG_KEY, {}).get("identity", {})
+    new_id = new[schema.CONFIG_KEY]["identity"]
+    for key, value in new_id.items():
+        if old_id.get(key) != value:
+            raise StoreError(f"{path}: {key}={value!r} differs from the store's {old_id.get(key)!r}; cannot append")
+
+
+def _exists(path: str, storage_options: dict | None) -> bool:
+    if _is_url(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        return fs.exists(root)
+    return Path(path).exists()
+
+
+def _remove(path: str, storage_options: dict | None) -> None:
+    if _is_url(path):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        fs.rm(root, recursive=True)
+    else:
+        shutil.rmtree(path)
+
+
+@dataclass
+class HostRecord:
+    """One logged step on the host, ready to write. Arrays are NumPy; ``sketch`` is None without sketches."""
+
+    step: int
+    wall_time: float
+    sq_norm: np.ndarray  # [n, L] float64
+    sum_sq_norm: np.ndarray  # [L] float64
+    group_gram: np.ndarray  # [L, G, G] float64
+    index: np.ndarray  # [n] int64
+    label: np.ndarray  # [n] int64
+    true_label: np.ndarray  # [n] int64
+    group: np.ndarray  # [n] int64
+    loss: np.ndarray  # [n] float32
+    finite: np.ndarray  # [L] bool
+    sketch: np.ndarray | None  # [n, L, k]
+
+    @property
+    def n(self) -> int:
+        """Examples in this step."""
+        return self.sq_norm.shape[0]
+
+
+class StreamWriter:
+    """Owns the arrays of one stream and appends whole, committed batches of steps. Writer thread only."""
+
+    def __init__(self, root: zarr.Group, name: str, layers: list[dict], groups: tuple[str, ...],
+                 sketch_dim: int, sketch_dtype: str) -> None:
+        self.root = root
+        self.name = name
+        self.layers = layers
+        self.groups = groups
+        self.sketch_dim = sketch_dim
+        self.sketch_dtype = sketch_dtype
+        self.group: zarr.Group | None = None
+        self.arrays: dict[str, zarr.Array] = {}
+        self.committed = 0
+        self.dropped = 0
+        self.last_step: int | None = None
+        self.width = 0
+        if name in root:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Continue an existing stream: trim arrays back to the committed steps (repairs a crashed tail)."""
+        self.group = self.root[self.name]
+        attrs = dict(self.group.attrs)
+        self.committed = int(attrs.get(schema.COMMITTED_KEY, 0))
+        self.dropped = int(attrs.get(schema.DROPPED_KEY, 0))
+        self.arrays = {k: self.group[k] for k in schema.VARIABLES if k in self.group}
+        for arr in self.arrays.values():
+            if arr.shape[0] != self.committed:
+                arr.resize((self.committed, *arr.shape[1:]))
+        self.width = self.arrays[schema.INDEX].shape[1]
+        if self.committed:
+            self.last_step = int(self.arrays[schema.STEP][self.committed - 1])
+
+    def _create(self, width: int) -> None:
+        g = self.root.require_group(self.name)
+        self.width = width
+        n_layers, n_groups = len(self.layers), len(self.groups)
+        sizes = {
+            schema.DIM_EXAMPLE: width,
+            schema.DIM_LAYER: n_layers,
+            schema.DIM_GROUP_I: n_groups,
+            schema.DIM_GROUP_J: n_groups,
+            schema.DIM_PROJ: self.sketch_dim,
+        }
+        variables = {k: v for k, v in schema.VARIABLES.items() if k != schema.SKETCH or self.sketch_dim}
+        per_step = max(_step_bytes(dims, _np_dtype(name, dtype, self.sketch_dtype), sizes)
+                       for name, (dims, dtype) in variables.items())
+        steps_per_chunk = max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_TARGET_BYTES // max(per_step, 1)))
+        for name, (dims, dtype) in variables.items():
+            np_dtype = _np_dtype(name, dtype, self.sketch_dtype)
+            shape = (0, *(sizes[d] for d in dims[1:]))
+            chunks = (steps_per_chunk, *(sizes[d] for d in dims[1:]))
+            filters = None
+            if name == schema.SKETCH and self.sketch_dtype == "bfloat16":
+                from zarr.codecs.numcodecs import BitRound
+
+                filters = [BitRound(keepbits=7)]
+            self.arrays[name] = g.create_array(
+                name, shape=shape, chunks=chunks, dtype=np_dtype, dimension_names=dims,
+                fill_value=schema.FILL_VALUES[dtype if name != schema.SKETCH else "float32"],
+                compressors=_compressor(), filters=filters, config={"write_empty_chunks": True},
+            )
+        coords = {
+            schema.LAYER: np.array([x["name"] for x in self.layers], dtype=str),
+            schema.LAYER_SIZE: np.array([x["size"] for x in self.layers], dtype=np.int64),
+            schema.GROUP_I: np.array(self.groups, dtype=str),
+            schema.GROUP_J: np.array(self.groups, dtype=str),
+        }
+        for name, values in coords.items():
+            arr = g.create_array(name, shape=values.shape, dtype=values.dtype,
+                                 dimension_names=schema.STATIC_COORDS[name])
+            arr[:] = values
+        g.attrs.update({schema.COMMITTED_KEY: 0, schema.DROPPED_KEY: 0,
+                        "coordinates": " ".join(n for n in schema.NON_INDEX_COORDS if n != schema.LAYER_SIZE)})
+        self.group = g
+
+    def steps_per_chunk(self, records: list[HostRecord]) -> int:
+        """Steps per chunk along ``step`` (creates the stream from ``records`` if needed)."""
+        if self.group is None:
+            self._create(max(r.n for r in records))
+        return self.arrays[schema.STEP].chunks[0]
+
+    def write(self, records: list[HostRecord], dropped: int = 0) -> None:
+        """Append ``records`` (steps in increasing order) and commit them.
+
+        Raises:
+            StoreError: A step is not greater than the last stored one.
+
+        """
+        if not records:
+            if dropped:
+                self.dropped += dropped
+                if self.group is not None:
+                    self.group.attrs[schema.DROPPED_KEY] = self.dropped
+            return
+        width = max(r.n for r in records)
+        if self.group is None:
+            self._create(width)
+        elif width > self.width:
+            self._widen(width)
+        for r in records:
+            if self.last_step is not None and r.step <= self.last_step:
+                raise StoreError(f"step {r.step} is not after the last stored step {self.last_step} "
+                                 f"in stream '{self.name}'; steps must keep increasing")
+            self.last_step = r.step
+        start, stop = self.committed, self.committed + len(records)
+        for name, arr in self.arrays.items():
+            arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = _stack(name, records, self.width, arr.dtype)
+        self.committed = stop
+        self.dropped += dropped
+        # The commit marker goes last: readers see a step only once all its chunks are written.
+        self.group.attrs.update({schema.COMMITTED_KEY: self.committed, schema.DROPPED_KEY: self.dropped})
+
+    def _widen(self, width: int) -> None:
+        chunk = self.arrays[schema.INDEX].chunks[1]
+        new = int(math.ceil(width / chunk) * chunk)
+        for arr in self.arrays.values():
+            dims = arr.metadata.dimension_names
+            if schema.DIM_EXAMPLE in dims:
+                shape = list(arr.shape)
+                shape[dims.index(schema.DIM_EXAMPLE)] = new
+                arr.resize(tuple(shape))
+        self.width = new
+
+    def record_error(self, message: str) -> None:
+        """Note in the root attributes why logging stopped (best effort)."""
+        try:
+            self.root.attrs[schema.ERROR_KEY] = message
+        except Exception:
+            log.debug("could not record the error in the store", exc_info=True)
+
+
+def _np_dtype(name: str, dtype: str, sketch_dtype: str) -> str:
+    if name == schema.SKETCH:
+        return "float16" if sketch_dtype == "float16" else "float32"
+    return dtype
+
+
+def _step_bytes(dims: tuple[str, ...], dtype: str, sizes: dict[str, int]) -> int:
+    out = np.dtype(dtype).itemsize
+    for d in dims[1:]:
+        out *= sizes[d]
+    return out
+
+
+_FIELDS = {
+    schema.STEP: "step", schema.WALL_TIME: "wall_time", schema.N_EXAMPLES: "n", schema.SQ_NORM: "sq_norm",
+    schema.SUM_SQ_NORM: "sum_sq_norm", schema.GROUP_GRAM: "group_gram", schema.INDEX: "index",
+    schema.LABEL: "label", schema.TRUE_LABEL: "true_label", schema.GROUP: "group", schema.LOSS: "loss",
+    schema.FINITE: "finite", schema.SKETCH: "sketch",
+}
+
+
+def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype) -> np.ndarray:
+    """Stack one variable over steps, padding the example axis to ``width``."""
+    values = [np.asarray(getattr(r, _FIELDS[name])) for r in records]
+    if schema.DIM_EXAMPLE not in schema.VARIABLES[name][0]:
+        return np.stack(values).astype(dtype, copy=False)
+    fill = schema.FILL_VALUES["float32" if name == schema.SKETCH else schema.VARIABLES[name][1]]
+    out = np.full((len(values), width, *values[0].shape[1:]), fill, dtype=dtype)
+    for i, v in enumerate(values):
+        out[i, : v.shape[0]] = v
+    return out
+

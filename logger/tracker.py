@@ -1,0 +1,251 @@
+"""Per-layer trackers and the per-step state they fill: all hook state lives here, never on modules or tensors.
+
+Each tracked layer gets, while a step is being recorded, one forward hook (capturing the call's inputs and putting a
+tensor hook on its outputs) and one tensor hook per trainable parameter (capturing the batch gradient of this
+backward). Tensor hooks on outputs, unlike ``register_full_backward_hook``, work with in-place operations that follow
+the module (ResNet's ``out += identity``, ``ReLU(inplace=True)``). A layer is processed as soon as every call of it
+in the current forward has received its output gradient; calls still open when the backward pass ends are
+processed by an end-of-backward callback. Nothing here calls ``.item()`` or copies to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.hooks import RemovableHandle
+
+from .grads import LayerGrad, MatrixView, choose_route, combine
+from .layers import Rule
+from .sketch import TensorSketch
+
+
+@dataclass
+class StepState:
+    """What one ``record`` block accumulates across its forward/backward passes (micro-batches).
+
+    Attributes:
+        n_groups: Number of groups ``G``.
+        scale_by_batch: True for ``loss_reduction="mean"``: per-example gradients are ``n ×`` the batch terms.
+        group: ``[n_total]`` group of each example on the model's device, or None.
+        sizes: Examples in each completed or current micro-batch.
+        micro: Index of the current micro-batch (advanced at the end of each backward pass).
+        callback_queued: Whether the end-of-backward callback is queued for the running backward pass.
+        losses: Per-example losses passed to ``Recording.loss``.
+        trackers: The layer trackers filling this state.
+
+    """
+
+    n_groups: int
+    scale_by_batch: bool
+    group: torch.Tensor | None = None
+    sizes: list[int] = field(default_factory=list)
+    micro: int = 0
+    callback_queued: bool = False
+    losses: list[torch.Tensor] = field(default_factory=list)
+    trackers: list[LayerTracker] = field(default_factory=list)
+
+    def batch_size(self, n: int) -> int:
+        """Register a forward call with ``n`` rows in the current micro-batch; returns the micro-batch size."""
+        if len(self.sizes) <= self.micro:
+            self.sizes.append(n)
+        return self.sizes[self.micro]
+
+    def scale(self) -> float:
+        """Factor from the batch loss's terms to each example's own loss."""
+        return float(self.sizes[self.micro]) if self.scale_by_batch else 1.0
+
+    def weights(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[n, G-1]`` one-hot group weights of the current micro-batch (the last group is implied)."""
+        if self.n_groups == 1:
+            return None
+        if self.group is None:
+            raise ValueError("groups were declared, so record(..., group=...) must give every example's group")
+        start = sum(self.sizes[: self.micro])
+        g = self.group[start : start + self.sizes[self.micro]]
+        ids = torch.arange(self.n_groups - 1, device=g.device)
+        return (g.unsqueeze(1) == ids).to(dtype)
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+    versions: list[tuple[torch.Tensor, int]]
+    grads: tuple | None = None
+
+
+class LayerTracker:
+    """Owns the hooks and per-step results of one layer (a module with its own trainable parameters).
+
+    Args:
+        name: Qualified module name.
+        module: The module.
+        rule: Its layer rule.
+        projector: Its sketch projection, or None without sketches.
+
+    """
+
+    def __init__(self, name: str, module: nn.Module, rule: Rule, projector: TensorSketch | None) -> None:
+        self.name = name
+        self.module = module
+        self.rule = rule
+        self.projector = projector
+        self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        self.view = MatrixView.of([tuple(p.shape) for p in self.params])
+        self.size = sum(p.numel() for p in self.params)
+        self._handles: list[RemovableHandle] = []
+        self._state: StepState | None = None
+        self._calls: list[_Call] = []
+        self.reset()
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def attach(self, state: StepState) -> None:
+        """Install the hooks for one recorded step."""
+        self._state = state
+        self.reset()
+        self._handles.append(self.module.register_forward_hook(self._forward_hook, with_kwargs=True))
+        for i, p in enumerate(self.params):
+            self._handles.append(p.register_hook(lambda g, i=i: self._param_hook(i, g)))
+
+    def detach(self) -> None:
+        """Remove every hook and drop captured tensors."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._calls = []
+        self._state = None
+
+    def reset(self) -> None:
+        """Forget the previous step's results."""
+        self.sq: dict[int, torch.Tensor] = {}  # micro-batch -> [n]
+        self.sketch: dict[int, torch.Tensor] = {}  # micro-batch -> [n, k]
+        self.group_sums: torch.Tensor | None = None  # [G-1, rows, cols] float64
+        self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, float64
+
+    # --- hooks -------------------------------------------------------------------------------------------
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        outs = [o for o in pytree.tree_leaves(output) if torch.is_tensor(o)]
+        needs = [o for o in outs if o.requires_grad]
+        if not needs:
+            return  # no gradient will flow (no_grad, frozen): nothing to record
+        first = next(a for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a))
+        self._state.batch_size(first.shape[0])
+        detached = pytree.tree_map(lambda a: a.detach() if torch.is_tensor(a) else a, (args, kwargs))
+        versions = [(a, a._version) for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        call = _Call(detached[0], detached[1], versions)
+        self._calls.append(call)
+        if len(outs) == 1:
+            outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
+        else:
+            positions = [i for i, o in enumerate(outs) if o.requires_grad]
+
+            def on_all(grads: tuple, call: _Call = call, n: int = len(outs)) -> None:
+                full: list = [None] * n
+                for pos, g in zip(positions, grads, strict=True):
+                    full[pos] = g
+                self._on_grads(call, tuple(full))
+
+            torch.autograd.graph.register_multi_grad_hook(needs, on_all, mode="all")
+
+    def _on_grads(self, call: _Call, grads: tuple) -> None:
+        self._queue_end_of_backward()
+        call.grads = tuple(None if g is None else g.detach() for g in grads)
+        if all(c.grads is not None for c in self._calls):
+            self.process()
+
+    def _param_hook(self, i: int, grad: torch.Tensor) -> None:
+        self._queue_end_of_backward()
+        g = grad.detach().to(torch.float64) * self._state.scale()
+        self.batch_grads[i] = g if self.batch_grads[i] is None else self.batch_grads[i] + g
+
+    def _queue_end_of_backward(self) -> None:
+        state = self._state
+        if not state.callback_queued:
+            state.callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_callback)
+
+    def _end_callback(self) -> None:
+        end_of_backward(self._state)
+
+    # --- computation -------------------------------------------------------------------------------------
+    def process(self) -> None:
+        """Turn the captured calls of this micro-batch into per-example statistics and sketches."""
+        calls, self._calls = [c for c in self._calls if c.grads is not None], []
+        if not calls:
+            return
+        for c in calls:
+            for tensor, version in c.versions:
+                if tensor._version != version:
+                    raise RuntimeError(
+                        f"an input of layer '{self.name}' was modified in place after its forward; "
+                        "per-example gradients need the original input (avoid the in-place op on it)"
+                    )
+        grad = combine([self.rule(self.module, c.args, c.kwargs, c.grads) for c in calls])
+        grad = choose_route(grad, self.projector)
+        self._reduce(grad)
+
+    def _reduce(self, grad: LayerGrad) -> None:
+        state = self._state
+        scale = state.scale()
+        if grad.n != state.sizes[state.micro]:
+            raise ValueError(
+                f"layer '{self.name}' saw {grad.n} rows but the micro-batch has {state.sizes[state.micro]} "
+                "examples; per-example gradients need the batch on dimension 0 of every tracked layer's input"
+            )
+        self.sq[state.micro] = grad.sq_norms() * scale**2
+        if self.projector is not None:
+            self.sketch[state.micro] = grad.sketch(self.projector) * scale
+        weights = state.weights(torch.float32)
+        if weights is not None:
+            sums = grad.group_sums(weights).to(torch.float64) * scale
+            self.group_sums = sums if self.group_sums is None else self.group_sums + sums
+
+    def flush_calls(self) -> None:
+        """Process calls left open when the backward pass ended (outputs that got no gradient)."""
+        if self._calls:
+            self.process()
+
+    # --- results -----------------------------------------------------------------------------------------
+    def batch_sum(self) -> torch.Tensor:
+        """``[rows, cols]`` float64 Σ over examples of per-example gradients (from the parameter hooks)."""
+        grads = [
+            torch.zeros(p.shape, dtype=torch.float64, device=p.device) if g is None else g
+            for p, g in zip(self.params, self.batch_grads, strict=True)
+        ]
+        return self.view.to_matrix([g.unsqueeze(0) for g in grads])[0]
+
+    def per_example(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused)."""
+        device = self.params[0].device
+        sq = [self.sq.get(j, torch.zeros(n, device=device)) for j, n in enumerate(sizes)]
+        if self.projector is None:
+            return torch.cat(sq), None
+        k = self.projector.dim
+        sk = [self.sketch.get(j, torch.zeros(n, k, device=device)) for j, n in enumerate(sizes)]
+        return torch.cat(sq), torch.cat(sk)
+
+    def gram(self, n_groups: int) -> torch.Tensor:
+        """``[G, G]`` float64 Gram matrix of the group sums; the last group is the total minus the others."""
+        total = self.batch_sum().reshape(1, -1)
+        if n_groups == 1:
+            return total @ total.T
+        if self.group_sums is None:
+            sums = torch.zeros(n_groups - 1, total.shape[1], dtype=torch.float64, device=total.device)
+        else:
+            sums = self.group_sums.reshape(n_groups - 1, -1)
+        s = torch.cat([sums, total - sums.sum(0, keepdim=True)])
+        return s @ s.T
+
+
+def end_of_backward(state: StepState | None) -> None:
+    """Close the current micro-batch: process open calls of every tracker, then advance the micro-batch index."""
+    if state is None or not state.callback_queued:
+        return
+    for tracker in state.trackers:
+        tracker.flush_calls()
+    state.callback_queued = False
+    state.micro += 1
