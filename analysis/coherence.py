@@ -1,0 +1,179 @@
+"""m-coherence and the quantities that are functions of it (Dataset → DataArray).
+
+For m examples with per-example gradients g_i, m-coherence = ‖Σ_i g_i‖² / Σ_i‖g_i‖² (paper.md §1.3): 1 for
+mutually orthogonal gradients, m for identical ones. Numerators and denominators are sums over layers, so the
+network value is Σ_l numerator_l / Σ_l denominator_l (never an average of per-layer ratios).
+
+All functions are plain, lazy xarray reductions: they work unchanged on NumPy- and Dask-backed Datasets and on any
+active Dask scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import xarray as xr
+
+from gradcoh.analysis import kernels
+from gradcoh.analysis.layers import select_layers
+from gradcoh.analysis.subsets import (
+    SUBSET_DIM,
+    group_gram_diagonal,
+    membership,
+    sketch_numerator,
+    subset_denominator,
+)
+from gradcoh.logger import schema
+
+__all__ = [
+    "alpha",
+    "coherence_parts",
+    "debiased_alpha",
+    "gradient_diversity",
+    "m_coherence",
+    "noise_scale",
+]
+
+Source = Literal["exact", "sketch"]
+By = str | xr.DataArray | None
+Layers = str | Sequence[str] | None
+
+
+def _check_source(source: str) -> None:
+    if source not in ("exact", "sketch"):
+        raise ValueError(f"source must be 'exact' or 'sketch', got {source!r}")
+
+
+def _whole_batch_parts(ds: xr.Dataset, source: str) -> xr.Dataset:
+    den = ds[schema.SQ_NORM].reset_coords(drop=True).sum(schema.DIM_EXAMPLE)
+    if source == "exact":
+        num = ds[schema.SUM_SQ_NORM].reset_coords(drop=True)
+    else:
+        num = sketch_numerator(ds, None)
+    m = xr.DataArray(ds[schema.N_EXAMPLES].data, dims=schema.DIM_STEP)
+    return xr.Dataset({"numerator": num, "denominator": den, "m": m})
+
+
+def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str) -> tuple[xr.Dataset, str]:
+    member = membership(ds, by)
+    den = subset_denominator(ds, member)
+    exact = isinstance(by, str) and by == "group" and source == "exact"
+    num = group_gram_diagonal(ds) if exact else sketch_numerator(ds, member)
+    m = member.sum(schema.DIM_EXAMPLE)
+    return xr.Dataset({"numerator": num, "denominator": den, "m": m}), ("exact" if exact else "sketch")
+
+
+def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", layers: Layers = None) -> xr.Dataset:
+    """Per-layer numerators ‖Σ g‖², denominators Σ‖g‖² and sizes m, the ingredients of every coherence result.
+
+    Args:
+        ds: A store Dataset (:func:`~gradcoh.analysis.open_store`).
+        by: ``None``, ``"group"``, ``"label"`` or a ``(step, example)`` bool/int DataArray (see
+            :func:`~gradcoh.analysis.subsets.membership`).
+        source: ``"exact"`` or ``"sketch"`` numerators. Subsets other than the logger's groups always use sketches.
+        layers: Layer name pattern(s) (glob or regex).
+
+    Returns:
+        Dataset with ``numerator`` and ``denominator`` ``(step, layer[, group])`` and ``m`` ``(step[, group])``;
+        attribute ``numerator_source`` says which numerator was used.
+
+    Raises:
+        ValueError: Bad ``source``/``by``/``layers``, or sketches needed but absent.
+    """
+    _check_source(source)
+    ds = select_layers(ds, layers)
+    if by is None:
+        parts, used = _whole_batch_parts(ds, source), source
+    else:
+        parts, used = _subset_parts(ds, by, source)
+    parts.attrs["numerator_source"] = used
+    return parts
+
+
+def _finish(values: xr.DataArray, m: xr.DataArray, name: str, long_name: str, used: str) -> xr.DataArray:
+    values = values.assign_coords(m=m)
+    values.name = name
+    values.attrs = {"long_name": long_name, "numerator_source": used}
+    return values
+
+
+def _ratio(num: xr.DataArray, den: xr.DataArray) -> xr.DataArray:
+    return xr.apply_ufunc(kernels.safe_ratio, num, den, dask="parallelized", output_dtypes=[np.float64])
+
+
+def m_coherence(
+    ds: xr.Dataset,
+    *,
+    per_layer: bool = False,
+    by: By = None,
+    source: Source = "exact",
+    layers: Layers = None,
+) -> xr.DataArray:
+    """m-coherence ‖Σ_i g_i‖² / Σ_i‖g_i‖² per step (and layer, and subset).
+
+    Exact values use ``sum_sq_norm`` (or the ``group_gram`` diagonal for ``by="group"``) over the exact
+    ``Σ sq_norm``. Sketch values replace the numerator by ‖Σ_i s_i‖² of the sketches (an unbiased-in-expectation
+    JL estimate with relative error about sqrt(2/k) for sketch width k); the denominator stays exact.
+
+    Args:
+        ds: A store Dataset.
+        per_layer: Keep the ``layer`` dimension instead of the network total Σ_l num_l / Σ_l den_l.
+        by: ``None`` (all examples), ``"group"``, ``"label"`` (needs sketches), or a ``(step, example)`` DataArray:
+            boolean (one subset, named after the array) or integer (one subset per distinct value ≥ 0).
+        source: ``"exact"`` or ``"sketch"`` numerators (subsets other than groups always use sketches).
+        layers: Layer name pattern(s) (glob or regex); the total is over the selected layers.
+
+    Returns:
+        DataArray over ``step`` (+ ``layer`` if ``per_layer``, + ``group`` if ``by``), with coordinate ``m`` (the
+        examples behind each value); NaN where there is no example.
+
+    Examples:
+        >>> coh = m_coherence(ds, per_layer=True)  # doctest: +SKIP
+        >>> coh.dims  # doctest: +SKIP
+        ('step', 'layer')
+    """
+    parts = coherence_parts(ds, by=by, source=source, layers=layers)
+    num, den = parts["numerator"], parts["denominator"]
+    if not per_layer:
+        num, den = num.sum(schema.DIM_LAYER), den.sum(schema.DIM_LAYER)
+    dims = [d for d in (schema.DIM_STEP, schema.DIM_LAYER, SUBSET_DIM) if d in num.dims]
+    values = _ratio(num, den).transpose(*dims)
+    return _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
+
+
+def alpha(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+    """Sample coherence α_m = m-coherence / m (paper.md §1.3); same arguments as :func:`m_coherence`."""
+    coh = m_coherence(ds, **kwargs)
+    out = coh / coh["m"].where(coh["m"] > 0)
+    return _finish(out, coh["m"], "alpha", "α_m = m-coherence / m", coh.attrs["numerator_source"])
+
+
+def debiased_alpha(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+    """Population coherence estimate (m-coherence − 1)/(m − 1) (paper.md §1.7), comparable across m.
+
+    A ratio of unbiased estimators (consistent, not exactly unbiased). NaN for m ≤ 1. Same arguments as
+    :func:`m_coherence`.
+    """
+    coh = m_coherence(ds, **kwargs)
+    out = (coh - 1.0) / (coh["m"] - 1).where(coh["m"] > 1)
+    return _finish(out, coh["m"], "debiased_alpha", "(m-coherence − 1)/(m − 1)", coh.attrs["numerator_source"])
+
+
+def gradient_diversity(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+    """Gradient diversity Σ_i‖g_i‖² / ‖Σ_i g_i‖² of Yin et al. (2018) = 1 / m-coherence (paper.md §1.5)."""
+    coh = m_coherence(ds, **kwargs)
+    out = xr.apply_ufunc(kernels.safe_ratio, 1.0, coh, dask="parallelized", output_dtypes=[np.float64])
+    return _finish(out, coh["m"], "gradient_diversity", "Σ‖g‖²/‖Σg‖²", coh.attrs["numerator_source"])
+
+
+def noise_scale(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+    """Simple gradient noise scale B_simple = tr Σ / ‖ḡ‖² (McCandlish et al.), exact from the same sums.
+
+    With the population-normalised sample covariance, α_m = 1 / (1 + B_simple) (paper.md §1.7), hence
+    B_simple = m / m-coherence − 1. Same arguments as :func:`m_coherence`.
+    """
+    coh = m_coherence(ds, **kwargs)
+    out = xr.apply_ufunc(kernels.safe_ratio, coh["m"], coh, dask="parallelized", output_dtypes=[np.float64]) - 1.0
+    return _finish(out, coh["m"], "noise_scale", "B_simple = tr Σ / ‖ḡ‖²", coh.attrs["numerator_source"])

@@ -1,0 +1,153 @@
+"""Opening gradcoh stores as lazy, Dask-backed :class:`xarray.Dataset` objects (disk → Dataset).
+
+Only ``gradcoh.logger.schema`` (stdlib) is shared with the writer; torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+import zarr
+import zarr.errors
+from zarr.storage import FsspecStore, LocalStore
+
+from gradcoh.logger import schema
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StoreNotFoundError", "StreamNotFoundError", "list_streams", "open_root", "open_store"]
+
+
+class StoreNotFoundError(schema.FormatError):
+    """Nothing exists at the given path or URL."""
+
+
+class StreamNotFoundError(schema.FormatError):
+    """The store exists but lacks the requested stream."""
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _make_store(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Any:
+    """Build a read-only zarr store object for a local path or an fsspec URL."""
+    text = os.fspath(path_or_url)
+    if _is_url(text):
+        try:
+            return FsspecStore.from_url(text, storage_options=dict(storage_options or {}), read_only=True)
+        except (ImportError, ValueError) as exc:
+            raise StoreNotFoundError(f"cannot open {text!r}: {exc}") from exc
+    if storage_options:
+        raise ValueError("storage_options only apply to URLs (s3://, memory://, file://, ...)")
+    if not Path(text).exists():
+        raise StoreNotFoundError(f"no such store: {text!r}")
+    return LocalStore(text, read_only=True)
+
+
+def open_root(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open a store's root group and check that it is a gradcoh store this version can read.
+
+    Args:
+        path_or_url: Directory path or fsspec URL (``memory://``, ``file://``, ``s3://`` ...).
+        storage_options: Passed to fsspec for URLs.
+
+    Returns:
+        The root :class:`zarr.Group`, opened read-only.
+
+    Raises:
+        StoreNotFoundError: Nothing exists at ``path_or_url``.
+        FormatError: Not a Zarr group, not a gradcoh store, or a format newer than this gradcoh.
+    """
+    store = _make_store(path_or_url, storage_options)
+    try:
+        root = zarr.open_group(store, mode="r", use_consolidated=False)
+    except FileNotFoundError as exc:
+        if isinstance(store, LocalStore):
+            raise schema.FormatError(f"{os.fspath(path_or_url)!r} is not a zarr store") from exc
+        raise StoreNotFoundError(f"no such store: {os.fspath(path_or_url)!r}") from exc
+    except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, KeyError, ValueError) as exc:
+        raise schema.FormatError(f"{os.fspath(path_or_url)!r} is not a zarr store (no zarr group at its root)") from exc
+    _check_format(root.attrs.asdict(), os.fspath(path_or_url))
+    return root
+
+
+def _check_format(attrs: Mapping[str, Any], where: str) -> None:
+    version = attrs.get(schema.FORMAT_KEY)
+    if version is None:
+        raise schema.FormatError(f"{where!r} is a zarr group but not a gradcoh store (no {schema.FORMAT_KEY!r})")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise schema.FormatError(f"{where!r}: invalid {schema.FORMAT_KEY!r} {version!r}")
+    if version > schema.FORMAT_VERSION:
+        raise schema.FormatError(
+            f"{where!r} was written by a newer gradcoh (format {version} > {schema.FORMAT_VERSION}); upgrade gradcoh"
+        )
+    if version < schema.FORMAT_VERSION:
+        raise schema.FormatError(f"{where!r}: format {version} is older than supported ({schema.FORMAT_VERSION})")
+
+
+def list_streams(root: zarr.Group) -> list[str]:
+    """Names of the streams (subgroups) present in a store, in ``schema.STREAMS`` order first."""
+    names = sorted(name for name, _ in root.groups())
+    return [s for s in schema.STREAMS if s in names] + [s for s in names if s not in schema.STREAMS]
+
+
+def _committed_steps(group: zarr.Group, stream: str) -> int:
+    committed = group.attrs.get(schema.COMMITTED_KEY)
+    if not isinstance(committed, int) or committed < 0:
+        raise schema.FormatError(f"stream {stream!r} has no valid {schema.COMMITTED_KEY!r} attribute")
+    return committed
+
+
+def _stream_group(root: zarr.Group, stream: str) -> zarr.Group:
+    existing = list_streams(root)
+    if stream not in existing:
+        found = ", ".join(existing) or "none"
+        raise StreamNotFoundError(f"store has no stream {stream!r} (streams present: {found})")
+    return root[stream]
+
+
+def open_store(
+    path_or_url: str | os.PathLike,
+    stream: str = schema.STREAM_BATCH,
+    chunks: Mapping[str, int] | str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Open one stream of a gradcoh store as a lazy Dask-backed Dataset, trimmed to its committed steps.
+
+    Args:
+        path_or_url: Store directory or fsspec URL (``memory://``, ``file://``, ``s3://``; ``s3`` needs s3fs).
+        stream: ``"batch"`` or ``"probe"``.
+        chunks: Dask chunks; ``None`` keeps the store's own chunking (the data stays lazy and Dask-backed).
+        storage_options: fsspec options for URLs (credentials, endpoint, ...).
+
+    Returns:
+        The Dataset: ``index, label, true_label, group, n_examples, wall_time, layer_size`` are coordinates; the
+        root attributes are copied into ``ds.attrs`` (plus ``stream`` and the stream's own attributes).
+
+    Raises:
+        StoreNotFoundError: Nothing at ``path_or_url``.
+        StreamNotFoundError: The stream is missing (the message names the streams present).
+        FormatError: Not a zarr store, not a gradcoh store, or written by a newer gradcoh.
+
+    Examples:
+        >>> ds = open_store("runs/exp1.zarr")  # doctest: +SKIP
+        >>> ds.sq_norm.dims  # doctest: +SKIP
+        ('step', 'example', 'layer')
+    """
+    root = open_root(path_or_url, storage_options)
+    group = _stream_group(root, stream)
+    committed = _committed_steps(group, stream)
+    ds = xr.open_zarr(
+        root.store, group=stream, consolidated=False, zarr_format=3, chunks={} if chunks is None else chunks
+    )
+    ds = ds.isel({schema.DIM_STEP: slice(0, committed)})
+    ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
+    ds.attrs = {**root.attrs.asdict(), **group.attrs.asdict(), "stream": stream}
+    log.debug("opened %s stream %s: %d committed steps", path_or_url, stream, committed)
+    return ds

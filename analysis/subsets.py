@@ -1,0 +1,112 @@
+"""Which examples form which subset (group, label, user mask) and the per-subset sums m-coherence needs.
+
+Subset numerators ‖Σ_{i∈S} g_i‖² are exact for the logger's groups (``group_gram``) and come from sketches for any
+other subset: a linear sketch commutes with sums, so Σ_{i∈S} s_i is the sketch of Σ_{i∈S} g_i and only its squared
+norm carries the Johnson–Lindenstrauss error. Denominators Σ_{i∈S}‖g_i‖² are always exact (``sq_norm``).
+"""
+
+from __future__ import annotations
+
+import dask.array
+import numpy as np
+import xarray as xr
+
+from gradcoh.logger import schema
+
+__all__ = [
+    "SUBSET_DIM",
+    "distinct_values",
+    "group_names",
+    "group_gram_diagonal",
+    "membership",
+    "sketch_numerator",
+    "subset_denominator",
+]
+
+SUBSET_DIM = "group"
+"""Name of the subset dimension of every split result."""
+
+
+def distinct_values(values: xr.DataArray) -> np.ndarray:
+    """Sorted distinct non-negative values of an integer DataArray (computes only the unique values)."""
+    data = values.data
+    uniq = dask.array.unique(data).compute() if isinstance(data, dask.array.Array) else np.unique(data)
+    return uniq[uniq >= 0]
+
+
+def group_names(ds: xr.Dataset) -> np.ndarray:
+    """The logger's group names (``group_i``) as a fixed-width string array."""
+    return np.array([str(n) for n in ds[schema.GROUP_I].values])
+
+
+def _valid(ds: xr.Dataset) -> xr.DataArray:
+    return (ds[schema.INDEX] >= 0).reset_coords(drop=True)
+
+
+def _onehot(codes: xr.DataArray, values: np.ndarray, ds: xr.Dataset) -> xr.DataArray:
+    levels = xr.DataArray(values, dims=SUBSET_DIM, coords={SUBSET_DIM: values})
+    return (codes.reset_coords(drop=True) == levels) & _valid(ds)
+
+
+def _from_mask(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+    wanted = {schema.DIM_STEP, schema.DIM_EXAMPLE}
+    if set(mask.dims) != wanted:
+        raise ValueError(f"a subset mask must have dims {sorted(wanted)}, got {mask.dims}")
+    if mask.dtype == bool:
+        name = mask.name if mask.name is not None else "selected"
+        return (mask.reset_coords(drop=True) & _valid(ds)).expand_dims({SUBSET_DIM: [str(name)]}, axis=-1)
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError(f"a subset mask must be bool or integer, got {mask.dtype}")
+    return _onehot(mask, distinct_values(mask), ds)
+
+
+def membership(ds: xr.Dataset, by: str | xr.DataArray) -> xr.DataArray:
+    """Boolean ``(step, example, group)`` membership of each example in each subset (padding excluded).
+
+    Args:
+        ds: A store Dataset.
+        by: ``"group"`` (the logger's groups, named by ``group_i``), ``"label"`` (one subset per distinct label
+            ≥ 0), a boolean ``(step, example)`` DataArray (one subset, named after the array) or an integer one
+            (one subset per distinct value ≥ 0).
+
+    Returns:
+        Lazy boolean DataArray with a ``group`` coordinate naming the subsets.
+
+    Raises:
+        ValueError: ``by`` is not one of the above.
+    """
+    if isinstance(by, xr.DataArray):
+        return _from_mask(ds, by)
+    if by == "group":
+        names = group_names(ds)
+        member = _onehot(ds[schema.GROUP], np.arange(len(names)), ds)
+        return member.assign_coords({SUBSET_DIM: names})
+    if by == "label":
+        return _onehot(ds[schema.LABEL], distinct_values(ds[schema.LABEL]), ds)
+    raise ValueError(f"by must be None, 'group', 'label' or a (step, example) DataArray, got {by!r}")
+
+
+def subset_denominator(ds: xr.Dataset, member: xr.DataArray) -> xr.DataArray:
+    """Exact Σ_{i∈S}‖g_{i,l}‖² over ``(step, layer, group)``."""
+    sq = ds[schema.SQ_NORM].reset_coords(drop=True).fillna(0.0)
+    return xr.dot(sq, member.astype(np.float64), dim=schema.DIM_EXAMPLE)
+
+
+def sketch_numerator(ds: xr.Dataset, member: xr.DataArray | None) -> xr.DataArray:
+    """Estimated ‖Σ_{i∈S} g_{i,l}‖² from sketches over ``(step, layer[, group])`` (``None``: all examples)."""
+    if schema.SKETCH not in ds:
+        raise ValueError("this store has no sketches (written with sketch_dim=0); use source='exact' or by='group'")
+    sk = ds[schema.SKETCH].reset_coords(drop=True).astype(np.float64).fillna(0.0)
+    if member is None:
+        sums = sk.sum(schema.DIM_EXAMPLE)
+    else:
+        sums = xr.dot(sk, member.astype(np.float64), dim=schema.DIM_EXAMPLE)
+    return (sums * sums).sum(schema.DIM_PROJ)
+
+
+def group_gram_diagonal(ds: xr.Dataset) -> xr.DataArray:
+    """Exact ‖Σ_{i∈a} g_{i,l}‖² per logger group a, from the diagonal of ``group_gram``: ``(step, layer, group)``."""
+    names = group_names(ds)
+    pos = xr.DataArray(np.arange(len(names)), dims=SUBSET_DIM)
+    diag = ds[schema.GROUP_GRAM].isel({schema.DIM_GROUP_I: pos, schema.DIM_GROUP_J: pos})
+    return diag.reset_coords(drop=True).assign_coords({SUBSET_DIM: names})
