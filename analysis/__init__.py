@@ -17,7 +17,14 @@ from gradcoh.analysis.coherence import (
     m_coherence,
     noise_scale,
 )
-from gradcoh.analysis.io import StoreNotFoundError, StreamNotFoundError, list_streams, open_root, open_store
+from gradcoh.analysis.io import (
+    StoreNotFoundError,
+    StreamNotFoundError,
+    describe_store,
+    list_streams,
+    open_root,
+    open_store,
+)
 from gradcoh.analysis.layers import layer_weights, match_layers, select_layers
 from gradcoh.analysis.pairwise import (
     class_stiffness,
@@ -43,6 +50,7 @@ __all__ = [
     "connect",
     "cross_group_benefit",
     "debiased_alpha",
+    "describe_store",
     "gradient_confusion",
     "gradient_diversity",
     "layer_weights",

@@ -20,7 +20,14 @@ from gradcoh.logger import schema
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StoreNotFoundError", "StreamNotFoundError", "list_streams", "open_root", "open_store"]
+__all__ = [
+    "StoreNotFoundError",
+    "StreamNotFoundError",
+    "describe_store",
+    "list_streams",
+    "open_root",
+    "open_store",
+]
 
 
 class StoreNotFoundError(schema.FormatError):
@@ -151,3 +158,54 @@ def open_store(
     ds.attrs = {**root.attrs.asdict(), **group.attrs.asdict(), "stream": stream}
     log.debug("opened %s stream %s: %d committed steps", path_or_url, stream, committed)
     return ds
+
+
+def _describe_stream(group: zarr.Group, name: str) -> dict[str, Any]:
+    committed = _committed_steps(group, name)
+    steps = group[schema.STEP][:committed].tolist() if committed else []
+    m = group[schema.N_EXAMPLES][:committed].tolist() if committed else []
+    return {
+        "committed_steps": committed,
+        "dropped_steps": group.attrs.get(schema.DROPPED_KEY, 0),
+        "first_step": steps[0] if steps else None,
+        "last_step": steps[-1] if steps else None,
+        "m_min": min(m) if m else None,
+        "m_max": max(m) if m else None,
+        "groups": [str(g) for g in group[schema.GROUP_I][:]],
+        "has_sketch": schema.SKETCH in group,
+    }
+
+
+def describe_store(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON-able summary of a store: format, configuration, layers, sketch and per-stream sizes.
+
+    Reads only attributes and the per-step ``step``/``n_examples`` arrays.
+
+    Args:
+        path_or_url: Store directory or fsspec URL.
+        storage_options: fsspec options for URLs.
+
+    Returns:
+        Dict with ``path, format_version, model, config, sketch, layers, streams, notes, error, versions``.
+
+    Raises:
+        FormatError: As :func:`open_root`.
+    """
+    root = open_root(path_or_url, storage_options)
+    attrs = root.attrs.asdict()
+    layers = [
+        {"name": layer.get("name"), "type": layer.get("type"), "size": layer.get("size")}
+        for layer in attrs.get(schema.LAYERS_KEY) or []
+    ]
+    return {
+        "path": os.fspath(path_or_url),
+        "format_version": attrs.get(schema.FORMAT_KEY),
+        "model": attrs.get(schema.MODEL_KEY),
+        "config": attrs.get(schema.CONFIG_KEY),
+        "sketch": attrs.get(schema.SKETCH_KEY),
+        "layers": layers,
+        "streams": {name: _describe_stream(root[name], name) for name in list_streams(root)},
+        "notes": attrs.get(schema.NOTES_KEY) or [],
+        "error": attrs.get(schema.ERROR_KEY),
+        "versions": attrs.get(schema.VERSIONS_KEY),
+    }

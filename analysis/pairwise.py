@@ -24,7 +24,15 @@ from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import distinct_values
 from gradcoh.logger import schema
 
-__all__ = ["class_stiffness", "gradient_confusion", "mean_pairwise_cosine", "pair_statistics", "stiffness"]
+__all__ = [
+    "class_stiffness",
+    "confusion_from_pairs",
+    "gradient_confusion",
+    "mean_pairwise_cosine",
+    "pair_statistics",
+    "stiffness",
+    "stiffness_from_pairs",
+]
 
 STAT_DIM = "stat"
 BIN_DIM = "bin"
@@ -129,7 +137,12 @@ def stiffness(
         Dataset over ``step`` with ``cos_global, cos_within, cos_between, sign_global, sign_within, sign_between``
         and coordinate ``m``.
     """
-    stats = pair_statistics(ds, by=by, layers=layers, block_size=block_size, bins=2)["stats"]
+    return stiffness_from_pairs(pair_statistics(ds, by=by, layers=layers, block_size=block_size, bins=2))
+
+
+def stiffness_from_pairs(pairs: xr.Dataset) -> xr.Dataset:
+    """The stiffness Dataset of :func:`stiffness` from :func:`pair_statistics` output (no recomputation)."""
+    stats = pairs["stats"]
     out = xr.Dataset()
     for kind, tag in (("cos", "cos"), ("sign", "sign")):
         for part, src in (("global", "all"), ("within", "within"), ("between", "between")):
@@ -166,10 +179,16 @@ def gradient_confusion(
         Dataset over ``step``: ``min_cos``, ``frac_negative`` (share of pairs with negative cosine) and
         ``cos_quantile`` (``step, quantile``), coordinate ``m``.
     """
+    pairs = pair_statistics(ds, layers=layers, block_size=block_size, bins=bins)
+    return confusion_from_pairs(pairs, quantiles)
+
+
+def confusion_from_pairs(pairs: xr.Dataset, quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5)) -> xr.Dataset:
+    """The Dataset of :func:`gradient_confusion` from :func:`pair_statistics` output (no recomputation)."""
     if any(not 0.0 <= q <= 1.0 for q in quantiles):
         raise ValueError(f"quantiles must lie in [0, 1], got {quantiles}")
-    raw = pair_statistics(ds, layers=layers, block_size=block_size, bins=bins)
-    stats = raw["stats"]
+    raw, stats = pairs, pairs["stats"]
+    bins = raw.sizes[BIN_DIM]
     qs = xr.apply_ufunc(
         kernels.histogram_quantiles,
         raw["hist"],

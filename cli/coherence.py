@@ -1,0 +1,66 @@
+"""``gradcoh coherence STORE``: m-coherence per step (per layer / per group or label) as a table or file."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import typer
+
+from gradcoh.cli.errors import reported
+from gradcoh.cli.options import (
+    FormatOpt,
+    OutFormat,
+    OutOpt,
+    ProgressOpt,
+    SchedulerOpt,
+    StoreArg,
+    StreamOpt,
+    WorkersOpt,
+    want_progress,
+)
+from gradcoh.cli.output import emit
+
+__all__ = ["coherence"]
+
+
+class SplitBy(str, enum.Enum):
+    """Subsets to split m-coherence by."""
+
+    group = "group"
+    label = "label"
+
+
+class Source(str, enum.Enum):
+    """Where numerators come from."""
+
+    exact = "exact"
+    sketch = "sketch"
+
+
+def coherence(
+    store: StoreArg,
+    stream: StreamOpt = "batch",
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="One value per layer.")] = False,
+    by: Annotated[SplitBy | None, typer.Option("--by", help="Split by logger group or by label.")] = None,
+    source: Annotated[Source, typer.Option("--source", help="Exact or sketch-based numerators.")] = Source.exact,
+    layers: Annotated[
+        list[str] | None, typer.Option("--layers", help="Layer name pattern (glob or regex); repeatable.")
+    ] = None,
+    fmt: FormatOpt = OutFormat.table,
+    out: OutOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    progress: ProgressOpt = None,
+) -> None:
+    """Compute m-coherence ‖Σg‖²/Σ‖g‖² per step; the column m gives the examples behind each value."""
+    with reported():
+        from gradcoh import analysis
+
+        with analysis.session(scheduler, workers):
+            ds = analysis.open_store(store, stream=stream)
+            lazy = analysis.m_coherence(
+                ds, per_layer=per_layer, by=by.value if by else None, source=source.value, layers=layers or None
+            )
+            result = analysis.compute(lazy, progress=want_progress(progress))
+        emit(result, fmt, out)

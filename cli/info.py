@@ -1,0 +1,45 @@
+"""``gradcoh info STORE``: format, configuration, layers and stream sizes of a store (attributes only)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from gradcoh.cli.errors import reported
+from gradcoh.cli.options import StoreArg
+
+__all__ = ["info"]
+
+
+def _text(summary: dict[str, Any]) -> str:
+    lines = [
+        f"store:   {summary['path']}",
+        f"format:  {summary['format_version']}   model: {summary['model']}",
+        f"config:  {json.dumps(summary['config'])}",
+        f"sketch:  {json.dumps(summary['sketch'])}",
+    ]
+    for name, s in summary["streams"].items():
+        lines.append(
+            f"stream {name}: {s['committed_steps']} steps ({s['first_step']}..{s['last_step']}), "
+            f"m {s['m_min']}..{s['m_max']}, groups {', '.join(s['groups'])}, sketch {'yes' if s['has_sketch'] else 'no'}"
+        )
+    lines.append(f"layers ({len(summary['layers'])}, depth order):")
+    lines += [f"  {layer['name']:<40} {layer['type'] or '':<16} {layer['size']}" for layer in summary["layers"]]
+    if summary["error"]:
+        lines.append(f"logging stopped early: {summary['error']}")
+    lines += [f"note: {note}" for note in summary["notes"]]
+    return "\n".join(lines)
+
+
+def info(
+    store: StoreArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show what a store holds: format, configuration, layers, streams and their sizes."""
+    with reported():
+        from gradcoh.analysis.io import describe_store
+
+        summary = describe_store(store)
+        typer.echo(json.dumps(summary, indent=1, default=str) if as_json else _text(summary))
