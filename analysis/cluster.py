@@ -39,6 +39,7 @@ def connect(address: str | None = None, workers: int | None = None) -> Any:
 
     Raises:
         ValueError: ``workers`` < 1.
+
     """
     from distributed import Client, LocalCluster  # heavy import, only when a cluster is wanted
 
@@ -108,6 +109,7 @@ def compute(obj: Any, *, progress: bool = False) -> Any:
 
     Returns:
         The computed object (a dict for a dict).
+
     """
     if isinstance(obj, dict):  # not Mapping: an xarray.Dataset is a Mapping too
         return dict(zip(obj.keys(), _compute_all(list(obj.values()), progress), strict=True))

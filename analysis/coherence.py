@@ -15,7 +15,6 @@ from typing import Literal
 
 import numpy as np
 import xarray as xr
-
 from gradcoh.analysis import kernels
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import (
@@ -81,6 +80,7 @@ def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", 
 
     Raises:
         ValueError: Bad ``source``/``by``/``layers``, or sketches needed but absent.
+
     """
     _check_source(source)
     ds = select_layers(ds, layers)
@@ -133,6 +133,7 @@ def m_coherence(
         >>> coh = m_coherence(ds, per_layer=True)  # doctest: +SKIP
         >>> coh.dims  # doctest: +SKIP
         ('step', 'layer')
+
     """
     parts = coherence_parts(ds, by=by, source=source, layers=layers)
     num, den = parts["numerator"], parts["denominator"]

@@ -59,6 +59,7 @@ def render(obj: xr.DataArray | xr.Dataset, fmt: Format) -> str:
 
     Raises:
         ValueError: Unknown format, or ``netcdf`` (binary: use :func:`write_netcdf`).
+
     """
     frame = to_frame(obj)
     if fmt == "table":

@@ -14,9 +14,8 @@ from typing import Any
 import xarray as xr
 import zarr
 import zarr.errors
-from zarr.storage import FsspecStore, LocalStore
-
 from gradcoh.logger import schema
+from zarr.storage import FsspecStore, LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ def open_root(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any]
     Raises:
         StoreNotFoundError: Nothing exists at ``path_or_url``.
         FormatError: Not a Zarr group, not a gradcoh store, or a format newer than this gradcoh.
+
     """
     store = _make_store(path_or_url, storage_options)
     try:
@@ -146,6 +146,7 @@ def open_store(
         >>> ds = open_store("runs/exp1.zarr")  # doctest: +SKIP
         >>> ds.sq_norm.dims  # doctest: +SKIP
         ('step', 'example', 'layer')
+
     """
     root = open_root(path_or_url, storage_options)
     group = _stream_group(root, stream)
@@ -190,6 +191,7 @@ def describe_store(path_or_url: str | os.PathLike, storage_options: Mapping[str,
 
     Raises:
         FormatError: As :func:`open_root`.
+
     """
     root = open_root(path_or_url, storage_options)
     attrs = root.attrs.asdict()

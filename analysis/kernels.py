@@ -53,6 +53,7 @@ def m_coherence_from_gradients(grads: np.ndarray, axis: int = -2) -> np.ndarray:
 
     Returns:
         The m-coherence, with the example and parameter axes removed.
+
     """
     grads = np.asarray(grads, dtype=np.float64)
     total = grads.sum(axis=axis)
@@ -136,6 +137,7 @@ def pairwise_stats(
 
     Returns:
         ``(..., len(PAIR_STATS) + bins)``: the :data:`PAIR_STATS` entries, then the histogram counts.
+
     """
     lead = labels.shape[:-1]
     out = np.empty((*lead, len(PAIR_STATS) + bins))
@@ -175,6 +177,7 @@ def class_pair_sums(
 
     Returns:
         ``(..., C, C, 3)``: pair counts, cosine sums, sign sums.
+
     """
     lead = codes.shape[:-1]
     out = np.empty((*lead, n_classes, n_classes, 3))
@@ -193,6 +196,7 @@ def histogram_quantiles(hist: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
 
     Returns:
         ``(..., q)``; NaN where the histogram is empty.
+
     """
     hist = np.asarray(hist, dtype=np.float64)
     bins = hist.shape[-1]
@@ -202,7 +206,8 @@ def histogram_quantiles(hist: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
     for pos in np.ndindex(hist.shape[:-1]):
         if total[pos][0] <= 0:
             continue
-        target = np.asarray(quantiles) * total[pos][0]
+        # a tiny floor makes q = 0 land in the first non-empty bin rather than at −1
+        target = np.maximum(np.asarray(quantiles) * total[pos][0], np.finfo(np.float64).tiny)
         k = np.minimum(np.searchsorted(cum[pos], target, side="left"), bins - 1)
         before = np.where(k > 0, cum[pos][np.maximum(k - 1, 0)], 0.0)
         frac = np.divide(target - before, hist[pos][k], out=np.zeros(len(k)), where=hist[pos][k] > 0)

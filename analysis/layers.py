@@ -10,7 +10,6 @@ import re
 from collections.abc import Sequence
 
 import xarray as xr
-
 from gradcoh.logger import schema
 
 __all__ = ["layer_weights", "match_layers", "select_layers"]
@@ -26,10 +25,10 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def match_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[str]:
-    """Layer names matching any pattern, in the order of ``names`` (depth order).
+    r"""Layer names matching any pattern, in the order of ``names`` (depth order).
 
     A pattern matches a name if it matches as a shell glob (``"features.*"``) or, failing that, as a full regular
-    expression (``r"blocks\\.[0-3]\\..*"``).
+    expression (``r"blocks\.[0-3]\..*"``).
 
     Args:
         names: All layer names, in depth order.
@@ -40,6 +39,7 @@ def match_layers(names: Sequence[str], patterns: str | Sequence[str]) -> list[st
 
     Raises:
         ValueError: No layer matches.
+
     """
     pats = [patterns] if isinstance(patterns, str) else list(patterns)
     chosen = [n for n in names if any(_matches(n, p) for p in pats)]
@@ -68,6 +68,7 @@ def layer_weights(ds: xr.Dataset, *, layers: str | Sequence[str] | None = None) 
 
     Returns:
         DataArray ``(step, layer)``, summing to 1 over ``layer``.
+
     """
     ds = select_layers(ds, layers)
     den = ds[schema.SQ_NORM].sum(schema.DIM_EXAMPLE).reset_coords(drop=True)

@@ -17,7 +17,6 @@ from functools import partial
 
 import numpy as np
 import xarray as xr
-
 from gradcoh.analysis import kernels
 from gradcoh.analysis.coherence import Layers
 from gradcoh.analysis.layers import select_layers
@@ -80,6 +79,7 @@ def pair_statistics(
     Returns:
         Dataset over ``step`` with ``stats`` (``stat`` = :data:`~gradcoh.analysis.kernels.PAIR_STATS`) and ``hist``
         (``bin``), plus coordinate ``m``.
+
     """
     if block_size < 1 or bins < 2:
         raise ValueError("block_size must be ≥ 1 and bins ≥ 2")
@@ -136,6 +136,7 @@ def stiffness(
     Returns:
         Dataset over ``step`` with ``cos_global, cos_within, cos_between, sign_global, sign_within, sign_between``
         and coordinate ``m``.
+
     """
     return stiffness_from_pairs(pair_statistics(ds, by=by, layers=layers, block_size=block_size, bins=2))
 
@@ -178,6 +179,7 @@ def gradient_confusion(
     Returns:
         Dataset over ``step``: ``min_cos``, ``frac_negative`` (share of pairs with negative cosine) and
         ``cos_quantile`` (``step, quantile``), coordinate ``m``.
+
     """
     pairs = pair_statistics(ds, layers=layers, block_size=block_size, bins=bins)
     return confusion_from_pairs(pairs, quantiles)
@@ -230,6 +232,7 @@ def class_stiffness(
     Returns:
         DataArray ``(step, class_i, class_j)`` (symmetric; NaN where a class pair has no pair that step), with
         coordinate ``n_pairs``.
+
     """
     if kind not in ("cos", "sign"):
         raise ValueError(f"kind must be 'cos' or 'sign', got {kind!r}")

@@ -10,12 +10,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import xarray as xr
+from gradcoh.logger import schema
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
-
-from gradcoh.logger import schema
 
 __all__ = ["plot_coherence", "plot_layer_heatmap", "plot_metrics", "save_figure"]
 
@@ -55,6 +54,7 @@ def plot_coherence(data: xr.DataArray | Mapping[str, xr.DataArray], *, title: st
 
     Returns:
         The figure.
+
     """
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -83,6 +83,7 @@ def plot_layer_heatmap(per_layer: xr.DataArray, *, title: str | None = None) -> 
 
     Returns:
         The figure.
+
     """
     data = per_layer.transpose(schema.DIM_LAYER, schema.DIM_STEP)
     names = [str(n) for n in data[schema.DIM_LAYER].values]
@@ -113,6 +114,7 @@ def plot_metrics(metrics: xr.Dataset, *, title: str | None = None) -> Figure:
 
     Returns:
         The figure.
+
     """
     names = [n for n, v in metrics.data_vars.items() if v.dims == (schema.DIM_STEP,)]
     cols = 3

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-
 from gradcoh.analysis import kernels
 from gradcoh.analysis.coherence import Layers
 from gradcoh.analysis.layers import select_layers
@@ -39,6 +38,7 @@ def cross_group_benefit(ds: xr.Dataset, *, per_layer: bool = False, layers: Laye
 
     Returns:
         DataArray ``(step[, layer], group_i, group_j)`` with coordinates ``m_i`` (examples in group a) and ``m_j``.
+
     """
     ds = select_layers(ds, layers)
     member = membership(ds, "group")
@@ -73,6 +73,7 @@ def cg_fractions(ds: xr.Dataset, *, per_layer: bool = False, layers: Layers = No
     Returns:
         Dataset over ``(step[, layer], group)``: ``fraction`` f^a, ``inner`` ⟨g, g^a⟩, ``total`` ⟨g, g⟩ (no group
         dim) and coordinate ``m`` (examples per group).
+
     """
     ds = select_layers(ds, layers)
     gram = _gram(ds, per_layer)

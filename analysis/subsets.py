@@ -10,14 +10,13 @@ from __future__ import annotations
 import dask.array
 import numpy as np
 import xarray as xr
-
 from gradcoh.logger import schema
 
 __all__ = [
     "SUBSET_DIM",
     "distinct_values",
-    "group_names",
     "group_gram_diagonal",
+    "group_names",
     "membership",
     "sketch_numerator",
     "subset_denominator",
@@ -74,6 +73,7 @@ def membership(ds: xr.Dataset, by: str | xr.DataArray) -> xr.DataArray:
 
     Raises:
         ValueError: ``by`` is not one of the above.
+
     """
     if isinstance(by, xr.DataArray):
         return _from_mask(ds, by)

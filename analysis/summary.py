@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import xarray as xr
-
 from gradcoh.analysis.coherence import Layers, m_coherence
 from gradcoh.analysis.pairwise import confusion_from_pairs, pair_statistics, stiffness_from_pairs
 from gradcoh.logger import schema
@@ -23,8 +22,10 @@ def _coherence_family(ds: xr.Dataset, layers: Layers) -> xr.Dataset:
 
 
 def metrics_summary(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 1024) -> xr.Dataset:
-    """Per-step metrics table: exact m-coherence, α, debiased α, gradient diversity, noise scale, and, when the
-    store has sketches, the stiffness means and gradient-confusion statistics (estimates).
+    """Per-step metrics table: the exact m-coherence family plus sketch-based pairwise metrics.
+
+    Exact: m-coherence, α, debiased α, gradient diversity, noise scale. When the store has sketches: the
+    stiffness means and gradient-confusion statistics (estimates; see :mod:`gradcoh.analysis.pairwise`).
 
     Args:
         ds: A store Dataset.
@@ -33,6 +34,7 @@ def metrics_summary(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 
 
     Returns:
         Dataset over ``step`` with coordinate ``m``; pairwise variables only if ``sketch`` is present.
+
     """
     out = _coherence_family(ds, layers)
     if schema.SKETCH in ds:
