@@ -6,7 +6,6 @@ import enum
 from typing import Annotated
 
 import typer
-
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import (
     FormatOpt,
@@ -24,14 +23,14 @@ from gradcoh.cli.output import emit
 __all__ = ["coherence"]
 
 
-class SplitBy(str, enum.Enum):
+class SplitBy(enum.StrEnum):
     """Subsets to split m-coherence by."""
 
     group = "group"
     label = "label"
 
 
-class Source(str, enum.Enum):
+class Source(enum.StrEnum):
     """Where numerators come from."""
 
     exact = "exact"

@@ -28,6 +28,7 @@ def reported() -> Iterator[None]:
 
     Raises:
         typer.Exit: With code 2 after printing the message to stderr.
+
     """
     try:
         yield

@@ -6,7 +6,6 @@ import json
 from typing import Annotated, Any
 
 import typer
-
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import StoreArg
 
@@ -23,7 +22,8 @@ def _text(summary: dict[str, Any]) -> str:
     for name, s in summary["streams"].items():
         lines.append(
             f"stream {name}: {s['committed_steps']} steps ({s['first_step']}..{s['last_step']}), "
-            f"m {s['m_min']}..{s['m_max']}, groups {', '.join(s['groups'])}, sketch {'yes' if s['has_sketch'] else 'no'}"
+            f"m {s['m_min']}..{s['m_max']}, groups {', '.join(s['groups'])}, "
+            f"sketch {'yes' if s['has_sketch'] else 'no'}"
         )
     lines.append(f"layers ({len(summary['layers'])}, depth order):")
     lines += [f"  {layer['name']:<40} {layer['type'] or '':<16} {layer['size']}" for layer in summary["layers"]]

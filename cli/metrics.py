@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import (
     FormatOpt,

@@ -21,7 +21,7 @@ __all__ = [
 ]
 
 
-class OutFormat(str, enum.Enum):
+class OutFormat(enum.StrEnum):
     """Output formats of result tables."""
 
     table = "table"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from gradcoh.cli.options import OutFormat
 
 __all__ = ["emit"]
@@ -16,6 +15,7 @@ def emit(result, fmt: OutFormat, out: str | None) -> None:
 
     Raises:
         ValueError: ``--format netcdf`` without ``--out``.
+
     """
     from gradcoh.analysis.export import render, write_netcdf
 

@@ -6,14 +6,13 @@ import enum
 from typing import Annotated
 
 import typer
-
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import ProgressOpt, SchedulerOpt, StoreArg, WorkersOpt, want_progress
 
 __all__ = ["plot"]
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     """Figure kinds."""
 
     coherence = "coherence"

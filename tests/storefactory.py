@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import zarr
-
 from gradcoh.logger import schema
 
 Grads = list[list[np.ndarray]]  # [step][layer] -> (m_step, P_layer)
@@ -104,9 +103,7 @@ def _create_static(group: zarr.Group, name: str, values: Sequence[Any], dim: str
 
 
 def _projections(sizes: Sequence[int], k: int, seed: int) -> list[np.ndarray]:
-    return [
-        np.random.default_rng([seed, j]).normal(size=(k, p)) / np.sqrt(k) for j, p in enumerate(sizes)
-    ]
+    return [np.random.default_rng([seed, j]).normal(size=(k, p)) / np.sqrt(k) for j, p in enumerate(sizes)]
 
 
 def _step_arrays(data: StreamData, n_rows: int, sketch_dim: int, n_groups: int) -> dict[str, np.ndarray]:

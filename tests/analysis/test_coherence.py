@@ -6,10 +6,6 @@ import dask.array
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from storefactory import build_store, random_gradients
-
 from gradcoh.analysis import (
     alpha,
     coherence_parts,
@@ -21,6 +17,9 @@ from gradcoh.analysis import (
     open_store,
 )
 from gradcoh.analysis.kernels import m_coherence_from_gradients as mcoh
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from storefactory import build_store, random_gradients
 
 K = 512  # sketch width per layer: ‖Σs‖² has relative sd ≈ sqrt(2/k) ≈ 0.06, so rtol 0.25 is > 4 sd
 
@@ -131,9 +130,7 @@ def test_derived_quantities(store, ds):
     m = np.array([20, 13, 20, 20])
     np.testing.assert_allclose(alpha(ds).values, coh / m)
     np.testing.assert_allclose(debiased_alpha(ds).values, (coh - 1) / (m - 1))
-    diversity = _per_step(
-        store, lambda t: (store.batch.flat(t) ** 2).sum() / np.sum(store.batch.flat(t).sum(0) ** 2)
-    )
+    diversity = _per_step(store, lambda t: (store.batch.flat(t) ** 2).sum() / np.sum(store.batch.flat(t).sum(0) ** 2))
     np.testing.assert_allclose(gradient_diversity(ds).values, diversity, rtol=1e-10)
 
     def b_simple(t):

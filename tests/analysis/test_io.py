@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from storefactory import build_store, random_gradients
-from zarr.storage import FsspecStore
-
 from gradcoh.analysis import describe_store, open_store
 from gradcoh.analysis.io import StoreNotFoundError, StreamNotFoundError
 from gradcoh.logger import schema
+from storefactory import build_store, random_gradients
+from zarr.storage import FsspecStore
 
 
 def _tiny(path, **kw):
@@ -86,7 +85,7 @@ def test_missing_format_key(tmp_path):
 
 def test_newer_format_refused(tmp_path):
     _tiny(tmp_path / "s.zarr", format_version=schema.FORMAT_VERSION + 1)
-    with pytest.raises(schema.FormatError, match="newer gradcoh.*upgrade"):
+    with pytest.raises(schema.FormatError, match=r"newer gradcoh.*upgrade"):
         open_store(tmp_path / "s.zarr")
 
 

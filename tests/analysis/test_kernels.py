@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradcoh.analysis import kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from gradcoh.analysis import kernels
 
 
 def mcoh(G):
