@@ -67,12 +67,13 @@ def layer_weights(ds: xr.Dataset, *, layers: str | Sequence[str] | None = None) 
         layers: Layer pattern(s); weights are normalised over the selected layers.
 
     Returns:
-        DataArray ``(step, layer)``, summing to 1 over ``layer``.
+        DataArray ``(step, layer)``, summing to 1 over ``layer``, with coordinate ``m``.
 
     """
     ds = select_layers(ds, layers)
     den = ds[schema.SQ_NORM].sum(schema.DIM_EXAMPLE).reset_coords(drop=True)
     weights = den / den.sum(schema.DIM_LAYER).where(lambda d: d > 0)
+    weights = weights.assign_coords(m=(schema.DIM_STEP, ds[schema.N_EXAMPLES].data))
     weights.name = "layer_weight"
     weights.attrs = {"long_name": "share of Σ_i‖g_i‖² held by the layer"}
     return weights

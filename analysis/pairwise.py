@@ -7,7 +7,9 @@ deviation), and signs of near-orthogonal pairs are noisy. Cosines use sketch nor
 denominator, so they stay in [−1, 1]. Pairs are i ≠ j only (the diagonal is excluded, as in the papers).
 
 The m×m matrix of one step is walked in ``block_size × block_size`` blocks (:mod:`gradcoh.analysis.kernels`), so
-memory per task is one step's sketch plus one block; m in the tens of thousands is fine. Quantiles come from a
+memory per task is one step's sketch (stored dtype) plus one block; m in the tens of thousands is fine. Work is one
+Dask task per step; if the store's zarr chunks hold many steps, ``open_store(path, chunks={"step": 1})`` keeps each
+task from holding a whole multi-step chunk. Quantiles come from a
 ``bins``-bin histogram of cosines on [−1, 1]: each is exact to within one bin width (2 / bins).
 """
 
@@ -36,18 +38,20 @@ __all__ = [
 STAT_DIM = "stat"
 BIN_DIM = "bin"
 CORE = [schema.DIM_EXAMPLE, schema.DIM_LAYER, schema.DIM_PROJ]
+_PER_STEP = {schema.DIM_STEP: 1, **{d: -1 for d in CORE}}
+"""One task per step: its whole sketch (in the stored dtype) is one chunk; blocks are cast to float64 one by one."""
 
 
 def _sketch(ds: xr.Dataset) -> xr.DataArray:
     if schema.SKETCH not in ds:
         raise ValueError("pairwise metrics need sketches; this store was written with sketch_dim=0")
     sk = ds[schema.SKETCH].reset_coords(drop=True)
-    return sk.chunk({d: -1 for d in CORE}) if sk.chunks is not None else sk
+    return sk.chunk(_PER_STEP) if sk.chunks is not None else sk
 
 
 def _per_example(da: xr.DataArray) -> xr.DataArray:
     da = da.reset_coords(drop=True)
-    return da.chunk({schema.DIM_EXAMPLE: -1}) if da.chunks is not None else da
+    return da.chunk({schema.DIM_STEP: 1, schema.DIM_EXAMPLE: -1}) if da.chunks is not None else da
 
 
 def _labels(ds: xr.Dataset, by: str | xr.DataArray) -> xr.DataArray:
@@ -256,6 +260,7 @@ def class_stiffness(
     count = sums.isel(part=0)
     out = _mean(sums.assign_coords(stat=("part", ["n", "cos", "sign"])).swap_dims(part=STAT_DIM), kind, "n")
     out = out.assign_coords(class_i=classes, class_j=classes, n_pairs=count.drop_vars("part", errors="ignore"))
+    out = out.assign_coords(m=(schema.DIM_STEP, ds[schema.N_EXAMPLES].data))
     out.name = f"class_stiffness_{kind}"
     out.attrs = {"estimate": "from sketches", "long_name": f"mean {kind} over pairs of classes (i ≠ j)"}
     return out

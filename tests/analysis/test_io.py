@@ -55,8 +55,8 @@ def test_padding_marked(small_store):
 
 
 def test_probe_stream_and_chunks(small_store):
-    ds = open_store(small_store.path, stream="probe", chunks={"step": 1})
-    assert ds.sizes["step"] == 3 and ds.sq_norm.chunks[0] == (1, 1, 1)
+    ds = open_store(small_store.path, stream="probe", chunks={"step": 4})
+    assert ds.sizes["step"] == 3 and ds.sq_norm.chunks[0] == (3,)
 
 
 def test_missing_path(tmp_path):
