@@ -65,7 +65,9 @@ def plot_coherence(data: xr.DataArray | Mapping[str, xr.DataArray], *, title: st
     ax.set_yscale("log")
     plain = FuncFormatter(lambda value, _pos: f"{value:g}")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    low, high = ax.get_ylim()
+    if high < 10 * low:  # under one decade there is no major tick to read: label the minor ones
+        ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("training step")
     ax.set_ylabel("m-coherence  ‖Σg‖² / Σ‖g‖²")
     ax.set_title(title or "m-coherence")

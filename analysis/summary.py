@@ -9,6 +9,14 @@ from gradcoh.logger import schema
 
 __all__ = ["metrics_summary"]
 
+_LONG_NAMES = {
+    "m_coherence": "‖Σg‖² / Σ‖g‖²",
+    "alpha": "m-coherence / m",
+    "debiased_alpha": "(m-coherence − 1)/(m − 1)",
+    "gradient_diversity": "Σ‖g‖² / ‖Σg‖²",
+    "noise_scale": "B_simple = tr Σ / ‖ḡ‖²",
+}
+
 
 def _coherence_family(ds: xr.Dataset, layers: Layers) -> xr.Dataset:
     coh = m_coherence(ds, layers=layers)
@@ -18,6 +26,8 @@ def _coherence_family(ds: xr.Dataset, layers: Layers) -> xr.Dataset:
     out["debiased_alpha"] = (out.m_coherence - 1.0) / (m - 1).where(m > 1)
     out["gradient_diversity"] = 1.0 / out.m_coherence.where(out.m_coherence > 0)
     out["noise_scale"] = m / out.m_coherence.where(out.m_coherence > 0) - 1.0
+    for name, long_name in _LONG_NAMES.items():
+        out[name].attrs = {"long_name": long_name}
     return out.assign_coords(m=m)
 
 
