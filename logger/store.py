@@ -212,8 +212,8 @@ class StreamWriter:
             schema.GROUP_J: np.array(self.groups, dtype=str),
         }
         for name, values in coords.items():
-            arr = g.create_array(name, shape=values.shape, dtype=values.dtype,
-                                 dimension_names=schema.STATIC_COORDS[name])
+            dtype = str if values.dtype.kind == "U" else values.dtype  # variable-length UTF-8 strings
+            arr = g.create_array(name, shape=values.shape, dtype=dtype, dimension_names=schema.STATIC_COORDS[name])
             arr[:] = values
         g.attrs.update({schema.COMMITTED_KEY: 0, schema.DROPPED_KEY: 0,
                         "coordinates": " ".join(n for n in schema.NON_INDEX_COORDS if n != schema.LAYER_SIZE)})

@@ -100,6 +100,7 @@ class LayerTracker:
         self._handles: list[RemovableHandle] = []
         self._state: StepState | None = None
         self._calls: list[_Call] = []
+        self._busy = False  # True while a rule runs: the torch.func fallback re-enters the module's forward
         self.reset()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -128,6 +129,8 @@ class LayerTracker:
 
     # --- hooks -------------------------------------------------------------------------------------------
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._busy:
+            return
         outs = [o for o in pytree.tree_leaves(output) if torch.is_tensor(o)]
         needs = [o for o in outs if o.requires_grad]
         if not needs:
@@ -184,9 +187,13 @@ class LayerTracker:
                         f"an input of layer '{self.name}' was modified in place after its forward; "
                         "per-example gradients need the original input (avoid the in-place op on it)"
                     )
-        grad = combine([self.rule(self.module, c.args, c.kwargs, c.grads) for c in calls])
-        grad = choose_route(grad, self.projector)
-        self._reduce(grad)
+        self._busy = True
+        try:
+            grad = combine([self.rule(self.module, c.args, c.kwargs, c.grads) for c in calls])
+            grad = choose_route(grad, self.projector)
+            self._reduce(grad)
+        finally:
+            self._busy = False
 
     def _reduce(self, grad: LayerGrad) -> None:
         state = self._state

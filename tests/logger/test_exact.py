@@ -1,0 +1,265 @@
+"""Every stored statistic against independent per-example oracles (vmap(grad) and a float64 loop)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import expected_stats, per_example_grads_loop, per_example_grads_vmap
+from torch import nn
+
+from gradcoh.logger import GradientLogger
+
+RTOL = 2e-4
+
+
+def sq_loss(out, y):
+    """Per-example loss terms [n] (works for any output shape)."""
+    return ((out - y) ** 2).flatten(1).sum(1)
+
+
+def run_logged(model, batches, path, *, reduction="mean", groups=(), group=None, **kw):
+    """Train-step-free logging of ``batches`` (list of micro-batch lists) at steps 0, 1, ...; returns the dataset."""
+    with GradientLogger(model, path, loss_reduction=reduction, groups=groups, **kw) as glog:
+        for step, micro in enumerate(batches):
+            grp = None if group is None else group[step]
+            with glog.record(step, group=grp):
+                for x, y in micro:
+                    per = sq_loss(model(x), y)
+                    (per.mean() if reduction == "mean" else per.sum()).backward()
+            model.zero_grad()
+    return xr.open_zarr(path, group="batch", consolidated=False).load()
+
+
+def assert_close(actual, expected, rtol=RTOL):
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    atol = 1e-7 * max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def check_step(ds, step, model, x, y, group=None, n_groups=1, oracle=per_example_grads_vmap):
+    grads = oracle(model, sq_loss, x, y)
+    sq, sums, gram = expected_stats(model, grads, group, n_groups)
+    n = x.shape[0]
+    assert_close(ds.sq_norm.values[step, :n], sq)
+    assert_close(ds.sum_sq_norm.values[step], sums)
+    assert_close(ds.group_gram.values[step], gram)
+    mc = sums.sum() / sq.sum()
+    mc_stored = ds.sum_sq_norm.values[step].sum() / np.nansum(ds.sq_norm.values[step])
+    assert abs(mc_stored - mc) <= RTOL * mc
+
+
+def target_for(model, x):
+    with torch.no_grad():
+        return torch.randn_like(model(x))
+
+
+LAYER_MODELS = {
+    "linear": lambda: (nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)), (7,)),
+    "linear_seq": lambda: (nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)), (5, 6)),
+    "linear_nobias": lambda: (nn.Sequential(nn.Linear(6, 4, bias=False), nn.Tanh(), nn.Linear(4, 2)), (6,)),
+    "conv1d": lambda: (nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), nn.Tanh()), (3, 11)),
+    "conv2d": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3, stride=1, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 2, 2)),
+                       (2, 6, 6)),
+    "conv2d_groups": lambda: (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=2, dilation=2)), (4, 5, 5)),
+    "conv2d_reflect_same": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect")),
+                                    (2, 5, 5)),
+    "conv2d_same": lambda: (nn.Sequential(nn.Conv2d(2, 3, (2, 3), padding="same")), (2, 5, 5)),
+    "conv3d": lambda: (nn.Sequential(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1)), (2, 4, 4, 3)),
+    "layernorm": lambda: (nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2)), (3, 5)),
+    "groupnorm": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), (2, 5, 5)),
+    "batchnorm_eval": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval(), (2, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", sorted(LAYER_MODELS))
+def test_layer_rules_match_vmap_oracle(kind, reduction, tmp_path):
+    torch.manual_seed(0)
+    model, shape = LAYER_MODELS[kind]()
+    if kind == "batchnorm_eval":
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-0.5, 0.5)
+            model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(6, *shape)
+    y = target_for(model, x)
+    group = [torch.tensor([0, 1, 1, 0, 1, 0])]
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", reduction=reduction, groups=("a", "b"), group=group)
+    check_step(ds, 0, model, x, y, group[0].numpy(), 2)
+
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4, padding_idx=0)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x))).sum(1)
+
+
+def test_embedding_with_padding_and_repeated_tokens(tmp_path):
+    torch.manual_seed(1)
+    model = Embedder()
+    x = torch.tensor([[1, 2, 1, 0], [3, 3, 3, 3], [0, 0, 5, 10], [7, 8, 9, 1]])
+    y = torch.randn(4, 2)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
+    check_step(ds, 0, model, x, y)
+
+
+class Shared(nn.Module):
+    """One Linear called twice in a forward (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.lin(torch.tanh(self.lin(x))))
+
+
+class Custom(nn.Module):
+    """A module with its own parameters and no rule: uses the torch.func fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(5))
+        self.mix = nn.Parameter(torch.randn(5, 5))
+
+    def forward(self, x):
+        return torch.tanh(x * self.scale) @ self.mix
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_shared_weights_and_fallback(reduction, tmp_path):
+    torch.manual_seed(2)
+    for model, x in ((Shared(), torch.randn(5, 4)), (nn.Sequential(Custom(), nn.Linear(5, 2)), torch.randn(5, 5))):
+        y = target_for(model, x)
+        path = tmp_path / f"{type(model).__name__}.zarr"
+        ds = run_logged(model, [[(x, y)]], path, reduction=reduction)
+        check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+
+
+def test_gradient_accumulation_concatenates_examples(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    x = torch.randn(7, 2, 6, 6)
+    y = target_for(model, x)
+    group = [torch.tensor([0, 1, 0, 1, 1, 0, 0])]
+    ds = run_logged(model, [[(x[:4], y[:4]), (x[4:], y[4:])]], tmp_path / "s.zarr", reduction="sum",
+                    groups=("a", "b"), group=group)
+    check_step(ds, 0, model, x, y, group[0].numpy(), 2)
+
+
+def test_short_last_batch_is_padded(tmp_path):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(8, 3)
+    y = target_for(model, x)
+    ds = run_logged(model, [[(x[:5], y[:5])], [(x[5:], y[5:])]], tmp_path / "s.zarr")
+    assert ds.sizes["example"] == 5
+    check_step(ds, 0, model, x[:5], y[:5])
+    check_step(ds, 1, model, x[5:], y[5:])
+    assert np.isnan(ds.sq_norm.values[1, 3:]).all()
+    assert (ds.index.values[1, 3:] == -1).all()
+    assert list(ds.n_examples.values) == [5, 3]
+
+
+def test_larger_later_step_widens_example_axis(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(9, 3)
+    y = target_for(model, x)
+    ds = run_logged(model, [[(x[:3], y[:3])], [(x[3:], y[3:])]], tmp_path / "s.zarr")
+    assert ds.sizes["example"] >= 6
+    check_step(ds, 0, model, x[:3], y[:3])
+    check_step(ds, 1, model, x[3:], y[3:])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 6),
+    d_in=st.integers(1, 5),
+    d_out=st.integers(1, 4),
+    t=st.integers(1, 4),
+    reduction=st.sampled_from(["mean", "sum"]),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+)
+def test_hypothesis_shapes(tmp_path_factory, n, d_in, d_out, t, reduction, kernel, stride):
+    torch.manual_seed(n * 100 + d_in)
+    path = tmp_path_factory.mktemp("h") / "s.zarr"
+    size = kernel + t + 1
+    model = nn.Sequential(nn.Conv1d(d_in, d_out, kernel, stride=stride, padding=kernel // 2), nn.Tanh(),
+                          nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(n, d_in, size)
+    model(x)  # materialise the lazy layer
+    y = target_for(model, x)
+    ds = run_logged(model, [[(x, y)]], path, reduction=reduction)
+    check_step(ds, 0, model, x, y)
+
+
+def test_grad_bitwise_unchanged_and_no_hooks_left(tmp_path):
+    torch.manual_seed(6)
+
+    def make():
+        torch.manual_seed(6)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(),
+                             nn.Linear(4 * 4 * 4, 3))
+
+    x = torch.randn(5, 3, 6, 6)
+    y = torch.randint(0, 3, (5,))
+    plain = make()
+    F.cross_entropy(plain(x), y).backward()
+    logged = make()
+    with GradientLogger(logged, tmp_path / "s.zarr", sketch_dim=32, groups=("a", "b")) as glog:
+        with glog.record(0, group=torch.tensor([0, 1, 0, 1, 1])):
+            F.cross_entropy(logged(x), y).backward()
+        for (name, p), q in zip(plain.named_parameters(), logged.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad), name
+    for m in logged.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    for p in logged.parameters():
+        assert not p._backward_hooks
+    assert set(vars(logged[0])) == set(vars(make()[0]))
+
+
+def test_unlogged_steps_install_no_hooks(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with GradientLogger(model, tmp_path / "s.zarr", every=10) as glog:
+        with glog.record(3) as rec:
+            assert not rec.active
+            assert not model[0]._forward_hooks
+            model(torch.randn(2, 3)).sum().backward()
+        with glog.record(10) as rec:
+            assert rec.active and model[0]._forward_hooks
+            model(torch.randn(2, 3)).sum().backward()
+    ds = xr.open_zarr(tmp_path / "s.zarr", group="batch", consolidated=False)
+    assert list(ds.step.values) == [10]
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with GradientLogger(model, tmp_path / "s.zarr", enabled=False) as glog:
+        with glog.record(0):
+            model(torch.randn(2, 3)).sum().backward()
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_per_example_loss_and_metadata(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    with GradientLogger(model, tmp_path / "s.zarr") as glog:
+        with glog.record(0, index=torch.tensor([10, 11, 12, 13]), labels=y) as rec:
+            per = F.cross_entropy(model(x), y, reduction="none")
+            rec.loss(per)
+            per.mean().backward()
+    ds = xr.open_zarr(tmp_path / "s.zarr", group="batch", consolidated=False)
+    np.testing.assert_allclose(ds.loss.values[0], per.detach().numpy(), rtol=1e-6)
+    assert list(ds.index.values[0]) == [10, 11, 12, 13]
+    assert list(ds.label.values[0]) == [0, 1, 1, 0]

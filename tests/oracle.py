@@ -1,0 +1,69 @@
+"""Independent oracles for per-example gradients: torch.func.vmap(grad) and a float64 per-example loop."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def layer_params(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Tracked layer name -> its trainable parameter names (full names), as the logger names them."""
+    out = {}
+    for name, module in model.named_modules():
+        names = [f"{name}.{k}" if name else k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if names:
+            out[name or "root"] = names
+    return out
+
+
+def per_example_grads_vmap(model, loss_fn, x, y) -> dict[str, torch.Tensor]:
+    """Per-example gradients {param name: [n, *shape]} in float64 via torch.func.vmap(grad)."""
+    m = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in m.named_buffers()}
+    x = x.double() if x.is_floating_point() else x
+    y = y.double() if y.is_floating_point() else y
+
+    def one(p, xi, yi):
+        out = functional_call(m, (p, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0)).sum()
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def per_example_grads_loop(model, loss_fn, x, y) -> dict[str, torch.Tensor]:
+    """The same with an explicit float64 loop over examples (no torch.func)."""
+    m = copy.deepcopy(model).double()
+    out: dict[str, list] = {k: [] for k, p in m.named_parameters() if p.requires_grad}
+    for i in range(x.shape[0]):
+        m.zero_grad()
+        xi = x[i : i + 1].double() if x.is_floating_point() else x[i : i + 1]
+        yi = y[i : i + 1].double() if y.is_floating_point() else y[i : i + 1]
+        loss_fn(m(xi), yi).sum().backward()
+        for k, p in m.named_parameters():
+            if p.requires_grad:
+                out[k].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def layer_matrix(grads: dict[str, torch.Tensor], names: list[str]) -> np.ndarray:
+    """[n, P_l] per-example gradient of one layer (its parameters flattened and concatenated)."""
+    return torch.cat([grads[k].flatten(1) for k in names], 1).numpy()
+
+
+def expected_stats(model, grads, group=None, n_groups=1):
+    """Per-layer oracle statistics: sq_norm [n, L], sum_sq_norm [L], group_gram [L, G, G]."""
+    layers = layer_params(model)
+    sq, sums, grams = [], [], []
+    for names in layers.values():
+        g = layer_matrix(grads, names)
+        sq.append((g**2).sum(1))
+        s = g.sum(0)
+        sums.append(s @ s)
+        grp = np.zeros(g.shape[0], dtype=int) if group is None else np.asarray(group)
+        gs = np.stack([g[grp == a].sum(0) for a in range(n_groups)])
+        grams.append(gs @ gs.T)
+    return np.stack(sq, 1), np.array(sums), np.stack(grams)
