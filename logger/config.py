@@ -20,7 +20,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
     return value
 
 
-def _int_at_least(name: str, value: Any, low: int) -> int:
+def int_at_least(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
@@ -48,7 +48,6 @@ class LoggerConfig:
         on_error: ``"raise"`` re-raises writer failures in the training thread; ``"warn"`` logs them, stops
             logging and keeps training.
         flush_secs: The writer commits buffered steps at least this often.
-
     """
 
     every: int = 1
@@ -67,10 +66,10 @@ class LoggerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _int_at_least("every", self.every, 1)
-        _int_at_least("sketch_dim", self.sketch_dim, 0)
-        _int_at_least("seed", self.seed, 0)
-        _int_at_least("queue_size", self.queue_size, 1)
+        int_at_least("every", self.every, 1)
+        int_at_least("sketch_dim", self.sketch_dim, 0)
+        int_at_least("seed", self.seed, 0)
+        int_at_least("queue_size", self.queue_size, 1)
         _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
         _choice("sketch_dtype", self.sketch_dtype, schema.SKETCH_DTYPES)
         _choice("on_full", self.on_full, ("block", "drop"))

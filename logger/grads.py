@@ -34,7 +34,6 @@ class MatrixView:
         rows: Rows of the matrix view.
         cols: Columns of the matrix view.
         stacked: True when parameters are concatenated along columns, False when flattened into one row.
-
     """
 
     shapes: tuple[tuple[int, ...], ...]
@@ -104,7 +103,6 @@ class Factored:
         v: ``[n, T, cols]`` column factors.
         rows_index: ``[n, T]`` int64 row of each position (``u`` is the one-hot of it), or None.
         n_rows: Rows of the matrix view.
-
     """
 
     u: torch.Tensor | None

@@ -11,7 +11,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import schema
-from .config import LoggerConfig
+from .config import LoggerConfig, int_at_least
 from .layers import LayerRules, default_rules, functional_rule, uses_batch_stats
 from .sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
 from .store import HostRecord, StreamWriter, open_root
@@ -71,7 +71,6 @@ class GradientLogger:
         ...         with glog.record(step, index=idx, labels=y):
         ...             F.cross_entropy(model(x), y).backward()
         ...         opt.step(); opt.zero_grad()
-
     """
 
     def __init__(self, model: nn.Module, store: str | Path, *, every: int = 1, sketch_dim: int = 0,
@@ -172,13 +171,16 @@ class GradientLogger:
         self._writer = AsyncWriter(make_stream, self.path, cfg.queue_size, cfg.on_full, cfg.flush_secs)
 
     # --- the training-loop API ---------------------------------------------------------------------------
+    @property
+    def _active(self) -> bool:
+        return self.enabled and not self._stopped and not self._closed
+
     def should_log(self, step: int) -> bool:
         """Whether ``record(step)`` will log (enabled, not stopped by an error, and ``step % every == 0``)."""
-        return self.enabled and not self._stopped and not self._closed and step % self.config.every == 0
+        return self._active and step % self.config.every == 0
 
-    @contextlib.contextmanager
     def record(self, step: int, *, index: Any = None, labels: Any = None, group: Any = None,
-               true_labels: Any = None, stream: str = schema.STREAM_BATCH) -> Iterator[Recording]:
+               true_labels: Any = None) -> contextlib.AbstractContextManager[Recording]:
         """Arm the hooks for the forward and backward passes of one training step.
 
         On steps not selected by ``every`` (or when disabled) no hook is installed and the block runs untouched.
@@ -189,20 +191,23 @@ class GradientLogger:
             labels: ``[n]`` training labels.
             group: ``[n]`` position of each example's group in ``groups``.
             true_labels: ``[n]`` labels before corruption, when known.
-            stream: ``"batch"`` (default) or ``"probe"``.
 
-        Yields:
-            A :class:`Recording` (``rec.loss(per_example_losses)`` stores losses).
+        Returns:
+            A context manager yielding a :class:`Recording` (``rec.loss(per_example_losses)`` stores losses).
 
         Raises:
             ValueError: Bad step order or inputs whose length differs from the number of examples.
-
         """
-        if not self.should_log(step):
+        return self._record(step, schema.STREAM_BATCH, self.config.loss_reduction == "mean",
+                            index=index, labels=labels, group=group, true_labels=true_labels)
+
+    @contextlib.contextmanager
+    def _record(self, step: int, stream: str, scale_by_batch: bool, *, index: Any, labels: Any, group: Any,
+                true_labels: Any) -> Iterator[Recording]:
+        selected = self.should_log(step) if stream == schema.STREAM_BATCH else self._active
+        if not selected:
             yield Recording(None)
             return
-        if stream not in schema.STREAMS:
-            raise ValueError(f"stream={stream!r} is not valid; use one of {schema.STREAMS}")
         last = self._last_step.get(stream)
         if last is not None and step <= last:
             raise ValueError(f"step {step} is not after the last logged step {last} of stream '{stream}'; "
@@ -211,7 +216,7 @@ class GradientLogger:
         if self._stopped:
             yield Recording(None)
             return
-        state = StepState(len(self.config.group_names), self.config.loss_reduction == "mean")
+        state = StepState(len(self.config.group_names), scale_by_batch)
         state.trackers = self.trackers
         if group is not None:
             state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
@@ -289,6 +294,56 @@ class GradientLogger:
             log.warning("%s; logging stopped, training continues (on_error='warn')", err)
         self._stopped = True
 
+    def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
+              batch_size: int = 256, mode: str = "eval", index: Any = None, labels: Any = None, group: Any = None,
+              true_labels: Any = None) -> bool:
+        """Measure a fixed sample of examples without disturbing training; writes the stream ``probe``.
+
+        The sample is processed in micro-batches with gradients taken by ``torch.autograd.grad`` (``.grad`` is
+        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics) and the RNG
+        states are restored exactly afterwards, so training with probes is bitwise identical to training without.
+        Group sums accumulate in float64 across micro-batches. The logger's ``every`` does not apply to probes.
+
+        Args:
+            step: The training step (probes must be taken at increasing steps).
+            inputs: ``[m, ...]`` probe inputs (moved to the model's device per micro-batch).
+            targets: ``[m, ...]`` probe targets.
+            loss_fn: ``loss_fn(outputs, targets) -> [n]`` per-example losses (``reduction="none"``).
+            every: Probe only when ``step % every == 0``.
+            batch_size: Micro-batch size (bounds memory).
+            mode: ``"eval"`` (default; BatchNorm uses running statistics, exact per example) or ``"train"``.
+            index: ``[m]`` dataset index of each probe example.
+            labels: ``[m]`` training labels.
+            group: ``[m]`` group positions (required when groups were declared).
+            true_labels: ``[m]`` labels before corruption.
+
+        Returns:
+            True when a probe was taken at this step.
+        """
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode={mode!r} is not valid; use 'eval' or 'train'")
+        int_at_least("every", every, 1)
+        int_at_least("batch_size", batch_size, 1)
+        if step % every or not self._active:
+            return False
+        model = self.model
+        device = self.trackers[0].params[0].device
+        params = [p for p in model.parameters() if p.requires_grad]
+        saved = _ModelState.save(model)
+        try:
+            model.train(mode == "train")
+            with self._record(step, schema.STREAM_PROBE, False, index=index, labels=labels, group=group,
+                              true_labels=true_labels) as rec:
+                for start in range(0, inputs.shape[0], batch_size):
+                    x = inputs[start : start + batch_size].to(device)
+                    y = targets[start : start + batch_size].to(device)
+                    per = loss_fn(model(x), y)
+                    rec.loss(per)
+                    torch.autograd.grad(per.sum(), params, allow_unused=True)
+        finally:
+            saved.restore(model)
+        return True
+
     def project_grad(self) -> dict[str, torch.Tensor]:
         """Sketch the gradient currently in the parameters' ``.grad`` with each layer's projection.
 
@@ -298,7 +353,6 @@ class GradientLogger:
 
         Raises:
             ValueError: The logger was created with ``sketch_dim=0``.
-
         """
         if not self.config.sketch_dim:
             raise ValueError("project_grad() needs sketches; create the logger with sketch_dim > 0")
@@ -335,6 +389,31 @@ class GradientLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ModelState:
+    """Train/eval flags, buffers and RNG states of a model, saved before a probe and restored after it."""
+
+    def __init__(self, modes: list, buffers: list, cpu_rng: torch.Tensor, cuda_rng: list | None) -> None:
+        self.modes, self.buffers, self.cpu_rng, self.cuda_rng = modes, buffers, cpu_rng, cuda_rng
+
+    @classmethod
+    def save(cls, model: nn.Module) -> _ModelState:
+        """Snapshot ``model``'s modes and buffers and the global RNG states."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return cls([(m, m.training) for m in model.modules()],
+                   [(b, b.detach().clone()) for b in model.buffers()], torch.get_rng_state(), cuda)
+
+    def restore(self, model: nn.Module) -> None:
+        """Put everything back exactly."""
+        for m, training in self.modes:
+            m.training = training
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        torch.set_rng_state(self.cpu_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
 
 
 def _selected(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:

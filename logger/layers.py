@@ -33,7 +33,6 @@ class LayerRules:
     Example:
         >>> rules = default_rules()
         >>> rules.register(MyLayer, my_rule)  # doctest: +SKIP
-
     """
 
     def __init__(self, rules: dict[type[nn.Module], Rule] | None = None) -> None:

@@ -46,7 +46,6 @@ def sketch_hashes(seed: int, name: str, rows: int, cols: int, dim: int) -> dict[
     Returns:
         ``{"row_hash", "row_sign", "col_hash", "col_sign"}`` as NumPy arrays (int64 hashes in ``[0, dim)``,
         float32 signs ±1).
-
     """
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy(seed, name, rows, cols, dim))))
     return {
@@ -69,7 +68,6 @@ class TensorSketch:
         row_sign: ``[rows]`` ±1 sign of each row.
         col_hash: ``[cols]`` int64 bucket of each column.
         col_sign: ``[cols]`` ±1 sign of each column.
-
     """
 
     dim: int
@@ -105,7 +103,6 @@ class TensorSketch:
         Args:
             u: ``[n, T, rows]`` row factors.
             v: ``[n, T, cols]`` column factors.
-
         """
         fu = torch.fft.rfft(self.count_sketch_rows(u), dim=-1)  # [n, T, k//2+1]
         fv = torch.fft.rfft(self.count_sketch_cols(v), dim=-1)
@@ -117,7 +114,6 @@ class TensorSketch:
         Args:
             rows: ``[n, T]`` int64 row of each position (the token id).
             v: ``[n, T, cols]`` column factors (the output gradients).
-
         """
         cs = self.count_sketch_cols(v)  # [n, T, k]
         # Circular convolution with a signed one-hot is a signed roll by the row's bucket.

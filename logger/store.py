@@ -59,7 +59,6 @@ def open_root(
     Raises:
         StoreError: The store exists in ``"create"`` mode, does not exist in ``"append"`` mode, or differs from
             this run in layers, sketch configuration, seed or format version.
-
     """
     path = str(path)
     if path.startswith("file://"):
@@ -230,7 +229,6 @@ class StreamWriter:
 
         Raises:
             StoreError: A step is not greater than the last stored one.
-
         """
         if not records:
             if dropped:

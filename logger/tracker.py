@@ -36,7 +36,6 @@ class StepState:
         callback_queued: Whether the end-of-backward callback is queued for the running backward pass.
         losses: Per-example losses passed to ``Recording.loss``.
         trackers: The layer trackers filling this state.
-
     """
 
     n_groups: int
@@ -86,7 +85,6 @@ class LayerTracker:
         module: The module.
         rule: Its layer rule.
         projector: Its sketch projection, or None without sketches.
-
     """
 
     def __init__(self, name: str, module: nn.Module, rule: Rule, projector: TensorSketch | None) -> None:

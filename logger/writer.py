@@ -36,7 +36,6 @@ class AsyncWriter:
         queue_size: Maximum queued steps.
         on_full: ``"block"`` (wait) or ``"drop"`` (drop the step and count it).
         flush_secs: Commit buffered steps at least this often.
-
     """
 
     def __init__(self, streams: Callable[[str], StreamWriter], where: str, queue_size: int = 16,
