@@ -159,11 +159,14 @@ def _synthetic(n: int, shape: tuple[int, int, int], classes: int, seed: int, tra
     return ImageData("synthetic", images, targets.long(), classes, torch.zeros(shape[0]), torch.ones(shape[0]))
 
 
+_TORCHVISION_CLASS = {"mnist": "MNIST", "cifar10": "CIFAR10", "imagefolder": "ImageFolder"}
+
+
 def _missing(name: str, expected: Path, what: str) -> DatasetNotFoundError:
     return DatasetNotFoundError(
         f"{name} not found: expected {what} at {expected}. gradcoh never downloads data; put the dataset there "
-        f"(e.g. torchvision.datasets.{name.upper() if name == 'mnist' else name.upper()}(root, download=True) on a "
-        "machine with network access) or pass another --data-dir"
+        f"(e.g. with torchvision.datasets.{_TORCHVISION_CLASS[name]}(..., download=True) on a machine with network "
+        "access) or pass another --data-dir"
     )
 
 

@@ -94,22 +94,27 @@ class GradientLogger:
     def _make_trackers(self, model: nn.Module, rules: LayerRules) -> list[LayerTracker]:
         cfg = self.config
         trackers = []
+        covered: list[str] = []  # subtrees owned by a fallback layer
         for name, module in model.named_modules():
+            if any(name.startswith(prefix) for prefix in covered):
+                continue
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
-            name = name or "root"
-            if cfg.layers and not _selected(name, module, cfg.layers):
+            qualified = name or "root"
+            if cfg.layers and not _selected(qualified, module, cfg.layers):
                 continue
             rule = rules.lookup(module)
             if rule is None:
                 if not cfg.fallback:
                     raise ValueError(
-                        f"module '{name}' ({type(module).__name__}) has parameters but no layer rule; register "
+                        f"module '{qualified}' ({type(module).__name__}) has parameters but no layer rule; register "
                         "one with LayerRules.register, exclude it with layers=..., or pass fallback=True"
                     )
+                # The fallback differentiates the module's whole forward, so it owns its subtree (e.g. the
+                # out_proj of nn.MultiheadAttention, whose weights the parent uses without calling the child).
                 rule = functional_rule
-            projector = None
-            tracker = LayerTracker(name, module, rule, None)
+                covered.append(f"{name}." if name else "")
+            tracker = LayerTracker(qualified, module, rule, None, recurse=rule is functional_rule)
             if cfg.sketch_dim:
                 device = tracker.params[0].device
                 projector = TensorSketch.create(cfg.seed, name, tracker.view.rows, tracker.view.cols,
@@ -247,6 +252,8 @@ class GradientLogger:
             meta["group"] = np.zeros(n, dtype=np.int64)
         elif meta["group"] is None:
             raise ValueError("groups were declared, so record(..., group=...) must give every example's group")
+        for t in self.trackers:
+            t.check_complete()
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
         sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
         grams = torch.stack([t.gram(len(g)) for t in self.trackers])  # [L, G, G] float64

@@ -190,12 +190,14 @@ def uses_batch_stats(module: nn.Module) -> bool:
 
 
 def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
-    """Generic fallback: ``torch.func.vmap`` over examples of the module's vjp with respect to its own parameters.
+    """Generic fallback: ``torch.func.vmap`` over examples of the module's vjp with respect to its parameters.
+
+    The fallback covers the module's whole subtree (all its trainable parameters, in ``named_parameters`` order).
 
     The module's forward is recomputed per example, so it must be free of randomness (dropout inside the module
     must be 0 or the module in eval mode) and take the batch on dimension 0.
     """
-    named = [(k, p.detach()) for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+    named = [(k, p.detach()) for k, p in module.named_parameters() if p.requires_grad]
     names = [k for k, _ in named]
     params = tuple(p for _, p in named)
     n = next(g for g in grad_outputs if g is not None).shape[0]

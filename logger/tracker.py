@@ -85,14 +85,16 @@ class LayerTracker:
         module: The module.
         rule: Its layer rule.
         projector: Its sketch projection, or None without sketches.
+        recurse: Own the parameters of the whole subtree (fallback layers), not only the module's own.
     """
 
-    def __init__(self, name: str, module: nn.Module, rule: Rule, projector: TensorSketch | None) -> None:
+    def __init__(self, name: str, module: nn.Module, rule: Rule, projector: TensorSketch | None,
+                 recurse: bool = False) -> None:
         self.name = name
         self.module = module
         self.rule = rule
         self.projector = projector
-        self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        self.params = [p for p in module.parameters(recurse=recurse) if p.requires_grad]
         self.view = MatrixView.of([tuple(p.shape) for p in self.params])
         self.size = sum(p.numel() for p in self.params)
         self._handles: list[RemovableHandle] = []
@@ -222,6 +224,15 @@ class LayerTracker:
             for p, g in zip(self.params, self.batch_grads, strict=True)
         ]
         return self.view.to_matrix([g.unsqueeze(0) for g in grads])[0]
+
+    def check_complete(self) -> None:
+        """Refuse to report a layer whose parameters got gradients that its own forward calls did not produce."""
+        if not self.sq and any(g is not None for g in self.batch_grads):
+            raise RuntimeError(
+                f"the parameters of layer '{self.name}' received gradients but the module's forward was never "
+                "called (a parent uses its weights directly); exclude it with layers=... or register a rule for "
+                "the parent module"
+            )
 
     def per_example(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused)."""

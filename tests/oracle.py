@@ -11,11 +11,20 @@ from torch.func import functional_call, grad, vmap
 
 def layer_params(model: torch.nn.Module) -> dict[str, list[str]]:
     """Tracked layer name -> its trainable parameter names (full names), as the logger names them."""
-    out = {}
+    from gradcoh.logger.layers import default_rules
+
+    rules, out, covered = default_rules(), {}, []
     for name, module in model.named_modules():
-        names = [f"{name}.{k}" if name else k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if names:
-            out[name or "root"] = names
+        if any(name.startswith(c) for c in covered):
+            continue
+        recurse = rules.lookup(module) is None
+        own = [k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if recurse:
+            covered.append(f"{name}." if name else "")
+        names = [f"{name}.{k}" if name else k for k, p in module.named_parameters(recurse=recurse) if p.requires_grad]
+        out[name or "root"] = names
     return out
 
 

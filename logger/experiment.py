@@ -1,0 +1,276 @@
+"""``run_experiment``: a small supervised training run with label noise, logged by :class:`GradientLogger`.
+
+The run logs two streams into one store: ``batch`` (every ``log_every`` steps, the training mini-batch) and
+``probe`` (every ``probe_every`` steps and at the last step, a fixed seeded sample of ``probe_size`` training
+examples with their training labels, measured in eval mode without disturbing training). Examples are grouped
+``("clean", "corrupted")`` from the label-noise mask; per-example losses and true labels are stored too.
+
+Interrupting with Ctrl-C closes the logger (every logged step is flushed and committed) and re-raises
+``KeyboardInterrupt`` after logging where the store is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import nn
+
+from . import schema
+from .datasets import DATASETS, ImageData, load_dataset
+from .hook import GradientLogger
+from .models import MODELS, build_model
+from .noise import corrupt_labels
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GROUPS", "ExperimentConfig", "ProbeReport", "run_experiment"]
+
+GROUPS = ("clean", "corrupted")
+"""Example groups of every experiment store: position 1 marks an example whose label was re-drawn."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines one run (stored in the store's logger config under ``extra["experiment"]``)."""
+
+    out: str = "runs/exp.zarr"  # the Zarr store to write
+    dataset: str = "digits"  # one of datasets.DATASETS
+    data_dir: str | None = None  # root of the on-disk torchvision datasets; nothing is downloaded
+    model: str = "mlp"  # one of models.MODELS
+    width: int = 256  # hidden width of the MLP (channel base of the CNN is width // 8)
+    label_noise: float = 0.0  # fraction of training labels re-drawn uniformly from all classes
+    steps: int | None = 600  # optimisation steps; None: use epochs
+    epochs: float | None = None  # used when steps is None: steps = ceil(epochs * n / batch_size)
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    momentum: float = 0.9  # SGD momentum (paper: 0.9, no weight decay, no augmentation)
+    probe_size: int = 512  # m of the probe sample; 0 disables the probe stream
+    probe_every: int = 50
+    probe_batch_size: int = 256  # micro-batch of the probe pass (bounds memory only)
+    log_every: int = 10  # batch stream cadence; 0 disables the batch stream
+    sketch_dim: int = 0
+    seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+    overwrite: bool = False  # replace an existing store instead of refusing
+    progress: bool = False  # tqdm progress bar on stderr
+    synthetic_size: int = 256  # examples of the synthetic dataset
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r} is not valid; use one of {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} is not valid; use one of {', '.join(MODELS)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not valid; use 'sgd' or 'adam'")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"label_noise must lie in [0, 1], got {self.label_noise}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"steps/epochs must be positive, got steps={self.steps}, epochs={self.epochs}")
+        for name in ("batch_size", "probe_every", "probe_batch_size", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("probe_size", "log_every", "sketch_dim", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not self.probe_size and not self.log_every:
+            raise ValueError("nothing to log: probe_size and log_every are both 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What a probe step reports to ``on_probe`` (and the progress bar)."""
+
+    step: int
+    m: int  # probe examples
+    m_coherence: float  # whole-network probe m-coherence at this step
+    fit: float  # fraction of probe examples whose prediction equals their training label
+    fit_corrupted: float  # the same over the probe examples with a re-drawn label (NaN if none)
+    train_loss: float  # mean training loss of the last mini-batch
+
+
+def _seed_everything(seed: int) -> np.random.SeedSequence:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (legacy global state, seeded for third-party code that uses it)
+    torch.manual_seed(seed)
+    return np.random.SeedSequence(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _total_steps(cfg: ExperimentConfig, n: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * n / cfg.batch_size))
+
+
+def _batches(n: int, batch_size: int, seed: np.random.SeedSequence):
+    """Endless stream of index batches: a fresh seeded permutation every epoch (last batch may be short)."""
+    gen = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+    while True:
+        order = torch.randperm(n, generator=gen)
+        yield from order.split(batch_size)
+
+
+def _optimizer(cfg: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+
+def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example ``[n]`` (``reduction="none"``): the loss of both training and probe."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def last_probe_coherence(path: str | Path) -> tuple[float, int]:
+    """Whole-network m-coherence and m of the last committed probe step, read straight from the store.
+
+    Cheap: two small reads with zarr (the training side never imports the xarray analysis).
+
+    Returns:
+        ``(m-coherence, m)``; ``(nan, 0)`` when no probe step is committed yet.
+    """
+    group = zarr.open_group(str(path), mode="r")[schema.STREAM_PROBE]
+    committed = int(group.attrs.get(schema.COMMITTED_KEY, 0))
+    if not committed:
+        return float("nan"), 0
+    numerator = float(np.sum(group[schema.SUM_SQ_NORM][committed - 1]))  # Σ_l ‖Σ_i g_il‖²
+    sq = np.asarray(group[schema.SQ_NORM][committed - 1])  # [example, layer], NaN pads
+    m = int(group[schema.N_EXAMPLES][committed - 1])
+    return numerator / float(np.nansum(sq)), m
+
+
+class _Probe:
+    """The fixed probe sample (on the device) and its bookkeeping."""
+
+    def __init__(self, data: ImageData, labels: torch.Tensor, corrupted: torch.Tensor, size: int,
+                 seed: np.random.SeedSequence, device: torch.device) -> None:
+        if size > len(data):
+            raise ValueError(f"probe_size={size} exceeds the {len(data)} training examples")
+        gen = torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+        self.index = torch.randperm(len(data), generator=gen)[:size].sort().values  # [m]
+        self.x = data.batch(self.index).to(device)  # [m, C, H, W]
+        self.y = labels[self.index].to(device)  # training (possibly corrupted) labels
+        self.group = corrupted[self.index].long()
+        self.true = data.targets[self.index]
+
+    @torch.no_grad()
+    def fit(self, model: nn.Module) -> tuple[float, float]:
+        """Fraction of probe examples predicted as their training label (all, and the corrupted ones)."""
+        was_training = model.training
+        model.eval()
+        try:
+            hit = (model(self.x).argmax(1) == self.y).cpu()
+        finally:
+            model.train(was_training)
+        bad = self.group.bool()
+        return hit.float().mean().item(), hit[bad].float().mean().item() if bad.any() else float("nan")
+
+
+def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], None] | None = None) -> Path:
+    """Train ``config.model`` on ``config.dataset`` with label noise and log per-example gradient statistics.
+
+    Args:
+        config: The run.
+        on_probe: Called after every probe step with a :class:`ProbeReport` (e.g. to keep a history).
+
+    Returns:
+        The path of the written store.
+
+    Raises:
+        ValueError: Bad configuration (also ``DatasetNotFoundError``, an ``OSError``, for missing data).
+        KeyboardInterrupt: Re-raised after the logger has flushed and committed every logged step.
+
+    """
+    cfg = config
+    seeds = _seed_everything(cfg.seed).spawn(4)  # [noise, probe sample, batch order, model init]
+    device = _device(cfg.device)
+    data = load_dataset(cfg.dataset, cfg.data_dir, synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+    labels, corrupted = corrupt_labels(data.targets, data.num_classes, cfg.label_noise,
+                                       int(seeds[0].generate_state(1)[0]))
+    torch.manual_seed(int(seeds[3].generate_state(1)[0]))
+    model = build_model(cfg.model, data.input_shape, data.num_classes, width=cfg.width).to(device)
+    opt = _optimizer(cfg, model)
+    probe = _Probe(data, labels, corrupted, cfg.probe_size, seeds[1], device) if cfg.probe_size else None
+    total = _total_steps(cfg, len(data))
+    log.info("%s on %s (%d examples, %d classes, %.0f%% label noise, %d re-drawn): %d steps -> %s",
+             cfg.model, cfg.dataset, len(data), data.num_classes, 100 * cfg.label_noise, int(corrupted.sum()),
+             total, cfg.out)
+    glog = GradientLogger(model, cfg.out, every=cfg.log_every or total + 1, sketch_dim=cfg.sketch_dim,
+                          seed=cfg.seed, loss_reduction="mean", groups=GROUPS,
+                          mode="overwrite" if cfg.overwrite else "create", extra={"experiment": cfg.to_dict()})
+    step = 0
+    with glog:
+        try:
+            _train(cfg, model, opt, glog, data, labels, corrupted, probe, total, seeds[2], device, on_probe)
+        except KeyboardInterrupt:
+            log.warning("interrupted; closing the logger (logged steps are flushed and kept in %s)", cfg.out)
+            glog.close()
+            raise
+    del step
+    return Path(cfg.out)
+
+
+def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, glog: GradientLogger,
+           data: ImageData, labels: torch.Tensor, corrupted: torch.Tensor, probe: _Probe | None, total: int,
+           seed: np.random.SeedSequence, device: torch.device,
+           on_probe: Callable[[ProbeReport], None] | None) -> None:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(total), desc=f"{cfg.model}/{cfg.dataset} {100 * cfg.label_noise:.0f}% noise",
+               disable=not cfg.progress, dynamic_ncols=True)
+    postfix: dict[str, str] = {}
+    batches = _batches(len(data), cfg.batch_size, seed)
+    model.train()
+    for step in bar:
+        idx = next(batches)  # [B] dataset positions
+        x, y = data.batch(idx).to(device), labels[idx].to(device)
+        with glog.record(step, index=idx, labels=labels[idx], group=corrupted[idx].long(),
+                         true_labels=data.targets[idx]) as rec:
+            out = model(x)  # [B, classes]
+            per = per_example_loss(out, y)  # [B]
+            rec.loss(per)
+            per.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if probe is not None and (step % cfg.probe_every == 0 or step == total - 1):
+            glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size, mode="eval",
+                       index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true)
+            glog.flush()  # commits the probe so its m-coherence can be read back (one join per probe step)
+            coh, m = last_probe_coherence(cfg.out)
+            fit, fit_bad = probe.fit(model)
+            report = ProbeReport(step, m, coh, fit, fit_bad, per.mean().item())
+            postfix.update(probe_mcoh=f"{coh:.3g}", fit=f"{fit:.2f}")
+            if on_probe is not None:
+                on_probe(report)
+        if step % 10 == 0 or step == total - 1:
+            acc = (out.argmax(1) == y).float().mean().item()  # host sync, only every 10 steps
+            postfix.update(loss=f"{per.mean().item():.3f}", acc=f"{acc:.2f}")
+            bar.set_postfix(postfix, refresh=False)
