@@ -23,6 +23,23 @@ _FLUSH = object()
 _CLOSE = object()
 
 
+def _at_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` at interpreter exit *before* thread pools shut down (zarr writes through one).
+
+    ``atexit`` callbacks run after ``concurrent.futures`` has stopped its executors, too late to write; threading's
+    exit hooks (the mechanism ``concurrent.futures`` itself uses) run before, in reverse order of registration.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise AttributeError
+        register(fn)
+    except (AttributeError, RuntimeError):
+        atexit.register(fn)
+    else:
+        atexit.register(fn)  # also run by atexit when threading's hooks are not (idempotent)
+
+
 class WriterError(RuntimeError):
     """The background writer failed; the message names the store and the cause."""
 
@@ -53,7 +70,7 @@ class AsyncWriter:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="gradcoh-writer", daemon=True)
         self._thread.start()
-        atexit.register(self.close)
+        _at_exit(self.close)
 
     # --- training thread ---------------------------------------------------------------------------------
     def put(self, stream: str, record: HostRecord) -> None:
@@ -93,7 +110,7 @@ class AsyncWriter:
             if self._thread.is_alive():
                 self._put_control((_CLOSE, None))
                 self._thread.join()
-            atexit.unregister(self.close)
+            atexit.unregister(self.close)  # (threading's exit hooks cannot be unregistered; close is idempotent)
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
