@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from gradcoh.cli import coherence, info, metrics, plot
+from gradcoh.cli import coherence, demo, info, metrics, plot, train
 
 app = typer.Typer(
     name="gradcoh",
@@ -26,6 +26,8 @@ COMMANDS = (
     ("coherence", coherence.coherence),
     ("metrics", metrics.metrics),
     ("plot", plot.plot),
+    ("train", train.train),
+    ("demo", demo.demo),
 )
 for _name, _command in COMMANDS:
     app.command(name=_name)(_command)

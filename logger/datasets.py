@@ -1,5 +1,7 @@
-"""Image classification data for the experiments, held as tensors: offline ``digits`` and ``synthetic``, and
-torchvision ``mnist`` / ``cifar10`` / ``imagefolder`` only when they are already on disk (nothing is downloaded).
+"""Image classification data for the experiments, held as tensors; torchvision sets only from disk.
+
+Offline: ``digits`` (scikit-learn) and ``synthetic``. torchvision ``mnist`` / ``cifar10`` / ``imagefolder`` are read
+only when they are already on disk under ``data_dir`` (``download=False``; nothing is ever downloaded).
 
 Every dataset is an :class:`ImageData`: integer ``targets`` plus a ``batch(index)`` that returns normalised images
 ``[B, C, H, W]``. :meth:`ImageData.indexed` wraps it as a ``torch.utils.data.Dataset`` returning ``(x, y, index)``

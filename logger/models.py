@@ -83,7 +83,7 @@ def cnn(in_channels: int, num_classes: int, base: int = 32) -> nn.Sequential:
 
 
 def resnet18(in_channels: int, num_classes: int, small: bool) -> nn.Module:
-    """torchvision ResNet-18 (random weights); stride-1 3×3 stem and no max-pool for small inputs."""
+    """Torchvision ResNet-18 (random weights); stride-1 3×3 stem and no max-pool for small inputs."""
     from torchvision.models import resnet18 as tv_resnet18
 
     model = tv_resnet18(weights=None, num_classes=num_classes)
@@ -96,7 +96,7 @@ def resnet18(in_channels: int, num_classes: int, small: bool) -> nn.Module:
 
 
 def efficientnet_b0(in_channels: int, num_classes: int, small: bool) -> nn.Module:
-    """torchvision EfficientNet-B0 (random weights); the stem convolution takes ``in_channels``, stride 1 if small."""
+    """Torchvision EfficientNet-B0 (random weights); the stem convolution takes ``in_channels``, stride 1 if small."""
     from torchvision.models import efficientnet_b0 as tv_efficientnet_b0
 
     model = tv_efficientnet_b0(weights=None, num_classes=num_classes)

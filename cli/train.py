@@ -1,0 +1,96 @@
+"""``gradcoh train``: one training run with label noise, logged to a store (calls ``run_experiment``)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import Annotated
+
+import typer
+from gradcoh.cli.errors import reported
+from gradcoh.cli.options import ProgressOpt, want_progress
+
+__all__ = ["Dataset", "Model", "Optimizer", "train"]
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130
+
+
+class Dataset(enum.StrEnum):
+    """Datasets (torchvision ones are read from --data-dir, never downloaded)."""
+
+    digits = "digits"
+    synthetic = "synthetic"
+    mnist = "mnist"
+    cifar10 = "cifar10"
+    imagefolder = "imagefolder"
+
+
+class Model(enum.StrEnum):
+    """Models (random initialisation)."""
+
+    mlp = "mlp"
+    cnn = "cnn"
+    resnet18 = "resnet18"
+    efficientnet_b0 = "efficientnet_b0"
+
+
+class Optimizer(enum.StrEnum):
+    """Optimizers."""
+
+    sgd = "sgd"
+    adam = "adam"
+
+
+def train(
+    out: Annotated[str, typer.Option("--out", "-o", help="Store to write (PATH.zarr).")],
+    dataset: Annotated[Dataset, typer.Option("--dataset", help="Training data.")] = Dataset.digits,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="Root of mnist/cifar10/imagefolder data (nothing is downloaded).")
+    ] = None,
+    model: Annotated[Model, typer.Option("--model", help="Architecture.")] = Model.mlp,
+    label_noise: Annotated[
+        float, typer.Option("--label-noise", min=0.0, max=1.0, help="Fraction of labels re-drawn uniformly.")
+    ] = 0.0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (default 600).")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Train this many epochs instead of --steps.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 0.05,
+    optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer.sgd,
+    momentum: Annotated[float, typer.Option("--momentum", min=0.0, help="SGD momentum.")] = 0.9,
+    width: Annotated[int, typer.Option("--width", min=1, help="MLP hidden width (CNN channels: width/8).")] = 256,
+    probe_size: Annotated[int, typer.Option("--probe-size", min=0, help="m of the fixed probe sample (0: off).")] = 512,
+    probe_every: Annotated[int, typer.Option("--probe-every", min=1, help="Probe cadence in steps.")] = 50,
+    log_every: Annotated[int, typer.Option("--log-every", min=0, help="Batch-stream cadence (0: off).")] = 10,
+    sketch_dim: Annotated[int, typer.Option("--sketch-dim", min=0, help="Sketch width per layer (0: none).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch CPU threads (1 is fastest for tiny models).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    progress: ProgressOpt = None,
+) -> None:
+    """Train a model with label noise and log per-example gradient statistics (batch and probe streams)."""
+    with reported():
+        from gradcoh.logger.experiment import ExperimentConfig, run_experiment
+        from gradcoh.logger.store import StoreError
+
+        if steps is not None and epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        length = {"steps": None, "epochs": epochs} if epochs is not None else {"steps": steps or 600}
+        config = ExperimentConfig(
+            out=out, dataset=dataset.value, data_dir=data_dir, model=model.value, width=width,
+            label_noise=label_noise, batch_size=batch_size, lr=lr, optimizer=optimizer.value, momentum=momentum,
+            probe_size=probe_size, probe_every=probe_every, log_every=log_every, sketch_dim=sketch_dim, seed=seed,
+            device=device, threads=threads, overwrite=overwrite, progress=want_progress(progress), **length,
+        )
+        try:
+            path = run_experiment(config)
+        except StoreError as err:  # e.g. the store exists: a bad-input error, not a bug
+            raise ValueError(str(err)) from err
+        except KeyboardInterrupt:
+            typer.echo(f"Interrupted: the logged steps are committed in {out}", err=True)
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    typer.echo(f"wrote {path}")
