@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.storage
 from zarr.codecs import BloscCodec
 
 from . import schema
@@ -76,18 +77,22 @@ def open_root(
         root = zarr.open_group(path, mode="r+", storage_options=storage_options if _is_url(path) else None)
         check_compatible(path, dict(root.attrs), attrs)
         return root, {name: dict(root[name].attrs) for name in schema.STREAMS if name in root}
+    # The attributes go into the group's first zarr.json: a crash never leaves a root without them.
     root = zarr.open_group(
-        path, mode="w-", zarr_format=3, storage_options=storage_options if _is_url(path) else None
+        path, mode="w-", zarr_format=3, attributes=attrs,
+        storage_options=storage_options if _is_url(path) else None,
     )
-    root.attrs.update(attrs)
     return root, {}
 
 
 def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to append a run whose configuration differs from the store's."""
     version = old.get(schema.FORMAT_KEY)
+    if version is None:
+        raise StoreError(f"{path} is not a gradcoh store (no {schema.FORMAT_KEY!r} attribute); cannot append")
     if version != schema.FORMAT_VERSION:
-        raise StoreError(f"{path}: format version {version!r} differs from this gradcoh's {schema.FORMAT_VERSION}")
+        raise StoreError(f"{path}: format version {version!r} differs from this gradcoh's {schema.FORMAT_VERSION}; "
+                         "cannot append")
     old_layers = [(x["name"], x["shapes"]) for x in old.get(schema.LAYERS_KEY, [])]
     new_layers = [(x["name"], x["shapes"]) for x in new[schema.LAYERS_KEY]]
     if old_layers != new_layers:
@@ -163,11 +168,20 @@ class StreamWriter:
 
     def _reopen(self) -> None:
         """Continue an existing stream: trim arrays back to the committed steps (repairs a crashed tail)."""
-        self.group = self.root[self.name]
-        attrs = dict(self.group.attrs)
-        self.committed = int(attrs.get(schema.COMMITTED_KEY, 0))
+        group = self.root[self.name]
+        attrs = dict(group.attrs)
+        committed = int(attrs.get(schema.COMMITTED_KEY, 0))
+        arrays = {k: group[k] for k in schema.VARIABLES if k in group}
+        if committed == 0 and (schema.COMMITTED_KEY not in attrs or schema.INDEX not in arrays):
+            # Killed while the stream was being created: nothing was committed, start it afresh.
+            log.warning("stream '%s' was left half-created by a crash; recreating it", self.name)
+            del self.root[self.name]
+            self.dropped = int(attrs.get(schema.DROPPED_KEY, 0))
+            return
+        self.group = group
+        self.committed = committed
         self.dropped = int(attrs.get(schema.DROPPED_KEY, 0))
-        self.arrays = {k: self.group[k] for k in schema.VARIABLES if k in self.group}
+        self.arrays = arrays
         for arr in self.arrays.values():
             if arr.shape[0] != self.committed:
                 arr.resize((self.committed, *arr.shape[1:]))
@@ -176,7 +190,8 @@ class StreamWriter:
             self.last_step = int(self.arrays[schema.STEP][self.committed - 1])
 
     def _create(self, width: int) -> None:
-        g = self.root.require_group(self.name)
+        # The commit marker exists from the group's first zarr.json on, so readers never meet a stream without it.
+        g = self.root.create_group(self.name, attributes={schema.COMMITTED_KEY: 0, schema.DROPPED_KEY: self.dropped})
         self.width = width
         n_layers, n_groups = len(self.layers), len(self.groups)
         sizes = {
@@ -236,6 +251,7 @@ class StreamWriter:
                 if self.group is not None:
                     self.group.attrs[schema.DROPPED_KEY] = self.dropped
             return
+        self._check_present()
         width = max(r.n for r in records)
         if self.group is None:
             self._create(width)
@@ -254,6 +270,13 @@ class StreamWriter:
         self.dropped += dropped
         # The commit marker goes last: readers see a step only once all its chunks are written.
         self.group.attrs.update({schema.COMMITTED_KEY: self.committed, schema.DROPPED_KEY: self.dropped})
+
+    def _check_present(self) -> None:
+        """Refuse to write into a local store whose directory vanished (zarr would silently recreate the folders)."""
+        store = self.root.store
+        root = getattr(store, "root", None)
+        if isinstance(store, zarr.storage.LocalStore) and not (Path(root) / "zarr.json").exists():
+            raise StoreError(f"the store directory {root} vanished (deleted or moved while logging)")
 
     def _widen(self, width: int) -> None:
         chunk = self.arrays[schema.INDEX].chunks[1]

@@ -78,6 +78,7 @@ class AsyncWriter:
         self.raise_if_failed()
         if self._closed:
             raise WriterError(f"{self._where}: the writer is closed")
+        self._raise_if_dead()
         if self._on_full == "drop":
             try:
                 self._queue.put_nowait((stream, record))
@@ -92,6 +93,11 @@ class AsyncWriter:
                 return
             except queue.Full:
                 self.raise_if_failed()
+                self._raise_if_dead()
+
+    def _raise_if_dead(self) -> None:
+        if not self._thread.is_alive():
+            raise WriterError(f"gradcoh could not write to {self._where}: the writer stopped after an earlier error")
 
     def flush(self) -> None:
         """Write and commit everything queued so far; raises the writer's error if it failed."""
