@@ -20,6 +20,7 @@ from zarr.storage import FsspecStore, LocalStore
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "COMPACTED_KEY",
     "StoreNotFoundError",
     "StreamNotFoundError",
     "describe_store",
@@ -27,6 +28,10 @@ __all__ = [
     "open_root",
     "open_store",
 ]
+
+
+COMPACTED_KEY = "gradcoh_compacted"
+"""Root attribute written by :func:`~gradcoh.analysis.compact.compact_store` (final store, sharded, consolidated)."""
 
 
 class StoreNotFoundError(schema.FormatError):
@@ -81,6 +86,10 @@ def open_root(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any]
     except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError, KeyError, ValueError) as exc:
         raise schema.FormatError(f"{os.fspath(path_or_url)!r} is not a zarr store (no zarr group at its root)") from exc
     _check_format(root.attrs.asdict(), os.fspath(path_or_url))
+    if COMPACTED_KEY in root.attrs:
+        # Only compaction consolidates, and a compacted store is final, so its consolidated metadata is never
+        # stale; it saves one request per array on object stores. Live stores are always read unconsolidated.
+        root = zarr.open_group(store, mode="r", use_consolidated=True)
     return root
 
 
@@ -119,6 +128,15 @@ def _stream_group(root: zarr.Group, stream: str) -> zarr.Group:
     return root[stream]
 
 
+def _default_chunks(root: zarr.Group, stream: str) -> dict[str, int]:
+    """Dask chunks equal to the store's objects: the zarr chunks, or the shard along ``step`` once compacted.
+
+    (xarray's default for a sharded array is the inner chunk, which would make one task per inner chunk.)
+    """
+    steps = root.attrs.get(COMPACTED_KEY, {}).get("shard_steps", {}).get(stream)
+    return {schema.DIM_STEP: int(steps)} if steps else {}
+
+
 def open_store(
     path_or_url: str | os.PathLike,
     stream: str = schema.STREAM_BATCH,
@@ -130,7 +148,8 @@ def open_store(
     Args:
         path_or_url: Store directory or fsspec URL (``memory://``, ``file://``, ``s3://``; ``s3`` needs s3fs).
         stream: ``"batch"`` or ``"probe"``.
-        chunks: Dask chunks; ``None`` keeps the store's own chunking (the data stays lazy and Dask-backed).
+        chunks: Dask chunks; ``None`` keeps the store's own chunking (the zarr chunk, or the whole shard along
+            ``step`` for a compacted store), so every Dask chunk is a whole number of stored objects.
         storage_options: fsspec options for URLs (credentials, endpoint, ...).
 
     Returns:
@@ -151,8 +170,13 @@ def open_store(
     root = open_root(path_or_url, storage_options)
     group = _stream_group(root, stream)
     committed = _committed_steps(group, stream)
+    compacted = COMPACTED_KEY in root.attrs
     ds = xr.open_zarr(
-        root.store, group=stream, consolidated=False, zarr_format=3, chunks={} if chunks is None else chunks
+        root.store,
+        group=stream,
+        consolidated=compacted,
+        zarr_format=3,
+        chunks=_default_chunks(root, stream) if chunks is None else chunks,
     )
     ds = ds.isel({schema.DIM_STEP: slice(0, committed)})
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from gradcoh.cli import coherence, demo, info, metrics, plot, train
+from gradcoh.cli import coherence, compact, demo, info, metrics, plot, train
 
 app = typer.Typer(
     name="gradcoh",
@@ -28,6 +28,7 @@ COMMANDS = (
     ("plot", plot.plot),
     ("train", train.train),
     ("demo", demo.demo),
+    ("compact", compact.compact),
 )
 for _name, _command in COMMANDS:
     app.command(name=_name)(_command)

@@ -1,0 +1,254 @@
+"""Offline compaction of a finished store: sharded arrays (fewer, larger objects) and consolidated metadata.
+
+While a run is logging, the writer appends whole chunks and never shards: zarr cannot write part of a shard in
+place, and concurrent partial shard writes lose data (zarr-notes.md §2.4). Once a run is finished,
+:func:`compact_store` rewrites it into a new store where each array of a stream is sharded along ``step``:
+
+* inner chunks stay the writer's chunks (the unit of reading), shards hold ``shard_steps`` steps (the unit of
+  writing, one object each), chosen per stream so that the largest array's shard is about ``shard_bytes``;
+* every shard is written **whole, once, by one task** (a Dask task per shard, so compaction runs on a cluster too);
+* only the committed steps are copied (a crashed tail is dropped), attributes are copied verbatim, each stream's
+  ``committed_steps`` is written after its data, and metadata is consolidated last (zarr-notes.md §2.8);
+* afterwards every value of every array is compared with the source (NaN equal to NaN), shard by shard.
+
+The root attribute :data:`COMPACTED_KEY` marks a compacted store: :func:`~gradcoh.analysis.open_store` then reads the
+consolidated metadata and uses the shard as its Dask chunk. A compacted store is final: do not append to it with the
+logger (appending writes partial shards).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+from gradcoh.analysis.io import COMPACTED_KEY, list_streams, open_root
+from gradcoh.logger import schema
+from zarr.storage import FsspecStore, LocalStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["COMPACTED_KEY", "DEFAULT_SHARD_BYTES", "CompactionError", "compact_store", "count_objects"]
+
+DEFAULT_SHARD_BYTES = 128 * 2**20
+"""Target uncompressed size of one shard of a stream's largest array (Dask guidance: ~100 MB per task)."""
+
+
+class CompactionError(RuntimeError):
+    """The compacted copy differs from the source, or the destination cannot be written."""
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text
+
+
+def _writable_store(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Any:
+    text = os.fspath(path_or_url)
+    if _is_url(text):
+        return FsspecStore.from_url(text, storage_options=dict(storage_options or {}), read_only=False)
+    if storage_options:
+        raise ValueError("storage_options only apply to URLs (s3://, memory://, file://, ...)")
+    return LocalStore(text, read_only=False)
+
+
+def _exists(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> bool:
+    text = os.fspath(path_or_url)
+    if not _is_url(text):
+        return Path(text).exists()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+    return fs.exists(root)
+
+
+def count_objects(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Number of objects (files) under a store: what compaction reduces."""
+    text = os.fspath(path_or_url)
+    if not _is_url(text):
+        return sum(len(files) for _, _, files in os.walk(text))
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+    return len(fs.find(root))
+
+
+def _step_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
+    out = {}
+    for name, arr in group.arrays():
+        dims = arr.metadata.dimension_names or ()
+        if dims and dims[0] == schema.DIM_STEP:
+            out[name] = arr
+    return out
+
+
+def _shard_steps(arrays: dict[str, zarr.Array], committed: int, shard_bytes: int) -> int:
+    """Steps per shard: a multiple of every array's step chunk, the largest shard ≈ ``shard_bytes``."""
+    chunk = math.lcm(*(arr.chunks[0] for arr in arrays.values())) if arrays else 1
+    per_step = max(
+        (arr.dtype.itemsize * math.prod(arr.shape[1:]) for arr in arrays.values() if hasattr(arr.dtype, "itemsize")),
+        default=1,
+    )
+    n_chunks = max(1, shard_bytes // max(per_step * chunk, 1))
+    needed = max(1, math.ceil(committed / chunk))  # no shard longer than the data
+    return chunk * min(n_chunks, needed)
+
+
+def _create_like(group: zarr.Group, name: str, src: zarr.Array, shape: tuple[int, ...], shards: Any) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=src.dtype,
+        chunks=src.chunks,
+        shards=shards,
+        filters=src.filters or None,
+        compressors=src.compressors or None,
+        fill_value=src.fill_value,
+        dimension_names=src.metadata.dimension_names,
+        attributes=src.attrs.asdict(),
+        config={"write_empty_chunks": True},
+    )
+
+
+def _copy_shard(src: zarr.Array, dst: zarr.Array, start: int, stop: int) -> int:
+    """Write one whole shard (one object) of ``dst`` from ``src``; returns the bytes copied."""
+    block = src[start:stop]
+    dst[start:stop] = block
+    return int(block.nbytes)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind in "fc":
+        return bool(np.array_equal(a, b, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def _compare_shard(src: zarr.Array, dst: zarr.Array, start: int, stop: int) -> bool:
+    return _same(np.asarray(src[start:stop]), np.asarray(dst[start:stop]))
+
+
+def _ranges(n: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _run(tasks: list[Any], progress: bool) -> list[Any]:
+    from gradcoh.analysis.cluster import compute
+
+    if not tasks:
+        return []
+    return list(compute({str(i): t for i, t in enumerate(tasks)}, progress=progress).values())
+
+
+def compact_store(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    dst_storage_options: Mapping[str, Any] | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    verify: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Rewrite a finished store ``src`` into ``dst`` with sharded arrays and consolidated metadata.
+
+    Runs on the active Dask scheduler (one task per shard): on a ``distributed`` cluster every worker must reach
+    both stores.
+
+    Args:
+        src: Source store path or fsspec URL.
+        dst: Destination path or URL (must not exist unless ``overwrite``; never the source).
+        storage_options: fsspec options for ``src``.
+        dst_storage_options: fsspec options for ``dst`` (default: ``storage_options`` when ``dst`` is a URL).
+        shard_bytes: Target uncompressed size of the largest array's shard.
+        overwrite: Replace an existing ``dst``.
+        verify: Compare every value of every array (and all attributes) after writing.
+        progress: Progress bar on stderr.
+
+    Returns:
+        A summary: ``{"src", "dst", "shard_steps", "arrays", "bytes", "objects_before", "objects_after",
+        "verified"}``.
+
+    Raises:
+        FormatError: ``src`` is not a readable gradcoh store.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        CompactionError: A value or attribute of ``dst`` differs from ``src``.
+
+    """
+    if os.fspath(src).rstrip("/") == os.fspath(dst).rstrip("/"):
+        raise ValueError("compact into a new store: dst must differ from src")
+    if dst_storage_options is None and _is_url(os.fspath(dst)):
+        dst_storage_options = storage_options
+    root = open_root(src, storage_options)
+    if _exists(dst, dst_storage_options) and not overwrite:
+        raise FileExistsError(f"{os.fspath(dst)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    out_store = _writable_store(dst, dst_storage_options)
+    root_attrs = root.attrs.asdict()
+    out = zarr.create_group(out_store, zarr_format=3, overwrite=True, attributes={})
+    copies, checks, pairs, shard_steps, stream_attrs = [], [], [], {}, {}
+    for stream in list_streams(root):
+        group = root[stream]
+        attrs = group.attrs.asdict()
+        committed = int(attrs.get(schema.COMMITTED_KEY, 0))
+        out_group = out.create_group(stream, attributes={**attrs, schema.COMMITTED_KEY: 0})
+        stream_attrs[stream] = attrs
+        step_arrays = _step_arrays(group)
+        steps = _shard_steps(step_arrays, committed, shard_bytes)
+        shard_steps[stream] = steps
+        for name, arr in group.arrays():
+            if name in step_arrays:
+                shape = (committed, *arr.shape[1:])
+                new = _create_like(out_group, name, arr, shape, (steps, *arr.shape[1:]))
+                for start, stop in _ranges(committed, steps):
+                    copies.append(dask.delayed(_copy_shard, pure=False)(arr, new, start, stop))
+                    checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, start, stop))
+                    pairs.append((stream, name, start, stop))
+            else:  # static coordinates: a few values, copied as they are
+                new = _create_like(out_group, name, arr, arr.shape, None)
+                new[...] = arr[...]
+                checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, 0, arr.shape[0] if arr.ndim else 1))
+                pairs.append((stream, name, None, None))
+    copied = sum(_run(copies, progress))
+    for stream, attrs in stream_attrs.items():  # the commit marker goes after the data, as in the writer
+        out[stream].attrs.update(attrs)
+    out.attrs.update({**root_attrs, COMPACTED_KEY: {"shard_steps": shard_steps, "shard_bytes": int(shard_bytes)}})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(out_store)
+    summary = {
+        "src": os.fspath(src),
+        "dst": os.fspath(dst),
+        "shard_steps": shard_steps,
+        "arrays": len(pairs),
+        "bytes": copied,
+        "verified": False,
+    }
+    if verify:
+        _verify(root, dst, dst_storage_options, checks, pairs, progress)
+        summary["verified"] = True
+    summary["objects_before"] = count_objects(src, storage_options)
+    summary["objects_after"] = count_objects(dst, dst_storage_options)
+    log.info("compacted %s → %s: %s", src, dst, summary)
+    return summary
+
+
+def _verify(root: zarr.Group, dst: Any, options: Any, checks: list[Any], pairs: list[Any], progress: bool) -> None:
+    bad = [pair for pair, ok in zip(pairs, _run(checks, progress), strict=True) if not ok]
+    if bad:
+        raise CompactionError(f"compacted store differs from the source in {len(bad)} block(s), first {bad[0]}")
+    new_root = open_root(dst, options)  # reopen through the read path, consolidated metadata included
+    new_attrs = new_root.attrs.asdict()
+    new_attrs.pop(COMPACTED_KEY, None)
+    if new_attrs != root.attrs.asdict():
+        raise CompactionError("root attributes differ after compaction")
+    for stream in list_streams(root):
+        if new_root[stream].attrs.asdict() != root[stream].attrs.asdict():
+            raise CompactionError(f"attributes of stream {stream!r} differ after compaction")
