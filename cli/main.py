@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from gradcoh.cli import coherence, compact, demo, info, metrics, plot, train
+from gradcoh.cli import coherence, compact, demo, info, metrics, plot, repair, train
 
 app = typer.Typer(
     name="gradcoh",
@@ -29,6 +29,7 @@ COMMANDS = (
     ("train", train.train),
     ("demo", demo.demo),
     ("compact", compact.compact),
+    ("repair", repair.repair),
 )
 for _name, _command in COMMANDS:
     app.command(name=_name)(_command)

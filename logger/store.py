@@ -329,3 +329,117 @@ def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype) ->
         out[i, : v.shape[0]] = v
     return out
 
+
+
+# --- repair and verification (``gradcoh repair``) ----------------------------------------------------------
+def _local_root(path: str) -> Path | None:
+    if path.startswith("file://"):
+        path = path[len("file://") :]
+    return None if _is_url(path) else Path(path)
+
+
+def find_partial_files(path: str | Path) -> list[Path]:
+    """Temporary ``*.partial`` files that a killed writer left behind in a local store (none for URLs)."""
+    root = _local_root(str(path))
+    if root is None or not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*.partial") if p.is_file())
+
+
+def scan_chunks(root: zarr.Group, streams: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Decode every committed chunk of every per-step variable; report the ones that cannot be read.
+
+    Returns:
+        One entry per unreadable chunk: ``{stream, variable, rows: [first, last], steps: [first, last] | None,
+        error}``. ``rows`` are positions along ``step``; ``steps`` are the logged step numbers when readable.
+    """
+    bad = []
+    for name in streams or tuple(n for n, _ in root.groups()):
+        if name not in root:
+            continue
+        group = root[name]
+        committed = group.attrs.get(schema.COMMITTED_KEY)
+        if not isinstance(committed, int):
+            continue
+        try:
+            steps = np.asarray(group[schema.STEP][:committed])
+        except Exception:  # the step variable itself is damaged: report rows only
+            steps = None
+        for var in schema.VARIABLES:
+            if var not in group:
+                continue
+            arr = group[var]
+            per = arr.chunks[0]
+            for start in range(0, committed, per):
+                stop = min(start + per, committed)
+                try:
+                    arr[start:stop]
+                except Exception as err:  # noqa: BLE001 - any decode failure is what we look for
+                    bad.append({
+                        "stream": name, "variable": var, "rows": [start, stop - 1],
+                        "steps": None if steps is None else [int(steps[start]), int(steps[stop - 1])],
+                        "error": f"{type(err).__name__}: {err}",
+                    })
+    return bad
+
+
+def describe_bad_chunks(bad: list[dict[str, Any]]) -> str:
+    """One line naming the damaged variables and their steps."""
+    parts = []
+    for b in bad:
+        where = (f"steps {b['steps'][0]}..{b['steps'][1]}" if b["steps"] else f"rows {b['rows'][0]}..{b['rows'][1]}")
+        parts.append(f"{b['stream']}/{b['variable']} {where}")
+    return "corrupted chunk(s): " + "; ".join(parts)
+
+
+def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False,
+                 storage_options: dict | None = None) -> dict[str, Any]:
+    """Bring a store left by a killed writer back to its committed state. Run it only while no writer is active.
+
+    Trims every stream's arrays to the stream's ``committed_steps`` (deleting the chunks beyond), removes streams
+    that were being created when the writer died (nothing committed), and deletes orphaned ``*.partial`` files.
+    With ``check`` it also decodes every committed chunk and reports the unreadable ones (it cannot fix them).
+
+    Returns:
+        ``{"actions": [str], "corrupted": [dict]}``; with ``dry_run`` the actions are what would be done.
+
+    Raises:
+        StoreError: ``path`` is not a gradcoh store.
+    """
+    text = str(path)
+    local = _local_root(text)
+    if local is not None and not local.exists():
+        raise StoreError(f"no such store: {text}")
+    opts = storage_options if _is_url(text) else None
+    try:
+        root = zarr.open_group(str(local) if local is not None else text, mode="r" if dry_run else "r+",
+                               storage_options=opts, use_consolidated=False)
+    except Exception as err:
+        raise StoreError(f"{text} is not a zarr store ({type(err).__name__}: {err})") from err
+    version = root.attrs.get(schema.FORMAT_KEY)
+    if version is None:
+        raise StoreError(f"{text} is a zarr group but not a gradcoh store (no {schema.FORMAT_KEY!r})")
+    if version != schema.FORMAT_VERSION:
+        raise StoreError(f"{text}: format version {version!r}; this gradcoh repairs format {schema.FORMAT_VERSION}")
+    actions: list[str] = []
+    for name, group in list(root.groups()):
+        committed = group.attrs.get(schema.COMMITTED_KEY)
+        if not isinstance(committed, int) or committed < 0:
+            actions.append(f"delete stream '{name}': created by a writer that died before committing anything")
+            if not dry_run:
+                del root[name]
+            continue
+        for var in schema.VARIABLES:
+            if var not in group:
+                continue
+            arr = group[var]
+            if arr.shape[0] != committed:
+                actions.append(f"trim {name}/{var} from {arr.shape[0]} to {committed} steps")
+                if not dry_run:
+                    arr.resize((committed, *arr.shape[1:]))
+    for partial in find_partial_files(text):
+        actions.append(f"delete orphaned temporary file {partial}")
+        if not dry_run:
+            partial.unlink(missing_ok=True)
+    corrupted = scan_chunks(root) if check else []
+    return {"actions": actions, "corrupted": corrupted}
