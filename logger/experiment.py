@@ -1,9 +1,10 @@
 """``run_experiment``: a small supervised training run with label noise, logged by :class:`GradientLogger`.
 
 The run logs two streams into one store: ``batch`` (every ``log_every`` steps, the training mini-batch) and
-``probe`` (every ``probe_every`` steps and at the last step, a fixed seeded sample of ``probe_size`` training
-examples with their training labels, measured in eval mode without disturbing training). Examples are grouped
-``("clean", "corrupted")`` from the label-noise mask; per-example losses and true labels are stored too.
+``probe`` (a fixed seeded sample of ``probe_size`` training examples with their training labels, measured in eval
+mode without disturbing training, every ``probe_every`` steps, at each of the first ``probe_early`` steps and at the
+last step). Examples are grouped ``("clean", "corrupted")`` from the label-noise mask; per-example losses and true
+labels are stored too.
 
 Interrupting with Ctrl-C closes the logger (every logged step is flushed and committed) and re-raises
 ``KeyboardInterrupt`` after logging where the store is.
@@ -58,6 +59,7 @@ class ExperimentConfig:
     momentum: float = 0.9  # SGD momentum (paper: 0.9, no weight decay, no augmentation)
     probe_size: int = 512  # m of the probe sample; 0 disables the probe stream
     probe_every: int = 50
+    probe_early: int = 0  # also probe every one of the first probe_early steps (resolves the initial transient)
     probe_batch_size: int = 256  # micro-batch of the probe pass (bounds memory only)
     log_every: int = 10  # batch stream cadence; 0 disables the batch stream
     sketch_dim: int = 0
@@ -84,7 +86,7 @@ class ExperimentConfig:
         for name in ("batch_size", "probe_every", "probe_batch_size", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("probe_size", "log_every", "sketch_dim", "seed"):
+        for name in ("probe_size", "probe_early", "log_every", "sketch_dim", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -242,6 +244,10 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
     return Path(cfg.out)
 
 
+def _probe_due(cfg: ExperimentConfig, step: int, total: int) -> bool:
+    return step % cfg.probe_every == 0 or step < cfg.probe_early or step == total - 1
+
+
 def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, glog: GradientLogger,
            data: ImageData, labels: torch.Tensor, corrupted: torch.Tensor, probe: _Probe | None, total: int,
            seed: np.random.SeedSequence, device: torch.device,
@@ -264,7 +270,7 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
             per.mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if probe is not None and (step % cfg.probe_every == 0 or step == total - 1):
+        if probe is not None and _probe_due(cfg, step, total):
             glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size, mode="eval",
                        index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true)
             glog.flush()  # commits the probe so its m-coherence can be read back (one join per probe step)
