@@ -48,6 +48,8 @@ class LoggerConfig:
         on_error: ``"raise"`` re-raises writer failures in the training thread; ``"warn"`` logs them, stops
             logging and keeps training.
         flush_secs: The writer commits buffered steps at least this often.
+        handle_sigterm: While the logger is open, turn SIGTERM into ``SystemExit(143)`` in the main thread (only
+            when no other SIGTERM handler is installed), so that ``with`` blocks close the logger and commit.
     """
 
     every: int = 1
@@ -63,6 +65,7 @@ class LoggerConfig:
     mode: Mode = "create"
     on_error: OnError = "raise"
     flush_secs: float = 10.0
+    handle_sigterm: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

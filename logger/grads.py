@@ -100,15 +100,18 @@ class Factored:
 
     Attributes:
         u: ``[n, T, rows]`` row factors, or None when ``rows_index`` is given.
-        v: ``[n, T, cols]`` column factors.
+        v: ``[n, T, c]`` column factors.
         rows_index: ``[n, T]`` int64 row of each position (``u`` is the one-hot of it), or None.
         n_rows: Rows of the matrix view.
+        bias: ``v`` has an implicit trailing column of ones (a bias), so the view has ``c + 1`` columns; it is
+            never concatenated in memory.
     """
 
     u: torch.Tensor | None
     v: torch.Tensor
     rows_index: torch.Tensor | None = None
     n_rows: int = 0
+    bias: bool = False
 
     def __post_init__(self) -> None:
         if self.u is not None:
@@ -124,23 +127,31 @@ class Factored:
         """Number of outer products ``T`` per example."""
         return self.v.shape[1]
 
+    @property
+    def n_cols(self) -> int:
+        """Columns of the matrix view."""
+        return self.v.shape[-1] + self.bias
+
     def materialise_cost(self) -> int:
         """Multiply-adds per example to form ``G_n``."""
-        return self.positions * self.n_rows * self.v.shape[-1]
+        return self.positions * self.n_rows * self.n_cols
 
     def ghost_cost(self) -> int:
         """Multiply-adds per example of the ghost norm ``⟨u uᵀ, v vᵀ⟩``."""
         t = self.positions
-        return t * t * (self.n_rows + self.v.shape[-1]) if t > 1 else self.n_rows + self.v.shape[-1]
+        return t * t * (self.n_rows + self.n_cols) if t > 1 else self.n_rows + self.n_cols
 
     def materialise_bytes(self) -> int:
         """Bytes of ``[n, rows, cols]``."""
-        return self.n * self.n_rows * self.v.shape[-1] * self.v.element_size()
+        return self.n * self.n_rows * self.n_cols * self.v.element_size()
 
     def materialise(self) -> Dense:
         """Form ``[n, rows, cols]`` (one batched GEMM or an index-add for embeddings)."""
         if self.u is not None:
-            return Dense(torch.bmm(self.u.transpose(1, 2), self.v))
+            m = torch.bmm(self.u.transpose(1, 2), self.v)
+            if self.bias:
+                m = torch.cat([m, self.u.sum(1).unsqueeze(2)], dim=2)
+            return Dense(m)
         n, t, c = self.v.shape
         out = self.v.new_zeros((n * self.n_rows, c))
         offset = (torch.arange(n, device=self.v.device) * self.n_rows).unsqueeze(1)  # [n, 1]
@@ -150,9 +161,11 @@ class Factored:
     def sq_norms(self) -> torch.Tensor:
         """``[n]`` exact squared norms by the ghost-norm identity."""
         if self.positions == 1:
-            vv = self.v.pow(2).sum((1, 2))
+            vv = self.v.pow(2).sum((1, 2)) + self.bias
             return vv if self.u is None else self.u.pow(2).sum((1, 2)) * vv
         gv = torch.bmm(self.v, self.v.transpose(1, 2))  # [n, T, T]
+        if self.bias:
+            gv += 1.0
         if self.u is None:
             gu = (self.rows_index.unsqueeze(2) == self.rows_index.unsqueeze(1)).to(gv.dtype)
         else:
@@ -165,11 +178,14 @@ class Factored:
         w = weights.to(self.v.dtype)
         out = []
         for g in range(w.shape[1]):
-            wv = (self.v * w[:, g].view(n, 1, 1)).reshape(n * t, c)
+            wn = w[:, g].view(n, 1, 1)
+            wv = (self.v * wn).reshape(n * t, c)
             if self.u is None:
                 s = self.v.new_zeros((self.n_rows, c)).index_add_(0, self.rows_index.reshape(-1), wv)
             else:
                 s = self.u.reshape(n * t, -1).T @ wv
+                if self.bias:
+                    s = torch.cat([s, (self.u * wn).sum((0, 1)).unsqueeze(1)], dim=1)
             out.append(s)
         return torch.stack(out)
 
@@ -177,15 +193,15 @@ class Factored:
         """``[n, k]`` sketches without materialising."""
         if self.u is None:
             return projector.indexed(self.rows_index, self.v)
-        return projector.factored(self.u, self.v)
+        return projector.factored(self.u, self.v, bias=self.bias)
 
     def __add__(self, other: Factored) -> Factored:
         # Σ_t over two calls of a shared module is Σ_t over the concatenated positions.
-        if (self.u is None) != (other.u is None):
-            raise TypeError("cannot concatenate indexed and dense factors")
+        if (self.u is None) != (other.u is None) or self.bias != other.bias:
+            raise TypeError("cannot concatenate factors of different kinds")
         u = None if self.u is None else torch.cat([self.u, other.u], 1)
         idx = None if self.rows_index is None else torch.cat([self.rows_index, other.rows_index], 1)
-        return Factored(u, torch.cat([self.v, other.v], 1), idx, self.n_rows)
+        return Factored(u, torch.cat([self.v, other.v], 1), idx, self.n_rows, self.bias)
 
 
 LayerGrad = Dense | Factored
@@ -195,7 +211,8 @@ def combine(parts: list[LayerGrad]) -> LayerGrad:
     """The per-example gradient of a module called several times: the sum over its calls."""
     out = parts[0]
     for part in parts[1:]:
-        if isinstance(out, Factored) and isinstance(part, Factored) and out.v.shape[-1] == part.v.shape[-1]:
+        if (isinstance(out, Factored) and isinstance(part, Factored) and out.n_cols == part.n_cols
+                and out.bias == part.bias and (out.u is None) == (part.u is None)):
             out = out + part
         else:
             out = as_dense(out) + as_dense(part)

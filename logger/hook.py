@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
@@ -87,8 +89,11 @@ class GradientLogger:
         self._last_step: dict[str, int] = {}
         self.trackers = self._make_trackers(model, rules or default_rules())
         self._writer: AsyncWriter | None = None
+        self._sigterm: tuple[Callable, Any] | None = None
         if self.enabled:
             self._open(storage_options)
+            if self.config.handle_sigterm:
+                self._install_sigterm()
 
     # --- setup -------------------------------------------------------------------------------------------
     def _make_trackers(self, model: nn.Module, rules: LayerRules) -> list[LayerTracker]:
@@ -295,11 +300,46 @@ class GradientLogger:
             self._writer_failed(err)
 
     def _writer_failed(self, err: WriterError) -> None:
+        """A writer failure stops logging for good; ``on_error="raise"`` raises it (once), ``"warn"`` logs it."""
+        first = not self._stopped
+        self._stopped = True
         if self.config.on_error == "raise":
             raise err
-        if not self._stopped:
+        if first:
             log.warning("%s; logging stopped, training continues (on_error='warn')", err)
-        self._stopped = True
+
+    # --- SIGTERM: turn a polite kill into a clean exit, so ``with`` blocks close the logger and commit -----------
+    def _install_sigterm(self) -> None:
+        """Install a SIGTERM handler raising ``SystemExit(143)`` in the main thread, while the logger is open.
+
+        Only from the main thread, and only over the default action: a handler the program installed itself (a
+        launcher's, a framework's) is left alone. ``close`` puts the default back.
+        """
+        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+            return
+        try:
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is not signal.SIG_DFL:
+                return
+
+            def on_sigterm(signum: int, frame: Any) -> None:
+                raise SystemExit(128 + signum)  # unwinds the training loop; the logger's close commits
+
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except (ValueError, OSError):  # not allowed here (embedded interpreters)
+            return
+        self._sigterm = (on_sigterm, previous)
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm is None:
+            return
+        handler, previous = self._sigterm
+        if threading.current_thread() is not threading.main_thread():
+            return  # (closed from another thread, e.g. at exit: the process is ending anyway)
+        self._sigterm = None
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(signal.SIGTERM) is handler:
+                signal.signal(signal.SIGTERM, previous)
 
     def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
               batch_size: int = 256, mode: str = "eval", index: Any = None, labels: Any = None, group: Any = None,
@@ -383,6 +423,7 @@ class GradientLogger:
         if self._closed:
             return
         self._closed = True
+        self._restore_sigterm()
         for tracker in self.trackers:
             tracker.detach()
         if self._writer is not None:

@@ -87,25 +87,30 @@ class TensorSketch:
         h = {key: torch.from_numpy(value).to(device) for key, value in sketch_hashes(seed, name, rows, cols, dim).items()}
         return cls(dim, rows, cols, h["row_hash"], h["row_sign"], h["col_hash"], h["col_sign"])
 
-    def count_sketch_cols(self, v: torch.Tensor) -> torch.Tensor:
-        """CountSketch ``[..., cols] → [..., k]`` with the column hashes."""
+    def count_sketch_cols(self, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """CountSketch ``[..., c] → [..., k]`` with the column hashes (``bias``: plus an implicit ones column)."""
+        c = v.shape[-1]
         out = v.new_zeros((*v.shape[:-1], self.dim))
-        return out.index_add_(-1, self.col_hash, v * self.col_sign.to(v.dtype))
+        out.index_add_(-1, self.col_hash[:c], v * self.col_sign[:c].to(v.dtype))
+        if bias:
+            out[..., self.col_hash[c]] += self.col_sign[c].to(v.dtype)
+        return out
 
     def count_sketch_rows(self, u: torch.Tensor) -> torch.Tensor:
         """CountSketch ``[..., rows] → [..., k]`` with the row hashes."""
         out = u.new_zeros((*u.shape[:-1], self.dim))
         return out.index_add_(-1, self.row_hash, u * self.row_sign.to(u.dtype))
 
-    def factored(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
         """Sketch ``[n, k]`` of ``M_n = Σ_t u[n, t] v[n, t]ᵀ`` without forming ``M``.
 
         Args:
             u: ``[n, T, rows]`` row factors.
-            v: ``[n, T, cols]`` column factors.
+            v: ``[n, T, c]`` column factors.
+            bias: ``v`` has an implicit trailing column of ones (the last column of the view).
         """
         fu = torch.fft.rfft(self.count_sketch_rows(u), dim=-1)  # [n, T, k//2+1]
-        fv = torch.fft.rfft(self.count_sketch_cols(v), dim=-1)
+        fv = torch.fft.rfft(self.count_sketch_cols(v, bias), dim=-1)
         return torch.fft.irfft((fu * fv).sum(1), n=self.dim, dim=-1)  # [n, k]
 
     def indexed(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,8 @@ LAYER_MODELS = {
     "conv2d_reflect_same": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect")),
                                     (2, 5, 5)),
     "conv2d_same": lambda: (nn.Sequential(nn.Conv2d(2, 3, (2, 3), padding="same")), (2, 5, 5)),
+    "conv2d_factored": lambda: (nn.Sequential(nn.Conv2d(24, 20, 3, padding=1), nn.Tanh(), nn.Conv2d(20, 2, 2)),
+                                (24, 2, 2)),  # few positions, many weights: the ghost-norm route
     "conv3d": lambda: (nn.Sequential(nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1)), (2, 4, 4, 3)),
     "layernorm": lambda: (nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2)), (3, 5)),
     "groupnorm": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4)), (2, 5, 5)),
