@@ -137,6 +137,37 @@ def _default_chunks(root: zarr.Group, stream: str) -> dict[str, int]:
     return {schema.DIM_STEP: int(steps)} if steps else {}
 
 
+def _open_trimmed(store: Any, group: zarr.Group, stream: str, committed: int, **kwargs: Any) -> xr.Dataset:
+    """``xr.open_zarr`` of one stream, cut to its committed steps.
+
+    A writer killed while resizing leaves per-step arrays of different lengths (all ≥ ``committed``), which
+    ``xr.open_zarr`` refuses ("conflicting sizes for dimension 'step'"). Then each set of equally long arrays is
+    opened on its own, trimmed, and the parts are merged.
+    """
+    lengths: dict[int, list[str]] = {}
+    for name, arr in group.arrays():
+        dims = arr.metadata.dimension_names if hasattr(arr.metadata, "dimension_names") else None
+        if dims and dims[0] == schema.DIM_STEP:
+            if arr.shape[0] < committed:
+                raise schema.FormatError(
+                    f"stream {stream!r}: {name} holds {arr.shape[0]} steps but {committed} are committed "
+                    "(the store was modified outside gradcoh)"
+                )
+            lengths.setdefault(arr.shape[0], []).append(name)
+    trim = {schema.DIM_STEP: slice(0, committed)}
+    if len(lengths) <= 1:
+        return xr.open_zarr(store, group=stream, zarr_format=3, **kwargs).isel(trim)
+    per_step = [n for names in lengths.values() for n in names]
+    parts = [
+        xr.open_zarr(
+            store, group=stream, zarr_format=3, drop_variables=[n for n in per_step if n not in names], **kwargs
+        ).isel(trim)
+        for names in lengths.values()
+    ]
+    log.info("stream %s: arrays of unequal length beyond the %d committed steps (crashed writer)", stream, committed)
+    return xr.merge(parts, compat="override", join="exact", combine_attrs="override")
+
+
 def open_store(
     path_or_url: str | os.PathLike,
     stream: str = schema.STREAM_BATCH,
@@ -170,15 +201,17 @@ def open_store(
     root = open_root(path_or_url, storage_options)
     group = _stream_group(root, stream)
     committed = _committed_steps(group, stream)
+    if committed == 0 and "coordinates" not in group.attrs:  # the writer's last step when creating a stream
+        raise StreamNotFoundError(f"stream {stream!r} holds no committed steps (its writer stopped while creating it)")
     compacted = COMPACTED_KEY in root.attrs
-    ds = xr.open_zarr(
+    ds = _open_trimmed(
         root.store,
-        group=stream,
+        group,
+        stream,
+        committed,
         consolidated=compacted,
-        zarr_format=3,
         chunks=_default_chunks(root, stream) if chunks is None else chunks,
     )
-    ds = ds.isel({schema.DIM_STEP: slice(0, committed)})
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds.attrs = {**root.attrs.asdict(), **group.attrs.asdict(), "stream": stream}
     log.debug("opened %s stream %s: %d committed steps", path_or_url, stream, committed)

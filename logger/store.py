@@ -110,7 +110,16 @@ def _exists(path: str, storage_options: dict | None) -> bool:
 
         fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
         return fs.exists(root)
-    return Path(path).exists()
+    p = Path(path)
+    if p.is_dir() and not (p / "zarr.json").exists():
+        leftovers = list(p.iterdir())
+        if all(x.is_file() and x.name.endswith(".partial") for x in leftovers):
+            # An empty folder, or what a writer killed while creating the store left: nothing was ever stored.
+            for x in leftovers:
+                x.unlink(missing_ok=True)
+            p.rmdir()
+            return False
+    return p.exists()
 
 
 def _remove(path: str, storage_options: dict | None) -> None:
@@ -172,7 +181,7 @@ class StreamWriter:
         attrs = dict(group.attrs)
         committed = int(attrs.get(schema.COMMITTED_KEY, 0))
         arrays = {k: group[k] for k in schema.VARIABLES if k in group}
-        if committed == 0 and (schema.COMMITTED_KEY not in attrs or schema.INDEX not in arrays):
+        if committed == 0 and "coordinates" not in attrs:  # (the last attribute ``_create`` writes)
             # Killed while the stream was being created: nothing was committed, start it afresh.
             log.warning("stream '%s' was left half-created by a crash; recreating it", self.name)
             del self.root[self.name]
@@ -424,7 +433,7 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
     actions: list[str] = []
     for name, group in list(root.groups()):
         committed = group.attrs.get(schema.COMMITTED_KEY)
-        if not isinstance(committed, int) or committed < 0:
+        if not isinstance(committed, int) or committed < 0 or (committed == 0 and "coordinates" not in group.attrs):
             actions.append(f"delete stream '{name}': created by a writer that died before committing anything")
             if not dry_run:
                 del root[name]

@@ -1,0 +1,125 @@
+"""Acceptance test: a logging process killed with SIGKILL at random moments leaves a store whose committed prefix is
+exactly what an uninterrupted run logs, and a resumed run (mode="append") continues it exactly.
+
+The runs are deterministic (``worker.py``: weights and batch derived from the step number) and start from a fork
+server, so a trial costs no torch import; four trials run at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+import zarr
+from gradcoh.analysis import open_store
+from gradcoh.analysis.io import StreamNotFoundError
+from gradcoh.logger import schema
+from gradcoh.logger.store import find_partial_files, repair_store
+
+N_STEPS = 300
+SLEEP = 0.004
+TRIALS = 12
+AT_ONCE = 4
+COMPARED = (schema.STEP, schema.N_EXAMPLES, schema.SQ_NORM, schema.SUM_SQ_NORM, schema.GROUP_GRAM, schema.SKETCH,
+            schema.INDEX, schema.LABEL, schema.GROUP, schema.LOSS, schema.FINITE)
+
+
+def _values(ds, stop=None):
+    return {k: np.asarray(ds[k].values[:stop]) for k in COMPARED}
+
+
+def _assert_prefix(store, ref, where):
+    """The committed steps are 0..n-1 and hold exactly the reference run's values; returns n."""
+    if not (store / "zarr.json").exists():  # killed while creating the store: nothing but temp files
+        assert all(p.name.endswith(".partial") for p in store.rglob("*") if p.is_file()), where
+        return 0
+    try:
+        ds = open_store(store)
+    except StreamNotFoundError:
+        return 0  # killed before the first commit created the stream
+    n = ds.sizes[schema.DIM_STEP]
+    np.testing.assert_array_equal(ds[schema.STEP].values, np.arange(n), err_msg=f"{where}: steps not a gap-free prefix")
+    got = _values(ds)
+    for k in COMPARED:
+        np.testing.assert_array_equal(got[k], ref[k][:n], err_msg=f"{where}: {k} differs from the reference run")
+    return n
+
+
+@pytest.fixture(scope="module")
+def reference(forkserver, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    t0 = time.monotonic()
+    assert forkserver.wait(forkserver.start(path, 0, N_STEPS, sleep=SLEEP)) == 0
+    duration = time.monotonic() - t0
+    ds = open_store(path)
+    assert ds.sizes[schema.DIM_STEP] == N_STEPS
+    return _values(ds), duration
+
+
+def test_sigkill_at_random_moments_then_resume(forkserver, reference, tmp_path):
+    ref, duration = reference
+    seed = int(os.environ.get("GRADCOH_CRASH_SEED", "20261129"))
+    rng = random.Random(seed)
+    stores = [tmp_path / f"kill{i}.zarr" for i in range(TRIALS)]
+    statuses = []
+    for wave in range(0, TRIALS, AT_ONCE):
+        batch = stores[wave : wave + AT_ONCE]
+        t0 = time.monotonic()
+        pids = [forkserver.start(s, 0, N_STEPS, sleep=SLEEP) for s in batch]
+        # Four runs share two cores, so a run lasts about twice the reference: kill anywhere in that span.
+        kills = sorted((rng.uniform(0.2, 1.8 * duration), pid) for pid in pids)
+        for at, pid in kills:
+            time.sleep(max(0.0, at - (time.monotonic() - t0)))
+            os.kill(pid, signal.SIGKILL)
+        statuses += [forkserver.wait(pid) for pid in pids]
+    killed = sum(s == -signal.SIGKILL for s in statuses)
+    assert killed >= 10, f"only {killed} of {TRIALS} runs were killed before finishing: {statuses}"
+
+    committed, tails, partials = [], [], []
+    for store in stores:
+        n = _assert_prefix(store, ref, store.name)
+        committed.append(n)
+        if n:
+            tails.append(zarr.open_group(str(store), mode="r")[schema.STREAM_BATCH][schema.SQ_NORM].shape[0] - n)
+        partials.append(len(find_partial_files(store)))
+    print(f"seed {seed}: committed {committed}; rows beyond the commit {tails}; .partial files {partials}")
+    assert any(0 < n < N_STEPS for n in committed), committed
+
+    # gradcoh repair on every killed store: shapes back to the committed count, no temp files, values unchanged.
+    for store, n in zip(stores, committed, strict=True):
+        if not (store / "zarr.json").exists():
+            assert forkserver.wait(forkserver.start(store, 0, 3)) == 0  # mode="create" accepts the empty leftover
+            continue
+        if not n:
+            continue
+        repair_store(store)
+        batch = zarr.open_group(str(store), mode="r")[schema.STREAM_BATCH]
+        assert all(batch[k].shape[0] == n for k in schema.VARIABLES if k in batch)
+        assert not find_partial_files(store)
+        assert _assert_prefix(store, ref, f"{store.name} after repair") == n
+
+    # Resume the most advanced unfinished store (not repaired: append trims the tail itself) and finish the run.
+    store = stores[max((i for i, n in enumerate(committed) if 0 < n < N_STEPS), key=lambda i: committed[i])]
+    resumed = tmp_path / "resumed.zarr"
+    os.rename(store, resumed)
+    start = committed[stores.index(store)]
+    assert forkserver.wait(forkserver.start(resumed, start, N_STEPS, mode="append", sleep=0.0)) == 0
+    assert _assert_prefix(resumed, ref, "resumed") == N_STEPS
+
+
+def test_resume_of_unrepaired_crash_tail(forkserver, reference, tmp_path):
+    """A crash between (1) resize/data and (3) the commit: append trims the tail and continues exactly."""
+    ref, _ = reference
+    store = tmp_path / "tail.zarr"
+    assert forkserver.wait(forkserver.start(store, 0, 40)) == 0
+    batch = zarr.open_group(str(store), mode="r+")[schema.STREAM_BATCH]
+    for name in schema.VARIABLES:  # what a writer killed after resizing leaves: longer arrays, old commit marker
+        if name in batch:
+            arr = batch[name]
+            arr.resize((55, *arr.shape[1:]))
+    assert forkserver.wait(forkserver.start(store, 40, 80, mode="append")) == 0
+    assert _assert_prefix(store, ref, "tail") == 80
