@@ -199,6 +199,9 @@ def open_store(
 
     """
     root = open_root(path_or_url, storage_options)
+    world = root.attrs.get(schema.WORLD_SIZE_KEY, 1)
+    if isinstance(world, int) and world > 1:
+        return _open_ranks(root, stream, world, chunks)
     group = _stream_group(root, stream)
     committed = _committed_steps(group, stream)
     if committed == 0 and "coordinates" not in group.attrs:  # the writer's last step when creating a stream
@@ -215,6 +218,34 @@ def open_store(
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds.attrs = {**root.attrs.asdict(), **group.attrs.asdict(), "stream": stream}
     log.debug("opened %s stream %s: %d committed steps", path_or_url, stream, committed)
+    return ds
+
+
+def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, int] | str | None) -> xr.Dataset:
+    """One Dataset from the per-rank groups of a multi-process store (see ``schema.rank_group``).
+
+    The ``example`` axis is the ranks' examples in rank order (each rank's padding stays in its block); per-step
+    global values (``sum_sq_norm``, ``group_gram``) come from rank 0, ``n_examples`` is summed over ranks, and only
+    the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix).
+    """
+    groups = []
+    for rank in range(world):
+        name = schema.rank_group(rank)
+        if name not in root:
+            raise StreamNotFoundError(f"multi-process store without the group of rank {rank} ({name})")
+        groups.append(_stream_group(root[name], stream))
+    committed = min(_committed_steps(g, stream) for g in groups)
+    parts = [
+        _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", committed, consolidated=False,
+                      chunks={} if chunks is None else chunks)
+        for r, g in enumerate(groups)
+    ]
+    n_examples = sum(p[schema.N_EXAMPLES] for p in parts)
+    ds = xr.concat(parts, dim=schema.DIM_EXAMPLE, data_vars="minimal", coords="minimal", compat="override",
+                   join="override", combine_attrs="override")
+    ds[schema.N_EXAMPLES] = n_examples
+    ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
+    ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: committed, "stream": stream}
     return ds
 
 

@@ -64,6 +64,9 @@ class GradientLogger:
         enabled: False turns the logger into a no-op that writes nothing.
         rules: Layer rules (default: :func:`~gradcoh.logger.layers.default_rules`).
         storage_options: fsspec options for URL stores.
+        rank: This process's rank (default: from an initialised ``torch.distributed`` process group, else 0).
+        world_size: Number of processes (default: from ``torch.distributed``, else 1). With several processes,
+            each rank writes its own group of the store and the group sums are all-reduced every logged step.
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``flush_secs``).
 
@@ -77,11 +80,14 @@ class GradientLogger:
 
     def __init__(self, model: nn.Module, store: str | Path, *, every: int = 1, sketch_dim: int = 0,
                  seed: int = 0, loss_reduction: str = "mean", groups: tuple[str, ...] = (),
-                 enabled: bool = True, rules: LayerRules | None = None,
-                 storage_options: dict | None = None, **options: Any) -> None:
+                 enabled: bool = True, rules: LayerRules | None = None, storage_options: dict | None = None,
+                 rank: int | None = None, world_size: int | None = None, **options: Any) -> None:
         self.config = LoggerConfig(every=every, sketch_dim=sketch_dim, seed=seed, loss_reduction=loss_reduction,
                                    groups=groups, **options)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # hook the wrapped module: names without "module.", probes bypass the reducer
         self.model = model
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.path = str(store)
         self.enabled = bool(enabled)
         self._stopped = False
@@ -165,7 +171,16 @@ class GradientLogger:
     def _open(self, storage_options: dict | None) -> None:
         cfg = self.config
         attrs = self._attrs()
-        root, _ = open_root(self.path, cfg.mode, attrs, storage_options)
+        attrs[schema.WORLD_SIZE_KEY] = self.world_size
+        if self.world_size == 1:
+            root, _ = open_root(self.path, cfg.mode, attrs, storage_options)
+        else:
+            # Rank 0 creates (or checks) the run; the others wait, then each writes only its own group.
+            if self.rank == 0:
+                open_root(self.path, cfg.mode, attrs, storage_options)
+            torch.distributed.barrier()
+            top, _ = open_root(self.path, "append", attrs, storage_options)
+            root = top.require_group(schema.rank_group(self.rank))
         for name in schema.STREAMS:
             if name in root:
                 group = root[name]
@@ -261,8 +276,9 @@ class GradientLogger:
             t.check_complete()
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
         sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
-        grams = torch.stack([t.gram(len(g)) for t in self.trackers])  # [L, G, G] float64
-        sums = torch.stack([t.batch_sum().pow(2).sum() for t in self.trackers])  # [L]
+        group_sums = self._global([t.group_sum_matrix(len(g)) for t in self.trackers])  # [G, P_l] each
+        grams = torch.stack([s @ s.T for s in group_sums])  # [L, G, G] float64
+        sums = torch.stack([s.sum(0).pow(2).sum() for s in group_sums])  # [L] ‖Σ_i g_i‖²
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         device_tensors = {"sq_norm": sq_norm, "sum_sq_norm": sums, "group_gram": grams, "finite": finite}
         if state.losses:
@@ -284,6 +300,14 @@ class GradientLogger:
             true_label=_or(meta["true_label"], missing), group=meta["group"], loss=loss,
             finite=host["finite"], sketch=host.get("sketch"),
         )
+
+    def _global(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sum the per-layer group-sum vectors over ranks (exact global Gram matrices need the vectors)."""
+        if self.world_size == 1:
+            return sums
+        flat = torch.cat([s.reshape(-1) for s in sums])
+        torch.distributed.all_reduce(flat)  # SUM over ranks, float64
+        return [part.view_as(s) for part, s in zip(flat.split([s.numel() for s in sums]), sums, strict=True)]
 
     def _put(self, stream: str, record: HostRecord) -> None:
         try:
@@ -373,6 +397,11 @@ class GradientLogger:
         int_at_least("batch_size", batch_size, 1)
         if step % every or not self._active:
             return False
+        if self.world_size > 1:  # each rank measures its contiguous share of the sample, once
+            share = slice(*_share(inputs.shape[0], self.rank, self.world_size))
+            inputs, targets = inputs[share], targets[share]
+            index, labels, group, true_labels = (None if v is None else v[share]
+                                                 for v in (index, labels, group, true_labels))
         model = self.model
         device = self.trackers[0].params[0].device
         params = [p for p in model.parameters() if p.requires_grad]
@@ -437,6 +466,25 @@ class GradientLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    dist = torch.distributed
+    if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world_size = rank or 0, world_size or 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("world_size > 1 needs an initialised torch.distributed process group (all-reduce)")
+    return rank, world_size
+
+
+def _share(m: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous share ``[start, stop)`` of ``m`` items for ``rank`` (the first ``m % world`` get one more)."""
+    base, extra = divmod(m, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 class _ModelState:

@@ -24,6 +24,7 @@ Layout of a store (one Zarr v3 group)::
         finite      (step, layer)                       bool    all statistics of that layer finite
         sketch      (step, example, layer, proj)        float16 (or the configured dtype), only if sketch_dim > 0
       probe/                     same variables, written by ``GradientLogger.probe``
+      rank-00000/batch, ...      instead of the above when written by several processes (see ``rank_group``)
 
 Readers trust the stream attribute ``COMMITTED_KEY`` (steps fully written), never an array's shape: the writer
 resizes, writes the data chunks, and only then advances the committed count.
@@ -43,6 +44,7 @@ VERSIONS_KEY = "gradcoh_versions"  # {package: version}
 MODEL_KEY = "gradcoh_model"  # model class, qualified name
 NOTES_KEY = "gradcoh_notes"  # list of strings: semantics worth knowing (BatchNorm in train mode, ...)
 ERROR_KEY = "gradcoh_error"  # why logging stopped early (on_error="warn"), or absent
+WORLD_SIZE_KEY = "gradcoh_world_size"  # number of ranks; > 1: the streams live in per-rank groups
 
 # --- stream attributes ---------------------------------------------------------------------------------
 COMMITTED_KEY = "committed_steps"
@@ -122,6 +124,17 @@ SKETCH_DTYPES = ("float16", "float32", "bfloat16")
 
 NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE)
 """Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
+
+
+def rank_group(rank: int) -> str:
+    """Name of the group holding one rank's streams in a multi-process (DDP) store: ``rank-00003``.
+
+    A store written by ``world_size > 1`` processes has ``rank-XXXXX/batch``, ``rank-XXXXX/probe``, ... instead of
+    top-level streams: every rank writes only its own group (no cross-process writes to one array). The ``example``
+    axis of the run is the concatenation of the ranks' examples in rank order; ``sum_sq_norm`` and ``group_gram``
+    are global (all-reduced) and identical in every rank's group.
+    """
+    return f"rank-{rank:05d}"
 
 
 class FormatError(ValueError):

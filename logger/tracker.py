@@ -244,17 +244,16 @@ class LayerTracker:
         sk = [self.sketch.get(j, torch.zeros(n, k, device=device)) for j, n in enumerate(sizes)]
         return torch.cat(sq), torch.cat(sk)
 
-    def gram(self, n_groups: int) -> torch.Tensor:
-        """``[G, G]`` float64 Gram matrix of the group sums; the last group is the total minus the others."""
+    def group_sum_matrix(self, n_groups: int) -> torch.Tensor:
+        """``[G, rows·cols]`` float64 group sums ``Σ_{i∈g} g_i``; the last group is the total minus the others."""
         total = self.batch_sum().reshape(1, -1)
         if n_groups == 1:
-            return total @ total.T
+            return total
         if self.group_sums is None:
             sums = torch.zeros(n_groups - 1, total.shape[1], dtype=torch.float64, device=total.device)
         else:
             sums = self.group_sums.reshape(n_groups - 1, -1)
-        s = torch.cat([sums, total - sums.sum(0, keepdim=True)])
-        return s @ s.T
+        return torch.cat([sums, total - sums.sum(0, keepdim=True)])
 
 
 def end_of_backward(state: StepState | None) -> None:
