@@ -56,7 +56,7 @@ def train(
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="Training steps (default 600).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Train this many epochs instead of --steps.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 0.05,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate.")] = 0.02,
     optimizer: Annotated[Optimizer, typer.Option("--optimizer")] = Optimizer.sgd,
     momentum: Annotated[float, typer.Option("--momentum", min=0.0, help="SGD momentum.")] = 0.9,
     width: Annotated[int, typer.Option("--width", min=1, help="MLP hidden width (CNN channels: width/8).")] = 256,

@@ -54,7 +54,7 @@ class ExperimentConfig:
     steps: int | None = 600  # optimisation steps; None: use epochs
     epochs: float | None = None  # used when steps is None: steps = ceil(epochs * n / batch_size)
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.02  # with momentum 0.9: fits digits (MLP) in ~200 steps, random labels in ~2000
     optimizer: str = "sgd"  # "sgd" or "adam"
     momentum: float = 0.9  # SGD momentum (paper: 0.9, no weight decay, no augmentation)
     probe_size: int = 512  # m of the probe sample; 0 disables the probe stream
