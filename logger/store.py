@@ -301,6 +301,7 @@ class StreamWriter:
     def record_error(self, message: str) -> None:
         """Note in the root attributes why logging stopped (best effort)."""
         try:
+            self._check_present()  # never recreate a deleted store just to note why it failed
             self.root.attrs[schema.ERROR_KEY] = message
         except Exception:
             log.debug("could not record the error in the store", exc_info=True)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from gradcoh.analysis import open_store
+from gradcoh.logger import schema
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from reliability_helpers import N_STEPS, SLEEP, values  # noqa: E402
 
 
 class ForkServer:
@@ -44,3 +51,16 @@ def forkserver():
     server = ForkServer()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def reference(forkserver, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    t0 = time.monotonic()
+    assert forkserver.wait(forkserver.start(path, 0, N_STEPS, sleep=SLEEP)) == 0
+    duration = time.monotonic() - t0
+    ds = open_store(path)
+    assert ds.sizes[schema.DIM_STEP] == N_STEPS
+    return values(ds), duration
+
+

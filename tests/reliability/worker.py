@@ -58,8 +58,8 @@ def run(store: str, start: int, stop: int, mode: str = "create", flush_secs: flo
 
 def serve() -> None:
     """The fork server: import the heavy modules once, then fork one child per ``run`` request."""
-    import torch  # noqa: F401  (imported before forking: children start instantly)
     import gradcoh.logger.hook  # noqa: F401
+    import torch  # noqa: F401  (imported before forking: children start instantly)
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
