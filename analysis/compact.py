@@ -23,13 +23,14 @@ import math
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
 import zarr
-from gradcoh.analysis.io import COMPACTED_KEY, list_streams, open_root
+from gradcoh.analysis.io import COMPACTED_KEY, open_root
 from gradcoh.logger import schema
 from zarr.storage import FsspecStore, LocalStore
 
@@ -147,6 +148,48 @@ def _run(tasks: list[Any], progress: bool) -> list[Any]:
     return list(compute({str(i): t for i, t in enumerate(tasks)}, progress=progress).values())
 
 
+@dataclass
+class _Plan:
+    copies: list[Any] = field(default_factory=list)  # one delayed whole-shard copy per shard
+    checks: list[Any] = field(default_factory=list)  # one delayed comparison per shard / static array
+    pairs: list[tuple[str, str, int | None, int | None]] = field(default_factory=list)  # (group, array, start, stop)
+    shard_steps: dict[str, int] = field(default_factory=dict)  # stream group path → steps per shard
+    stream_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _plan_group(group: zarr.Group, out: zarr.Group, path: str, plan: _Plan, shard_bytes: int) -> None:
+    """Create ``out``'s arrays and subgroups like ``group``'s; streams (groups with ``committed_steps``) are sharded.
+
+    Recursive, so multi-process stores (``rank-XXXXX/batch``) are compacted like single-process ones.
+    """
+    attrs = group.attrs.asdict()
+    is_stream = schema.COMMITTED_KEY in attrs
+    committed = int(attrs.get(schema.COMMITTED_KEY, 0))
+    step_arrays = _step_arrays(group) if is_stream else {}
+    steps = _shard_steps(step_arrays, committed, shard_bytes) if is_stream else 0
+    if is_stream:
+        plan.shard_steps[path] = steps
+        plan.stream_attrs[path] = attrs
+    for name, arr in group.arrays():
+        if name in step_arrays:
+            new = _create_like(out, name, arr, (committed, *arr.shape[1:]), (steps, *arr.shape[1:]))
+            for start, stop in _ranges(committed, steps):
+                plan.copies.append(dask.delayed(_copy_shard, pure=False)(arr, new, start, stop))
+                plan.checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, start, stop))
+                plan.pairs.append((path, name, start, stop))
+        else:  # static coordinates and anything outside a stream: small, copied as they are
+            new = _create_like(out, name, arr, arr.shape, None)
+            new[...] = arr[...]
+            plan.checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, 0, arr.shape[0] if arr.ndim else 1))
+            plan.pairs.append((path, name, None, None))
+    for name, child in group.groups():
+        child_attrs = child.attrs.asdict()
+        if schema.COMMITTED_KEY in child_attrs:  # the commit marker is written after the data
+            child_attrs[schema.COMMITTED_KEY] = 0
+        _plan_group(child, out.create_group(name, attributes=child_attrs), f"{path}/{name}".lstrip("/"), plan,
+                    shard_bytes)
+
+
 def compact_store(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -193,46 +236,27 @@ def compact_store(
     out_store = _writable_store(dst, dst_storage_options)
     root_attrs = root.attrs.asdict()
     out = zarr.create_group(out_store, zarr_format=3, overwrite=True, attributes={})
-    copies, checks, pairs, shard_steps, stream_attrs = [], [], [], {}, {}
-    for stream in list_streams(root):
-        group = root[stream]
-        attrs = group.attrs.asdict()
-        committed = int(attrs.get(schema.COMMITTED_KEY, 0))
-        out_group = out.create_group(stream, attributes={**attrs, schema.COMMITTED_KEY: 0})
-        stream_attrs[stream] = attrs
-        step_arrays = _step_arrays(group)
-        steps = _shard_steps(step_arrays, committed, shard_bytes)
-        shard_steps[stream] = steps
-        for name, arr in group.arrays():
-            if name in step_arrays:
-                shape = (committed, *arr.shape[1:])
-                new = _create_like(out_group, name, arr, shape, (steps, *arr.shape[1:]))
-                for start, stop in _ranges(committed, steps):
-                    copies.append(dask.delayed(_copy_shard, pure=False)(arr, new, start, stop))
-                    checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, start, stop))
-                    pairs.append((stream, name, start, stop))
-            else:  # static coordinates: a few values, copied as they are
-                new = _create_like(out_group, name, arr, arr.shape, None)
-                new[...] = arr[...]
-                checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, 0, arr.shape[0] if arr.ndim else 1))
-                pairs.append((stream, name, None, None))
-    copied = sum(_run(copies, progress))
-    for stream, attrs in stream_attrs.items():  # the commit marker goes after the data, as in the writer
-        out[stream].attrs.update(attrs)
-    out.attrs.update({**root_attrs, COMPACTED_KEY: {"shard_steps": shard_steps, "shard_bytes": int(shard_bytes)}})
+    plan = _Plan()
+    _plan_group(root, out, "", plan, shard_bytes)
+    copied = sum(_run(plan.copies, progress))
+    for path, attrs in plan.stream_attrs.items():  # the commit marker goes after the data, as in the writer
+        out[path].attrs.update(attrs)
+    out.attrs.update(
+        {**root_attrs, COMPACTED_KEY: {"shard_steps": plan.shard_steps, "shard_bytes": int(shard_bytes)}}
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(out_store)
     summary = {
         "src": os.fspath(src),
         "dst": os.fspath(dst),
-        "shard_steps": shard_steps,
-        "arrays": len(pairs),
+        "shard_steps": plan.shard_steps,
+        "arrays": len({(path, name) for path, name, _, _ in plan.pairs}),
         "bytes": copied,
         "verified": False,
     }
     if verify:
-        _verify(root, dst, dst_storage_options, checks, pairs, progress)
+        _verify(root, dst, dst_storage_options, plan, progress)
         summary["verified"] = True
     summary["objects_before"] = count_objects(src, storage_options)
     summary["objects_after"] = count_objects(dst, dst_storage_options)
@@ -240,8 +264,8 @@ def compact_store(
     return summary
 
 
-def _verify(root: zarr.Group, dst: Any, options: Any, checks: list[Any], pairs: list[Any], progress: bool) -> None:
-    bad = [pair for pair, ok in zip(pairs, _run(checks, progress), strict=True) if not ok]
+def _verify(root: zarr.Group, dst: Any, options: Any, plan: _Plan, progress: bool) -> None:
+    bad = [pair for pair, ok in zip(plan.pairs, _run(plan.checks, progress), strict=True) if not ok]
     if bad:
         raise CompactionError(f"compacted store differs from the source in {len(bad)} block(s), first {bad[0]}")
     new_root = open_root(dst, options)  # reopen through the read path, consolidated metadata included
@@ -249,6 +273,12 @@ def _verify(root: zarr.Group, dst: Any, options: Any, checks: list[Any], pairs: 
     new_attrs.pop(COMPACTED_KEY, None)
     if new_attrs != root.attrs.asdict():
         raise CompactionError("root attributes differ after compaction")
-    for stream in list_streams(root):
-        if new_root[stream].attrs.asdict() != root[stream].attrs.asdict():
-            raise CompactionError(f"attributes of stream {stream!r} differ after compaction")
+    for path, _ in root.groups():
+        _compare_group_attrs(root[path], new_root[path], path)
+
+
+def _compare_group_attrs(old: zarr.Group, new: zarr.Group, path: str) -> None:
+    if new.attrs.asdict() != old.attrs.asdict():
+        raise CompactionError(f"attributes of group {path!r} differ after compaction")
+    for name, child in old.groups():
+        _compare_group_attrs(child, new[name], f"{path}/{name}")

@@ -140,31 +140,30 @@ def _default_chunks(root: zarr.Group, stream: str) -> dict[str, int]:
 def _open_trimmed(store: Any, group: zarr.Group, stream: str, committed: int, **kwargs: Any) -> xr.Dataset:
     """``xr.open_zarr`` of one stream, cut to its committed steps.
 
-    A writer killed while resizing leaves per-step arrays of different lengths (all ≥ ``committed``), which
-    ``xr.open_zarr`` refuses ("conflicting sizes for dimension 'step'"). Then each set of equally long arrays is
-    opened on its own, trimmed, and the parts are merged.
+    The per-step arrays can differ in length beyond ``committed`` (a writer killed while resizing, or one resizing
+    right now), which ``xr.open_zarr`` refuses ("conflicting sizes for dimension 'step'"). Then every per-step array
+    is opened on its own, trimmed, and the parts are merged: arrays only grow while a stream is written, so each is
+    at least ``committed`` long.
     """
-    lengths: dict[int, list[str]] = {}
-    for name, arr in group.arrays():
-        dims = arr.metadata.dimension_names if hasattr(arr.metadata, "dimension_names") else None
-        if dims and dims[0] == schema.DIM_STEP:
-            if arr.shape[0] < committed:
-                raise schema.FormatError(
-                    f"stream {stream!r}: {name} holds {arr.shape[0]} steps but {committed} are committed "
-                    "(the store was modified outside gradcoh)"
-                )
-            lengths.setdefault(arr.shape[0], []).append(name)
     trim = {schema.DIM_STEP: slice(0, committed)}
-    if len(lengths) <= 1:
+    try:
         return xr.open_zarr(store, group=stream, zarr_format=3, **kwargs).isel(trim)
-    per_step = [n for names in lengths.values() for n in names]
-    parts = [
-        xr.open_zarr(
-            store, group=stream, zarr_format=3, drop_variables=[n for n in per_step if n not in names], **kwargs
-        ).isel(trim)
-        for names in lengths.values()
-    ]
-    log.info("stream %s: arrays of unequal length beyond the %d committed steps (crashed writer)", stream, committed)
+    except ValueError as exc:
+        if "conflicting sizes" not in str(exc):
+            raise
+    per_step = [name for name, arr in group.arrays() if (arr.metadata.dimension_names or (None,))[0] == schema.DIM_STEP]
+    parts = []
+    for name in per_step:
+        part = xr.open_zarr(
+            store, group=stream, zarr_format=3, drop_variables=[n for n in per_step if n != name], **kwargs
+        )
+        if part.sizes[schema.DIM_STEP] < committed:
+            raise schema.FormatError(
+                f"stream {stream!r}: {name} holds {part.sizes[schema.DIM_STEP]} steps but {committed} are committed "
+                "(the store was modified outside gradcoh)"
+            )
+        parts.append(part.isel(trim))
+    log.info("stream %s: arrays of unequal length beyond the %d committed steps", stream, committed)
     return xr.merge(parts, compat="override", join="exact", combine_attrs="override")
 
 
@@ -236,8 +235,9 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
         groups.append(_stream_group(root[name], stream))
     committed = min(_committed_steps(g, stream) for g in groups)
     parts = [
-        _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", committed, consolidated=False,
-                      chunks={} if chunks is None else chunks)
+        _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", committed,
+                      consolidated=COMPACTED_KEY in root.attrs,
+                      chunks=_default_chunks(root, f"{schema.rank_group(r)}/{stream}") if chunks is None else chunks)
         for r, g in enumerate(groups)
     ]
     n_examples = sum(p[schema.N_EXAMPLES] for p in parts)

@@ -33,10 +33,9 @@ import dask
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_synthetic_store import Spec, make_synthetic_store  # noqa: E402
-
-from gradcoh import analysis  # noqa: E402
-from gradcoh.logger import schema  # noqa: E402
+from gradcoh import analysis
+from gradcoh.logger import schema
+from make_synthetic_store import Spec, make_synthetic_store
 
 
 def _timed(fn, repeat: int = 3) -> float:

@@ -112,3 +112,23 @@ def test_cli_compact(many_chunks, tmp_path):
     out = runner.invoke(app, ["coherence", summary["dst"], "--format", "csv"])
     base = runner.invoke(app, ["coherence", str(src), "--format", "csv"])
     assert out.stdout == base.stdout
+
+
+def test_multi_process_store(many_chunks, tmp_path):
+    """Per-rank groups (rank-XXXXX/batch) are compacted recursively and still open as one dataset."""
+    import shutil
+
+    src = tmp_path / "ddp.zarr"
+    root = zarr.open_group(str(src), mode="w", zarr_format=3)
+    attrs = zarr.open_group(str(many_chunks.path), mode="r").attrs.asdict()
+    root.attrs.update({**attrs, schema.WORLD_SIZE_KEY: 2})
+    for rank in range(2):
+        root.create_group(schema.rank_group(rank))
+        shutil.copytree(many_chunks.path / "batch", src / schema.rank_group(rank) / "batch")
+    dst = tmp_path / "ddp.compact.zarr"
+    summary = compact_store(src, dst)
+    assert set(summary["shard_steps"]) == {f"{schema.rank_group(r)}/batch" for r in range(2)}
+    a, b = analysis.open_store(src), analysis.open_store(dst)
+    b.attrs.pop(COMPACTED_KEY)
+    xr.testing.assert_identical(b.load(), a.load())
+    assert analysis.open_store(dst).sketch.chunks[0] == (20,)  # one shard per rank block

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 import xarray as xr
 from gradcoh import analysis
 from gradcoh.analysis.compact import compact_store
-from gradcoh.logger import GradientLogger
-from gradcoh.logger import schema
+from gradcoh.logger import GradientLogger, schema
 from torch import nn
 
 SECRET = "gradcoh-dummy-secret-7Qx9"  # must never appear in a stored object
