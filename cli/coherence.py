@@ -53,7 +53,7 @@ def coherence(
     progress: ProgressOpt = None,
 ) -> None:
     """Compute m-coherence ‖Σg‖²/Σ‖g‖² per step; the column m gives the examples behind each value."""
-    with reported():
+    with reported(store):
         from gradcoh import analysis
 
         with analysis.session(scheduler, workers):

@@ -38,7 +38,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Show what a store holds: format, configuration, layers, streams and their sizes."""
-    with reported():
+    with reported(store):
         from gradcoh.analysis.io import describe_store
 
         summary = describe_store(store)

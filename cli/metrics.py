@@ -36,7 +36,7 @@ def metrics(
     progress: ProgressOpt = None,
 ) -> None:
     """m-coherence, α, debiased α, gradient diversity, noise scale and (with sketches) stiffness and confusion."""
-    with reported():
+    with reported(store):
         from gradcoh import analysis
 
         with analysis.session(scheduler, workers):

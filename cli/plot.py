@@ -52,7 +52,7 @@ def plot(
     progress: ProgressOpt = None,
 ) -> None:
     """Draw a figure from a store and save it to FILE."""
-    with reported():
+    with reported(store):
         from gradcoh import analysis
         from gradcoh.analysis import plots
 

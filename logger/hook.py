@@ -249,6 +249,12 @@ class GradientLogger:
             tracker.attach(state)
         try:
             yield Recording(state)
+        except RuntimeError as err:
+            n = sum(state.sizes)
+            if state.group is not None and state.sizes and state.group.shape[0] < n:  # (a clearer message)
+                raise ValueError(f"group has {state.group.shape[0]} entries but the step has at least {n} "
+                                 "examples") from err
+            raise
         finally:
             end_of_backward(state)  # in case the block ended inside an unfinished backward
             for tracker in self.trackers:
