@@ -15,6 +15,7 @@ weighted group sums ``Σ_n w[n, g] G_n`` (the book-keeping GEMM) and sketches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,7 @@ class Dense:
 
     def sq_norms(self) -> torch.Tensor:
         """``[n]`` squared Frobenius norms."""
-        return self.m.pow(2).sum((1, 2))
+        return torch.linalg.vector_norm(self.m.reshape(self.n, -1), dim=1).square()
 
     def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """``[g, rows, cols]`` sums ``Σ_n weights[n, g] m[n]``."""
@@ -224,11 +225,27 @@ def as_dense(grad: LayerGrad) -> Dense:
     return grad if isinstance(grad, Dense) else grad.materialise()
 
 
+# Relative cost per multiply-add of the kernels involved, measured on a CPU core (scripts/profile_logger.py):
+# batched GEMMs run ~20x faster per element than the scattered index-adds of a CountSketch, and an FFT of size k costs
+# about 0.5·k·log2(k) GEMM-equivalents per position.
+GEMM = 0.1
+SCATTER = 2.0
+FFT = 0.5
+
+
 def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
-    """Mixed rule: materialise a factored gradient when that is cheaper and fits in ``MATERIALISE_BYTES``."""
+    """Mixed rule: materialise a factored gradient when that is cheaper and fits in ``MATERIALISE_BYTES``.
+
+    Costs per example: factored = ghost norm (+ CountSketch of both factors and the FFT product when sketching);
+    materialised = one batched GEMM ``T·rows·cols`` (+ a scattered sketch of ``rows·cols`` entries).
+    """
     if isinstance(grad, Dense) or grad.materialise_bytes() > MATERIALISE_BYTES:
         return grad
-    factored = grad.ghost_cost()
+    t, size = grad.positions, grad.n_rows * grad.n_cols
+    factored = GEMM * grad.ghost_cost()
+    materialised = GEMM * (t + 1) * size
     if projector is not None:
-        factored += projector.factored_cost(grad.positions)
-    return grad.materialise() if grad.materialise_cost() < factored else grad
+        k = projector.dim
+        factored += SCATTER * t * (grad.n_rows + grad.n_cols) + FFT * t * k * math.log2(max(k, 2))
+        materialised += SCATTER * size
+    return grad.materialise() if materialised < factored else grad

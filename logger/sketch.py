@@ -17,7 +17,6 @@ processes, restarts and devices. :func:`sketch_hashes` rebuilds them without tor
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,7 +136,3 @@ class TensorSketch:
         n = m.shape[0]
         out = m.new_zeros((n, self.dim))
         return out.index_add_(1, idx, m.reshape(n, -1) * sign.to(m.dtype))
-
-    def factored_cost(self, positions: int) -> float:
-        """Multiply-adds per example of :meth:`factored` over ``positions`` outer products."""
-        return positions * (self.rows + self.cols + 3 * self.dim * math.log2(max(self.dim, 2)))

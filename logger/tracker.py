@@ -162,7 +162,10 @@ class LayerTracker:
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
         self._queue_end_of_backward()
-        g = grad.detach().to(torch.float64) * self._state.scale()
+        g = grad.detach().to(torch.float64, copy=True)  # never alias autograd's tensor (it may become .grad)
+        scale = self._state.scale()
+        if scale != 1.0:
+            g *= scale
         self.batch_grads[i] = g if self.batch_grads[i] is None else self.batch_grads[i] + g
 
     def _queue_end_of_backward(self) -> None:
