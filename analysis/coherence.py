@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import kernels
+from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import (
     SUBSET_DIM,
@@ -127,7 +128,8 @@ def m_coherence(
 
     Returns:
         DataArray over ``step`` (+ ``layer`` if ``per_layer``, + ``group`` if ``by``), with coordinate ``m`` (the
-        examples behind each value); NaN where there is no example.
+        examples behind each value); NaN where there is no example, and NaN (with a ``RuntimeWarning``) at steps
+        whose gradients were not finite (``finite`` False; per layer with ``per_layer``).
 
     Examples:
         >>> coh = m_coherence(ds, per_layer=True)  # doctest: +SKIP
@@ -141,6 +143,7 @@ def m_coherence(
         num, den = num.sum(schema.DIM_LAYER), den.sum(schema.DIM_LAYER)
     dims = [d for d in (schema.DIM_STEP, schema.DIM_LAYER, SUBSET_DIM) if d in num.dims]
     values = _ratio(num, den).transpose(*dims)
+    values = mask_nonfinite(values, select_layers(ds, layers), per_layer=per_layer)
     return _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
 
 

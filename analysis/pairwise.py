@@ -20,6 +20,7 @@ from functools import partial
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import kernels
+from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.coherence import Layers
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import distinct_values
@@ -106,6 +107,7 @@ def pair_statistics(
     hist = raw.isel({STAT_DIM: slice(n_fixed, None)}).rename({STAT_DIM: BIN_DIM})
     centers = -1.0 + (np.arange(bins) + 0.5) * (2.0 / bins)
     out = xr.Dataset({"stats": stats, "hist": hist.assign_coords({BIN_DIM: centers})})
+    out = mask_nonfinite(out, ds)  # (NaN/Inf sketches would count as spurious pairs)
     return out.assign_coords(m=(schema.DIM_STEP, ds[schema.N_EXAMPLES].data))
 
 

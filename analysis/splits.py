@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import kernels
+from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.coherence import Layers
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import SUBSET_DIM, group_names, membership, subset_denominator
@@ -54,6 +55,7 @@ def cross_group_benefit(ds: xr.Dataset, *, per_layer: bool = False, layers: Laye
     benefit = benefit.assign_coords(
         m_i=m.rename({SUBSET_DIM: schema.DIM_GROUP_I}), m_j=m.rename({SUBSET_DIM: schema.DIM_GROUP_J})
     )
+    benefit = mask_nonfinite(benefit, ds, per_layer=per_layer)
     benefit.name = "cross_group_benefit"
     benefit.attrs = {"long_name": "⟨g^a, g^b⟩ / Σ_{i∈a}‖g_i‖² (diagonal = m-coherence of a)"}
     return benefit
@@ -82,6 +84,7 @@ def cg_fractions(ds: xr.Dataset, *, per_layer: bool = False, layers: Layers = No
     total = inner.sum(SUBSET_DIM)
     fraction = xr.apply_ufunc(kernels.safe_ratio, inner, total, dask="parallelized", output_dtypes=[np.float64])
     m = membership(ds, "group").sum(schema.DIM_EXAMPLE)
-    out = xr.Dataset({"fraction": fraction, "inner": inner, "total": total}).assign_coords(m=m)
+    out = xr.Dataset({"fraction": fraction, "inner": inner, "total": total})
+    out = mask_nonfinite(out, ds, per_layer=per_layer).assign_coords(m=m)
     out["fraction"].attrs = {"long_name": "f^a = ⟨g, g^a⟩/⟨g, g⟩"}
     return out

@@ -1,0 +1,43 @@
+"""Steps whose gradient statistics are not finite (NaN/Inf gradients): analyses report NaN for them, with a warning.
+
+The logger stores non-finite statistics as they are and sets ``finite(step, layer)`` to False. Left alone they would
+be silently wrong, not NaN: sums over examples skip NaN (the padding value) and ``x / inf`` is 0. So every analysis
+masks its result with :func:`finite_steps` instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import xarray as xr
+from gradcoh.logger import schema
+
+__all__ = ["finite_steps", "mask_nonfinite"]
+
+
+def finite_steps(ds: xr.Dataset, *, per_layer: bool = False) -> xr.DataArray | None:
+    """``(step[, layer])`` boolean: True where every (selected) layer's statistics are finite; None without ``finite``.
+
+    Warns (``RuntimeWarning``) when some step is not finite. Reads only the small ``finite`` variable.
+    """
+    if schema.FINITE not in ds.variables:
+        return None
+    ok = ds[schema.FINITE].reset_coords(drop=True).astype(bool)
+    step_ok = ok.all(schema.DIM_LAYER)
+    bad = int((~step_ok).sum().compute())
+    if bad:
+        steps = ds[schema.STEP].values[~step_ok.values] if schema.STEP in ds.variables else []
+        shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if bad > 5 else "")
+        warnings.warn(
+            f"{bad} of {step_ok.sizes[schema.DIM_STEP]} steps have non-finite gradient statistics (NaN/Inf; "
+            f"steps {shown}); their results are NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok if per_layer else step_ok
+
+
+def mask_nonfinite(result: xr.DataArray | xr.Dataset, ds: xr.Dataset, *, per_layer: bool = False):
+    """``result`` with NaN at non-finite steps (and layers, when ``per_layer`` and ``result`` has a layer dim)."""
+    ok = finite_steps(ds, per_layer=per_layer and schema.DIM_LAYER in result.dims)
+    return result if ok is None else result.where(ok)
