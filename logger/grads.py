@@ -70,28 +70,48 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 @dataclass
 class Dense:
-    """Materialised per-example gradients ``[n, rows, cols]``."""
+    """Materialised per-example gradients ``[n, rows, cols]``, kept as column blocks (e.g. weight | bias).
 
-    m: torch.Tensor
+    Attributes:
+        blocks: ``[n, rows, c_j]`` tensors covering consecutive column ranges; never concatenated in memory.
+    """
+
+    blocks: list[torch.Tensor]
+
+    def __init__(self, *blocks: torch.Tensor) -> None:
+        self.blocks = list(blocks)
 
     @property
     def n(self) -> int:
         """Number of examples."""
-        return self.m.shape[0]
+        return self.blocks[0].shape[0]
+
+    @property
+    def m(self) -> torch.Tensor:
+        """The whole ``[n, rows, cols]`` tensor (concatenates the blocks)."""
+        return self.blocks[0] if len(self.blocks) == 1 else torch.cat(self.blocks, dim=2)
 
     def sq_norms(self) -> torch.Tensor:
         """``[n]`` squared Frobenius norms."""
-        return torch.linalg.vector_norm(self.m.reshape(self.n, -1), dim=1).square()
+        return sum(torch.linalg.vector_norm(b.reshape(self.n, -1), dim=1).square() for b in self.blocks)
 
     def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """``[g, rows, cols]`` sums ``Σ_n weights[n, g] m[n]``."""
-        return torch.einsum("ng,nrc->grc", weights.to(self.m.dtype), self.m)
+        w = weights.to(self.blocks[0].dtype)
+        return torch.cat([torch.einsum("ng,nrc->grc", w, b) for b in self.blocks], dim=2)
 
     def sketch(self, projector: TensorSketch) -> torch.Tensor:
         """``[n, k]`` sketches."""
-        return projector.dense(self.m)
+        out, offset = None, 0
+        for b in self.blocks:
+            s = projector.dense(b, col_offset=offset)
+            out = s if out is None else out + s
+            offset += b.shape[2]
+        return out
 
     def __add__(self, other: Dense) -> Dense:
+        if [b.shape for b in self.blocks] == [b.shape for b in other.blocks]:
+            return Dense(*(a + b for a, b in zip(self.blocks, other.blocks, strict=True)))
         return Dense(self.m + other.m)
 
 
@@ -150,9 +170,7 @@ class Factored:
         """Form ``[n, rows, cols]`` (one batched GEMM or an index-add for embeddings)."""
         if self.u is not None:
             m = torch.bmm(self.u.transpose(1, 2), self.v)
-            if self.bias:
-                m = torch.cat([m, self.u.sum(1).unsqueeze(2)], dim=2)
-            return Dense(m)
+            return Dense(m, self.u.sum(1).unsqueeze(2)) if self.bias else Dense(m)
         n, t, c = self.v.shape
         out = self.v.new_zeros((n * self.n_rows, c))
         offset = (torch.arange(n, device=self.v.device) * self.n_rows).unsqueeze(1)  # [n, 1]

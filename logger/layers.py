@@ -115,9 +115,7 @@ def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_o
     dense_bytes = n * rows * cols * go.element_size()
     if g > 1 or (rows * cols < t * (rows + cols) and dense_bytes <= MATERIALISE_BYTES):
         w = _per_example_conv_weight_grad(module, x, go, padding)  # [n, C_out, C_in/g·k]
-        if has_bias:
-            w = torch.cat([w, go.reshape(n, rows, -1).sum(2, keepdim=True)], dim=2)
-        return Dense(w)
+        return Dense(w, go.reshape(n, rows, -1).sum(2, keepdim=True)) if has_bias else Dense(w)
     a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [n, T, C_in·k]
     b = go.reshape(n, go.shape[1], -1).transpose(1, 2)  # [n, T, C_out]
     return Factored(b, a, bias=has_bias)
@@ -159,7 +157,7 @@ def _affine_grads(
         grads.append(term.sum(reduce_dims) if reduce_dims else term)
     n = go.shape[0]
     rows = grads[0][0].shape[0] if grads[0].dim() > 1 else 1
-    return Dense(torch.cat([g.reshape(n, rows, -1) for g in grads], dim=2))
+    return Dense(*(g.reshape(n, rows, -1) for g in grads))
 
 
 def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
@@ -237,7 +235,7 @@ def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: 
     batch_leaves = tuple(a for a, b in zip(flat_in, batched, strict=True) if b)
     grads = torch.func.vmap(per_example, randomness="same")(batch_leaves, cotangents)
     rows = _view_rows([p.shape for p in params])
-    return Dense(torch.cat([g.reshape(n, rows, -1) for g in grads], dim=2))
+    return Dense(*(g.reshape(n, rows, -1) for g in grads))
 
 
 def _view_rows(shapes: list[torch.Size]) -> int:

@@ -17,7 +17,7 @@ processes, restarts and devices. :func:`sketch_hashes` rebuilds them without tor
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class TensorSketch:
     row_sign: torch.Tensor
     col_hash: torch.Tensor
     col_sign: torch.Tensor
-    _flat: tuple[torch.Tensor, torch.Tensor] | None = None
+    _flat: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def create(
@@ -126,13 +126,17 @@ class TensorSketch:
         rolled = cs.gather(-1, idx) * self.row_sign[rows].unsqueeze(-1).to(cs.dtype)
         return rolled.sum(1)
 
-    def dense(self, m: torch.Tensor) -> torch.Tensor:
-        """Sketch ``[n, k]`` of materialised matrices ``m`` of shape ``[n, rows, cols]``."""
-        if self._flat is None:
-            idx = (self.row_hash[:, None] + self.col_hash[None, :]) % self.dim  # [rows, cols]
-            sign = self.row_sign[:, None] * self.col_sign[None, :]
-            self._flat = (idx.reshape(-1), sign.reshape(-1))
-        idx, sign = self._flat
+    def dense(self, m: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
+        """Sketch ``[n, k]`` of materialised matrices ``m`` ``[n, rows, c]`` placed at columns ``col_offset…``."""
+        cols = m.shape[2]
+        key = (col_offset, cols)
+        if key not in self._flat:
+            col_hash = self.col_hash[col_offset : col_offset + cols]
+            col_sign = self.col_sign[col_offset : col_offset + cols]
+            idx = (self.row_hash[:, None] + col_hash[None, :]) % self.dim  # [rows, c]
+            sign = self.row_sign[:, None] * col_sign[None, :]
+            self._flat[key] = (idx.reshape(-1), sign.reshape(-1))
+        idx, sign = self._flat[key]
         n = m.shape[0]
         out = m.new_zeros((n, self.dim))
         return out.index_add_(1, idx, m.reshape(n, -1) * sign.to(m.dtype))
