@@ -20,8 +20,8 @@ from functools import partial
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import kernels
-from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.coherence import Layers
+from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import distinct_values
 from gradcoh.logger import schema

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import kernels
-from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.coherence import Layers
+from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import SUBSET_DIM, group_names, membership, subset_denominator
 from gradcoh.logger import schema

@@ -65,7 +65,9 @@ def test_finite_store_gives_no_warning(nan_store):
 
 
 def test_no_pickle_or_eval_in_the_package():
-    pattern = re.compile(r"\bpickle\b|\bcloudpickle\b|(?<![.\w])eval\(|(?<![.\w])exec\(|\bmarshal\b|allow_pickle\s*=\s*True")
+    pattern = re.compile(
+        r"\bpickle\b|\bcloudpickle\b|(?<![.\w])eval\(|(?<![.\w])exec\(|\bmarshal\b|allow_pickle\s*=\s*True"
+    )
     hits = []
     for sub in ("logger", "analysis", "cli"):
         for path in (PACKAGE / sub).rglob("*.py"):
