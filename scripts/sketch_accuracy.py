@@ -1,0 +1,117 @@
+"""Sketch accuracy and cost versus k: the table in the README ("How to choose k").
+
+For each model and k it logs one batch with float32 sketches under several seeds and reports, per layer type,
+the RMS of ‖s_i‖²/‖g_i‖² − 1 over examples, layers and seeds, the relative error of the sketch-based m-coherence
+(numerator ‖Σ s_i‖², exact denominator), and the step time relative to the plain forward+backward.
+
+    python scripts/sketch_accuracy.py --ks 64,256,1024,4096 --seeds 5 --out docs/sketch_accuracy.json
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch import nn
+
+from gradcoh.logger import GradientLogger
+
+p = argparse.ArgumentParser()
+p.add_argument("--ks", default="64,256,1024,4096")
+p.add_argument("--seeds", type=int, default=5)
+p.add_argument("--batch", type=int, default=64)
+p.add_argument("--reps", type=int, default=5)
+p.add_argument("--out", default=None)
+args = p.parse_args()
+torch.manual_seed(0)
+
+
+def small_cnn():  # 3 conv + 2 linear, 32×32×3 (the benchmark model)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(64 * 16, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+class Tiny(nn.Module):  # embedding + transformer encoder + head: sequence inputs
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+MODELS = {
+    "cnn": (small_cnn, lambda b: torch.randn(b, 3, 32, 32)),
+    "mlp": (mlp, lambda b: torch.randn(b, 64)),
+    "transformer": (Tiny, lambda b: torch.randint(0, 100, (b, 16))),
+}
+ks = [int(k) for k in args.ks.split(",")]
+results = {}
+tmp = Path(tempfile.mkdtemp())
+for name, (make, data) in MODELS.items():
+    model = make()
+    x, y = data(args.batch), torch.randint(0, 10, (args.batch,))
+    types = {}
+    for mod_name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            types[mod_name or "root"] = type(module).__name__
+    per_k = {}
+    for k in ks:
+        errs, coh_err = defaultdict(list), []
+        for seed in range(args.seeds):
+            path = tmp / f"{name}-{k}-{seed}.zarr"
+            with GradientLogger(model, path, sketch_dim=k, seed=seed, sketch_dtype="float32", mode="overwrite") as g:
+                with g.record(0):
+                    F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+            ds = xr.open_zarr(path, group="batch", consolidated=False).load()
+            s = ds.sketch.values[0].astype(np.float64)
+            ratio = (s**2).sum(-1) / ds.sq_norm.values[0]  # [n, L]
+            for j, layer in enumerate(ds.layer.values):
+                errs[types.get(str(layer), "?")].extend((ratio[:, j] - 1).tolist())
+            exact = ds.sum_sq_norm.values[0].sum()
+            est = sum(float((s[:, j].sum(0) ** 2).sum()) for j in range(s.shape[1]))
+            coh_err.append(abs(est / exact - 1))
+        rms = {t: float(np.sqrt(np.mean(np.square(v)))) for t, v in errs.items()}
+        rms["all"] = float(np.sqrt(np.mean(np.square(sum(errs.values(), [])))))
+        per_k[k] = {"rms": rms, "coherence_rel_error": float(np.mean(coh_err))}
+    # step time: plain vs exact vs each k (interleaved)
+    loggers = {0: GradientLogger(model, tmp / f"{name}-t0.zarr", mode="overwrite")}
+    for k in ks:
+        loggers[k] = GradientLogger(model, tmp / f"{name}-t{k}.zarr", sketch_dim=k, mode="overwrite")
+    times = defaultdict(list)
+    for rep in range(args.reps + 1):
+        t0 = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        model.zero_grad()
+        times["plain"].append(time.perf_counter() - t0)
+        for k, g in loggers.items():
+            t0 = time.perf_counter()
+            with g.record(rep):
+                F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+            times[k].append(time.perf_counter() - t0)
+    for g in loggers.values():
+        g.close()
+    plain = statistics.median(times["plain"][1:])
+    for k in ks:
+        per_k[k]["step_ratio"] = statistics.median(times[k][1:]) / plain
+    results[name] = {"exact_step_ratio": statistics.median(times[0][1:]) / plain, "k": per_k}
+    print(name, json.dumps(results[name], indent=1))
+if args.out:
+    Path(args.out).write_text(json.dumps(results, indent=1))
