@@ -50,6 +50,7 @@ class LoggerConfig:
         flush_secs: The writer commits buffered steps at least this often.
         handle_sigterm: While the logger is open, turn SIGTERM into ``SystemExit(143)`` in the main thread (only
             when no other SIGTERM handler is installed), so that ``with`` blocks close the logger and commit.
+        extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 
     every: int = 1
