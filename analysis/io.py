@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-COMPACTED_KEY = "gradcoh_compacted"
+COMPACTED_KEY = schema.COMPACTED_KEY
 """Root attribute written by :func:`~gradcoh.analysis.compact.compact_store` (final store, sharded, consolidated)."""
 
 

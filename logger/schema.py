@@ -44,6 +44,7 @@ VERSIONS_KEY = "gradcoh_versions"  # {package: version}
 MODEL_KEY = "gradcoh_model"  # model class, qualified name
 NOTES_KEY = "gradcoh_notes"  # list of strings: semantics worth knowing (BatchNorm in train mode, ...)
 ERROR_KEY = "gradcoh_error"  # why logging stopped early (on_error="warn"), or absent
+COMPACTED_KEY = "gradcoh_compacted"  # set by `gradcoh compact`: a finished, sharded, read-only store
 WORLD_SIZE_KEY = "gradcoh_world_size"  # number of ranks; > 1: the streams live in per-rank groups
 
 # --- stream attributes ---------------------------------------------------------------------------------

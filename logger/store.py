@@ -87,6 +87,9 @@ def open_root(
 
 def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to append a run whose configuration differs from the store's."""
+    if schema.COMPACTED_KEY in old:
+        raise StoreError(f"{path} is a compacted (sharded, finished) store and cannot be appended to; append to "
+                         "the original store or start a new one")
     version = old.get(schema.FORMAT_KEY)
     if version is None:
         raise StoreError(f"{path} is not a gradcoh store (no {schema.FORMAT_KEY!r} attribute); cannot append")
