@@ -52,7 +52,8 @@ def _whole_batch_parts(ds: xr.Dataset, source: str) -> xr.Dataset:
         num = ds[schema.SUM_SQ_NORM].reset_coords(drop=True)
     else:
         num = sketch_numerator(ds, None)
-    m = xr.DataArray(ds[schema.N_EXAMPLES].data, dims=schema.DIM_STEP)
+    # m is one integer per step: load it (a lazy coordinate shared by numerator and result breaks dask.compute).
+    m = xr.DataArray(np.asarray(ds[schema.N_EXAMPLES].values), dims=schema.DIM_STEP)
     return xr.Dataset({"numerator": num, "denominator": den, "m": m})
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 
 import typer
+from gradcoh.logger import schema
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def reported(store: str | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except (ValueError, OSError, KeyError) as exc:
+    except (schema.GradcohError, ValueError, OSError, KeyError) as exc:
         log.debug("command failed", exc_info=True)
         typer.echo(f"Error: {_one_line(exc)}", err=True)
         raise typer.Exit(code=EXIT_BAD_INPUT) from None

@@ -138,5 +138,9 @@ def rank_group(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
-class FormatError(ValueError):
+class GradcohError(Exception):
+    """Base of every error gradcoh raises on purpose (the CLI turns these into one-line messages)."""
+
+
+class FormatError(GradcohError, ValueError):
     """A path is not a gradcoh store, or one written in a format this version cannot read."""

@@ -31,7 +31,7 @@ CHUNK_TARGET_BYTES = 4 * 2**20
 MAX_STEPS_PER_CHUNK = 256
 
 
-class StoreError(RuntimeError):
+class StoreError(schema.GradcohError, RuntimeError):
     """A store cannot be created, appended to or written."""
 
 

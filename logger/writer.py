@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .schema import GradcohError
 from .store import HostRecord, StreamWriter
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def _at_exit(fn: Callable[[], None]) -> None:
         atexit.register(fn)  # also run by atexit when threading's hooks are not (idempotent)
 
 
-class WriterError(RuntimeError):
+class WriterError(GradcohError, RuntimeError):
     """The background writer failed; the message names the store and the cause."""
 
 
