@@ -241,7 +241,8 @@ class GradientLogger:
         if self._stopped:
             yield Recording(None)
             return
-        state = StepState(len(self.config.group_names), scale_by_batch)
+        acc = torch.float64 if stream == schema.STREAM_PROBE else torch.float32
+        state = StepState(len(self.config.group_names), scale_by_batch, acc_dtype=acc)
         state.trackers = self.trackers
         if group is not None:
             state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
@@ -282,9 +283,7 @@ class GradientLogger:
             t.check_complete()
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
         sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
-        group_sums = self._global([t.group_sum_matrix(len(g)) for t in self.trackers])  # [G, P_l] each
-        grams = torch.stack([s @ s.T for s in group_sums])  # [L, G, G] float64
-        sums = torch.stack([s.sum(0).pow(2).sum() for s in group_sums])  # [L] ‖Σ_i g_i‖²
+        grams, sums = self._grams(len(g))  # [L, G, G], [L] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         device_tensors = {"sq_norm": sq_norm, "sum_sq_norm": sums, "group_gram": grams, "finite": finite}
         if state.losses:
@@ -307,13 +306,23 @@ class GradientLogger:
             finite=host["finite"], sketch=host.get("sketch"),
         )
 
-    def _global(self, sums: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sum the per-layer group-sum vectors over ranks (exact global Gram matrices need the vectors)."""
+    def _grams(self, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer group Gram matrices ``[L, G, G]`` and ``‖Σ_i g_i‖²`` ``[L]``, in float64.
+
+        One process: layer by layer (only one layer's float64 sums exist at a time). Several processes: the group-sum
+        vectors of all layers are summed over ranks with one all-reduce first; the Gram of summed vectors is the
+        exact global one (a sum of per-rank Grams would miss the cross-rank terms).
+        """
         if self.world_size == 1:
-            return sums
-        flat = torch.cat([s.reshape(-1) for s in sums])
-        torch.distributed.all_reduce(flat)  # SUM over ranks, float64
-        return [part.view_as(s) for part, s in zip(flat.split([s.numel() for s in sums]), sums, strict=True)]
+            parts = [_gram(t.group_sum_matrix(n_groups)) for t in self.trackers]
+        else:
+            sums = [t.group_sum_matrix(n_groups) for t in self.trackers]  # [G, P_l] float64 each
+            flat = torch.cat([s.reshape(-1) for s in sums])
+            torch.distributed.all_reduce(flat)  # SUM over ranks
+            parts = [_gram(part.view_as(s)) for part, s in zip(flat.split([s.numel() for s in sums]), sums,
+                                                                strict=True)]
+        grams, norms = zip(*parts, strict=True)
+        return torch.stack(grams), torch.stack(norms)
 
     def _put(self, stream: str, record: HostRecord) -> None:
         try:
@@ -472,6 +481,11 @@ class GradientLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _gram(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[G, G]`` Gram matrix of group sums ``[G, P]`` and the squared norm of their total."""
+    return sums @ sums.T, sums.sum(0).pow(2).sum()
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

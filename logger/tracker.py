@@ -30,6 +30,8 @@ class StepState:
     Attributes:
         n_groups: Number of groups ``G``.
         scale_by_batch: True for ``loss_reduction="mean"``: per-example gradients are ``n ×`` the batch terms.
+        acc_dtype: Type of the batch- and group-sum accumulators: float32 for the batch stream (one backward per
+            step, no rounding to accumulate; half the memory), float64 for probes (many micro-batches).
         group: ``[n_total]`` group of each example on the model's device, or None.
         sizes: Examples in each completed or current micro-batch.
         micro: Index of the current micro-batch (advanced at the end of each backward pass).
@@ -40,6 +42,7 @@ class StepState:
 
     n_groups: int
     scale_by_batch: bool
+    acc_dtype: torch.dtype = torch.float32
     group: torch.Tensor | None = None
     sizes: list[int] = field(default_factory=list)
     micro: int = 0
@@ -124,8 +127,8 @@ class LayerTracker:
         """Forget the previous step's results."""
         self.sq: dict[int, torch.Tensor] = {}  # micro-batch -> [n]
         self.sketch: dict[int, torch.Tensor] = {}  # micro-batch -> [n, k]
-        self.group_sums: torch.Tensor | None = None  # [G-1, rows, cols] float64
-        self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, float64
+        self.group_sums: torch.Tensor | None = None  # [G-1, rows, cols] in acc_dtype
+        self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, acc_dtype
 
     # --- hooks -------------------------------------------------------------------------------------------
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -162,7 +165,7 @@ class LayerTracker:
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
         self._queue_end_of_backward()
-        g = grad.detach().to(torch.float64, copy=True)  # never alias autograd's tensor (it may become .grad)
+        g = grad.detach().to(self._state.acc_dtype, copy=True)  # never alias autograd's tensor (it may become .grad)
         scale = self._state.scale()
         if scale != 1.0:
             g *= scale
@@ -211,7 +214,7 @@ class LayerTracker:
             self.sketch[state.micro] = grad.sketch(self.projector) * scale
         weights = state.weights(torch.float32)
         if weights is not None:
-            sums = grad.group_sums(weights).to(torch.float64) * scale
+            sums = grad.group_sums(weights).to(state.acc_dtype) * scale
             self.group_sums = sums if self.group_sums is None else self.group_sums + sums
 
     def flush_calls(self) -> None:
@@ -221,9 +224,9 @@ class LayerTracker:
 
     # --- results -----------------------------------------------------------------------------------------
     def batch_sum(self) -> torch.Tensor:
-        """``[rows, cols]`` float64 Σ over examples of per-example gradients (from the parameter hooks)."""
+        """``[rows, cols]`` Σ over examples of per-example gradients (from the parameter hooks)."""
         grads = [
-            torch.zeros(p.shape, dtype=torch.float64, device=p.device) if g is None else g
+            torch.zeros(p.shape, dtype=self._acc_dtype(), device=p.device) if g is None else g
             for p, g in zip(self.params, self.batch_grads, strict=True)
         ]
         return self.view.to_matrix([g.unsqueeze(0) for g in grads])[0]
@@ -247,15 +250,18 @@ class LayerTracker:
         sk = [self.sketch.get(j, torch.zeros(n, k, device=device)) for j, n in enumerate(sizes)]
         return torch.cat(sq), torch.cat(sk)
 
+    def _acc_dtype(self) -> torch.dtype:
+        return self._state.acc_dtype if self._state is not None else torch.float64
+
     def group_sum_matrix(self, n_groups: int) -> torch.Tensor:
         """``[G, rows·cols]`` float64 group sums ``Σ_{i∈g} g_i``; the last group is the total minus the others."""
-        total = self.batch_sum().reshape(1, -1)
+        total = self.batch_sum().reshape(1, -1).to(torch.float64)
         if n_groups == 1:
             return total
         if self.group_sums is None:
             sums = torch.zeros(n_groups - 1, total.shape[1], dtype=torch.float64, device=total.device)
         else:
-            sums = self.group_sums.reshape(n_groups - 1, -1)
+            sums = self.group_sums.reshape(n_groups - 1, -1).to(torch.float64)
         return torch.cat([sums, total - sums.sum(0, keepdim=True)])
 
 
