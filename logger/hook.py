@@ -241,8 +241,10 @@ class GradientLogger:
         if self._stopped:
             yield Recording(None)
             return
-        acc = torch.float64 if stream == schema.STREAM_PROBE else torch.float32
-        state = StepState(len(self.config.group_names), scale_by_batch, acc_dtype=acc)
+        probe = stream == schema.STREAM_PROBE
+        from_grad = not probe and self.world_size == 1 and all(p.grad is None for t in self.trackers for p in t.params)
+        state = StepState(len(self.config.group_names), scale_by_batch,
+                          acc_dtype=torch.float64 if probe else torch.float32, from_grad=from_grad)
         state.trackers = self.trackers
         if group is not None:
             state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)

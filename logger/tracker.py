@@ -32,6 +32,8 @@ class StepState:
         scale_by_batch: True for ``loss_reduction="mean"``: per-example gradients are ``n ×`` the batch terms.
         acc_dtype: Type of the batch- and group-sum accumulators: float32 for the batch stream (one backward per
             step, no rounding to accumulate; half the memory), float64 for probes (many micro-batches).
+        from_grad: Every tracked ``.grad`` was None when the step began, so the batch sums are read from ``.grad``
+            at the end (no copy); parameter hooks only start accumulating if a second backward pass comes.
         group: ``[n_total]`` group of each example on the model's device, or None.
         sizes: Examples in each completed or current micro-batch.
         micro: Index of the current micro-batch (advanced at the end of each backward pass).
@@ -43,6 +45,7 @@ class StepState:
     n_groups: int
     scale_by_batch: bool
     acc_dtype: torch.dtype = torch.float32
+    from_grad: bool = False
     group: torch.Tensor | None = None
     sizes: list[int] = field(default_factory=list)
     micro: int = 0
@@ -56,9 +59,9 @@ class StepState:
             self.sizes.append(n)
         return self.sizes[self.micro]
 
-    def scale(self) -> float:
-        """Factor from the batch loss's terms to each example's own loss."""
-        return float(self.sizes[self.micro]) if self.scale_by_batch else 1.0
+    def scale(self, micro: int | None = None) -> float:
+        """Factor from the batch loss's terms to each example's own loss (current micro-batch by default)."""
+        return float(self.sizes[self.micro if micro is None else micro]) if self.scale_by_batch else 1.0
 
     def weights(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[n, G-1]`` one-hot group weights of the current micro-batch (the last group is implied)."""
@@ -104,6 +107,7 @@ class LayerTracker:
         self._state: StepState | None = None
         self._calls: list[_Call] = []
         self._busy = False  # True while a rule runs: the torch.func fallback re-enters the module's forward
+        self._grad_versions: list[int | None] = []
         self.reset()
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -121,7 +125,6 @@ class LayerTracker:
             h.remove()
         self._handles.clear()
         self._calls = []
-        self._state = None
 
     def reset(self) -> None:
         """Forget the previous step's results."""
@@ -164,9 +167,19 @@ class LayerTracker:
             self.process()
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
+        state = self._state
         self._queue_end_of_backward()
-        g = grad.detach().to(self._state.acc_dtype, copy=True)  # never alias autograd's tensor (it may become .grad)
-        scale = self._state.scale()
+        if state.from_grad:
+            if state.micro == 0:
+                return  # .grad will hold exactly this backward's gradient
+            if self.batch_grads[i] is None:  # a second backward: .grad holds micro-batch 0's gradient (so far)
+                held = self.params[i].grad
+                self.batch_grads[i] = (torch.zeros_like(grad, dtype=state.acc_dtype) if held is None
+                                       else held.detach().to(state.acc_dtype) * state.scale(0))
+            self.batch_grads[i] = self.batch_grads[i] + grad.detach().to(state.acc_dtype) * state.scale()
+            return
+        g = grad.detach().to(state.acc_dtype, copy=True)  # never alias autograd's tensor (it may become .grad)
+        scale = state.scale()
         if scale != 1.0:
             g *= scale
         self.batch_grads[i] = g if self.batch_grads[i] is None else self.batch_grads[i] + g
@@ -221,19 +234,34 @@ class LayerTracker:
         """Process calls left open when the backward pass ended (outputs that got no gradient)."""
         if self._calls:
             self.process()
+        if self._state.from_grad:  # to detect in-place changes of .grad before the step ends
+            self._grad_versions = [None if p.grad is None else p.grad._version for p in self.params]
 
     # --- results -----------------------------------------------------------------------------------------
     def batch_sum(self) -> torch.Tensor:
-        """``[rows, cols]`` Σ over examples of per-example gradients (from the parameter hooks)."""
-        grads = [
-            torch.zeros(p.shape, dtype=self._acc_dtype(), device=p.device) if g is None else g
-            for p, g in zip(self.params, self.batch_grads, strict=True)
-        ]
+        """``[rows, cols]`` Σ over examples of per-example gradients (parameter hooks, or ``.grad``)."""
+        grads = [self._param_sum(i) for i in range(len(self.params))]
         return self.view.to_matrix([g.unsqueeze(0) for g in grads])[0]
+
+    def _param_sum(self, i: int) -> torch.Tensor:
+        p, acc = self.params[i], self.batch_grads[i]
+        if acc is not None:
+            return acc
+        if self._state.from_grad and p.grad is not None:
+            if p.grad._version != self._grad_versions[i]:
+                raise RuntimeError(
+                    f"the .grad of layer '{self.name}' was modified in place inside the record block (e.g. gradient "
+                    "clipping); do that after the block, which should hold only the forward and backward passes"
+                )
+            return p.grad.detach() * self._state.scale(0)
+        return torch.zeros(p.shape, dtype=self._state.acc_dtype, device=p.device)
 
     def check_complete(self) -> None:
         """Refuse to report a layer whose parameters got gradients that its own forward calls did not produce."""
-        if not self.sq and any(g is not None for g in self.batch_grads):
+        got = [g is not None for g in self.batch_grads]
+        if self._state.from_grad:
+            got = [p.grad is not None for p in self.params]
+        if not self.sq and any(got):
             raise RuntimeError(
                 f"the parameters of layer '{self.name}' received gradients but the module's forward was never "
                 "called (a parent uses its weights directly); exclude it with layers=... or register a rule for "
@@ -249,9 +277,6 @@ class LayerTracker:
         k = self.projector.dim
         sk = [self.sketch.get(j, torch.zeros(n, k, device=device)) for j, n in enumerate(sizes)]
         return torch.cat(sq), torch.cat(sk)
-
-    def _acc_dtype(self) -> torch.dtype:
-        return self._state.acc_dtype if self._state is not None else torch.float64
 
     def group_sum_matrix(self, n_groups: int) -> torch.Tensor:
         """``[G, rows·cols]`` float64 group sums ``Σ_{i∈g} g_i``; the last group is the total minus the others."""

@@ -265,3 +265,30 @@ def test_per_example_loss_and_metadata(tmp_path):
     np.testing.assert_allclose(ds.loss.values[0], per.detach().numpy(), rtol=1e-6)
     assert list(ds.index.values[0]) == [10, 11, 12, 13]
     assert list(ds.label.values[0]) == [0, 1, 1, 0]
+
+
+@pytest.mark.parametrize("preexisting", ["none", "zeros", "values"])
+def test_accumulation_mean_unequal_microbatches_any_initial_grad(preexisting, tmp_path):
+    """Batch sums are exact whether .grad starts as None (read from .grad) or not (copied in the hooks)."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(7, 3)
+    y = target_for(model, x)
+    if preexisting != "none":
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if preexisting == "zeros" else torch.randn_like(p)
+    with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="mean") as glog:
+        with glog.record(0):
+            for xb, yb in ((x[:5], y[:5]), (x[5:], y[5:])):
+                sq_loss(model(xb), yb).mean().backward()
+    ds = xr.open_zarr(tmp_path / "s.zarr", group="batch", consolidated=False).load()
+    check_step(ds, 0, model, x, y)
+
+
+def test_in_place_change_of_grad_inside_record_is_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with GradientLogger(model, tmp_path / "s.zarr") as glog:
+        with pytest.raises(RuntimeError, match="modified in place inside the record block"):
+            with glog.record(0):
+                model(torch.randn(4, 3)).sum().backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
