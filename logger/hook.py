@@ -318,8 +318,8 @@ class GradientLogger:
         if self.world_size == 1:
             parts = [_gram(t.group_sum_matrix(n_groups)) for t in self.trackers]
         else:
-            sums = [t.group_sum_matrix(n_groups) for t in self.trackers]  # [G, P_l] float64 each
-            flat = torch.cat([s.reshape(-1) for s in sums])
+            sums = [t.group_sum_matrix(n_groups) for t in self.trackers]  # [G, P_l] each
+            flat = torch.cat([s.reshape(-1).to(torch.float64) for s in sums])
             torch.distributed.all_reduce(flat)  # SUM over ranks
             parts = [_gram(part.view_as(s)) for part, s in zip(flat.split([s.numel() for s in sums]), sums,
                                                                 strict=True)]
@@ -486,8 +486,17 @@ class GradientLogger:
 
 
 def _gram(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[G, G]`` Gram matrix of group sums ``[G, P]`` and the squared norm of their total."""
-    return sums @ sums.T, sums.sum(0).pow(2).sum()
+    """``[G, G]`` float64 Gram matrix of group sums ``[G, P]`` and ``‖Σ_g sums_g‖²``.
+
+    One GEMM in the accumulator's type (BLAS accumulates in blocks, so float32 sums of millions of entries keep ~1e-6
+    relative accuracy); only the small result is converted. The total's norm is computed directly rather than as the
+    sum of the Gram entries, which could cancel when groups pull in opposite directions.
+    """
+    gram = (sums @ sums.T).to(torch.float64)
+    if sums.shape[0] == 1:
+        return gram, gram[0, 0]
+    total = sums.sum(0)
+    return gram, (total @ total).to(torch.float64)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -279,14 +279,14 @@ class LayerTracker:
         return torch.cat(sq), torch.cat(sk)
 
     def group_sum_matrix(self, n_groups: int) -> torch.Tensor:
-        """``[G, rows·cols]`` float64 group sums ``Σ_{i∈g} g_i``; the last group is the total minus the others."""
-        total = self.batch_sum().reshape(1, -1).to(torch.float64)
+        """``[G, rows·cols]`` group sums ``Σ_{i∈g} g_i``; the last group is the total minus the others."""
+        total = self.batch_sum().reshape(1, -1)
         if n_groups == 1:
             return total
         if self.group_sums is None:
-            sums = torch.zeros(n_groups - 1, total.shape[1], dtype=torch.float64, device=total.device)
+            sums = torch.zeros(n_groups - 1, total.shape[1], dtype=total.dtype, device=total.device)
         else:
-            sums = self.group_sums.reshape(n_groups - 1, -1).to(torch.float64)
+            sums = self.group_sums.reshape(n_groups - 1, -1).to(total.dtype)
         return torch.cat([sums, total - sums.sum(0, keepdim=True)])
 
 
