@@ -311,20 +311,20 @@ class GradientLogger:
     def _grams(self, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer group Gram matrices ``[L, G, G]`` and ``‖Σ_i g_i‖²`` ``[L]``, in float64.
 
-        One process: layer by layer (only one layer's float64 sums exist at a time). Several processes: the group-sum
-        vectors of all layers are summed over ranks with one all-reduce first; the Gram of summed vectors is the
-        exact global one (a sum of per-rank Grams would miss the cross-rank terms).
+        ``‖Σ_i g_i‖²`` is the sum of the Gram entries (Σ_a Σ_b ⟨S_a, S_b⟩ = ‖Σ_a S_a‖²). One process: layer by layer,
+        in the accumulator's type. Several processes: the group-sum vectors of all layers are summed over ranks with
+        one float64 all-reduce first; the Gram of summed vectors is the exact global one (a sum of per-rank Grams
+        would miss the cross-rank terms).
         """
         if self.world_size == 1:
-            parts = [_gram(t.group_sum_matrix(n_groups)) for t in self.trackers]
+            grams = torch.stack([t.gram(n_groups) for t in self.trackers])
         else:
             sums = [t.group_sum_matrix(n_groups) for t in self.trackers]  # [G, P_l] each
             flat = torch.cat([s.reshape(-1).to(torch.float64) for s in sums])
             torch.distributed.all_reduce(flat)  # SUM over ranks
-            parts = [_gram(part.view_as(s)) for part, s in zip(flat.split([s.numel() for s in sums]), sums,
-                                                                strict=True)]
-        grams, norms = zip(*parts, strict=True)
-        return torch.stack(grams), torch.stack(norms)
+            grams = torch.stack([part.view_as(s) @ part.view_as(s).T
+                                 for part, s in zip(flat.split([s.numel() for s in sums]), sums, strict=True)])
+        return grams, grams.sum((1, 2))
 
     def _put(self, stream: str, record: HostRecord) -> None:
         try:
@@ -483,20 +483,6 @@ class GradientLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _gram(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[G, G]`` float64 Gram matrix of group sums ``[G, P]`` and ``‖Σ_g sums_g‖²``.
-
-    One GEMM in the accumulator's type (BLAS accumulates in blocks, so float32 sums of millions of entries keep ~1e-6
-    relative accuracy); only the small result is converted. The total's norm is computed directly rather than as the
-    sum of the Gram entries, which could cancel when groups pull in opposite directions.
-    """
-    gram = (sums @ sums.T).to(torch.float64)
-    if sums.shape[0] == 1:
-        return gram, gram[0, 0]
-    total = sums.sum(0)
-    return gram, (total @ total).to(torch.float64)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -240,21 +240,31 @@ class LayerTracker:
     # --- results -----------------------------------------------------------------------------------------
     def batch_sum(self) -> torch.Tensor:
         """``[rows, cols]`` Σ over examples of per-example gradients (parameter hooks, or ``.grad``)."""
-        grads = [self._param_sum(i) for i in range(len(self.params))]
+        grads = [t * scale if scale != 1.0 else t for t, scale in map(self._param_sum, range(len(self.params)))]
         return self.view.to_matrix([g.unsqueeze(0) for g in grads])[0]
 
-    def _param_sum(self, i: int) -> torch.Tensor:
+    def _param_sum(self, i: int) -> tuple[torch.Tensor, float]:
+        """One parameter's Σ_i g_i as ``(tensor, scale)``: the sum is ``scale · tensor`` (avoids a scaled copy)."""
         p, acc = self.params[i], self.batch_grads[i]
         if acc is not None:
-            return acc
+            return acc, 1.0
         if self._state.from_grad and p.grad is not None:
             if p.grad._version != self._grad_versions[i]:
                 raise RuntimeError(
                     f"the .grad of layer '{self.name}' was modified in place inside the record block (e.g. gradient "
                     "clipping); do that after the block, which should hold only the forward and backward passes"
                 )
-            return p.grad.detach() * self._state.scale(0)
-        return torch.zeros(p.shape, dtype=self._state.acc_dtype, device=p.device)
+            return p.grad.detach(), self._state.scale(0)
+        return torch.zeros(p.shape, dtype=self._state.acc_dtype, device=p.device), 1.0
+
+    def gram(self, n_groups: int) -> torch.Tensor:
+        """``[G, G]`` float64 Gram matrix of the group sums (one process)."""
+        if n_groups == 1:  # ‖Σ_i g_i‖² parameter by parameter: no matrix view, no scaled copy
+            total = sum(scale**2 * torch.dot(t.reshape(-1), t.reshape(-1)).to(torch.float64)
+                        for t, scale in map(self._param_sum, range(len(self.params))))
+            return total.reshape(1, 1)
+        sums = self.group_sum_matrix(n_groups)
+        return (sums @ sums.T).to(torch.float64)
 
     def check_complete(self) -> None:
         """Refuse to report a layer whose parameters got gradients that its own forward calls did not produce."""
