@@ -42,7 +42,7 @@ DEFAULT_SHARD_BYTES = 128 * 2**20
 """Target uncompressed size of one shard of a stream's largest array (Dask guidance: ~100 MB per task)."""
 
 
-class CompactionError(RuntimeError):
+class CompactionError(schema.GradcohError, RuntimeError):
     """The compacted copy differs from the source, or the destination cannot be written."""
 
 

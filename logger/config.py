@@ -21,6 +21,7 @@ def _choice(name: str, value: Any, allowed: tuple) -> Any:
 
 
 def int_at_least(name: str, value: Any, low: int) -> int:
+    """Return ``value`` if it is an integer ``>= low``; raise a ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value

@@ -89,7 +89,7 @@ def unfold(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stri
     x = F.pad(x, pads)
     for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True)):
         x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]  # appends a window axis
-    n, c = x.shape[:2]
+    n = x.shape[0]
     t = x.shape[2 : 2 + nd].numel()
     # [n, C, *out, *k] → [n, *out, C, *k] → [n, T, C·prod(k)]
     perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]

@@ -83,7 +83,8 @@ class TensorSketch:
         cls, seed: int, name: str, rows: int, cols: int, dim: int, device: torch.device | str = "cpu"
     ) -> TensorSketch:
         """Build the projection of layer ``name`` from the seed (see :func:`sketch_hashes`)."""
-        h = {key: torch.from_numpy(value).to(device) for key, value in sketch_hashes(seed, name, rows, cols, dim).items()}
+        hashes = sketch_hashes(seed, name, rows, cols, dim)
+        h = {key: torch.from_numpy(value).to(device) for key, value in hashes.items()}
         return cls(dim, rows, cols, h["row_hash"], h["row_sign"], h["col_hash"], h["col_sign"])
 
     def count_sketch_cols(self, v: torch.Tensor, bias: bool = False) -> torch.Tensor:

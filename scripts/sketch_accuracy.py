@@ -19,9 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
-from torch import nn
-
 from gradcoh.logger import GradientLogger
+from torch import nn
 
 p = argparse.ArgumentParser()
 p.add_argument("--ks", default="64,256,1024,4096")
@@ -88,7 +87,7 @@ for name, (make, data) in MODELS.items():
             est = sum(float((s[:, j].sum(0) ** 2).sum()) for j in range(s.shape[1]))
             coh_err.append(abs(est / exact - 1))
         rms = {t: float(np.sqrt(np.mean(np.square(v)))) for t, v in errs.items()}
-        rms["all"] = float(np.sqrt(np.mean(np.square(sum(errs.values(), [])))))
+        rms["all"] = float(np.sqrt(np.mean(np.square(np.concatenate(list(errs.values()))))))
         per_k[k] = {"rms": rms, "coherence_rel_error": float(np.mean(coh_err))}
     # step time: plain vs exact vs each k (interleaved)
     loggers = {0: GradientLogger(model, tmp / f"{name}-t0.zarr", mode="overwrite")}

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dask
+import gradcoh.analysis as ga
 import numpy as np
 import pytest
-
-import gradcoh.analysis as ga
 
 
 @pytest.mark.parametrize("fn", [ga.m_coherence, ga.alpha, ga.debiased_alpha, ga.gradient_diversity])

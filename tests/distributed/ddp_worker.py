@@ -13,9 +13,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-
 from gradcoh.logger import GradientLogger
+from torch import nn
 
 GLOBAL_BATCH = 8
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from gradcoh.analysis import m_coherence, open_store
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -40,7 +39,7 @@ def _launch(path, steps, mode="", world=2):
 def test_ddp_global_statistics_equal_single_process(tmp_path):
     procs = _launch(tmp_path / "ddp.zarr", 4)
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     ref = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one.zarr"), "4", "single"],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -67,7 +66,7 @@ def test_store_consistent_after_one_rank_is_killed(tmp_path):
         try:
             if open_store(path).sizes["step"] >= 3:
                 break
-        except Exception:  # noqa: BLE001 (not created yet)
+        except Exception:
             pass
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)

@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from gradcoh.logger import GradientLogger
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import expected_stats, per_example_grads_loop, per_example_grads_vmap
 from torch import nn
-
-from gradcoh.logger import GradientLogger
 
 RTOL = 2e-4
 

@@ -7,9 +7,8 @@ import sys
 import textwrap
 
 import torch
-from torch import nn
-
 from gradcoh.logger import GradientLogger
+from torch import nn
 
 
 def _run(code: str, cwd=None) -> subprocess.CompletedProcess:
@@ -71,7 +70,8 @@ def test_plain_xarray_opens_the_store_in_a_fresh_interpreter(tmp_path):
         import xarray as xr
         ds = xr.open_zarr({str(path)!r}, group="batch", consolidated=False)
         assert not [m for m in sys.modules if m.startswith("gradcoh.")], "gradcoh was imported"
-        assert dict(ds.sizes) == {{"step": 3, "example": 5, "layer": 2, "group_i": 2, "group_j": 2, "proj": 8}}, ds.sizes
+        expected = {{"step": 3, "example": 5, "layer": 2, "group_i": 2, "group_j": 2, "proj": 8}}
+        assert dict(ds.sizes) == expected, ds.sizes
         for v in ("sq_norm", "sum_sq_norm", "group_gram", "index", "label", "group", "loss", "sketch", "finite"):
             assert v in ds.variables, v
         assert list(ds.layer.values) == ["0", "2"] and list(ds.group_i.values) == ["clean", "corrupted"]

@@ -6,11 +6,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from gradcoh.logger import GradientLogger
 from oracle import expected_stats, per_example_grads_vmap
 from torch import nn
 from torchvision.models import resnet18
-
-from gradcoh.logger import GradientLogger
 
 
 def ce(out, y):

@@ -6,10 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from gradcoh.logger import GradientLogger
 from oracle import expected_stats, per_example_grads_vmap
 from torch import nn
-
-from gradcoh.logger import GradientLogger
 
 
 def make_model():

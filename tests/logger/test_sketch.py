@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import xarray as xr
-from oracle import layer_matrix, layer_params, per_example_grads_vmap
-from torch import nn
-
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.grads import Dense, Factored, MatrixView
 from gradcoh.logger.layers import default_rules, functional_rule
 from gradcoh.logger.sketch import TensorSketch, sketch_hashes
+from oracle import layer_matrix, layer_params, per_example_grads_vmap
+from torch import nn
 
 
 def small_cnn():
