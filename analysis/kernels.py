@@ -44,6 +44,16 @@ def safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
+def sum_sq_of_sum(sketch: np.ndarray) -> np.ndarray:
+    """‖Σ_i s_i‖² over the last two axes ``(example, proj)`` in one pass; NaN rows (padding) count as zero.
+
+    The sum over examples accumulates in float64 straight from the stored float16/float32 values (no float64 copy
+    of the block), which is what makes the sketch numerator read-bound.
+    """
+    total = np.nansum(sketch, axis=-2, dtype=np.float64)  # [..., proj]
+    return np.einsum("...k,...k->...", total, total)
+
+
 def m_coherence_from_gradients(grads: np.ndarray, axis: int = -2) -> np.ndarray:
     """O(m) m-coherence ``‖Σ_i g_i‖² / Σ_i ‖g_i‖²`` of full gradients.
 

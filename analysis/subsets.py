@@ -10,6 +10,7 @@ from __future__ import annotations
 import dask.array
 import numpy as np
 import xarray as xr
+from gradcoh.analysis import kernels
 from gradcoh.logger import schema
 
 __all__ = [
@@ -96,11 +97,13 @@ def sketch_numerator(ds: xr.Dataset, member: xr.DataArray | None) -> xr.DataArra
     """Estimated ‖Σ_{i∈S} g_{i,l}‖² from sketches over ``(step, layer[, group])`` (``None``: all examples)."""
     if schema.SKETCH not in ds:
         raise ValueError("this store has no sketches (written with sketch_dim=0); use source='exact' or by='group'")
-    sk = ds[schema.SKETCH].reset_coords(drop=True).astype(np.float64).fillna(0.0)
-    if member is None:
-        sums = sk.sum(schema.DIM_EXAMPLE)
-    else:
-        sums = xr.dot(sk, member.astype(np.float64), dim=schema.DIM_EXAMPLE)
+    sk = ds[schema.SKETCH].reset_coords(drop=True)
+    if member is None:  # one fused pass per chunk (the common, read-bound case)
+        return xr.apply_ufunc(
+            kernels.sum_sq_of_sum, sk, input_core_dims=[[schema.DIM_EXAMPLE, schema.DIM_PROJ]],
+            dask="parallelized", output_dtypes=[np.float64], dask_gufunc_kwargs={"allow_rechunk": True},
+        )
+    sums = xr.dot(sk.astype(np.float64).fillna(0.0), member.astype(np.float64), dim=schema.DIM_EXAMPLE)
     return (sums * sums).sum(schema.DIM_PROJ)
 
 
