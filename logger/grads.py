@@ -53,6 +53,17 @@ class MatrixView:
             return cls(tuple(shapes), rows, sum(sizes) // rows, True)
         return cls(tuple(shapes), 1, sum(sizes), False)
 
+    def to_flat(self, m: torch.Tensor) -> torch.Tensor:
+        """``[n, rows, cols]`` in this view → ``[n, P]`` in parameter order (each parameter flattened)."""
+        if not self.stacked:
+            return m.reshape(m.shape[0], -1)
+        pieces, start = [], 0
+        for shape in self.shapes:
+            width = _numel(shape) // self.rows
+            pieces.append(m[:, :, start : start + width].reshape(m.shape[0], -1))
+            start += width
+        return torch.cat(pieces, dim=1)
+
     def to_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Per-example parameter gradients ``[n, *shape]`` → ``[n, rows, cols]``."""
         n = grads[0].shape[0]
@@ -223,14 +234,52 @@ class Factored:
         return Factored(u, torch.cat([self.v, other.v], 1), idx, self.n_rows, self.bias)
 
 
-LayerGrad = Dense | Factored
+@dataclass
+class Composite:
+    """Per-example gradients of a layer whose parameters share no matrix view, as parts in their own views.
+
+    The layer uses the flat ``(1, P)`` view; its parts cover consecutive parameter ranges (e.g. MultiheadAttention:
+    in_proj and out_proj, both factored). Norms and group sums stay exact per part; sketching materialises the parts
+    in flat order.
+
+    Attributes:
+        parts: ``(gradient, view)`` pairs in parameter order.
+    """
+
+    parts: list[tuple[Dense | Factored, MatrixView]]
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return self.parts[0][0].n
+
+    def sq_norms(self) -> torch.Tensor:
+        """``[n]`` squared norms: the parts' norms add."""
+        return sum(part.sq_norms() for part, _ in self.parts)
+
+    def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[g, 1, P]`` group sums in flat parameter order."""
+        return torch.cat([view.to_flat(part.group_sums(weights)) for part, view in self.parts], dim=1).unsqueeze(1)
+
+    def sketch(self, projector: TensorSketch) -> torch.Tensor:
+        """``[n, k]`` sketches of the flat per-example gradients (materialises each part once)."""
+        blocks = [view.to_flat(as_dense(part).m).unsqueeze(1) for part, view in self.parts]
+        return Dense(*blocks).sketch(projector)
+
+    def __add__(self, other: Composite) -> Composite:
+        return Composite([(combine([a, b]), view) for (a, view), (b, _) in zip(self.parts, other.parts, strict=True)])
+
+
+LayerGrad = Dense | Factored | Composite
 
 
 def combine(parts: list[LayerGrad]) -> LayerGrad:
     """The per-example gradient of a module called several times: the sum over its calls."""
     out = parts[0]
     for part in parts[1:]:
-        if (isinstance(out, Factored) and isinstance(part, Factored) and out.n_cols == part.n_cols
+        if isinstance(out, Composite):
+            out = out + part
+        elif (isinstance(out, Factored) and isinstance(part, Factored) and out.n_cols == part.n_cols
                 and out.bias == part.bias and (out.u is None) == (part.u is None)):
             out = out + part
         else:
@@ -257,6 +306,8 @@ def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
     Costs per example: factored = ghost norm (+ CountSketch of both factors and the FFT product when sketching);
     materialised = one batched GEMM ``T·rows·cols`` (+ a scattered sketch of ``rows·cols`` entries).
     """
+    if isinstance(grad, Composite):
+        return Composite([(choose_route(part, None), view) for part, view in grad.parts])
     if isinstance(grad, Dense) or grad.materialise_bytes() > MATERIALISE_BYTES:
         return grad
     t, size = grad.positions, grad.n_rows * grad.n_cols

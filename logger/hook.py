@@ -115,6 +115,7 @@ class GradientLogger:
             if cfg.layers and not _selected(qualified, module, cfg.layers):
                 continue
             rule = rules.lookup(module)
+            subtree = rule is None or rules.owns_subtree(module)
             if rule is None:
                 if not cfg.fallback:
                     raise ValueError(
@@ -124,8 +125,9 @@ class GradientLogger:
                 # The fallback differentiates the module's whole forward, so it owns its subtree (e.g. the
                 # out_proj of nn.MultiheadAttention, whose weights the parent uses without calling the child).
                 rule = functional_rule
+            if subtree:
                 covered.append(f"{name}." if name else "")
-            tracker = LayerTracker(qualified, module, rule, None, recurse=rule is functional_rule)
+            tracker = LayerTracker(qualified, module, rule, None, recurse=subtree)
             if cfg.sketch_dim:
                 device = tracker.params[0].device
                 projector = TensorSketch.create(cfg.seed, name, tracker.view.rows, tracker.view.cols,

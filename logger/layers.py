@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .grads import MATERIALISE_BYTES, Dense, Factored
+from .grads import MATERIALISE_BYTES, Composite, Dense, Factored, MatrixView
 
 Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored"]
 
@@ -35,12 +35,30 @@ class LayerRules:
         >>> rules.register(MyLayer, my_rule)  # doctest: +SKIP
     """
 
-    def __init__(self, rules: dict[type[nn.Module], Rule] | None = None) -> None:
+    def __init__(self, rules: dict[type[nn.Module], Rule] | None = None,
+                 subtree: set[type[nn.Module]] | None = None) -> None:
         self._rules: dict[type[nn.Module], Rule] = dict(rules or {})
+        self._subtree: set[type[nn.Module]] = set(subtree or ())
 
-    def register(self, module_type: type[nn.Module], rule: Rule) -> None:
-        """Use ``rule`` for ``module_type`` and its subclasses (unless they have their own)."""
+    def register(self, module_type: type[nn.Module], rule: Rule, *, subtree: bool = False) -> None:
+        """Use ``rule`` for ``module_type`` and its subclasses (unless they have their own).
+
+        Args:
+            module_type: The module class.
+            rule: The rule.
+            subtree: The rule covers the parameters of the module's children too (in ``named_parameters()``
+                order), e.g. because the module uses their weights without calling them.
+        """
         self._rules[module_type] = rule
+        if subtree:
+            self._subtree.add(module_type)
+
+    def owns_subtree(self, module: nn.Module) -> bool:
+        """Whether the rule found for ``module`` covers its whole subtree."""
+        for cls in type(module).__mro__:
+            if cls in self._rules:
+                return cls in self._subtree
+        return False
 
     def lookup(self, module: nn.Module) -> Rule | None:
         """The rule for ``module``, or None."""
@@ -51,7 +69,7 @@ class LayerRules:
 
     def copy(self) -> LayerRules:
         """An independent copy."""
-        return LayerRules(self._rules)
+        return LayerRules(self._rules, self._subtree)
 
 
 def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
@@ -199,6 +217,79 @@ def uses_batch_stats(module: nn.Module) -> bool:
     )
 
 
+def mha_rule(module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_outputs: tuple) -> Composite | Dense:
+    """``nn.MultiheadAttention`` (batch first, packed in_proj, no bias_kv/zero_attn): both projections factored.
+
+    The attention is recomputed once for the whole batch (not per example) to get the gradients of the q/k/v
+    projections: ``in_proj``'s per-example gradient is ``Σ_t [δq_t; δk_t; δv_t] [x_t, 1]ᵀ`` and ``out_proj``'s is
+    ``Σ_t δ_t [ctx_t, 1]ᵀ``, so norms use the ghost trick and nothing is materialised per example. Other
+    configurations use :func:`functional_rule`.
+    """
+    call = _mha_call(module, args, kwargs)
+    if call is None or grad_outputs[0] is None or any(g is not None for g in grad_outputs[1:]):
+        return functional_rule(module, args, kwargs, grad_outputs)
+    query, key, value, attn_mask, is_causal = call
+    go = grad_outputs[0]  # [n, L, E]
+    n, e, h = query.shape[0], module.embed_dim, module.num_heads
+    w = module.in_proj_weight.detach()
+    b = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+    with torch.enable_grad():
+        proj = [F.linear(x, w[i * e : (i + 1) * e], None if b is None else b[i * e : (i + 1) * e]).detach()
+                .requires_grad_() for i, x in enumerate((query, key, value))]
+        heads = [t.view(n, -1, h, e // h).transpose(1, 2) for t in proj]  # [n, h, T, e/h]
+        ctx = F.scaled_dot_product_attention(*heads, attn_mask=attn_mask, is_causal=is_causal)
+        ctx = ctx.transpose(1, 2).reshape(n, -1, e)  # [n, L, E]
+        g_ctx = go @ module.out_proj.weight.detach()  # out = ctx Woᵀ + bo
+        gq, gk, gv = torch.autograd.grad(ctx, proj, g_ctx)
+    in_bias = b is not None and module.in_proj_bias.requires_grad
+    if query is key and key is value:  # self-attention: one set of positions
+        in_part = Factored(torch.cat([gq, gk, gv], dim=-1), query, bias=in_bias)
+    else:  # each input feeds its own rows of in_proj: concatenate the positions, zero-padding the other rows
+        u = torch.cat([F.pad(g, (i * e, (2 - i) * e)) for i, g in enumerate((gq, gk, gv))], dim=1)
+        in_part = Factored(u, torch.cat([query, key, value], dim=1), bias=in_bias)
+    out_bias = module.out_proj.bias is not None and module.out_proj.bias.requires_grad
+    out_part = Factored(go, ctx.detach(), bias=out_bias)
+    in_shapes = [tuple(p.shape) for p in (module.in_proj_weight, module.in_proj_bias) if p is not None and
+                 p.requires_grad]
+    out_shapes = [tuple(p.shape) for p in module.out_proj.parameters() if p.requires_grad]
+    return Composite([(in_part, MatrixView.of(in_shapes)), (out_part, MatrixView.of(out_shapes))])
+
+
+def _mha_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
+    """The call's (query, key, value, float attention mask, is_causal), or None when the fast rule does not apply."""
+    if not (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn):
+        return None
+    if module.training and module.dropout > 0:
+        return None  # the attention dropout cannot be replayed
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    if query.dim() != 3 or not all(p.requires_grad for p in module.parameters()):
+        return None
+    n, length, src = query.shape[0], query.shape[1], key.shape[1]
+    kpm, mask, is_causal = bound.get("key_padding_mask"), bound.get("attn_mask"), bool(bound.get("is_causal", False))
+    # As F.multi_head_attention_forward: is_causal replaces the mask only when there is no key padding mask.
+    if is_causal and kpm is None and mask is None:
+        return query, key, value, None, True
+    out = None
+    if mask is not None:
+        out = _additive(mask, query.dtype)
+        if out.dim() == 3:  # [n·heads, L, S]
+            out = out.view(n, module.num_heads, length, src)
+    if kpm is not None:
+        pad = _additive(kpm, query.dtype).view(n, 1, 1, src)
+        out = pad if out is None else out + pad
+    return query, key, value, out, False
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean masks (True = not allowed) as additive float masks, as ``F.multi_head_attention_forward`` does."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
 def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """Generic fallback: ``torch.func.vmap`` over examples of the module's vjp with respect to its parameters.
 
@@ -256,5 +347,7 @@ def default_rules() -> LayerRules:
             nn.LayerNorm: layer_norm_rule,
             nn.GroupNorm: group_norm_rule,
             nn.modules.batchnorm._BatchNorm: batch_norm_rule,
-        }
+            nn.MultiheadAttention: mha_rule,
+        },
+        subtree={nn.MultiheadAttention},
     )

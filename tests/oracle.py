@@ -17,7 +17,7 @@ def layer_params(model: torch.nn.Module) -> dict[str, list[str]]:
     for name, module in model.named_modules():
         if any(name.startswith(c) for c in covered):
             continue
-        recurse = rules.lookup(module) is None
+        recurse = rules.lookup(module) is None or rules.owns_subtree(module)
         own = [k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
