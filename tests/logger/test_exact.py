@@ -291,3 +291,35 @@ def test_in_place_change_of_grad_inside_record_is_refused(tmp_path):
             with glog.record(0):
                 model(torch.randn(4, 3)).sum().backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+
+
+def _random_model(kind, d, c, k, g, t):
+    """A small model around one layer type with hypothesis-chosen sizes; returns (model, input shape, int input)."""
+    if kind == "linear_seq":
+        return nn.Sequential(nn.Linear(d, c), nn.Tanh(), nn.Linear(c, 2)), (t, d), False
+    if kind == "conv2d":
+        return nn.Sequential(nn.Conv2d(d, c * g, k, padding=k // 2, groups=1), nn.Tanh()), (d, k + t, k + 2), False
+    if kind == "conv2d_groups":
+        return nn.Sequential(nn.Conv2d(g * d, g * c, k, groups=g, stride=2)), (g * d, k + t + 1, k + 1), False
+    if kind == "embedding":
+        return nn.Sequential(nn.Embedding(d + 3, c), nn.Flatten(), nn.Linear(c * t, 2)), (t,), True
+    if kind == "layernorm":
+        return nn.Sequential(nn.Linear(d, c + 1), nn.LayerNorm(c + 1), nn.Linear(c + 1, 2)), (t, d), False
+    return nn.Sequential(nn.Conv2d(d, 2 * g, 1), nn.GroupNorm(g, 2 * g)), (d, t + 1, 2), False
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["linear_seq", "conv2d", "conv2d_groups", "embedding", "layernorm", "groupnorm"]),
+    n=st.integers(1, 5), d=st.integers(1, 4), c=st.integers(1, 4), k=st.integers(1, 3), g=st.integers(1, 3),
+    t=st.integers(1, 4), reduction=st.sampled_from(["mean", "sum"]),
+)
+def test_hypothesis_every_layer_type(tmp_path_factory, kind, n, d, c, k, g, t, reduction):
+    torch.manual_seed(n + 10 * d + 100 * c)
+    model, shape, integer = _random_model(kind, d, c, k, g, t)
+    x = torch.randint(0, d + 3, (n, *shape)) if integer else torch.randn(n, *shape)
+    y = target_for(model, x)
+    group = torch.arange(n) % 2
+    path = tmp_path_factory.mktemp("h") / "s.zarr"
+    ds = run_logged(model, [[(x, y)]], path, reduction=reduction, groups=("a", "b"), group=[group])
+    check_step(ds, 0, model, x, y, group.numpy(), 2)
