@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import dask.array
 import numpy as np
 import pytest
@@ -101,12 +103,18 @@ def test_errors_are_value_errors(tmp_path):
 
 
 def test_memory_url():
-    store = FsspecStore.from_url("memory://gradcoh-test/run.zarr", read_only=False)
-    _tiny(store)
-    ds = open_store("memory://gradcoh-test/run.zarr")
-    assert ds.sizes["step"] == 3
-    with pytest.raises(StoreNotFoundError):
-        open_store("memory://gradcoh-test/missing.zarr")
+    import fsspec
+
+    root = f"gradcoh-io-{uuid.uuid4().hex}"  # the memory filesystem is shared by every test of the process
+    try:
+        store = FsspecStore.from_url(f"memory://{root}/run.zarr", read_only=False)
+        _tiny(store)
+        ds = open_store(f"memory://{root}/run.zarr")
+        assert ds.sizes["step"] == 3
+        with pytest.raises(StoreNotFoundError):
+            open_store(f"memory://{root}/missing.zarr")
+    finally:
+        fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
 
 
 def test_file_url(tmp_path):

@@ -173,5 +173,9 @@ def test_sigterm_flushes_and_commits(forkserver, tmp_path):
     last = json.loads(progress.read_text())["last_step"]
     ds = open_store(path)
     assert last is not None and last > 0
-    np.testing.assert_array_equal(ds.step.values, np.arange(last + 1))  # every completed step was committed
-    assert zarr.open_group(str(path), mode="r")[schema.STREAM_BATCH][schema.SQ_NORM].shape[0] == last + 1
+    # Every completed step was committed: the progress file is written after each step, so SIGTERM may land between
+    # a step's record block and its progress line (one more committed step than reported).
+    n = ds.sizes["step"]
+    assert n in (last + 1, last + 2), (n, last)
+    np.testing.assert_array_equal(ds.step.values, np.arange(n))
+    assert zarr.open_group(str(path), mode="r")[schema.STREAM_BATCH][schema.SQ_NORM].shape[0] == n

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import uuid
 
 import numpy as np
 import pytest
@@ -57,17 +58,18 @@ def _check_round_trip(url: str, storage_options: dict | None) -> xr.Dataset:
 
 def test_memory_round_trip():
     pytest.importorskip("fsspec")
-    url = "memory://gradcoh-test/run.zarr"
+    root = f"gradcoh-remote-{uuid.uuid4().hex}"
+    url = f"memory://{root}/run.zarr"
     try:
         ds = _check_round_trip(url, None)
         by_group = analysis.m_coherence(ds, by="group").compute()
         assert list(by_group["group"].values) == ["a", "b"]
-        compact_store(url, "memory://gradcoh-test/run.compact.zarr")
-        xr.testing.assert_equal(analysis.open_store("memory://gradcoh-test/run.compact.zarr").load(), ds.load())
+        compact_store(url, f"memory://{root}/run.compact.zarr")
+        xr.testing.assert_equal(analysis.open_store(f"memory://{root}/run.compact.zarr").load(), ds.load())
     finally:
         import fsspec
 
-        fsspec.filesystem("memory").rm("/gradcoh-test", recursive=True)
+        fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
 
 
 def _free_port() -> int:
