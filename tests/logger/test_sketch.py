@@ -43,9 +43,16 @@ def log_sketches(model, x, y, path, k, seed=0, reduction="mean"):
     return ds, projected
 
 
-def test_linearity_sum_of_sketches_is_projected_batch_gradient(tmp_path):
+def bn_train_cnn():
+    """Train-mode BatchNorm: per-example values are contributions that must still sum to the batch gradient."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 10)).train()
+
+
+@pytest.mark.parametrize("make", [small_cnn, bn_train_cnn], ids=["cnn", "batchnorm_train"])
+def test_linearity_sum_of_sketches_is_projected_batch_gradient(make, tmp_path):
     torch.manual_seed(0)
-    model = small_cnn()
+    model = make()
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
     ds, projected = log_sketches(model, x, y, tmp_path / "s.zarr", k=128, reduction="sum")
     for i, name in enumerate(ds.layer.values):
