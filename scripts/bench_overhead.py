@@ -362,6 +362,10 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
             if name in SLOW and rep >= budget:
                 continue
             times[name].append(timed(step, args.device))
+            if isinstance(step, GradcohMethod):
+                # Let the background writer finish outside the timed region, so that its compression does not
+                # land in the next method's step (the writer's own cost is measured by --writer).
+                step.glog.flush()
     if args.device == "cpu" and sys.platform.startswith("linux"):
         pin_malloc()
     for name, step in steps.items():  # memory: one extra call per method, after timing
