@@ -25,6 +25,7 @@ from torch import nn
 from . import schema
 from .config import LoggerConfig, int_at_least
 from .layers import LayerRules, default_rules, functional_rule, uses_batch_stats
+from .record import ModelState, or_default, rank_and_world, share, step_metadata, to_host
 from .sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
 from .store import HostRecord, StreamWriter, open_root
 from .tracker import LayerTracker, StepState, end_of_backward
@@ -87,7 +88,7 @@ class GradientLogger:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # hook the wrapped module: names without "module.", probes bypass the reducer
         self.model = model
-        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.rank, self.world_size = rank_and_world(rank, world_size)
         self.path = str(store)
         self.enabled = bool(enabled)
         self._stopped = False
@@ -276,7 +277,7 @@ class GradientLogger:
             log.warning("record(%s) saw no backward pass; nothing was logged for this step", step)
             return None
         n = sum(sizes)
-        meta = {key: _meta(key, value, n) for key, value in
+        meta = {key: step_metadata(key, value, n) for key, value in
                 (("index", index), ("label", labels), ("group", group), ("true_label", true_labels))}
         g = self.config.group_names
         if group is None and len(g) == 1:
@@ -305,8 +306,9 @@ class GradientLogger:
         missing = np.full(n, -1, dtype=np.int64)
         return HostRecord(
             step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
-            group_gram=host["group_gram"], index=_or(meta["index"], missing), label=_or(meta["label"], missing),
-            true_label=_or(meta["true_label"], missing), group=meta["group"], loss=loss,
+            group_gram=host["group_gram"], index=or_default(meta["index"], missing),
+            label=or_default(meta["label"], missing), true_label=or_default(meta["true_label"], missing),
+            group=meta["group"], loss=loss,
             finite=host["finite"], sketch=host.get("sketch"),
         )
 
@@ -417,14 +419,14 @@ class GradientLogger:
         if step % every or not self._active:
             return False
         if self.world_size > 1:  # each rank measures its contiguous share of the sample, once
-            share = slice(*_share(inputs.shape[0], self.rank, self.world_size))
-            inputs, targets = inputs[share], targets[share]
-            index, labels, group, true_labels = (None if v is None else v[share]
+            rows = slice(*share(inputs.shape[0], self.rank, self.world_size))
+            inputs, targets = inputs[rows], targets[rows]
+            index, labels, group, true_labels = (None if v is None else v[rows]
                                                  for v in (index, labels, group, true_labels))
         model = self.model
         device = self.trackers[0].params[0].device
         params = [p for p in model.parameters() if p.requires_grad]
-        saved = _ModelState.save(model)
+        saved = ModelState.save(model)
         try:
             model.train(mode == "train")
             with self._record(step, schema.STREAM_PROBE, False, index=index, labels=labels, group=group,
@@ -487,86 +489,8 @@ class GradientLogger:
         self.close()
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    dist = torch.distributed
-    if rank is None and world_size is None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank, world_size = rank or 0, world_size or 1
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("world_size > 1 needs an initialised torch.distributed process group (all-reduce)")
-    return rank, world_size
-
-
-def _share(m: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous share ``[start, stop)`` of ``m`` items for ``rank`` (the first ``m % world`` get one more)."""
-    base, extra = divmod(m, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-class _ModelState:
-    """Train/eval flags, buffers and RNG states of a model, saved before a probe and restored after it."""
-
-    def __init__(self, modes: list, buffers: list, cpu_rng: torch.Tensor, cuda_rng: list | None) -> None:
-        self.modes, self.buffers, self.cpu_rng, self.cuda_rng = modes, buffers, cpu_rng, cuda_rng
-
-    @classmethod
-    def save(cls, model: nn.Module) -> _ModelState:
-        """Snapshot ``model``'s modes and buffers and the global RNG states."""
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        return cls([(m, m.training) for m in model.modules()],
-                   [(b, b.detach().clone()) for b in model.buffers()], torch.get_rng_state(), cuda)
-
-    def restore(self, model: nn.Module) -> None:
-        """Put everything back exactly."""
-        for m, training in self.modes:
-            m.training = training
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-
-
 def _selected(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or type(module).__name__ == p for p in patterns)
-
-
-def _meta(key: str, value: Any, n: int) -> np.ndarray | None:
-    if value is None:
-        return None
-    if torch.is_tensor(value):
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.dtype.kind not in "iub":
-        raise ValueError(f"{key} must hold integers, got dtype {arr.dtype}")
-    arr = arr.reshape(-1).astype(np.int64)
-    if arr.shape[0] != n:
-        raise ValueError(f"{key} has {arr.shape[0]} entries but the step has {n} examples")
-    return arr
-
-
-def _or(value: np.ndarray | None, default: np.ndarray) -> np.ndarray:
-    return default if value is None else value
-
-
-def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Copy device tensors to NumPy with a single transfer (they are packed into one byte buffer first)."""
-    on_device = {k: t for k, t in tensors.items() if t.device.type != "cpu"}
-    out = {k: t.numpy() for k, t in tensors.items() if t.device.type == "cpu"}
-    if on_device:
-        flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in on_device.values()])
-        buf = flat.cpu().numpy()  # the device→host copy (synchronises once per logged step)
-        offset = 0
-        for key, t in on_device.items():
-            nbytes = t.numel() * t.element_size()
-            dtype = np.dtype(str(t.dtype).removeprefix("torch."))
-            out[key] = buf[offset : offset + nbytes].view(dtype).reshape(t.shape)
-            offset += nbytes
-    return out
 
 
 def _versions() -> dict[str, str]:
