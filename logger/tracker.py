@@ -208,7 +208,7 @@ class LayerTracker:
                     )
         self._busy = True
         try:
-            grad = combine([self.rule(self.module, c.args, c.kwargs, c.grads) for c in calls])
+            grad = combine([self.rule(self.module, *_upcast((c.args, c.kwargs, c.grads))) for c in calls])
             grad = choose_route(grad, self.projector)
             self._reduce(grad)
         finally:
@@ -298,6 +298,14 @@ class LayerTracker:
         else:
             sums = self.group_sums.reshape(n_groups - 1, -1).to(total.dtype)
         return torch.cat([sums, total - sums.sum(0, keepdim=True)])
+
+
+def _upcast(tree: Any) -> Any:
+    """Half-precision tensors (autocast, bf16 models) as float32, so that per-example statistics neither overflow nor
+    lose the precision the 2e-4 contract needs; other tensors and objects unchanged."""
+    return pytree.tree_map(
+        lambda a: a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a, tree
+    )
 
 
 def end_of_backward(state: StepState | None) -> None:

@@ -323,3 +323,23 @@ def test_hypothesis_every_layer_type(tmp_path_factory, kind, n, d, c, k, g, t, r
     path = tmp_path_factory.mktemp("h") / "s.zarr"
     ds = run_logged(model, [[(x, y)]], path, reduction=reduction, groups=("a", "b"), group=[group])
     check_step(ds, 0, model, x, y, group.numpy(), 2)
+
+
+def test_autocast_bfloat16_statistics_are_float32_accurate_to_bf16(tmp_path):
+    """Under CPU autocast (bf16 activations) the statistics are computed in float32 and match the fp32 oracle to bf16
+    precision; nothing overflows or turns non-finite."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(5, 2, 6, 6)
+    y = target_for(model, x)
+    with GradientLogger(model, tmp_path / "s.zarr") as glog:
+        with glog.record(0):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            sq_loss(out.float(), y).mean().backward()
+    ds = xr.open_zarr(tmp_path / "s.zarr", group="batch", consolidated=False).load()
+    assert ds.finite.values.all()
+    grads = per_example_grads_vmap(model, sq_loss, x, y)
+    sq, sums, _ = expected_stats(model, grads)
+    np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=5e-2)
+    np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=5e-2)
