@@ -301,8 +301,10 @@ class LayerTracker:
 
 
 def _upcast(tree: Any) -> Any:
-    """Half-precision tensors (autocast, bf16 models) as float32, so that per-example statistics neither overflow nor
-    lose the precision the 2e-4 contract needs; other tensors and objects unchanged."""
+    """Half-precision tensors (autocast, bf16 models) as float32; other tensors and objects unchanged.
+
+    Per-example statistics then neither overflow nor lose the precision the 2e-4 contract needs.
+    """
     return pytree.tree_map(
         lambda a: a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a, tree
     )
