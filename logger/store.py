@@ -100,6 +100,10 @@ def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> Non
     new_layers = [(x["name"], x["shapes"]) for x in new[schema.LAYERS_KEY]]
     if old_layers != new_layers:
         raise StoreError(f"{path}: the model's layers differ from the store's (names or shapes); cannot append")
+    old_world, new_world = old.get(schema.WORLD_SIZE_KEY, 1), new.get(schema.WORLD_SIZE_KEY, 1)
+    if old_world != new_world:
+        raise StoreError(f"{path} was written by {old_world} process(es), this run has {new_world}; cannot append "
+                         "(the example axis is laid out per rank)")
     old_id = old.get(schema.CONFIG_KEY, {}).get("identity", {})
     new_id = new[schema.CONFIG_KEY]["identity"]
     for key, value in new_id.items():

@@ -79,3 +79,19 @@ def test_store_consistent_after_one_rank_is_killed(tmp_path):
     assert np.isfinite(ds.sq_norm.values).all()
     assert (ds.index.values >= 0).all()
     assert m_coherence(ds).notnull().all()
+
+
+def test_append_refuses_a_different_world_size(tmp_path):
+    from gradcoh.logger import GradientLogger, StoreError
+    from torch import nn
+
+    model = nn.Linear(3, 2)
+    with GradientLogger(model, tmp_path / "s.zarr") as glog:
+        with glog.record(0):
+            model(torch.randn(2, 3)).sum().backward()
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    root.attrs["gradcoh_world_size"] = 2  # as if written by two ranks
+    with pytest.raises(StoreError, match="process"):
+        GradientLogger(model, tmp_path / "s.zarr", mode="append")
