@@ -24,7 +24,7 @@ from torch import nn
 
 from . import schema
 from .config import LoggerConfig, int_at_least
-from .layers import LayerRules, default_rules, functional_rule, uses_batch_stats
+from .layers import LayerRules, check_module, default_rules, functional_rule, uses_batch_stats
 from .record import ModelState, or_default, rank_and_world, share, step_metadata, to_host
 from .sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
 from .store import HostRecord, StreamWriter, open_root
@@ -106,6 +106,7 @@ class GradientLogger:
     def _make_trackers(self, model: nn.Module, rules: LayerRules) -> list[LayerTracker]:
         cfg = self.config
         trackers = []
+        owners: dict[int, str] = {}  # parameter id -> layer, to refuse tied weights
         covered: list[str] = []  # subtrees owned by a fallback layer
         for name, module in model.named_modules():
             if any(name.startswith(prefix) for prefix in covered):
@@ -128,7 +129,15 @@ class GradientLogger:
                 rule = functional_rule
             if subtree:
                 covered.append(f"{name}." if name else "")
+            check_module(qualified, module)
             tracker = LayerTracker(qualified, module, rule, None, recurse=subtree)
+            for p in tracker.params:
+                if id(p) in owners:
+                    raise ValueError(
+                        f"layers '{owners[id(p)]}' and '{qualified}' share a parameter (weight tying); per-example "
+                        "statistics of tied weights are not supported: exclude one of them with layers=..."
+                    )
+                owners[id(p)] = qualified
             if cfg.sketch_dim:
                 device = tracker.params[0].device
                 projector = TensorSketch.create(cfg.seed, name, tracker.view.rows, tracker.view.cols,

@@ -77,7 +77,10 @@ def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tupl
     x, go = args[0], grad_outputs[0]
     n = x.shape[0]
     bias = module.bias is not None and module.bias.requires_grad
-    return Factored(go.reshape(n, -1, go.shape[-1]), x.reshape(n, -1, x.shape[-1]), bias=bias)  # [n, T, out/in]
+    u = go.reshape(n, -1, go.shape[-1])  # [n, T, out]
+    if not module.weight.requires_grad:  # frozen weight: only the bias trains
+        return Dense(u.sum(1).unsqueeze(2))  # [n, out, 1]
+    return Factored(u, x.reshape(n, -1, x.shape[-1]), bias=bias)  # v: [n, T, in]
 
 
 def _conv_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -125,9 +128,11 @@ def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_o
     x, go = args[0], grad_outputs[0]
     if module.transposed:
         raise NotImplementedError("transposed convolutions use the functional fallback")
-    x, padding = _conv_padding(module, x)
     n, g = x.shape[0], module.groups
     has_bias = module.bias is not None and module.bias.requires_grad
+    if not module.weight.requires_grad:  # frozen weight: only the bias trains
+        return Dense(go.reshape(n, module.out_channels, -1).sum(2, keepdim=True))
+    x, padding = _conv_padding(module, x)
     t = go[0, 0].numel()
     rows, cols = module.out_channels, module.weight[0].numel() + has_bias
     dense_bytes = n * rows * cols * go.element_size()
@@ -257,10 +262,13 @@ def mha_rule(module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_outp
 
 def _mha_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
     """The call's (query, key, value, float attention mask, is_causal), or None when the fast rule does not apply."""
+    if module.training and module.dropout > 0:
+        raise ValueError(
+            "nn.MultiheadAttention with dropout > 0 in train mode: its attention dropout mask cannot be replayed, so "
+            "per-example gradients would be wrong; set dropout=0 for the logged steps, or exclude it with layers=..."
+        )
     if not (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn):
         return None
-    if module.training and module.dropout > 0:
-        return None  # the attention dropout cannot be replayed
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
     bound = dict(zip(names, args, strict=False)) | kwargs
@@ -324,7 +332,13 @@ def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: 
         return vjp_fn(tuple(c.unsqueeze(0) for c in cot))
 
     batch_leaves = tuple(a for a, b in zip(flat_in, batched, strict=True) if b)
-    grads = torch.func.vmap(per_example, randomness="same")(batch_leaves, cotangents)
+    try:
+        grads = torch.func.vmap(per_example, randomness="same")(batch_leaves, cotangents)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"the torch.func fallback cannot compute per-example gradients of {type(module).__name__} "
+            f"({str(err).splitlines()[0]}); exclude it with layers=... or register a rule with LayerRules.register"
+        ) from err
     rows = _view_rows([p.shape for p in params])
     return Dense(*(g.reshape(n, rows, -1) for g in grads))
 
@@ -332,6 +346,19 @@ def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: 
 def _view_rows(shapes: list[torch.Size]) -> int:
     firsts = {s[0] if len(s) else 1 for s in shapes}
     return firsts.pop() if len(firsts) == 1 and all(len(s) for s in shapes) else 1
+
+
+def check_module(name: str, module: nn.Module) -> None:
+    """Refuse, when the logger is created, modules whose batch is not on dimension 0.
+
+    Raises:
+        ValueError: ``nn.MultiheadAttention`` with ``batch_first=False``; RNNs without ``batch_first``.
+    """
+    if isinstance(module, nn.MultiheadAttention | nn.RNNBase) and not module.batch_first:
+        raise ValueError(
+            f"module '{name}' ({type(module).__name__}) takes the batch on dimension 1; per-example gradients need "
+            "batch_first=True (or exclude the module with layers=...)"
+        )
 
 
 def default_rules() -> LayerRules:

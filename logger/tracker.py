@@ -34,6 +34,8 @@ class StepState:
             step, no rounding to accumulate; half the memory), float64 for probes (many micro-batches).
         from_grad: Every tracked ``.grad`` was None when the step began, so the batch sums are read from ``.grad``
             at the end (no copy); parameter hooks only start accumulating if a second backward pass comes.
+        params_reached: The running backward pass reached a parameter (False for e.g. ``autograd.grad`` with
+            respect to the inputs only, an adversarial step: such a pass is not a micro-batch and is discarded).
         group: ``[n_total]`` group of each example on the model's device, or None.
         sizes: Examples in each completed or current micro-batch.
         micro: Index of the current micro-batch (advanced at the end of each backward pass).
@@ -46,6 +48,7 @@ class StepState:
     scale_by_batch: bool
     acc_dtype: torch.dtype = torch.float32
     from_grad: bool = False
+    params_reached: bool = False
     group: torch.Tensor | None = None
     sizes: list[int] = field(default_factory=list)
     micro: int = 0
@@ -75,7 +78,7 @@ class StepState:
         return (g.unsqueeze(1) == ids).to(dtype)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
     args: tuple
     kwargs: dict
@@ -130,7 +133,7 @@ class LayerTracker:
         """Forget the previous step's results."""
         self.sq: dict[int, torch.Tensor] = {}  # micro-batch -> [n]
         self.sketch: dict[int, torch.Tensor] = {}  # micro-batch -> [n, k]
-        self.group_sums: torch.Tensor | None = None  # [G-1, rows, cols] in acc_dtype
+        self.group_sums: dict[int, torch.Tensor] = {}  # micro-batch -> [G-1, rows, cols] in acc_dtype
         self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, acc_dtype
 
     # --- hooks -------------------------------------------------------------------------------------------
@@ -161,6 +164,11 @@ class LayerTracker:
             torch.autograd.graph.register_multi_grad_hook(needs, on_all, mode="all")
 
     def _on_grads(self, call: _Call, grads: tuple) -> None:
+        if not any(c is call for c in self._calls):  # its forward was consumed by an earlier backward (retain_graph)
+            raise RuntimeError(
+                f"layer '{self.name}': a second backward pass through the same forward inside one record block "
+                "(retain_graph=True) is not supported; combine the losses and call backward once"
+            )
         self._queue_end_of_backward()
         call.grads = tuple(None if g is None else g.detach() for g in grads)
         if all(c.grads is not None for c in self._calls):
@@ -168,6 +176,7 @@ class LayerTracker:
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
         state = self._state
+        state.params_reached = True
         self._queue_end_of_backward()
         if state.from_grad:
             if state.micro == 0:
@@ -227,8 +236,12 @@ class LayerTracker:
             self.sketch[state.micro] = grad.sketch(self.projector) * scale
         weights = state.weights(torch.float32)
         if weights is not None:
-            sums = grad.group_sums(weights).to(state.acc_dtype) * scale
-            self.group_sums = sums if self.group_sums is None else self.group_sums + sums
+            self.group_sums[state.micro] = grad.group_sums(weights).to(state.acc_dtype) * scale
+
+    def discard(self, micro: int) -> None:
+        """Forget what a backward pass that reached no parameter produced for micro-batch ``micro``."""
+        for results in (self.sq, self.sketch, self.group_sums):
+            results.pop(micro, None)
 
     def flush_calls(self) -> None:
         """Process calls left open when the backward pass ended (outputs that got no gradient)."""
@@ -293,10 +306,10 @@ class LayerTracker:
         total = self.batch_sum().reshape(1, -1)
         if n_groups == 1:
             return total
-        if self.group_sums is None:
+        if not self.group_sums:
             sums = torch.zeros(n_groups - 1, total.shape[1], dtype=total.dtype, device=total.device)
         else:
-            sums = self.group_sums.reshape(n_groups - 1, -1).to(total.dtype)
+            sums = sum(self.group_sums.values()).reshape(n_groups - 1, -1).to(total.dtype)
         return torch.cat([sums, total - sums.sum(0, keepdim=True)])
 
 
@@ -317,4 +330,10 @@ def end_of_backward(state: StepState | None) -> None:
     for tracker in state.trackers:
         tracker.flush_calls()
     state.callback_queued = False
+    if not state.params_reached:  # gradients of inputs only: nothing of it reaches the parameters
+        for tracker in state.trackers:
+            tracker.discard(state.micro)
+        del state.sizes[state.micro:]
+        return
+    state.params_reached = False
     state.micro += 1
