@@ -165,6 +165,10 @@ def embedding_rule(module: nn.Embedding, args: tuple, kwargs: dict, grad_outputs
     v = go.reshape(n, idx.shape[1], -1)
     if module.padding_idx is not None:
         v = v * (idx != module.padding_idx).unsqueeze(-1).to(v.dtype)
+    if module.scale_grad_by_freq:  # the batch gradient divides by each token's count in the whole batch, which
+        # couples the examples: as for train-mode BatchNorm, each example's contribution to the batch gradient
+        counts = torch.bincount(idx.reshape(-1), minlength=module.num_embeddings).to(v.dtype)
+        v = v / counts[idx].unsqueeze(-1)
     return Factored(None, v, rows_index=idx, n_rows=module.num_embeddings)
 
 

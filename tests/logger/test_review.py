@@ -175,8 +175,6 @@ def test_embedding_int32_indices(tmp_path):
     check_step(ds, 0, model, x.long(), y, oracle=per_example_grads_loop)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: embedding_rule ignores scale_grad_by_freq (the gradient is divided by "
-                   "the token counts of the batch); with one example sq_norm != sum_sq_norm")
 def test_embedding_scale_grad_by_freq_single_example(tmp_path):
     torch.manual_seed(17)
     model = Emb(scale_grad_by_freq=True)
@@ -813,3 +811,18 @@ def test_input_gradient_inside_record_is_not_a_microbatch(tmp_path):
     ds = open_batch(tmp_path / "s.zarr")
     assert int(ds.n_examples.values[0]) == 4
     check_step(ds, 0, model, x_adv, y)
+
+
+def test_embedding_scale_grad_by_freq_contributions_sum_to_batch_gradient(tmp_path):
+    """With scale_grad_by_freq the per-example values are contributions (like train-mode BatchNorm): they sum exactly
+    to the batch gradient, checked through the linearity of the sketches."""
+    torch.manual_seed(41)
+    model = nn.Sequential(nn.Embedding(6, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.randint(0, 6, (5, 3)), torch.randn(5, 2)
+    with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="sum", sketch_dim=32,
+                        sketch_dtype="float32") as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).sum().backward()
+        projected = glog.project_grad()["0"].numpy()
+    ds = open_batch(tmp_path / "s.zarr")
+    np.testing.assert_allclose(ds.sketch.values[0, :, 0].sum(0), projected, rtol=1e-4, atol=1e-5)
