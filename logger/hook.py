@@ -24,7 +24,7 @@ from torch import nn
 
 from . import schema
 from .config import LoggerConfig, int_at_least
-from .layers import LayerRules, check_module, default_rules, functional_rule, uses_batch_stats
+from .layers import LayerRules, check_module, default_rules, functional_rule
 from .record import ModelState, or_default, rank_and_world, share, step_metadata, to_host
 from .sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
 from .store import HostRecord, StreamWriter, open_root
@@ -160,7 +160,7 @@ class GradientLogger:
         if cfg.sketch_dim:
             sketch = {"kind": SKETCH_KIND, "version": SKETCH_VERSION, "dim": cfg.sketch_dim, "seed": cfg.seed,
                       "dtype": cfg.sketch_dtype}
-        bn = [t.name for t in self.trackers if uses_batch_stats(t.module) or "BatchNorm" in type(t.module).__name__]
+        bn = [t.name for t in self.trackers if isinstance(t.module, nn.modules.batchnorm._BatchNorm)]
         notes = []
         if bn:
             notes.append(

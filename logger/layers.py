@@ -183,7 +183,7 @@ def _affine_grads(
         term = xhat * go if name == "weight" else go
         grads.append(term.sum(reduce_dims) if reduce_dims else term)
     n = go.shape[0]
-    rows = grads[0][0].shape[0] if grads[0].dim() > 1 else 1
+    rows = MatrixView.of([tuple(g.shape[1:]) for g in grads]).rows
     return Dense(*(g.reshape(n, rows, -1) for g in grads))
 
 
@@ -343,13 +343,8 @@ def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: 
             f"the torch.func fallback cannot compute per-example gradients of {type(module).__name__} "
             f"({str(err).splitlines()[0]}); exclude it with layers=... or register a rule with LayerRules.register"
         ) from err
-    rows = _view_rows([p.shape for p in params])
+    rows = MatrixView.of([tuple(p.shape) for p in params]).rows
     return Dense(*(g.reshape(n, rows, -1) for g in grads))
-
-
-def _view_rows(shapes: list[torch.Size]) -> int:
-    firsts = {s[0] if len(s) else 1 for s in shapes}
-    return firsts.pop() if len(firsts) == 1 and all(len(s) for s in shapes) else 1
 
 
 def check_module(name: str, module: nn.Module) -> None:

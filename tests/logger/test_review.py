@@ -66,7 +66,7 @@ def test_frozen_weight_trainable_bias(kind, tmp_path):
     model[0].weight.requires_grad_(False)
     x = torch.randn(5, *PARTLY_FROZEN_SHAPES[kind])
     y = target_for(model, x)
-    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")  # no groups: silently wrong (with groups: a crash)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
     check_step(ds, 0, model, x, y)
 
 

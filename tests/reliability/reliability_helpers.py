@@ -34,3 +34,18 @@ def assert_prefix(store, ref, where):
     return n
 
 
+def write_small_store(path):
+    """Five logged steps of a tiny MLP with k=4 sketches (the store the bad-input and repair tests damage)."""
+    import torch
+    import torch.nn.functional as F
+    from gradcoh.logger import GradientLogger
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    with GradientLogger(model, path, sketch_dim=4) as glog:
+        for s in range(5):
+            x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+            with glog.record(s, index=torch.arange(6), labels=y):
+                F.cross_entropy(model(x), y).backward()
+            model.zero_grad()
+    return path

@@ -14,6 +14,7 @@ from gradcoh.analysis import open_store
 from gradcoh.analysis.io import StoreNotFoundError, StreamNotFoundError
 from gradcoh.cli.main import app
 from gradcoh.logger import GradientLogger, schema
+from reliability_helpers import write_small_store
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -35,14 +36,7 @@ def one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("bad") / "run.zarr"
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-    with GradientLogger(model, path, sketch_dim=4) as glog:
-        for s in range(5):
-            x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
-            with glog.record(s, index=torch.arange(6), labels=y):
-                F.cross_entropy(model(x), y).backward()
-            model.zero_grad()
+    write_small_store(path)
     return path
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import torch
-import torch.nn.functional as F
 import zarr
 from gradcoh.analysis import open_store
 from gradcoh.cli.main import app
-from gradcoh.logger import GradientLogger, schema
+from gradcoh.logger import schema
+from reliability_helpers import write_small_store
 from typer.testing import CliRunner
 
 runner = CliRunner()
@@ -17,14 +16,7 @@ runner = CliRunner()
 
 def test_repair_dry_run_then_repair(tmp_path):
     path = tmp_path / "run.zarr"
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
-    with GradientLogger(model, path, sketch_dim=4) as glog:
-        for s in range(5):
-            x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
-            with glog.record(s, index=torch.arange(6), labels=y):
-                F.cross_entropy(model(x), y).backward()
-            model.zero_grad()
+    write_small_store(path)
     batch = zarr.open_group(str(path), mode="r+")[schema.STREAM_BATCH]
     for name in (schema.SQ_NORM, schema.STEP):  # a writer killed after resizing two arrays
         batch[name].resize((9, *batch[name].shape[1:]))
