@@ -16,20 +16,38 @@ __all__ = ["finite_steps", "mask_nonfinite"]
 
 
 def finite_steps(ds: xr.Dataset, *, per_layer: bool = False) -> xr.DataArray | None:
-    """``(step[, layer])`` boolean: True where every (selected) layer's statistics are finite; None without ``finite``.
+    """``(step[, layer])`` boolean: True where every (selected) layer's statistics are finite and reconciled.
 
-    Warns (``RuntimeWarning``) when some step is not finite. Reads only the small ``finite`` variable.
+    A layer is *reconciled* when its per-example gradients summed to the batch gradient its parameters received
+    (the logger's guard; with ``on_mismatch="flag"`` a mismatch is stored instead of raised). Warns
+    (``RuntimeWarning``) when some step is not usable. Reads only the small ``finite``/``reconciled`` variables;
+    None when the store has neither.
     """
     if schema.FINITE not in ds.variables:
         return None
     ok = ds[schema.FINITE].reset_coords(drop=True).astype(bool)
+    if schema.RECONCILED in ds.variables:
+        reconciled = ds[schema.RECONCILED].reset_coords(drop=True).astype(bool)
+        step_rec = reconciled.all(schema.DIM_LAYER)
+        unreconciled = int((~step_rec).sum().compute())
+        if unreconciled:
+            steps = ds[schema.STEP].values[~step_rec.values] if schema.STEP in ds.variables else []
+            shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if unreconciled > 5 else "")
+            warnings.warn(
+                f"{unreconciled} of {step_rec.sizes[schema.DIM_STEP]} steps have layers whose per-example gradients "
+                f"did not sum to the batch gradient (stored with on_mismatch='flag'; steps {shown}); their results "
+                "are NaN",
+                RuntimeWarning, stacklevel=3,
+            )
+        ok = ok & reconciled
+    finite_ok = ds[schema.FINITE].reset_coords(drop=True).astype(bool).all(schema.DIM_LAYER)
     step_ok = ok.all(schema.DIM_LAYER)
-    bad = int((~step_ok).sum().compute())
+    bad = int((~finite_ok).sum().compute())
     if bad:
-        steps = ds[schema.STEP].values[~step_ok.values] if schema.STEP in ds.variables else []
+        steps = ds[schema.STEP].values[~finite_ok.values] if schema.STEP in ds.variables else []
         shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if bad > 5 else "")
         warnings.warn(
-            f"{bad} of {step_ok.sizes[schema.DIM_STEP]} steps have non-finite gradient statistics (NaN/Inf; "
+            f"{bad} of {finite_ok.sizes[schema.DIM_STEP]} steps have non-finite gradient statistics (NaN/Inf; "
             f"steps {shown}); their results are NaN",
             RuntimeWarning,
             stacklevel=3,

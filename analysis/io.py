@@ -103,8 +103,9 @@ def _check_format(attrs: Mapping[str, Any], where: str) -> None:
         raise schema.FormatError(
             f"{where!r} was written by a newer gradcoh (format {version} > {schema.FORMAT_VERSION}); upgrade gradcoh"
         )
-    if version < schema.FORMAT_VERSION:
-        raise schema.FormatError(f"{where!r}: format {version} is older than supported ({schema.FORMAT_VERSION})")
+    if version < schema.OLDEST_READABLE_FORMAT:
+        raise schema.FormatError(
+            f"{where!r}: format {version} is older than supported ({schema.OLDEST_READABLE_FORMAT})")
 
 
 def list_streams(root: zarr.Group) -> list[str]:

@@ -12,6 +12,7 @@ LossReduction = Literal["mean", "sum"]
 Mode = Literal["create", "append", "overwrite"]
 OnFull = Literal["block", "drop"]
 OnError = Literal["raise", "warn"]
+OnMismatch = Literal["raise", "flag"]
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> Any:
@@ -51,6 +52,9 @@ class LoggerConfig:
         flush_secs: The writer commits buffered steps at least this often.
         handle_sigterm: While the logger is open, turn SIGTERM into ``SystemExit(143)`` in the main thread (only
             when no other SIGTERM handler is installed), so that ``with`` blocks close the logger and commit.
+        on_mismatch: What the reconciliation guard does when a layer's per-example gradients do not sum to the
+            batch gradient its parameters received: ``"raise"`` a clear error naming the layer (default), or
+            ``"flag"``: store the step with ``reconciled(step, layer)`` False, which every analysis reports.
         extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 
@@ -68,6 +72,7 @@ class LoggerConfig:
     on_error: OnError = "raise"
     flush_secs: float = 10.0
     handle_sigterm: bool = True
+    on_mismatch: OnMismatch = "raise"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,6 +85,7 @@ class LoggerConfig:
         _choice("on_full", self.on_full, ("block", "drop"))
         _choice("mode", self.mode, ("create", "append", "overwrite"))
         _choice("on_error", self.on_error, ("raise", "warn"))
+        _choice("on_mismatch", self.on_mismatch, ("raise", "flag"))
         groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
         if len(set(groups)) != len(groups) or not all(isinstance(g, str) and g for g in groups):
             raise ValueError(f"groups must be distinct non-empty names, got {self.groups!r}")

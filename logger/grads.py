@@ -318,3 +318,119 @@ def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
         factored += SCATTER * t * (grad.n_rows + grad.n_cols) + FFT * t * k * math.log2(max(k, 2))
         materialised += SCATTER * size
     return grad.materialise() if materialised < factored else grad
+
+
+# --- per-parameter decomposition -------------------------------------------------------------------------------
+# A layer's per-example gradient may come from several sources (a module's rule, a tied module's rule, direct uses
+# of its parameters by other code). Every source's gradient is split into one form per parameter, each in the
+# parameter's *natural view* ``(shape[0], numel / shape[0])``; contributions to the same parameter add, and the
+# squared norm of their sum needs the cross terms ``2⟨A_i, B_i⟩`` (e.g. a tied embedding used as lookup and as
+# output projection, cf. the ghost norm of Li et al. 2022 applied to both uses).
+
+ParamGrad = Dense | Factored
+"""A per-example gradient of one parameter in its natural view."""
+
+
+def natural_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, cols)`` of a parameter's natural matrix view: ``(shape[0], numel / shape[0])``, ``(1, 1)`` for scalars."""
+    if not shape:
+        return 1, 1
+    rows = shape[0]
+    return rows, _numel(shape) // max(rows, 1)
+
+
+def split_params(grad: LayerGrad, view: MatrixView) -> list[ParamGrad | None]:
+    """One form per parameter of ``view`` (in its natural view); None where the form says nothing of it.
+
+    Args:
+        grad: A per-example gradient in ``view`` (parameters in ``view.shapes`` order).
+        view: The matrix view ``grad`` is expressed in.
+    """
+    if isinstance(grad, Composite):
+        out: list[ParamGrad | None] = []
+        for part, part_view in grad.parts:
+            out += split_params(part, part_view)
+        return out
+    shapes = view.shapes
+    if isinstance(grad, Factored) and view.stacked:
+        pieces: list[ParamGrad | None] = []
+        start = 0
+        for j, shape in enumerate(shapes):
+            width = _numel(shape) // view.rows
+            if grad.bias and j == len(shapes) - 1 and start == grad.v.shape[-1]:
+                pieces.append(Dense(grad.u.sum(1).unsqueeze(2)))
+            elif len(shapes) == 1 and not grad.bias:
+                pieces.append(grad)
+            else:
+                pieces.append(Factored(grad.u, grad.v[..., start : start + width], grad.rows_index, grad.n_rows))
+            start += width
+        return pieces
+    dense = as_dense(grad)
+    n = dense.n
+    if view.stacked and len(dense.blocks) == len(shapes) and all(
+        b.shape[2] * view.rows == _numel(s) for b, s in zip(dense.blocks, shapes, strict=True)
+    ):
+        return [Dense(b) for b in dense.blocks]
+    flat = view.to_flat(dense.m)
+    out, start = [], 0
+    for shape in shapes:
+        size = _numel(shape)
+        rows, cols = natural_view(shape)
+        out.append(Dense(flat[:, start : start + size].reshape(n, rows, cols)))
+        start += size
+    return out
+
+
+def _gram_u(a: Factored, b: Factored) -> torch.Tensor:
+    """``[n, T_a, T_b]`` inner products of the row factors of two factored forms."""
+    if a.u is not None and b.u is not None:
+        return torch.bmm(a.u, b.u.transpose(1, 2))
+    if a.u is None and b.u is None:
+        return (a.rows_index.unsqueeze(2) == b.rows_index.unsqueeze(1)).to(a.v.dtype)
+    if a.u is None:
+        return _gram_u(b, a).transpose(1, 2)
+    # a dense, b indexed: a.u[n, t, rows] at b's row of position s
+    idx = b.rows_index.unsqueeze(1).expand(-1, a.u.shape[1], -1)  # [n, T_a, T_b]
+    return a.u.gather(2, idx)
+
+
+def inner(a: ParamGrad, b: ParamGrad) -> torch.Tensor:
+    """``[n]`` per-example inner products ``⟨A_i, B_i⟩`` of two forms of the same parameter (natural view)."""
+    if isinstance(a, Dense) and isinstance(b, Dense):
+        return (a.m * b.m).flatten(1).sum(1)
+    if isinstance(a, Dense):
+        a, b = b, a
+    if isinstance(b, Dense):  # Σ_t u_tᵀ D v_t
+        d = b.m  # [n, rows, cols]
+        dv = torch.bmm(a.v, d.transpose(1, 2))  # [n, T, rows]
+        if a.u is None:
+            return dv.gather(2, a.rows_index.unsqueeze(2)).sum((1, 2))
+        return (dv * a.u).sum((1, 2))
+    gv = torch.bmm(a.v, b.v.transpose(1, 2))
+    return (_gram_u(a, b) * gv).sum((1, 2))
+
+
+def probe(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``[n, k]`` values ``aⱼᵀ G_i bⱼ`` for ``k`` rank-one test matrices (``left [rows, k]``, ``right [cols, k]``)."""
+    if isinstance(form, Dense):
+        return torch.einsum("nrc,rk,ck->nk", form.m, left.to(form.m.dtype), right.to(form.m.dtype))
+    vb = form.v @ right.to(form.v.dtype)  # [n, T, k]
+    ua = left.to(form.v.dtype)[form.rows_index] if form.u is None else form.u @ left.to(form.u.dtype)
+    return (ua * vb).sum(1)
+
+
+def fold(grad: LayerGrad, r: int) -> LayerGrad:
+    """Per-example gradients of a call whose batch axis held ``r`` rows per example (example-major): sum them.
+
+    E.g. Swin's window attention sees ``[B·nW, N, C]``: each example's gradient is the sum over its ``nW`` rows.
+    """
+    if r == 1:
+        return grad
+    if isinstance(grad, Composite):
+        return Composite([(fold(part, r), view) for part, view in grad.parts])
+    if isinstance(grad, Factored):
+        def merge(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.reshape(t.shape[0] // r, r * t.shape[1], *t.shape[2:])
+
+        return Factored(merge(grad.u), merge(grad.v), merge(grad.rows_index), grad.n_rows, grad.bias)
+    return Dense(*(b.reshape(b.shape[0] // r, r, *b.shape[1:]).sum(1) for b in grad.blocks))

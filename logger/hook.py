@@ -8,7 +8,6 @@ results are packed into one buffer, copied to the host once, and handed to the b
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import signal
 import threading
@@ -24,11 +23,14 @@ from torch import nn
 
 from . import schema
 from .config import LoggerConfig, int_at_least
-from .layers import LayerRules, check_module, default_rules, functional_rule
+from .grads import natural_view
+from .layers import LayerRules, default_rules
+from .plan import plan_layers
 from .record import ModelState, or_default, rank_and_world, share, step_metadata, to_host
-from .sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
+from .sketch import SKETCH_KIND, SKETCH_VERSION
 from .store import HostRecord, StreamWriter, open_root
 from .tracker import LayerTracker, StepState, end_of_backward
+from .uses import Use, UseTracker
 from .writer import AsyncWriter, WriterError
 
 log = logging.getLogger(__name__)
@@ -105,62 +107,24 @@ class GradientLogger:
     # --- setup -------------------------------------------------------------------------------------------
     def _make_trackers(self, model: nn.Module, rules: LayerRules) -> list[LayerTracker]:
         cfg = self.config
-        trackers = []
-        owners: dict[int, str] = {}  # parameter id -> layer, to refuse tied weights
-        covered: list[str] = []  # subtrees owned by a fallback layer
-        for name, module in model.named_modules():
-            if any(name.startswith(prefix) for prefix in covered):
-                continue
-            if not any(p.requires_grad for p in module.parameters(recurse=False)):
-                continue
-            qualified = name or "root"
-            if cfg.layers and not _selected(qualified, module, cfg.layers):
-                continue
-            rule = rules.lookup(module)
-            subtree = rule is None or rules.owns_subtree(module)
-            if rule is None:
-                if not cfg.fallback:
-                    raise ValueError(
-                        f"module '{qualified}' ({type(module).__name__}) has parameters but no layer rule; register "
-                        "one with LayerRules.register, exclude it with layers=..., or pass fallback=True"
-                    )
-                # The fallback differentiates the module's whole forward, so it owns its subtree (e.g. the
-                # out_proj of nn.MultiheadAttention, whose weights the parent uses without calling the child).
-                rule = functional_rule
-            if subtree:
-                covered.append(f"{name}." if name else "")
-            check_module(qualified, module)
-            tracker = LayerTracker(qualified, module, rule, None, recurse=subtree)
-            for p in tracker.params:
-                if id(p) in owners:
-                    raise ValueError(
-                        f"layers '{owners[id(p)]}' and '{qualified}' share a parameter (weight tying); per-example "
-                        "statistics of tied weights are not supported: exclude one of them with layers=..."
-                    )
-                owners[id(p)] = qualified
-            if cfg.sketch_dim:
-                device = tracker.params[0].device
-                projector = TensorSketch.create(cfg.seed, name, tracker.view.rows, tracker.view.cols,
-                                                cfg.sketch_dim, device)
-                tracker.projector = projector
-            trackers.append(tracker)
-        if not trackers:
-            raise ValueError("the model has no trainable parameters to log (or layers=... selected none)")
-        return trackers
+        plans = plan_layers(model, rules, cfg.layers, cfg.fallback)
+        return [LayerTracker(plan, cfg.seed, cfg.sketch_dim) for plan in plans]
 
     def _attrs(self) -> dict[str, Any]:
         cfg = self.config
         layers = [
-            {"name": t.name, "type": type(t.module).__name__, "size": t.size,
-             "shapes": [list(p.shape) for p in t.params], "view": [t.view.rows, t.view.cols],
-             "rule": getattr(t.rule, "__name__", type(t.rule).__name__)}
+            {"name": t.name, "type": "+".join(dict.fromkeys(t.plan.types)), "size": t.size,
+             "shapes": [list(p.shape) for p in t.params], "params": t.plan.param_names,
+             "views": [list(natural_view(s)) for s in t.shapes], "rule": "+".join(t.plan.rule_names),
+             "modules": [s.name for s in t.plan.sources] + t.plan.loose}
             for t in self.trackers
         ]
         sketch = None
         if cfg.sketch_dim:
             sketch = {"kind": SKETCH_KIND, "version": SKETCH_VERSION, "dim": cfg.sketch_dim, "seed": cfg.seed,
                       "dtype": cfg.sketch_dtype}
-        bn = [t.name for t in self.trackers if isinstance(t.module, nn.modules.batchnorm._BatchNorm)]
+        bn = [t.name for t in self.trackers
+              if any(isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in t.plan.sources)]
         notes = []
         if bn:
             notes.append(
@@ -255,15 +219,18 @@ class GradientLogger:
             return
         probe = stream == schema.STREAM_PROBE
         from_grad = not probe and self.world_size == 1 and all(p.grad is None for t in self.trackers for p in t.params)
-        state = StepState(len(self.config.group_names), scale_by_batch,
+        uses = UseTracker(self._params, self._on_use, self._on_use_grad)
+        state = StepState(len(self.config.group_names), scale_by_batch, uses,
                           acc_dtype=torch.float64 if probe else torch.float32, from_grad=from_grad)
         state.trackers = self.trackers
         if group is not None:
             state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
         for tracker in self.trackers:
             tracker.attach(state)
+        handles = self._module_hooks(state)
         try:
-            yield Recording(state)
+            with uses:
+                yield Recording(state)
         except RuntimeError as err:
             n = sum(state.sizes)
             if state.group is not None and state.sizes and state.group.shape[0] < n:  # (a clearer message)
@@ -272,12 +239,63 @@ class GradientLogger:
             raise
         finally:
             end_of_backward(state)  # in case the block ended inside an unfinished backward
+            for h in handles:
+                h.remove()
             for tracker in self.trackers:
                 tracker.detach()
         record = self._finish(step, state, index, labels, group, true_labels)
         if record is not None:
             self._last_step[stream] = step
             self._put(stream, record)
+
+    @property
+    def _params(self) -> dict[int, nn.Parameter]:
+        return {id(p): p for t in self.trackers for p in t.params}
+
+    def _module_hooks(self, state: StepState) -> list:
+        """Hooks that tell the use tracker where a model call starts (its data) and which rule is running."""
+        uses = state.uses
+        depth = [0]
+        modules: dict[int, tuple[nn.Module, frozenset[int] | None]] = {id(self.model): (self.model, None)}
+        for t in self.trackers:
+            for source in t.plan.sources:
+                modules[id(source.module)] = (source.module, frozenset(id(p) for p in source.params))
+            for name in t.plan.loose:
+                module = self.model if name == "root" else self.model.get_submodule(name)
+                modules.setdefault(id(module), (module, None))
+
+        def before(module: nn.Module, args: tuple, kwargs: dict, owned: frozenset[int] | None) -> None:
+            if depth[0] == 0 and not uses.paused:
+                n = uses.new_batch(args, kwargs)
+                if n is not None:
+                    state.batch_size(n)
+            depth[0] += 1
+            if owned is not None:
+                uses.owned.append(owned)
+
+        def after(owned: frozenset[int] | None) -> None:
+            depth[0] = max(depth[0] - 1, 0)
+            if owned is not None and uses.owned:
+                uses.owned.pop()
+
+        handles = []
+        for module, owned in modules.values():
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, owned=owned: before(m, a, k, owned), with_kwargs=True))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, owned=owned: after(owned), always_call=True))
+        return handles
+
+    def _on_use(self, use: Use) -> None:
+        state = self.trackers[0]._state
+        params = {id(p) for t in use.diff.values() for p in state.uses.roots(t)}
+        use.layers = [t for t in self.trackers if any(id(p) in params for p in t.params)]
+        for t in use.layers:
+            t.add_use(use)
+
+    def _on_use_grad(self, use: Use) -> None:
+        for t in use.layers:
+            t.on_use_grad()
 
     def _finish(self, step: int, state: StepState, index: Any, labels: Any, group: Any,
                 true_labels: Any) -> HostRecord | None:
@@ -293,13 +311,13 @@ class GradientLogger:
             meta["group"] = np.zeros(n, dtype=np.int64)
         elif meta["group"] is None:
             raise ValueError("groups were declared, so record(..., group=...) must give every example's group")
-        for t in self.trackers:
-            t.check_complete()
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
         sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
         grams, sums = self._grams(len(g))  # [L, G, G], [L] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
-        device_tensors = {"sq_norm": sq_norm, "sum_sq_norm": sums, "group_gram": grams, "finite": finite}
+        reconciled = torch.stack([t.reconciled() for t in self.trackers]) | ~finite
+        device_tensors = {"sq_norm": sq_norm, "sum_sq_norm": sums, "group_gram": grams, "finite": finite,
+                          "reconciled": reconciled}
         if state.losses:
             device_tensors["loss"] = torch.cat(state.losses)
         if self.config.sketch_dim:
@@ -312,13 +330,32 @@ class GradientLogger:
         if (meta["group"] < 0).any() or (meta["group"] >= len(g)).any():
             raise ValueError(f"group values must lie in [0, {len(g)}) for groups {g}; got "
                              f"{sorted(set(meta['group'].tolist()) - set(range(len(g))))}")
+        self._check_reconciled(step, host["reconciled"])
         missing = np.full(n, -1, dtype=np.int64)
         return HostRecord(
             step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
             group_gram=host["group_gram"], index=or_default(meta["index"], missing),
             label=or_default(meta["label"], missing), true_label=or_default(meta["true_label"], missing),
             group=meta["group"], loss=loss,
-            finite=host["finite"], sketch=host.get("sketch"),
+            finite=host["finite"], reconciled=host["reconciled"], sketch=host.get("sketch"),
+        )
+
+    def _check_reconciled(self, step: int, ok: np.ndarray) -> None:
+        """The reconciliation guard: raise (``on_mismatch="raise"``) or keep the flags (``"flag"``)."""
+        bad = [t.name for t, good in zip(self.trackers, ok, strict=True) if not good]
+        if not bad or self.config.on_mismatch == "flag":
+            if bad:
+                log.warning("step %s: per-example gradients of %s do not sum to the batch gradient; flagged", step,
+                            ", ".join(bad))
+            return
+        raise RuntimeError(
+            f"step {step}: the per-example gradients of layer(s) {', '.join(repr(b) for b in bad)} do not sum to the "
+            "batch gradient their parameters received. Likely causes: a parameter used outside the modules gradcoh "
+            "sees in a way it cannot split by example (a penalty on the weights inside the loss: apply it in the "
+            "optimizer, e.g. weight_decay), a second loss term that mixes examples, or gradients changed between "
+            "the backward pass and the end of the record block. Run gradcoh.logger.validate(model, ...) to see "
+            "which layers are exact, exclude the layer with layers=..., or pass on_mismatch='flag' to store the "
+            "step with the layer flagged"
         )
 
     def _grams(self, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,12 +499,7 @@ class GradientLogger:
         """
         if not self.config.sketch_dim:
             raise ValueError("project_grad() needs sketches; create the logger with sketch_dim > 0")
-        out = {}
-        for t in self.trackers:
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in t.params]
-            m = t.view.to_matrix([g.unsqueeze(0).to(torch.float32) for g in grads])
-            out[t.name] = t.projector.dense(m)[0]
-        return out
+        return {t.name: t.project() for t in self.trackers}
 
     def flush(self) -> None:
         """Write and commit every step logged so far."""
@@ -496,10 +528,6 @@ class GradientLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _selected(name: str, module: nn.Module, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or type(module).__name__ == p for p in patterns)
 
 
 def _versions() -> dict[str, str]:

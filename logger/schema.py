@@ -22,6 +22,7 @@ Layout of a store (one Zarr v3 group)::
         group       (step, example)                     int64   position in ``group_i``, −1 when padding
         loss        (step, example)                     float32 per-example loss, NaN when not recorded
         finite      (step, layer)                       bool    all statistics of that layer finite
+        reconciled  (step, layer)                       bool    per-example gradients sum to the batch gradient
         sketch      (step, example, layer, proj)        float16 (or the configured dtype), only if sketch_dim > 0
       probe/                     same variables, written by ``GradientLogger.probe``
       rank-00000/batch, ...      instead of the above when written by several processes (see ``rank_group``)
@@ -32,8 +33,11 @@ resizes, writes the data chunks, and only then advances the committed count.
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-"""Incremented on every incompatible change of the layout below."""
+FORMAT_VERSION = 2
+"""Incremented on every change of the layout below (2: ``reconciled`` added, per-parameter sketches)."""
+
+OLDEST_READABLE_FORMAT = 1
+"""Readers accept stores from this format on (format 1 lacks ``reconciled``)."""
 
 # --- root attributes -----------------------------------------------------------------------------------
 FORMAT_KEY = "gradcoh_format_version"
@@ -81,6 +85,7 @@ TRUE_LABEL = "true_label"
 GROUP = "group"
 LOSS = "loss"
 FINITE = "finite"
+RECONCILED = "reconciled"
 SKETCH = "sketch"
 
 DEFAULT_GROUP = "all"
@@ -100,6 +105,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     GROUP: ((DIM_STEP, DIM_EXAMPLE), "int64"),
     LOSS: ((DIM_STEP, DIM_EXAMPLE), "float32"),
     FINITE: ((DIM_STEP, DIM_LAYER), "bool"),
+    RECONCILED: ((DIM_STEP, DIM_LAYER), "bool"),
     SKETCH: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER, DIM_PROJ), "float16"),  # dtype configurable
 }
 """Every variable that grows along ``step``."""

@@ -1,7 +1,9 @@
-"""Seeded per-layer TensorSketch projections of per-example gradients.
+"""Seeded TensorSketch projections of per-example gradients, one per parameter, summed per layer.
 
-Every layer's gradient is viewed as a matrix ``M`` of shape ``(rows, cols)`` (see :mod:`gradcoh.logger.grads`). The
-sketch of ``M`` is the TensorSketch (Pham & Pagh 2013)::
+Every parameter's gradient is viewed as a matrix ``M`` of shape ``(rows, cols) = (shape[0], numel / shape[0])``
+(see :func:`gradcoh.logger.grads.natural_view`); a layer's sketch is the sum of its parameters' sketches, so that a
+parameter used in several places (tied weights) is sketched once, as the sum over its uses. The sketch of ``M`` is
+the TensorSketch (Pham & Pagh 2013)::
 
     s[m] = Σ_{i, j : (h_r(i) + h_c(j)) mod k = m}  σ_r(i) σ_c(j) M[i, j]
 
@@ -9,7 +11,7 @@ with hash functions ``h_r, h_c`` into ``[0, k)`` and random signs ``σ_r, σ_c``
 sketches are sketches of sums), unbiased for inner products (``E⟨s(M), s(N)⟩ = ⟨M, N⟩``) and, for a sum of outer
 products ``M = Σ_t u_t v_tᵀ``, computable without forming ``M``: ``s = IFFT(Σ_t FFT(CS_r u_t) ⊙ FFT(CS_c v_t))``.
 
-The hashes depend only on ``(seed, layer name, rows, cols, k)`` through :class:`numpy.random.SeedSequence`, are
+The hashes depend only on ``(seed, parameter name, rows, cols, k)`` through :class:`numpy.random.SeedSequence`, are
 generated on the CPU with NumPy and then moved to the device, so that the projection is identical across steps,
 processes, restarts and devices. :func:`sketch_hashes` rebuilds them without torch for analysis code.
 """
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 SKETCH_KIND = "tensorsketch"
-SKETCH_VERSION = 1
+SKETCH_VERSION = 2
+"""1: one projection per layer matrix view; 2: one per parameter (natural view), summed per layer."""
 
 
 def _entropy(seed: int, name: str, rows: int, cols: int, dim: int) -> list[int]:
@@ -37,9 +40,9 @@ def sketch_hashes(seed: int, name: str, rows: int, cols: int, dim: int) -> dict[
 
     Args:
         seed: The logger's seed.
-        name: Qualified layer name.
-        rows: Rows of the layer's gradient matrix view.
-        cols: Columns of the layer's gradient matrix view.
+        name: Qualified parameter name.
+        rows: Rows of the parameter's matrix view.
+        cols: Columns of the parameter's matrix view.
         dim: Sketch dimension ``k``.
 
     Returns:
@@ -57,7 +60,7 @@ def sketch_hashes(seed: int, name: str, rows: int, cols: int, dim: int) -> dict[
 
 @dataclass
 class TensorSketch:
-    """The projection ``P_l`` of one layer, on one device.
+    """The projection of one parameter, on one device.
 
     Attributes:
         dim: Sketch dimension ``k``.
@@ -82,7 +85,7 @@ class TensorSketch:
     def create(
         cls, seed: int, name: str, rows: int, cols: int, dim: int, device: torch.device | str = "cpu"
     ) -> TensorSketch:
-        """Build the projection of layer ``name`` from the seed (see :func:`sketch_hashes`)."""
+        """Build the projection of parameter ``name`` from the seed (see :func:`sketch_hashes`)."""
         hashes = sketch_hashes(seed, name, rows, cols, dim)
         h = {key: torch.from_numpy(value).to(device) for key, value in hashes.items()}
         return cls(dim, rows, cols, h["row_hash"], h["row_sign"], h["col_hash"], h["col_sign"])

@@ -155,6 +155,7 @@ class HostRecord:
     loss: np.ndarray  # [n] float32
     finite: np.ndarray  # [L] bool
     sketch: np.ndarray | None  # [n, L, k]
+    reconciled: np.ndarray | None = None  # [L] bool; None: every layer reconciled
 
     @property
     def n(self) -> int:
@@ -331,13 +332,14 @@ _FIELDS = {
     schema.STEP: "step", schema.WALL_TIME: "wall_time", schema.N_EXAMPLES: "n", schema.SQ_NORM: "sq_norm",
     schema.SUM_SQ_NORM: "sum_sq_norm", schema.GROUP_GRAM: "group_gram", schema.INDEX: "index",
     schema.LABEL: "label", schema.TRUE_LABEL: "true_label", schema.GROUP: "group", schema.LOSS: "loss",
-    schema.FINITE: "finite", schema.SKETCH: "sketch",
+    schema.FINITE: "finite", schema.RECONCILED: "reconciled", schema.SKETCH: "sketch",
 }
 
 
 def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype) -> np.ndarray:
     """Stack one variable over steps, padding the example axis to ``width``."""
-    values = [np.asarray(getattr(r, _FIELDS[name])) for r in records]
+    values = [np.asarray(getattr(r, _FIELDS[name])) if getattr(r, _FIELDS[name]) is not None
+              else np.ones_like(r.finite) for r in records]
     if schema.DIM_EXAMPLE not in schema.VARIABLES[name][0]:
         return np.stack(values).astype(dtype, copy=False)
     fill = schema.FILL_VALUES["float32" if name == schema.SKETCH else schema.VARIABLES[name][1]]
@@ -436,8 +438,9 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
     version = root.attrs.get(schema.FORMAT_KEY)
     if version is None:
         raise StoreError(f"{text} is a zarr group but not a gradcoh store (no {schema.FORMAT_KEY!r})")
-    if version != schema.FORMAT_VERSION:
-        raise StoreError(f"{text}: format version {version!r}; this gradcoh repairs format {schema.FORMAT_VERSION}")
+    if not isinstance(version, int) or not schema.OLDEST_READABLE_FORMAT <= version <= schema.FORMAT_VERSION:
+        raise StoreError(f"{text}: format version {version!r}; this gradcoh repairs formats "
+                         f"{schema.OLDEST_READABLE_FORMAT}..{schema.FORMAT_VERSION}")
     actions: list[str] = []
     for name, group in list(root.groups()):
         committed = group.attrs.get(schema.COMMITTED_KEY)

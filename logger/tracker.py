@@ -1,26 +1,36 @@
 """Per-layer trackers and the per-step state they fill: all hook state lives here, never on modules or tensors.
 
-Each tracked layer gets, while a step is being recorded, one forward hook (capturing the call's inputs and putting a
-tensor hook on its outputs) and one tensor hook per trainable parameter (capturing the batch gradient of this
-backward). Tensor hooks on outputs, unlike ``register_full_backward_hook``, work with in-place operations that follow
-the module (ResNet's ``out += identity``, ``ReLU(inplace=True)``). A layer is processed as soon as every call of it
-in the current forward has received its output gradient; calls still open when the backward pass ends are
-processed by an end-of-backward callback. Nothing here calls ``.item()`` or copies to the host.
+Each tracked layer gets, while a step is being recorded, one forward hook per module with a rule for its parameters
+(capturing the call's inputs and putting a tensor hook on its outputs), the uses of its parameters reported by the
+step's :class:`~gradcoh.logger.uses.UseTracker`, and one tensor hook per trainable parameter (capturing the batch
+gradient of this backward). Tensor hooks on outputs, unlike ``register_full_backward_hook``, work with in-place
+operations that follow the module (ResNet's ``out += identity``, ``ReLU(inplace=True)``). A layer is processed as
+soon as every call and use of it in the current forward has received its output gradient; calls still open when
+the backward pass ends are processed by an end-of-backward callback.
+
+Every source's per-example gradient is split into one form per parameter (:func:`~gradcoh.logger.grads.split_params`);
+contributions to the same parameter add, with their cross terms in the squared norm. Nothing here calls ``.item()``
+or copies to the host.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from .grads import LayerGrad, MatrixView, choose_route, combine
-from .layers import Rule
+from .grads import Dense, MatrixView, ParamGrad, choose_route, combine, fold, inner, natural_view, probe, split_params
+from .layout import Unknown
+from .plan import LayerPlan, Source
 from .sketch import TensorSketch
+from .uses import Use, UseTracker, use_gradients
+
+GUARD_PROBES = 2
+"""Random rank-one test matrices per parameter in the reconciliation guard."""
 
 
 @dataclass
@@ -30,12 +40,12 @@ class StepState:
     Attributes:
         n_groups: Number of groups ``G``.
         scale_by_batch: True for ``loss_reduction="mean"``: per-example gradients are ``n ×`` the batch terms.
-        acc_dtype: Type of the batch- and group-sum accumulators: float32 for the batch stream (one backward per
-            step, no rounding to accumulate; half the memory), float64 for probes (many micro-batches).
+        uses: The use tracker of this step (data layouts, derived tensors, parameter uses).
+        acc_dtype: Type of the batch- and group-sum accumulators: float32 for the batch stream, float64 for probes.
         from_grad: Every tracked ``.grad`` was None when the step began, so the batch sums are read from ``.grad``
             at the end (no copy); parameter hooks only start accumulating if a second backward pass comes.
         params_reached: The running backward pass reached a parameter (False for e.g. ``autograd.grad`` with
-            respect to the inputs only, an adversarial step: such a pass is not a micro-batch and is discarded).
+            respect to the inputs only: such a pass is not a micro-batch and is discarded).
         group: ``[n_total]`` group of each example on the model's device, or None.
         sizes: Examples in each completed or current micro-batch.
         micro: Index of the current micro-batch (advanced at the end of each backward pass).
@@ -46,6 +56,7 @@ class StepState:
 
     n_groups: int
     scale_by_batch: bool
+    uses: UseTracker
     acc_dtype: torch.dtype = torch.float32
     from_grad: bool = False
     params_reached: bool = False
@@ -57,9 +68,14 @@ class StepState:
     trackers: list[LayerTracker] = field(default_factory=list)
 
     def batch_size(self, n: int) -> int:
-        """Register a forward call with ``n`` rows in the current micro-batch; returns the micro-batch size."""
+        """Register a forward with ``n`` examples in the current micro-batch; returns the micro-batch size."""
         if len(self.sizes) <= self.micro:
             self.sizes.append(n)
+        return self.sizes[self.micro]
+
+    @property
+    def n(self) -> int:
+        """Examples in the current micro-batch."""
         return self.sizes[self.micro]
 
     def scale(self, micro: int | None = None) -> float:
@@ -80,45 +96,59 @@ class StepState:
 
 @dataclass(eq=False)
 class _Call:
+    source: Source
     args: tuple
     kwargs: dict
     versions: list[tuple[torch.Tensor, int]]
+    r: int
     grads: tuple | None = None
 
 
 class LayerTracker:
-    """Owns the hooks and per-step results of one layer (a module with its own trainable parameters).
+    """Owns the hooks and per-step results of one layer.
 
     Args:
-        name: Qualified module name.
-        module: The module.
-        rule: Its layer rule.
-        projector: Its sketch projection, or None without sketches.
-        recurse: Own the parameters of the whole subtree (fallback layers), not only the module's own.
+        plan: The layer: its parameters, the modules with rules for them, the modules observed op by op.
+        seed: Seed of the sketch projections (with ``sketch_dim``).
+        sketch_dim: Sketch dimension (0: none).
     """
 
-    def __init__(self, name: str, module: nn.Module, rule: Rule, projector: TensorSketch | None,
-                 recurse: bool = False) -> None:
-        self.name = name
-        self.module = module
-        self.rule = rule
-        self.projector = projector
-        self.params = [p for p in module.parameters(recurse=recurse) if p.requires_grad]
-        self.view = MatrixView.of([tuple(p.shape) for p in self.params])
+    def __init__(self, plan: LayerPlan, seed: int = 0, sketch_dim: int = 0) -> None:
+        self.plan = plan
+        self.name = plan.name
+        self.params = plan.params
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.shapes = [tuple(p.shape) for p in self.params]
         self.size = sum(p.numel() for p in self.params)
+        self.views = [MatrixView.of([tuple(p.shape) for p in s.params]) for s in plan.sources]
+        device = self.params[0].device
+        self.projectors: list[TensorSketch] | None = None
+        if sketch_dim:
+            self.projectors = [TensorSketch.create(seed, name, *natural_view(shape), sketch_dim, device)
+                               for name, shape in zip(plan.param_names, self.shapes, strict=True)]
+        self.tests = [_rank_one(name, shape, device) for name, shape in zip(plan.param_names, self.shapes,
+                                                                              strict=True)]
         self._handles: list[RemovableHandle] = []
         self._state: StepState | None = None
         self._calls: list[_Call] = []
-        self._busy = False  # True while a rule runs: the torch.func fallback re-enters the module's forward
+        self._uses: list[Use] = []
+        self._busy = False  # True while a rule runs (a rule may call the module's forward again)
         self._grad_versions: list[int | None] = []
         self.reset()
+
+    @property
+    def projector(self) -> list[TensorSketch] | None:
+        """The per-parameter sketch projections, or None without sketches."""
+        return self.projectors
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def attach(self, state: StepState) -> None:
         """Install the hooks for one recorded step."""
         self._state = state
         self.reset()
-        self._handles.append(self.module.register_forward_hook(self._forward_hook, with_kwargs=True))
+        for source in self.plan.sources:
+            self._handles.append(source.module.register_forward_hook(
+                lambda m, a, k, o, source=source: self._forward_hook(source, a, k, o), with_kwargs=True))
         for i, p in enumerate(self.params):
             self._handles.append(p.register_hook(lambda g, i=i: self._param_hook(i, g)))
 
@@ -128,27 +158,37 @@ class LayerTracker:
             h.remove()
         self._handles.clear()
         self._calls = []
+        self._uses = []
 
     def reset(self) -> None:
         """Forget the previous step's results."""
         self.sq: dict[int, torch.Tensor] = {}  # micro-batch -> [n]
         self.sketch: dict[int, torch.Tensor] = {}  # micro-batch -> [n, k]
-        self.group_sums: dict[int, torch.Tensor] = {}  # micro-batch -> [G-1, rows, cols] in acc_dtype
+        self.checks: dict[int, torch.Tensor] = {}  # micro-batch -> [n, GUARD_PROBES]
+        self.group_sums: torch.Tensor | None = None  # running [G-1, P] in acc_dtype
         self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, acc_dtype
+        self.seen: list[torch.Tensor | None] = [None] * len(self.params)  # gradients of micro-batch 0 (from_grad)
+        self.low_precision = False  # half-precision activations or gradients (autocast): a looser guard
 
     # --- hooks -------------------------------------------------------------------------------------------
-    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _forward_hook(self, source: Source, args: tuple, kwargs: dict, output: Any) -> None:
         if self._busy:
             return
         outs = [o for o in pytree.tree_leaves(output) if torch.is_tensor(o)]
         needs = [o for o in outs if o.requires_grad]
         if not needs:
             return  # no gradient will flow (no_grad, frozen): nothing to record
-        first = next(a for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a))
-        self._state.batch_size(first.shape[0])
+        state = self._state
+        uses = state.uses
+        leaves = [a for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        lay = next((uses.layout(a) for a in leaves if uses.layout(a) is not None), None)
+        if lay is None:
+            return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
+        first = next(a for a in leaves if uses.layout(a) is not None)
+        r = self._rows_per_example(source, first, lay)
         detached = pytree.tree_map(lambda a: a.detach() if torch.is_tensor(a) else a, (args, kwargs))
-        versions = [(a, a._version) for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
-        call = _Call(detached[0], detached[1], versions)
+        versions = [(a, a._version) for a in leaves]
+        call = _Call(source, detached[0], detached[1], versions, r)
         self._calls.append(call)
         if len(outs) == 1:
             outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
@@ -163,6 +203,33 @@ class LayerTracker:
 
             torch.autograd.graph.register_multi_grad_hook(needs, on_all, mode="all")
 
+    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> int:
+        n = self._state.n
+        if isinstance(lay, Unknown) and n > 1:
+            raise ValueError(
+                f"module '{source.name}' ({type(source.module).__name__}): gradcoh cannot tell which rows of its "
+                f"input belong to which example after the op '{lay.op}'; register a rule for the module that calls "
+                "it, or exclude the layer with layers=..."
+            )
+        if isinstance(lay, Unknown):
+            return max(first.shape[0], 1)
+        axis, r = lay
+        if axis != 0:
+            raise ValueError(
+                f"module '{source.name}' ({type(source.module).__name__}) takes the batch on dimension {axis} of its "
+                "input; its rule needs it on dimension 0 (batch_first=True), or exclude the layer with layers=..."
+            )
+        return r
+
+    def add_use(self, use: Use) -> None:
+        """A use of this layer's parameters outside their modules' rules (reported by the use tracker)."""
+        self._uses.append(use)
+
+    def on_use_grad(self) -> None:
+        """The output gradient of one of this layer's uses has arrived."""
+        self._queue_end_of_backward()
+        self.maybe_process()
+
     def _on_grads(self, call: _Call, grads: tuple) -> None:
         if not any(c is call for c in self._calls):  # its forward was consumed by an earlier backward (retain_graph)
             raise RuntimeError(
@@ -171,7 +238,13 @@ class LayerTracker:
             )
         self._queue_end_of_backward()
         call.grads = tuple(None if g is None else g.detach() for g in grads)
-        if all(c.grads is not None for c in self._calls):
+        self.maybe_process()
+
+    def maybe_process(self) -> None:
+        """Process the micro-batch once every call and use of this layer has its output gradient."""
+        if (self._calls or self._uses) and all(c.grads is not None for c in self._calls) and all(
+                u.grads is not None for u in self._uses):
+            self._queue_end_of_backward()
             self.process()
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
@@ -180,11 +253,14 @@ class LayerTracker:
         self._queue_end_of_backward()
         if state.from_grad:
             if state.micro == 0:
-                return  # .grad will hold exactly this backward's gradient
+                # .grad will hold exactly this backward's gradient; keep a reference (no copy) in case the pass
+                # was torch.autograd.grad, which leaves .grad alone
+                self.seen[i] = grad.detach()
+                return
             if self.batch_grads[i] is None:  # a second backward: .grad holds micro-batch 0's gradient (so far)
-                held = self.params[i].grad
+                held = self._first_grad(i)
                 self.batch_grads[i] = (torch.zeros_like(grad, dtype=state.acc_dtype) if held is None
-                                       else held.detach().to(state.acc_dtype) * state.scale(0))
+                                       else held.to(state.acc_dtype) * state.scale(0))
             self.batch_grads[i] = self.batch_grads[i] + grad.detach().to(state.acc_dtype) * state.scale()
             return
         g = grad.detach().to(state.acc_dtype, copy=True)  # never alias autograd's tensor (it may become .grad)
@@ -192,6 +268,10 @@ class LayerTracker:
         if scale != 1.0:
             g *= scale
         self.batch_grads[i] = g if self.batch_grads[i] is None else self.batch_grads[i] + g
+
+    def _first_grad(self, i: int) -> torch.Tensor | None:
+        p = self.params[i]
+        return p.grad.detach() if p.grad is not None else self.seen[i]
 
     def _queue_end_of_backward(self) -> None:
         state = self._state
@@ -204,9 +284,10 @@ class LayerTracker:
 
     # --- computation -------------------------------------------------------------------------------------
     def process(self) -> None:
-        """Turn the captured calls of this micro-batch into per-example statistics and sketches."""
+        """Turn the captured calls and uses of this micro-batch into per-example statistics and sketches."""
         calls, self._calls = [c for c in self._calls if c.grads is not None], []
-        if not calls:
+        uses, self._uses = [u for u in self._uses if u.grads is not None], []
+        if not calls and not uses:
             return
         for c in calls:
             for tensor, version in c.versions:
@@ -215,47 +296,97 @@ class LayerTracker:
                         f"an input of layer '{self.name}' was modified in place after its forward; "
                         "per-example gradients need the original input (avoid the in-place op on it)"
                     )
+        state = self._state
         self._busy = True
+        state.uses.paused += 1
         try:
-            grad = combine([self.rule(self.module, *_upcast((c.args, c.kwargs, c.grads))) for c in calls])
-            grad = choose_route(grad, self.projector)
-            self._reduce(grad)
+            per_param: list[list[ParamGrad]] = [[] for _ in self.params]
+            by_source: dict[int, list] = {}
+            for c in calls:
+                by_source.setdefault(id(c.source), []).append(c)
+            for j, source in enumerate(self.plan.sources):
+                group = by_source.get(id(source))
+                if not group:
+                    continue
+                if any(_is_half(x) for c in group for x in pytree.tree_leaves((c.args, c.kwargs, c.grads))):
+                    self.low_precision = True
+                grads = [fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r) for c in group]
+                grad = combine(grads)
+                for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True):
+                    if form is not None:
+                        per_param[self.index[id(p)]].append(form)
+            for use in uses:
+                if use.results is None:
+                    use.results = use_gradients(use, state.uses, state.n)
+                if _is_half(use.grads):
+                    self.low_precision = True
+                for p, form in use.results:
+                    if id(p) in self.index:
+                        per_param[self.index[id(p)]].append(_upcast(form))
+            self._reduce(per_param)
         finally:
             self._busy = False
+            state.uses.paused -= 1
 
-    def _reduce(self, grad: LayerGrad) -> None:
+    def _reduce(self, per_param: list[list[ParamGrad]]) -> None:
         state = self._state
         scale = state.scale()
-        if grad.n != state.sizes[state.micro]:
-            raise ValueError(
-                f"layer '{self.name}' saw {grad.n} rows but the micro-batch has {state.sizes[state.micro]} "
-                "examples; per-example gradients need the batch on dimension 0 of every tracked layer's input"
-            )
-        self.sq[state.micro] = grad.sq_norms() * scale**2
-        if self.projector is not None:
-            self.sketch[state.micro] = grad.sketch(self.projector) * scale
-        weights = state.weights(torch.float32)
+        n = state.n
+        dtype = torch.float32
+        sq = torch.zeros(n, dtype=dtype, device=self.params[0].device)
+        checks = torch.zeros(n, GUARD_PROBES, dtype=dtype, device=sq.device)
+        sketch = None
+        weights = state.weights(dtype)
+        sums = []
+        for i, forms in enumerate(per_param):
+            forms = [choose_route(f, None if self.projectors is None else self.projectors[i]) for f in forms]
+            for f in forms:
+                if f.n != n:
+                    raise ValueError(
+                        f"layer '{self.name}' saw {f.n} rows but the micro-batch has {n} examples; per-example "
+                        "gradients need the batch on dimension 0 of every tracked layer's input"
+                    )
+            for a, fa in enumerate(forms):
+                sq = sq + fa.sq_norms().to(dtype)
+                for fb in forms[a + 1 :]:
+                    sq = sq + 2 * inner(fa, fb).to(dtype)
+                left, right = self.tests[i]
+                checks = checks + probe(fa, left, right).to(dtype)
+                if self.projectors is not None:
+                    s = fa.sketch(self.projectors[i])
+                    sketch = s if sketch is None else sketch + s
+            if weights is not None:
+                rows, cols = natural_view(self.shapes[i])
+                total = None
+                for f in forms:
+                    g = f.group_sums(weights)
+                    total = g if total is None else total + g
+                if total is None:
+                    total = torch.zeros(weights.shape[1], rows, cols, dtype=dtype, device=sq.device)
+                sums.append(total.reshape(weights.shape[1], -1))
+        self.sq[state.micro] = sq * scale**2
+        self.checks[state.micro] = checks * scale
+        if self.projectors is not None:
+            if sketch is None:
+                sketch = torch.zeros(n, self.projectors[0].dim, device=sq.device)
+            self.sketch[state.micro] = sketch * scale
         if weights is not None:
-            self.group_sums[state.micro] = grad.group_sums(weights).to(state.acc_dtype) * scale
+            block = torch.cat(sums, 1).to(state.acc_dtype) * scale
+            self.group_sums = block if self.group_sums is None else self.group_sums + block
 
     def discard(self, micro: int) -> None:
         """Forget what a backward pass that reached no parameter produced for micro-batch ``micro``."""
-        for results in (self.sq, self.sketch, self.group_sums):
+        for results in (self.sq, self.sketch, self.checks):
             results.pop(micro, None)
 
     def flush_calls(self) -> None:
-        """Process calls left open when the backward pass ended (outputs that got no gradient)."""
-        if self._calls:
+        """Process calls and uses left open when the backward pass ended (outputs that got no gradient)."""
+        if self._calls or self._uses:
             self.process()
         if self._state.from_grad:  # to detect in-place changes of .grad before the step ends
             self._grad_versions = [None if p.grad is None else p.grad._version for p in self.params]
 
     # --- results -----------------------------------------------------------------------------------------
-    def batch_sum(self) -> torch.Tensor:
-        """``[rows, cols]`` Σ over examples of per-example gradients (parameter hooks, or ``.grad``)."""
-        grads = [t * scale if scale != 1.0 else t for t, scale in map(self._param_sum, range(len(self.params)))]
-        return self.view.to_matrix([g.unsqueeze(0) for g in grads])[0]
-
     def _param_sum(self, i: int) -> tuple[torch.Tensor, float]:
         """One parameter's Σ_i g_i as ``(tensor, scale)``: the sum is ``scale · tensor`` (avoids a scaled copy)."""
         p, acc = self.params[i], self.batch_grads[i]
@@ -268,56 +399,99 @@ class LayerTracker:
                     "clipping); do that after the block, which should hold only the forward and backward passes"
                 )
             return p.grad.detach(), self._state.scale(0)
+        if self._state.from_grad and self.seen[i] is not None:  # torch.autograd.grad: .grad stayed None
+            return self.seen[i], self._state.scale(0)
         return torch.zeros(p.shape, dtype=self._state.acc_dtype, device=p.device), 1.0
 
     def gram(self, n_groups: int) -> torch.Tensor:
         """``[G, G]`` float64 Gram matrix of the group sums (one process)."""
-        if n_groups == 1:  # ‖Σ_i g_i‖² parameter by parameter: no matrix view, no scaled copy
+        if n_groups == 1:  # ‖Σ_i g_i‖² parameter by parameter: no scaled copy
             total = sum(scale**2 * torch.dot(t.reshape(-1), t.reshape(-1)).to(torch.float64)
                         for t, scale in map(self._param_sum, range(len(self.params))))
             return total.reshape(1, 1)
         sums = self.group_sum_matrix(n_groups)
         return (sums @ sums.T).to(torch.float64)
 
-    def check_complete(self) -> None:
-        """Refuse to report a layer whose parameters got gradients that its own forward calls did not produce."""
-        got = [g is not None for g in self.batch_grads]
-        if self._state.from_grad:
-            got = [p.grad is not None for p in self.params]
-        if not self.sq and any(got):
-            raise RuntimeError(
-                f"the parameters of layer '{self.name}' received gradients but the module's forward was never "
-                "called (a parent uses its weights directly); exclude it with layers=... or register a rule for "
-                "the parent module"
-            )
+    def reconciled(self) -> torch.Tensor:
+        """Whether the per-example gradients sum to the batch gradient the parameters received (0-d bool).
+
+        Compares ``Σ_i aᵀ g_i b`` with ``aᵀ (Σ_i g_i) b`` for random rank-one test matrices ``a bᵀ`` per parameter
+        (one reduction per parameter), up to the rounding of the accumulation.
+        """
+        got = torch.cat(list(self.checks.values())) if self.checks else None
+        device = self.params[0].device
+        want = torch.zeros(GUARD_PROBES, dtype=torch.float64, device=device)
+        size = torch.zeros((), dtype=torch.float64, device=device)
+        for i in range(len(self.params)):
+            t, scale = self._param_sum(i)
+            rows, cols = natural_view(self.shapes[i])
+            left, right = self.tests[i]
+            m = t.reshape(rows, cols).to(torch.float64)
+            want = want + scale * torch.einsum("rc,rk,ck->k", m, left.double(), right.double())
+            size = size + scale * torch.einsum("rc,rk,ck->k", m.abs(), left.double().abs(), right.double().abs()).max()
+        total = got.double().sum(0) if got is not None else torch.zeros_like(want)
+        spread = got.double().abs().sum(0) if got is not None else torch.zeros_like(want)
+        tol = _tolerance(torch.bfloat16 if self.low_precision else self.params[0].dtype)
+        return ((total - want).abs() <= tol * (spread + want.abs() + 1e-6 * size) + 1e-30).all()
 
     def per_example(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused)."""
         device = self.params[0].device
         sq = [self.sq.get(j, torch.zeros(n, device=device)) for j, n in enumerate(sizes)]
-        if self.projector is None:
+        if self.projectors is None:
             return torch.cat(sq), None
-        k = self.projector.dim
+        k = self.projectors[0].dim
         sk = [self.sketch.get(j, torch.zeros(n, k, device=device)) for j, n in enumerate(sizes)]
         return torch.cat(sq), torch.cat(sk)
 
     def group_sum_matrix(self, n_groups: int) -> torch.Tensor:
-        """``[G, rows·cols]`` group sums ``Σ_{i∈g} g_i``; the last group is the total minus the others."""
-        total = self.batch_sum().reshape(1, -1)
+        """``[G, P]`` group sums ``Σ_{i∈g} g_i`` (parameters flattened in order); the last is the total minus the rest."""
+        parts = []
+        for i in range(len(self.params)):
+            t, scale = self._param_sum(i)
+            parts.append(t.reshape(-1) * scale if scale != 1.0 else t.reshape(-1))
+        total = torch.cat(parts).reshape(1, -1)
         if n_groups == 1:
             return total
-        if not self.group_sums:
+        if self.group_sums is None:
             sums = torch.zeros(n_groups - 1, total.shape[1], dtype=total.dtype, device=total.device)
         else:
-            sums = sum(self.group_sums.values()).reshape(n_groups - 1, -1).to(total.dtype)
+            sums = self.group_sums.to(total.dtype)
         return torch.cat([sums, total - sums.sum(0, keepdim=True)])
+
+    def project(self) -> torch.Tensor:
+        """``[k]`` sketch of the gradient held in the parameters' ``.grad`` (sum of the per-parameter projections)."""
+        out = None
+        for p, proj, shape in zip(self.params, self.projectors, self.shapes, strict=True):
+            g = torch.zeros_like(p) if p.grad is None else p.grad.detach()
+            s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
+            out = s if out is None else out + s
+        return out
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+
+
+def _is_half(x: Any) -> bool:
+    return torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def _rank_one(name: str, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded Gaussian test vectors ``([rows, k], [cols, k])`` of one parameter for the reconciliation guard."""
+    rows, cols = natural_view(shape)
+    seed = int.from_bytes(hashlib.sha256(f"gradcoh-guard/{name}".encode()).digest()[:8], "little")
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, GUARD_PROBES, generator=gen).to(device),
+            torch.randn(cols, GUARD_PROBES, generator=gen).to(device))
 
 
 def _upcast(tree: Any) -> Any:
-    """Half-precision tensors (autocast, bf16 models) as float32; other tensors and objects unchanged.
-
-    Per-example statistics then neither overflow nor lose the precision the 2e-4 contract needs.
-    """
+    """Half-precision tensors (autocast, bf16 models) as float32; other tensors and objects unchanged."""
+    if isinstance(tree, Dense):
+        return Dense(*_upcast(tree.blocks))
+    if not isinstance(tree, tuple | list | dict) and not torch.is_tensor(tree):
+        return tree
     return pytree.tree_map(
         lambda a: a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a, tree
     )
@@ -333,7 +507,11 @@ def end_of_backward(state: StepState | None) -> None:
     if not state.params_reached:  # gradients of inputs only: nothing of it reaches the parameters
         for tracker in state.trackers:
             tracker.discard(state.micro)
-        del state.sizes[state.micro:]
+        del state.sizes[state.micro :]
+        state.uses.reset()
         return
     state.params_reached = False
+    state.uses.reset()
     state.micro += 1
+
+

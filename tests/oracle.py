@@ -9,23 +9,23 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 
-def layer_params(model: torch.nn.Module) -> dict[str, list[str]]:
-    """Tracked layer name -> its trainable parameter names (full names), as the logger names them."""
-    from gradcoh.logger.layers import default_rules
+def open_logged(path, stream: str = "batch"):
+    """A logged stream as a loaded xarray Dataset, with the store's layer table (root attributes) in its attrs.
 
-    rules, out, covered = default_rules(), {}, []
-    for name, module in model.named_modules():
-        if any(name.startswith(c) for c in covered):
-            continue
-        recurse = rules.lookup(module) is None or rules.owns_subtree(module)
-        own = [k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
-        if recurse:
-            covered.append(f"{name}." if name else "")
-        names = [f"{name}.{k}" if name else k for k, p in module.named_parameters(recurse=recurse) if p.requires_grad]
-        out[name or "root"] = names
-    return out
+    The oracle groups parameters into layers from what the *store* says (each layer's ``params``), not from the
+    logger's rules, so that a bug in the layer split would show up as a mismatch instead of being copied.
+    """
+    import xarray as xr
+    import zarr
+
+    ds = xr.open_zarr(path, group=stream, consolidated=False).load()
+    ds.attrs["gradcoh_layers"] = zarr.open_group(str(path), mode="r", use_consolidated=False).attrs["gradcoh_layers"]
+    return ds
+
+
+def layer_params(ds) -> dict[str, list[str]]:
+    """Stored layer name -> its trainable parameter names (full names), from the store's layer table."""
+    return {layer["name"]: layer["params"] for layer in ds.attrs["gradcoh_layers"]}
 
 
 def per_example_grads_vmap(model, loss_fn, x, y) -> dict[str, torch.Tensor]:
@@ -63,9 +63,15 @@ def layer_matrix(grads: dict[str, torch.Tensor], names: list[str]) -> np.ndarray
     return torch.cat([grads[k].flatten(1) for k in names], 1).numpy()
 
 
-def expected_stats(model, grads, group=None, n_groups=1):
-    """Per-layer oracle statistics: sq_norm [n, L], sum_sq_norm [L], group_gram [L, G, G]."""
-    layers = layer_params(model)
+def expected_stats(ds, grads, group=None, n_groups=1):
+    """Per-layer oracle statistics: sq_norm [n, L], sum_sq_norm [L], group_gram [L, G, G].
+
+    Args:
+        ds: The logged dataset from :func:`open_logged` (for the layer → parameter map).
+        grads: Oracle per-example gradients ``{parameter name: [n, *shape]}``.
+    """
+    layers = layer_params(ds)
+
     sq, sums, grams = [], [], []
     for names in layers.values():
         g = layer_matrix(grads, names)

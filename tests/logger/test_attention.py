@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import xarray as xr
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.grads import Composite, MatrixView
 from gradcoh.logger.layers import functional_rule, mha_rule
 from gradcoh.logger.sketch import TensorSketch
-from oracle import expected_stats, per_example_grads_vmap
+from oracle import expected_stats, open_logged, per_example_grads_vmap
 from torch import nn
 
 N, L, S, E, H = 3, 5, 4, 8, 2
@@ -77,9 +76,9 @@ def test_mha_direct_call_with_weights_unused_matches_oracle(tmp_path):
     with GradientLogger(model, tmp_path / "a.zarr", sketch_dim=16) as glog:
         with glog.record(0):
             F.cross_entropy(model(x), y).backward()
-    ds = xr.open_zarr(tmp_path / "a.zarr", group="batch", consolidated=False).load()
+    ds = open_logged(tmp_path / "a.zarr", "batch")
     assert list(ds.layer.values) == ["attn", "head"]
     grads = per_example_grads_vmap(model, lambda o, t: F.cross_entropy(o, t.long(), reduction="none"), x, y)
-    sq, sums, _ = expected_stats(model, grads)
+    sq, sums, _ = expected_stats(ds, grads)
     np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=2e-4)
     np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=2e-4)

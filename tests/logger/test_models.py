@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-import xarray as xr
 from gradcoh.logger import GradientLogger
-from oracle import expected_stats, per_example_grads_vmap
+from oracle import expected_stats, open_logged, per_example_grads_vmap
 from torch import nn
 from torchvision.models import resnet18
 
@@ -23,10 +22,10 @@ def test_resnet18_eval_bn_matches_oracle(tmp_path):
     with GradientLogger(model, tmp_path / "r.zarr", sketch_dim=64) as glog:
         with glog.record(0):
             F.cross_entropy(model(x), y).backward()
-    ds = xr.open_zarr(tmp_path / "r.zarr", group="batch", consolidated=False).load()
+    ds = open_logged(tmp_path / "r.zarr", "batch")
     assert ds.sizes["layer"] == len([m for m in model.modules() if list(m.parameters(recurse=False))])
     grads = per_example_grads_vmap(model, ce, x, y)
-    sq, sums, _ = expected_stats(model, grads)
+    sq, sums, _ = expected_stats(ds, grads)
     np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=2e-4, atol=1e-9 * sq.max())
     np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=2e-4, atol=1e-9 * sums.max())
 
@@ -50,9 +49,9 @@ def test_transformer_encoder_matches_oracle(tmp_path):
     with GradientLogger(model, tmp_path / "t.zarr", groups=("a", "b")) as glog:
         with glog.record(0, group=torch.tensor([0, 1, 1, 0])):
             F.cross_entropy(model(x), y).backward()
-    ds = xr.open_zarr(tmp_path / "t.zarr", group="batch", consolidated=False).load()
+    ds = open_logged(tmp_path / "t.zarr", "batch")
     grads = per_example_grads_vmap(model, ce, x, y)
-    sq, sums, gram = expected_stats(model, grads, np.array([0, 1, 1, 0]), 2)
+    sq, sums, gram = expected_stats(ds, grads, np.array([0, 1, 1, 0]), 2)
     np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=2e-4, atol=1e-9 * sq.max())
     np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=2e-4, atol=1e-9 * sums.max())
     np.testing.assert_allclose(ds.group_gram.values[0], gram, rtol=2e-4, atol=1e-7 * np.abs(gram).max())

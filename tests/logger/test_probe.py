@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 from gradcoh.logger import GradientLogger
-from oracle import expected_stats, per_example_grads_vmap
+from oracle import expected_stats, open_logged, per_example_grads_vmap
 from torch import nn
 
 
@@ -58,10 +58,10 @@ def test_probe_statistics_match_oracle_in_eval_mode(tmp_path):
     with GradientLogger(model, tmp_path / "s.zarr", groups=("a", "b")) as glog:
         assert glog.probe(0, px, py, ce, batch_size=3, group=groups)
     assert model.training  # restored
-    ds = xr.open_zarr(tmp_path / "s.zarr", group="probe", consolidated=False).load()
+    ds = open_logged(tmp_path / "s.zarr", "probe")
     model.eval()
     grads = per_example_grads_vmap(model, lambda o, y: F.cross_entropy(o, y.long(), reduction="none"), px, py)
-    sq, sums, gram = expected_stats(model, grads, groups.numpy(), 2)
+    sq, sums, gram = expected_stats(ds, grads, groups.numpy(), 2)
     np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=2e-4)
     np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=2e-4)
     np.testing.assert_allclose(ds.group_gram.values[0], gram, rtol=2e-4, atol=1e-9)

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import xarray as xr
 from gradcoh.logger import GradientLogger
-from oracle import expected_stats, per_example_grads_loop
+from oracle import expected_stats, open_logged, per_example_grads_loop
 from test_exact import assert_close, check_step, run_logged, sq_loss, target_for
 from torch import nn
 
 
 def open_batch(path):
-    return xr.open_zarr(path, group="batch", consolidated=False).load()
+    return open_logged(path, "batch")
 
 
 def log_one(model, x, y, path, *, reduction="mean", forward=None, **kw):
@@ -100,9 +99,6 @@ class TiedModules(nn.Module):
         return self.head(torch.tanh(self.emb(x))).sum(1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a parameter that gets gradient outside its module's forward (weight "
-                   "tying via F.linear) has per-example norms of the lookup part only, but the batch sum from .grad "
-                   "includes both uses; check_complete only catches a module that is never called")
 def test_tied_embedding_used_directly_matches_whole_parameter_oracle(tmp_path):
     torch.manual_seed(12)
     model = TiedLM()
@@ -116,29 +112,47 @@ def test_tied_embedding_used_directly_matches_whole_parameter_oracle(tmp_path):
     assert_close(ds.sq_norm.values[0, :, layer], sq)  # fails: only the embedding lookup's part
 
 
-def test_tied_modules_are_refused_clearly(tmp_path):
-    """A parameter shared by two tracked modules would get per-example norms of one use but the sum of both."""
-    with pytest.raises(ValueError, match="share a parameter"):
-        GradientLogger(TiedModules(), tmp_path / "s.zarr")
-    ds = log_one(TiedModules(), torch.randint(0, 7, (1, 3)), torch.randn(1, 7), tmp_path / "t.zarr",
-                 reduction="sum", layers=("head",))  # excluding one of them works
-    assert list(ds.layer.values) == ["head"]
+def test_tied_modules_are_one_exact_layer(tmp_path):
+    """A parameter shared by two modules (input embedding = output projection) is one layer with both uses."""
+    torch.manual_seed(13)
+    model = TiedModules()
+    x = torch.randint(0, 7, (4, 3))
+    y = torch.randn(4, 7)
+    ds = log_one(model, x, y, tmp_path / "t.zarr", reduction="sum", sketch_dim=8)
+    assert list(ds.layer.values) == ["emb"]
+    grads = per_example_grads_loop(model, sq_loss, x, y)
+    sq, total = whole_param_sq(grads, "emb.weight")
+    assert_close(ds.sq_norm.values[0, :, 0], sq)
+    assert_close(ds.sum_sq_norm.values[0, 0], total)
+    ds = log_one(TiedModules(), torch.randint(0, 7, (1, 3)), torch.randn(1, 7), tmp_path / "h.zarr",
+                 reduction="sum", layers=("head",))  # selecting either module selects the shared layer
+    assert list(ds.layer.values) == ["emb"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a loss term that uses parameters directly (an L2 penalty inside the "
-                   "backward) enters sum_sq_norm (read from .grad) but no example's sq_norm; with loss_reduction="
-                   "'mean' it is even multiplied by n")
-def test_parameter_penalty_in_loss_single_example(tmp_path):
+def test_parameter_penalty_in_loss_is_caught_by_the_guard(tmp_path):
+    """An L2 penalty inside the backward reaches .grad but no example: the reconciliation guard names the layer."""
     torch.manual_seed(14)
     model = nn.Sequential(nn.Linear(3, 2))
     x = torch.randn(1, 3)
     y = target_for(model, x)
     with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="sum") as glog:
-        with glog.record(0):
-            (sq_loss(model(x), y).sum() + 0.5 * model[0].weight.pow(2).sum()).backward()
-    ds = open_batch(tmp_path / "s.zarr")
-    # one example: whatever the penalty is attributed to, ‖Σ_i g_i‖² = Σ_i ‖g_i‖²
-    assert_close(ds.sum_sq_norm.values[0], ds.sq_norm.values[0, 0])
+        with pytest.raises(RuntimeError, match="layer.*'0'.*do not sum to the batch gradient.*weight_decay"):
+            with glog.record(0):
+                (sq_loss(model(x), y).sum() + 0.5 * model[0].weight.pow(2).sum()).backward()
+    model.zero_grad()
+    with GradientLogger(model, tmp_path / "f.zarr", loss_reduction="sum", on_mismatch="flag") as glog:
+        for step in range(2):
+            with glog.record(step):
+                loss = sq_loss(model(x), y).sum()
+                (loss + 0.5 * model[0].weight.pow(2).sum() if step == 1 else loss).backward()
+            model.zero_grad()
+    ds = open_batch(tmp_path / "f.zarr")
+    assert ds.reconciled.values.tolist() == [[True], [False]]
+    from gradcoh.analysis import m_coherence, open_store
+
+    with pytest.warns(RuntimeWarning, match="did not sum to the batch gradient"):
+        mc = m_coherence(open_store(tmp_path / "f.zarr")).values
+    assert np.isfinite(mc[0]) and np.isnan(mc[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,7 +426,7 @@ def test_fallback_module_with_buffers_and_eval_batchnorm_child(tmp_path):
     x = torch.randn(5, 4)
     y = target_for(model, x)
     ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", sketch_dim=16)
-    assert list(ds.layer.values) == ["0", "1"]
+    assert list(ds.layer.values) == ["0", "0.bn", "1"]  # the child keeps its own rule and row
     check_step(ds, 0, model, x, y)
 
 
@@ -493,7 +507,7 @@ def test_layer_skipped_in_some_microbatches(pattern, reduction, preexisting, tmp
         for k, v in part.items():
             grads.setdefault(k, []).append(v)
     grads = {k: torch.cat(v) for k, v in grads.items()}
-    sq, sums, gram = expected_stats(model, grads, group.numpy(), 2)
+    sq, sums, gram = expected_stats(ds, grads, group.numpy(), 2)
     assert_close(ds.sq_norm.values[0], sq)
     assert_close(ds.sum_sq_norm.values[0], sums)
     assert_close(ds.group_gram.values[0], gram)
@@ -594,7 +608,7 @@ def test_probe_train_mode_equals_record_with_same_microbatches(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
-    probe = xr.open_zarr(tmp_path / "p.zarr", group="probe", consolidated=False).load()
+    probe = open_logged(tmp_path / "p.zarr", "probe")
     model.train()
     with GradientLogger(model, tmp_path / "r.zarr", groups=("a", "b"), loss_reduction="sum") as glog:
         with glog.record(0, group=group):
@@ -632,9 +646,6 @@ class Wrapped(nn.Module):
 
 @pytest.mark.parametrize("kind", [
     "convT", "bilinear", "prelu", "rmsnorm",
-    pytest.param("lstm", marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "BUG (crash, not silent): nn.LSTM(batch_first=True) goes to functional_rule, whose vmap over the fused "
-        "LSTM kernel fails inside backward() (\"Expected a proper Tensor but got None ... 'workspace'\")"))),
 ])
 def test_fallback_layers_match_loop_oracle(kind, tmp_path):
     torch.manual_seed(32)
@@ -643,6 +654,16 @@ def test_fallback_layers_match_loop_oracle(kind, tmp_path):
     y = target_for(model, x)
     ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", sketch_dim=16)
     check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+
+
+def test_lstm_is_refused_with_a_clear_error(tmp_path):
+    """No rule for nn.LSTM, and its fused kernel has no per-example form: a clear error naming the op and the fix."""
+    torch.manual_seed(32)
+    model = Wrapped("lstm")
+    x = torch.randn(4, 5, 3)
+    y = target_for(model, x)
+    with pytest.raises((ValueError, RuntimeError), match="lstm.*(LayerRules.register|layers=)"):
+        run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
 
 
 @pytest.mark.xfail(strict=True, raises=(IndexError, RuntimeError), reason=(
@@ -675,9 +696,6 @@ class PosEmb(nn.Module):
         return self.head(torch.tanh(h)).sum(1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (silent when T == n): a tracked layer whose input has no batch axis (position embedding on arange(T)) is "
-    "accepted whenever its dim 0 happens to equal the batch size; positions are stored as 'examples'"))
 def test_position_embedding_without_batch_axis(tmp_path):
     torch.manual_seed(34)
     model = PosEmb(t=3)
@@ -764,9 +782,6 @@ class WithTable(nn.Module):
         return self.head(self.add(x, self.table)).sum(1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (silent when T == n): functional_rule treats every argument whose dim 0 equals n as batched, so a shared "
-    "[T, d] argument is sliced per example when T happens to equal the batch size"))
 def test_fallback_shared_argument_with_batch_sized_dim0(tmp_path):
     torch.manual_seed(37)
     model = WithTable()

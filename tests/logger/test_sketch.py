@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import xarray as xr
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.grads import Dense, Factored, MatrixView
 from gradcoh.logger.layers import default_rules, functional_rule
 from gradcoh.logger.sketch import TensorSketch, sketch_hashes
-from oracle import layer_matrix, layer_params, per_example_grads_vmap
+from oracle import layer_matrix, layer_params, open_logged, per_example_grads_vmap
 from torch import nn
 
 
@@ -39,7 +38,7 @@ def log_sketches(model, x, y, path, k, seed=0, reduction="mean"):
             per = ce(model(x), y)
             (per.sum() if reduction == "sum" else per.mean()).backward()
         projected = {name: v.numpy() for name, v in glog.project_grad().items()}
-    ds = xr.open_zarr(path, group="batch", consolidated=False).load()
+    ds = open_logged(path, "batch")
     return ds, projected
 
 
@@ -156,21 +155,23 @@ def test_same_seed_same_sketches_different_seed_different(tmp_path):
 
 
 def test_sketch_of_per_example_gradient_equals_dense_projection(tmp_path):
-    """Stored sketches equal the TensorSketch of the oracle's per-example gradients (matrix view)."""
+    """Stored sketches equal the sum over the layer's parameters of the TensorSketch of the oracle's per-example
+    gradient of each parameter (natural view ``(shape[0], numel / shape[0])``, hashed by parameter name)."""
     torch.manual_seed(6)
     model = small_cnn()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     ds, _ = log_sketches(model, x, y, tmp_path / "s.zarr", k=64)
     grads = per_example_grads_vmap(model, ce, x, y)
-    for i, (name, names) in enumerate(layer_params(model).items()):
-        module = dict(model.named_modules())[name]
-        view = MatrixView.of([tuple(p.shape) for p in module.parameters()])
-        mats = view.to_matrix([grads[k].float() for k in names])
-        p = TensorSketch.create(0, name, view.rows, view.cols, 64)
-        expected = p.dense(mats).numpy()
+    for i, names in enumerate(layer_params(ds).values()):
+        expected = 0
+        for name in names:
+            g = grads[name].float()
+            rows = g.shape[1]
+            p = TensorSketch.create(0, name, rows, g[0].numel() // rows, 64)
+            expected = expected + p.dense(g.reshape(g.shape[0], rows, -1)).numpy()
         scale = np.abs(expected).max()
         np.testing.assert_allclose(ds.sketch.values[0, :, i], expected, rtol=1e-3, atol=1e-4 * scale)
-        assert layer_matrix(grads, names).shape[1] == view.rows * view.cols
+        assert layer_matrix(grads, names).shape[1] == int(ds.layer_size.values[i])
 
 
 @pytest.mark.cuda

@@ -1,0 +1,342 @@
+"""Where the examples are in an activation: the *example layout* of a tensor, propagated op by op.
+
+Per-example gradients need to know which entries of a layer's input and output gradient belong to which example.
+A tensor computed from the batch has layout ``(axis, r)`` when index ``j`` along ``axis`` belongs to example
+``j // r``: ``(0, 1)`` for the model's inputs, ``(0, nW)`` after Swin folds each image's ``nW`` windows into dim 0
+(example-major), ``(1, 1)`` after ``permute(1, 0, ...)``. :func:`propagate` derives the layout of an op's output from
+its inputs' layouts, op by op, with explicit rules for every op that moves, merges, splits or reduces axes, and a
+broadcasting rule for ops known to act independently along their batch axes. Any other op gives :class:`Unknown`,
+which names the op: a layer that then needs the layout raises a clear error instead of guessing (a guess from shapes
+alone is silently wrong when, say, the sequence length equals the batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A tensor computed from the batch whose example layout could not be derived.
+
+    Attributes:
+        op: The op that lost the layout (for error messages).
+    """
+
+    op: str
+
+
+Layout = tuple[int, int] | Unknown
+"""``(axis, r)``: index ``j`` along ``axis`` belongs to example ``j // r``; or :class:`Unknown`."""
+
+# Ops applied independently along every axis they do not name (elementwise, activations, type casts, ...). Their
+# output layout follows from broadcasting: a batch axis of an input keeps its position counted from the right.
+_ELEMENTWISE = frozenset("""
+abs abs_ absolute acos acosh add add_ addcdiv addcmul addcmul_ addcdiv_ asin asinh atan atan2 atanh bitwise_and
+bitwise_not bitwise_or bitwise_xor bfloat16 ceil celu clamp clamp_ clamp_max clamp_min clip clone contiguous copy_
+cos cosh detach div div_ double dropout dropout_ alpha_dropout feature_alpha_dropout dropout1d dropout2d dropout3d elu
+elu_ empty_like eq erf erfc exp exp_ expm1 fill_ float float_power floor floor_divide fmod full_like ge gelu
+glu gt half hardsigmoid hardswish hardtanh hardtanh_ int isfinite isinf isnan le leaky_relu leaky_relu_ lerp lerp_ log
+log10 log1p log2 log_sigmoid logical_and logical_not logical_or logical_xor long lt masked_fill masked_fill_ maximum
+minimum mish mul mul_ nan_to_num ne neg neg_ new_empty new_full new_ones new_tensor new_zeros ones_like pow pow_ prelu
+rand_like randn_like reciprocal relu relu6 relu_ remainder requires_grad_ round rrelu rsqrt rsub selu sigmoid sigmoid_
+sign silu silu_ sin sinh softplus softsign sqrt square square_ sub sub_ tan tanh tanh_ tanhshrink threshold to true_divide
+trunc type type_as where xlogy zero_ zeros_like bool sgn signbit frac logit hardshrink softshrink
+__add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__
+__div__ __rdiv__ __idiv__ __pow__ __rpow__ __ipow__ __neg__ __abs__ __and__ __rand__ __iand__ __or__ __ror__ __ior__
+__xor__ __rxor__ __ixor__ __invert__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __floordiv__ __rfloordiv__
+__ifloordiv__ __mod__ __rmod__ __imod__ __lshift__ __rshift__ __float__ __bool__
+""".split())
+
+# Ops that act on the batch-leading axes independently and on a few trailing axes jointly: the batch axis must be
+# outside the trailing ``k`` axes of its input (k per op), then the broadcasting rule applies.
+_TRAILING = {
+    "linear": 1, "bilinear": 1, "layer_norm": -1, "rms_norm": -1, "scaled_dot_product_attention": 2,
+    "embedding": 0, "one_hot": 0, "normalize": 1, "cosine_similarity": 1, "pairwise_distance": 1,
+}
+
+# Ops on ``[N, C, *spatial]`` that mix only within an example: the batch must be axis 0.
+_BATCH_FIRST = frozenset("""
+conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d max_pool1d max_pool2d max_pool3d avg_pool1d
+avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d
+adaptive_max_pool2d adaptive_max_pool3d group_norm instance_norm batch_norm interpolate upsample pixel_shuffle
+pixel_unshuffle lp_pool1d lp_pool2d local_response_norm _max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices
+max_pool2d_with_indices max_pool3d_with_indices fractional_max_pool2d grid_sample
+""".split())
+
+_VIEWS = frozenset({"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "ravel"})
+_REDUCTIONS = frozenset("""
+sum mean amax amin max min std var norm logsumexp prod all any argmax argmin median nansum nanmean count_nonzero
+std_mean var_mean aminmax
+""".split())
+_ALONG_DIM = frozenset({"softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin", "sort",
+                        "argsort", "topk", "flip", "narrow", "diff", "gather", "index_select", "scatter", "scatter_add",
+                        "take_along_dim", "kthvalue", "_softmax", "softmin"})
+_SPLITS = frozenset({"split", "chunk", "split_with_sizes", "tensor_split", "unbind", "unsafe_split", "hsplit"})
+
+
+def _norm(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _arg(args: Sequence, kwargs: dict, pos: int, name: str, default: Any = None) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[pos] if len(args) > pos else default
+
+
+def _dims(value: Any, ndim: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (_norm(value, ndim),)
+    return tuple(_norm(int(d), ndim) for d in value)
+
+
+def _broadcast(inputs: list[tuple[torch.Tensor, Layout]], out: torch.Tensor, trailing: int = 0,
+               op: str = "") -> Layout:
+    """Layout of a broadcasting op's output: each batch axis keeps its position counted from the right."""
+    result: Layout | None = None
+    for t, lay in inputs:
+        if isinstance(lay, Unknown):
+            return lay
+        axis, r = lay
+        if trailing < 0 or (trailing and axis >= t.dim() - trailing):
+            return Unknown(op)  # the op mixes along the batch axis
+        out_axis = axis + out.dim() - t.dim()
+        if out_axis < 0 or out.shape[out_axis] != t.shape[axis]:
+            return Unknown(op)
+        if result is not None and result != (out_axis, r):
+            return Unknown(op)
+        result = (out_axis, r)
+    return result if result is not None else Unknown(op)
+
+
+def _view(t: torch.Tensor, lay: tuple[int, int], out: torch.Tensor, n: int, op: str) -> Layout:
+    axis, _ = lay
+    if any(s != 1 for s in t.shape[:axis]):
+        return Unknown(op)  # examples are not the outermost blocks of the logical order
+    d0 = out.shape[0] if out.dim() else 1
+    if d0 == 0 or d0 % n:
+        return Unknown(op)
+    return (0, d0 // n)
+
+
+def _permutation(name: str, args: Sequence, kwargs: dict, ndim: int) -> list[int] | None:
+    """The permutation ``perm`` (output axis i = input axis perm[i]) of a transposing op."""
+    if name == "permute":
+        dims = args[1:] if len(args) > 1 else kwargs.get("dims")
+        if len(dims) == 1 and not isinstance(dims[0], int):
+            dims = dims[0]
+        return [_norm(int(d), ndim) for d in dims]
+    if name in ("transpose", "swapaxes", "swapdims"):
+        i, j = _norm(int(_arg(args, kwargs, 1, "dim0")), ndim), _norm(int(_arg(args, kwargs, 2, "dim1")), ndim)
+        perm = list(range(ndim))
+        perm[i], perm[j] = perm[j], perm[i]
+        return perm
+    if name in ("t", "T", "numpy_T"):
+        return list(reversed(range(ndim)))
+    if name in ("mT",):
+        perm = list(range(ndim))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return perm
+    if name in ("movedim", "moveaxis"):
+        src, dst = _dims(_arg(args, kwargs, 1, "source"), ndim), _dims(_arg(args, kwargs, 2, "destination"), ndim)
+        perm = [-1] * ndim
+        for s, d in zip(src, dst, strict=True):
+            perm[d] = s
+        rest = iter(i for i in range(ndim) if i not in src)
+        return [p if p >= 0 else next(rest) for p in perm]
+    return None
+
+
+def _getitem(t: torch.Tensor, lay: tuple[int, int], index: Any, out: torch.Tensor, op: str) -> Layout:
+    """Layout after indexing ``t[index]``: the batch axis must be taken whole by ``:``."""
+    axis, r = lay
+    items = index if isinstance(index, tuple) else (index,)
+    if any(x is Ellipsis for x in items):
+        pos = items.index(Ellipsis)
+        used = sum(_consumed(x) for x in items if x is not Ellipsis)
+        items = items[:pos] + (slice(None),) * (t.dim() - used) + items[pos + 1 :]
+    in_axis, out_axis, advanced = 0, 0, 0
+    result: tuple[int, int] | None = None
+    for x in items:
+        if in_axis == axis and x is not None:
+            if not (isinstance(x, slice) and x == slice(None)):
+                return Unknown(op)
+            result = (out_axis, r)
+            break
+        if x is None:
+            out_axis += 1
+        elif isinstance(x, int):
+            in_axis += 1
+        elif torch.is_tensor(x) or isinstance(x, list | bool):
+            advanced += 1
+            in_axis += _consumed(x)
+            out_axis += 1 if not torch.is_tensor(x) or x.dtype == torch.bool else x.dim()
+        else:
+            in_axis += 1
+            out_axis += 1
+    if result is None:
+        result = (out_axis + axis - in_axis, r)
+    ok = advanced <= 1 and result[0] < out.dim() and out.shape[result[0]] == t.shape[axis]
+    return result if ok else Unknown(op)
+
+
+def _consumed(x: Any) -> int:
+    """Input axes consumed by one index item."""
+    if x is None:
+        return 0
+    if torch.is_tensor(x) and x.dtype == torch.bool:
+        return max(x.dim(), 1)
+    return 1
+
+
+def _matmul(inputs: list[tuple[int, torch.Tensor, Layout]], out: torch.Tensor, op: str) -> Layout:
+    """``a @ b``: a batch axis may be a broadcast batch axis, the row axis of ``a`` or the column axis of ``b``."""
+    result: Layout | None = None
+    for pos, t, lay in inputs:
+        if isinstance(lay, Unknown):
+            return lay
+        axis, r = lay
+        nd = t.dim()
+        if nd == 1:
+            return Unknown(op)  # a vector operand is contracted
+        contracted = nd - 1 if pos == 0 else nd - 2
+        if axis == contracted:
+            return Unknown(op)
+        if nd == 2 and out.dim() >= 2:
+            out_axis = out.dim() - 2 if pos == 0 else out.dim() - 1
+        else:
+            out_axis = axis + out.dim() - nd
+        if out_axis < 0 or out.shape[out_axis] != t.shape[axis] or (result is not None and result != (out_axis, r)):
+            return Unknown(op)
+        result = (out_axis, r)
+    return result if result is not None else Unknown(op)
+
+
+def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
+              data: list[tuple[int, torch.Tensor, Layout]], n: int) -> Layout:
+    """Layout of ``out``, the tensor output of op ``name`` whose batch-carrying inputs are ``data``.
+
+    Args:
+        name: The op's name (``func.__name__``: ``"view"``, ``"__add__"``, ``"linear"``, ...).
+        args: The op's positional arguments.
+        kwargs: Its keyword arguments.
+        out: One tensor output (for ops with several, each in turn).
+        data: ``(position, tensor, layout)`` of each batch-carrying input; ``position`` is the index in ``args``
+            (−1 for keyword or nested arguments).
+        n: Examples in the micro-batch.
+
+    Returns:
+        The output's layout, or :class:`Unknown` naming the op.
+    """
+    pairs = [(t, lay) for _, t, lay in data]
+    if any(isinstance(lay, Unknown) for lay in (x[1] for x in pairs)):
+        return next(lay for _, lay in pairs if isinstance(lay, Unknown))
+    first_pos, t, lay = data[0]
+    axis, r = lay
+    nd = t.dim()
+    if name in _ELEMENTWISE:
+        return _broadcast(pairs, out, 0, name)
+    if name in _TRAILING:
+        k = _TRAILING[name]
+        if k == -1:  # the normalised trailing shape is the op's second argument
+            shape = _arg(args, kwargs, 1, "normalized_shape")
+            k = 1 if isinstance(shape, int) else len(shape)
+        if name in ("embedding", "one_hot"):  # appends a trailing axis to the indices
+            return lay if first_pos == 0 and len(pairs) == 1 else Unknown(name)
+        return _broadcast(pairs, out, k, name)
+    if name == "multi_head_attention_forward" and first_pos == 0:
+        # (query [L, B, E], ...) -> (output [L, B, E], weights [B, L, S]); batch_first modules transpose around it
+        if axis != 1 or nd != 3:
+            return Unknown(name)
+        if out.dim() == 3 and out.shape[:2] == t.shape[:2]:
+            return lay
+        return (0, r) if out.dim() == 3 and out.shape[0] == t.shape[1] else Unknown(name)
+    if name in _BATCH_FIRST:
+        return (0, r) if axis == 0 and len(pairs) == 1 and out.dim() and out.shape[0] == t.shape[0] else Unknown(name)
+    if name in ("matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm"):
+        if name == "__rmatmul__":
+            data = [(1 - p, tt, ll) for p, tt, ll in data]
+        if name in ("baddbmm", "addmm"):  # (input, a, b): shift the matrix operands' positions
+            data = [(p - 1, tt, ll) for p, tt, ll in data if p in (1, 2)] + \
+                   [(-1, tt, ll) for p, tt, ll in data if p not in (1, 2)]
+            broadcast = [(tt, ll) for p, tt, ll in data if p == -1]
+            mm = _matmul([x for x in data if x[0] != -1], out, name)
+            return mm if not broadcast or _broadcast(broadcast, out, 0, name) == mm else Unknown(name)
+        return _matmul(data, out, name)
+    if len(pairs) == 1 and first_pos == 0:
+        if name in _VIEWS:
+            return _view(t, lay, out, n, name)
+        perm = _permutation(name, args, kwargs, nd)
+        if perm is not None:
+            return (perm.index(axis), r)
+        if name in ("unsqueeze",):
+            d = _norm(int(_arg(args, kwargs, 1, "dim")), nd + 1)
+            return (axis + (d <= axis), r)
+        if name in ("squeeze",):
+            dims = _dims(_arg(args, kwargs, 1, "dim"), nd)
+            dims = tuple(i for i in range(nd) if t.shape[i] == 1) if dims is None else dims
+            dims = tuple(d for d in dims if t.shape[d] == 1)
+            return Unknown(name) if axis in dims else (axis - sum(d < axis for d in dims), r)
+        if name in ("expand", "expand_as", "broadcast_to", "repeat", "tile"):
+            if name in ("repeat", "tile"):
+                reps = args[1:] if len(args) > 1 else (kwargs.get("repeats") or kwargs.get("dims"))
+                reps = reps[0] if len(reps) == 1 and not isinstance(reps[0], int) else reps
+                lead = len(reps) - nd
+                if lead < 0 or reps[axis + lead] != 1:
+                    return Unknown(name)
+            return _broadcast(pairs, out, 0, name)
+        if name == "__getitem__":
+            return _getitem(t, lay, args[1], out, name)
+        if name in ("max", "min") and len(args) > 1 and torch.is_tensor(args[1]):
+            return _broadcast(pairs, out, 0, name)
+        if name in _REDUCTIONS:
+            dims = _dims(_arg(args, kwargs, 1, "dim"), nd)
+            if dims is None or axis in dims or (len(args) > 1 and torch.is_tensor(args[1])):
+                return Unknown(name)
+            keep = bool(_arg(args, kwargs, 2, "keepdim", False))
+            return (axis if keep else axis - sum(d < axis for d in dims), r)
+        if name in _ALONG_DIM:
+            dim = _arg(args, kwargs, 1, "dim", -1 if name in ("sort", "argsort", "topk") else None)
+            if name == "topk":
+                dim = _arg(args, kwargs, 2, "dim", -1)
+            if name == "flip":
+                dims = _dims(_arg(args, kwargs, 1, "dims"), nd)
+                return Unknown(name) if dims is None or axis in dims else (axis, r)
+            if dim is None or _norm(int(dim), nd) == axis:
+                return Unknown(name)
+            return (axis, r) if out.dim() == nd and out.shape[axis] == t.shape[axis] else Unknown(name)
+        if name == "roll":
+            dims = _dims(_arg(args, kwargs, 2, "dims"), nd)
+            return Unknown(name) if dims is None or axis in dims else (axis, r)
+        if name == "pad":
+            pad = _arg(args, kwargs, 1, "pad")
+            return Unknown(name) if axis >= nd - len(pad) // 2 else (axis, r)
+        if name in ("select",):
+            d = _norm(int(_arg(args, kwargs, 1, "dim")), nd)
+            return Unknown(name) if d == axis else (axis - (d < axis), r)
+        if name in _SPLITS:
+            default = 0
+            d = _norm(int(_arg(args, kwargs, 2 if name != "unbind" else 1, "dim", default)), nd)
+            if d == axis:
+                return Unknown(name)
+            return (axis - (d < axis), r) if name == "unbind" else (axis, r)
+    if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
+        tensors = args[0] if args else kwargs["tensors"]
+        d = int(_arg(args, kwargs, 1, "dim", 0))
+        ref = tensors[0].dim()
+        if name == "stack":
+            out_lays = {(a + (_norm(d, ref + 1) <= a), rr) for _, _, (a, rr) in data}
+        else:
+            dd = _norm(d, ref)
+            out_lays = {(a, rr) for _, _, (a, rr) in data if a != dd}
+            if len(out_lays) != len(data) and len(data) > 0 and any(a == dd for _, _, (a, _) in data):
+                return Unknown(name)
+        return out_lays.pop() if len(out_lays) == 1 else Unknown(name)
+    return Unknown(name)
