@@ -288,7 +288,7 @@ class GradientLogger:
 
     def _on_use(self, use: Use) -> None:
         state = self.trackers[0]._state
-        params = {id(p) for t in use.diff.values() for p in state.uses.roots(t)}
+        params = {id(p) for src in use.diff.values() for p in state.uses.roots(src)}
         use.layers = [t for t in self.trackers if any(id(p) in params for p in t.params)]
         for t in use.layers:
             t.add_use(use)

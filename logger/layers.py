@@ -26,6 +26,9 @@ from .grads import MATERIALISE_BYTES, Composite, Dense, Factored, MatrixView
 
 Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored"]
 
+_FORWARD_METHODS = ("forward", "_conv_forward")
+"""Methods a subclass must not override to inherit its parent's rule."""
+
 
 class LayerRules:
     """A registry of layer rules keyed by module type (looked up along the MRO).
@@ -53,23 +56,29 @@ class LayerRules:
         if subtree:
             self._subtree.add(module_type)
 
-    def owns_subtree(self, module: nn.Module) -> bool:
-        """Whether the rule found for ``module`` covers its whole subtree."""
-        for cls in type(module).__mro__:
-            if cls in self._rules:
-                return cls in self._subtree
-        return False
+    def _registered(self, module: nn.Module) -> type | None:
+        """The registered class whose rule applies to ``module``, or None.
 
-    def lookup(self, module: nn.Module) -> Rule | None:
-        """The rule for ``module``, or None."""
+        A rule is chosen by what the module computes, not only by its base class: a subclass inherits its parent's
+        rule only when it keeps the parent's forward (``forward`` and the ``_conv_forward`` it calls). timm's
+        ``LayerNorm2d`` (an ``nn.LayerNorm`` that permutes NCHW in its forward), ``StdConv2d`` (standardises its
+        weight) and ``BatchNormAct2d`` (adds an activation) therefore get no rule and are observed op by op.
+        """
         for cls in type(module).__mro__:
             if cls in self._rules:
-                return self._rules[cls]
+                same = all(getattr(type(module), m, None) is getattr(cls, m, None) for m in _FORWARD_METHODS)
+                return cls if same or type(module) is cls else None
         return None
 
-    def copy(self) -> LayerRules:
-        """An independent copy."""
-        return LayerRules(self._rules, self._subtree)
+    def owns_subtree(self, module: nn.Module) -> bool:
+        """Whether the rule found for ``module`` covers its whole subtree."""
+        cls = self._registered(module)
+        return cls is not None and cls in self._subtree
+
+    def lookup(self, module: nn.Module) -> Rule | None:
+        """The rule for ``module``, or None (no registered class, or a subclass with its own forward)."""
+        cls = self._registered(module)
+        return None if cls is None else self._rules[cls]
 
 
 def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
@@ -193,6 +202,16 @@ def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_output
     nd = len(module.normalized_shape)
     dims = tuple(range(x.dim() - nd, x.dim()))
     xhat = (x - x.mean(dims, keepdim=True)) * torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + module.eps)
+    return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
+
+
+def rms_norm_rule(module: nn.RMSNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
+    """``nn.RMSNorm`` over its normalised trailing dimensions (exact per example): ``y = x / rms(x) · w``."""
+    x, go = args[0], grad_outputs[0]
+    nd = len(module.normalized_shape)
+    dims = tuple(range(x.dim() - nd, x.dim()))
+    eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
+    xhat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
 
 
@@ -371,6 +390,7 @@ def default_rules() -> LayerRules:
             nn.Conv3d: conv,
             nn.Embedding: embedding_rule,
             nn.LayerNorm: layer_norm_rule,
+            nn.RMSNorm: rms_norm_rule,
             nn.GroupNorm: group_norm_rule,
             nn.modules.batchnorm._BatchNorm: batch_norm_rule,
             nn.MultiheadAttention: mha_rule,

@@ -68,6 +68,10 @@ pixel_unshuffle lp_pool1d lp_pool2d local_response_norm _max_pool1d _max_pool2d 
 max_pool2d_with_indices max_pool3d_with_indices fractional_max_pool2d grid_sample
 """.split())
 
+_LOSSES = frozenset("""
+cross_entropy nll_loss mse_loss l1_loss smooth_l1_loss huber_loss binary_cross_entropy
+binary_cross_entropy_with_logits kl_div soft_margin_loss
+""".split())
 _VIEWS = frozenset({"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "ravel"})
 _REDUCTIONS = frozenset("""
 sum mean amax amin max min std var norm logsumexp prod all any argmax argmin median nansum nanmean count_nonzero
@@ -158,6 +162,9 @@ def _getitem(t: torch.Tensor, lay: tuple[int, int], index: Any, out: torch.Tenso
     """Layout after indexing ``t[index]``: the batch axis must be taken whole by ``:``."""
     axis, r = lay
     items = index if isinstance(index, tuple) else (index,)
+    identity = _identity_index(t, lay, items, out, op)
+    if identity is not None:
+        return identity
     if any(x is Ellipsis for x in items):
         pos = items.index(Ellipsis)
         used = sum(_consumed(x) for x in items if x is not Ellipsis)
@@ -185,6 +192,30 @@ def _getitem(t: torch.Tensor, lay: tuple[int, int], index: Any, out: torch.Tenso
         result = (out_axis + axis - in_axis, r)
     ok = advanced <= 1 and result[0] < out.dim() and out.shape[result[0]] == t.shape[axis]
     return result if ok else Unknown(op)
+
+
+def _identity_index(t: torch.Tensor, lay: tuple[int, int], items: tuple, out: torch.Tensor, op: str) -> Layout | None:
+    """``x[arange(B)[:, None, None], idx]``-style indexing (Hugging Face masks): the batch axis indexed by itself.
+
+    Only leading, adjacent integer-tensor indices (no Ellipsis, no None); the batch axis's index must be the
+    identity ``arange`` along one axis of the broadcast index shape, which becomes the output's batch axis.
+    """
+    axis, r = lay
+    if axis >= len(items) or not torch.is_tensor(items[axis]):
+        return None
+    tensors = [x for x in items if torch.is_tensor(x)]
+    if len(tensors) != len(items) or any(x.dtype == torch.bool or x.is_floating_point() for x in tensors):
+        return Unknown(op)
+    idx = items[axis]
+    size = t.shape[axis]
+    big = [d for d, s in enumerate(idx.shape) if s != 1]
+    if len(big) != 1 or idx.shape[big[0]] != size:
+        return Unknown(op)
+    if not torch.equal(idx.reshape(-1), torch.arange(size, device=idx.device, dtype=idx.dtype)):
+        return Unknown(op)
+    nd = max(x.dim() for x in tensors)
+    out_axis = big[0] + nd - idx.dim()
+    return (out_axis, r) if out.dim() > out_axis and out.shape[out_axis] == size else Unknown(op)
 
 
 def _consumed(x: Any) -> int:
@@ -327,6 +358,13 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
             if d == axis:
                 return Unknown(name)
             return (axis - (d < axis), r) if name == "unbind" else (axis, r)
+    if name in _LOSSES:
+        if _arg(args, kwargs, 99, "reduction", "mean") != "none" or any(a != 0 for _, _, (a, _) in data):
+            return Unknown(name)
+        return (0, r) if out.dim() and out.shape[0] == t.shape[0] else Unknown(name)
+    if name == "gather" and len(pairs) == 1 and first_pos in (-1, 2):  # constant input, data index
+        d = _norm(int(_arg(args, kwargs, 1, "dim")), nd)
+        return Unknown(name) if d == axis or out.dim() != nd else lay
     if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
         tensors = args[0] if args else kwargs["tensors"]
         d = int(_arg(args, kwargs, 1, "dim", 0))

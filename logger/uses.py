@@ -42,12 +42,35 @@ _EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
 
 @dataclass(eq=False)
 class Node:
-    """How a derived tensor was computed: the op and its arguments (parameters, derived tensors, constants)."""
+    """How a derived tensor was computed: the op, its arguments, and which of them came from parameters.
+
+    Attributes:
+        func: The op.
+        flat: The op's arguments, flattened (``torch.utils._pytree``); tensors from parameters stay as they were.
+        spec: Their tree structure.
+        parents: ``{leaf position: Parameter | Node}`` of the arguments that are parameters or derived tensors,
+            resolved when the op ran (an in-place op on a derived tensor gets the earlier node as its parent).
+        output: Position of the tensor among the op's tensor outputs.
+    """
 
     func: Callable
-    args: tuple
-    kwargs: dict
-    output: int  # position of the tensor among the op's tensor outputs
+    flat: list
+    spec: Any
+    parents: dict[int, Any]
+    output: int
+
+    def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Re-run the op with the parents' leaves replaced by ``values``."""
+        leaves = list(self.flat)
+        for i, v in values.items():
+            leaves[i] = v
+        a, k = pytree.tree_unflatten(leaves, self.spec)
+        res = self.func(*a, **k)
+        return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
+
+
+Source = Any
+"""A parameter or a :class:`Node`: where a parameter-derived argument of a use came from."""
 
 
 @dataclass(eq=False)
@@ -56,19 +79,23 @@ class Use:
 
     Attributes:
         func: The op.
-        args: Its arguments, with tensors detached.
-        kwargs: Its keyword arguments, with tensors detached.
+        flat: Its arguments, flattened, with data tensors detached.
+        spec: Their tree structure.
         data: ``{leaf position: layout}`` of the batch-carrying arguments.
-        diff: ``{leaf position: tensor}`` of the parameters and derived tensors among the arguments.
+        diff: ``{leaf position: Parameter | Node}`` of the parameters and derived tensors among the arguments.
+        shapes: ``{leaf position: shape}`` of those.
         out_layout: Example layout of the output.
         grads: The output gradient, once the backward pass has delivered it.
+        results: Its per-example parameter gradients, once computed.
+        layers: The layer trackers whose parameters it uses.
     """
 
     func: Callable
-    args: tuple
-    kwargs: dict
+    flat: list
+    spec: Any
     data: dict[int, tuple[int, int]]
-    diff: dict[int, torch.Tensor]
+    diff: dict[int, Source]
+    shapes: dict[int, tuple[int, ...]]
     out_layout: tuple[int, int]
     versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     grads: torch.Tensor | None = None
@@ -90,6 +117,13 @@ def _leaves(args: tuple, kwargs: dict) -> list[tuple[int, Any]]:
         elif isinstance(a, list | tuple):
             out += [(-1, x) for x in a if isinstance(x, torch.Tensor)]
     return out
+
+
+def _name(func: Callable) -> str:
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__":  # properties such as .T / .mT
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
 
 
 class UseTracker(TorchFunctionMode):
@@ -123,13 +157,19 @@ class UseTracker(TorchFunctionMode):
         if self.n is None:
             self.n = n
         for t in leaves:
-            if t.shape[0] == n and t not in self.layouts:
+            if t.shape[0] == n and t not in self.layouts and not self.is_derived(t):
                 self.layouts[t] = (0, 1)
         return n
 
     def layout(self, t: torch.Tensor) -> Layout | None:
         """The example layout of ``t``, or None when it does not carry the batch."""
         return self.layouts.get(t)
+
+    def source(self, t: torch.Tensor) -> Source | None:
+        """The parameter or derivation node behind ``t``, or None for data and constants."""
+        if id(t) in self.params:
+            return self.params[id(t)]
+        return self.derived.get(t)
 
     def is_derived(self, t: torch.Tensor) -> bool:
         """Whether ``t`` was computed from parameters and constants only (or is a parameter)."""
@@ -166,16 +206,22 @@ class UseTracker(TorchFunctionMode):
         return out
 
     def _observe(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
-        outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)] \
-            if isinstance(out, list | tuple) else []
-        name = getattr(func, "__name__", str(func))
-        if name == "__get__":  # properties such as .T / .mT
-            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        elif isinstance(out, list | tuple):
+            outs = [o for o in out if isinstance(o, torch.Tensor)]
+        else:
+            outs = []
         if not data:  # parameters and constants only: a derived tensor
-            for i, o in enumerate(outs):
-                if o.requires_grad:
-                    self.derived[o] = Node(func, args, kwargs, i)
+            if any(o.requires_grad for o in outs):
+                flat, spec = pytree.tree_flatten((args, kwargs))
+                parents = {i: self.source(x) for i, x in enumerate(flat)
+                           if isinstance(x, torch.Tensor) and self.is_derived(x)}
+                for i, o in enumerate(outs):
+                    if o.requires_grad:
+                        self.derived[o] = Node(func, flat, spec, parents, i)
             return
+        name = _name(func)
         lays = [propagate(name, args, kwargs, o, data, self.n) for o in outs]
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
@@ -195,14 +241,12 @@ class UseTracker(TorchFunctionMode):
              data: list, diff: list) -> None:
         flat, spec = pytree.tree_flatten((args, kwargs))
         positions = {id(x): i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)}
-        data_pos = {positions[id(t)]: lay for _, t, lay in data if not isinstance(lay, Unknown)}
-        if len(data_pos) != len(data):
-            return
-        diff_pos = {positions[id(t)]: t for _, t in diff}
-        detached = [x.detach() if isinstance(x, torch.Tensor) and i not in diff_pos else x for i, x in enumerate(flat)]
-        a, k = pytree.tree_unflatten(detached, spec)
-        versions = [(x, x._version) for i, x in enumerate(flat) if i in data_pos]
-        use = Use(func, a, k, data_pos, diff_pos, lay, versions)
+        data_pos = {positions[id(t)]: lay for _, t, lay in data}
+        diff_pos = {positions[id(t)]: self.source(t) for _, t in diff}
+        shapes = {positions[id(t)]: tuple(t.shape) for _, t in diff}
+        versions = [(flat[i], flat[i]._version) for i in data_pos]
+        detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
+        use = Use(func, detached, spec, data_pos, diff_pos, shapes, lay, versions)
         out.register_hook(lambda g: self._grad(use, g))
         self.on_use(use)
 
@@ -210,21 +254,27 @@ class UseTracker(TorchFunctionMode):
         use.grads = g.detach()
         self.on_grad(use)
 
-    def roots(self, t: torch.Tensor) -> list[torch.nn.Parameter]:
-        """The tracked parameters a parameter or derived tensor was computed from."""
-        if id(t) in self.params:
-            return [self.params[id(t)]]
-        node = self.derived.get(t)
-        if node is None:
-            return []
+    def roots(self, source: Source) -> list[torch.nn.Parameter]:
+        """The tracked parameters a parameter or derivation node comes from."""
+        if not isinstance(source, Node):
+            return [source]
         out: list[torch.nn.Parameter] = []
-        for x in pytree.tree_leaves((node.args, node.kwargs)):
-            if isinstance(x, torch.Tensor) and self.is_derived(x):
-                out += [p for p in self.roots(x) if all(p is not q for q in out)]
+        for parent in source.parents.values():
+            out += [p for p in self.roots(parent) if all(p is not q for q in out)]
         return out
 
 
 # --- per-example gradients of a use -------------------------------------------------------------------------
+def value(source: Source, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The (detached) value of a parameter or derivation node, recomputed from the parameters."""
+    if not isinstance(source, Node):
+        return source.detach()
+    if id(source) not in memo:
+        with torch.no_grad():
+            memo[id(source)] = source.call({i: value(p, memo) for i, p in source.parents.items()})
+    return memo[id(source)]
+
+
 def _split_examples(t: torch.Tensor, lay: tuple[int, int], n: int) -> torch.Tensor:
     """``t`` with its batch axis split: ``[n, ..., r (at the axis), ...]`` (a view when possible)."""
     axis, r = lay
@@ -239,34 +289,35 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
     other op: ``torch.func.vmap`` over examples of the op's vector-Jacobian product on each example's slice, then
     pulled back through the derivation of each derived input (:func:`pull_back`).
     """
-    fast = _linear_use(use, tracker, n)
+    fast = _linear_use(use, n)
     if fast is not None:
         return fast
-    flat, spec = pytree.tree_flatten((use.args, use.kwargs))
+    memo: dict[int, torch.Tensor] = {}
+    flat = use.flat
     ref_pos, (ref_axis, r) = next(iter(use.data.items()))
     ref_dim = flat[ref_pos].dim()
-    whole, sliced = [], []  # (position, primal, setter); (position, tensor, axis)
-    for pos, t in use.diff.items():
-        node = tracker.derived.get(t)
-        axis = ref_axis - (ref_dim - t.dim())  # the axis of t that broadcasts against the batch axis
-        batch_sized = n > 1 and 0 <= axis < t.dim() and t.shape[axis] == n * r
-        if batch_sized and node is not None and _name(node.func) in _EXPANDS:
+    whole, sliced = [], []  # (position, source, setter); (position, source, axis)
+    for pos, src in use.diff.items():
+        shape = use.shapes[pos]
+        axis = ref_axis - (ref_dim - len(shape))  # the axis that broadcasts against the batch axis
+        batch_sized = n > 1 and 0 <= axis < len(shape) and shape[axis] == n * r
+        if batch_sized and isinstance(src, Node) and _name(src.func) in _EXPANDS and len(src.parents) == 1:
             # expanded to the batch (cls_token.expand(B, -1, -1)): differentiate the unexpanded tensor, expanded
             # to one example's rows inside the per-example function
-            base = next(x for x in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(x, torch.Tensor))
-            shape = list(t.shape)
-            shape[axis] = r
-            whole.append((pos, base, lambda p, shape=tuple(shape): p.expand(shape)))
+            small = list(shape)
+            small[axis] = r
+            whole.append((pos, next(iter(src.parents.values())), lambda p, s=tuple(small): p.expand(s)))
         elif batch_sized:  # one row block per example (an embedding of constant indices expanded to [B, T])
-            sliced.append((pos, t, axis))
+            sliced.append((pos, src, axis))
         else:
-            whole.append((pos, t, None))
+            whole.append((pos, src, None))
     data_pos = list(use.data)
     slices = [_split_examples(flat[i], use.data[i], n) for i in data_pos]
-    slices += [_split_examples(t.detach(), (axis, r), n) for _, t, axis in sliced]
+    slices += [_split_examples(value(src, memo), (axis, r), n) for _, src, axis in sliced]
     positions = data_pos + [pos for pos, _, _ in sliced]
     n_data = len(data_pos)
     go = _split_examples(use.grads, use.out_layout, n)
+    whole_values = [value(src, memo) for _, src, _ in whole]
 
     def one(example: list[torch.Tensor], g: torch.Tensor) -> tuple:
         def f(*values: torch.Tensor) -> torch.Tensor:
@@ -277,11 +328,10 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
                 leaves[i] = setter(v) if setter is not None else v
             for i, v in zip(positions[n_data:], values[len(whole) :], strict=True):
                 leaves[i] = v
-            a, k = pytree.tree_unflatten(leaves, spec)
+            a, k = pytree.tree_unflatten(leaves, use.spec)
             return use.func(*a, **k)
 
-        primals = [p.detach() for _, p, _ in whole] + list(example[n_data:])
-        _, vjp = torch.func.vjp(f, *primals)
+        _, vjp = torch.func.vjp(f, *whole_values, *example[n_data:])
         return vjp(g)
 
     try:
@@ -292,112 +342,98 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
             "register a rule for the module that calls it (LayerRules.register) or exclude its layer with layers=..."
         ) from err
     out = []
-    for (_, p, _), cot in zip(whole, cots[: len(whole)], strict=True):
-        out += pull_back(p, cot, tracker, n)
-    for (_, t, axis), cot in zip(sliced, cots[len(whole) :], strict=True):
-        out += pull_back_rows(t, cot, (axis, r), tracker, n)
+    for (_, src, _), cot in zip(whole, cots[: len(whole)], strict=True):
+        out += pull_back(src, cot, n, memo)
+    for (pos, src, axis), cot in zip(sliced, cots[len(whole) :], strict=True):
+        out += pull_back_rows(src, use.shapes[pos], cot, (axis, r), n, memo)
     return out
 
 
-def pull_back_rows(t: torch.Tensor, cot: torch.Tensor, lay: tuple[int, int], tracker: UseTracker, n: int) -> list:
+def pull_back_rows(src: Source, shape: tuple[int, ...], cot: torch.Tensor, lay: tuple[int, int], n: int,
+                   memo: dict) -> list:
     """Like :func:`pull_back` for a derived tensor with a batch-sized axis, given each example's rows ``cot``."""
-    node = tracker.derived.get(t)
-    if node is not None and node.func is F.embedding and id(node.args[1]) in tracker.params and lay[0] == 0 and \
-            not tracker.is_derived(node.args[0]):
-        idx = _split_examples(node.args[0], lay, n).reshape(n, -1)
-        return _embedding_pull_back(node, cot, tracker, n, rows=idx)
-    full = cot.new_zeros((n, *t.shape))
+    if _constant_lookup(src) and lay[0] == 0:
+        idx = _split_examples(src.flat[0], lay, n).reshape(n, -1)
+        return _embedding_pull_back(src, cot, n, rows=idx)
+    full = cot.new_zeros((n, *shape))
     axis, r = lay
     for i in range(n):  # each example's cotangent is zero outside its own rows
         full[i].narrow(axis, i * r, r).copy_(cot[i])
-    return pull_back(t, full, tracker, n)
+    return pull_back(src, full, n, memo)
 
 
-def _name(func: Callable) -> str:
-    return getattr(func, "__name__", str(func))
+def _constant_lookup(src: Source) -> bool:
+    """An embedding lookup of a parameter on constant indices."""
+    return isinstance(src, Node) and src.func is F.embedding and list(src.parents) == [1] and \
+        not isinstance(src.parents[1], Node)
 
 
-def _linear_use(use: Use, tracker: UseTracker, n: int) -> list | None:
+def _linear_use(use: Use, n: int) -> list | None:
     """``F.linear(x, W, b)``, ``addmm(b, x, W)``, ``x @ W`` with parameter weights: factored per-example forms."""
     name = _name(use.func)
-    args = use.args
+    a, k = pytree.tree_unflatten(use.flat, use.spec)
     if name == "linear":
-        x, w, b = args[0], args[1], args[2] if len(args) > 2 else use.kwargs.get("bias")
+        x_pos, w_pos, b_pos = 0, 1, 2 if len(a) > 2 else None
         transposed = False
-    elif name == "addmm" and not use.kwargs:
-        b, x, w = args[:3]
+    elif name == "addmm" and not k and len(a) == 3:
+        x_pos, w_pos, b_pos = 1, 2, 0
         transposed = True
-    elif name in ("matmul", "__matmul__") and len(args) == 2:
-        x, w, b = args[0], args[1], None
+    elif name in ("matmul", "__matmul__") and len(a) == 2 and not k:
+        x_pos, w_pos, b_pos = 0, 1, None
         transposed = True
     else:
         return None
-    params = tracker.params
-    if not isinstance(w, torch.Tensor) or id(w) not in params or w.dim() != 2 or (b is not None and id(b) not in params):
+    if k or len(use.data) != 1 or x_pos not in use.data or w_pos not in use.diff:
         return None
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+    w, b = use.diff[w_pos], use.diff.get(b_pos) if b_pos is not None else None
+    if isinstance(w, Node) or isinstance(b, Node) or (b_pos is not None and b_pos not in use.diff and
+                                                       a[b_pos] is not None):
         return None
-    flat = pytree.tree_leaves((use.args, use.kwargs))
-    x_lay = next((use.data[i] for i, v in enumerate(flat) if v is x and i in use.data), None)
-    if x_lay is None or x_lay[0] == x.dim() - 1 or len(use.data) != 1:
+    x, x_lay = use.flat[x_pos], use.data[x_pos]
+    if w.dim() != 2 or x.dim() < 2 or x_lay[0] == x.dim() - 1:
         return None
     xs = _split_examples(x, x_lay, n).reshape(n, -1, x.shape[-1])
     gs = _split_examples(use.grads, use.out_layout, n).reshape(n, -1, use.grads.shape[-1])
     out: list[tuple[torch.nn.Parameter, ParamGrad]] = []
     if w.requires_grad:
-        out.append((params[id(w)], Factored(xs, gs) if transposed else Factored(gs, xs)))
+        out.append((w, Factored(xs, gs) if transposed else Factored(gs, xs)))
     if b is not None and b.requires_grad:
-        out.append((params[id(b)], Dense(gs.sum(1).reshape(n, *natural_view(tuple(b.shape))))))
+        out.append((b, Dense(gs.sum(1).reshape(n, *natural_view(tuple(b.shape))))))
     return out
 
 
-def pull_back(t: torch.Tensor, cot: torch.Tensor, tracker: UseTracker, n: int) -> list:
-    """Per-example gradients ``[(parameter, form)]`` of the parameters ``t`` derives from, given ``cot [n, *t.shape]``.
+def pull_back(src: Source, cot: torch.Tensor, n: int, memo: dict) -> list:
+    """Per-example gradients ``[(parameter, form)]`` behind ``src``, given its per-example cotangent ``[n, ...]``.
 
     An embedding lookup on constant indices (``wpe(arange(T))``, T5's relative position buckets) stays factored
     (rows addressed by index, never a ``V × d`` block per example); any other derivation is pulled back with
     ``torch.func.vmap`` of its vector-Jacobian product.
     """
-    if id(t) in tracker.params:
-        p = tracker.params[id(t)]
-        return [(p, Dense(cot.reshape(n, *natural_view(tuple(p.shape)))))] if p.requires_grad else []
-    node = tracker.derived[t]
-    flat, spec = pytree.tree_flatten((node.args, node.kwargs))
-    if node.func is F.embedding and len(node.args) >= 2 and id(node.args[1]) in tracker.params and \
-            not tracker.is_derived(node.args[0]):
-        return _embedding_pull_back(node, cot, tracker, n)
-    diff_pos = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and tracker.is_derived(x)]
-
-    def f(*values: torch.Tensor) -> torch.Tensor:
-        leaves = list(flat)
-        for i, v in zip(diff_pos, values, strict=True):
-            leaves[i] = v
-        a, k = pytree.tree_unflatten(leaves, spec)
-        res = node.func(*a, **k)
-        if isinstance(res, torch.Tensor):
-            return res
-        return [r for r in res if isinstance(r, torch.Tensor)][node.output]
-
-    primals = [flat[i].detach() for i in diff_pos]
+    if not isinstance(src, Node):
+        return [(src, Dense(cot.reshape(n, *natural_view(tuple(src.shape)))))] if src.requires_grad else []
+    if _constant_lookup(src):
+        return _embedding_pull_back(src, cot, n)
+    positions = list(src.parents)
+    primals = [value(src.parents[i], memo) for i in positions]
 
     def one(c: torch.Tensor) -> tuple:
-        _, vjp = torch.func.vjp(f, *primals)
+        _, vjp = torch.func.vjp(lambda *v: src.call(dict(zip(positions, v, strict=True))), *primals)
         return vjp(c)
 
     cots = torch.func.vmap(one)(cot)
     out = []
-    for i, c in zip(diff_pos, cots, strict=True):
-        out += pull_back(flat[i], c, tracker, n)
+    for i, c in zip(positions, cots, strict=True):
+        out += pull_back(src.parents[i], c, n, memo)
     return out
 
 
-def _embedding_pull_back(node: Node, cot: torch.Tensor, tracker: UseTracker, n: int,
-                         rows: torch.Tensor | None = None) -> list:
-    idx, weight = node.args[0], node.args[1]
+def _embedding_pull_back(node: Node, cot: torch.Tensor, n: int, rows: torch.Tensor | None = None) -> list:
+    a, k = pytree.tree_unflatten(node.flat, node.spec)
+    idx, weight = a[0], node.parents[1]
     if not weight.requires_grad:
         return []
-    bound = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), node.args[2:],
-                     strict=False)) | node.kwargs
+    bound = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), a[2:],
+                     strict=False)) | k
     if rows is None:
         rows = idx.reshape(1, -1).expand(n, -1)
     v = cot.reshape(n, rows.shape[1], -1)
@@ -408,4 +444,4 @@ def _embedding_pull_back(node: Node, cot: torch.Tensor, tracker: UseTracker, n: 
     if bound.get("scale_grad_by_freq"):
         counts = torch.bincount(idx.reshape(-1), minlength=weight.shape[0]).to(v.dtype)
         v = v / counts[rows].unsqueeze(-1)
-    return [(tracker.params[id(weight)], Factored(None, v, rows_index=rows, n_rows=weight.shape[0]))]
+    return [(weight, Factored(None, v, rows_index=rows, n_rows=weight.shape[0]))]
