@@ -14,6 +14,8 @@ _EXPORTS = {
     "default_rules": "gradcoh.logger.layers",
     "TensorSketch": "gradcoh.logger.sketch",
     "StoreError": "gradcoh.logger.store",
+    "validate": "gradcoh.logger.validation",
+    "Validation": "gradcoh.logger.validation",
 }
 
 __all__ = sorted(_EXPORTS)
