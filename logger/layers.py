@@ -14,6 +14,7 @@ contributions sum exactly to ``.grad``), and the logger records this in the stor
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +165,24 @@ def _per_example_conv_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tens
         list(padding), list(module.dilation), False, [0] * len(padding), n * g, [False, True, False],
     )[1]
     return grad_w.reshape(n, module.out_channels, -1)
+
+
+def transposed_linear_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Composite | Dense:
+    """Hugging Face ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, ``y = x W + b``, ``W: [in, out]``.
+
+    ``G_W = Σ_t x_t δ_tᵀ`` (factored, rows = inputs) and ``g_b = Σ_t δ_t``; weight and bias have different leading
+    dimensions, so the two are separate parts.
+    """
+    x, go = args[0], grad_outputs[0]
+    n = x.shape[0]
+    u = x.reshape(n, -1, x.shape[-1])
+    d = go.reshape(n, -1, go.shape[-1])
+    parts = []
+    if module.weight.requires_grad:
+        parts.append((Factored(u, d), MatrixView.of([tuple(module.weight.shape)])))
+    if module.bias is not None and module.bias.requires_grad:
+        parts.append((Dense(d.sum(1).unsqueeze(2)), MatrixView.of([tuple(module.bias.shape)])))
+    return Composite(parts)
 
 
 def embedding_rule(module: nn.Embedding, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
@@ -380,9 +399,9 @@ def check_module(name: str, module: nn.Module) -> None:
 
 
 def default_rules() -> LayerRules:
-    """A fresh registry with the built-in rules."""
+    """A fresh registry with the built-in rules (and Hugging Face ``Conv1D`` when transformers is loaded)."""
     conv: Any = conv_rule
-    return LayerRules(
+    rules = LayerRules(
         {
             nn.Linear: linear_rule,
             nn.Conv1d: conv,
@@ -397,3 +416,7 @@ def default_rules() -> LayerRules:
         },
         subtree={nn.MultiheadAttention},
     )
+    hf = sys.modules.get("transformers.pytorch_utils")
+    if hf is not None and hasattr(hf, "Conv1D"):  # not imported here: only when the model uses transformers
+        rules.register(hf.Conv1D, transposed_linear_rule)
+    return rules

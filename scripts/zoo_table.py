@@ -1,0 +1,249 @@
+"""Generate docs/models.md: the supported-model table, from the conformance zoo (tests/zoo.py).
+
+For every zoo model: exactness at the zoo's tiny size (every layer's per-example squared norm against a float64
+per-example loop), the layers and rules used, and the step time relative to a plain forward+backward at a realistic
+small size (median of interleaved repetitions, writer flushed outside the timed region): exact statistics, k = 256
+sketches, and the exact statistics without the reconciliation guard (its cost).
+
+    python scripts/zoo_table.py                       # all models, writes docs/models.md
+    python scripts/zoo_table.py --models hf-gpt2 timm-vit --reps 5 --out -
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import zoo  # noqa: E402
+from gradcoh.logger import GradientLogger, validate  # noqa: E402
+from gradcoh.logger import tracker as tracker_module  # noqa: E402
+
+log = logging.getLogger("zoo_table")
+
+# Realistic small sizes for timing (the tests use the tiny ones in tests/zoo.py).
+TEXT = dict(T=64, n=8)
+BENCH_HF = {
+    "hf-gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=256, n_layer=4, n_head=4, vocab_size=8000, n_positions=128,
+                                                      bos_token_id=0, eos_token_id=0)),
+    "hf-bert": ("BertConfig", "BertForSequenceClassification",
+                dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                     vocab_size=8000, num_labels=3)),
+    "hf-bert-mlm": ("BertConfig", "BertForMaskedLM", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                         intermediate_size=1024, vocab_size=8000)),
+    "hf-distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                      dict(dim=256, n_layers=4, n_heads=4, hidden_dim=1024, vocab_size=8000, num_labels=3)),
+    "hf-roberta": ("RobertaConfig", "RobertaForSequenceClassification",
+                   dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                        vocab_size=8000, num_labels=3, pad_token_id=1, max_position_embeddings=130)),
+    "hf-t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4,
+                                                            vocab_size=8000, decoder_start_token_id=0)),
+    "hf-llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                                         num_key_value_heads=2, intermediate_size=688, vocab_size=8000,
+                                                         bos_token_id=0, eos_token_id=0)),
+    "hf-vit": ("ViTConfig", "ViTForImageClassification", dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
+                                                              intermediate_size=768, image_size=64, patch_size=8,
+                                                              num_labels=10)),
+}
+BENCH_TIMM = {
+    "timm-vit": ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4)),
+    "timm-deit": ("deit_tiny_distilled_patch16_224", dict(img_size=64, patch_size=8, depth=4)),
+    "timm-convnext": ("convnext_atto", {}),
+    "timm-swin": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=48, depths=(2, 2),
+                                                       num_heads=(2, 4))),
+    "timm-resnet": ("resnet18", {}),
+    "timm-efficientnet": ("efficientnet_b0", {}),
+}
+
+
+def bench_case(name: str) -> tuple[torch.nn.Module, dict, str]:
+    """The model at its timing size, a batch, and a description of the size."""
+    case = zoo.CASES[name]
+    if name in BENCH_HF:
+        config, model, kw = BENCH_HF[name]
+        m = zoo._hf(config, model, **kw)()
+        if name == "hf-vit":
+            return m, zoo._images(16, 64), "d 192, 4 layers, 64 px, patch 8, batch 16"
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(2, 8000, (TEXT["n"], TEXT["T"]), generator=g)
+        target = torch.randint(0, 3, (TEXT["n"],), generator=g) if case.loss is zoo.hf_classifier else ids
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "target": target}
+        return m, batch, f"d 256, 4 layers, T {TEXT['T']}, batch {TEXT['n']}"
+    if name in BENCH_TIMM:
+        import timm
+
+        arch, kw = BENCH_TIMM[name]
+        m = timm.create_model(arch, pretrained=False, num_classes=10, **kw)
+        size = 64
+        return m, zoo._images(16, size), f"{arch}, {size} px, batch 16"
+    m = case.build()
+    size = 64
+    return m, zoo._images(16, size), f"{size} px, batch 16"
+
+
+def timed(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_times(name: str, reps: int) -> dict[str, float]:
+    """Median step time of each method, interleaved."""
+    case = zoo.CASES[name]
+    model, batch, _ = bench_case(name)
+    model.eval()
+    times: dict[str, list[float]] = {"plain": [], "exact": [], "k256": [], "no guard": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        loggers = {
+            "exact": GradientLogger(model, f"{tmp}/e.zarr", handle_sigterm=False),
+            "k256": GradientLogger(model, f"{tmp}/k.zarr", sketch_dim=256, handle_sigterm=False),
+            "no guard": GradientLogger(model, f"{tmp}/n.zarr", handle_sigterm=False),
+        }
+        original = tracker_module.LayerTracker.reconciled, tracker_module.probe
+
+        def step(method: str, k: int) -> None:
+            model.zero_grad(set_to_none=True)
+            if method == "plain":
+                case.loss(model, batch).mean().backward()
+                return
+            glog = loggers[method]
+            if method == "no guard":  # neither the per-example probes nor the comparison
+                tracker_module.LayerTracker.reconciled = lambda self: torch.ones((), dtype=torch.bool)
+                tracker_module.probe = lambda form, left, right: torch.zeros(form.n, left.shape[1])
+            try:
+                with glog.record(k):
+                    case.loss(model, batch).mean().backward()
+            finally:
+                tracker_module.LayerTracker.reconciled, tracker_module.probe = original
+
+        for k in range(reps + 1):
+            for method in times:
+                t = timed(lambda m=method, k=k: step(m, k), 1)
+                if method != "plain":
+                    loggers[method].flush()  # the writer's work outside the timed region
+                if k:  # the first round warms up
+                    times[method].append(t)
+        for glog in loggers.values():
+            glog.close()
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def exactness(name: str) -> tuple[float, list[dict]]:
+    """Largest relative error over layers and examples at the tiny size, and the layer table."""
+    case = zoo.CASES[name]
+    torch.manual_seed(0)
+    model = case.build()
+    batch = case.batch(3)
+    if "pixels" not in batch:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if case.loss is zoo.hf_seq2seq:
+            inputs["labels"] = batch["target"]
+    else:
+        inputs = {"pixel_values": batch["pixels"]} if case.family == "transformers" else batch["pixels"]
+
+    def loss_fn(out, b):  # the zoo losses take the model; replay them on precomputed outputs
+        return case.loss(_Replay(out), b)
+
+    report = validate(model, inputs, batch, loss_fn, examples=3)
+    if report.error:
+        raise RuntimeError(report.error)
+    with tempfile.TemporaryDirectory() as tmp:
+        with GradientLogger(copy.deepcopy(model), f"{tmp}/s.zarr", handle_sigterm=False) as glog:
+            layers = glog._attrs()["gradcoh_layers"]
+    return max(r.max_rel_error for r in report.rows), layers
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for the model inside a zoo loss: returns precomputed outputs."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args, **kwargs):
+        return self.out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(zoo.CASES))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs/models.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = []
+    for name in args.models:
+        err, layers = exactness(name)
+        rules = Counter(r for layer in layers for r in layer["rule"].split("+"))
+        tied = [layer["name"] for layer in layers if len(layer["modules"]) > 1]
+        t = step_times(name, args.reps)
+        _, _, size = bench_case(name)
+        row = (f"| {name} | {len(layers)} | {', '.join(f'{k} ×{v}' for k, v in sorted(rules.items()))} | "
+               f"{'yes' if err <= 1e-4 else 'NO'} ({err:.0e}) | {', '.join(tied) or '–'} | {size} | "
+               f"{t['exact'] / t['plain']:.2f}× | {t['k256'] / t['plain']:.2f}× | "
+               f"{(t['exact'] - t['no guard']) / t['plain'] * 100:+.0f}% |")
+        log.info(row)
+        rows.append(row)
+    text = _page(rows, args)
+    if args.out == "-":
+        print(text)
+    else:
+        Path(args.out).write_text(text)
+        log.info("wrote %s", args.out)
+
+
+def _page(rows: list[str], args: argparse.Namespace) -> str:
+    versions = {m: __import__(m).__version__ for m in ("torch", "transformers", "timm", "torchvision")}
+    return f"""# Supported models
+
+Generated by `python scripts/zoo_table.py --reps {args.reps} --threads {args.threads}` from the conformance zoo
+(tests/zoo.py; random-init configurations built from the packages' config classes, no downloads), on a 2-core
+CPU ({', '.join(f'{k} {v}' for k, v in versions.items())}).
+
+- **exact**: every layer's per-example squared norm at the zoo's tiny size against an independent float64
+  per-example loop (`gradcoh.logger.validate`); the largest relative error over layers and examples in brackets.
+  tests/logger/test_zoo.py checks the same (plus `sum_sq_norm`, m-coherence, coverage of every trainable
+  parameter, `.grad` unchanged and sketch linearity) in CI.
+- **rules**: how the layers' per-example gradients are computed: a module rule (`linear_rule`, ...), or `uses`
+  for parameters observed op by op (container-owned parameters such as `cls_token`, `pos_embed`, layer-scale
+  `gamma`, relative position bias tables; custom layers such as `LayerNorm2d`, `LlamaRMSNorm`).
+- **tied**: layers made of several modules sharing a parameter (input embedding = output projection).
+- **exact / k = 256**: step time with the logger relative to a plain forward+backward at the stated size (median of
+  {args.reps} interleaved repetitions, {args.threads} thread(s), writer flushed outside the timed region); **guard**:
+  the part of the exact step due to the reconciliation guard, in % of a plain step.
+
+| model | layers | rules | exact | tied | timing size | exact | k = 256 | guard |
+|---|---|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + """
+
+## Refused, with the reason
+
+- `nn.LSTM`/`nn.GRU`/`nn.RNN`: no rule, and their fused kernels cannot be differentiated per example by
+  `torch.func`; logging raises an error naming the op, the module and the fix (exclude with `layers=...` or
+  register a rule).
+- Ops that move the batch axis in a way gradcoh cannot follow (for example a `transpose(0, 1)` followed by a
+  `reshape` that merges the batch into another axis) before a tracked layer: an error names the module and the op.
+- A use of a parameter whose result mixes examples (a weight penalty added to the mean loss, a loss over the
+  batch that is not a sum of per-example terms): the reconciliation guard raises (or flags the layer with
+  `on_mismatch="flag"`).
+"""
+
+
+if __name__ == "__main__":
+    main()
