@@ -352,8 +352,8 @@ class GradientLogger:
             f"step {step}: the per-example gradients of layer(s) {', '.join(repr(b) for b in bad)} do not sum to the "
             "batch gradient their parameters received. Likely causes: a parameter used outside the modules gradcoh "
             "sees in a way it cannot split by example (a penalty on the weights inside the loss: apply it in the "
-            "optimizer, e.g. weight_decay), a second loss term that mixes examples, or gradients changed between "
-            "the backward pass and the end of the record block. Run gradcoh.logger.validate(model, ...) to see "
+            "optimizer, e.g. weight_decay), or gradients changed between the backward pass and the end of the "
+            "record block. Run gradcoh.logger.validate(model, ...) to see "
             "which layers are exact, exclude the layer with layers=..., or pass on_mismatch='flag' to store the "
             "step with the layer flagged"
         )

@@ -39,13 +39,13 @@ _ELEMENTWISE = frozenset("""
 abs abs_ absolute acos acosh add add_ addcdiv addcmul addcmul_ addcdiv_ asin asinh atan atan2 atanh bitwise_and
 bitwise_not bitwise_or bitwise_xor bfloat16 ceil celu clamp clamp_ clamp_max clamp_min clip clone contiguous copy_
 cos cosh detach div div_ double dropout dropout_ alpha_dropout feature_alpha_dropout dropout1d dropout2d dropout3d elu
-elu_ empty_like eq erf erfc exp exp_ expm1 fill_ float float_power floor floor_divide fmod full_like ge gelu
+elu_ eq erf erfc exp exp_ expm1 fill_ float float_power floor floor_divide fmod ge gelu
 glu gt half hardsigmoid hardswish hardtanh hardtanh_ int isfinite isinf isnan le leaky_relu leaky_relu_ lerp lerp_ log
 log10 log1p log2 log_sigmoid logical_and logical_not logical_or logical_xor long lt masked_fill masked_fill_ maximum
-minimum mish mul mul_ nan_to_num ne neg neg_ new_empty new_full new_ones new_tensor new_zeros ones_like pow pow_ prelu
-rand_like randn_like reciprocal relu relu6 relu_ remainder requires_grad_ round rrelu rsqrt rsub selu sigmoid sigmoid_
+minimum mish mul mul_ nan_to_num ne neg neg_ pow pow_ prelu
+reciprocal relu relu6 relu_ remainder requires_grad_ round rrelu rsqrt rsub selu sigmoid sigmoid_
 sign silu silu_ sin sinh softplus softsign sqrt square square_ sub sub_ tan tanh tanh_ tanhshrink threshold to true_divide
-trunc type type_as where xlogy zero_ zeros_like bool sgn signbit frac logit hardshrink softshrink
+trunc type type_as where xlogy zero_ bool sgn signbit frac logit hardshrink softshrink
 __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__
 __div__ __rdiv__ __idiv__ __pow__ __rpow__ __ipow__ __neg__ __abs__ __and__ __rand__ __iand__ __or__ __ror__ __ior__
 __xor__ __rxor__ __ixor__ __invert__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __floordiv__ __rfloordiv__
@@ -67,6 +67,12 @@ adaptive_max_pool2d adaptive_max_pool3d group_norm instance_norm batch_norm inte
 pixel_unshuffle lp_pool1d lp_pool2d local_response_norm _max_pool1d _max_pool2d _max_pool3d max_pool1d_with_indices
 max_pool2d_with_indices max_pool3d_with_indices fractional_max_pool2d grid_sample
 """.split())
+
+CONSTANT = frozenset("""
+new_zeros new_ones new_empty new_full new_tensor zeros_like ones_like empty_like full_like rand_like randn_like
+randint_like size dim numel
+""".split())
+"""Ops whose output does not depend on the values of their (data) inputs: constants, not data."""
 
 _LOSSES = frozenset("""
 cross_entropy nll_loss mse_loss l1_loss smooth_l1_loss huber_loss binary_cross_entropy

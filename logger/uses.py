@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .grads import Dense, Factored, ParamGrad, natural_view
-from .layout import Layout, Unknown, propagate
+from .layout import CONSTANT, Layout, Unknown, propagate
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,11 @@ class UseTracker(TorchFunctionMode):
                         self.derived[o] = Node(func, flat, spec, parents, i)
             return
         name = _name(func)
+        if name in CONSTANT:
+            return
+        if name == "__setitem__":  # writing data into a tensor makes it data
+            self._setitem(args, data)
+            return
         lays = [propagate(name, args, kwargs, o, data, self.n) for o in outs]
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
@@ -236,6 +241,16 @@ class UseTracker(TorchFunctionMode):
             log.debug("use of a parameter by %s cannot be split by example; left to the reconciliation guard", name)
             return
         self._use(func, args, kwargs, o, lay, data, diff)
+
+    def _setitem(self, args: tuple, data: list) -> None:
+        target = args[0]
+        if any(t is target for _, t, _ in data):
+            return  # already data; its layout is unchanged by writing into it
+        values = [(t, lay) for pos, t, lay in data if pos == 2]
+        if len(values) == 1 and tuple(values[0][0].shape) == tuple(target.shape):
+            self.layouts[target] = values[0][1]
+        else:
+            self.layouts[target] = Unknown("__setitem__")
 
     def _use(self, func: Callable, args: tuple, kwargs: dict, out: torch.Tensor, lay: tuple[int, int],
              data: list, diff: list) -> None:

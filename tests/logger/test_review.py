@@ -841,3 +841,17 @@ def test_embedding_scale_grad_by_freq_contributions_sum_to_batch_gradient(tmp_pa
         projected = glog.project_grad()["0"].numpy()
     ds = open_batch(tmp_path / "s.zarr")
     np.testing.assert_allclose(ds.sketch.values[0, :, 0].sum(0), projected, rtol=1e-4, atol=1e-5)
+
+
+def test_autograd_grad_instead_of_backward_is_exact(tmp_path):
+    """torch.autograd.grad(loss, params) leaves .grad alone; the batch sums come from the gradients seen."""
+    torch.manual_seed(41)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    y = target_for(model, x)
+    with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="sum") as glog:
+        with glog.record(0):
+            torch.autograd.grad(sq_loss(model(x), y).sum(), list(model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    check_step(open_batch(tmp_path / "s.zarr"), 0, model, x, y, oracle=per_example_grads_loop)
+
