@@ -224,6 +224,24 @@ def _identity_index(t: torch.Tensor, lay: tuple[int, int], items: tuple, out: to
     return (out_axis, r) if out.dim() > out_axis and out.shape[out_axis] == size else Unknown(op)
 
 
+def setitem_layout(target: torch.Tensor, index: Any, value: torch.Tensor, lay: Layout) -> Layout:
+    """Layout of ``target`` after ``target[index] = value`` (``value`` carries the batch, ``target`` did not).
+
+    The batch axis of ``value`` must fill the same axis of ``target`` whole (``x[..., 1:] = ids[..., :-1]``).
+    """
+    if isinstance(lay, Unknown) or value.dim() != target.dim():
+        return Unknown("__setitem__")
+    axis, r = lay
+    items = index if isinstance(index, tuple) else (index,)
+    if any(x is Ellipsis for x in items):
+        pos = items.index(Ellipsis)
+        items = items[:pos] + (slice(None),) * (target.dim() - len(items) + 1) + items[pos + 1 :]
+    plain = all(isinstance(x, slice) for x in items[: axis + 1])
+    whole = axis >= len(items) or items[axis] == slice(None)
+    ok = plain and whole and target.shape[axis] == value.shape[axis]
+    return (axis, r) if ok else Unknown("__setitem__")
+
+
 def _consumed(x: Any) -> int:
     """Input axes consumed by one index item."""
     if x is None:

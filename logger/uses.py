@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .grads import Dense, Factored, ParamGrad, natural_view
-from .layout import CONSTANT, Layout, Unknown, propagate
+from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,8 @@ class UseTracker(TorchFunctionMode):
         if any(t is target for _, t, _ in data):
             return  # already data; its layout is unchanged by writing into it
         values = [(t, lay) for pos, t, lay in data if pos == 2]
-        if len(values) == 1 and tuple(values[0][0].shape) == tuple(target.shape):
-            self.layouts[target] = values[0][1]
+        if len(values) == 1 and len(data) == 1:
+            self.layouts[target] = setitem_layout(target, args[1], *values[0])
         else:
             self.layouts[target] = Unknown("__setitem__")
 

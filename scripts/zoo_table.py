@@ -208,7 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for name in args.models:
-        err, layers = exactness(name)
+        try:
+            err, layers = exactness(name)
+        except (RuntimeError, ValueError) as failure:
+            row = f"| {name} | – | – | refused: {failure} | – | – | – | – | – |"
+            log.info(row)
+            rows.append(row)
+            continue
         rules = Counter(r for layer in layers for r in layer["rule"].split("+"))
         tied = [layer["name"] for layer in layers if len(layer["modules"]) > 1]
         t = step_times(name, args.reps)

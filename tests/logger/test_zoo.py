@@ -50,8 +50,10 @@ def test_zoo_model_is_exact_per_layer(name, tmp_path):
     batch = case.batch(N)
     plain = copy.deepcopy(model)
     case.loss(plain, batch).mean().backward()
-    with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="mean", sketch_dim=64, seed=1) as glog:
-        with glog.record(0):
+    group = torch.tensor([0, 1, 0])
+    with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="mean", sketch_dim=64, seed=1,
+                        groups=("a", "b")) as glog:
+        with glog.record(0, group=group):
             case.loss(model, batch).mean().backward()
     logged = grads_of(model)
     for k, g in grads_of(plain).items():  # training untouched
@@ -70,15 +72,19 @@ def test_zoo_model_is_exact_per_layer(name, tmp_path):
                                                layer["type"] for m in allowed), (layer["name"], p)
     assert bool(ds.reconciled.values.all())
     grads = loop_oracle(model, case, batch)
-    sq, sums = [], []
+    sq, sums, grams = [], [], []
     for layer in layers:
         g = torch.cat([grads[p] for p in layer["params"]], 1).numpy()
         sq.append((g**2).sum(1))
         sums.append(float((g.sum(0) ** 2).sum()))
+        by_group = np.stack([g[group.numpy() == a].sum(0) for a in range(2)])
+        grams.append(by_group @ by_group.T)
     sq, sums = np.stack(sq, 1), np.array(sums)  # each example's own loss, whatever the batch reduction
     got_sq = ds.sq_norm.values[0, :N]
     np.testing.assert_allclose(got_sq, sq, rtol=1e-4, atol=1e-6 * sq.max())
     np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=1e-4, atol=1e-6 * sums.max())
+    grams = np.stack(grams)
+    np.testing.assert_allclose(ds.group_gram.values[0], grams, rtol=1e-4, atol=1e-6 * np.abs(grams).max())
     np.testing.assert_allclose(ds.sum_sq_norm.values[0].sum() / got_sq.sum(), sums.sum() / sq.sum(), rtol=1e-4)
 
 
