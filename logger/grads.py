@@ -332,7 +332,7 @@ ParamGrad = Dense | Factored
 
 
 def natural_view(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(rows, cols)`` of a parameter's natural matrix view: ``(shape[0], numel / shape[0])``, ``(1, 1)`` for scalars."""
+    """``(rows, cols)`` of a parameter's natural matrix view: ``(shape[0], numel / shape[0])``; ``(1, 1)`` if 0-d."""
     if not shape:
         return 1, 1
     rows = shape[0]

@@ -44,8 +44,8 @@ glu gt half hardsigmoid hardswish hardtanh hardtanh_ int isfinite isinf isnan le
 log10 log1p log2 log_sigmoid logical_and logical_not logical_or logical_xor long lt masked_fill masked_fill_ maximum
 minimum mish mul mul_ nan_to_num ne neg neg_ pow pow_ prelu
 reciprocal relu relu6 relu_ remainder requires_grad_ round rrelu rsqrt rsub selu sigmoid sigmoid_
-sign silu silu_ sin sinh softplus softsign sqrt square square_ sub sub_ tan tanh tanh_ tanhshrink threshold to true_divide
-trunc type type_as where xlogy zero_ bool sgn signbit frac logit hardshrink softshrink
+sign silu silu_ sin sinh softplus softsign sqrt square square_ sub sub_ tan tanh tanh_ tanhshrink threshold to
+true_divide trunc type type_as where xlogy zero_ bool sgn signbit frac logit hardshrink softshrink
 __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__
 __div__ __rdiv__ __idiv__ __pow__ __rpow__ __ipow__ __neg__ __abs__ __and__ __rand__ __iand__ __or__ __ror__ __ior__
 __xor__ __rxor__ __ixor__ __invert__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __floordiv__ __rfloordiv__

@@ -51,9 +51,14 @@ ERROR_KEY = "gradcoh_error"  # why logging stopped early (on_error="warn"), or a
 COMPACTED_KEY = "gradcoh_compacted"  # set by `gradcoh compact`: a finished, sharded, read-only store
 WORLD_SIZE_KEY = "gradcoh_world_size"  # number of ranks; > 1: the streams live in per-rank groups
 
+IDENTITY_KEY = "identity"  # inside CONFIG_KEY: the fields that must match to append to a store
+SHARD_STEPS_KEY = "shard_steps"  # inside COMPACTED_KEY: {stream group path: steps per shard}
+SHARD_BYTES_KEY = "shard_bytes"  # inside COMPACTED_KEY: the shard size compaction aimed at
+
 # --- stream attributes ---------------------------------------------------------------------------------
 COMMITTED_KEY = "committed_steps"
 DROPPED_KEY = "dropped_steps"
+COORDINATES_KEY = "coordinates"  # CF convention: variables readers show as coordinates; written last at creation
 
 # --- streams -------------------------------------------------------------------------------------------
 STREAM_BATCH = "batch"
@@ -131,6 +136,16 @@ SKETCH_DTYPES = ("float16", "float32", "bfloat16")
 
 NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE)
 """Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` names a remote fsspec location (``s3://``, ``memory://``, ...); ``file://`` is local."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """``path`` without a ``file://`` prefix."""
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def rank_group(rank: int) -> str:

@@ -39,31 +39,64 @@ def _compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
-def open_root(
-    path: str | Path, mode: str, attrs: dict[str, Any], storage_options: dict | None = None
-) -> tuple[zarr.Group, dict[str, Any]]:
-    """Open the root group for writing according to ``mode``.
+
+def open_run(path: str | Path, mode: str, attrs: dict[str, Any], storage_options: dict | None = None, *,
+             rank: int = 0, world_size: int = 1, barrier: Any = None) -> RunStore:
+    """Open a run's store for writing: the group this process writes and the last step of each stream in it.
+
+    With several processes rank 0 creates (or checks) the run, every rank waits at ``barrier``, then each opens
+    its own group ``rank-XXXXX``.
 
     Args:
         path: Local path or fsspec URL of the store.
         mode: ``"create"``, ``"append"`` or ``"overwrite"``.
         attrs: Root attributes of this run (format, configuration, layers, sketch, versions, model).
         storage_options: fsspec options for URLs (credentials should come from the environment).
-
-    Returns:
-        The root group and the stream states found in it (``{stream: committed steps, last step}``).
+        rank: This process's rank.
+        world_size: Number of processes.
+        barrier: Called between rank 0's creation and the other ranks' opening (``torch.distributed.barrier``).
 
     Raises:
         StoreError: The store exists in ``"create"`` mode, does not exist in ``"append"`` mode, or differs from
-            this run in layers, sketch configuration, seed or format version.
+            this run in layers, sketch configuration, seed, number of processes or format version.
     """
-    path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://") :]
+    if world_size == 1:
+        root = _open_root(path, mode, attrs, storage_options)
+    else:
+        if rank == 0:
+            _open_root(path, mode, attrs, storage_options)
+        barrier()
+        root = _open_root(path, "append", attrs, storage_options).require_group(schema.rank_group(rank))
+    last = {}
+    for name in schema.STREAMS:
+        if name in root:
+            _, step = committed_state(root[name])
+            if step is not None:
+                last[name] = step
+    return RunStore(root, last)
+
+
+@dataclass
+class RunStore:
+    """The group one process writes (the root, or its rank's group) and the last committed step per stream."""
+
+    root: zarr.Group
+    last_steps: dict[str, int]
+
+
+def committed_state(group: zarr.Group) -> tuple[int, int | None]:
+    """``(committed steps, last committed step or None)`` of a stream group."""
+    committed = int(group.attrs.get(schema.COMMITTED_KEY, 0))
+    if not committed or schema.STEP not in group:
+        return committed, None
+    return committed, int(group[schema.STEP][committed - 1])
+
+
+def _open_root(path: str | Path, mode: str, attrs: dict[str, Any], storage_options: dict | None) -> zarr.Group:
+    """The root group for writing according to ``mode`` (see :func:`open_run`)."""
+    path = schema.local_path(str(path))
     exists = _exists(path, storage_options)
     if mode == "create" and exists:
         raise StoreError(
@@ -74,15 +107,14 @@ def open_root(
     if mode == "overwrite" and exists:
         _remove(path, storage_options)
     if mode == "append":
-        root = zarr.open_group(path, mode="r+", storage_options=storage_options if _is_url(path) else None)
+        root = zarr.open_group(path, mode="r+", storage_options=storage_options if schema.is_url(path) else None)
         check_compatible(path, dict(root.attrs), attrs)
-        return root, {name: dict(root[name].attrs) for name in schema.STREAMS if name in root}
+        return root
     # The attributes go into the group's first zarr.json: a crash never leaves a root without them.
-    root = zarr.open_group(
+    return zarr.open_group(
         path, mode="w-", zarr_format=3, attributes=attrs,
-        storage_options=storage_options if _is_url(path) else None,
+        storage_options=storage_options if schema.is_url(path) else None,
     )
-    return root, {}
 
 
 def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -104,15 +136,15 @@ def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> Non
     if old_world != new_world:
         raise StoreError(f"{path} was written by {old_world} process(es), this run has {new_world}; cannot append "
                          "(the example axis is laid out per rank)")
-    old_id = old.get(schema.CONFIG_KEY, {}).get("identity", {})
-    new_id = new[schema.CONFIG_KEY]["identity"]
+    old_id = old.get(schema.CONFIG_KEY, {}).get(schema.IDENTITY_KEY, {})
+    new_id = new[schema.CONFIG_KEY][schema.IDENTITY_KEY]
     for key, value in new_id.items():
         if old_id.get(key) != value:
             raise StoreError(f"{path}: {key}={value!r} differs from the store's {old_id.get(key)!r}; cannot append")
 
 
 def _exists(path: str, storage_options: dict | None) -> bool:
-    if _is_url(path):
+    if schema.is_url(path):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
@@ -130,7 +162,7 @@ def _exists(path: str, storage_options: dict | None) -> bool:
 
 
 def _remove(path: str, storage_options: dict | None) -> None:
-    if _is_url(path):
+    if schema.is_url(path):
         import fsspec
 
         fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
@@ -189,7 +221,7 @@ class StreamWriter:
         attrs = dict(group.attrs)
         committed = int(attrs.get(schema.COMMITTED_KEY, 0))
         arrays = {k: group[k] for k in schema.VARIABLES if k in group}
-        if committed == 0 and "coordinates" not in attrs:  # (the last attribute ``_create`` writes)
+        if committed == 0 and schema.COORDINATES_KEY not in attrs:  # (the last attribute ``_create`` writes)
             # Killed while the stream was being created: nothing was committed, start it afresh.
             log.warning("stream '%s' was left half-created by a crash; recreating it", self.name)
             del self.root[self.name]
@@ -203,8 +235,7 @@ class StreamWriter:
             if arr.shape[0] != self.committed:
                 arr.resize((self.committed, *arr.shape[1:]))
         self.width = self.arrays[schema.INDEX].shape[1]
-        if self.committed:
-            self.last_step = int(self.arrays[schema.STEP][self.committed - 1])
+        _, self.last_step = committed_state(group)
 
     def _create(self, width: int) -> None:
         # The commit marker exists from the group's first zarr.json on, so readers never meet a stream without it.
@@ -247,11 +278,11 @@ class StreamWriter:
             arr = g.create_array(name, shape=values.shape, dtype=dtype, dimension_names=schema.STATIC_COORDS[name])
             arr[:] = values
         g.attrs.update({schema.COMMITTED_KEY: 0, schema.DROPPED_KEY: 0,
-                        "coordinates": " ".join(n for n in schema.NON_INDEX_COORDS if n != schema.LAYER_SIZE)})
+                        schema.COORDINATES_KEY: " ".join(n for n in schema.NON_INDEX_COORDS if n != schema.LAYER_SIZE)})
         self.group = g
 
-    def steps_per_chunk(self, records: list[HostRecord]) -> int:
-        """Steps per chunk along ``step`` (creates the stream from ``records`` if needed)."""
+    def ensure_created(self, records: list[HostRecord]) -> int:
+        """Create the stream (sized for ``records``) if it does not exist yet; returns the steps per chunk."""
         if self.group is None:
             self._create(max(r.n for r in records))
         return self.arrays[schema.STEP].chunks[0]
@@ -352,9 +383,8 @@ def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype) ->
 
 # --- repair and verification (``gradcoh repair``) ----------------------------------------------------------
 def _local_root(path: str) -> Path | None:
-    if path.startswith("file://"):
-        path = path[len("file://") :]
-    return None if _is_url(path) else Path(path)
+    path = schema.local_path(path)
+    return None if schema.is_url(path) else Path(path)
 
 
 def find_partial_files(path: str | Path) -> list[Path]:
@@ -429,7 +459,7 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
     local = _local_root(text)
     if local is not None and not local.exists():
         raise StoreError(f"no such store: {text}")
-    opts = storage_options if _is_url(text) else None
+    opts = storage_options if schema.is_url(text) else None
     try:
         root = zarr.open_group(str(local) if local is not None else text, mode="r" if dry_run else "r+",
                                storage_options=opts, use_consolidated=False)
@@ -444,7 +474,8 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
     actions: list[str] = []
     for name, group in list(root.groups()):
         committed = group.attrs.get(schema.COMMITTED_KEY)
-        if not isinstance(committed, int) or committed < 0 or (committed == 0 and "coordinates" not in group.attrs):
+        half_created = committed == 0 and schema.COORDINATES_KEY not in group.attrs
+        if not isinstance(committed, int) or committed < 0 or half_created:
             actions.append(f"delete stream '{name}': created by a writer that died before committing anything")
             if not dry_run:
                 del root[name]

@@ -443,7 +443,7 @@ class LayerTracker:
         return torch.cat(sq), torch.cat(sk)
 
     def group_sum_matrix(self, n_groups: int) -> torch.Tensor:
-        """``[G, P]`` group sums ``Σ_{i∈g} g_i`` (parameters flattened in order); the last is the total minus the rest."""
+        """``[G, P]`` group sums ``Σ_{i∈g} g_i`` (parameters flattened in order); the last: total minus the rest."""
         parts = []
         for i in range(len(self.params)):
             t, scale = self._param_sum(i)

@@ -126,11 +126,6 @@ class AsyncWriter:
             err, self._error = self._error, None
             raise WriterError(f"gradcoh could not write to {self._where}: {err}") from err
 
-    @property
-    def failed(self) -> bool:
-        """True once the writer thread has stopped because of an error."""
-        return self._error is not None or (not self._thread.is_alive() and not self._closed)
-
     def _put_control(self, item: tuple) -> None:
         while self._thread.is_alive():
             try:
@@ -191,7 +186,7 @@ class AsyncWriter:
     def _commit_full_chunks(self, name: str) -> None:
         writer = self._stream(name)
         pending = self._pending[name]
-        chunk = writer.steps_per_chunk(pending)
+        chunk = writer.ensure_created(pending)
         room = chunk - writer.committed % chunk
         if len(pending) >= room:
             self._write(name, pending[:room])

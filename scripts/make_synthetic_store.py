@@ -5,7 +5,8 @@ Per step t and layer l, per-example gradients are drawn i.i.d. as
     g_{i,l} = μ_l + σ_l ε_{i,l},   ε ~ N(0, I_{P_l}),   i = 1..m
 
 with a fixed mean μ_l (a random direction, norm set from the requested population coherence). The population
-coherence (paper.md §1.7) is α_pop = ‖μ‖² / E‖g‖² = ‖μ‖² / (‖μ‖² + Σ_l P_l σ_l²), so
+coherence (the coherence α of a distribution in Chatterjee & Zielinski, "Making Coherence Out of Nothing At All:
+Measuring the Evolution of Gradient Alignment") is α_pop = ‖μ‖² / E‖g‖² = ‖μ‖² / (‖μ‖² + Σ_l P_l σ_l²), so
 
     E[m-coherence] = E‖Σ g_i‖² / E Σ‖g_i‖² = 1 + (m − 1) α_pop        (exact for the ratio of expectations)
 
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from gradcoh.logger import schema
 from gradcoh.logger.sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
-from gradcoh.logger.store import HostRecord, StreamWriter, open_root
+from gradcoh.logger.store import HostRecord, StreamWriter, open_run
 from gradcoh.logger.writer import AsyncWriter
 
 SYNTHETIC_KEY = "gradcoh_synthetic"
@@ -121,7 +122,8 @@ def _root_attrs(spec: Spec) -> dict[str, Any]:
                   "dtype": spec.sketch_dtype}
     config = {"every": 1, "sketch_dim": spec.sketch_dim, "seed": spec.seed, "loss_reduction": "sum",
               "groups": list(spec.groups), "sketch_dtype": spec.sketch_dtype,
-              "identity": {"sketch_dim": spec.sketch_dim, "seed": spec.seed, "sketch_dtype": spec.sketch_dtype}}
+              schema.IDENTITY_KEY: {"sketch_dim": spec.sketch_dim, "seed": spec.seed,
+                                    "sketch_dtype": spec.sketch_dtype}}
     truth = {**asdict(spec), "layers": [list(x) for x in spec.layers], "groups": list(spec.groups),
              "names": names, "model": "g_il = mu_l + sigma * eps_il, eps ~ N(0, I)", "expected": expected(spec)}
     return {
@@ -174,7 +176,7 @@ def make_synthetic_store(path: str, spec: Spec, *, storage_options: dict | None 
     """
     start = time.perf_counter()
     attrs = _root_attrs(spec)
-    root, _ = open_root(path, mode, attrs, storage_options)
+    root = open_run(path, mode, attrs, storage_options).root
     means = _means(spec)
     sketches = None
     if spec.sketch_dim:

@@ -22,15 +22,14 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
-import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import zoo  # noqa: E402
-from gradcoh.logger import GradientLogger, validate  # noqa: E402
-from gradcoh.logger import tracker as tracker_module  # noqa: E402
+import zoo
+from gradcoh.logger import GradientLogger, validate
+from gradcoh.logger import tracker as tracker_module
+from gradcoh.logger.attributes import layer_table
 
 log = logging.getLogger("zoo_table")
 
@@ -54,9 +53,9 @@ BENCH_HF = {
     "hf-llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                                          num_key_value_heads=2, intermediate_size=688, vocab_size=8000,
                                                          bos_token_id=0, eos_token_id=0)),
-    "hf-vit": ("ViTConfig", "ViTForImageClassification", dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
-                                                              intermediate_size=768, image_size=64, patch_size=8,
-                                                              num_labels=10)),
+    "hf-vit": ("ViTConfig", "ViTForImageClassification",
+               dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, image_size=64,
+                    patch_size=8, num_labels=10)),
 }
 BENCH_TIMM = {
     "timm-vit": ("vit_tiny_patch16_224", dict(img_size=64, patch_size=8, depth=4)),
@@ -181,7 +180,7 @@ def exactness(name: str) -> tuple[float, list[dict]]:
         raise RuntimeError(report.error)
     with tempfile.TemporaryDirectory() as tmp:
         with GradientLogger(copy.deepcopy(model), f"{tmp}/s.zarr", handle_sigterm=False) as glog:
-            layers = glog._attrs()["gradcoh_layers"]
+            layers = layer_table(glog.trackers)
     return max(r.max_rel_error for r in report.rows), layers
 
 

@@ -50,7 +50,8 @@ def test_ddp_global_statistics_equal_single_process(tmp_path):
         assert list(ddp.step.values) == list(one.step.values)
         for var in ("sq_norm", "sum_sq_norm", "group_gram", "sketch"):
             np.testing.assert_allclose(ddp[var].values.astype(np.float64), one[var].values.astype(np.float64),
-                                       rtol=1e-5 if var != "sketch" else 2e-3, atol=1e-9 if var != "sketch" else 1e-6, err_msg=f"{stream} {var}")
+                                       rtol=1e-5 if var != "sketch" else 2e-3,
+                                       atol=1e-9 if var != "sketch" else 1e-6, err_msg=f"{stream} {var}")
         np.testing.assert_array_equal(ddp.index.values, one.index.values)
         np.testing.assert_array_equal(ddp.n_examples.values, one.n_examples.values)
         np.testing.assert_allclose(m_coherence(ddp).values, m_coherence(one).values, rtol=1e-5)

@@ -136,7 +136,7 @@ def test_parameter_penalty_in_loss_is_caught_by_the_guard(tmp_path):
     x = torch.randn(1, 3)
     y = target_for(model, x)
     with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="sum") as glog:
-        with pytest.raises(RuntimeError, match="layer.*'0'.*do not sum to the batch gradient.*weight_decay"):
+        with pytest.raises(RuntimeError, match=r"layer.*'0'.*do not sum to the batch gradient.*weight_decay"):
             with glog.record(0):
                 (sq_loss(model(x), y).sum() + 0.5 * model[0].weight.pow(2).sum()).backward()
     model.zero_grad()
@@ -662,7 +662,7 @@ def test_lstm_is_refused_with_a_clear_error(tmp_path):
     model = Wrapped("lstm")
     x = torch.randn(4, 5, 3)
     y = target_for(model, x)
-    with pytest.raises((ValueError, RuntimeError), match="lstm.*(LayerRules.register|layers=)"):
+    with pytest.raises((ValueError, RuntimeError), match=r"lstm.*(LayerRules.register|layers=)"):
         run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
 
 

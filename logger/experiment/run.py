@@ -24,12 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 from torch import nn
 
-from . import schema
+from .. import schema
+from ..hook import GradientLogger
 from .datasets import DATASETS, ImageData, load_dataset
-from .hook import GradientLogger
 from .models import MODELS, build_model
 from .noise import corrupt_labels
 
@@ -154,24 +153,6 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
-def last_probe_coherence(path: str | Path) -> tuple[float, int]:
-    """Whole-network m-coherence and m of the last committed probe step, read straight from the store.
-
-    Cheap: two small reads with zarr (the training side never imports the xarray analysis).
-
-    Returns:
-        ``(m-coherence, m)``; ``(nan, 0)`` when no probe step is committed yet.
-    """
-    group = zarr.open_group(str(path), mode="r")[schema.STREAM_PROBE]
-    committed = int(group.attrs.get(schema.COMMITTED_KEY, 0))
-    if not committed:
-        return float("nan"), 0
-    numerator = float(np.sum(group[schema.SUM_SQ_NORM][committed - 1]))  # Σ_l ‖Σ_i g_il‖²
-    sq = np.asarray(group[schema.SQ_NORM][committed - 1])  # [example, layer], NaN pads
-    m = int(group[schema.N_EXAMPLES][committed - 1])
-    return numerator / float(np.nansum(sq)), m
-
-
 class _Probe:
     """The fixed probe sample (on the device) and its bookkeeping."""
 
@@ -273,8 +254,7 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
         if probe is not None and _probe_due(cfg, step, total):
             glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size, mode="eval",
                        index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true)
-            glog.flush()  # commits the probe so its m-coherence can be read back (one join per probe step)
-            coh, m = last_probe_coherence(cfg.out)
+            coh, m = glog.last_coherence(schema.STREAM_PROBE), len(probe.index)
             fit, fit_bad = probe.fit(model)
             report = ProbeReport(step, m, coh, fit, fit_bad, per.mean().item())
             postfix.update(probe_mcoh=f"{coh:.3g}", fit=f"{fit:.2f}")

@@ -1,0 +1,140 @@
+"""One recorded step: the hooks and the use tracker that live exactly as long as a ``record`` block.
+
+:class:`StepRecorder` owns the micro-batch lifecycle: it creates the step's state and
+:class:`~gradcoh.logger.uses.UseTracker`, attaches the layer trackers, tells the use tracker where each model call
+starts (its batch) and which rule-owning module is running, routes every parameter use to the layers it concerns,
+and removes everything when the block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .tracker import LayerTracker, StepState, end_of_backward
+from .uses import Use, UseTracker
+
+
+class Recording:
+    """What ``GradientLogger.record`` yields: lets the loop attach per-example losses to the step."""
+
+    def __init__(self, state: StepState | None) -> None:
+        self._state = state
+
+    @property
+    def active(self) -> bool:
+        """True when this step is being logged."""
+        return self._state is not None
+
+    def loss(self, values: torch.Tensor) -> None:
+        """Record per-example losses ``[n]`` of the current micro-batch (call once per forward)."""
+        if self._state is not None:
+            self._state.losses.append(values.detach().reshape(-1).to(torch.float32))
+
+
+class StepRecorder:
+    """Installs and removes the per-step hooks of a model's layer trackers.
+
+    Args:
+        model: The model (its outermost call defines the batch).
+        trackers: The layer trackers.
+    """
+
+    def __init__(self, model: nn.Module, trackers: list[LayerTracker]) -> None:
+        self.model = model
+        self.trackers = trackers
+        self.params = {id(p): p for t in trackers for p in t.params}
+        self.modules = self._hooked_modules()
+
+    def _hooked_modules(self) -> dict[int, tuple[nn.Module, frozenset[int] | None]]:
+        """The root, every module with a rule (with the parameter ids its rule covers) and every observed module."""
+        out: dict[int, tuple[nn.Module, frozenset[int] | None]] = {id(self.model): (self.model, None)}
+        for t in self.trackers:
+            for source in t.plan.sources:
+                out[id(source.module)] = (source.module, frozenset(id(p) for p in source.params))
+            for name in t.plan.loose:
+                module = self.model if name == "root" else self.model.get_submodule(name)
+                out.setdefault(id(module), (module, None))
+        return out
+
+    @contextlib.contextmanager
+    def record(self, n_groups: int, scale_by_batch: bool, *, probe: bool, group: Any,
+               local_grads: bool = True) -> Iterator[StepState]:
+        """Hooks in place for one step; yields the step's state, which holds the results afterwards.
+
+        Args:
+            n_groups: Number of groups.
+            scale_by_batch: The loss is a mean over the micro-batch (per-example values are scaled by its size).
+            probe: A probe step (float64 accumulation; gradients by ``torch.autograd.grad``).
+            group: ``[n]`` group of each example, or None.
+            local_grads: ``.grad`` holds this process's own gradient (False under DDP, which averages it).
+        """
+        from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
+        uses = UseTracker(self.params, self._on_use, self._on_use_grad)
+        state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
+                          from_grad=from_grad)
+        state.trackers = self.trackers
+        if group is not None:
+            state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
+        for tracker in self.trackers:
+            tracker.attach(state)
+        handles = self._module_hooks(state)
+        self._state = state
+        try:
+            with uses:
+                yield state
+        except RuntimeError as err:
+            n = sum(state.sizes)
+            if state.group is not None and state.sizes and state.group.shape[0] < n:  # (a clearer message)
+                raise ValueError(f"group has {state.group.shape[0]} entries but the step has at least {n} "
+                                 "examples") from err
+            raise
+        finally:
+            end_of_backward(state)  # in case the block ended inside an unfinished backward
+            for h in handles:
+                h.remove()
+            for tracker in self.trackers:
+                tracker.detach()
+            self._state = None
+
+    def _module_hooks(self, state: StepState) -> list[RemovableHandle]:
+        """Hooks telling the use tracker where a model call starts (its data) and which rule is running."""
+        uses = state.uses
+        depth = [0]
+
+        def before(args: tuple, kwargs: dict, owned: frozenset[int] | None) -> None:
+            if depth[0] == 0 and not uses.paused:
+                n = uses.new_batch(args, kwargs)
+                if n is not None:
+                    state.batch_size(n)
+            depth[0] += 1
+            if owned is not None:
+                uses.owned.append(owned)
+
+        def after(owned: frozenset[int] | None) -> None:
+            depth[0] = max(depth[0] - 1, 0)
+            if owned is not None and uses.owned:
+                uses.owned.pop()
+
+        handles = []
+        for module, owned in self.modules.values():
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k, owned=owned: before(a, k, owned), with_kwargs=True))
+            handles.append(module.register_forward_hook(lambda m, a, o, owned=owned: after(owned), always_call=True))
+        return handles
+
+    def _on_use(self, use: Use) -> None:
+        uses = self._state.uses
+        params = {id(p) for src in use.diff.values() for p in uses.roots(src)}
+        use.layers = [t for t in self.trackers if any(id(p) in params for p in t.params)]
+        for t in use.layers:
+            t.add_use(use)
+
+    def _on_use_grad(self, use: Use) -> None:
+        for t in use.layers:
+            t.on_use_grad()

@@ -1,0 +1,135 @@
+"""The end of a logged step: per-layer results → one host record (Grams, finite flags, the guard, metadata).
+
+Everything the trackers hold stays on the device until the single device→host copy of the step (the tensors are
+packed into one byte buffer first), so a logged step synchronises once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import LoggerConfig
+from .distributed import global_grams
+from .metadata import step_metadata
+from .store import HostRecord
+from .tracker import LayerTracker, StepState
+
+log = logging.getLogger(__name__)
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy device tensors to NumPy with a single transfer (they are packed into one byte buffer first)."""
+    on_device = {k: t for k, t in tensors.items() if t.device.type != "cpu"}
+    out = {k: t.numpy() for k, t in tensors.items() if t.device.type == "cpu"}
+    if on_device:
+        flat = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in on_device.values()])
+        buf = flat.cpu().numpy()  # the device→host copy (synchronises once per logged step)
+        offset = 0
+        for key, t in on_device.items():
+            nbytes = t.numel() * t.element_size()
+            dtype = np.dtype(str(t.dtype).removeprefix("torch."))
+            out[key] = buf[offset : offset + nbytes].view(dtype).reshape(t.shape)
+            offset += nbytes
+    return out
+
+
+def record_coherence(record: HostRecord) -> float:
+    """Whole-network m-coherence of one record, NaN when a layer is not finite or not reconciled.
+
+    The logger's own value for progress bars; stores are analysed with :func:`gradcoh.analysis.m_coherence`,
+    which applies the same masking.
+    """
+    usable = bool(record.finite.all()) and (record.reconciled is None or bool(record.reconciled.all()))
+    total = float(np.nansum(record.sq_norm))
+    return float(record.sum_sq_norm.sum()) / total if usable and total > 0 else math.nan
+
+
+class StepReducer:
+    """Turns the trackers' per-step results into a :class:`~gradcoh.logger.store.HostRecord`.
+
+    Args:
+        trackers: The layer trackers.
+        config: The logger configuration.
+        world_size: Number of processes (group sums are all-reduced when > 1).
+    """
+
+    def __init__(self, trackers: list[LayerTracker], config: LoggerConfig, world_size: int) -> None:
+        self.trackers = trackers
+        self.config = config
+        self.world_size = world_size
+
+    def reduce(self, step: int, state: StepState, **meta: Any) -> HostRecord | None:
+        """The host record of one step (None when the block saw no backward pass).
+
+        Args:
+            step: The step.
+            state: What the record block accumulated.
+            **meta: ``index``, ``labels``, ``group``, ``true_labels`` as given to ``record``.
+
+        Raises:
+            ValueError: Bad metadata.
+            RuntimeError: The reconciliation guard failed with ``on_mismatch="raise"``.
+        """
+        sizes = state.sizes[: state.micro]
+        if not sizes:
+            log.warning("record(%s) saw no backward pass; nothing was logged for this step", step)
+            return None
+        n = sum(sizes)
+        groups = self.config.group_names
+        metadata = step_metadata(n, groups, **meta)
+        host = to_host(self._device_tensors(state, sizes, len(groups)))
+        loss = host.get("loss", np.full(n, np.nan, dtype=np.float32))
+        if loss.shape[0] != n:
+            raise ValueError(f"rec.loss() received {loss.shape[0]} values for {n} examples")
+        self._guard(step, host["reconciled"])
+        return HostRecord(
+            step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
+            group_gram=host["group_gram"], index=metadata["index"], label=metadata["label"],
+            true_label=metadata["true_label"], group=metadata["group"], loss=loss, finite=host["finite"],
+            reconciled=host["reconciled"], sketch=host.get("sketch"),
+        )
+
+    def _device_tensors(self, state: StepState, sizes: list[int], n_groups: int) -> dict[str, torch.Tensor]:
+        sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
+        sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
+        grams = self._grams(n_groups)  # [L, G, G] float64
+        finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
+        reconciled = torch.stack([t.reconciled() for t in self.trackers]) | ~finite
+        out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
+               "reconciled": reconciled}
+        if state.losses:
+            out["loss"] = torch.cat(state.losses)
+        if self.config.sketch_dim:
+            dtype = torch.float16 if self.config.sketch_dtype == "float16" else torch.float32
+            out["sketch"] = torch.stack(sketches, 1).to(dtype)  # [n, L, k]
+        return out
+
+    def _grams(self, n_groups: int) -> torch.Tensor:
+        """Per-layer group Gram matrices ``[L, G, G]`` in float64; ``‖Σ_i g_i‖²`` is the sum of their entries."""
+        if self.world_size == 1:
+            return torch.stack([t.gram(n_groups) for t in self.trackers])
+        return global_grams([t.group_sum_matrix(n_groups) for t in self.trackers])
+
+    def _guard(self, step: int, ok: np.ndarray) -> None:
+        """The reconciliation guard: raise (``on_mismatch="raise"``) or keep the flags (``"flag"``)."""
+        bad = [t.name for t, good in zip(self.trackers, ok, strict=True) if not good]
+        if not bad:
+            return
+        if self.config.on_mismatch == "flag":
+            log.warning("step %s: per-example gradients of %s do not sum to the batch gradient; flagged", step,
+                        ", ".join(bad))
+            return
+        raise RuntimeError(
+            f"step {step}: the per-example gradients of layer(s) {', '.join(repr(b) for b in bad)} do not sum to the "
+            "batch gradient their parameters received. Likely causes: a parameter used outside the modules gradcoh "
+            "sees in a way it cannot split by example (a penalty on the weights inside the loss: apply it in the "
+            "optimizer, e.g. weight_decay), or gradients changed between the backward pass and the end of the "
+            "record block. Run gradcoh.logger.validate(model, ...) to see which layers are exact, exclude the layer "
+            "with layers=..., or pass on_mismatch='flag' to store the step with the layer flagged"
+        )
