@@ -28,6 +28,17 @@ def int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
+_CHOICES: dict[str, tuple] = {
+    "loss_reduction": ("mean", "sum"), "sketch_dtype": schema.SKETCH_DTYPES, "on_full": ("block", "drop"),
+    "mode": ("create", "append", "overwrite"), "on_error": ("raise", "warn"), "on_mismatch": ("raise", "flag"),
+}
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A name or a sequence of names as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @dataclass(frozen=True)
 class LoggerConfig:
     """Everything that shapes what :class:`~gradcoh.logger.GradientLogger` writes.
@@ -76,22 +87,15 @@ class LoggerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        int_at_least("every", self.every, 1)
-        int_at_least("sketch_dim", self.sketch_dim, 0)
-        int_at_least("seed", self.seed, 0)
-        int_at_least("queue_size", self.queue_size, 1)
-        _choice("loss_reduction", self.loss_reduction, ("mean", "sum"))
-        _choice("sketch_dtype", self.sketch_dtype, schema.SKETCH_DTYPES)
-        _choice("on_full", self.on_full, ("block", "drop"))
-        _choice("mode", self.mode, ("create", "append", "overwrite"))
-        _choice("on_error", self.on_error, ("raise", "warn"))
-        _choice("on_mismatch", self.on_mismatch, ("raise", "flag"))
-        groups = (self.groups,) if isinstance(self.groups, str) else tuple(self.groups)
+        for name, low in (("every", 1), ("sketch_dim", 0), ("seed", 0), ("queue_size", 1)):
+            int_at_least(name, getattr(self, name), low)
+        for name, allowed in _CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
+        groups = _names(self.groups)
         if len(set(groups)) != len(groups) or not all(isinstance(g, str) and g for g in groups):
             raise ValueError(f"groups must be distinct non-empty names, got {self.groups!r}")
         object.__setattr__(self, "groups", groups)
-        layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "layers", _names(self.layers))
         if self.flush_secs <= 0:
             raise ValueError(f"flush_secs must be positive, got {self.flush_secs!r}")
 

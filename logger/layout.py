@@ -12,7 +12,7 @@ alone is silently wrong when, say, the sequence length equals the batch size).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,6 +274,241 @@ def _matmul(inputs: list[tuple[int, torch.Tensor, Layout]], out: torch.Tensor, o
     return result if result is not None else Unknown(op)
 
 
+@dataclass(frozen=True)
+class _Op:
+    """One op call seen by :func:`propagate` (its batch-carrying inputs are ``data``)."""
+
+    name: str
+    args: Sequence
+    kwargs: dict
+    out: torch.Tensor
+    data: list[tuple[int, torch.Tensor, tuple[int, int]]]
+    n: int
+
+    @property
+    def pairs(self) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+        return [(t, lay) for _, t, lay in self.data]
+
+    @property
+    def t(self) -> torch.Tensor:
+        return self.data[0][1]
+
+    @property
+    def lay(self) -> tuple[int, int]:
+        return self.data[0][2]
+
+    @property
+    def axis(self) -> int:
+        return self.data[0][2][0]
+
+    @property
+    def nd(self) -> int:
+        return self.data[0][1].dim()
+
+    @property
+    def unary(self) -> bool:
+        """A single batch-carrying input, the op's first argument."""
+        return len(self.data) == 1 and self.data[0][0] == 0
+
+    def arg(self, pos: int, name: str, default: Any = None) -> Any:
+        return _arg(self.args, self.kwargs, pos, name, default)
+
+    def unknown(self) -> Unknown:
+        return Unknown(self.name)
+
+    def keep(self, axis: int | None = None) -> tuple[int, int]:
+        return (self.axis if axis is None else axis, self.lay[1])
+
+
+def _elementwise(op: _Op) -> Layout:
+    return _broadcast(op.pairs, op.out, 0, op.name)
+
+
+def _trailing(op: _Op) -> Layout:
+    k = _TRAILING[op.name]
+    if k == -1:  # the normalised trailing shape is the op's second argument
+        shape = op.arg(1, "normalized_shape")
+        k = 1 if isinstance(shape, int) else len(shape)
+    return _broadcast(op.pairs, op.out, k, op.name)
+
+
+def _lookup(op: _Op) -> Layout:
+    """``embedding``/``one_hot``: a trailing axis appended to the indices."""
+    return op.lay if op.unary else op.unknown()
+
+
+def _mha(op: _Op) -> Layout:
+    """``(query [L, B, E], ...) -> (output [L, B, E], weights [B, L, S])``; batch-first modules transpose around it."""
+    if op.data[0][0] != 0 or op.axis != 1 or op.nd != 3 or op.out.dim() != 3:
+        return op.unknown()
+    if op.out.shape[:2] == op.t.shape[:2]:
+        return op.lay
+    return op.keep(0) if op.out.shape[0] == op.t.shape[1] else op.unknown()
+
+
+def _batch_first_op(op: _Op) -> Layout:
+    ok = op.axis == 0 and len(op.data) == 1 and op.out.dim() and op.out.shape[0] == op.t.shape[0]
+    return op.keep(0) if ok else op.unknown()
+
+
+def _matmul_op(op: _Op) -> Layout:
+    data = op.data
+    if op.name == "__rmatmul__":
+        data = [(1 - p, t, lay) for p, t, lay in data]
+    if op.name not in ("baddbmm", "addmm"):
+        return _matmul(data, op.out, op.name)
+    # (input, a, b): shift the matrix operands' positions; the added input broadcasts
+    operands = [(p - 1, t, lay) for p, t, lay in data if p in (1, 2)]
+    added = [(t, lay) for p, t, lay in data if p not in (1, 2)]
+    mm = _matmul(operands, op.out, op.name)
+    return mm if not added or _broadcast(added, op.out, 0, op.name) == mm else op.unknown()
+
+
+def _unary(handler: Callable[[_Op], Layout]) -> Callable[[_Op], Layout]:
+    """Handlers of ops whose first argument is the only batch-carrying input."""
+
+    def checked(op: _Op) -> Layout:
+        return handler(op) if op.unary else op.unknown()
+
+    return checked
+
+
+@_unary
+def _reshape(op: _Op) -> Layout:
+    return _view(op.t, op.lay, op.out, op.n, op.name)
+
+
+@_unary
+def _permute(op: _Op) -> Layout:
+    return op.keep(_permutation(op.name, op.args, op.kwargs, op.nd).index(op.axis))
+
+
+@_unary
+def _unsqueeze(op: _Op) -> Layout:
+    d = _norm(int(op.arg(1, "dim")), op.nd + 1)
+    return op.keep(op.axis + (d <= op.axis))
+
+
+@_unary
+def _squeeze(op: _Op) -> Layout:
+    dims = _dims(op.arg(1, "dim"), op.nd)
+    dims = tuple(d for d in (range(op.nd) if dims is None else dims) if op.t.shape[d] == 1)
+    return op.unknown() if op.axis in dims else op.keep(op.axis - sum(d < op.axis for d in dims))
+
+
+@_unary
+def _expand(op: _Op) -> Layout:
+    if op.name in ("repeat", "tile"):
+        reps = op.args[1:] if len(op.args) > 1 else (op.kwargs.get("repeats") or op.kwargs.get("dims"))
+        reps = reps[0] if len(reps) == 1 and not isinstance(reps[0], int) else reps
+        lead = len(reps) - op.nd
+        if lead < 0 or reps[op.axis + lead] != 1:
+            return op.unknown()
+    return _broadcast(op.pairs, op.out, 0, op.name)
+
+
+@_unary
+def _index(op: _Op) -> Layout:
+    return _getitem(op.t, op.lay, op.args[1], op.out, op.name)
+
+
+@_unary
+def _reduce(op: _Op) -> Layout:
+    if len(op.args) > 1 and torch.is_tensor(op.args[1]):  # max(a, b), min(a, b): elementwise
+        return _broadcast(op.pairs, op.out, 0, op.name) if op.name in ("max", "min") else op.unknown()
+    dims = _dims(op.arg(1, "dim"), op.nd)
+    if dims is None or op.axis in dims:
+        return op.unknown()
+    keep = bool(op.arg(2, "keepdim", False))
+    return op.keep(op.axis if keep else op.axis - sum(d < op.axis for d in dims))
+
+
+@_unary
+def _along_dim(op: _Op) -> Layout:
+    if op.name == "flip":
+        dims = _dims(op.arg(1, "dims"), op.nd)
+        return op.unknown() if dims is None or op.axis in dims else op.keep()
+    default = -1 if op.name in ("sort", "argsort", "topk") else None
+    dim = op.arg(2, "dim", -1) if op.name == "topk" else op.arg(1, "dim", default)
+    if dim is None or _norm(int(dim), op.nd) == op.axis:
+        return op.unknown()
+    return op.keep() if op.out.dim() == op.nd and op.out.shape[op.axis] == op.t.shape[op.axis] else op.unknown()
+
+
+@_unary
+def _roll(op: _Op) -> Layout:
+    dims = _dims(op.arg(2, "dims"), op.nd)
+    return op.unknown() if dims is None or op.axis in dims else op.keep()
+
+
+@_unary
+def _pad(op: _Op) -> Layout:
+    return op.unknown() if op.axis >= op.nd - len(op.arg(1, "pad")) // 2 else op.keep()
+
+
+@_unary
+def _select(op: _Op) -> Layout:
+    d = _norm(int(op.arg(1, "dim")), op.nd)
+    return op.unknown() if d == op.axis else op.keep(op.axis - (d < op.axis))
+
+
+@_unary
+def _split(op: _Op) -> Layout:
+    d = _norm(int(op.arg(1 if op.name == "unbind" else 2, "dim", 0)), op.nd)
+    if d == op.axis:
+        return op.unknown()
+    return op.keep(op.axis - (d < op.axis)) if op.name == "unbind" else op.keep()
+
+
+def _loss(op: _Op) -> Layout:
+    if op.arg(99, "reduction", "mean") != "none" or any(a != 0 for _, _, (a, _) in op.data):
+        return op.unknown()
+    return op.keep(0) if op.out.dim() and op.out.shape[0] == op.t.shape[0] else op.unknown()
+
+
+def _gather(op: _Op) -> Layout:
+    """``gather(input, dim, index)`` with constant input and a batch-carrying index."""
+    if len(op.data) != 1 or op.data[0][0] not in (-1, 2):
+        return op.unknown()
+    d = _norm(int(op.arg(1, "dim")), op.nd)
+    return op.unknown() if d == op.axis or op.out.dim() != op.nd else op.lay
+
+
+def _concat(op: _Op) -> Layout:
+    tensors = op.args[0] if op.args else op.kwargs["tensors"]
+    d = int(op.arg(1, "dim", 0))
+    ref = tensors[0].dim()
+    if op.name == "stack":
+        lays = {(a + (_norm(d, ref + 1) <= a), r) for _, _, (a, r) in op.data}
+    else:
+        if any(a == _norm(d, ref) for _, _, (a, _) in op.data):
+            return op.unknown()  # concatenated along the batch axis
+        lays = {lay for _, _, lay in op.data}
+    return lays.pop() if len(lays) == 1 else op.unknown()
+
+
+def _handlers() -> dict[str, Callable[[_Op], Layout]]:
+    table: dict[str, Callable[[_Op], Layout]] = {}
+    groups: list[tuple[Iterable[str], Callable[[_Op], Layout]]] = [
+        (_ELEMENTWISE, _elementwise), (_TRAILING, _trailing), (("embedding", "one_hot"), _lookup),
+        (("multi_head_attention_forward",), _mha), (_BATCH_FIRST, _batch_first_op),
+        (("matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm"), _matmul_op),
+        (_VIEWS, _reshape), (_PERMUTATIONS, _permute), (("unsqueeze",), _unsqueeze), (("squeeze",), _squeeze),
+        (("expand", "expand_as", "broadcast_to", "repeat", "tile"), _expand), (("__getitem__",), _index),
+        (_REDUCTIONS, _reduce), (_ALONG_DIM, _along_dim), (("roll",), _roll), (("pad",), _pad),
+        (("select",), _select), (_SPLITS, _split), (_LOSSES, _loss), (("gather",), _gather),
+        (("cat", "concat", "concatenate", "stack", "hstack", "vstack"), _concat),
+    ]
+    for names, handler in groups:
+        for name in names:
+            table[name] = handler
+    return table
+
+
+_PERMUTATIONS = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", "T", "numpy_T", "mT", "movedim",
+                           "moveaxis"})
+
+
 def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
               data: list[tuple[int, torch.Tensor, Layout]], n: int) -> Layout:
     """Layout of ``out``, the tensor output of op ``name`` whose batch-carrying inputs are ``data``.
@@ -290,115 +525,11 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
     Returns:
         The output's layout, or :class:`Unknown` naming the op.
     """
-    pairs = [(t, lay) for _, t, lay in data]
-    if any(isinstance(lay, Unknown) for lay in (x[1] for x in pairs)):
-        return next(lay for _, lay in pairs if isinstance(lay, Unknown))
-    first_pos, t, lay = data[0]
-    axis, r = lay
-    nd = t.dim()
-    if name in _ELEMENTWISE:
-        return _broadcast(pairs, out, 0, name)
-    if name in _TRAILING:
-        k = _TRAILING[name]
-        if k == -1:  # the normalised trailing shape is the op's second argument
-            shape = _arg(args, kwargs, 1, "normalized_shape")
-            k = 1 if isinstance(shape, int) else len(shape)
-        if name in ("embedding", "one_hot"):  # appends a trailing axis to the indices
-            return lay if first_pos == 0 and len(pairs) == 1 else Unknown(name)
-        return _broadcast(pairs, out, k, name)
-    if name == "multi_head_attention_forward" and first_pos == 0:
-        # (query [L, B, E], ...) -> (output [L, B, E], weights [B, L, S]); batch_first modules transpose around it
-        if axis != 1 or nd != 3:
-            return Unknown(name)
-        if out.dim() == 3 and out.shape[:2] == t.shape[:2]:
-            return lay
-        return (0, r) if out.dim() == 3 and out.shape[0] == t.shape[1] else Unknown(name)
-    if name in _BATCH_FIRST:
-        return (0, r) if axis == 0 and len(pairs) == 1 and out.dim() and out.shape[0] == t.shape[0] else Unknown(name)
-    if name in ("matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm"):
-        if name == "__rmatmul__":
-            data = [(1 - p, tt, ll) for p, tt, ll in data]
-        if name in ("baddbmm", "addmm"):  # (input, a, b): shift the matrix operands' positions
-            data = [(p - 1, tt, ll) for p, tt, ll in data if p in (1, 2)] + \
-                   [(-1, tt, ll) for p, tt, ll in data if p not in (1, 2)]
-            broadcast = [(tt, ll) for p, tt, ll in data if p == -1]
-            mm = _matmul([x for x in data if x[0] != -1], out, name)
-            return mm if not broadcast or _broadcast(broadcast, out, 0, name) == mm else Unknown(name)
-        return _matmul(data, out, name)
-    if len(pairs) == 1 and first_pos == 0:
-        if name in _VIEWS:
-            return _view(t, lay, out, n, name)
-        perm = _permutation(name, args, kwargs, nd)
-        if perm is not None:
-            return (perm.index(axis), r)
-        if name in ("unsqueeze",):
-            d = _norm(int(_arg(args, kwargs, 1, "dim")), nd + 1)
-            return (axis + (d <= axis), r)
-        if name in ("squeeze",):
-            dims = _dims(_arg(args, kwargs, 1, "dim"), nd)
-            dims = tuple(i for i in range(nd) if t.shape[i] == 1) if dims is None else dims
-            dims = tuple(d for d in dims if t.shape[d] == 1)
-            return Unknown(name) if axis in dims else (axis - sum(d < axis for d in dims), r)
-        if name in ("expand", "expand_as", "broadcast_to", "repeat", "tile"):
-            if name in ("repeat", "tile"):
-                reps = args[1:] if len(args) > 1 else (kwargs.get("repeats") or kwargs.get("dims"))
-                reps = reps[0] if len(reps) == 1 and not isinstance(reps[0], int) else reps
-                lead = len(reps) - nd
-                if lead < 0 or reps[axis + lead] != 1:
-                    return Unknown(name)
-            return _broadcast(pairs, out, 0, name)
-        if name == "__getitem__":
-            return _getitem(t, lay, args[1], out, name)
-        if name in ("max", "min") and len(args) > 1 and torch.is_tensor(args[1]):
-            return _broadcast(pairs, out, 0, name)
-        if name in _REDUCTIONS:
-            dims = _dims(_arg(args, kwargs, 1, "dim"), nd)
-            if dims is None or axis in dims or (len(args) > 1 and torch.is_tensor(args[1])):
-                return Unknown(name)
-            keep = bool(_arg(args, kwargs, 2, "keepdim", False))
-            return (axis if keep else axis - sum(d < axis for d in dims), r)
-        if name in _ALONG_DIM:
-            dim = _arg(args, kwargs, 1, "dim", -1 if name in ("sort", "argsort", "topk") else None)
-            if name == "topk":
-                dim = _arg(args, kwargs, 2, "dim", -1)
-            if name == "flip":
-                dims = _dims(_arg(args, kwargs, 1, "dims"), nd)
-                return Unknown(name) if dims is None or axis in dims else (axis, r)
-            if dim is None or _norm(int(dim), nd) == axis:
-                return Unknown(name)
-            return (axis, r) if out.dim() == nd and out.shape[axis] == t.shape[axis] else Unknown(name)
-        if name == "roll":
-            dims = _dims(_arg(args, kwargs, 2, "dims"), nd)
-            return Unknown(name) if dims is None or axis in dims else (axis, r)
-        if name == "pad":
-            pad = _arg(args, kwargs, 1, "pad")
-            return Unknown(name) if axis >= nd - len(pad) // 2 else (axis, r)
-        if name in ("select",):
-            d = _norm(int(_arg(args, kwargs, 1, "dim")), nd)
-            return Unknown(name) if d == axis else (axis - (d < axis), r)
-        if name in _SPLITS:
-            default = 0
-            d = _norm(int(_arg(args, kwargs, 2 if name != "unbind" else 1, "dim", default)), nd)
-            if d == axis:
-                return Unknown(name)
-            return (axis - (d < axis), r) if name == "unbind" else (axis, r)
-    if name in _LOSSES:
-        if _arg(args, kwargs, 99, "reduction", "mean") != "none" or any(a != 0 for _, _, (a, _) in data):
-            return Unknown(name)
-        return (0, r) if out.dim() and out.shape[0] == t.shape[0] else Unknown(name)
-    if name == "gather" and len(pairs) == 1 and first_pos in (-1, 2):  # constant input, data index
-        d = _norm(int(_arg(args, kwargs, 1, "dim")), nd)
-        return Unknown(name) if d == axis or out.dim() != nd else lay
-    if name in ("cat", "concat", "concatenate", "stack", "hstack", "vstack"):
-        tensors = args[0] if args else kwargs["tensors"]
-        d = int(_arg(args, kwargs, 1, "dim", 0))
-        ref = tensors[0].dim()
-        if name == "stack":
-            out_lays = {(a + (_norm(d, ref + 1) <= a), rr) for _, _, (a, rr) in data}
-        else:
-            dd = _norm(d, ref)
-            out_lays = {(a, rr) for _, _, (a, rr) in data if a != dd}
-            if len(out_lays) != len(data) and len(data) > 0 and any(a == dd for _, _, (a, _) in data):
-                return Unknown(name)
-        return out_lays.pop() if len(out_lays) == 1 else Unknown(name)
-    return Unknown(name)
+    unknown = next((lay for _, _, lay in data if isinstance(lay, Unknown)), None)
+    if unknown is not None:
+        return unknown
+    handler = _HANDLERS.get(name)
+    return Unknown(name) if handler is None else handler(_Op(name, args, kwargs, out, data, n))
+
+
+_HANDLERS = _handlers()

@@ -76,18 +76,34 @@ def plan_layers(model: nn.Module, rules: LayerRules, select: tuple[str, ...] = (
         ValueError: A module without a rule when ``fallback`` is False; a module whose batch is not on dimension 0.
     """
     order = {id(p): (i, name) for i, (name, p) in enumerate(model.named_parameters())}
-    units: list[tuple[str, nn.Module, Rule | None, list[nn.Parameter]]] = []
+    layers = _merge(_units(model, rules, fallback))
+    for plan in layers:
+        plan.params.sort(key=lambda p: order[id(p)][0])
+        plan.param_names = [order[id(p)][1] for p in plan.params]
+    out = [plan for plan in layers if not select or any(
+        _selected(name, t, select) for name, t in zip([s.name for s in plan.sources] + plan.loose, plan.types,
+                                                        strict=True))]
+    out.sort(key=lambda plan: order[id(plan.params[0])][0])
+    if not out:
+        raise ValueError("the model has no trainable parameters to log (or layers=... selected none)")
+    return out
+
+
+_Unit = tuple[str, nn.Module, Rule | None, list[nn.Parameter]]
+
+
+def _units(model: nn.Module, rules: LayerRules, fallback: bool) -> list[_Unit]:
+    """Every module with trainable parameters it is responsible for: its own, or its subtree's for subtree rules."""
+    units: list[_Unit] = []
     covered: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in covered):
             continue
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         rule = rules.lookup(module)
-        if rule is not None and rules.owns_subtree(module):
+        subtree = rule is not None and rules.owns_subtree(module)
+        if subtree:
             covered.append(f"{name}." if name else "")
-            params = [p for p in module.parameters() if p.requires_grad]
-        else:
-            params = own
+        params = [p for p in module.parameters(recurse=subtree) if p.requires_grad]
         if not params:
             continue
         qualified = name or "root"
@@ -98,7 +114,11 @@ def plan_layers(model: nn.Module, rules: LayerRules, select: tuple[str, ...] = (
             )
         check_module(qualified, module)
         units.append((qualified, module, rule, params))
-    # Units sharing a parameter form one layer (union-find on parameter ids).
+    return units
+
+
+def _merge(units: list[_Unit]) -> list[LayerPlan]:
+    """Units sharing a parameter form one layer (union-find on parameter ids), named after the first."""
     parent = list(range(len(units)))
 
     def find(i: int) -> int:
@@ -110,8 +130,7 @@ def plan_layers(model: nn.Module, rules: LayerRules, select: tuple[str, ...] = (
     first_unit: dict[int, int] = {}
     for i, (_, _, _, params) in enumerate(units):
         for p in params:
-            j = first_unit.setdefault(id(p), i)
-            parent[find(i)] = find(j)
+            parent[find(i)] = find(first_unit.setdefault(id(p), i))
     layers: dict[int, LayerPlan] = {}
     for i, (name, module, rule, params) in enumerate(units):
         plan = layers.setdefault(find(i), LayerPlan(name))
@@ -122,18 +141,7 @@ def plan_layers(model: nn.Module, rules: LayerRules, select: tuple[str, ...] = (
         plan.types.append(type(module).__name__)
         known = {id(p) for p in plan.params}
         plan.params += [p for p in params if id(p) not in known]
-    out = []
-    for plan in layers.values():
-        plan.params.sort(key=lambda p: order[id(p)][0])
-        plan.param_names = [order[id(p)][1] for p in plan.params]
-        names = [s.name for s in plan.sources] + plan.loose
-        if select and not any(_selected(nm, t, select) for nm, t in zip(names, plan.types, strict=True)):
-            continue
-        out.append(plan)
-    out.sort(key=lambda plan: order[id(plan.params[0])][0])
-    if not out:
-        raise ValueError("the model has no trainable parameters to log (or layers=... selected none)")
-    return out
+    return list(layers.values())
 
 
 def _selected(name: str, type_name: str, patterns: tuple[str, ...]) -> bool:

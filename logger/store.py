@@ -456,6 +456,19 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
         StoreError: ``path`` is not a gradcoh store.
     """
     text = str(path)
+    root = _open_for_repair(text, dry_run, storage_options)
+    actions: list[str] = []
+    for name, group in list(root.groups()):
+        actions += _repair_stream(root, name, group, dry_run)
+    for partial in find_partial_files(text):
+        actions.append(f"delete orphaned temporary file {partial}")
+        if not dry_run:
+            partial.unlink(missing_ok=True)
+    corrupted = scan_chunks(root) if check else []
+    return {"actions": actions, "corrupted": corrupted}
+
+
+def _open_for_repair(text: str, dry_run: bool, storage_options: dict | None) -> zarr.Group:
     local = _local_root(text)
     if local is not None and not local.exists():
         raise StoreError(f"no such store: {text}")
@@ -471,26 +484,22 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
     if not isinstance(version, int) or not schema.OLDEST_READABLE_FORMAT <= version <= schema.FORMAT_VERSION:
         raise StoreError(f"{text}: format version {version!r}; this gradcoh repairs formats "
                          f"{schema.OLDEST_READABLE_FORMAT}..{schema.FORMAT_VERSION}")
-    actions: list[str] = []
-    for name, group in list(root.groups()):
-        committed = group.attrs.get(schema.COMMITTED_KEY)
-        half_created = committed == 0 and schema.COORDINATES_KEY not in group.attrs
-        if not isinstance(committed, int) or committed < 0 or half_created:
-            actions.append(f"delete stream '{name}': created by a writer that died before committing anything")
-            if not dry_run:
-                del root[name]
-            continue
-        for var in schema.VARIABLES:
-            if var not in group:
-                continue
-            arr = group[var]
-            if arr.shape[0] != committed:
-                actions.append(f"trim {name}/{var} from {arr.shape[0]} to {committed} steps")
-                if not dry_run:
-                    arr.resize((committed, *arr.shape[1:]))
-    for partial in find_partial_files(text):
-        actions.append(f"delete orphaned temporary file {partial}")
+    return root
+
+
+def _repair_stream(root: zarr.Group, name: str, group: zarr.Group, dry_run: bool) -> list[str]:
+    """Trim one stream to its committed steps, or delete it when it was never committed."""
+    committed = group.attrs.get(schema.COMMITTED_KEY)
+    half_created = committed == 0 and schema.COORDINATES_KEY not in group.attrs
+    if not isinstance(committed, int) or committed < 0 or half_created:
         if not dry_run:
-            partial.unlink(missing_ok=True)
-    corrupted = scan_chunks(root) if check else []
-    return {"actions": actions, "corrupted": corrupted}
+            del root[name]
+        return [f"delete stream '{name}': created by a writer that died before committing anything"]
+    actions = []
+    for var in (v for v in schema.VARIABLES if v in group):
+        arr = group[var]
+        if arr.shape[0] != committed:
+            actions.append(f"trim {name}/{var} from {arr.shape[0]} to {committed} steps")
+            if not dry_run:
+                arr.resize((committed, *arr.shape[1:]))
+    return actions

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
@@ -289,90 +290,104 @@ class LayerTracker:
         uses, self._uses = [u for u in self._uses if u.grads is not None], []
         if not calls and not uses:
             return
-        for c in calls:
-            for tensor, version in c.versions:
-                if tensor._version != version:
-                    raise RuntimeError(
-                        f"an input of layer '{self.name}' was modified in place after its forward; "
-                        "per-example gradients need the original input (avoid the in-place op on it)"
-                    )
+        self._check_unmodified(calls)
         state = self._state
         self._busy = True
         state.uses.paused += 1
         try:
             per_param: list[list[ParamGrad]] = [[] for _ in self.params]
-            by_source: dict[int, list] = {}
-            for c in calls:
-                by_source.setdefault(id(c.source), []).append(c)
-            for j, source in enumerate(self.plan.sources):
-                group = by_source.get(id(source))
-                if not group:
-                    continue
-                if any(_is_half(x) for c in group for x in pytree.tree_leaves((c.args, c.kwargs, c.grads))):
-                    self.low_precision = True
-                grads = [fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r) for c in group]
-                grad = combine(grads)
-                for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True):
-                    if form is not None:
-                        per_param[self.index[id(p)]].append(form)
-            for use in uses:
-                if use.results is None:
-                    use.results = use_gradients(use, state.uses, state.n)
-                if _is_half(use.grads):
-                    self.low_precision = True
-                for p, form in use.results:
-                    if id(p) in self.index:
-                        per_param[self.index[id(p)]].append(_upcast(form))
+            for p, form in self._from_rules(calls) + self._from_uses(uses):
+                per_param[self.index[id(p)]].append(form)
             self._reduce(per_param)
         finally:
             self._busy = False
             state.uses.paused -= 1
 
+    def _check_unmodified(self, calls: list[_Call]) -> None:
+        for c in calls:
+            if any(tensor._version != version for tensor, version in c.versions):
+                raise RuntimeError(
+                    f"an input of layer '{self.name}' was modified in place after its forward; "
+                    "per-example gradients need the original input (avoid the in-place op on it)"
+                )
+
+    def _from_rules(self, calls: list[_Call]) -> list[tuple[nn.Parameter, ParamGrad]]:
+        """Per-parameter forms from the module rules, one combined gradient per module (over its calls)."""
+        out = []
+        for j, source in enumerate(self.plan.sources):
+            group = [c for c in calls if c.source is source]
+            if not group:
+                continue
+            if any(_is_half(x) for c in group for x in pytree.tree_leaves((c.args, c.kwargs, c.grads))):
+                self.low_precision = True
+            grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
+                            for c in group])
+            out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
+                    if form is not None]
+        return out
+
+    def _from_uses(self, uses: list[Use]) -> list[tuple[nn.Parameter, ParamGrad]]:
+        """Per-parameter forms of this layer from direct uses of its parameters (computed once per use)."""
+        state = self._state
+        out = []
+        for use in uses:
+            if use.results is None:
+                try:
+                    use.results = use_gradients(use, state.uses, state.n)
+                except RuntimeError as err:
+                    raise RuntimeError(f"layer '{self.name}': {err}") from err
+            self.low_precision |= _is_half(use.grads)
+            out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]
+        return out
+
     def _reduce(self, per_param: list[list[ParamGrad]]) -> None:
         state = self._state
         scale = state.scale()
         n = state.n
-        dtype = torch.float32
-        sq = torch.zeros(n, dtype=dtype, device=self.params[0].device)
-        checks = torch.zeros(n, GUARD_PROBES, dtype=dtype, device=sq.device)
-        sketch = None
-        weights = state.weights(dtype)
+        device = self.params[0].device
+        sq = torch.zeros(n, device=device)
+        checks = torch.zeros(n, GUARD_PROBES, device=device)
+        sketch = torch.zeros(n, self.projectors[0].dim, device=device) if self.projectors is not None else None
+        weights = state.weights(torch.float32)
         sums = []
         for i, forms in enumerate(per_param):
             forms = [choose_route(f, None if self.projectors is None else self.projectors[i]) for f in forms]
-            for f in forms:
-                if f.n != n:
-                    raise ValueError(
-                        f"layer '{self.name}' saw {f.n} rows but the micro-batch has {n} examples; per-example "
-                        "gradients need the batch on dimension 0 of every tracked layer's input"
-                    )
-            for a, fa in enumerate(forms):
-                sq = sq + fa.sq_norms().to(dtype)
-                for fb in forms[a + 1 :]:
-                    sq = sq + 2 * inner(fa, fb).to(dtype)
-                left, right = self.tests[i]
-                checks = checks + probe(fa, left, right).to(dtype)
-                if self.projectors is not None:
-                    s = fa.sketch(self.projectors[i])
-                    sketch = s if sketch is None else sketch + s
+            sq_i, checks_i, sketch_i = self._reduce_param(i, forms, n)
+            sq, checks = sq + sq_i, checks + checks_i
+            if sketch is not None:
+                sketch = sketch + sketch_i
             if weights is not None:
-                rows, cols = natural_view(self.shapes[i])
-                total = None
-                for f in forms:
-                    g = f.group_sums(weights)
-                    total = g if total is None else total + g
-                if total is None:
-                    total = torch.zeros(weights.shape[1], rows, cols, dtype=dtype, device=sq.device)
-                sums.append(total.reshape(weights.shape[1], -1))
+                sums.append(self._group_sums(i, forms, weights))
         self.sq[state.micro] = sq * scale**2
         self.checks[state.micro] = checks * scale
-        if self.projectors is not None:
-            if sketch is None:
-                sketch = torch.zeros(n, self.projectors[0].dim, device=sq.device)
+        if sketch is not None:
             self.sketch[state.micro] = sketch * scale
         if weights is not None:
             block = torch.cat(sums, 1).to(state.acc_dtype) * scale
             self.group_sums = block if self.group_sums is None else self.group_sums + block
+
+    def _reduce_param(self, i: int, forms: list[ParamGrad], n: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One parameter's ``[n]`` squared norms (with the cross terms between its forms), guard probes, sketch."""
+        sq, checks, sketch = 0, 0, 0
+        left, right = self.tests[i]
+        for a, fa in enumerate(forms):
+            if fa.n != n:
+                raise ValueError(
+                    f"layer '{self.name}' saw {fa.n} rows but the micro-batch has {n} examples; per-example "
+                    "gradients need the batch on dimension 0 of every tracked layer's input"
+                )
+            sq = sq + fa.sq_norms().float() + sum(2 * inner(fa, fb).float() for fb in forms[a + 1 :])
+            checks = checks + probe(fa, left, right).float()
+            if self.projectors is not None:
+                sketch = sketch + fa.sketch(self.projectors[i])
+        return sq, checks, sketch
+
+    def _group_sums(self, i: int, forms: list[ParamGrad], weights: torch.Tensor) -> torch.Tensor:
+        """``[G-1, numel]`` weighted sums of one parameter's per-example gradients."""
+        total = torch.zeros(weights.shape[1], *natural_view(self.shapes[i]), device=weights.device)
+        for f in forms:
+            total = total + f.group_sums(weights)
+        return total.reshape(weights.shape[1], -1)
 
     def discard(self, micro: int) -> None:
         """Forget what a backward pass that reached no parameter produced for micro-batch ``micro``."""

@@ -119,6 +119,15 @@ def _leaves(args: tuple, kwargs: dict) -> list[tuple[int, Any]]:
     return out
 
 
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensor outputs of an op."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, list | tuple):
+        return [o for o in out if isinstance(o, torch.Tensor)]
+    return []
+
+
 def _name(func: Callable) -> str:
     name = getattr(func, "__name__", str(func))
     if name == "__get__":  # properties such as .T / .mT
@@ -206,20 +215,9 @@ class UseTracker(TorchFunctionMode):
         return out
 
     def _observe(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
-        if isinstance(out, torch.Tensor):
-            outs = [out]
-        elif isinstance(out, list | tuple):
-            outs = [o for o in out if isinstance(o, torch.Tensor)]
-        else:
-            outs = []
+        outs = _tensors(out)
         if not data:  # parameters and constants only: a derived tensor
-            if any(o.requires_grad for o in outs):
-                flat, spec = pytree.tree_flatten((args, kwargs))
-                parents = {i: self.source(x) for i, x in enumerate(flat)
-                           if isinstance(x, torch.Tensor) and self.is_derived(x)}
-                for i, o in enumerate(outs):
-                    if o.requires_grad:
-                        self.derived[o] = Node(func, flat, spec, parents, i)
+            self._derive(func, args, kwargs, outs)
             return
         name = _name(func)
         if name in CONSTANT:
@@ -230,17 +228,24 @@ class UseTracker(TorchFunctionMode):
         lays = [propagate(name, args, kwargs, o, data, self.n) for o in outs]
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
-        if not diff or not outs:
-            return
         if self.owned:
             diff = [(pos, t) for pos, t in diff if id(t) not in self.owned[-1]]  # covered by the module's rule
-            if not diff:
-                return
-        o, lay = outs[0], lays[0]
-        if len(outs) != 1 or not o.requires_grad or isinstance(lay, Unknown):
+        if not diff or not outs:
+            return
+        if len(outs) != 1 or not outs[0].requires_grad or isinstance(lays[0], Unknown):
             log.debug("use of a parameter by %s cannot be split by example; left to the reconciliation guard", name)
             return
-        self._use(func, args, kwargs, o, lay, data, diff)
+        self._use(func, args, kwargs, outs[0], lays[0], data, diff)
+
+    def _derive(self, func: Callable, args: tuple, kwargs: dict, outs: list[torch.Tensor]) -> None:
+        """Remember how tensors computed from parameters and constants only were made."""
+        if not any(o.requires_grad for o in outs):
+            return
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        parents = {i: self.source(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
+        for i, o in enumerate(outs):
+            if o.requires_grad:
+                self.derived[o] = Node(func, flat, spec, parents, i)
 
     def _setitem(self, args: tuple, data: list) -> None:
         target = args[0]
@@ -308,10 +313,27 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
     if fast is not None:
         return fast
     memo: dict[int, torch.Tensor] = {}
-    flat = use.flat
+    r = next(iter(use.data.values()))[1]
+    whole, sliced = _classify(use, n)
+    cots = _per_example_vjp(use, n, whole, sliced, memo)
+    out = []
+    for (_, src, _), cot in zip(whole, cots[: len(whole)], strict=True):
+        out += pull_back(src, cot, n, memo)
+    for (pos, src, axis), cot in zip(sliced, cots[len(whole) :], strict=True):
+        out += pull_back_rows(src, use.shapes[pos], cot, (axis, r), n, memo)
+    return out
+
+
+def _classify(use: Use, n: int) -> tuple[list, list]:
+    """Split a use's parameter-derived arguments by how they meet the batch.
+
+    Returns:
+        ``whole``: ``(position, source, setter)`` of arguments shared by all examples; ``sliced``: ``(position,
+        source, axis)`` of arguments with one row block per example.
+    """
     ref_pos, (ref_axis, r) = next(iter(use.data.items()))
-    ref_dim = flat[ref_pos].dim()
-    whole, sliced = [], []  # (position, source, setter); (position, source, axis)
+    ref_dim = use.flat[ref_pos].dim()
+    whole, sliced = [], []
     for pos, src in use.diff.items():
         shape = use.shapes[pos]
         axis = ref_axis - (ref_dim - len(shape))  # the axis that broadcasts against the batch axis
@@ -326,6 +348,13 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
             sliced.append((pos, src, axis))
         else:
             whole.append((pos, src, None))
+    return whole, sliced
+
+
+def _per_example_vjp(use: Use, n: int, whole: list, sliced: list, memo: dict) -> tuple:
+    """``vmap`` over examples of the op's vector-Jacobian product: cotangents of ``whole`` then ``sliced``."""
+    r = next(iter(use.data.values()))[1]
+    flat = use.flat
     data_pos = list(use.data)
     slices = [_split_examples(flat[i], use.data[i], n) for i in data_pos]
     slices += [_split_examples(value(src, memo), (axis, r), n) for _, src, axis in sliced]
@@ -350,18 +379,12 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
         return vjp(g)
 
     try:
-        cots = torch.func.vmap(one, randomness="same")(slices, go)
+        return torch.func.vmap(one, randomness="same")(slices, go)
     except RuntimeError as err:
         raise RuntimeError(
             f"gradcoh cannot compute per-example gradients through {_name(use.func)} ({str(err).splitlines()[0]}); "
             "register a rule for the module that calls it (LayerRules.register) or exclude its layer with layers=..."
         ) from err
-    out = []
-    for (_, src, _), cot in zip(whole, cots[: len(whole)], strict=True):
-        out += pull_back(src, cot, n, memo)
-    for (pos, src, axis), cot in zip(sliced, cots[len(whole) :], strict=True):
-        out += pull_back_rows(src, use.shapes[pos], cot, (axis, r), n, memo)
-    return out
 
 
 def pull_back_rows(src: Source, shape: tuple[int, ...], cot: torch.Tensor, lay: tuple[int, int], n: int,

@@ -70,30 +70,32 @@ class ExperimentConfig:
     threads: int | None = None  # torch intra-op threads (process-wide); 1 is much faster for tiny models on CPU
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset={self.dataset!r} is not valid; use one of {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"model={self.model!r} is not valid; use one of {', '.join(MODELS)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer={self.optimizer!r} is not valid; use 'sgd' or 'adam'")
-        if not 0.0 <= self.label_noise <= 1.0:
-            raise ValueError(f"label_noise must lie in [0, 1], got {self.label_noise}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps and epochs")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise ValueError(f"steps/epochs must be positive, got steps={self.steps}, epochs={self.epochs}")
-        for name in ("batch_size", "probe_every", "probe_batch_size", "width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("probe_size", "probe_early", "log_every", "sketch_dim", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be at least 1, got {self.threads}")
+        self._check_choices()
+        self._check_numbers()
         if not self.probe_size and not self.log_every:
             raise ValueError("nothing to log: probe_size and log_every are both 0")
+
+    def _check_choices(self) -> None:
+        for name, allowed in (("dataset", tuple(DATASETS)), ("model", tuple(MODELS)), ("optimizer", ("sgd", "adam"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+
+    def _check_numbers(self) -> None:
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"label_noise must lie in [0, 1], got {self.label_noise}")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise ValueError(f"steps/epochs must be positive, got steps={self.steps}, epochs={self.epochs}")
+        at_least = {"batch_size": 1, "probe_every": 1, "probe_batch_size": 1, "width": 1, "probe_size": 0,
+                    "probe_early": 0, "log_every": 0, "sketch_dim": 0, "seed": 0}
+        if self.threads is not None:
+            at_least["threads"] = 1
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
