@@ -1,8 +1,13 @@
 """m-coherence and the quantities that are functions of it (Dataset → DataArray).
 
-For m examples with per-example gradients g_i, m-coherence = ‖Σ_i g_i‖² / Σ_i‖g_i‖² (paper.md §1.3): 1 for
-mutually orthogonal gradients, m for identical ones. Numerators and denominators are sums over layers, so the
-network value is Σ_l numerator_l / Σ_l denominator_l (never an average of per-layer ratios).
+For m examples with per-example gradients g_i, m-coherence = ‖Σ_i g_i‖² / Σ_i‖g_i‖² (Chatterjee & Zielinski,
+"Making Coherence Out of Nothing At All: Measuring the Evolution of Gradient Alignment", the sample version of their
+coherence α): 1 for mutually orthogonal gradients, m for identical ones. Numerators and denominators are sums over
+layers, so the network value is Σ_l numerator_l / Σ_l denominator_l (never an average of per-layer ratios).
+
+:func:`m_coherence` is the one implementation of the ratio (with the ``finite``/``reconciled`` masking of
+:mod:`gradcoh.analysis.finite`); every other function here, and :func:`~gradcoh.analysis.metrics_summary`, derives
+its values from its result.
 
 All functions are plain, lazy xarray reductions: they work unchanged on NumPy- and Dask-backed Datasets and on any
 active Dask scheduler.
@@ -10,7 +15,7 @@ active Dask scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -29,6 +34,7 @@ from gradcoh.logger import schema
 
 __all__ = [
     "alpha",
+    "coherence_family",
     "coherence_parts",
     "debiased_alpha",
     "gradient_diversity",
@@ -116,8 +122,8 @@ def m_coherence(
     """m-coherence ‖Σ_i g_i‖² / Σ_i‖g_i‖² per step (and layer, and subset).
 
     Exact values use ``sum_sq_norm`` (or the ``group_gram`` diagonal for ``by="group"``) over the exact
-    ``Σ sq_norm``. Sketch values replace the numerator by ‖Σ_i s_i‖² of the sketches (an unbiased-in-expectation
-    JL estimate with relative error about sqrt(2/k) for sketch width k); the denominator stays exact.
+    ``Σ sq_norm``. Sketch values replace the numerator by ‖Σ_i s_i‖² of the sketches (an unbiased TensorSketch
+    estimate with relative error about sqrt(2/k) for sketch width k); the denominator stays exact.
 
     Args:
         ds: A store Dataset.
@@ -130,7 +136,8 @@ def m_coherence(
     Returns:
         DataArray over ``step`` (+ ``layer`` if ``per_layer``, + ``group`` if ``by``), with coordinate ``m`` (the
         examples behind each value); NaN where there is no example, and NaN (with a ``RuntimeWarning``) at steps
-        whose gradients were not finite (``finite`` False; per layer with ``per_layer``).
+        whose gradients were not finite or not reconciled (``finite``/``reconciled`` False; per layer with
+        ``per_layer``).
 
     Examples:
         >>> coh = m_coherence(ds, per_layer=True)  # doctest: +SKIP
@@ -148,37 +155,83 @@ def m_coherence(
     return _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
 
 
+def _alpha_of(coh: xr.DataArray) -> xr.DataArray:
+    return coh / coh["m"].where(coh["m"] > 0)
+
+
+def _debiased_alpha_of(coh: xr.DataArray) -> xr.DataArray:
+    return (coh - 1.0) / (coh["m"] - 1).where(coh["m"] > 1)
+
+
+def _gradient_diversity_of(coh: xr.DataArray) -> xr.DataArray:
+    return xr.apply_ufunc(kernels.safe_ratio, 1.0, coh, dask="parallelized", output_dtypes=[np.float64])
+
+
+def _noise_scale_of(coh: xr.DataArray) -> xr.DataArray:
+    return xr.apply_ufunc(kernels.safe_ratio, coh["m"], coh, dask="parallelized", output_dtypes=[np.float64]) - 1.0
+
+
+_DERIVED: dict[str, tuple[Callable[[xr.DataArray], xr.DataArray], str]] = {
+    "alpha": (_alpha_of, "α_m = m-coherence / m"),
+    "debiased_alpha": (_debiased_alpha_of, "(m-coherence − 1)/(m − 1)"),
+    "gradient_diversity": (_gradient_diversity_of, "Σ‖g‖²/‖Σg‖²"),
+    "noise_scale": (_noise_scale_of, "B_simple = tr Σ / ‖ḡ‖²"),
+}
+"""The functions of m-coherence (and m): name → (function of the m-coherence DataArray, long name)."""
+
+
+def _derive(coh: xr.DataArray, name: str) -> xr.DataArray:
+    function, long_name = _DERIVED[name]
+    return _finish(function(coh), coh["m"], name, long_name, coh.attrs["numerator_source"])
+
+
 def alpha(ds: xr.Dataset, **kwargs) -> xr.DataArray:
-    """Sample coherence α_m = m-coherence / m (paper.md §1.3); same arguments as :func:`m_coherence`."""
-    coh = m_coherence(ds, **kwargs)
-    out = coh / coh["m"].where(coh["m"] > 0)
-    return _finish(out, coh["m"], "alpha", "α_m = m-coherence / m", coh.attrs["numerator_source"])
+    """Sample coherence α_m = m-coherence / m (Chatterjee & Zielinski's α of the sample).
+
+    Same arguments as :func:`m_coherence`.
+    """
+    return _derive(m_coherence(ds, **kwargs), "alpha")
 
 
 def debiased_alpha(ds: xr.Dataset, **kwargs) -> xr.DataArray:
-    """Population coherence estimate (m-coherence − 1)/(m − 1) (paper.md §1.7), comparable across m.
+    """Population coherence estimate (m-coherence − 1)/(m − 1), comparable across m.
 
-    A ratio of unbiased estimators (consistent, not exactly unbiased). NaN for m ≤ 1. Same arguments as
-    :func:`m_coherence`.
+    Not from the paper: for an i.i.d. sample, E‖Σ_i g_i‖² = m E‖g‖² + m(m − 1)‖μ‖², so m-coherence ≈ 1 + (m − 1) α_pop
+    with α_pop = ‖μ‖²/E‖g‖². A ratio of unbiased estimators (consistent, not exactly unbiased). NaN for m ≤ 1. Same
+    arguments as :func:`m_coherence`.
     """
-    coh = m_coherence(ds, **kwargs)
-    out = (coh - 1.0) / (coh["m"] - 1).where(coh["m"] > 1)
-    return _finish(out, coh["m"], "debiased_alpha", "(m-coherence − 1)/(m − 1)", coh.attrs["numerator_source"])
+    return _derive(m_coherence(ds, **kwargs), "debiased_alpha")
 
 
 def gradient_diversity(ds: xr.Dataset, **kwargs) -> xr.DataArray:
-    """Gradient diversity Σ_i‖g_i‖² / ‖Σ_i g_i‖² of Yin et al. (2018) = 1 / m-coherence (paper.md §1.5)."""
-    coh = m_coherence(ds, **kwargs)
-    out = xr.apply_ufunc(kernels.safe_ratio, 1.0, coh, dask="parallelized", output_dtypes=[np.float64])
-    return _finish(out, coh["m"], "gradient_diversity", "Σ‖g‖²/‖Σg‖²", coh.attrs["numerator_source"])
+    """Gradient diversity Σ_i‖g_i‖² / ‖Σ_i g_i‖² of Yin et al. (2018) = 1 / m-coherence.
+
+    Chatterjee & Zielinski note the connection in their abstract. Same arguments as :func:`m_coherence`.
+    """
+    return _derive(m_coherence(ds, **kwargs), "gradient_diversity")
 
 
 def noise_scale(ds: xr.Dataset, **kwargs) -> xr.DataArray:
     """Simple gradient noise scale B_simple = tr Σ / ‖ḡ‖² (McCandlish et al.), exact from the same sums.
 
-    With the population-normalised sample covariance, α_m = 1 / (1 + B_simple) (paper.md §1.7), hence
-    B_simple = m / m-coherence − 1. Same arguments as :func:`m_coherence`.
+    With the population-normalised sample covariance Σ = (1/m) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ, tr Σ = Σ_i‖g_i‖²/m − ‖ḡ‖², so
+    α_m = 1 / (1 + B_simple) and B_simple = m / m-coherence − 1. Same arguments as :func:`m_coherence`.
+    """
+    return _derive(m_coherence(ds, **kwargs), "noise_scale")
+
+
+def coherence_family(ds: xr.Dataset, **kwargs) -> xr.Dataset:
+    """m-coherence and every quantity derived from it, from one :func:`m_coherence` graph.
+
+    Args:
+        ds: A store Dataset.
+        **kwargs: As for :func:`m_coherence`.
+
+    Returns:
+        Dataset with ``m_coherence``, ``alpha``, ``debiased_alpha``, ``gradient_diversity`` and ``noise_scale``
+        (each with a ``long_name``), coordinate ``m``.
+
     """
     coh = m_coherence(ds, **kwargs)
-    out = xr.apply_ufunc(kernels.safe_ratio, coh["m"], coh, dask="parallelized", output_dtypes=[np.float64]) - 1.0
-    return _finish(out, coh["m"], "noise_scale", "B_simple = tr Σ / ‖ḡ‖²", coh.attrs["numerator_source"])
+    return xr.Dataset({"m_coherence": coh, **{name: _derive(coh, name) for name in _DERIVED}})
+

@@ -1,14 +1,16 @@
 """Offline compaction of a finished store: sharded arrays (fewer, larger objects) and consolidated metadata.
 
 While a run is logging, the writer appends whole chunks and never shards: zarr cannot write part of a shard in
-place, and concurrent partial shard writes lose data (zarr-notes.md §2.4). Once a run is finished,
+place, and concurrent partial shard writes lose data (the zarr user guide, "Sharding": a full shard must be written
+in one go, https://zarr.readthedocs.io/en/stable/user-guide/arrays/#sharding). Once a run is finished,
 :func:`compact_store` rewrites it into a new store where each array of a stream is sharded along ``step``:
 
 * inner chunks stay the writer's chunks (the unit of reading), shards hold ``shard_steps`` steps (the unit of
   writing, one object each), chosen per stream so that the largest array's shard is about ``shard_bytes``;
 * every shard is written **whole, once, by one task** (a Dask task per shard, so compaction runs on a cluster too);
 * only the committed steps are copied (a crashed tail is dropped), attributes are copied verbatim, each stream's
-  ``committed_steps`` is written after its data, and metadata is consolidated last (zarr-notes.md §2.8);
+  ``committed_steps`` is written after its data, and metadata is consolidated last (consolidated metadata is for
+  hierarchies that no longer change: https://zarr.readthedocs.io/en/stable/user-guide/consolidated_metadata/);
 * afterwards every value of every array is compared with the source (NaN equal to NaN), shard by shard.
 
 The root attribute :data:`COMPACTED_KEY` marks a compacted store: :func:`~gradcoh.analysis.open_store` then reads the
@@ -30,9 +32,8 @@ from typing import Any
 import dask
 import numpy as np
 import zarr
-from gradcoh.analysis.io import COMPACTED_KEY, open_root
+from gradcoh.analysis.io import COMPACTED_KEY, make_store, open_root
 from gradcoh.logger import schema
-from zarr.storage import FsspecStore, LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -46,37 +47,26 @@ class CompactionError(schema.GradcohError, RuntimeError):
     """The compacted copy differs from the source, or the destination cannot be written."""
 
 
-def _is_url(text: str) -> bool:
-    return "://" in text
+def _filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
 
-
-def _writable_store(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Any:
-    text = os.fspath(path_or_url)
-    if _is_url(text):
-        return FsspecStore.from_url(text, storage_options=dict(storage_options or {}), read_only=False)
-    if storage_options:
-        raise ValueError("storage_options only apply to URLs (s3://, memory://, file://, ...)")
-    return LocalStore(text, read_only=False)
+    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
 
 def _exists(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> bool:
     text = os.fspath(path_or_url)
-    if not _is_url(text):
-        return Path(text).exists()
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+    if not schema.is_url(text):
+        return Path(schema.local_path(text)).exists()
+    fs, root = _filesystem(text, storage_options)
     return fs.exists(root)
 
 
 def count_objects(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> int:
     """Number of objects (files) under a store: what compaction reduces."""
     text = os.fspath(path_or_url)
-    if not _is_url(text):
-        return sum(len(files) for _, _, files in os.walk(text))
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+    if not schema.is_url(text):
+        return sum(len(files) for _, _, files in os.walk(schema.local_path(text)))
+    fs, root = _filesystem(text, storage_options)
     return len(fs.find(root))
 
 
@@ -226,14 +216,14 @@ def compact_store(
         CompactionError: A value or attribute of ``dst`` differs from ``src``.
 
     """
-    if os.fspath(src).rstrip("/") == os.fspath(dst).rstrip("/"):
+    if schema.local_path(os.fspath(src)).rstrip("/") == schema.local_path(os.fspath(dst)).rstrip("/"):
         raise ValueError("compact into a new store: dst must differ from src")
-    if dst_storage_options is None and _is_url(os.fspath(dst)):
+    if dst_storage_options is None and schema.is_url(os.fspath(dst)):
         dst_storage_options = storage_options
     root = open_root(src, storage_options)
     if _exists(dst, dst_storage_options) and not overwrite:
         raise FileExistsError(f"{os.fspath(dst)!r} already exists; pass overwrite=True (--overwrite) to replace it")
-    out_store = _writable_store(dst, dst_storage_options)
+    out_store = make_store(dst, dst_storage_options, read_only=False)
     root_attrs = root.attrs.asdict()
     out = zarr.create_group(out_store, zarr_format=3, overwrite=True, attributes={})
     plan = _Plan()
@@ -241,9 +231,8 @@ def compact_store(
     copied = sum(_run(plan.copies, progress))
     for path, attrs in plan.stream_attrs.items():  # the commit marker goes after the data, as in the writer
         out[path].attrs.update(attrs)
-    out.attrs.update(
-        {**root_attrs, COMPACTED_KEY: {"shard_steps": plan.shard_steps, "shard_bytes": int(shard_bytes)}}
-    )
+    marker = {schema.SHARD_STEPS_KEY: plan.shard_steps, schema.SHARD_BYTES_KEY: int(shard_bytes)}
+    out.attrs.update({**root_attrs, COMPACTED_KEY: marker})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(out_store)

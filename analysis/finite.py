@@ -15,6 +15,23 @@ from gradcoh.logger import schema
 __all__ = ["finite_steps", "mask_nonfinite"]
 
 
+def _warn_unusable(ds: xr.Dataset, usable: xr.DataArray, problem: str, detail: str) -> None:
+    """Warn "N of T steps {problem} ({detail}; steps ...); their results are NaN" where ``usable`` (step,) is False.
+
+    At most five step numbers are listed. Nothing happens when every step is usable.
+    """
+    bad = int((~usable).sum().compute())
+    if not bad:
+        return
+    steps = ds[schema.STEP].values[~usable.values] if schema.STEP in ds.variables else []
+    shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if bad > 5 else "")
+    warnings.warn(
+        f"{bad} of {usable.sizes[schema.DIM_STEP]} steps {problem} ({detail}; steps {shown}); their results are NaN",
+        RuntimeWarning,
+        stacklevel=4,  # the analysis function that called mask_nonfinite
+    )
+
+
 def finite_steps(ds: xr.Dataset, *, per_layer: bool = False) -> xr.DataArray | None:
     """``(step[, layer])`` boolean: True where every (selected) layer's statistics are finite and reconciled.
 
@@ -25,34 +42,19 @@ def finite_steps(ds: xr.Dataset, *, per_layer: bool = False) -> xr.DataArray | N
     """
     if schema.FINITE not in ds.variables:
         return None
-    ok = ds[schema.FINITE].reset_coords(drop=True).astype(bool)
+    finite = ds[schema.FINITE].reset_coords(drop=True).astype(bool)
+    ok = finite
     if schema.RECONCILED in ds.variables:
         reconciled = ds[schema.RECONCILED].reset_coords(drop=True).astype(bool)
-        step_rec = reconciled.all(schema.DIM_LAYER)
-        unreconciled = int((~step_rec).sum().compute())
-        if unreconciled:
-            steps = ds[schema.STEP].values[~step_rec.values] if schema.STEP in ds.variables else []
-            shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if unreconciled > 5 else "")
-            warnings.warn(
-                f"{unreconciled} of {step_rec.sizes[schema.DIM_STEP]} steps have layers whose per-example gradients "
-                f"did not sum to the batch gradient (stored with on_mismatch='flag'; steps {shown}); their results "
-                "are NaN",
-                RuntimeWarning, stacklevel=3,
-            )
-        ok = ok & reconciled
-    finite_ok = ds[schema.FINITE].reset_coords(drop=True).astype(bool).all(schema.DIM_LAYER)
-    step_ok = ok.all(schema.DIM_LAYER)
-    bad = int((~finite_ok).sum().compute())
-    if bad:
-        steps = ds[schema.STEP].values[~finite_ok.values] if schema.STEP in ds.variables else []
-        shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if bad > 5 else "")
-        warnings.warn(
-            f"{bad} of {finite_ok.sizes[schema.DIM_STEP]} steps have non-finite gradient statistics (NaN/Inf; "
-            f"steps {shown}); their results are NaN",
-            RuntimeWarning,
-            stacklevel=3,
+        _warn_unusable(
+            ds,
+            reconciled.all(schema.DIM_LAYER),
+            "have layers whose per-example gradients did not sum to the batch gradient",
+            "stored with on_mismatch='flag'",
         )
-    return ok if per_layer else step_ok
+        ok = ok & reconciled
+    _warn_unusable(ds, finite.all(schema.DIM_LAYER), "have non-finite gradient statistics", "NaN/Inf")
+    return ok if per_layer else ok.all(schema.DIM_LAYER)
 
 
 def mask_nonfinite(result: xr.DataArray | xr.Dataset, ds: xr.Dataset, *, per_layer: bool = False):

@@ -25,6 +25,7 @@ __all__ = [
     "StreamNotFoundError",
     "describe_store",
     "list_streams",
+    "make_store",
     "open_root",
     "open_store",
 ]
@@ -42,23 +43,38 @@ class StreamNotFoundError(schema.FormatError):
     """The store exists but lacks the requested stream."""
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
+def make_store(
+    path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None, *, read_only: bool = True
+) -> Any:
+    """A zarr store object for a local path, a ``file://`` URL (both :class:`LocalStore`) or a remote fsspec URL.
 
+    Local and remote are told apart by :func:`gradcoh.logger.schema.is_url`, as in the writer.
 
-def _make_store(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> Any:
-    """Build a read-only zarr store object for a local path or an fsspec URL."""
+    Args:
+        path_or_url: Store directory or URL.
+        storage_options: fsspec options; only for remote URLs.
+        read_only: Open read-only; a read-only local store must exist.
+
+    Returns:
+        A :class:`~zarr.storage.LocalStore` or :class:`~zarr.storage.FsspecStore`.
+
+    Raises:
+        StoreNotFoundError: A read-only local store that does not exist, or a URL fsspec cannot open.
+        ValueError: ``storage_options`` for a local path.
+
+    """
     text = os.fspath(path_or_url)
-    if _is_url(text):
+    if schema.is_url(text):
         try:
-            return FsspecStore.from_url(text, storage_options=dict(storage_options or {}), read_only=True)
+            return FsspecStore.from_url(text, storage_options=dict(storage_options or {}), read_only=read_only)
         except (ImportError, ValueError) as exc:
             raise StoreNotFoundError(f"cannot open {text!r}: {exc}") from exc
     if storage_options:
-        raise ValueError("storage_options only apply to URLs (s3://, memory://, file://, ...)")
-    if not Path(text).exists():
+        raise ValueError("storage_options only apply to remote URLs (s3://, memory://, ...)")
+    path = schema.local_path(text)
+    if read_only and not Path(path).exists():
         raise StoreNotFoundError(f"no such store: {text!r}")
-    return LocalStore(text, read_only=True)
+    return LocalStore(path, read_only=read_only)
 
 
 def open_root(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
@@ -76,7 +92,7 @@ def open_root(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any]
         FormatError: Not a Zarr group, not a gradcoh store, or a format newer than this gradcoh.
 
     """
-    store = _make_store(path_or_url, storage_options)
+    store = make_store(path_or_url, storage_options)
     try:
         root = zarr.open_group(store, mode="r", use_consolidated=False)
     except FileNotFoundError as exc:
@@ -134,7 +150,7 @@ def _default_chunks(root: zarr.Group, stream: str) -> dict[str, int]:
 
     (xarray's default for a sharded array is the inner chunk, which would make one task per inner chunk.)
     """
-    steps = root.attrs.get(COMPACTED_KEY, {}).get("shard_steps", {}).get(stream)
+    steps = root.attrs.get(COMPACTED_KEY, {}).get(schema.SHARD_STEPS_KEY, {}).get(stream)
     return {schema.DIM_STEP: int(steps)} if steps else {}
 
 
@@ -204,7 +220,7 @@ def open_store(
         return _open_ranks(root, stream, world, chunks)
     group = _stream_group(root, stream)
     committed = _committed_steps(group, stream)
-    if committed == 0 and "coordinates" not in group.attrs:  # the writer's last step when creating a stream
+    if committed == 0 and schema.COORDINATES_KEY not in group.attrs:  # the writer's last step when creating a stream
         raise StreamNotFoundError(f"stream {stream!r} holds no committed steps (its writer stopped while creating it)")
     compacted = COMPACTED_KEY in root.attrs
     ds = _open_trimmed(

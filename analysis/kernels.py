@@ -7,10 +7,16 @@ through :func:`xarray.apply_ufunc`; the kernels never see Dask. Pairwise kernels
 
 from __future__ import annotations
 
+import enum
+
 import numpy as np
 
 __all__ = [
+    "CLASS_PARTS",
+    "HIST_START",
     "PAIR_STATS",
+    "ClassPart",
+    "PairStat",
     "class_pair_sums",
     "histogram_quantiles",
     "m_coherence_from_gradients",
@@ -19,20 +25,51 @@ __all__ = [
     "safe_ratio",
 ]
 
-PAIR_STATS = (
-    "n_all",
-    "cos_all",
-    "sign_all",
-    "n_within",
-    "cos_within",
-    "sign_within",
-    "n_between",
-    "cos_between",
-    "sign_between",
-    "n_negative",
-    "min_cos",
+class PairStat(enum.IntEnum):
+    """Position of each pair statistic in the output of :func:`pairwise_stats`; the cosine histogram follows.
+
+    For each pair set (all pairs, pairs with the same label, pairs with different labels): the number of ordered
+    pairs, the sum of their cosines and the sum of their cosine signs. Then the number of pairs with a negative
+    cosine and the smallest cosine.
+    """
+
+    n_all = 0
+    cos_all = 1
+    sign_all = 2
+    n_within = 3
+    cos_within = 4
+    sign_within = 5
+    n_between = 6
+    cos_between = 7
+    sign_between = 8
+    n_negative = 9
+    min_cos = 10
+
+
+PAIR_STATS = tuple(stat.name for stat in PairStat)
+"""Names of the leading entries of :func:`pairwise_stats`' output, in order; the cosine histogram follows."""
+
+HIST_START = len(PairStat)
+"""Position of the first histogram bin in the output of :func:`pairwise_stats`."""
+
+_PAIR_SETS = (
+    (PairStat.n_all, PairStat.cos_all, PairStat.sign_all),
+    (PairStat.n_within, PairStat.cos_within, PairStat.sign_within),
+    (PairStat.n_between, PairStat.cos_between, PairStat.sign_between),
 )
-"""Layout of the leading entries of :func:`pairwise_stats`' output; the cosine histogram follows."""
+"""(count, cosine sum, sign sum) positions of the all / within / between pair sets."""
+
+
+class ClassPart(enum.IntEnum):
+    """Position of each sum along the last axis of :func:`class_pair_sums`' output."""
+
+    n = 0
+    cos = 1
+    sign = 2
+
+
+CLASS_PARTS = tuple(part.name for part in ClassPart)
+"""Names of the entries along the last axis of :func:`class_pair_sums`' output, in order."""
 
 
 def safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -94,19 +131,20 @@ def _block_pairs(m: int, block_size: int):
 
 def _accumulate(acc: np.ndarray, cos: np.ndarray, pair: np.ndarray, same: np.ndarray, weight: float) -> None:
     """Add one block of cosines (``pair`` masks valid ordered pairs, ``same`` marks same-label pairs)."""
-    bins = acc.size - len(PAIR_STATS)
+    bins = acc.size - HIST_START
     sign = np.sign(cos)
     known = same >= 0
-    for base, mask in ((0, pair), (3, pair & (same == 1) & known), (6, pair & (same == 0) & known)):
-        acc[base] += weight * mask.sum()
-        acc[base + 1] += weight * cos[mask].sum()
-        acc[base + 2] += weight * sign[mask].sum()
+    masks = (pair, pair & (same == 1) & known, pair & (same == 0) & known)
+    for (count, cos_sum, sign_sum), mask in zip(_PAIR_SETS, masks, strict=True):
+        acc[count] += weight * mask.sum()
+        acc[cos_sum] += weight * cos[mask].sum()
+        acc[sign_sum] += weight * sign[mask].sum()
     values = cos[pair]
-    acc[9] += weight * (values < 0).sum()
+    acc[PairStat.n_negative] += weight * (values < 0).sum()
     if values.size:
-        acc[10] = min(acc[10], values.min())
+        acc[PairStat.min_cos] = min(acc[PairStat.min_cos], values.min())
     idx = np.clip(((values + 1.0) * (bins / 2.0)).astype(np.int64), 0, bins - 1)
-    acc[len(PAIR_STATS) :] += weight * np.bincount(idx, minlength=bins)
+    acc[HIST_START:] += weight * np.bincount(idx, minlength=bins)
 
 
 def _same_label(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -119,8 +157,8 @@ def _same_label(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _pairwise_one(sketch: np.ndarray, labels: np.ndarray, valid: np.ndarray, block_size: int, bins: int):
     rows = sketch.reshape(sketch.shape[0], -1)[valid]
     labels = labels[valid]
-    acc = np.zeros(len(PAIR_STATS) + bins)
-    acc[10] = np.inf
+    acc = np.zeros(HIST_START + bins)
+    acc[PairStat.min_cos] = np.inf
     for i0, i1, j0, j1, weight in _block_pairs(rows.shape[0], block_size):
         a, b = _unit_rows(rows[i0:i1]), _unit_rows(rows[j0:j1])
         cos = np.clip(a @ b.T, -1.0, 1.0)  # [block, block]
@@ -128,8 +166,8 @@ def _pairwise_one(sketch: np.ndarray, labels: np.ndarray, valid: np.ndarray, blo
         if i0 == j0:
             np.fill_diagonal(pair, False)
         _accumulate(acc, cos, pair, _same_label(labels[i0:i1], labels[j0:j1]), weight)
-    if not np.isfinite(acc[10]):
-        acc[10] = np.nan
+    if not np.isfinite(acc[PairStat.min_cos]):
+        acc[PairStat.min_cos] = np.nan
     return acc
 
 
@@ -146,11 +184,11 @@ def pairwise_stats(
         bins: Histogram bins on [−1, 1].
 
     Returns:
-        ``(..., len(PAIR_STATS) + bins)``: the :data:`PAIR_STATS` entries, then the histogram counts.
+        ``(..., HIST_START + bins)``: the :class:`PairStat` entries, then the histogram counts.
 
     """
     lead = labels.shape[:-1]
-    out = np.empty((*lead, len(PAIR_STATS) + bins))
+    out = np.empty((*lead, HIST_START + bins))
     for pos in np.ndindex(lead):
         out[pos] = _pairwise_one(sketch[pos], labels[pos], valid[pos].astype(bool), block_size, bins)
     return out
@@ -160,16 +198,16 @@ def _class_one(sketch: np.ndarray, codes: np.ndarray, n_classes: int, block_size
     keep = codes >= 0
     rows, codes = sketch.reshape(sketch.shape[0], -1)[keep], codes[keep]
     onehot = np.eye(n_classes)[codes]  # [m, C]
-    out = np.zeros((n_classes, n_classes, 3))
+    out = np.zeros((n_classes, n_classes, len(ClassPart)))
     counts = onehot.sum(0)
-    out[..., 0] = np.outer(counts, counts) - np.diag(counts)
+    out[..., ClassPart.n] = np.outer(counts, counts) - np.diag(counts)
     for i0, i1, j0, j1, weight in _block_pairs(rows.shape[0], block_size):
         cos = np.clip(_unit_rows(rows[i0:i1]) @ _unit_rows(rows[j0:j1]).T, -1.0, 1.0)
         if i0 == j0:
             np.fill_diagonal(cos, 0.0)  # excludes i = j; sign(0) = 0 too
-        for k, values in ((1, cos), (2, np.sign(cos))):
+        for part, values in ((ClassPart.cos, cos), (ClassPart.sign, np.sign(cos))):
             block = onehot[i0:i1].T @ values @ onehot[j0:j1]
-            out[..., k] += block if weight == 1.0 else block + block.T
+            out[..., part] += block if weight == 1.0 else block + block.T
     return out
 
 
@@ -186,11 +224,11 @@ def class_pair_sums(
         block_size: Rows per block.
 
     Returns:
-        ``(..., C, C, 3)``: pair counts, cosine sums, sign sums.
+        ``(..., C, C, len(ClassPart))``: pair counts, cosine sums, sign sums (:class:`ClassPart` order).
 
     """
     lead = codes.shape[:-1]
-    out = np.empty((*lead, n_classes, n_classes, 3))
+    out = np.empty((*lead, n_classes, n_classes, len(ClassPart)))
     for pos in np.ndindex(lead):
         masked = np.where(valid[pos].astype(bool), codes[pos], -1)
         out[pos] = _class_one(sketch[pos], masked, n_classes, block_size)

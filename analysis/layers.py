@@ -59,8 +59,8 @@ def select_layers(ds: xr.Dataset, layers: str | Sequence[str] | None) -> xr.Data
 def layer_weights(ds: xr.Dataset, *, layers: str | Sequence[str] | None = None) -> xr.DataArray:
     """Weights w_l = Σ_i‖g_{i,l}‖² / Σ_{i,l}‖g_{i,l}‖² over ``(step, layer)``.
 
-    With them the network m-coherence is the weighted average Σ_l w_l · mcoh_l (paper.md §1.8), because both
-    numerator and denominator are sums over layers.
+    With them the network m-coherence is the weighted average Σ_l w_l · mcoh_l, because both numerator and
+    denominator are sums over layers.
 
     Args:
         ds: A store Dataset (see :func:`~gradcoh.analysis.open_store`).

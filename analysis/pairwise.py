@@ -1,10 +1,13 @@
 """Pairwise comparison metrics (stiffness, gradient confusion, mean cosine), estimated from sketches.
 
-These are the O(m²) metrics m-coherence is compared with (paper.md §2). They need every pairwise inner product, so
-they are computed from the stored sketches (layer sketches concatenated over the selected layers): every value here
-is an **estimate**. For a Gaussian sketch of width k per layer a cosine is off by about 1/sqrt(k) (standard
-deviation), and signs of near-orthogonal pairs are noisy. Cosines use sketch norms in both numerator and
-denominator, so they stay in [−1, 1]. Pairs are i ≠ j only (the diagonal is excluded, as in the papers).
+These are the O(m²) metrics that Chatterjee & Zielinski ("Making Coherence Out of Nothing At All: Measuring the
+Evolution of Gradient Alignment") compare m-coherence with. They need every pairwise inner product, so they are
+computed from the stored sketches (layer sketches concatenated over the selected layers): every value here is an
+**estimate**. The sketches are seeded TensorSketch projections of width k, one per parameter, summed per layer
+(:mod:`gradcoh.logger.sketch`); they are unbiased for inner products, and a cosine is typically off by about
+1/sqrt(k) (standard deviation; more when a few rows or columns of a gradient dominate), so signs of near-orthogonal
+pairs are noisy. Cosines use sketch norms in both numerator and denominator, so they stay in [−1, 1]. Pairs are
+i ≠ j only (the diagonal is excluded, as in the papers).
 
 The m×m matrix of one step is walked in ``block_size × block_size`` blocks (:mod:`gradcoh.analysis.kernels`), so
 memory per task is one step's sketch (stored dtype) plus one block; m in the tens of thousands is fine. Work is one
@@ -89,7 +92,7 @@ def pair_statistics(
     if block_size < 1 or bins < 2:
         raise ValueError("block_size must be ≥ 1 and bins ≥ 2")
     ds = select_layers(ds, layers)
-    n_stats = len(kernels.PAIR_STATS) + bins
+    n_stats = kernels.HIST_START + bins
     raw = xr.apply_ufunc(
         kernels.pairwise_stats,
         _sketch(ds),
@@ -102,9 +105,8 @@ def pair_statistics(
         output_dtypes=[np.float64],
         dask_gufunc_kwargs={"output_sizes": {STAT_DIM: n_stats}},
     )
-    n_fixed = len(kernels.PAIR_STATS)
-    stats = raw.isel({STAT_DIM: slice(0, n_fixed)}).assign_coords({STAT_DIM: list(kernels.PAIR_STATS)})
-    hist = raw.isel({STAT_DIM: slice(n_fixed, None)}).rename({STAT_DIM: BIN_DIM})
+    stats = raw.isel({STAT_DIM: slice(0, kernels.HIST_START)}).assign_coords({STAT_DIM: list(kernels.PAIR_STATS)})
+    hist = raw.isel({STAT_DIM: slice(kernels.HIST_START, None)}).rename({STAT_DIM: BIN_DIM})
     centers = -1.0 + (np.arange(bins) + 0.5) * (2.0 / bins)
     out = xr.Dataset({"stats": stats, "hist": hist.assign_coords({BIN_DIM: centers})})
     out = mask_nonfinite(out, ds)  # (NaN/Inf sketches would count as spurious pairs)
@@ -257,10 +259,13 @@ def class_stiffness(
         kwargs={"n_classes": len(classes), "block_size": block_size},
         dask="parallelized",
         output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {"class_i": len(classes), "class_j": len(classes), "part": 3}},
+        dask_gufunc_kwargs={
+            "output_sizes": {"class_i": len(classes), "class_j": len(classes), "part": len(kernels.ClassPart)}
+        },
     )
-    count = sums.isel(part=0)
-    out = _mean(sums.assign_coords(stat=("part", ["n", "cos", "sign"])).swap_dims(part=STAT_DIM), kind, "n")
+    count = sums.isel(part=kernels.ClassPart.n)
+    named = sums.assign_coords(stat=("part", list(kernels.CLASS_PARTS))).swap_dims(part=STAT_DIM)
+    out = _mean(named, kind, kernels.ClassPart.n.name)
     out = out.assign_coords(class_i=classes, class_j=classes, n_pairs=count.drop_vars("part", errors="ignore"))
     out = out.assign_coords(m=(schema.DIM_STEP, ds[schema.N_EXAMPLES].data))
     out.name = f"class_stiffness_{kind}"

@@ -26,11 +26,11 @@ def _gram(ds: xr.Dataset, per_layer: bool) -> xr.DataArray:
 def cross_group_benefit(ds: xr.Dataset, *, per_layer: bool = False, layers: Layers = None) -> xr.DataArray:
     """Cross-group benefit matrix B[a, b] = G[a, b] / D_a over ``(step, group_i, group_j)``.
 
-    Meaning (first order, as in the paper's Taylor argument): a small step −η g^a along group a's summed gradient
-    lowers group b's summed loss by η·G[a, b]; if each example of a took its own step −η g_i, group a's loss would
-    fall by η·D_a. B[a, b] is the benefit to b in units of a's own self terms, so the diagonal B[a, a] =
-    ‖g^a‖² / D_a is exactly the m-coherence of group a, and B[a, b] < 0 means a's step hurts b. The matrix is
-    not symmetric: B[a, b]·D_a = B[b, a]·D_b.
+    Meaning (first order, as in Chatterjee & Zielinski's Taylor argument): a small step −η g^a along group a's
+    summed gradient lowers group b's summed loss by η·G[a, b]; if each example of a took its own step −η g_i, group
+    a's loss would fall by η·D_a. B[a, b] is the benefit to b in units of a's own self terms, so the diagonal
+    B[a, a] = ‖g^a‖² / D_a is exactly the m-coherence of group a, and B[a, b] < 0 means a's step hurts b. The
+    matrix is not symmetric: B[a, b]·D_a = B[b, a]·D_b.
 
     Args:
         ds: A store Dataset.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+from functools import partial
 from typing import Annotated
 
 import typer
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import (
     FormatOpt,
+    LayersOpt,
     OutFormat,
     OutOpt,
     ProgressOpt,
@@ -16,9 +18,8 @@ from gradcoh.cli.options import (
     StoreArg,
     StreamOpt,
     WorkersOpt,
-    want_progress,
 )
-from gradcoh.cli.output import emit
+from gradcoh.cli.output import emit_analysis
 
 __all__ = ["coherence"]
 
@@ -43,9 +44,7 @@ def coherence(
     per_layer: Annotated[bool, typer.Option("--per-layer", help="One value per layer.")] = False,
     by: Annotated[SplitBy | None, typer.Option("--by", help="Split by logger group or by label.")] = None,
     source: Annotated[Source, typer.Option("--source", help="Exact or sketch-based numerators.")] = Source.exact,
-    layers: Annotated[
-        list[str] | None, typer.Option("--layers", help="Layer name pattern (glob or regex); repeatable.")
-    ] = None,
+    layers: LayersOpt = None,
     fmt: FormatOpt = OutFormat.table,
     out: OutOpt = None,
     scheduler: SchedulerOpt = None,
@@ -56,10 +55,8 @@ def coherence(
     with reported(store):
         from gradcoh import analysis
 
-        with analysis.session(scheduler, workers):
-            ds = analysis.open_store(store, stream=stream)
-            lazy = analysis.m_coherence(
-                ds, per_layer=per_layer, by=by.value if by else None, source=source.value, layers=layers or None
-            )
-            result = analysis.compute(lazy, progress=want_progress(progress))
-        emit(result, fmt, out)
+        analyse = partial(
+            analysis.m_coherence,
+            per_layer=per_layer, by=by.value if by else None, source=source.value, layers=layers or None,
+        )
+        emit_analysis(store, stream, analyse, fmt, out, scheduler=scheduler, workers=workers, progress=progress)

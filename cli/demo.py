@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import ProgressOpt, want_progress
+
+if TYPE_CHECKING:
+    from gradcoh.analysis.sweep import SweepRow, SweepSummary
 
 __all__ = ["demo"]
 
@@ -17,6 +20,21 @@ log = logging.getLogger(__name__)
 
 NOISE_LEVELS = (0.0, 0.5, 1.0)
 """Label-noise fractions of the sweep: real labels, half re-drawn, all re-drawn."""
+
+COLUMNS = ("run", "m", "initial", "peak", "peak step", "final", "final step", "final loss")
+"""Header of the summary table (one column per :class:`~gradcoh.analysis.sweep.SweepRow` field)."""
+
+
+def _cells(row: SweepRow) -> tuple[str, ...]:
+    return (row.run, str(row.m), f"{row.initial:.3g}", f"{row.peak:.3g}", str(row.peak_step), f"{row.final:.3g}",
+            str(row.final_step), f"{row.final_loss:.3g}")
+
+
+def summary_table(summary: SweepSummary) -> str:
+    """The sweep summary as aligned text: one header line, one line per run."""
+    lines = [COLUMNS, *(_cells(row) for row in summary.rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
 
 
 def demo(
@@ -34,7 +52,7 @@ def demo(
     replaced.
     """
     with reported():
-        from gradcoh.cli import sweep
+        from gradcoh.analysis import sweep
         from gradcoh.logger.experiment import ExperimentConfig, run_experiment
 
         out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +68,7 @@ def demo(
             )
             stores[name] = run_experiment(config)
         figures = sweep.write_figures(stores, out, title="MLP on digits")
-        summary = sweep.summarise(stores).text()
+        summary = summary_table(sweep.summarise(stores))
         (out / "summary.txt").write_text(summary + "\n")
     typer.echo(summary)
     typer.echo(f"\n{len(stores)} stores, {len(figures)} figures and summary.txt in {out} "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 import typer
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import (
     FormatOpt,
+    LayersOpt,
     OutFormat,
     OutOpt,
     ProgressOpt,
@@ -15,9 +17,8 @@ from gradcoh.cli.options import (
     StoreArg,
     StreamOpt,
     WorkersOpt,
-    want_progress,
 )
-from gradcoh.cli.output import emit
+from gradcoh.cli.output import emit_analysis
 
 __all__ = ["metrics"]
 
@@ -25,9 +26,7 @@ __all__ = ["metrics"]
 def metrics(
     store: StoreArg,
     stream: StreamOpt = "batch",
-    layers: Annotated[
-        list[str] | None, typer.Option("--layers", help="Layer name pattern (glob or regex); repeatable.")
-    ] = None,
+    layers: LayersOpt = None,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Rows per block of pairwise work.")] = 1024,
     fmt: FormatOpt = OutFormat.table,
     out: OutOpt = None,
@@ -39,8 +38,5 @@ def metrics(
     with reported(store):
         from gradcoh import analysis
 
-        with analysis.session(scheduler, workers):
-            ds = analysis.open_store(store, stream=stream)
-            lazy = analysis.metrics_summary(ds, layers=layers or None, block_size=block_size)
-            result = analysis.compute(lazy, progress=want_progress(progress))
-        emit(result, fmt, out)
+        analyse = partial(analysis.metrics_summary, layers=layers or None, block_size=block_size)
+        emit_analysis(store, stream, analyse, fmt, out, scheduler=scheduler, workers=workers, progress=progress)

@@ -10,6 +10,7 @@ import typer
 
 __all__ = [
     "FormatOpt",
+    "LayersOpt",
     "OutFormat",
     "OutOpt",
     "ProgressOpt",
@@ -33,6 +34,9 @@ class OutFormat(enum.StrEnum):
 StoreArg = Annotated[str, typer.Argument(help="Store directory or fsspec URL (memory://, file://, s3://).")]
 StreamOpt = Annotated[str, typer.Option("--stream", help="Stream to read: batch or probe.")]
 FormatOpt = Annotated[OutFormat, typer.Option("--format", help="Output format.")]
+LayersOpt = Annotated[
+    list[str] | None, typer.Option("--layers", help="Layer name pattern (glob or regex); repeatable.")
+]
 OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")]
 SchedulerOpt = Annotated[
     str | None,

@@ -1,13 +1,15 @@
-"""Writing a computed result in the chosen format to stdout or a file."""
+"""Computing a command's result on the chosen Dask scheduler, and writing it in the chosen format."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
-from gradcoh.cli.options import OutFormat
+from gradcoh.cli.options import OutFormat, want_progress
 
-__all__ = ["emit"]
+__all__ = ["emit", "emit_analysis"]
 
 
 def emit(result, fmt: OutFormat, out: str | None) -> None:
@@ -29,3 +31,35 @@ def emit(result, fmt: OutFormat, out: str | None) -> None:
         Path(out).write_text(text if text.endswith("\n") else text + "\n")
     else:
         typer.echo(text)
+
+
+def emit_analysis(
+    store: str,
+    stream: str,
+    analyse: Callable[[Any], Any],
+    fmt: OutFormat,
+    out: str | None,
+    *,
+    scheduler: str | None,
+    workers: int | None,
+    progress: bool | None,
+) -> None:
+    """Compute ``analyse(open_store(store, stream))`` on the chosen Dask scheduler, then :func:`emit` the result.
+
+    Args:
+        store: Store path or URL.
+        stream: Stream to open.
+        analyse: Lazy analysis of the opened Dataset (e.g. a partial of :func:`gradcoh.analysis.m_coherence`).
+        fmt: Output format.
+        out: Output file, or ``None`` for stdout.
+        scheduler: Dask scheduler address (``--scheduler``).
+        workers: Local worker processes to start (``--workers``).
+        progress: The ``--progress`` tri-state.
+
+    """
+    from gradcoh import analysis
+
+    with analysis.session(scheduler, workers):
+        ds = analysis.open_store(store, stream=stream)
+        result = analysis.compute(analyse(ds), progress=want_progress(progress))
+    emit(result, fmt, out)

@@ -289,7 +289,7 @@ def mha_rule(module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_outp
         g_ctx = go @ module.out_proj.weight.detach()  # out = ctx Woᵀ + bo
         gq, gk, gv = torch.autograd.grad(ctx, proj, g_ctx)
     in_bias = b is not None and module.in_proj_bias.requires_grad
-    if query is key and key is value:  # self-attention: one set of positions
+    if _same(query, key) and _same(key, value):  # self-attention: one set of positions
         in_part = Factored(torch.cat([gq, gk, gv], dim=-1), query, bias=in_bias)
     else:  # each input feeds its own rows of in_proj: concatenate the positions, zero-padding the other rows
         u = torch.cat([F.pad(g, (i * e, (2 - i) * e)) for i, g in enumerate((gq, gk, gv))], dim=1)
@@ -300,6 +300,15 @@ def mha_rule(module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_outp
                  p.requires_grad]
     out_shapes = [tuple(p.shape) for p in module.out_proj.parameters() if p.requires_grad]
     return Composite([(in_part, MatrixView.of(in_shapes)), (out_part, MatrixView.of(out_shapes))])
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values: one tensor, or views of one memory with the same layout.
+
+    The hooks detach each argument separately, so ``query is key`` no longer tells self-attention.
+    """
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype)
 
 
 def _mha_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:

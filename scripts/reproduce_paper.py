@@ -1,4 +1,7 @@
-"""Reproduce the label-noise findings of the m-coherence papers (paper.md §4) on a CPU in a few minutes.
+"""Reproduce the paper's label-noise findings on a CPU in a few minutes.
+
+The paper: Chatterjee & Zielinski, "Making Coherence Out of Nothing At All: Measuring the Evolution of Gradient
+Alignment" (arXiv:2008.01217), which follows m-coherence through training on ImageNet with 0 / 50 / 100% label noise.
 
 A flat, top-to-bottom script: train an MLP and a small CNN on scikit-learn's digits (1500 training images) with
 0 / 50 / 100% label noise, measure the probe m-coherence of a fixed sample of m = 512 training examples, draw the
@@ -7,8 +10,8 @@ figures into docs/figures/ and write docs/reproduction.md with a point-by-point 
     python scripts/reproduce_paper.py            # full run (~5 minutes on 2 cores)
     python scripts/reproduce_paper.py --quick    # smoke test of the whole pipeline (~1 minute)
 
-Setup choices follow [MC] §3.1 scaled down: SGD with momentum 0.9, no augmentation, no weight decay, constant
-learning rate, long enough for the networks to fit even random labels.
+Setup choices follow the paper's ImageNet experiments, scaled down: SGD with momentum 0.9, no augmentation, no weight
+decay; here with a constant learning rate, long enough for the networks to fit even random labels.
 """
 
 import argparse
@@ -239,7 +242,7 @@ computed by the script; the discussion is in the last section.
 Scikit-learn digits (1500 training images 8×8, 10 classes, normalised); label noise re-draws a fraction of the
 labels uniformly from all 10 classes (so ~10% of re-drawn labels are right by chance). Models: `mlp` (3 hidden
 ReLU layers of 256, four Linear layers) and `cnn` (three 3×3 convs, two Linear layers, no normalisation). SGD,
-momentum {cfg.momentum}, constant lr {cfg.lr}, batch {cfg.batch_size}, no augmentation, no weight decay (the [MC]
+momentum {cfg.momentum}, constant lr {cfg.lr}, batch {cfg.batch_size}, no augmentation, no weight decay (the paper's
 regime, scaled down). Probe: a fixed seeded sample of m = {m} training examples (with their training labels),
 measured in eval mode every {cfg.probe_every} steps and at each of the first {cfg.probe_early} steps.
 Configuration: `{asdict(cfg)}`.
@@ -250,7 +253,7 @@ Configuration: `{asdict(cfg)}`.
 |---|---|---|---|---|---|---|---|
 {runs}
 
-## Findings, point by point (paper.md §4)
+## Findings, point by point (Chatterjee & Zielinski, *Making Coherence Out of Nothing At All*)
 
 | model | paper's finding | measured here | reproduces? |
 |---|---|---|---|

@@ -1,4 +1,4 @@
-"""NumPy kernels against closed forms and the O(m²) pairwise definitions (paper.md §6 checklist)."""
+"""NumPy kernels against closed forms and the O(m²) pairwise definitions of stiffness and gradient confusion."""
 
 from __future__ import annotations
 

@@ -343,3 +343,41 @@ def test_autocast_bfloat16_statistics_are_float32_accurate_to_bf16(tmp_path):
     sq, sums, _ = expected_stats(ds, grads)
     np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=5e-2)
     np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=5e-2)
+
+
+class Scaled(nn.Module):
+    """A user layer: y = x · w (elementwise), with a user-registered rule."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def scaled_rule(module, args, kwargs, grad_outputs):
+    from gradcoh.logger.grads import Dense
+
+    x, go = args[0], grad_outputs[0]
+    return Dense((x * go).reshape(x.shape[0], -1, x.shape[-1]).sum(1).unsqueeze(2))  # [n, d, 1]
+
+
+def test_user_registered_rule_is_used_and_exact(tmp_path):
+    """The extension point: LayerRules.register(MyLayer, rule) replaces the op-by-op observation of MyLayer."""
+    from gradcoh.logger import default_rules
+
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(3, 4), Scaled(4), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    y = target_for(model, x)
+    rules = default_rules()
+    rules.register(Scaled, scaled_rule)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", rules=rules)
+    layer = next(entry for entry in ds.attrs["gradcoh_layers"] if entry["name"] == "1")
+    assert layer["rule"] == "scaled_rule"
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+    broken = default_rules()
+    broken.register(Scaled, lambda m, a, k, g: scaled_rule(m, a, k, (2 * g[0],)))  # a wrong rule is caught
+    with pytest.raises(RuntimeError, match="do not sum to the batch gradient"):
+        run_logged(model, [[(x, y)]], tmp_path / "b.zarr", rules=broken)

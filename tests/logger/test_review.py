@@ -260,17 +260,11 @@ class SeqFirstAttn(nn.Module):
         return out.transpose(0, 1).sum(1)
 
 
-def test_mha_batch_first_false_errors_or_is_exact(tmp_path):
-    torch.manual_seed(19)
+def test_mha_batch_first_false_is_refused_at_creation(tmp_path):
+    """Sequence-first attention would put positions where examples are expected: refused, naming the fix."""
     model = SeqFirstAttn()
-    x = torch.randn(2, 5, E)  # batch 2, sequence 5
-    y = target_for(model, x)
-    try:
-        ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
-    except (ValueError, RuntimeError, NotImplementedError):
-        return  # a clear refusal is acceptable
-    assert int(ds.n_examples.values[0]) == 2
-    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+    with pytest.raises(ValueError, match=r"takes the batch on dimension 1.*batch_first=True"):
+        GradientLogger(model, tmp_path / "s.zarr")
 
 
 def test_mha_dropout_train_mode_is_refused_clearly(tmp_path):

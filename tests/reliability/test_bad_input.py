@@ -105,6 +105,7 @@ def _record(tmp_path, n=6, groups=(), **meta):
         x, y = torch.randn(n, 4), torch.randint(0, 2, (n,))
         with glog.record(0, **meta):
             F.cross_entropy(model(x), y).backward()
+    return tmp_path / "r.zarr"
 
 
 @pytest.mark.parametrize(
@@ -125,9 +126,15 @@ def test_bad_record_metadata(tmp_path, meta, groups, message):
 
 
 def test_metadata_on_another_device_is_copied(tmp_path):
+    import xarray as xr
+
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        _record(tmp_path, index=torch.arange(6, device=device), labels=torch.zeros(6, dtype=torch.long, device=device))
+        path = _record(tmp_path, index=torch.arange(6, device=device) + 10,
+                       labels=torch.tensor([1, 0, 1, 1, 0, 1], device=device))
+        ds = xr.open_zarr(path, group="batch", consolidated=False)
+        assert ds.index.values[0].tolist() == list(range(10, 16)), device
+        assert ds.label.values[0].tolist() == [1, 0, 1, 1, 0, 1], device
 
 
 @pytest.mark.parametrize(
