@@ -2,7 +2,8 @@
 
 Model: g_i = μ + σ ε_i i.i.d., so E[m-coherence] = 1 + (m − 1) α_pop with α_pop = ‖μ‖²/(‖μ‖² + Pσ²) (the population
 m-coherence of Chatterjee & Zielinski). Tolerance: the T steps are independent, so the mean over steps has
-standard deviation sd/√T, where sd is the delta-method per-step standard deviation of :func:`make_synthetic_store.expected`
+standard deviation sd/√T, where sd is the delta-method per-step standard deviation of
+:func:`make_synthetic_store.expected`
 (Var‖Σg‖² = Σ_l 4m³σ²‖μ_l‖² + 2m²P_lσ⁴, plus the Σ‖g‖² term; it ignores the positive covariance of numerator and
 denominator, so it overestimates). We allow 4 standard deviations (a false failure would have probability < 1e-4;
 the seeds are fixed, so the test is deterministic). The bias of a ratio of expectations is O(1/(mP)), far below that.
