@@ -167,14 +167,8 @@ def mean_pairwise_cosine(ds: xr.Dataset, *, layers: Layers = None, block_size: i
     return out
 
 
-def gradient_confusion(
-    ds: xr.Dataset,
-    *,
-    quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5),
-    layers: Layers = None,
-    block_size: int = 1024,
-    bins: int = 2000,
-) -> xr.Dataset:
+def gradient_confusion(ds: xr.Dataset, *, quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5),
+                       layers: Layers = None, block_size: int = 1024, bins: int = 2000) -> xr.Dataset:
     """Gradient confusion (Sankararaman et al. 2019) per step: the minimum and low quantiles of pairwise cosines.
 
     Args:

@@ -167,18 +167,10 @@ class GradientLogger:
         return self._coherence.get(stream, math.nan)
 
     def _put(self, stream: str, record: HostRecord) -> None:
-        try:
-            self._writer.put(stream, record)
-        except WriterError as err:
-            self._writer_failed(err)
+        self._call_writer(lambda writer: writer.put(stream, record))
 
     def _raise_writer_error(self) -> None:
-        if self._writer is None:
-            return
-        try:
-            self._writer.raise_if_failed()
-        except WriterError as err:
-            self._writer_failed(err)
+        self._call_writer(AsyncWriter.raise_if_failed)
 
     def _writer_failed(self, err: WriterError) -> None:
         """A writer failure stops logging for good; ``on_error="raise"`` raises it (once), ``"warn"`` logs it."""
@@ -251,11 +243,16 @@ class GradientLogger:
 
     def flush(self) -> None:
         """Write and commit every step logged so far."""
-        if self._writer is not None:
-            try:
-                self._writer.flush()
-            except WriterError as err:
-                self._writer_failed(err)
+        self._call_writer(AsyncWriter.flush)
+
+    def _call_writer(self, method: Callable[[AsyncWriter], None]) -> None:
+        """Call ``method`` of the writer (if any); a writer failure stops logging (see ``on_error``)."""
+        if self._writer is None:
+            return
+        try:
+            method(self._writer)
+        except WriterError as err:
+            self._writer_failed(err)
 
     def close(self) -> None:
         """Flush, commit and stop the writer; idempotent. No hook remains on the model afterwards."""
@@ -265,11 +262,7 @@ class GradientLogger:
         self._sigterm.restore()
         for tracker in self.trackers:
             tracker.detach()
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except WriterError as err:
-                self._writer_failed(err)
+        self._call_writer(AsyncWriter.close)
 
     def __enter__(self) -> GradientLogger:
         return self
