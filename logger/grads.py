@@ -164,19 +164,6 @@ class Factored:
         """Columns of the matrix view."""
         return self.v.shape[-1] + self.bias
 
-    def materialise_cost(self) -> int:
-        """Multiply-adds per example to form ``G_n``."""
-        return self.positions * self.n_rows * self.n_cols
-
-    def ghost_cost(self) -> int:
-        """Multiply-adds per example of the ghost norm ``⟨u uᵀ, v vᵀ⟩``."""
-        t = self.positions
-        return t * t * (self.n_rows + self.n_cols) if t > 1 else self.n_rows + self.n_cols
-
-    def materialise_bytes(self) -> int:
-        """Bytes of ``[n, rows, cols]``."""
-        return self.n * self.n_rows * self.n_cols * self.v.element_size()
-
     def materialise(self) -> Dense:
         """Form ``[n, rows, cols]`` (one batched GEMM or an index-add for embeddings)."""
         if self.u is not None:
@@ -300,24 +287,37 @@ SCATTER = 2.0
 FFT = 0.5
 
 
-def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
-    """Mixed rule: materialise a factored gradient when that is cheaper and fits in ``MATERIALISE_BYTES``.
+def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size: int,
+                           sketch_dim: int = 0) -> bool:
+    """Whether to materialise ``[n, rows, cols]`` rather than keep factors: the one place this is decided.
 
-    Costs per example: factored = ghost norm (+ CountSketch of both factors and the FFT product when sketching);
-    materialised = one batched GEMM ``T·rows·cols`` (+ a scattered sketch of ``rows·cols`` entries).
+    The mixed ghost-norm rule (Bu, Mao, Xu 2022): materialise when that costs less than the factored route and
+    fits in ``MATERIALISE_BYTES``.
+
+    Costs per example: factored = ghost norm ``T²·(rows + cols)`` (+ CountSketch of both factors and the FFT
+    product when sketching); materialised = one batched GEMM ``T·rows·cols`` (+ a scattered sketch of ``rows·cols``
+    entries).
     """
+    if n * rows * cols * element_size > MATERIALISE_BYTES:
+        return False
+    t, size = positions, rows * cols
+    factored = GEMM * (t * t * (rows + cols) if t > 1 else rows + cols)
+    materialised = GEMM * (t + 1) * size
+    if sketch_dim:
+        factored += SCATTER * t * (rows + cols) + FFT * t * sketch_dim * math.log2(max(sketch_dim, 2))
+        materialised += SCATTER * size
+    return materialised < factored
+
+
+def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
+    """Materialise a factored gradient when :func:`materialise_is_cheaper` says so."""
     if isinstance(grad, Composite):
         return Composite([(choose_route(part, None), view) for part, view in grad.parts])
-    if isinstance(grad, Dense) or grad.materialise_bytes() > MATERIALISE_BYTES:
+    if isinstance(grad, Dense):
         return grad
-    t, size = grad.positions, grad.n_rows * grad.n_cols
-    factored = GEMM * grad.ghost_cost()
-    materialised = GEMM * (t + 1) * size
-    if projector is not None:
-        k = projector.dim
-        factored += SCATTER * t * (grad.n_rows + grad.n_cols) + FFT * t * k * math.log2(max(k, 2))
-        materialised += SCATTER * size
-    return grad.materialise() if materialised < factored else grad
+    cheaper = materialise_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, grad.v.element_size(),
+                                     0 if projector is None else projector.dim)
+    return grad.materialise() if cheaper else grad
 
 
 # --- per-parameter decomposition -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .grads import MATERIALISE_BYTES, Composite, Dense, Factored, MatrixView
+from .grads import Composite, Dense, Factored, MatrixView, materialise_is_cheaper
 
 Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored"]
 
@@ -130,14 +130,12 @@ def unfold(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stri
 def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense | Factored:
     """``nn.Conv1d/2d/3d`` (stride, padding incl. modes and 'same', dilation, groups).
 
-    Mixed rule from the shapes: when materialising the per-example weight gradients is cheaper than the ghost norm
-    (``T·rows·cols < T²·(rows+cols)``, early convolutions with many positions) and fits in memory, they are computed
-    in one call of the convolution's own weight-gradient kernel, with the batch folded into the groups (2× faster
-    than im2col + bmm on CPU); otherwise im2col factors are returned for the ghost norm.
+    When :func:`~gradcoh.logger.grads.materialise_is_cheaper` (early convolutions with many positions) or the
+    convolution is grouped, the per-example weight gradients are computed in one call of the convolution's own
+    weight-gradient kernel, with the batch folded into the groups (2× faster than im2col + bmm on CPU); otherwise
+    im2col factors are returned for the ghost norm.
     """
     x, go = args[0], grad_outputs[0]
-    if module.transposed:
-        raise NotImplementedError("transposed convolutions use the functional fallback")
     n, g = x.shape[0], module.groups
     has_bias = module.bias is not None and module.bias.requires_grad
     if not module.weight.requires_grad:  # frozen weight: only the bias trains
@@ -145,8 +143,7 @@ def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_o
     x, padding = _conv_padding(module, x)
     t = go[0, 0].numel()
     rows, cols = module.out_channels, module.weight[0].numel() + has_bias
-    dense_bytes = n * rows * cols * go.element_size()
-    if g > 1 or (rows * cols < t * (rows + cols) and dense_bytes <= MATERIALISE_BYTES):
+    if g > 1 or materialise_is_cheaper(n, t, rows, cols, go.element_size()):  # grouped: no factored route
         w = _per_example_conv_weight_grad(module, x, go, padding)  # [n, C_out, C_in/g·k]
         return Dense(w, go.reshape(n, rows, -1).sum(2, keepdim=True)) if has_bias else Dense(w)
     a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [n, T, C_in·k]
