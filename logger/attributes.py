@@ -28,7 +28,8 @@ def layer_table(trackers: list[LayerTracker]) -> list[dict[str, Any]]:
 def notes(trackers: list[LayerTracker]) -> list[str]:
     """Semantics worth knowing when reading the store (train-mode BatchNorm couples examples)."""
     bn = [t.name for t in trackers
-          if any(isinstance(s.module, nn.modules.batchnorm._BatchNorm) for s in t.plan.sources)]
+          if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in [s.module for s in t.plan.sources]
+                 + t.plan.loose_modules)]
     if not bn:
         return []
     return [

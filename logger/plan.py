@@ -44,7 +44,8 @@ class LayerPlan:
         params: Its trainable parameters, in ``model.named_parameters()`` order.
         param_names: Their qualified names (the first name of a tied parameter).
         sources: Modules whose rules cover some of the parameters.
-        loose: Modules whose own parameters are observed op by op (no rule).
+        loose: Modules whose own parameters are observed op by op (no rule), by name.
+        loose_modules: The same modules.
         types: Type names of the modules involved.
     """
 
@@ -53,6 +54,7 @@ class LayerPlan:
     param_names: list[str] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     loose: list[str] = field(default_factory=list)
+    loose_modules: list[nn.Module] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
 
     @property
@@ -138,6 +140,7 @@ def _merge(units: list[_Unit]) -> list[LayerPlan]:
             plan.sources.append(Source(name, module, rule, params))
         else:
             plan.loose.append(name)
+            plan.loose_modules.append(module)
         plan.types.append(type(module).__name__)
         known = {id(p) for p in plan.params}
         plan.params += [p for p in params if id(p) not in known]

@@ -57,8 +57,7 @@ class StepRecorder:
         for t in self.trackers:
             for source in t.plan.sources:
                 out[id(source.module)] = (source.module, frozenset(id(p) for p in source.params))
-            for name in t.plan.loose:
-                module = self.model if name == "root" else self.model.get_submodule(name)
+            for module in t.plan.loose_modules:
                 out.setdefault(id(module), (module, None))
         return out
 

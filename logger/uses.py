@@ -310,6 +310,8 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
     pulled back through the derivation of each derived input (:func:`pull_back`).
     """
     fast = _linear_use(use, n)
+    if fast is None:
+        fast = _norm_use(use, n)
     if fast is not None:
         return fast
     memo: dict[int, torch.Tensor] = {}
@@ -438,6 +440,75 @@ def _linear_use(use: Use, n: int) -> list | None:
     if b is not None and b.requires_grad:
         out.append((b, Dense(gs.sum(1).reshape(n, *natural_view(tuple(b.shape))))))
     return out
+
+
+_NORM_ARGS = {  # positional names of the normalisation ops' arguments
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
+    "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+    "group_norm": ("input", "num_groups", "weight", "bias", "eps"),
+}
+
+
+def _norm_use(use: Use, n: int) -> list | None:
+    """Normalisation ops with parameter weight and bias outside a module rule: ``g_w = Σ x̂·δ``, ``g_b = Σ δ``.
+
+    ``F.batch_norm``/``instance_norm``/``layer_norm``/``group_norm`` as timm's ``LayerNorm2d`` and ``BatchNormAct2d``
+    call them, with the statistics the op itself used (batch statistics in train mode: each example's contribution,
+    as the BatchNorm rule).
+    """
+    name = _name(use.func)
+    if name not in _NORM_ARGS or list(use.data) != [0]:
+        return None
+    a, k = pytree.tree_unflatten(use.flat, use.spec)
+    bound = dict(zip(_NORM_ARGS[name], a, strict=False)) | k
+    flat_ids = {id(x): i for i, x in enumerate(use.flat)}
+    params = {key: None if bound.get(key) is None else use.diff.get(flat_ids.get(id(bound[key])))
+              for key in ("weight", "bias")}
+    if any(bound.get(key) is not None and (p is None or isinstance(p, Node)) for key, p in params.items()):
+        return None  # a derived weight (or one covered by a rule): the general route
+    x, (axis, r), go = bound["input"].float(), use.data[0], use.grads.float()
+    xhat = _normalised(name, x, bound)
+    if xhat is None or (name != "layer_norm" and axis != 0):
+        return None
+    out = []
+    for key, term in (("weight", xhat * go), ("bias", go)):
+        p = params[key]
+        if p is None or not p.requires_grad:
+            continue
+        per_row = _sum_to_param(name, term, p, axis)  # [n·r, *p.shape] with the batch rows first
+        g = per_row.reshape(n, r, *per_row.shape[1:]).sum(1)
+        out.append((p, Dense(g.reshape(n, *natural_view(tuple(p.shape))).to(use.grads.dtype))))
+    return out
+
+
+def _normalised(name: str, x: torch.Tensor, bound: dict) -> torch.Tensor | None:
+    """``x̂`` exactly as the op normalised it."""
+    eps = bound.get("eps", 1e-5)
+    if name == "layer_norm":
+        shape = bound["normalized_shape"]
+        dims = tuple(range(x.dim() - (1 if isinstance(shape, int) else len(shape)), x.dim()))
+        return (x - x.mean(dims, keepdim=True)) * torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    if name == "group_norm":
+        g = x.reshape(x.shape[0], bound["num_groups"], -1)
+        xhat = (g - g.mean(-1, keepdim=True)) * torch.rsqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
+        return xhat.reshape_as(x)
+    batch_stats = bound.get("training" if name == "batch_norm" else "use_input_stats", False)
+    dims = (0, *range(2, x.dim())) if name == "batch_norm" else tuple(range(2, x.dim()))
+    if batch_stats or bound.get("running_mean") is None:
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        mean, var = bound["running_mean"].float().view(shape), bound["running_var"].float().view(shape)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _sum_to_param(name: str, term: torch.Tensor, p: torch.Tensor, axis: int) -> torch.Tensor:
+    """Sum ``term`` over every axis but the batch axis and the parameter's own axes: ``[rows, *p.shape]``."""
+    if name == "layer_norm":
+        moved = term.movedim(axis, 0)
+        return moved.reshape(moved.shape[0], -1, *p.shape).sum(1)
+    return term.reshape(term.shape[0], term.shape[1], -1).sum(2)  # channels on axis 1
 
 
 def pull_back(src: Source, cot: torch.Tensor, n: int, memo: dict) -> list:

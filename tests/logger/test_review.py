@@ -849,3 +849,23 @@ def test_autograd_grad_instead_of_backward_is_exact(tmp_path):
     assert all(p.grad is None for p in model.parameters())
     check_step(open_batch(tmp_path / "s.zarr"), 0, model, x, y, oracle=per_example_grads_loop)
 
+
+
+def test_timm_batchnormact_train_mode_contributions_and_note(tmp_path):
+    """timm's BatchNormAct2d (a BatchNorm2d with its own forward) is observed op by op: in train mode its values are
+    each example's contribution (they sum to the batch gradient), and the store's notes say so."""
+    from timm import layers as timm_layers
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), timm_layers.BatchNormAct2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model.train()
+    x, y = torch.randn(5, 2, 6, 6), torch.randn(5, 2)
+    ds = log_one(model, x, y, tmp_path / "s.zarr", reduction="sum")
+    layer = next(entry for entry in ds.attrs["gradcoh_layers"] if entry["name"] == "1")
+    assert layer["rule"] == "uses" and bool(ds.reconciled.values.all())
+    import zarr
+
+    notes = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["gradcoh_notes"]
+    assert any("BatchNorm layers 1" in note for note in notes)
+    model.eval()  # eval mode: exact per example
+    ds = log_one(model, x, y, tmp_path / "e.zarr", reduction="sum")
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)

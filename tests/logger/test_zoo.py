@@ -17,9 +17,6 @@ from gradcoh.logger import GradientLogger
 from oracle import open_logged
 from zoo import CASES
 
-pytest.importorskip("transformers")
-pytest.importorskip("timm")
-
 N = 3
 SLOW = {"hf-t5", "timm-efficientnet", "tv-mobilenet"}
 
