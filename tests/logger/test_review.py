@@ -424,12 +424,7 @@ def test_fallback_module_with_buffers_and_eval_batchnorm_child(tmp_path):
     check_step(ds, 0, model, x, y)
 
 
-@pytest.mark.parametrize("track", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "BUG (crash, not silent): functional_rule vmaps a forward that updates running statistics in place; "
-        "InstanceNorm(track_running_stats=True) in train mode makes backward() raise"))),
-])
+@pytest.mark.parametrize("track", [False, True])
 def test_fallback_instance_norm_running_stats_untouched(track, tmp_path):
     """InstanceNorm has no rule (fallback); in train mode the per-example re-run must neither fail nor change the
     buffers (training untouched)."""
