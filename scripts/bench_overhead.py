@@ -340,6 +340,27 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
     names = list(methods)
     if model_name == "resnet18" and any(m not in ("plain",) and not m.startswith("gradcoh") for m in names):
         names.insert(1, "plain_peer")
+    steps, closers, results = build_steps(model_name, names, case, args, tmp)
+    times = time_steps(steps, args)
+    if args.device == "cpu" and sys.platform.startswith("linux"):
+        pin_malloc()
+    for name, step in steps.items():  # memory: one extra call per method, after timing
+        step()  # settle allocations under the pinned allocator settings
+        mem = peak_memory_mb(step, args.device)
+        ts = times[name]
+        results[name] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "reps": len(ts),
+                         "peak_extra_mb": mem, "note": getattr(step, "note", "")}
+    for close in closers:
+        close()
+    add_ratios(names, results)
+    results = {n: results[n] for n in names}  # table order = method order, failures included
+    n_params = sum(p.numel() for p in case["models"]["default"].parameters())
+    return {"model": model_name, "batch": batch, "params": n_params, "note": case["note"], "methods": results}
+
+
+def build_steps(model_name: str, names: list[str], case: dict, args: argparse.Namespace,
+                tmp: Path) -> tuple[dict[str, Callable[[], None]], list, dict[str, dict]]:
+    """Each method's step (warmed up), their closers, and the failures (a peer not supporting a model)."""
     steps: dict[str, Callable[[], None]] = {}
     closers = []
     results: dict[str, dict] = {}
@@ -355,6 +376,11 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
             results[name] = {"status": f"failed: {reason}"}
             print(f"[{model_name}] {name}: failed: {reason}", file=sys.stderr, flush=True)
+    return steps, closers, results
+
+
+def time_steps(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Interleaved repetitions of every method's step."""
     times: dict[str, list[float]] = {n: [] for n in steps}
     budget = args.slow_reps if args.slow_reps else args.reps
     for rep in range(args.reps):
@@ -366,16 +392,11 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
                 # Let the background writer finish outside the timed region, so that its compression does not
                 # land in the next method's step (the writer's own cost is measured by --writer).
                 step.glog.flush()
-    if args.device == "cpu" and sys.platform.startswith("linux"):
-        pin_malloc()
-    for name, step in steps.items():  # memory: one extra call per method, after timing
-        step()  # settle allocations under the pinned allocator settings
-        mem = peak_memory_mb(step, args.device)
-        ts = times[name]
-        results[name] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "reps": len(ts),
-                         "peak_extra_mb": mem, "note": getattr(step, "note", "")}
-    for close in closers:
-        close()
+    return times
+
+
+def add_ratios(names: list[str], results: dict[str, dict]) -> None:
+    """Time and memory ratios against the plain step (peers against their own plain model where needed)."""
     ref = {n: results.get("plain_peer" if n in PEER_METHODS and "plain_peer" in results else "plain") for n in names}
     for name in names:
         r, base = results[name], ref[name]
@@ -383,9 +404,6 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
             r["ratio"] = r["median_s"] / base["median_s"]
             if r["peak_extra_mb"] is not None and base["peak_extra_mb"]:
                 r["mem_ratio"] = r["peak_extra_mb"] / base["peak_extra_mb"]
-    results = {n: results[n] for n in names}  # table order = method order, failures included
-    n_params = sum(p.numel() for p in case["models"]["default"].parameters())
-    return {"model": model_name, "batch": batch, "params": n_params, "note": case["note"], "methods": results}
 
 
 PEER_METHODS = {"opacus_hooks", "opacus_ghost", "backpack_l2", "backpack_grad", "vmap", "naive_loop", "plain_peer"}
