@@ -411,17 +411,17 @@ def inner(a: ParamGrad, b: ParamGrad) -> torch.Tensor:
 
 
 def probe(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``[n, k]`` values ``aⱼᵀ G_i bⱼ`` for ``k`` rank-one test matrices (``left [rows, k]``, ``right [cols, k]``)."""
+    """``[n]`` values ``aᵀ G_i b`` of a rank-one test matrix ``a bᵀ`` (``left [rows]``, ``right [cols]``)."""
     if isinstance(form, Dense):
         out = None
         start = 0
         for b in form.blocks:  # column blocks: no concatenation
             width = b.shape[2]
-            part = ((b @ right[start : start + width].to(b.dtype)) * left.to(b.dtype)).sum(1)
+            part = (b @ right[start : start + width].to(b.dtype)) @ left.to(b.dtype)  # [n, rows] → [n]
             out = part if out is None else out + part
             start += width
         return out
-    vb = form.v @ right.to(form.v.dtype)  # [n, T, k]
+    vb = form.v @ right.to(form.v.dtype)  # [n, T]
     ua = left.to(form.v.dtype)[form.rows_index] if form.u is None else form.u @ left.to(form.u.dtype)
     return (ua * vb).sum(1)
 

@@ -30,9 +30,6 @@ from .plan import LayerPlan, Source
 from .sketch import TensorSketch
 from .uses import Use, UseTracker, use_gradients
 
-GUARD_PROBES = 2
-"""Random rank-one test matrices per parameter in the reconciliation guard."""
-
 
 @dataclass
 class StepState:
@@ -165,7 +162,7 @@ class LayerTracker:
         """Forget the previous step's results."""
         self.sq: dict[int, torch.Tensor] = {}  # micro-batch -> [n]
         self.sketch: dict[int, torch.Tensor] = {}  # micro-batch -> [n, k]
-        self.checks: dict[int, torch.Tensor] = {}  # micro-batch -> [n, GUARD_PROBES]
+        self.checks: dict[int, torch.Tensor] = {}  # micro-batch -> [n] guard probes
         self.group_sums: torch.Tensor | None = None  # running [G-1, P] in acc_dtype
         self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, acc_dtype
         self.seen: list[torch.Tensor | None] = [None] * len(self.params)  # gradients of micro-batch 0 (from_grad)
@@ -346,7 +343,7 @@ class LayerTracker:
         n = state.n
         device = self.params[0].device
         sq = torch.zeros(n, device=device)
-        checks = torch.zeros(n, GUARD_PROBES, device=device)
+        checks = torch.zeros(n, device=device)
         sketch = torch.zeros(n, self.projectors[0].dim, device=device) if self.projectors is not None else None
         weights = state.weights(torch.float32)
         sums = []
@@ -430,8 +427,10 @@ class LayerTracker:
     def reconciled(self) -> torch.Tensor:
         """Whether the per-example gradients sum to the batch gradient the parameters received (0-d bool).
 
-        Compares ``Σ_i aᵀ g_i b`` with ``aᵀ (Σ_i g_i) b`` for random rank-one test matrices ``a bᵀ`` per parameter
-        (two matrix-vector products per parameter, no copy), up to the rounding of the accumulation.
+        Compares ``Σ_i aᵀ g_i b`` with ``aᵀ (Σ_i g_i) b`` for a random rank-one test matrix ``a bᵀ`` per parameter
+        (one matrix-vector product per parameter, no copy), up to the rounding of the accumulation. A gradient the
+        per-example values miss, ``D ≠ 0``, goes unnoticed only if ``|aᵀ D b|`` falls within that rounding: for
+        Gaussian ``a, b`` that has probability of order the tolerance times the ratio of the scales.
         """
         got = torch.cat(list(self.checks.values())) if self.checks else None
         want = None
@@ -439,7 +438,7 @@ class LayerTracker:
             t, scale = self._param_sum(i)
             left, right = self.tests[i]
             m = t.reshape(natural_view(self.shapes[i]))
-            v = ((m @ right.to(m.dtype)) * left.to(m.dtype)).sum(0) * scale
+            v = torch.dot(torch.mv(m, right.to(m.dtype)), left.to(m.dtype)) * scale
             want = v if want is None else want + v
         want = want.to(torch.float64)
         total = got.double().sum(0) if got is not None else torch.zeros_like(want)
@@ -470,7 +469,10 @@ class LayerTracker:
             sums = torch.zeros(n_groups - 1, total.shape[1], dtype=total.dtype, device=total.device)
         else:
             sums = self.group_sums.to(total.dtype)
-        return torch.cat([sums, total - sums.sum(0, keepdim=True)])
+        last = total - sums.sum(0, keepdim=True)
+        group = self._state.group[: sum(self._state.sizes)]
+        present = (group == n_groups - 1).any().to(total.dtype)  # an empty group's sum is exactly 0, not rounding
+        return torch.cat([sums, last * present])
 
     def project(self) -> torch.Tensor:
         """``[k]`` sketch of the gradient held in the parameters' ``.grad`` (sum of the per-parameter projections)."""
@@ -491,12 +493,11 @@ def _is_half(x: Any) -> bool:
 
 
 def _rank_one(name: str, shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded Gaussian test vectors ``([rows, k], [cols, k])`` of one parameter for the reconciliation guard."""
+    """Seeded Gaussian test vectors ``([rows], [cols])`` of one parameter for the reconciliation guard."""
     rows, cols = natural_view(shape)
     seed = int.from_bytes(hashlib.sha256(f"gradcoh-guard/{name}".encode()).digest()[:8], "little")
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, GUARD_PROBES, generator=gen).to(device),
-            torch.randn(cols, GUARD_PROBES, generator=gen).to(device))
+    return torch.randn(rows, generator=gen).to(device), torch.randn(cols, generator=gen).to(device)
 
 
 def _upcast(tree: Any) -> Any:

@@ -140,7 +140,7 @@ def step_times(name: str, reps: int) -> dict[str, float]:
             glog = loggers[method]
             if method == "no guard":  # neither the per-example probes nor the comparison
                 tracker_module.LayerTracker.reconciled = lambda self: torch.ones((), dtype=torch.bool)
-                tracker_module.probe = lambda form, left, right: torch.zeros(form.n, left.shape[1])
+                tracker_module.probe = lambda form, left, right: torch.zeros(form.n)
             try:
                 with glog.record(k):
                     case.loss(model, batch).mean().backward()
