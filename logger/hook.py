@@ -28,7 +28,7 @@ from .layers import LayerRules, default_rules
 from .plan import plan_layers
 from .probe import ModelState, measure
 from .recorder import Recording, StepRecorder
-from .reducer import StepReducer, record_coherence
+from .reducer import StepReducer, record_coherence, record_summary
 from .sigterm import SigtermExit
 from .store import HostRecord, StreamWriter, open_run
 from .tracker import LayerTracker
@@ -89,6 +89,10 @@ class GradientLogger:
         self._coherence: dict[str, float] = {}
         self._writer: AsyncWriter | None = None
         self._sigterm = SigtermExit()
+        self.batch_sums_from_grad = True
+        """Read a step's batch gradient from ``.grad`` when it starts empty (no copy). Set False when ``.grad`` may be
+        changed between the last backward and the end of the block (a trainer that clips before its callbacks run):
+        the sums are then accumulated from the gradient hooks."""
         if self.enabled:
             self._open(storage_options)
             if cfg.handle_sigterm:
@@ -150,10 +154,13 @@ class GradientLogger:
         if not selected or self._stopped:
             yield Recording(None)
             return
+        local = self.world_size == 1 and self.batch_sums_from_grad
         with self._recorder.record(len(self.config.group_names), scale_by_batch, probe=stream == schema.STREAM_PROBE,
-                                   group=meta["group"], local_grads=self.world_size == 1) as state:
-            yield Recording(state)
+                                   group=meta["group"], local_grads=local) as state:
+            rec = Recording(state)
+            yield rec
         record = self._reducer.reduce(step, state, **meta)
+        rec._summary = {} if record is None else record_summary(record, self.config.group_names)
         if record is not None:
             self._last_step[stream] = step
             self._coherence[stream] = record_coherence(record)

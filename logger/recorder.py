@@ -21,10 +21,11 @@ from .uses import Use, UseTracker
 
 
 class Recording:
-    """What ``GradientLogger.record`` yields: lets the loop attach per-example losses to the step."""
+    """What ``GradientLogger.record`` yields: per-example losses and metadata in, the step's summary out."""
 
     def __init__(self, state: StepState | None) -> None:
         self._state = state
+        self._summary: dict[str, float] | None = None
 
     @property
     def active(self) -> bool:
@@ -35,6 +36,31 @@ class Recording:
         """Record per-example losses ``[n]`` of the current micro-batch (call once per forward)."""
         if self._state is not None:
             self._state.losses.append(values.detach().reshape(-1).to(torch.float32))
+
+    def examples(self, *, index: Any = None, labels: Any = None, group: Any = None, true_labels: Any = None) -> None:
+        """Metadata of the current micro-batch's examples, when it is only known per forward (trainer callbacks).
+
+        Call once per micro-batch, before its backward pass; the step's metadata is the concatenation. Use either
+        this or the arguments of ``record``, not both.
+        """
+        if self._state is None:
+            return
+        parts = self._state.meta_parts
+        for key, value in (("index", index), ("labels", labels), ("group", group), ("true_labels", true_labels)):
+            parts.setdefault(key, []).append(value)
+        if group is not None:
+            g = torch.as_tensor(group).reshape(-1).to(self._state.device)
+            self._state.group = g if self._state.group is None else torch.cat([self._state.group, g])
+
+    def summary(self) -> dict[str, float]:
+        """After the block: ``{"m_coherence", "m_coherence/<group>" (with groups), "n"}`` of the logged step.
+
+        Exact values from the in-memory record (no store read); NaN where a layer is not finite or not reconciled.
+        Empty when the step was not logged.
+        """
+        if self._summary is None and self._state is not None:
+            raise RuntimeError("summary() is available after the record block has ended")
+        return dict(self._summary or {})
 
 
 class StepRecorder:
@@ -78,6 +104,7 @@ class StepRecorder:
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
                           from_grad=from_grad)
         state.trackers = self.trackers
+        state.device = self.trackers[0].params[0].device
         if group is not None:
             state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
         for tracker in self.trackers:

@@ -39,6 +39,34 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
+def _merge_meta(meta: dict[str, Any], parts: dict[str, list]) -> dict[str, Any]:
+    """The step's metadata: from ``record(...)`` or concatenated from ``Recording.examples`` per micro-batch."""
+    out = dict(meta)
+    for key, values in parts.items():
+        if all(v is None for v in values):
+            continue
+        if out.get(key) is not None:
+            raise ValueError(f"{key} was given both to record() and to Recording.examples(); give it once")
+        if any(v is None for v in values):
+            raise ValueError(f"Recording.examples() got {key} for some micro-batches but not others")
+        out[key] = np.concatenate([np.asarray(v.detach().cpu() if torch.is_tensor(v) else v).reshape(-1)
+                                   for v in values])
+    return out
+
+
+def record_summary(record: HostRecord, groups: tuple[str, ...]) -> dict[str, float]:
+    """``{"m_coherence", "m_coherence/<group>", "n"}`` of one record (see :meth:`Recording.summary`)."""
+    out = {"m_coherence": record_coherence(record), "n": float(record.n)}
+    if len(groups) > 1:
+        usable = bool(record.finite.all()) and (record.reconciled is None or bool(record.reconciled.all()))
+        per_example = np.nansum(record.sq_norm, 1)  # [n]
+        for g, name in enumerate(groups):
+            total = float(per_example[record.group == g].sum())
+            value = float(record.group_gram[:, g, g].sum()) / total if usable and total > 0 else math.nan
+            out[f"m_coherence/{name}"] = value
+    return out
+
+
 def record_coherence(record: HostRecord) -> float:
     """Whole-network m-coherence of one record, NaN when a layer is not finite or not reconciled.
 
@@ -82,7 +110,7 @@ class StepReducer:
             return None
         n = sum(sizes)
         groups = self.config.group_names
-        metadata = step_metadata(n, groups, **meta)
+        metadata = step_metadata(n, groups, **_merge_meta(meta, state.meta_parts))
         host = to_host(self._device_tensors(state, sizes, len(groups)))
         loss = host.get("loss", np.full(n, np.nan, dtype=np.float32))
         if loss.shape[0] != n:

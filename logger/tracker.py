@@ -49,6 +49,8 @@ class StepState:
         micro: Index of the current micro-batch (advanced at the end of each backward pass).
         callback_queued: Whether the end-of-backward callback is queued for the running backward pass.
         losses: Per-example losses passed to ``Recording.loss``.
+        meta_parts: Per-micro-batch metadata passed to ``Recording.examples`` (key -> list over micro-batches).
+        device: The model's device (for group ids given per micro-batch).
         trackers: The layer trackers filling this state.
     """
 
@@ -63,6 +65,8 @@ class StepState:
     micro: int = 0
     callback_queued: bool = False
     losses: list[torch.Tensor] = field(default_factory=list)
+    meta_parts: dict[str, list] = field(default_factory=dict)
+    device: torch.device | None = None
     trackers: list[LayerTracker] = field(default_factory=list)
 
     def batch_size(self, n: int) -> int:

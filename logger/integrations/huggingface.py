@@ -1,0 +1,170 @@
+"""``GradcohCallback`` for the Hugging Face ``Trainer``: one optimizer step = one logged step, exact per example.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[GradcohCallback("runs/ft.zarr", every=10, sketch_dim=256)])
+
+How it fits the Trainer (whose callbacks see neither the batch nor the forward pass):
+
+* at ``on_init_end`` it finds the Trainer that is calling it, keeps the dataset's ``index_column`` (and
+  ``group_column``) through ``remove_unused_columns``, and puts itself first among the callbacks;
+* a forward pre-hook on the model takes those columns out of the model's keyword arguments and hands each
+  micro-batch's dataset indices, class labels and groups to the step being recorded;
+* the record block spans the whole optimizer step: it opens at ``on_step_begin`` and closes at
+  ``on_pre_optimizer_step`` (after gradient clipping; the batch sums come from the gradient hooks, not from
+  ``.grad``), so every gradient-accumulation micro-batch is included;
+* the stored per-example values are those of each example's contribution to the loss the Trainer optimises
+  (``loss_reduction="sum"`` over whatever normalisation the Trainer applies: token means over
+  ``num_items_in_batch`` or division by the accumulation steps), so m-coherence is exact for the step;
+* after the step it calls ``Trainer.log`` with ``gradcoh/m_coherence`` (and ``gradcoh/m_coherence/<group>``), so
+  ``report_to`` TensorBoard, W&B, MLflow or CSV shows them live.
+
+Steps are numbered like the Trainer's logs: ``global_step`` after the optimizer step (1 for the first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..hook import GradientLogger
+from ..recorder import Recording
+
+log = logging.getLogger(__name__)
+
+
+class GradcohCallback(TrainerCallback):
+    """Logs exact per-example gradient statistics of a ``transformers.Trainer`` run.
+
+    Args:
+        store: Path (or fsspec URL) of the Zarr store.
+        index_column: Dataset column with each example's index (GLUE-style datasets have ``idx``); kept through
+            ``remove_unused_columns``. Without it indices are stored as −1.
+        label_column: Model input holding the labels; stored when it has one value per example (class labels),
+            not for token-level labels.
+        group_column: Dataset column with each example's group position (with ``groups=...``), or None.
+        **options: :class:`~gradcoh.logger.GradientLogger` keyword arguments (``every``, ``sketch_dim``, ``seed``,
+            ``groups``, ``layers``, ``mode``, ``on_mismatch``, ...). ``loss_reduction`` is set by the callback.
+    """
+
+    def __init__(self, store: str | Path, *, index_column: str = "idx", label_column: str = "labels",
+                 group_column: str | None = None, **options: Any) -> None:
+        if "loss_reduction" in options:
+            raise ValueError("GradcohCallback sets loss_reduction itself (each example's contribution to the "
+                             "Trainer's loss); remove the argument")
+        self.store = str(store)
+        self.index_column = index_column
+        self.label_column = label_column
+        self.group_column = group_column
+        self.options = options
+        self.logger: GradientLogger | None = None
+        self._trainer: Trainer | None = None
+        self._hook: Any = None
+        self._block: contextlib.AbstractContextManager | None = None
+        self._rec: Recording | None = None
+        self._pending: dict[str, float] | None = None
+
+    # --- set-up ------------------------------------------------------------------------------------------
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Find the Trainer; keep the index and group columns; run first among the callbacks."""
+        trainer = _calling_trainer()
+        self._trainer = trainer
+        trainer._set_signature_columns_if_needed()
+        for column in (self.index_column, self.group_column):
+            if column and column not in trainer._signature_columns:
+                trainer._signature_columns.append(column)
+        callbacks = trainer.callback_handler.callbacks
+        callbacks.remove(self)
+        callbacks.insert(0, self)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
+                       **kwargs: Any) -> None:
+        """Open the logger on the model being trained (resume: ``mode="append"`` continues the store)."""
+        if self._trainer is None:
+            raise RuntimeError("GradcohCallback must be passed to Trainer(callbacks=[...]) (it was added later)")
+        if args.gradient_checkpointing:
+            raise ValueError(
+                "GradcohCallback does not support gradient_checkpointing=True: the recomputed forward passes inside "
+                "the backward would be taken for new micro-batches. Turn gradient checkpointing off for the run "
+                "you log (or log a shorter run without it)"
+            )
+        if self.logger is None:
+            self.logger = GradientLogger(self._trainer.model, self.store, loss_reduction="sum", **self.options)
+            self.logger.batch_sums_from_grad = False  # the Trainer clips .grad before our next callback runs
+            self._hook = self._trainer.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    # --- one optimizer step ------------------------------------------------------------------------------
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Open the record block for the step's micro-batches when the step is logged."""
+        step = state.global_step + 1
+        if self.logger is not None and self.logger.should_log(step):
+            self._block = self.logger.record(step)
+            self._rec = self._block.__enter__()
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        index = kwargs.pop(self.index_column, None) if self.index_column else None
+        group = kwargs.pop(self.group_column, None) if self.group_column else None
+        if self._rec is not None and self._rec.active and module.training:
+            labels = kwargs.get(self.label_column)
+            n = _batch_size(args, kwargs)
+            class_labels = labels if torch.is_tensor(labels) and labels.dim() == 1 and labels.shape[0] == n else None
+            self._rec.examples(index=index if index is not None else torch.full((n,), -1), labels=class_labels,
+                               group=group)
+        return args, kwargs
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the step's record block (all micro-batches done, gradients clipped, optimizer not yet stepped)."""
+        self._close_step()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Hand the step's m-coherence to the Trainer's logs (TensorBoard, W&B, MLflow, CSV, log history)."""
+        self._close_step()  # (if the optimizer step was skipped)
+        if self._pending:
+            values, self._pending = self._pending, None
+            self._trainer.log(values)
+
+    def _close_step(self) -> None:
+        if self._block is None:
+            return
+        block, rec, self._block, self._rec = self._block, self._rec, None, None
+        block.__exit__(None, None, None)
+        summary = rec.summary()
+        if summary:
+            self._pending = {f"gradcoh/{k}": v for k, v in summary.items() if k != "n"}
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Commit everything and remove the hooks."""
+        self._close_step()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+
+def _calling_trainer() -> Trainer:
+    """The ``Trainer`` whose ``__init__`` is running the callbacks' ``on_init_end`` (found on the call stack)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+    finally:
+        del frame
+    raise RuntimeError("GradcohCallback must be passed to transformers.Trainer(callbacks=[...])")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if torch.is_tensor(value) and value.dim():
+            return value.shape[0]
+    return 0

@@ -1,0 +1,89 @@
+"""GradcohCallback in a stock transformers.Trainer: exact m-coherence per optimizer step, found through the stored
+indices and checked against a float64 per-example loop; scalars in the Trainer's log history."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from datasets import Dataset
+from gradcoh.analysis import open_store
+from gradcoh.logger.integrations.huggingface import GradcohCallback
+
+V, T, N = 40, 6, 12
+
+
+def tiny(kind):
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=16)
+    if kind == "lm":
+        cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg)
+    cfg = transformers.BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def dataset(kind):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, V, (N, T), generator=g)
+    data = {"input_ids": ids.tolist(), "attention_mask": torch.ones(N, T, dtype=torch.long).tolist(),
+            "idx": list(range(100, 100 + N))}
+    data["labels"] = ids.tolist() if kind == "lm" else torch.randint(0, 3, (N,), generator=g).tolist()
+    return Dataset.from_dict(data).with_format("torch")
+
+
+def per_example_losses(model, batch, kind):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if kind == "lm":  # each example's token sum (the Trainer divides every token by the same count)
+        tok = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none")
+        return tok.view(batch["input_ids"].shape[0], -1).sum(1)
+    return F.cross_entropy(out.logits, batch["labels"], reduction="none")
+
+
+def oracle_coherence(model, ds, rows, kind):
+    """‖Σ g_i‖² / Σ ‖g_i‖² of the examples at dataset rows ``rows``, float64, one example at a time."""
+    m = copy.deepcopy(model).double().eval()
+    grads = []
+    for r in rows:
+        m.zero_grad()
+        one = {k: v[r : r + 1] for k, v in ds[:].items() if k != "idx"}
+        per_example_losses(m, one, kind).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    g = torch.stack(grads)
+    return float(g.sum(0).pow(2).sum() / g.pow(2).sum())
+
+
+@pytest.mark.parametrize("kind", ["lm", "classifier"])
+def test_trainer_callback_exact_per_step(kind, tmp_path):
+    model = tiny(kind)
+    ds = dataset(kind)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=0.0, logging_steps=100, report_to="none", save_strategy="no", use_cpu=True, seed=3,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    callback = GradcohCallback(tmp_path / "s.zarr", every=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+    trainer.train()
+    store = open_store(tmp_path / "s.zarr")
+    assert list(store.step.values) == [1, 2]
+    logged = [h for h in trainer.state.log_history if "gradcoh/m_coherence" in h]
+    assert [h["step"] for h in logged] == [1, 2]
+    for s, history in zip(range(2), logged, strict=True):
+        index = store.index.values[s]
+        assert sorted(index.tolist()) == sorted(set(index.tolist())) and len(index) == 6 and (index >= 100).all()
+        stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
+        expected = oracle_coherence(model, ds, [int(i) - 100 for i in index], kind)
+        assert stored == pytest.approx(expected, rel=1e-4)
+        assert history["gradcoh/m_coherence"] == pytest.approx(stored, rel=1e-6)
+    if kind == "classifier":  # class labels are stored; token labels are not
+        labels = ds[:]["labels"].numpy()
+        np.testing.assert_array_equal(store.label.values[0], labels[store.index.values[0] - 100])
+    else:
+        assert (store.label.values == -1).all()
