@@ -36,6 +36,7 @@ from gradcoh.analysis.pairwise import (
 from gradcoh.analysis.splits import cg_fractions, cross_group_benefit
 from gradcoh.analysis.subsets import membership
 from gradcoh.analysis.summary import metrics_summary
+from gradcoh.analysis.tensorboard import export_tensorboard
 from gradcoh.logger.schema import FormatError
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "cross_group_benefit",
     "debiased_alpha",
     "describe_store",
+    "export_tensorboard",
     "gradient_confusion",
     "gradient_diversity",
     "layer_weights",

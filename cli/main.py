@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from gradcoh.cli import coherence, compact, demo, info, metrics, plot, repair, train
+from gradcoh.cli import coherence, compact, demo, info, metrics, plot, repair, tensorboard, train
 
 app = typer.Typer(
     name="gradcoh",
@@ -30,6 +30,7 @@ COMMANDS = (
     ("demo", demo.demo),
     ("compact", compact.compact),
     ("repair", repair.repair),
+    ("tensorboard", tensorboard.tensorboard),
 )
 for _name, _command in COMMANDS:
     app.command(name=_name)(_command)

@@ -56,6 +56,9 @@ class GradientLogger:
         rank: This process's rank (default: from an initialised ``torch.distributed`` process group, else 0).
         world_size: Number of processes (default: from ``torch.distributed``, else 1). With several processes,
             each rank writes its own group of the store and the group sums are all-reduced every logged step.
+        summary_writer: A TensorBoard ``SummaryWriter`` (``torch.utils.tensorboard``) or anything with
+            ``add_scalar(tag, value, step)``: every logged step writes ``gradcoh/m_coherence`` (and
+            ``gradcoh/m_coherence/<group>``; probes under ``gradcoh/probe/``) to it.
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``).
 
@@ -70,7 +73,8 @@ class GradientLogger:
     def __init__(self, model: nn.Module, store: str | Path, *, every: int = 1, sketch_dim: int = 0,
                  seed: int = 0, loss_reduction: str = "mean", groups: tuple[str, ...] = (),
                  enabled: bool = True, rules: LayerRules | None = None, storage_options: dict | None = None,
-                 rank: int | None = None, world_size: int | None = None, **options: Any) -> None:
+                 rank: int | None = None, world_size: int | None = None, summary_writer: Any = None,
+                 **options: Any) -> None:
         self.config = cfg = LoggerConfig(every=every, sketch_dim=sketch_dim, seed=seed,
                                          loss_reduction=loss_reduction, groups=groups, **options)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -89,6 +93,7 @@ class GradientLogger:
         self._coherence: dict[str, float] = {}
         self._writer: AsyncWriter | None = None
         self._sigterm = SigtermExit()
+        self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
         """Read a step's batch gradient from ``.grad`` when it starts empty (no copy). Set False when ``.grad`` may be
         changed between the last backward and the end of the block (a trainer that clips before its callbacks run):
@@ -161,6 +166,11 @@ class GradientLogger:
             yield rec
         record = self._reducer.reduce(step, state, **meta)
         rec._summary = {} if record is None else record_summary(record, self.config.group_names)
+        if record is not None and self.summary_writer is not None:
+            prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
+            for key, value in rec._summary.items():
+                if key != "n" and not math.isnan(value):
+                    self.summary_writer.add_scalar(f"{prefix}/{key}", value, step)
         if record is not None:
             self._last_step[stream] = step
             self._coherence[stream] = record_coherence(record)

@@ -59,14 +59,14 @@ def oracle_coherence(model, ds, rows, kind):
     return float(g.sum(0).pow(2).sum() / g.pow(2).sum())
 
 
-@pytest.mark.parametrize("kind", ["lm", "classifier"])
-def test_trainer_callback_exact_per_step(kind, tmp_path):
+@pytest.mark.parametrize(("kind", "bf16"), [("lm", False), ("classifier", False), ("classifier", True)])
+def test_trainer_callback_exact_per_step(kind, bf16, tmp_path):
     model = tiny(kind)
     ds = dataset(kind)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=2,
         learning_rate=0.0, logging_steps=100, report_to="none", save_strategy="no", use_cpu=True, seed=3,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True, bf16=bf16,
     )
     callback = GradcohCallback(tmp_path / "s.zarr", every=1)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
@@ -80,7 +80,7 @@ def test_trainer_callback_exact_per_step(kind, tmp_path):
         assert sorted(index.tolist()) == sorted(set(index.tolist())) and len(index) == 6 and (index >= 100).all()
         stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
         expected = oracle_coherence(model, ds, [int(i) - 100 for i in index], kind)
-        assert stored == pytest.approx(expected, rel=1e-4)
+        assert stored == pytest.approx(expected, rel=3e-2 if bf16 else 1e-4)
         assert history["gradcoh/m_coherence"] == pytest.approx(stored, rel=1e-6)
     if kind == "classifier":  # class labels are stored; token labels are not
         labels = ds[:]["labels"].numpy()

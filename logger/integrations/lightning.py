@@ -1,0 +1,97 @@
+"""``GradcohCallback`` for Lightning: one optimizer step = one logged step, exact per example.
+
+    cb = GradcohCallback("runs/x.zarr", every=10, index=lambda batch: batch[2], labels=lambda batch: batch[1])
+    L.Trainer(callbacks=[cb], accumulate_grad_batches=2).fit(module, loader)
+
+The record block opens at the first micro-batch of an accumulation window (``on_train_batch_start``, which sees
+the batch, so ``index``/``labels``/``group`` are read there) and closes at ``on_before_optimizer_step``, after every
+micro-batch's backward pass. Stored per-example values are each example's contribution to the loss Lightning
+optimises (``loss_reduction="sum"`` over its normalisation, e.g. the division by ``accumulate_grad_batches``), so
+m-coherence is exact for the step. ``gradcoh/m_coherence`` (and per group) go through ``pl_module.log`` to the
+Trainer's loggers. Steps are numbered by ``trainer.global_step`` when the window starts (0 for the first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from ..hook import GradientLogger
+from ..recorder import Recording
+
+BatchFn = Callable[[Any], Any] | None
+
+
+class GradcohCallback(L.Callback):
+    """Logs exact per-example gradient statistics of a Lightning ``fit``.
+
+    Args:
+        store: Path (or fsspec URL) of the Zarr store.
+        index: ``batch -> [n]`` dataset indices, or None (stored as −1).
+        labels: ``batch -> [n]`` class labels, or None.
+        group: ``batch -> [n]`` group positions (with ``groups=...``), or None.
+        **options: :class:`~gradcoh.logger.GradientLogger` keyword arguments (``every``, ``sketch_dim``, ``seed``,
+            ``groups``, ``layers``, ``mode``, ...). ``loss_reduction`` is set by the callback.
+    """
+
+    def __init__(self, store: str | Path, *, index: BatchFn = None, labels: BatchFn = None, group: BatchFn = None,
+                 **options: Any) -> None:
+        if "loss_reduction" in options:
+            raise ValueError("GradcohCallback sets loss_reduction itself (each example's contribution to the "
+                             "optimised loss); remove the argument")
+        self.store = str(store)
+        self.index, self.labels, self.group = index, labels, group
+        self.options = options
+        self.logger: GradientLogger | None = None
+        self._block: contextlib.AbstractContextManager | None = None
+        self._rec: Recording | None = None
+        self._pending: dict[str, float] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Open the logger on the module (resume: ``mode="append"`` continues the store after its last step)."""
+        if self.logger is None:
+            self.logger = GradientLogger(pl_module, self.store, loss_reduction="sum", **self.options)
+            self.logger.batch_sums_from_grad = False  # gradients may be clipped/unscaled before the block ends
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Open the block at the first micro-batch of a window; hand each micro-batch's metadata to it."""
+        if self._block is None and batch_idx % trainer.accumulate_grad_batches == 0 and \
+                self.logger.should_log(trainer.global_step):
+            self._block = self.logger.record(trainer.global_step)
+            self._rec = self._block.__enter__()
+        if self._rec is not None and self._rec.active:
+            self._rec.examples(**{key: fn(batch) for key, fn in
+                                  (("index", self.index), ("labels", self.labels), ("group", self.group))
+                                  if fn is not None})
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        """Close the block: every micro-batch of the step has been backpropagated."""
+        if self._block is None:
+            return
+        block, rec, self._block, self._rec = self._block, self._rec, None, None
+        block.__exit__(None, None, None)
+        summary = rec.summary()
+        if summary:
+            self._pending = {f"gradcoh/{k}": v for k, v in summary.items() if k != "n"}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Send the step's m-coherence to the Trainer's loggers."""
+        if self._pending:
+            values, self._pending = self._pending, None
+            for name, value in values.items():
+                pl_module.log(name, value, on_step=True, on_epoch=False)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Commit everything."""
+        if self._block is not None:  # a window cut short by the end of training
+            self._block.__exit__(None, None, None)
+            self._block = self._rec = None
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None

@@ -1,0 +1,64 @@
+"""Live TensorBoard scalars from the logger, rec.summary(), and `gradcoh tensorboard` for stored runs, read back with
+TensorBoard's own event reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gradcoh.analysis import m_coherence, open_store
+from gradcoh.cli.main import app
+from gradcoh.logger import GradientLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from typer.testing import CliRunner
+
+
+def scalars(logdir, tag):
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_summary_writer_and_summary_and_cli_export(tmp_path):
+    torch.manual_seed(60)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    writer = SummaryWriter(str(tmp_path / "live"))
+    summaries = []
+    with GradientLogger(model, tmp_path / "s.zarr", groups=("a", "b"), summary_writer=writer) as glog:
+        step = 0
+        for _epoch in range(2):  # a global step counter across epochs
+            for _ in range(3):
+                x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+                with glog.record(step, index=torch.arange(8) + 8 * step, group=torch.arange(8) % 2) as rec:
+                    F.cross_entropy(model(x), y).backward()
+                summaries.append(rec.summary())
+                model.zero_grad()
+                step += 1
+    writer.close()
+    ds = open_store(tmp_path / "s.zarr")
+    exact = m_coherence(ds).values
+    by_group = m_coherence(ds, by="group").values
+    np.testing.assert_allclose([s["m_coherence"] for s in summaries], exact, rtol=1e-9)
+    np.testing.assert_allclose([[s["m_coherence/a"], s["m_coherence/b"]] for s in summaries], by_group, rtol=1e-9)
+    assert all(s["n"] == 8 for s in summaries)
+    live = scalars(tmp_path / "live", "gradcoh/m_coherence")
+    np.testing.assert_allclose([live[s] for s in range(6)], exact, rtol=1e-6)
+    result = CliRunner().invoke(app, ["tensorboard", str(tmp_path / "s.zarr"), "--logdir", str(tmp_path / "tb"),
+                                      "--by", "group"])
+    assert result.exit_code == 0, result.output
+    exported = scalars(tmp_path / "tb", "gradcoh/batch/m_coherence/b")
+    np.testing.assert_allclose([exported[s] for s in range(6)], by_group[:, 1], rtol=1e-6)
+
+
+def test_summary_of_an_unlogged_step_is_empty(tmp_path):
+    model = nn.Linear(3, 2)
+    with GradientLogger(model, tmp_path / "s.zarr", every=2) as glog:
+        with glog.record(1) as rec:
+            model(torch.randn(4, 3)).sum().backward()
+    assert rec.summary() == {}
+    with pytest.raises(RuntimeError, match="after the record block"):
+        with GradientLogger(model, tmp_path / "t.zarr") as glog, glog.record(0) as rec:
+            rec.summary()
