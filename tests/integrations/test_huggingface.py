@@ -87,3 +87,36 @@ def test_trainer_callback_exact_per_step(kind, bf16, tmp_path):
         np.testing.assert_array_equal(store.label.values[0], labels[store.index.values[0] - 100])
     else:
         assert (store.label.values == -1).all()
+
+
+def test_trainer_callback_ddp_two_processes(tmp_path):
+    """torchrun-style gloo DDP: each rank stores its own examples; the global m-coherence of a step equals the
+    oracle over the examples of both ranks."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "s.zarr"), "classifier"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    store = open_store(tmp_path / "s.zarr")
+    model, ds = tiny("classifier"), dataset("classifier")
+    assert list(store.step.values) == [1, 2]
+    for s in range(2):
+        index = store.index.values[s]
+        assert len(index) == 12 and len(set(index.tolist())) == 12
+        stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
+        assert stored == pytest.approx(oracle_coherence(model, ds, [int(i) - 100 for i in index], "classifier"),
+                                       rel=1e-4)

@@ -77,3 +77,37 @@ def test_lightning_callback_exact_per_step(precision, tmp_path):
         assert stored == pytest.approx(oracle(module.net, data, index), rel=tol)
     metrics = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "gradcoh/m_coherence" in metrics
+
+
+def test_lightning_callback_ddp_two_processes(tmp_path):
+    """torchrun-style gloo DDP: the global m-coherence of each step equals the oracle over both ranks' examples."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("lightning_ddp_worker.py")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "gradcoh-test", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "s.zarr")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    store = open_store(tmp_path / "s.zarr")
+    data, module = Indexed(), Module()
+    assert list(store.step.values) == [0, 1]
+    assert store.n_examples.values.tolist() == [12, 4]  # 8 examples per rank: windows of 3 + 3, then 2 (epoch end)
+    for s in range(2):
+        index = store.index.values[s]
+        index = index[index >= 0]
+        assert len(set(index.tolist())) == store.n_examples.values[s]
+        stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
+        assert stored == pytest.approx(oracle(module.net, data, index), rel=1e-4)
