@@ -52,6 +52,16 @@ class Recording:
             g = torch.as_tensor(group).reshape(-1).to(self._state.device)
             self._state.group = g if self._state.group is None else torch.cat([self._state.group, g])
 
+    def unscale(self, factor: float) -> None:
+        """Say that the backward loss was multiplied by ``factor`` (``GradScaler.get_scale()`` under fp16).
+
+        The stored values are divided back: squared norms and Grams by ``factor²``, sketches by ``factor``.
+        """
+        if self._state is not None:
+            if not factor > 0:
+                raise ValueError(f"the loss scale must be positive, got {factor!r}")
+            self._state.loss_scale = float(factor)
+
     def summary(self) -> dict[str, float]:
         """After the block: ``{"m_coherence", "m_coherence/<group>" (with groups), "n"}`` of the logged step.
 

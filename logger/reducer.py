@@ -125,8 +125,9 @@ class StepReducer:
 
     def _device_tensors(self, state: StepState, sizes: list[int], n_groups: int) -> dict[str, torch.Tensor]:
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
-        sq_norm = torch.stack(sq, 1).to(torch.float64)  # [n, L]
-        grams = self._grams(n_groups)  # [L, G, G] float64
+        inv = 1.0 / state.loss_scale  # a loss scaler's factor (fp16 training): stored values are unscaled
+        sq_norm = torch.stack(sq, 1).to(torch.float64) * inv**2  # [n, L]
+        grams = self._grams(n_groups) * inv**2  # [L, G, G] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         reconciled = torch.stack([t.reconciled() for t in self.trackers]) | ~finite
         out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
@@ -135,7 +136,7 @@ class StepReducer:
             out["loss"] = torch.cat(state.losses)
         if self.config.sketch_dim:
             dtype = torch.float16 if self.config.sketch_dtype == "float16" else torch.float32
-            out["sketch"] = torch.stack(sketches, 1).to(dtype)  # [n, L, k]
+            out["sketch"] = (torch.stack(sketches, 1) * inv).to(dtype)  # [n, L, k]
         return out
 
     def _grams(self, n_groups: int) -> torch.Tensor:

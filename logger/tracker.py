@@ -50,6 +50,7 @@ class StepState:
         callback_queued: Whether the end-of-backward callback is queued for the running backward pass.
         losses: Per-example losses passed to ``Recording.loss``.
         meta_parts: Per-micro-batch metadata passed to ``Recording.examples`` (key -> list over micro-batches).
+        loss_scale: The factor the backward loss was multiplied by (a loss scaler's), divided out when storing.
         device: The model's device (for group ids given per micro-batch).
         trackers: The layer trackers filling this state.
     """
@@ -66,6 +67,7 @@ class StepState:
     callback_queued: bool = False
     losses: list[torch.Tensor] = field(default_factory=list)
     meta_parts: dict[str, list] = field(default_factory=dict)
+    loss_scale: float = 1.0
     device: torch.device | None = None
     trackers: list[LayerTracker] = field(default_factory=list)
 

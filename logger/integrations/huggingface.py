@@ -120,6 +120,9 @@ class GradcohCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the step's record block (all micro-batches done, gradients clipped, optimizer not yet stepped)."""
+        scaler = getattr(self._trainer.accelerator, "scaler", None)
+        if self._rec is not None and scaler is not None and scaler.is_enabled():  # fp16: the loss was scaled
+            self._rec.unscale(float(scaler.get_scale()))
         self._close_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

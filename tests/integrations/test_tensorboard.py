@@ -62,3 +62,22 @@ def test_summary_of_an_unlogged_step_is_empty(tmp_path):
     with pytest.raises(RuntimeError, match="after the record block"):
         with GradientLogger(model, tmp_path / "t.zarr") as glog, glog.record(0) as rec:
             rec.summary()
+
+
+def test_loss_scaler_values_are_unscaled(tmp_path):
+    """A GradScaler multiplies the backward loss; rec.unscale(scale) stores the unscaled values."""
+    torch.manual_seed(61)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for path, scaled in (("plain.zarr", False), ("scaled.zarr", True)):
+        with GradientLogger(model, tmp_path / path, sketch_dim=16, sketch_dtype="float32") as glog:
+            with glog.record(0) as rec:
+                loss = F.cross_entropy(model(x), y)
+                (scaler.scale(loss) if scaled else loss).backward()
+                if scaled:
+                    rec.unscale(scaler.get_scale())
+        model.zero_grad()
+    plain, scaled = open_store(tmp_path / "plain.zarr"), open_store(tmp_path / "scaled.zarr")
+    for var in ("sq_norm", "sum_sq_norm", "group_gram", "sketch"):
+        np.testing.assert_allclose(scaled[var].values, plain[var].values, rtol=1e-5, atol=1e-9)
