@@ -120,3 +120,24 @@ def test_trainer_callback_ddp_two_processes(tmp_path):
         stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
         assert stored == pytest.approx(oracle_coherence(model, ds, [int(i) - 100 for i in index], "classifier"),
                                        rel=1e-4)
+
+
+def test_trainer_callback_resume_appends(tmp_path):
+    """Resuming from a checkpoint with mode="append" continues the store after its last committed step."""
+    ds = dataset("classifier")
+
+    def run(max_steps, mode, resume):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=max_steps, save_steps=2,
+            save_strategy="steps", learning_rate=1e-3, report_to="none", use_cpu=True, seed=3, disable_tqdm=True,
+            logging_steps=100,
+        )
+        trainer = transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
+                                       callbacks=[GradcohCallback(tmp_path / "s.zarr", every=1, mode=mode)])
+        trainer.train(resume_from_checkpoint=resume)
+
+    run(2, "create", None)
+    run(4, "append", True)
+    store = open_store(tmp_path / "s.zarr")
+    assert list(store.step.values) == [1, 2, 3, 4]
+    assert (store.index.values >= 100).all()

@@ -111,3 +111,19 @@ def test_lightning_callback_ddp_two_processes(tmp_path):
         assert len(set(index.tolist())) == store.n_examples.values[s]
         stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
         assert stored == pytest.approx(oracle(module.net, data, index), rel=1e-4)
+
+
+def test_lightning_callback_resume_appends(tmp_path):
+    """fit(ckpt_path=...) with mode="append" continues the store after its last committed step."""
+    data = Indexed()
+
+    def run(max_steps, mode, ckpt):
+        callback = GradcohCallback(tmp_path / "s.zarr", every=1, mode=mode, index=lambda b: b[2])
+        trainer = L.Trainer(max_steps=max_steps, callbacks=[callback], logger=False, accelerator="cpu", devices=1,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(Module(), DataLoader(data, batch_size=4), ckpt_path=ckpt)
+        trainer.save_checkpoint(tmp_path / "last.ckpt")
+
+    run(2, "create", None)
+    run(4, "append", tmp_path / "last.ckpt")
+    assert list(open_store(tmp_path / "s.zarr").step.values) == [0, 1, 2, 3]
