@@ -141,3 +141,27 @@ def test_trainer_callback_resume_appends(tmp_path):
     store = open_store(tmp_path / "s.zarr")
     assert list(store.step.values) == [1, 2, 3, 4]
     assert (store.index.values >= 100).all()
+
+
+def test_trainer_callback_groups_and_refusals(tmp_path):
+    """group_column gives per-group scalars in the log history; gradient checkpointing is refused clearly."""
+    ds = dataset("classifier").add_column("noisy", [i % 2 for i in range(N)])
+    ds = ds.with_format("torch")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.0,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=100,
+    )
+    callback = GradcohCallback(tmp_path / "g.zarr", every=1, groups=("clean", "noisy"), group_column="noisy")
+    trainer = transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds, callbacks=[callback])
+    trainer.train()
+    store = open_store(tmp_path / "g.zarr")
+    np.testing.assert_array_equal(store.group.values, (store.index.values - 100) % 2)
+    logged = [h for h in trainer.state.log_history if "gradcoh/m_coherence/noisy" in h]
+    assert len(logged) == 2 and all("gradcoh/m_coherence/clean" in h for h in logged)
+    with pytest.raises(ValueError, match="sets loss_reduction itself"):
+        GradcohCallback(tmp_path / "x.zarr", loss_reduction="mean")
+    args.gradient_checkpointing = True
+    trainer = transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
+                                   callbacks=[GradcohCallback(tmp_path / "c.zarr")])
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        trainer.train()
