@@ -23,7 +23,6 @@ Steps are numbered like the Trainer's logs: ``global_step`` after the optimizer 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..hook import GradientLogger
-from ..recorder import Recording
+from .window import StepWindow
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,7 @@ class GradcohCallback(TrainerCallback):
         self.logger: GradientLogger | None = None
         self._trainer: Trainer | None = None
         self._hook: Any = None
-        self._block: contextlib.AbstractContextManager | None = None
-        self._rec: Recording | None = None
-        self._pending: dict[str, float] | None = None
+        self._window: StepWindow | None = None
 
     # --- set-up ------------------------------------------------------------------------------------------
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -96,54 +93,51 @@ class GradcohCallback(TrainerCallback):
         if self.logger is None:
             self.logger = GradientLogger(self._trainer.model, self.store, loss_reduction="sum", **self.options)
             self.logger.batch_sums_from_grad = False  # the Trainer clips .grad before our next callback runs
+            self._window = StepWindow(self.logger)
             self._hook = self._trainer.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     # --- one optimizer step ------------------------------------------------------------------------------
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Open the record block for the step's micro-batches when the step is logged."""
-        step = state.global_step + 1
-        if self.logger is not None and self.logger.should_log(step):
-            self._block = self.logger.record(step)
-            self._rec = self._block.__enter__()
+        if self._window is not None:
+            self._window.start(state.global_step + 1)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kwargs = dict(kwargs)
         index = kwargs.pop(self.index_column, None) if self.index_column else None
         group = kwargs.pop(self.group_column, None) if self.group_column else None
-        if self._rec is not None and self._rec.active and module.training:
+        rec = None if self._window is None else self._window.rec
+        if rec is not None and rec.active and module.training:
             labels = kwargs.get(self.label_column)
             n = _batch_size(args, kwargs)
             class_labels = labels if torch.is_tensor(labels) and labels.dim() == 1 and labels.shape[0] == n else None
-            self._rec.examples(index=index if index is not None else torch.full((n,), -1), labels=class_labels,
-                               group=group)
+            rec.examples(index=index if index is not None else torch.full((n,), -1), labels=class_labels,
+                         group=group)
         return args, kwargs
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the step's record block (all micro-batches done, gradients clipped, optimizer not yet stepped)."""
+        if self._window is None or not self._window.open:
+            return
         scaler = getattr(self._trainer.accelerator, "scaler", None)
-        if self._rec is not None and scaler is not None and scaler.is_enabled():  # fp16: the loss was scaled
-            self._rec.unscale(float(scaler.get_scale()))
-        self._close_step()
+        if scaler is not None and scaler.is_enabled():  # fp16: the loss was scaled
+            self._window.rec.unscale(float(scaler.get_scale()))
+        self._window.close()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Hand the step's m-coherence to the Trainer's logs (TensorBoard, W&B, MLflow, CSV, log history)."""
-        self._close_step()  # (if the optimizer step was skipped)
-        if self._pending:
-            values, self._pending = self._pending, None
-            self._trainer.log(values)
-
-    def _close_step(self) -> None:
-        if self._block is None:
+        if self._window is None:
             return
-        block, rec, self._block, self._rec = self._block, self._rec, None, None
-        block.__exit__(None, None, None)
-        summary = rec.summary()
-        if summary:
-            self._pending = {f"gradcoh/{k}": v for k, v in summary.items() if k != "n"}
+        self._window.close()  # (if the optimizer step was skipped)
+        values = self._window.take()
+        if values:
+            self._trainer.log(values)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Commit everything and remove the hooks."""
-        self._close_step()
+        if self._window is not None:
+            self._window.close()
+            self._window = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

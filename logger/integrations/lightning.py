@@ -13,7 +13,6 @@ Trainer's loggers. Steps are numbered by ``trainer.global_step`` when the window
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import lightning as L
 
 from ..hook import GradientLogger
-from ..recorder import Recording
+from .window import StepWindow
 
 BatchFn = Callable[[Any], Any] | None
 
@@ -47,51 +46,40 @@ class GradcohCallback(L.Callback):
         self.index, self.labels, self.group = index, labels, group
         self.options = options
         self.logger: GradientLogger | None = None
-        self._block: contextlib.AbstractContextManager | None = None
-        self._rec: Recording | None = None
-        self._pending: dict[str, float] | None = None
+        self._window: StepWindow | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Open the logger on the module (resume: ``mode="append"`` continues the store after its last step)."""
         if self.logger is None:
             self.logger = GradientLogger(pl_module, self.store, loss_reduction="sum", **self.options)
             self.logger.batch_sums_from_grad = False  # gradients may be clipped/unscaled before the block ends
+            self._window = StepWindow(self.logger)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         """Open the block at the first micro-batch of a window; hand each micro-batch's metadata to it."""
-        if self._block is None and batch_idx % trainer.accumulate_grad_batches == 0 and \
-                self.logger.should_log(trainer.global_step):
-            self._block = self.logger.record(trainer.global_step)
-            self._rec = self._block.__enter__()
-        if self._rec is not None and self._rec.active:
-            self._rec.examples(**{key: fn(batch) for key, fn in
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._window.start(trainer.global_step)
+        if self._window.open:
+            self._window.rec.examples(**{key: fn(batch) for key, fn in
                                   (("index", self.index), ("labels", self.labels), ("group", self.group))
                                   if fn is not None})
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         """Close the block: every micro-batch of the step has been backpropagated."""
-        if self._block is None:
-            return
-        block, rec, self._block, self._rec = self._block, self._rec, None, None
-        block.__exit__(None, None, None)
-        summary = rec.summary()
-        if summary:
-            self._pending = {f"gradcoh/{k}": v for k, v in summary.items() if k != "n"}
+        self._window.close()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Send the step's m-coherence to the Trainer's loggers."""
-        if self._pending:
-            values, self._pending = self._pending, None
-            for name, value in values.items():
-                pl_module.log(name, value, on_step=True, on_epoch=False)
+        for name, value in self._window.take().items():
+            pl_module.log(name, value, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Commit everything."""
-        if self._block is not None:  # a window cut short by the end of training
-            self._block.__exit__(None, None, None)
-            self._block = self._rec = None
+        if self._window is not None:  # a window cut short by the end of training
+            self._window.close()
+            self._window = None
         if self.logger is not None:
             self.logger.close()
             self.logger = None

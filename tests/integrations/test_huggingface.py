@@ -4,6 +4,7 @@ indices and checked against a float64 per-example loop; scalars in the Trainer's
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import transformers
 from datasets import Dataset
 from gradcoh.analysis import open_store
 from gradcoh.logger.integrations.huggingface import GradcohCallback
+from launch import run_two_ranks
 
 V, T, N = 40, 6, 12
 
@@ -92,25 +94,7 @@ def test_trainer_callback_exact_per_step(kind, bf16, tmp_path):
 def test_trainer_callback_ddp_two_processes(tmp_path):
     """torchrun-style gloo DDP: each rank stores its own examples; the global m-coherence of a step equals the
     oracle over the examples of both ranks."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("hf_ddp_worker.py")
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "s.zarr"), "classifier"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    run_two_ranks(Path(__file__).with_name("hf_ddp_worker.py"), str(tmp_path / "s.zarr"), "classifier")
     store = open_store(tmp_path / "s.zarr")
     model, ds = tiny("classifier"), dataset("classifier")
     assert list(store.step.values) == [1, 2]

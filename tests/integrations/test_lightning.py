@@ -4,6 +4,7 @@ step against a float64 per-example loop (examples found through the stored indic
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from gradcoh.analysis import open_store
 from gradcoh.logger.integrations.lightning import GradcohCallback
+from launch import run_two_ranks
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -81,26 +83,7 @@ def test_lightning_callback_exact_per_step(precision, tmp_path):
 
 def test_lightning_callback_ddp_two_processes(tmp_path):
     """torchrun-style gloo DDP: the global m-coherence of each step equals the oracle over both ranks' examples."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker = Path(__file__).with_name("lightning_ddp_worker.py")
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2",
-               "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "gradcoh-test", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "s.zarr")], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
+    run_two_ranks(Path(__file__).with_name("lightning_ddp_worker.py"), str(tmp_path / "s.zarr"))
     store = open_store(tmp_path / "s.zarr")
     data, module = Indexed(), Module()
     assert list(store.step.values) == [0, 1]
