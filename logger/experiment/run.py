@@ -65,7 +65,8 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     overwrite: bool = False  # replace an existing store instead of refusing
-    progress: bool = False  # tqdm progress bar on stderr
+    progress: bool = False  # tqdm progress bar on stderr: probe_mcoh (probe m-coherence), probe_fit (fraction of
+    # probe examples predicted as their training label), loss and batch_acc (accuracy on the training batch)
     synthetic_size: int = 256  # examples of the synthetic dataset
     threads: int | None = None  # torch intra-op threads (process-wide); 1 is much faster for tiny models on CPU
 
@@ -259,10 +260,10 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
             coh, m = glog.last_coherence(schema.STREAM_PROBE), len(probe.index)
             fit, fit_bad = probe.fit(model)
             report = ProbeReport(step, m, coh, fit, fit_bad, per.mean().item())
-            postfix.update(probe_mcoh=f"{coh:.3g}", fit=f"{fit:.2f}")
+            postfix.update(probe_mcoh=f"{coh:.3g}", probe_fit=f"{fit:.2f}")
             if on_probe is not None:
                 on_probe(report)
         if step % 10 == 0 or step == total - 1:
             acc = (out.argmax(1) == y).float().mean().item()  # host sync, only every 10 steps
-            postfix.update(loss=f"{per.mean().item():.3f}", acc=f"{acc:.2f}")
+            postfix.update(loss=f"{per.mean().item():.3f}", batch_acc=f"{acc:.2f}")
             bar.set_postfix(postfix, refresh=False)
