@@ -18,12 +18,14 @@ from gradcoh.analysis.coherence import (
     noise_scale,
 )
 from gradcoh.analysis.io import (
+    MissingMetadataWarning,
     StoreNotFoundError,
     StreamNotFoundError,
     describe_store,
     list_streams,
     open_root,
     open_store,
+    valid_examples,
 )
 from gradcoh.analysis.layers import layer_weights, match_layers, select_layers
 from gradcoh.analysis.pairwise import (
@@ -41,6 +43,7 @@ from gradcoh.logger.schema import FormatError
 
 __all__ = [
     "FormatError",
+    "MissingMetadataWarning",
     "StoreNotFoundError",
     "StreamNotFoundError",
     "alpha",
@@ -69,4 +72,5 @@ __all__ = [
     "select_layers",
     "session",
     "stiffness",
+    "valid_examples",
 ]

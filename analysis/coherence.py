@@ -27,6 +27,7 @@ from gradcoh.analysis.subsets import (
     SUBSET_DIM,
     group_gram_diagonal,
     membership,
+    require_sketches,
     sketch_numerator,
     subset_denominator,
 )
@@ -64,9 +65,11 @@ def _whole_batch_parts(ds: xr.Dataset, source: str) -> xr.Dataset:
 
 
 def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str) -> tuple[xr.Dataset, str]:
+    exact = isinstance(by, str) and by == "group" and source == "exact"
+    if not exact:
+        require_sketches(ds)  # before membership, which may warn about missing labels
     member = membership(ds, by)
     den = subset_denominator(ds, member)
-    exact = isinstance(by, str) and by == "group" and source == "exact"
     num = group_gram_diagonal(ds) if exact else sketch_numerator(ds, member)
     m = member.sum(schema.DIM_EXAMPLE)
     return xr.Dataset({"numerator": num, "denominator": den, "m": m}), ("exact" if exact else "sketch")
@@ -128,8 +131,10 @@ def m_coherence(
     Args:
         ds: A store Dataset.
         per_layer: Keep the ``layer`` dimension instead of the network total Σ_l num_l / Σ_l den_l.
-        by: ``None`` (all examples), ``"group"``, ``"label"`` (needs sketches), or a ``(step, example)`` DataArray:
-            boolean (one subset, named after the array) or integer (one subset per distinct value ≥ 0).
+        by: ``None`` (all examples), ``"group"``, ``"label"`` (needs sketches, and labels: a store logged without
+            ``labels=`` warns with :class:`~gradcoh.analysis.io.MissingMetadataWarning` and gives no subset), or a
+            ``(step, example)`` DataArray: boolean (one subset, named after the array) or integer (one subset per
+            distinct value ≥ 0). Padding is excluded by position (:func:`~gradcoh.analysis.io.valid_examples`).
         source: ``"exact"`` or ``"sketch"`` numerators (subsets other than groups always use sketches).
         layers: Layer name pattern(s) (glob or regex); the total is over the selected layers.
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 import zarr
 import zarr.errors
@@ -21,18 +24,50 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "COMPACTED_KEY",
+    "RECORD_ARGUMENTS",
+    "VALID",
+    "MissingMetadataWarning",
     "StoreNotFoundError",
     "StreamNotFoundError",
     "describe_store",
+    "holds_metadata",
     "list_streams",
     "make_store",
     "open_root",
     "open_store",
+    "valid_examples",
+    "warn_missing_metadata",
 ]
 
 
 COMPACTED_KEY = schema.COMPACTED_KEY
 """Root attribute written by :func:`~gradcoh.analysis.compact.compact_store` (final store, sharded, consolidated)."""
+
+
+VALID = "valid"
+"""``(step, example)`` boolean coordinate of multi-process stores: True at real examples (see :func:`valid_examples`).
+
+Single-process stores do not carry it: there the rule ``example < n_examples`` is applied on the fly.
+"""
+
+RECORD_ARGUMENTS = {
+    schema.INDEX: "index",
+    schema.LABEL: "labels",
+    schema.TRUE_LABEL: "true_labels",
+    schema.GROUP: "group",
+}
+"""Per-example metadata variable → the ``GradientLogger.record``/``probe`` argument that provides it."""
+
+_NOUNS = {schema.INDEX: "dataset indices", schema.LABEL: "labels", schema.TRUE_LABEL: "true labels",
+          schema.GROUP: "groups"}
+
+
+class MissingMetadataWarning(UserWarning):
+    """An analysis needs per-example metadata (labels, indices) that the store does not hold.
+
+    Issued by :func:`warn_missing_metadata` instead of a silently empty or NaN result; the message names the
+    ``GradientLogger.record()`` argument that would have provided the data.
+    """
 
 
 class StoreNotFoundError(schema.FormatError):
@@ -258,12 +293,88 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
         for r, g in enumerate(groups)
     ]
     n_examples = sum(p[schema.N_EXAMPLES] for p in parts)
+    # Each rank's padding sits inside its own block, so the rank's own n_examples decides which positions are real.
+    valid = xr.concat([_leading_positions(p[schema.N_EXAMPLES], p.sizes[schema.DIM_EXAMPLE]) for p in parts],
+                      dim=schema.DIM_EXAMPLE)
     ds = xr.concat(parts, dim=schema.DIM_EXAMPLE, data_vars="minimal", coords="minimal", compat="override",
                    join="override", combine_attrs="override")
     ds[schema.N_EXAMPLES] = n_examples
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
+    ds = ds.assign_coords({VALID: valid})
     ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: committed, "stream": stream}
     return ds
+
+
+def _leading_positions(n_examples: xr.DataArray, width: int) -> xr.DataArray:
+    """``(step, example)`` boolean ``example < n_examples[step]`` over ``width`` positions (lazy if the input is)."""
+    position = xr.DataArray(np.arange(width, dtype=np.int64), dims=schema.DIM_EXAMPLE)
+    below = n_examples.reset_coords(drop=True) > position
+    return below.transpose(schema.DIM_STEP, schema.DIM_EXAMPLE)
+
+
+def valid_examples(ds: xr.Dataset) -> xr.DataArray:
+    """Which ``(step, example)`` positions hold a real example: the one rule every analysis uses for padding.
+
+    A step with fewer examples than the store's ``example`` width is padded at the end, so position ``e`` of step
+    ``s`` is real iff ``e < n_examples[s]`` (per rank block in a multi-process store, whose :func:`open_store`
+    result carries this mask as the coordinate :data:`VALID`). The metadata values never decide it: ``index``,
+    ``label`` and ``true_label`` are −1 at real examples too when ``GradientLogger.record`` was not given them.
+
+    Args:
+        ds: A store Dataset (:func:`open_store`), or any Dataset with ``n_examples`` and the store's whole
+            ``example`` axis (positions are counted along it, so do not subset ``example`` before analysing).
+
+    Returns:
+        Lazy boolean DataArray ``(step, example)`` without coordinates other than ``step``.
+
+    """
+    if VALID in ds.coords:
+        return ds[VALID].reset_coords(drop=True).astype(bool)
+    return _leading_positions(ds[schema.N_EXAMPLES], ds.sizes[schema.DIM_EXAMPLE])
+
+
+def holds_metadata(ds: xr.Dataset, name: str) -> bool:
+    """Whether some real example of ``ds`` has a value ≥ 0 in the per-example variable ``name`` (e.g. ``label``).
+
+    Computes one boolean reduction over ``name`` (a small ``(step, example)`` integer array). A Dataset without
+    steps or examples holds nothing to miss and counts as holding it.
+    """
+    if not (ds.sizes.get(schema.DIM_STEP, 0) and ds.sizes.get(schema.DIM_EXAMPLE, 0)):
+        return True
+    known = (ds[name].reset_coords(drop=True) >= 0) & valid_examples(ds)
+    return bool(known.any().compute())
+
+
+def _outside_stacklevel() -> int:
+    """``stacklevel`` for a warning issued here that points at the first caller outside ``gradcoh.analysis``."""
+    frame, level = sys._getframe(1), 1  # the caller of this function (which calls warnings.warn) is level 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("gradcoh.analysis"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_missing_metadata(ds: xr.Dataset, name: str, needed_by: str, consequence: str) -> None:
+    """Warn (:class:`MissingMetadataWarning`) that ``needed_by`` needs the per-example ``name`` the store lacks.
+
+    The message names the ``GradientLogger`` argument that provides the data (:data:`RECORD_ARGUMENTS`), in
+    ``record()`` for the batch stream and ``probe()`` for the probe stream, and what the result looks like instead.
+
+    Args:
+        ds: The store Dataset (its ``stream`` attribute picks the method named).
+        name: The missing variable (``"label"``, ``"true_label"``, ``"index"``, ...).
+        needed_by: What needs it, e.g. ``"m_coherence(by='label')"``.
+        consequence: What the result holds instead, e.g. ``"the result has no label subsets"``.
+
+    """
+    method = "probe" if ds.attrs.get("stream") == schema.STREAM_PROBE else "record"
+    argument = RECORD_ARGUMENTS.get(name, name)
+    noun = _NOUNS.get(name, name)
+    warnings.warn(
+        f"{needed_by} needs per-example {noun}, but this store has none ({name} is -1 for every example): "
+        f"pass {argument}= to GradientLogger.{method}() when logging; {consequence}",
+        MissingMetadataWarning,
+        stacklevel=_outside_stacklevel(),
+    )
 
 
 def _describe_stream(group: zarr.Group, name: str) -> dict[str, Any]:

@@ -25,8 +25,9 @@ import xarray as xr
 from gradcoh.analysis import kernels
 from gradcoh.analysis.coherence import Layers
 from gradcoh.analysis.finite import mask_nonfinite
+from gradcoh.analysis.io import holds_metadata, valid_examples, warn_missing_metadata
 from gradcoh.analysis.layers import select_layers
-from gradcoh.analysis.subsets import distinct_values
+from gradcoh.analysis.subsets import distinct_values, known_values
 from gradcoh.logger import schema
 
 __all__ = [
@@ -46,9 +47,16 @@ _PER_STEP = {schema.DIM_STEP: 1, **{d: -1 for d in CORE}}
 """One task per step: its whole sketch (in the stored dtype) is one chunk; blocks are cast to float64 one by one."""
 
 
-def _sketch(ds: xr.Dataset) -> xr.DataArray:
+def _require_sketches(ds: xr.Dataset) -> None:
     if schema.SKETCH not in ds:
-        raise ValueError("pairwise metrics need sketches; this store was written with sketch_dim=0")
+        raise ValueError(
+            "pairwise metrics need sketches, but this store has no sketches (written with sketch_dim=0): "
+            "create the GradientLogger with sketch_dim=k > 0 (e.g. 256) to log them"
+        )
+
+
+def _sketch(ds: xr.Dataset) -> xr.DataArray:
+    _require_sketches(ds)
     sk = ds[schema.SKETCH].reset_coords(drop=True)
     return sk.chunk(_PER_STEP) if sk.chunks is not None else sk
 
@@ -66,38 +74,34 @@ def _labels(ds: xr.Dataset, by: str | xr.DataArray) -> xr.DataArray:
     raise ValueError(f"by must be 'label', 'true_label', 'group' or a (step, example) DataArray, got {by!r}")
 
 
-def pair_statistics(
-    ds: xr.Dataset,
-    *,
-    by: str | xr.DataArray = "label",
-    layers: Layers = None,
-    block_size: int = 1024,
-    bins: int = 2000,
-) -> xr.Dataset:
-    """Raw pair sums per step: counts, cosine and sign sums (all / within / between ``by``) and a cosine histogram.
+_WITHIN_BETWEEN = ("no pair counts as within or between classes (cos_within, cos_between, sign_within and "
+                   "sign_between are NaN)")
 
-    Args:
-        ds: A store Dataset with sketches.
-        by: What "same class" means for within/between: ``"label"`` (default), ``"true_label"``, ``"group"`` or an
-            integer ``(step, example)`` DataArray; values < 0 count only towards the global statistics.
-        layers: Layer name pattern(s).
-        block_size: Rows per block of the m×m matrix.
-        bins: Histogram bins on [−1, 1].
 
-    Returns:
-        Dataset over ``step`` with ``stats`` (``stat`` = :data:`~gradcoh.analysis.kernels.PAIR_STATS`) and ``hist``
-        (``bin``), plus coordinate ``m``.
+def _checked_pairs(ds: xr.Dataset, *, by: str | xr.DataArray, layers: Layers, block_size: int, bins: int,
+                   needed_by: str | None) -> xr.Dataset:
+    """:func:`pair_statistics`, warning when ``by`` names labels the store does not hold (unless ``needed_by=None``).
 
+    ``needed_by`` says who asks, for the message (a ``str.format`` template that may use ``{by!r}``). Callers that
+    use only the all-pair statistics (cosine mean, confusion) pass ``None``: labels do not matter to them.
     """
     if block_size < 1 or bins < 2:
         raise ValueError("block_size must be ≥ 1 and bins ≥ 2")
     ds = select_layers(ds, layers)
+    _require_sketches(ds)
+    if needed_by and isinstance(by, str) and by in (schema.LABEL, schema.TRUE_LABEL) and not holds_metadata(ds, by):
+        warn_missing_metadata(ds, by, needed_by.format(by=by), _WITHIN_BETWEEN)
+    return _pairs(ds, by, block_size, bins)
+
+
+def _pairs(ds: xr.Dataset, by: str | xr.DataArray, block_size: int, bins: int) -> xr.Dataset:
+    """:func:`pair_statistics` of ``ds`` (layers already selected), without the check for missing labels."""
     n_stats = kernels.HIST_START + bins
     raw = xr.apply_ufunc(
         kernels.pairwise_stats,
         _sketch(ds),
         _per_example(_labels(ds, by)),
-        _per_example(ds[schema.INDEX] >= 0),
+        _per_example(valid_examples(ds)),
         input_core_dims=[CORE, [schema.DIM_EXAMPLE], [schema.DIM_EXAMPLE]],
         output_core_dims=[[STAT_DIM]],
         kwargs={"block_size": block_size, "bins": bins},
@@ -111,6 +115,35 @@ def pair_statistics(
     out = xr.Dataset({"stats": stats, "hist": hist.assign_coords({BIN_DIM: centers})})
     out = mask_nonfinite(out, ds)  # (NaN/Inf sketches would count as spurious pairs)
     return out.assign_coords(m=(schema.DIM_STEP, ds[schema.N_EXAMPLES].data))
+
+
+def pair_statistics(
+    ds: xr.Dataset,
+    *,
+    by: str | xr.DataArray = "label",
+    layers: Layers = None,
+    block_size: int = 1024,
+    bins: int = 2000,
+) -> xr.Dataset:
+    """Raw pair sums per step: counts, cosine and sign sums (all / within / between ``by``) and a cosine histogram.
+
+    Args:
+        ds: A store Dataset with sketches.
+        by: What "same class" means for within/between: ``"label"`` (default), ``"true_label"``, ``"group"`` or an
+            integer ``(step, example)`` DataArray; values < 0 count only towards the global statistics. A store
+            without the labels named warns (:class:`~gradcoh.analysis.io.MissingMetadataWarning`). Padding is
+            excluded by position (:func:`~gradcoh.analysis.io.valid_examples`), whatever the labels.
+        layers: Layer name pattern(s).
+        block_size: Rows per block of the m×m matrix.
+        bins: Histogram bins on [−1, 1].
+
+    Returns:
+        Dataset over ``step`` with ``stats`` (``stat`` = :data:`~gradcoh.analysis.kernels.PAIR_STATS`) and ``hist``
+        (``bin``), plus coordinate ``m``.
+
+    """
+    return _checked_pairs(ds, by=by, layers=layers, block_size=block_size, bins=bins,
+                          needed_by="pair_statistics(by={by!r})")
 
 
 def _mean(stats: xr.DataArray, total: str, count: str) -> xr.DataArray:
@@ -146,7 +179,9 @@ def stiffness(
         and coordinate ``m``.
 
     """
-    return stiffness_from_pairs(pair_statistics(ds, by=by, layers=layers, block_size=block_size, bins=2))
+    return stiffness_from_pairs(
+        _checked_pairs(ds, by=by, layers=layers, block_size=block_size, bins=2, needed_by="stiffness(by={by!r})")
+    )
 
 
 def stiffness_from_pairs(pairs: xr.Dataset) -> xr.Dataset:
@@ -162,7 +197,8 @@ def stiffness_from_pairs(pairs: xr.Dataset) -> xr.Dataset:
 
 def mean_pairwise_cosine(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 1024) -> xr.DataArray:
     """Mean cos(g_i, g_j) over pairs i < j per step (sketch estimate); ``stiffness(ds).cos_global``."""
-    out = stiffness(ds, layers=layers, block_size=block_size)["cos_global"]
+    pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=2, needed_by=None)
+    out = stiffness_from_pairs(pairs)["cos_global"]
     out.name = "mean_pairwise_cosine"
     return out
 
@@ -183,7 +219,7 @@ def gradient_confusion(ds: xr.Dataset, *, quantiles: tuple[float, ...] = (0.01, 
         ``cos_quantile`` (``step, quantile``), coordinate ``m``.
 
     """
-    pairs = pair_statistics(ds, layers=layers, block_size=block_size, bins=bins)
+    pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=bins, needed_by=None)
     return confusion_from_pairs(pairs, quantiles)
 
 
@@ -239,15 +275,18 @@ def class_stiffness(
     if kind not in ("cos", "sign"):
         raise ValueError(f"kind must be 'cos' or 'sign', got {kind!r}")
     ds = select_layers(ds, layers)
-    labels = _labels(ds, by)
+    _require_sketches(ds)
+    labels = known_values(ds, _labels(ds, by))  # −1 (no class) at padding and unknown labels
     classes = distinct_values(labels)
+    if not classes.size and isinstance(by, str) and by in (schema.LABEL, schema.TRUE_LABEL):
+        warn_missing_metadata(ds, by, f"class_stiffness(by={by!r})", "the class matrix is empty")
     codes = xr.apply_ufunc(partial(np.searchsorted, classes), labels, dask="parallelized", output_dtypes=[np.int64])
     codes = codes.where(labels >= 0, -1)
     sums = xr.apply_ufunc(
         kernels.class_pair_sums,
         _sketch(ds),
         _per_example(codes),
-        _per_example(ds[schema.INDEX] >= 0),
+        _per_example(valid_examples(ds)),
         input_core_dims=[CORE, [schema.DIM_EXAMPLE], [schema.DIM_EXAMPLE]],
         output_core_dims=[["class_i", "class_j", "part"]],
         kwargs={"n_classes": len(classes), "block_size": block_size},

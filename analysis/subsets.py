@@ -11,6 +11,7 @@ import dask.array
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import kernels
+from gradcoh.analysis.io import valid_examples, warn_missing_metadata
 from gradcoh.logger import schema
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "distinct_values",
     "group_gram_diagonal",
     "group_names",
+    "known_values",
     "membership",
+    "require_sketches",
     "sketch_numerator",
     "subset_denominator",
 ]
@@ -39,13 +42,23 @@ def group_names(ds: xr.Dataset) -> np.ndarray:
     return np.array([str(n) for n in ds[schema.GROUP_I].values])
 
 
-def _valid(ds: xr.Dataset) -> xr.DataArray:
-    return (ds[schema.INDEX] >= 0).reset_coords(drop=True)
+def known_values(ds: xr.Dataset, values: xr.DataArray) -> xr.DataArray:
+    """``values`` (per example) with −1 at padding positions (:func:`~gradcoh.analysis.io.valid_examples`)."""
+    return values.reset_coords(drop=True).where(valid_examples(ds), -1)
 
 
 def _onehot(codes: xr.DataArray, values: np.ndarray, ds: xr.Dataset) -> xr.DataArray:
     levels = xr.DataArray(values, dims=SUBSET_DIM, coords={SUBSET_DIM: values})
-    return (codes.reset_coords(drop=True) == levels) & _valid(ds)
+    return (codes.reset_coords(drop=True) == levels) & valid_examples(ds)
+
+
+def _label_subsets(ds: xr.Dataset) -> xr.DataArray:
+    """One subset per distinct label ≥ 0 of a real example; warns when the store holds no label at all."""
+    labels = known_values(ds, ds[schema.LABEL])
+    values = distinct_values(labels)
+    if not values.size and ds.sizes.get(schema.DIM_STEP, 0) and ds.sizes.get(schema.DIM_EXAMPLE, 0):
+        warn_missing_metadata(ds, schema.LABEL, "by='label'", "the result has no label subsets (it is empty)")
+    return _onehot(labels, values, ds)
 
 
 def _from_mask(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
@@ -54,14 +67,19 @@ def _from_mask(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
         raise ValueError(f"a subset mask must have dims {sorted(wanted)}, got {mask.dims}")
     if mask.dtype == bool:
         name = mask.name if mask.name is not None else "selected"
-        return (mask.reset_coords(drop=True) & _valid(ds)).expand_dims({SUBSET_DIM: [str(name)]}, axis=-1)
+        return (mask.reset_coords(drop=True) & valid_examples(ds)).expand_dims({SUBSET_DIM: [str(name)]}, axis=-1)
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"a subset mask must be bool or integer, got {mask.dtype}")
-    return _onehot(mask, distinct_values(mask), ds)
+    return _onehot(mask, distinct_values(known_values(ds, mask)), ds)
 
 
 def membership(ds: xr.Dataset, by: str | xr.DataArray) -> xr.DataArray:
     """Boolean ``(step, example, group)`` membership of each example in each subset (padding excluded).
+
+    Padding is decided by position (:func:`~gradcoh.analysis.io.valid_examples`), never by the metadata: an example
+    logged without ``index=``/``labels=`` still belongs to its group; a label or group of −1 only means "unknown"
+    (the example is in no label or group subset). ``by="label"`` on a store without labels warns
+    (:class:`~gradcoh.analysis.io.MissingMetadataWarning`, naming ``labels=``) and returns no subset.
 
     Args:
         ds: A store Dataset.
@@ -83,7 +101,7 @@ def membership(ds: xr.Dataset, by: str | xr.DataArray) -> xr.DataArray:
         member = _onehot(ds[schema.GROUP], np.arange(len(names)), ds)
         return member.assign_coords({SUBSET_DIM: names})
     if by == "label":
-        return _onehot(ds[schema.LABEL], distinct_values(ds[schema.LABEL]), ds)
+        return _label_subsets(ds)
     raise ValueError(f"by must be None, 'group', 'label' or a (step, example) DataArray, got {by!r}")
 
 
@@ -93,10 +111,23 @@ def subset_denominator(ds: xr.Dataset, member: xr.DataArray) -> xr.DataArray:
     return xr.dot(sq, member.astype(np.float64), dim=schema.DIM_EXAMPLE)
 
 
+def require_sketches(ds: xr.Dataset) -> None:
+    """Raise unless ``ds`` has sketches (needed by ``source="sketch"``, ``by="label"`` and mask subsets).
+
+    Raises:
+        ValueError: The store was written with ``sketch_dim=0``; the message says how to log sketches.
+
+    """
+    if schema.SKETCH not in ds:
+        raise ValueError(
+            "this store has no sketches (written with sketch_dim=0): source='sketch', by='label' and mask subsets "
+            "need a GradientLogger created with sketch_dim=k > 0; use source='exact' or by='group'"
+        )
+
+
 def sketch_numerator(ds: xr.Dataset, member: xr.DataArray | None) -> xr.DataArray:
     """Estimated ‖Σ_{i∈S} g_{i,l}‖² from sketches over ``(step, layer[, group])`` (``None``: all examples)."""
-    if schema.SKETCH not in ds:
-        raise ValueError("this store has no sketches (written with sketch_dim=0); use source='exact' or by='group'")
+    require_sketches(ds)
     sk = ds[schema.SKETCH].reset_coords(drop=True)
     if member is None:  # one fused pass per chunk (the common, read-bound case)
         return xr.apply_ufunc(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xarray as xr
 from gradcoh.analysis.coherence import Layers, coherence_family
-from gradcoh.analysis.pairwise import confusion_from_pairs, pair_statistics, stiffness_from_pairs
+from gradcoh.analysis.pairwise import _checked_pairs, confusion_from_pairs, stiffness_from_pairs
 from gradcoh.logger import schema
 
 __all__ = ["metrics_summary"]
@@ -14,7 +14,9 @@ def metrics_summary(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 
     """Per-step metrics table: the exact m-coherence family plus sketch-based pairwise metrics.
 
     Exact: m-coherence, α, debiased α, gradient diversity, noise scale. When the store has sketches: the
-    stiffness means and gradient-confusion statistics (estimates; see :mod:`gradcoh.analysis.pairwise`).
+    stiffness means and gradient-confusion statistics (estimates; see :mod:`gradcoh.analysis.pairwise`). Classes
+    for the within/between stiffness are the labels; a store without labels warns
+    (:class:`~gradcoh.analysis.io.MissingMetadataWarning`) and has NaN there.
 
     Args:
         ds: A store Dataset.
@@ -27,7 +29,8 @@ def metrics_summary(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 
     """
     out = coherence_family(ds, layers=layers)
     if schema.SKETCH in ds:
-        pairs = pair_statistics(ds, layers=layers, block_size=block_size)
+        pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=2000,
+                               needed_by="metrics_summary (within/between-label stiffness)")
         stiff = stiffness_from_pairs(pairs).drop_vars("m")
         conf = confusion_from_pairs(pairs, quantiles=(0.05, 0.5))
         out = out.merge(stiff)
