@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from gradcoh.cli.errors import reported
@@ -38,9 +39,13 @@ class Source(enum.StrEnum):
     sketch = "sketch"
 
 
+def _renamed(analyse: Callable[[Any], Any], names: dict[str, str]) -> Callable[[Any], Any]:
+    return lambda ds: analyse(ds).rename(names)
+
+
 def coherence(
     store: StoreArg,
-    stream: StreamOpt = "batch",
+    stream: StreamOpt = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="One value per layer.")] = False,
     by: Annotated[SplitBy | None, typer.Option("--by", help="Split by logger group or by label.")] = None,
     source: Annotated[Source, typer.Option("--source", help="Exact or sketch-based numerators.")] = Source.exact,
@@ -59,4 +64,6 @@ def coherence(
             analysis.m_coherence,
             per_layer=per_layer, by=by.value if by else None, source=source.value, layers=layers or None,
         )
+        if by is SplitBy.label:  # the subsets are labels: name the column so
+            analyse = _renamed(analyse, {"group": "label"})
         emit_analysis(store, stream, analyse, fmt, out, scheduler=scheduler, workers=workers, progress=progress)

@@ -12,12 +12,25 @@ from gradcoh.cli.options import StoreArg
 __all__ = ["info"]
 
 
+def _fields(mapping: dict[str, Any]) -> list[str]:
+    """``  key  value`` lines, nested mappings flattened as ``key.sub``."""
+    out = []
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out += [f"  {key}.{line.strip()}" for line in _fields(value)]
+        else:
+            out.append(f"  {key:<16} {json.dumps(value) if isinstance(value, list | dict) else value}")
+    return out
+
+
 def _text(summary: dict[str, Any]) -> str:
     lines = [
         f"store:   {summary['path']}",
         f"format:  {summary['format_version']}   model: {summary['model']}",
-        f"config:  {json.dumps(summary['config'])}",
-        f"sketch:  {json.dumps(summary['sketch'])}",
+        "config:",
+        *_fields(summary["config"]),
+        "sketch:  none" if not summary["sketch"] else "sketch:",
+        *_fields(summary["sketch"] or {}),
     ]
     for name, s in summary["streams"].items():
         lines.append(

@@ -25,7 +25,7 @@ __all__ = ["metrics"]
 
 def metrics(
     store: StoreArg,
-    stream: StreamOpt = "batch",
+    stream: StreamOpt = None,
     layers: LayersOpt = None,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Rows per block of pairwise work.")] = 1024,
     fmt: FormatOpt = OutFormat.table,
@@ -34,7 +34,25 @@ def metrics(
     workers: WorkersOpt = None,
     progress: ProgressOpt = None,
 ) -> None:
-    """m-coherence, α, debiased α, gradient diversity, noise scale and (with sketches) stiffness and confusion."""
+    """Per-step metrics: the exact m-coherence family and, with sketches, pairwise estimates.
+
+    \b
+    Columns (one row per step; m = examples in the step):
+      m_coherence         ‖Σg‖²/Σ‖g‖² (exact): 1 orthogonal, m identical, < 1 cancelling
+      alpha               m_coherence / m
+      debiased_alpha      (m_coherence − 1)/(m − 1): mean pairwise alignment, 0 for orthogonal
+      gradient_diversity  Σ‖g‖²/‖Σg‖² = 1/m_coherence (Yin et al. 2018)
+      noise_scale         B_simple = tr Σ / ‖ḡ‖² (McCandlish et al. 2018)
+    With sketches (estimates from the per-example sketches):
+      cos_global          mean cosine over all pairs of examples (stiffness, Fort et al. 2019)
+      cos_within          mean cosine over pairs with the same label
+      cos_between         mean cosine over pairs with different labels
+      sign_global, sign_within, sign_between
+                          the same for sign stiffness (the mean of sign(g_i·g_j))
+      min_cos             smallest pairwise cosine (gradient confusion, Sankararaman et al. 2019)
+      frac_negative       fraction of pairs with a negative cosine
+      cos_q05, cos_median 5% quantile and median of the pairwise cosines
+    """  # noqa: D301 (the backspace is click's "keep line breaks" marker)
     with reported(store):
         from gradcoh import analysis
 

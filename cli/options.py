@@ -32,7 +32,10 @@ class OutFormat(enum.StrEnum):
 
 
 StoreArg = Annotated[str, typer.Argument(help="Store directory or fsspec URL (memory://, file://, s3://).")]
-StreamOpt = Annotated[str, typer.Option("--stream", help="Stream to read: batch or probe.")]
+StreamOpt = Annotated[
+    str | None,
+    typer.Option("--stream", help="Stream to read: batch or probe (default: probe if the store has one, else batch)."),
+]
 FormatOpt = Annotated[OutFormat, typer.Option("--format", help="Output format.")]
 LayersOpt = Annotated[
     list[str] | None, typer.Option("--layers", help="Layer name pattern (glob or regex); repeatable.")

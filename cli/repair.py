@@ -39,6 +39,11 @@ def repair(
             typer.echo(f"{prefix}{action}")
         if not result["actions"]:
             typer.echo(f"{store}: nothing to repair (every stream ends at its committed step)")
+        if check:
+            c = result["checked"]
+            typer.echo(f"{store}: checked {c['chunks']} chunks of {c['variables']} variables in {c['streams']} "
+                       f"stream(s), {c['steps']} committed steps: "
+                       f"{len(result['corrupted'])} unreadable")
         if result["corrupted"]:
             typer.echo(f"{store}: {describe_bad_chunks(result['corrupted'])} (cannot be repaired)", err=True)
     if result["corrupted"]:

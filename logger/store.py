@@ -395,41 +395,52 @@ def find_partial_files(path: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.partial") if p.is_file())
 
 
-def scan_chunks(root: zarr.Group, streams: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+def scan_chunks(root: zarr.Group, streams: tuple[str, ...] | None = None,
+                tally: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Decode every committed chunk of every per-step variable; report the ones that cannot be read.
+
+    Args:
+        root: The store's root group.
+        streams: Streams to scan (default: every group).
+        tally: Filled with what was read: ``{"streams", "variables", "chunks", "steps"}``.
 
     Returns:
         One entry per unreadable chunk: ``{stream, variable, rows: [first, last], steps: [first, last] | None,
         error}``. ``rows`` are positions along ``step``; ``steps`` are the logged step numbers when readable.
     """
-    bad = []
+    bad: list[dict[str, Any]] = []
+    tally = {} if tally is None else tally
+    for key in ("streams", "variables", "chunks", "steps"):
+        tally.setdefault(key, 0)
     for name in streams or tuple(n for n, _ in root.groups()):
-        if name not in root:
-            continue
-        group = root[name]
-        committed = group.attrs.get(schema.COMMITTED_KEY)
-        if not isinstance(committed, int):
-            continue
-        try:
-            steps = np.asarray(group[schema.STEP][:committed])
-        except Exception:  # the step variable itself is damaged: report rows only
-            steps = None
-        for var in schema.VARIABLES:
-            if var not in group:
-                continue
-            arr = group[var]
-            per = arr.chunks[0]
-            for start in range(0, committed, per):
-                stop = min(start + per, committed)
-                try:
-                    arr[start:stop]
-                except Exception as err:
-                    bad.append({
-                        "stream": name, "variable": var, "rows": [start, stop - 1],
-                        "steps": None if steps is None else [int(steps[start]), int(steps[stop - 1])],
-                        "error": f"{type(err).__name__}: {err}",
-                    })
+        if name in root and isinstance(root[name].attrs.get(schema.COMMITTED_KEY), int):
+            _scan_stream(name, root[name], bad, tally)
     return bad
+
+
+def _scan_stream(name: str, group: zarr.Group, bad: list[dict[str, Any]], tally: dict[str, int]) -> None:
+    committed = group.attrs[schema.COMMITTED_KEY]
+    try:
+        steps = np.asarray(group[schema.STEP][:committed])
+    except Exception:  # the step variable itself is damaged: report rows only
+        steps = None
+    tally["streams"] += 1
+    tally["steps"] += committed
+    for var in (v for v in schema.VARIABLES if v in group):
+        arr = group[var]
+        tally["variables"] += 1
+        per = arr.chunks[0]
+        for start in range(0, committed, per):
+            stop = min(start + per, committed)
+            tally["chunks"] += 1
+            try:
+                arr[start:stop]
+            except Exception as err:
+                bad.append({
+                    "stream": name, "variable": var, "rows": [start, stop - 1],
+                    "steps": None if steps is None else [int(steps[start]), int(steps[stop - 1])],
+                    "error": f"{type(err).__name__}: {err}",
+                })
 
 
 def describe_bad_chunks(bad: list[dict[str, Any]]) -> str:
@@ -450,7 +461,8 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
     With ``check`` it also decodes every committed chunk and reports the unreadable ones (it cannot fix them).
 
     Returns:
-        ``{"actions": [str], "corrupted": [dict]}``; with ``dry_run`` the actions are what would be done.
+        ``{"actions": [str], "corrupted": [dict], "checked": {"streams", "variables", "chunks", "steps"}}`` (the
+        last empty without ``check``); with ``dry_run`` the actions are what would be done.
 
     Raises:
         StoreError: ``path`` is not a gradcoh store.
@@ -464,8 +476,9 @@ def repair_store(path: str | Path, *, dry_run: bool = False, check: bool = False
         actions.append(f"delete orphaned temporary file {partial}")
         if not dry_run:
             partial.unlink(missing_ok=True)
-    corrupted = scan_chunks(root) if check else []
-    return {"actions": actions, "corrupted": corrupted}
+    checked: dict[str, int] = {}
+    corrupted = scan_chunks(root, tally=checked) if check else []
+    return {"actions": actions, "corrupted": corrupted, "checked": checked}
 
 
 def _open_for_repair(text: str, dry_run: bool, storage_options: dict | None) -> zarr.Group:

@@ -49,7 +49,7 @@ def test_info_text_and_json(small_store):
 
 
 def test_coherence_table(small_store):
-    result = invoke("coherence", small_store.path)
+    result = invoke("coherence", small_store.path, "--stream", "batch")
     assert result.exit_code == 0, result.output
     header = result.stdout.splitlines()[0].split()
     assert header == ["step", "m", "m_coherence"]
@@ -59,7 +59,8 @@ def test_coherence_table(small_store):
 def test_coherence_json_values_match_library(small_store):
     from gradcoh.analysis import m_coherence, open_store
 
-    result = invoke("coherence", small_store.path, "--by", "group", "--per-layer", "--format", "json")
+    result = invoke("coherence", small_store.path, "--by", "group", "--per-layer", "--format", "json", "--stream",
+                    "batch")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     expected = m_coherence(open_store(small_store.path), by="group", per_layer=True).compute()
@@ -91,7 +92,7 @@ def test_coherence_csv_options(small_store, tmp_path):
     )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert {r["group"] for r in rows} == {"0", "1", "2"}
+    assert {r["label"] for r in rows} == {"0", "1", "2"}  # label subsets are named label
 
 
 def test_coherence_probe_stream(small_store):
@@ -144,7 +145,8 @@ def test_plot_svg_single_stream(small_store, tmp_path):
 
 
 def test_scheduler_and_workers_options(small_store):
-    result = invoke("coherence", small_store.path, "--workers", "1", "--format", "csv", "--progress")
+    result = invoke("coherence", small_store.path, "--workers", "1", "--format", "csv", "--progress", "--stream",
+                    "batch")
     assert result.exit_code == 0, result.output
     assert len(result.stdout.strip().splitlines()) == 6
 
