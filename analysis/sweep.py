@@ -101,8 +101,14 @@ def summarise(stores: Stores) -> SweepSummary:
     return SweepSummary([_row(name, coh, stores[name]) for name, coh in probe_coherence(stores).items()])
 
 
+def _layer_labels(store: str | Path) -> dict[str, str]:
+    return plots.layer_labels(open_store(store, stream=STREAM).attrs.get(schema.LAYERS_KEY))
+
+
 def write_figures(stores: Stores, out_dir: str | Path, *, title: str = "") -> list[Path]:
     """Paper-style PNGs: probe m-coherence per run; per-layer lines per run; clean vs corrupted in noisy runs.
+
+    Every title names the probe stream and m (the probe size); layers are labelled by name, type and shape.
 
     Args:
         stores: ``{run name: store path}`` in sweep order (e.g. ``{"0% noise": ..., "100% noise": ...}``).
@@ -116,17 +122,19 @@ def write_figures(stores: Stores, out_dir: str | Path, *, title: str = "") -> li
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prefix = f"{title}: " if title else ""
-    written = [_save(plots.plot_coherence(probe_coherence(stores), title=f"{prefix}probe m-coherence by label noise"),
-                     out / "coherence.png")]
+    figure = plots.plot_coherence(probe_coherence(stores), title=f"{prefix}m-coherence by label noise", stream=STREAM)
+    written = [_save(figure, out / "coherence.png")]
     for name, per_layer in probe_coherence(stores, per_layer=True).items():
         lines = {str(layer): per_layer.sel({schema.DIM_LAYER: layer}) for layer in per_layer[schema.DIM_LAYER].values}
-        written.append(_save(plots.plot_coherence(lines, title=f"{prefix}per-layer probe m-coherence, {name}"),
-                             out / f"layers_{_slug(name)}.png"))
+        figure = plots.plot_coherence(lines, title=f"{prefix}per-layer m-coherence, {name}", stream=STREAM,
+                                      labels=_layer_labels(stores[name]))
+        written.append(_save(figure, out / f"layers_{_slug(name)}.png"))
     for name, by_group in probe_coherence(stores, by="group").items():
         if not np.isfinite(np.asarray(by_group.sel(group="corrupted").values, dtype=float)).any():
             continue  # no corrupted example in the probe (0% noise)
-        written.append(_save(plots.plot_coherence(by_group, title=f"{prefix}clean vs corrupted, {name}"),
-                             out / f"groups_{_slug(name)}.png"))
+        figure = plots.plot_coherence(by_group, title=f"{prefix}clean vs corrupted probe examples, {name}",
+                                      stream=STREAM)
+        written.append(_save(figure, out / f"groups_{_slug(name)}.png"))
     return written
 
 

@@ -21,8 +21,16 @@ log = logging.getLogger(__name__)
 NOISE_LEVELS = (0.0, 0.5, 1.0)
 """Label-noise fractions of the sweep: real labels, half re-drawn, all re-drawn."""
 
-COLUMNS = ("run", "m", "initial", "peak", "peak step", "final", "final step", "final loss")
+COLUMNS = ("run", "m (probe size)", "initial", "peak", "peak step", "final", "final step", "final loss")
 """Header of the summary table (one column per :class:`~gradcoh.analysis.sweep.SweepRow` field)."""
+
+CAPTION = (
+    "Probe-stream m-coherence ‖Σg‖²/Σ‖g‖², m = the probe size (the same examples at every probe step).",
+    "1 = orthogonal gradients; above 1: aligned on average; below 1: partly cancelling.",
+    "initial / peak / final: first probe step / largest value (at peak step) / last probe step;",
+    "final loss: mean probe loss at the last probe step.",
+)
+"""Lines above the summary table: what its values are and what m is."""
 
 
 def _cells(row: SweepRow) -> tuple[str, ...]:
@@ -31,10 +39,11 @@ def _cells(row: SweepRow) -> tuple[str, ...]:
 
 
 def summary_table(summary: SweepSummary) -> str:
-    """The sweep summary as aligned text: one header line, one line per run."""
+    """The sweep summary as text: the caption (:data:`CAPTION`), a blank line, the header, one line per run."""
     lines = [COLUMNS, *(_cells(row) for row in summary.rows)]
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines)
+    table = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join([*CAPTION, "", *table])
 
 
 def demo(
@@ -48,8 +57,8 @@ def demo(
     """Train an MLP on scikit-learn's digits with 0%, 50% and 100% label noise (CPU, offline, ~1 minute).
 
     Writes one store per noise level, PNG figures (probe m-coherence per noise level, per layer, clean vs corrupted)
-    and summary.txt (initial / peak / final probe m-coherence and m per run). Existing demo stores in DIR are
-    replaced.
+    and summary.txt (initial / peak / final probe-stream m-coherence per run, with m = the probe size). Existing
+    demo stores in DIR are replaced.
     """
     with reported():
         from gradcoh.analysis import sweep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from pathlib import PurePath
 from typing import Annotated
 
 import typer
@@ -21,23 +22,61 @@ class Kind(enum.StrEnum):
     metrics = "metrics"
 
 
+TITLES = {
+    Kind.coherence: "m-coherence",
+    Kind.layers: "per-layer m-coherence",
+    Kind.groups: "m-coherence by group",
+    Kind.metrics: "gradient metrics",
+}
+
+
+def _open_streams(store: str, stream: str | None):
+    """``{stream: Dataset}`` of the streams to draw, each with at least one committed step.
+
+    ``stream`` given: that stream (an error if it is missing or empty). Otherwise every stream of the store that
+    holds a committed step.
+
+    Raises:
+        NothingToPlotError: No stream to draw holds a committed step.
+
+    """
+    from gradcoh import analysis
+    from gradcoh.analysis.plots import NothingToPlotError
+
+    names = [stream] if stream else analysis.list_streams(analysis.open_root(store))
+    datasets = {}
+    for name in names:
+        try:
+            datasets[name] = analysis.open_store(store, stream=name)
+        except analysis.StreamNotFoundError:
+            if stream:
+                raise
+    found = {name: ds for name, ds in datasets.items() if ds.sizes.get("step", 0)}
+    if not found:
+        which = f"stream {stream!r}" if stream else f"any stream ({', '.join(names) or 'the store has none'})"
+        raise NothingToPlotError(f"{store}: no committed steps in {which}; nothing to plot")
+    return found
+
+
 def _figure(store: str, kind: Kind, stream: str | None, progress: bool):
     from gradcoh import analysis
     from gradcoh.analysis import plots
+    from gradcoh.logger import schema
 
+    title = f"{TITLES[kind]}: {PurePath(store).name or store}"
     if kind is Kind.coherence:
-        streams = [stream] if stream else analysis.list_streams(analysis.open_root(store))
-        lazy = {s: analysis.m_coherence(analysis.open_store(store, stream=s)) for s in streams}
-        return plots.plot_coherence(analysis.compute(lazy, progress=progress), title=f"m-coherence: {store}")
-    ds = analysis.open_store(store, stream=stream or "batch")
+        lazy = {name: analysis.m_coherence(ds) for name, ds in _open_streams(store, stream).items()}
+        return plots.plot_streams(analysis.compute(lazy, progress=progress), title=title)
+    name, ds = next(iter(_open_streams(store, stream or schema.STREAM_BATCH).items()))
     if kind is Kind.layers:
         data = analysis.compute(analysis.m_coherence(ds, per_layer=True), progress=progress)
-        return plots.plot_layer_heatmap(data, title="per-layer m-coherence")
+        labels = plots.layer_labels(ds.attrs.get(schema.LAYERS_KEY))
+        return plots.plot_layer_heatmap(data, title=title, stream=name, labels=labels)
     if kind is Kind.groups:
         data = analysis.compute(analysis.m_coherence(ds, by="group"), progress=progress)
-        return plots.plot_coherence(data, title="m-coherence by group")
+        return plots.plot_coherence(data, title=title, stream=name)
     data = analysis.compute(analysis.metrics_summary(ds), progress=progress)
-    return plots.plot_metrics(data, title="gradient metrics")
+    return plots.plot_metrics(data, title=title, stream=name)
 
 
 def plot(
@@ -45,13 +84,18 @@ def plot(
     out: Annotated[str, typer.Option("--out", "-o", help="Figure file (.png, .svg, .pdf).")],
     kind: Annotated[Kind, typer.Option("--kind", help="What to draw.")] = Kind.coherence,
     stream: Annotated[
-        str | None, typer.Option("--stream", help="Stream (default: all streams for coherence, else batch).")
+        str | None,
+        typer.Option("--stream", help="Stream (default: coherence draws one panel per stream, the others batch)."),
     ] = None,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     progress: ProgressOpt = None,
 ) -> None:
-    """Draw a figure from a store and save it to FILE."""
+    """Draw a figure from a store and save it to FILE.
+
+    Titles name the stream and m (examples per value); streams of different m get separate panels. A store, or
+    stream, without committed steps is an error.
+    """
     with reported(store):
         from gradcoh import analysis
         from gradcoh.analysis import plots
