@@ -5,28 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from cli_helpers import assert_one_line_error, invoke
 from gradcoh.analysis import plots
 from gradcoh.analysis.sweep import SweepRow, SweepSummary
 from gradcoh.cli.demo import summary_table
-from gradcoh.cli.main import app
 from gradcoh.logger import schema
 from storefactory import build_store, random_gradients
-from typer.testing import CliRunner
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 @pytest.fixture
