@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from gradcoh.analysis.layers import layer_label, layer_labels
 from gradcoh.logger import schema
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -56,68 +57,6 @@ _Series = Mapping[str, xr.DataArray]
 
 class NothingToPlotError(ValueError):
     """The data has no steps, or no finite value: there is nothing to draw (instead of an empty figure)."""
-
-
-# --- layer names -----------------------------------------------------------------------------------------------
-
-
-def _count(n: int) -> str:
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
-
-
-def _shape_text(kind: str, shapes: Sequence[Sequence[int]], size: int) -> str:
-    weight = [int(d) for d in shapes[0]] if shapes else []
-    if kind == "Linear" and len(weight) == 2:
-        return f"{weight[1]}→{weight[0]}"
-    if kind.startswith("Conv") and len(weight) >= 3:
-        kernel = "×".join(str(d) for d in weight[2:])
-        return f"{kernel if len(weight) > 3 else f'k={kernel}'} {weight[1]}→{weight[0]}"
-    if kind == "Embedding" and len(weight) == 2:
-        return f"{weight[0]}×{weight[1]}"
-    return f"{_count(size)} params"
-
-
-def layer_label(entry: Mapping[str, Any]) -> str:
-    """A human name for one layer: qualified name, module type and shape, e.g. ``"1 · Linear 64→256"``.
-
-    Linear layers show ``in→out`` of their weight, convolutions ``kernel in→out`` (``"Conv2d 3×3 16→32"``),
-    embeddings ``rows×dim``; any other type shows its parameter count (``"LayerNorm 512 params"``).
-
-    Args:
-        entry: One entry of the store's layer table (root attribute ``gradcoh_layers``: ``name, type, shapes,
-            size, ...``).
-
-    Returns:
-        The label; just the name when the entry has no type.
-
-    """
-    name = str(entry.get("name", ""))
-    kind = str(entry.get("type") or "")
-    if not kind:
-        return name
-    shapes = entry.get("shapes") or []
-    size = entry.get("size")
-    if size is None:
-        size = sum(math.prod(int(d) for d in shape) for shape in shapes)
-    text = f"{kind} {_shape_text(kind, shapes, int(size))}"
-    return f"{name} · {text}" if name else text
-
-
-def layer_labels(layers: Sequence[Mapping[str, Any]] | None) -> dict[str, str]:
-    """``{layer name: label}`` for a store's layer table (see :func:`layer_label`).
-
-    Args:
-        layers: The root attribute ``gradcoh_layers`` (``open_store(path).attrs["gradcoh_layers"]``); ``None`` or
-            empty for a store without one.
-
-    Returns:
-        The labels, by layer name (empty without a table: plots then show the bare names).
-
-    """
-    return {str(entry.get("name", "")): layer_label(entry) for entry in layers or []}
 
 
 # --- text ------------------------------------------------------------------------------------------------------

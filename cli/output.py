@@ -82,6 +82,11 @@ def emit_analysis(
     with analysis.session(scheduler, workers):
         ds = analysis.open_store(store, stream=stream)
         result = analysis.compute(analyse(ds), progress=want_progress(progress))
+    if fmt is OutFormat.table and "layer" in result.dims:  # for people: "1 · Linear 64→256"; files keep the names
+        from gradcoh.analysis.layers import layer_labels
+
+        labels = layer_labels(ds.attrs.get("gradcoh_layers"))
+        result = result.assign_coords(layer=[labels.get(str(x), str(x)) for x in result["layer"].values])
     emit(result, fmt, out)
     if note:
         typer.echo(note, err=True)

@@ -70,3 +70,12 @@ def test_repair_check_says_what_it_read_and_info_is_readable(store):
     assert counts and int(counts.group(3)) == 2 and int(counts.group(4)) == 6
     info = runner.invoke(app, ["info", str(store)]).stdout
     assert re.search(r"^  sketch_dim\s+32$", info, re.M) and np.all([len(line) < 160 for line in info.splitlines()])
+
+
+def test_per_layer_tables_show_human_layer_names(store, tmp_path):
+    """Tables for people name layers as "name · type shape"; files keep the bare names for joins."""
+    table = runner.invoke(app, ["coherence", str(store), "--per-layer", "--stream", "batch"]).stdout
+    assert "0 · Linear 5→6" in table and "2 · Linear 6→3" in table
+    out = tmp_path / "l.csv"
+    runner.invoke(app, ["coherence", str(store), "--per-layer", "--stream", "batch", "--format", "csv", "-o", str(out)])
+    assert "Linear" not in out.read_text()
