@@ -24,7 +24,19 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
-from .grads import Dense, MatrixView, ParamGrad, choose_route, combine, fold, inner, natural_view, probe, split_params
+from .grads import (
+    Dense,
+    Factored,
+    MatrixView,
+    ParamGrad,
+    choose_route,
+    combine,
+    fold,
+    inner,
+    natural_view,
+    probe,
+    split_params,
+)
 from .layout import Unknown
 from .plan import LayerPlan, Source
 from .sketch import TensorSketch
@@ -178,19 +190,20 @@ class LayerTracker:
     def _forward_hook(self, source: Source, args: tuple, kwargs: dict, output: Any) -> None:
         if self._busy:
             return
-        outs = [o for o in pytree.tree_leaves(output) if torch.is_tensor(o)]
+        outs = [output] if isinstance(output, torch.Tensor) else \
+            [o for o in pytree.tree_leaves(output) if torch.is_tensor(o)]
         needs = [o for o in outs if o.requires_grad]
         if not needs:
             return  # no gradient will flow (no_grad, frozen): nothing to record
         state = self._state
         uses = state.uses
-        leaves = [a for a in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        leaves = _tensor_args(args, kwargs)
         lay = next((uses.layout(a) for a in leaves if uses.layout(a) is not None), None)
         if lay is None:
             return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
         first = next(a for a in leaves if uses.layout(a) is not None)
         r = self._rows_per_example(source, first, lay)
-        detached = pytree.tree_map(lambda a: a.detach() if torch.is_tensor(a) else a, (args, kwargs))
+        detached = _map_args(args, kwargs, torch.Tensor.detach)
         versions = [(a, a._version) for a in leaves]
         call = _Call(source, detached[0], detached[1], versions, r)
         self._calls.append(call)
@@ -321,7 +334,7 @@ class LayerTracker:
             group = [c for c in calls if c.source is source]
             if not group:
                 continue
-            if any(_is_half(x) for c in group for x in pytree.tree_leaves((c.args, c.kwargs, c.grads))):
+            if any(_is_half(x) for c in group for x in (*_tensor_args(c.args, c.kwargs), *c.grads)):
                 self.low_precision = True
             grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
                             for c in group])
@@ -507,14 +520,46 @@ def _rank_one(name: str, shape: tuple[int, ...], device: torch.device) -> tuple[
 
 
 def _upcast(tree: Any) -> Any:
-    """Half-precision tensors (autocast, bf16 models) as float32; other tensors and objects unchanged."""
+    """Half-precision tensors (autocast, bf16 models) as float32; other tensors and objects unchanged.
+
+    ``tree`` is a per-example form, or ``(args, kwargs, grads)`` of a module call.
+    """
     if isinstance(tree, Dense):
-        return Dense(*_upcast(tree.blocks))
-    if not isinstance(tree, tuple | list | dict) and not torch.is_tensor(tree):
+        return Dense(*(_float(b) for b in tree.blocks))
+    if isinstance(tree, Factored):
+        return Factored(None if tree.u is None else _float(tree.u), _float(tree.v), tree.rows_index, tree.n_rows,
+                        tree.bias)
+    if not isinstance(tree, tuple):
         return tree
-    return pytree.tree_map(
-        lambda a: a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a, tree
-    )
+    args, kwargs, grads = tree
+    return (*_map_args(args, kwargs, _float), tuple(None if g is None else _float(g) for g in grads))
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _tensor_args(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (one level deep, and inside lists/tuples)."""
+    out = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif isinstance(value, list | tuple):
+            out += [v for v in value if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _map_args(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
+    """``fn`` applied to every tensor argument (one level deep, and inside lists/tuples)."""
+    def one(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return fn(value)
+        if isinstance(value, list | tuple):
+            return type(value)(fn(v) if isinstance(v, torch.Tensor) else v for v in value)
+        return value
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
 
 def end_of_backward(state: StepState | None) -> None:
