@@ -145,6 +145,21 @@ class GradcohCallback(TrainerCallback):
             self.logger.close()
             self.logger = None
 
+    def close(self) -> None:
+        """Drop a step left open by an exception in training, remove the hooks and close the logger.
+
+        Call it (or restart the process) after ``train()``/``fit()`` raised: the Trainer does not tell callbacks.
+        """
+        if self._window is not None:
+            self._window.abort()
+            self._window = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
 
 def _calling_trainer() -> Trainer:
     """The ``Trainer`` whose ``__init__`` is running the callbacks' ``on_init_end`` (found on the call stack)."""

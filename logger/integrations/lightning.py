@@ -83,3 +83,15 @@ class GradcohCallback(L.Callback):
         if self.logger is not None:
             self.logger.close()
             self.logger = None
+
+    def close(self) -> None:
+        """Drop a step left open by an exception in training, remove the hooks and close the logger.
+
+        Call it (or restart the process) after ``train()``/``fit()`` raised: the Trainer does not tell callbacks.
+        """
+        if self._window is not None:
+            self._window.abort()
+            self._window = None
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None

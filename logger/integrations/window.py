@@ -42,6 +42,18 @@ class StepWindow:
         if summary:
             self.pending = {f"gradcoh/{k}": v for k, v in summary.items() if k != "n"}
 
+    def abort(self) -> None:
+        """Drop an open step without storing it: removes its hooks (after training raised inside the step)."""
+        if self._block is None:
+            return
+        block, self._block, self.rec = self._block, None, None
+        error = RuntimeError("training stopped inside a logged step")
+        try:
+            block.__exit__(RuntimeError, error, None)
+        except RuntimeError as raised:
+            if raised is not error:
+                raise
+
     def take(self) -> dict[str, float]:
         """The scalars of the last closed step (once), or an empty dict."""
         values, self.pending = self.pending or {}, None

@@ -110,3 +110,23 @@ def test_lightning_callback_resume_appends(tmp_path):
     run(2, "create", None)
     run(4, "append", tmp_path / "last.ckpt")
     assert list(open_store(tmp_path / "s.zarr").step.values) == [0, 1, 2, 3]
+
+
+def test_close_after_training_raised_removes_hooks(tmp_path):
+    """An exception inside a logged step leaves its hooks installed until callback.close()."""
+
+    class Failing(Module):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    callback = GradcohCallback(tmp_path / "s.zarr", every=1, index=lambda b: b[2])
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[callback], logger=False, accelerator="cpu",
+                        devices=1, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    module = Failing()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, DataLoader(Indexed(), batch_size=3))
+    callback.close()
+    assert torch.overrides._get_current_function_mode_stack() == []
+    assert not module.net[0]._forward_hooks and not module.net[0]._forward_pre_hooks
