@@ -135,30 +135,22 @@ class GradcohCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Commit everything and remove the hooks."""
-        if self._window is not None:
-            self._window.close()
-            self._window = None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        self._shutdown(abort=False)
 
     def close(self) -> None:
         """Drop a step left open by an exception in training, remove the hooks and close the logger.
 
-        Call it (or restart the process) after ``train()``/``fit()`` raised: the Trainer does not tell callbacks.
+        Call it (or restart the process) after ``train()`` raised: the Trainer does not tell callbacks.
         """
-        if self._window is not None:
-            self._window.abort()
-            self._window = None
+        self._shutdown(abort=True)
+
+    def _shutdown(self, abort: bool) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        if self._window is not None:
+            self._window.shutdown(abort)
+        self._window = self.logger = None
 
 
 def _calling_trainer() -> Trainer:

@@ -76,22 +76,17 @@ class GradcohCallback(L.Callback):
             pl_module.log(name, value, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Commit everything."""
-        if self._window is not None:  # a window cut short by the end of training
-            self._window.close()
-            self._window = None
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+        """Commit everything (a window cut short by the end of training is a step of its own)."""
+        self._shutdown(abort=False)
 
     def close(self) -> None:
-        """Drop a step left open by an exception in training, remove the hooks and close the logger.
+        """Drop a step left open by an exception in training, remove its hooks and close the logger.
 
-        Call it (or restart the process) after ``train()``/``fit()`` raised: the Trainer does not tell callbacks.
+        Call it (or restart the process) after ``fit()`` raised: Lightning does not tell callbacks.
         """
+        self._shutdown(abort=True)
+
+    def _shutdown(self, abort: bool) -> None:
         if self._window is not None:
-            self._window.abort()
-            self._window = None
-        if self.logger is not None:
-            self.logger.close()
-            self.logger = None
+            self._window.shutdown(abort)
+        self._window = self.logger = None

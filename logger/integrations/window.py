@@ -54,6 +54,14 @@ class StepWindow:
             if raised is not error:
                 raise
 
+    def shutdown(self, abort: bool = False) -> None:
+        """Close (or, after an exception, drop) the open step, then close the logger: everything is committed."""
+        if abort:
+            self.abort()
+        else:
+            self.close()
+        self.logger.close()
+
     def take(self) -> dict[str, float]:
         """The scalars of the last closed step (once), or an empty dict."""
         values, self.pending = self.pending or {}, None
