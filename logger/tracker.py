@@ -152,11 +152,6 @@ class LayerTracker:
         self._grad_versions: list[int | None] = []
         self.reset()
 
-    @property
-    def projector(self) -> list[TensorSketch] | None:
-        """The per-parameter sketch projections, or None without sketches."""
-        return self.projectors
-
     # --- lifecycle ---------------------------------------------------------------------------------------
     def attach(self, state: StepState) -> None:
         """Install the hooks for one recorded step."""

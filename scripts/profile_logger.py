@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gradcoh.logger.grads as grads
 import gradcoh.logger.hook as hook
+import gradcoh.logger.reducer as reducer
 import gradcoh.logger.sketch as sketch
 import gradcoh.logger.tracker as tracker
 from bench_overhead import SmallCNN
@@ -44,15 +45,16 @@ def instrument() -> None:
         (grads.Factored, ("materialise", "sq_norms", "sketch", "group_sums")),
         (grads.Dense, ("sq_norms", "sketch", "group_sums")),
         (sketch.TensorSketch, ("factored", "dense", "indexed")),
-        (tracker.LayerTracker, ("_param_hook", "process", "_reduce", "per_example", "gram", "batch_sum",
+        (tracker.LayerTracker, ("_param_hook", "process", "_reduce", "per_example", "gram", "reconciled",
                                 "_forward_hook")),
-        (hook.GradientLogger, ("_finish", "_put")),
+        (reducer.StepReducer, ("reduce",)),
+        (hook.GradientLogger, ("_put",)),
     ):
         for n in names:
             setattr(cls, n, label(getattr(cls, n), f"gc.{cls.__name__}.{n}"))
     tracker.choose_route = label(tracker.choose_route, "gc.choose_route")
     tracker.combine = label(tracker.combine, "gc.combine")
-    hook.to_host = label(hook.to_host, "gc.to_host")
+    reducer.to_host = label(reducer.to_host, "gc.to_host")
 
 
 def main() -> None:
@@ -72,8 +74,9 @@ def main() -> None:
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     with tempfile.TemporaryDirectory() as tmp:
         glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
-        for t in glog.trackers:  # label each layer's rule call
-            t.rule = label(t.rule, f"gc.rule.{t.name}")
+        for t in glog.trackers:  # label each layer's rule calls
+            for source in t.plan.sources:
+                source.rule = label(source.rule, f"gc.rule.{t.name}")
         idx = torch.arange(args.batch)
         step = 0
 
