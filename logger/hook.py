@@ -62,6 +62,12 @@ class GradientLogger:
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``).
 
+    Attributes:
+        batch_sums_from_grad: Read a step's batch gradient from ``.grad`` when it starts empty (no copy; default).
+            Set False when ``.grad`` may change between the last backward pass and the end of the block (a trainer
+            that clips before its callbacks run): the sums are then accumulated from the gradient hooks.
+        summary_writer: Where each logged step's scalars go (see ``summary_writer`` above), or None.
+
     Example:
         >>> with GradientLogger(model, "runs/exp.zarr", every=10) as glog:  # doctest: +SKIP
         ...     for step, (x, y, idx) in enumerate(loader):
@@ -95,9 +101,6 @@ class GradientLogger:
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
-        """Read a step's batch gradient from ``.grad`` when it starts empty (no copy). Set False when ``.grad`` may be
-        changed between the last backward and the end of the block (a trainer that clips before its callbacks run):
-        the sums are then accumulated from the gradient hooks."""
         if self.enabled:
             self._open(storage_options)
             if cfg.handle_sigterm:
