@@ -3,9 +3,10 @@
 A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | Factored`` where ``args``/``kwargs`` are
 the (detached) inputs of one forward call, ``grad_outputs`` the gradients of the loss with respect to the call's tensor
 outputs (``None`` for outputs that received none), and the batch is on dimension 0. Rules live in a
-:class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in rules, and
-modules without a rule use :func:`functional_rule` (``torch.func`` vmap of the module's vjp) unless the fallback is
-disabled.
+:class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in rules. The
+parameters of modules without a rule are observed op by op (:mod:`gradcoh.logger.uses`) unless the fallback is
+disabled; :func:`functional_rule` (``torch.func`` vmap of a module's vjp) is the generic rule a user may register
+for a module, and what the attention rule falls back to for configurations it does not factor.
 
 BatchNorm: in eval mode (or without batch statistics) the rule is exact per example. In train mode the batch
 statistics couple the examples; the rule then returns each example's *contribution* to the batch gradient (the
