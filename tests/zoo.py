@@ -108,10 +108,6 @@ def _timm(name: str, **kw) -> Callable[[], nn.Module]:
     return build
 
 
-def _tv(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-    return build
-
-
 def _tv_resnet() -> nn.Module:
     from torchvision.models.resnet import BasicBlock, ResNet
 
