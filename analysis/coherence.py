@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import xarray as xr
-from gradcoh.analysis import kernels
+from gradcoh.analysis import jackknife, kernels
 from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.layers import select_layers
 from gradcoh.analysis.subsets import (
@@ -53,29 +53,30 @@ def _check_source(source: str) -> None:
         raise ValueError(f"source must be 'exact' or 'sketch', got {source!r}")
 
 
-def _whole_batch_parts(ds: xr.Dataset, source: str) -> xr.Dataset:
+def _whole_batch_parts(ds: xr.Dataset, source: str, replicate: bool) -> xr.Dataset:
     den = ds[schema.SQ_NORM].reset_coords(drop=True).sum(schema.DIM_EXAMPLE)
     if source == "exact":
         num = ds[schema.SUM_SQ_NORM].reset_coords(drop=True)
     else:
-        num = sketch_numerator(ds, None)
+        num = sketch_numerator(ds, None, replicate=replicate)
     # m is one integer per step: load it (a lazy coordinate shared by numerator and result breaks dask.compute).
     m = xr.DataArray(np.asarray(ds[schema.N_EXAMPLES].values), dims=schema.DIM_STEP)
     return xr.Dataset({"numerator": num, "denominator": den, "m": m})
 
 
-def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str) -> tuple[xr.Dataset, str]:
+def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str, replicate: bool) -> tuple[xr.Dataset, str]:
     exact = isinstance(by, str) and by == "group" and source == "exact"
     if not exact:
         require_sketches(ds)  # before membership, which may warn about missing labels
     member = membership(ds, by)
     den = subset_denominator(ds, member)
-    num = group_gram_diagonal(ds) if exact else sketch_numerator(ds, member)
+    num = group_gram_diagonal(ds) if exact else sketch_numerator(ds, member, replicate=replicate)
     m = member.sum(schema.DIM_EXAMPLE)
     return xr.Dataset({"numerator": num, "denominator": den, "m": m}), ("exact" if exact else "sketch")
 
 
-def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", layers: Layers = None) -> xr.Dataset:
+def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", layers: Layers = None,
+                    replicate: bool = False) -> xr.Dataset:
     """Per-layer numerators ‖Σ g‖², denominators Σ‖g‖² and sizes m, the ingredients of every coherence result.
 
     Args:
@@ -84,6 +85,8 @@ def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", 
             :func:`~gradcoh.analysis.subsets.membership`).
         source: ``"exact"`` or ``"sketch"`` numerators. Subsets other than the logger's groups always use sketches.
         layers: Layer name pattern(s) (glob or regex).
+        replicate: Sketch numerators get a ``replicate`` dimension of jackknife copies
+            (:mod:`gradcoh.analysis.jackknife`); exact numerators have none.
 
     Returns:
         Dataset with ``numerator`` and ``denominator`` ``(step, layer[, group])`` and ``m`` ``(step[, group])``;
@@ -96,9 +99,9 @@ def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", 
     _check_source(source)
     ds = select_layers(ds, layers)
     if by is None:
-        parts, used = _whole_batch_parts(ds, source), source
+        parts, used = _whole_batch_parts(ds, source, replicate), source
     else:
-        parts, used = _subset_parts(ds, by, source)
+        parts, used = _subset_parts(ds, by, source, replicate)
     parts.attrs["numerator_source"] = used
     return parts
 
@@ -121,12 +124,13 @@ def m_coherence(
     by: By = None,
     source: Source = "exact",
     layers: Layers = None,
-) -> xr.DataArray:
+    stderr: bool = False,
+) -> xr.DataArray | xr.Dataset:
     """m-coherence ‖Σ_i g_i‖² / Σ_i‖g_i‖² per step (and layer, and subset).
 
     Exact values use ``sum_sq_norm`` (or the ``group_gram`` diagonal for ``by="group"``) over the exact
-    ``Σ sq_norm``. Sketch values replace the numerator by ‖Σ_i s_i‖² of the sketches (an unbiased TensorSketch
-    estimate with relative error about sqrt(2/k) for sketch width k); the denominator stays exact.
+    ``Σ sq_norm``. Sketch values replace the numerator by ‖Σ_i s_i‖² of the sketches (unbiased, with relative
+    standard deviation about sqrt(2/k) for sketch width k); the denominator stays exact.
 
     Args:
         ds: A store Dataset.
@@ -137,12 +141,14 @@ def m_coherence(
             distinct value ≥ 0). Padding is excluded by position (:func:`~gradcoh.analysis.io.valid_examples`).
         source: ``"exact"`` or ``"sketch"`` numerators (subsets other than groups always use sketches).
         layers: Layer name pattern(s) (glob or regex); the total is over the selected layers.
+        stderr: Return a Dataset with ``m_coherence`` and ``m_coherence_stderr``, the jackknife standard error of
+            sketch values (:mod:`gradcoh.analysis.jackknife`; 0 for exact values).
 
     Returns:
         DataArray over ``step`` (+ ``layer`` if ``per_layer``, + ``group`` if ``by``), with coordinate ``m`` (the
         examples behind each value); NaN where there is no example, and NaN (with a ``RuntimeWarning``) at steps
         whose gradients were not finite or not reconciled (``finite``/``reconciled`` False; per layer with
-        ``per_layer``).
+        ``per_layer``). A Dataset with ``stderr=True``.
 
     Examples:
         >>> coh = m_coherence(ds, per_layer=True)  # doctest: +SKIP
@@ -150,11 +156,18 @@ def m_coherence(
         ('step', 'layer')
 
     """
-    parts = coherence_parts(ds, by=by, source=source, layers=layers)
+    coh = _m_coherence(ds, per_layer=per_layer, by=by, source=source, layers=layers, replicate=stderr)
+    return jackknife.with_stderr(coh) if stderr else coh
+
+
+def _m_coherence(ds: xr.Dataset, *, per_layer: bool, by: By, source: Source, layers: Layers,
+                 replicate: bool) -> xr.DataArray:
+    """:func:`m_coherence`, with a ``replicate`` dimension for sketch values when ``replicate``."""
+    parts = coherence_parts(ds, by=by, source=source, layers=layers, replicate=replicate)
     num, den = parts["numerator"], parts["denominator"]
     if not per_layer:
         num, den = num.sum(schema.DIM_LAYER), den.sum(schema.DIM_LAYER)
-    dims = [d for d in (schema.DIM_STEP, schema.DIM_LAYER, SUBSET_DIM) if d in num.dims]
+    dims = [d for d in (jackknife.REPLICATE_DIM, schema.DIM_STEP, schema.DIM_LAYER, SUBSET_DIM) if d in num.dims]
     values = _ratio(num, den).transpose(*dims)
     values = mask_nonfinite(values, select_layers(ds, layers), per_layer=per_layer)
     return _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
@@ -190,46 +203,60 @@ def _derive(coh: xr.DataArray, name: str) -> xr.DataArray:
     return _finish(function(coh), coh["m"], name, long_name, coh.attrs["numerator_source"])
 
 
-def alpha(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+def _derived(ds: xr.Dataset, name: str, stderr: bool, kwargs: dict) -> xr.DataArray | xr.Dataset:
+    values = _derive(_m_coherence(ds, replicate=stderr, **_defaults(kwargs)), name)
+    return jackknife.with_stderr(values) if stderr else values
+
+
+def _defaults(kwargs: dict) -> dict:
+    allowed = {"per_layer": False, "by": None, "source": "exact", "layers": None}
+    unknown = set(kwargs) - set(allowed)
+    if unknown:
+        raise TypeError(f"unexpected arguments {sorted(unknown)}; expected some of {sorted(allowed)} and stderr")
+    return {**allowed, **kwargs}
+
+
+def alpha(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.DataArray | xr.Dataset:
     """Sample coherence α_m = m-coherence / m (Chatterjee & Zielinski's α of the sample).
 
     Same arguments as :func:`m_coherence`.
     """
-    return _derive(m_coherence(ds, **kwargs), "alpha")
+    return _derived(ds, "alpha", stderr, kwargs)
 
 
-def debiased_alpha(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+def debiased_alpha(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.DataArray | xr.Dataset:
     """Population coherence estimate (m-coherence − 1)/(m − 1), comparable across m.
 
     Not from the paper: for an i.i.d. sample, E‖Σ_i g_i‖² = m E‖g‖² + m(m − 1)‖μ‖², so m-coherence ≈ 1 + (m − 1) α_pop
     with α_pop = ‖μ‖²/E‖g‖². A ratio of unbiased estimators (consistent, not exactly unbiased). NaN for m ≤ 1. Same
     arguments as :func:`m_coherence`.
     """
-    return _derive(m_coherence(ds, **kwargs), "debiased_alpha")
+    return _derived(ds, "debiased_alpha", stderr, kwargs)
 
 
-def gradient_diversity(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+def gradient_diversity(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.DataArray | xr.Dataset:
     """Gradient diversity Σ_i‖g_i‖² / ‖Σ_i g_i‖² of Yin et al. (2018) = 1 / m-coherence.
 
     Chatterjee & Zielinski note the connection in their abstract. Same arguments as :func:`m_coherence`.
     """
-    return _derive(m_coherence(ds, **kwargs), "gradient_diversity")
+    return _derived(ds, "gradient_diversity", stderr, kwargs)
 
 
-def noise_scale(ds: xr.Dataset, **kwargs) -> xr.DataArray:
+def noise_scale(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.DataArray | xr.Dataset:
     """Simple gradient noise scale B_simple = tr Σ / ‖ḡ‖² (McCandlish et al.), exact from the same sums.
 
     With the population-normalised sample covariance Σ = (1/m) Σ_i (g_i − ḡ)(g_i − ḡ)ᵀ, tr Σ = Σ_i‖g_i‖²/m − ‖ḡ‖², so
     α_m = 1 / (1 + B_simple) and B_simple = m / m-coherence − 1. Same arguments as :func:`m_coherence`.
     """
-    return _derive(m_coherence(ds, **kwargs), "noise_scale")
+    return _derived(ds, "noise_scale", stderr, kwargs)
 
 
-def coherence_family(ds: xr.Dataset, **kwargs) -> xr.Dataset:
+def coherence_family(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.Dataset:
     """m-coherence and every quantity derived from it, from one :func:`m_coherence` graph.
 
     Args:
         ds: A store Dataset.
+        stderr: Add ``<name>_stderr`` for every variable (jackknife of sketch values, 0 for exact ones).
         **kwargs: As for :func:`m_coherence`.
 
     Returns:
@@ -237,6 +264,6 @@ def coherence_family(ds: xr.Dataset, **kwargs) -> xr.Dataset:
         (each with a ``long_name``), coordinate ``m``.
 
     """
-    coh = m_coherence(ds, **kwargs)
-    return xr.Dataset({"m_coherence": coh, **{name: _derive(coh, name) for name in _DERIVED}})
-
+    coh = _m_coherence(ds, replicate=stderr, **_defaults(kwargs))
+    out = xr.Dataset({"m_coherence": coh, **{name: _derive(coh, name) for name in _DERIVED}})
+    return jackknife.with_stderr(out) if stderr else out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dask.array
 import numpy as np
 import xarray as xr
-from gradcoh.analysis import kernels
+from gradcoh.analysis import jackknife, kernels
 from gradcoh.analysis.io import valid_examples, warn_missing_metadata
 from gradcoh.logger import schema
 
@@ -125,16 +125,24 @@ def require_sketches(ds: xr.Dataset) -> None:
         )
 
 
-def sketch_numerator(ds: xr.Dataset, member: xr.DataArray | None) -> xr.DataArray:
-    """Estimated ‖Σ_{i∈S} g_{i,l}‖² from sketches over ``(step, layer[, group])`` (``None``: all examples)."""
+def sketch_numerator(ds: xr.Dataset, member: xr.DataArray | None, *, replicate: bool = False) -> xr.DataArray:
+    """Estimated ‖Σ_{i∈S} g_{i,l}‖² from sketches over ``(step, layer[, group])`` (``None``: all examples).
+
+    With ``replicate``, a ``replicate`` dimension holds the jackknife copies (:mod:`gradcoh.analysis.jackknife`).
+    """
     require_sketches(ds)
     sk = ds[schema.SKETCH].reset_coords(drop=True)
-    if member is None:  # one fused pass per chunk (the common, read-bound case)
+    if member is None and not replicate:  # one fused pass per chunk (the common, read-bound case)
         return xr.apply_ufunc(
             kernels.sum_sq_of_sum, sk, input_core_dims=[[schema.DIM_EXAMPLE, schema.DIM_PROJ]],
             dask="parallelized", output_dtypes=[np.float64], dask_gufunc_kwargs={"allow_rechunk": True},
         )
-    sums = xr.dot(sk.astype(np.float64).fillna(0.0), member.astype(np.float64), dim=schema.DIM_EXAMPLE)
+    if member is None:
+        sums = sk.astype(np.float64).fillna(0.0).sum(schema.DIM_EXAMPLE)
+    else:
+        sums = xr.dot(sk.astype(np.float64).fillna(0.0), member.astype(np.float64), dim=schema.DIM_EXAMPLE)
+    if replicate:
+        return jackknife.replicate_sq_norms(sums)
     return (sums * sums).sum(schema.DIM_PROJ)
 
 

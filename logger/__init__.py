@@ -12,7 +12,7 @@ _EXPORTS = {
     "GradientLogger": "gradcoh.logger.hook",
     "LayerRules": "gradcoh.logger.layers",
     "default_rules": "gradcoh.logger.layers",
-    "TensorSketch": "gradcoh.logger.sketch",
+    "Projection": "gradcoh.logger.sketch",
     "StoreError": "gradcoh.logger.store",
     "validate": "gradcoh.logger.validation",
     "Validation": "gradcoh.logger.validation",

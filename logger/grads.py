@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sketch import TensorSketch
+from .sketch import TENSORSKETCH_BLOCKS, Projection
 
 MATERIALISE_BYTES = 64 * 2**20
 """Largest per-example gradient block ``[n, rows, cols]`` the mixed rule may materialise for one layer."""
@@ -111,7 +111,7 @@ class Dense:
         w = weights.to(self.blocks[0].dtype)
         return torch.cat([torch.einsum("ng,nrc->grc", w, b) for b in self.blocks], dim=2)
 
-    def sketch(self, projector: TensorSketch) -> torch.Tensor:
+    def sketch(self, projector: Projection) -> torch.Tensor:
         """``[n, k]`` sketches."""
         out, offset = None, 0
         for b in self.blocks:
@@ -206,7 +206,7 @@ class Factored:
             out.append(s)
         return torch.stack(out)
 
-    def sketch(self, projector: TensorSketch) -> torch.Tensor:
+    def sketch(self, projector: Projection) -> torch.Tensor:
         """``[n, k]`` sketches without materialising."""
         if self.u is None:
             return projector.indexed(self.rows_index, self.v)
@@ -248,7 +248,7 @@ class Composite:
         """``[g, 1, P]`` group sums in flat parameter order."""
         return torch.cat([view.to_flat(part.group_sums(weights)) for part, view in self.parts], dim=1).unsqueeze(1)
 
-    def sketch(self, projector: TensorSketch) -> torch.Tensor:
+    def sketch(self, projector: Projection) -> torch.Tensor:
         """``[n, k]`` sketches of the flat per-example gradients (materialises each part once)."""
         blocks = [view.to_flat(as_dense(part).m).unsqueeze(1) for part, view in self.parts]
         return Dense(*blocks).sketch(projector)
@@ -279,44 +279,76 @@ def as_dense(grad: LayerGrad) -> Dense:
     return grad if isinstance(grad, Dense) else grad.materialise()
 
 
-# Relative cost per multiply-add of the kernels involved, measured on a CPU core (scripts/profile_logger.py):
-# batched GEMMs run ~20x faster per element than the scattered index-adds of a CountSketch, and an FFT of size k costs
-# about 0.5·k·log2(k) GEMM-equivalents per position.
-GEMM = 0.1
-SCATTER = 2.0
-FFT = 0.5
+# Cost per element of the kernels involved, in nanoseconds on one CPU core (scripts/profile_logger.py and the
+# kernels timed alone): a multiply-add in a batched GEMM, a scattered add (index_add_ of a CountSketch), and one unit
+# of ``k·log2(k)`` in a real FFT of size k. Only their ratios matter.
+GEMM = 0.02
+SCATTER = 1.9
+FFT = 0.4
+
+
+def choose_projection(shape: tuple[int, ...], dim: int, forms: list[ParamGrad]) -> str:
+    """The sketch of one parameter, ``"countsketch"`` or ``"tensorsketch"``, from its first per-example gradients.
+
+    A block TensorSketch only for a matrix whose per-example gradients are all factored with one position
+    (``T = 1``: classifier heads, MLPs), and only when its ``2B`` FFTs per example cost less than materialising
+    and scattering the ``rows·cols`` entries; a CountSketch for everything else: vectors, views with one row or
+    column, kernels of three or more dimensions, matrices with at most ``dim`` entries (exact), materialised
+    gradients and gradients with several positions (where the materialisation costs about what autograd's own
+    weight gradient costs, and a TensorSketch's FFTs per position cost more). The choice depends on ``T = 1``
+    only, not on how large ``T`` is, so that batches of different lengths (other steps, other processes) choose
+    alike; see :mod:`gradcoh.logger.sketch` for the accuracy of each.
+
+    Args:
+        shape: The parameter's shape.
+        dim: Sketch dimension ``k``.
+        forms: Its per-example gradients at that step (in its natural view).
+    """
+    rows, cols = natural_view(shape)
+    size = rows * cols
+    if len(shape) != 2 or min(rows, cols) == 1 or size <= dim:
+        return "countsketch"
+    if not forms or any(not isinstance(f, Factored) or f.positions != 1 for f in forms):
+        return "countsketch"
+    count = GEMM * size + SCATTER * size
+    tensor = TENSORSKETCH_BLOCKS * (SCATTER * (rows + cols) + 2 * FFT * dim * math.log2(dim))
+    return "tensorsketch" if tensor < count else "countsketch"
 
 
 def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size: int,
-                           sketch_dim: int = 0) -> bool:
+                           projector: Projection | None = None) -> bool:
     """Whether to materialise ``[n, rows, cols]`` rather than keep factors: the one place this is decided.
 
     The mixed ghost-norm rule (Bu, Mao, Xu 2022): materialise when that costs less than the factored route and
     fits in ``MATERIALISE_BYTES``.
 
-    Costs per example: factored = ghost norm ``T²·(rows + cols)`` (+ CountSketch of both factors and the FFT
-    product when sketching); materialised = one batched GEMM ``T·rows·cols`` (+ a scattered sketch of ``rows·cols``
-    entries).
+    Costs per example: factored = ghost norm ``T²·(rows + cols)``; materialised = one batched GEMM ``T·rows·cols``.
+    With a sketch: a CountSketch needs the materialised gradient on either route (one scattered add per entry), so
+    materialising then costs nothing extra; a block TensorSketch adds ``B`` CountSketches of both factors and
+    ``2B`` FFTs per position to the factored route and ``B`` scattered adds per entry to the materialised one.
     """
     if n * rows * cols * element_size > MATERIALISE_BYTES:
         return False
     t, size = positions, rows * cols
     factored = GEMM * (t * t * (rows + cols) if t > 1 else rows + cols)
     materialised = GEMM * (t + 1) * size
-    if sketch_dim:
-        factored += SCATTER * t * (rows + cols) + FFT * t * sketch_dim * math.log2(max(sketch_dim, 2))
-        materialised += SCATTER * size
+    if projector is not None and projector.kind == "countsketch":
+        factored += materialised
+    elif projector is not None:
+        k, b = projector.dim, projector.blocks
+        factored += b * (SCATTER * t * (rows + cols) + 2 * FFT * t * k * math.log2(max(k, 2)))
+        materialised += b * SCATTER * size
     return materialised < factored
 
 
-def choose_route(grad: LayerGrad, projector: TensorSketch | None) -> LayerGrad:
+def choose_route(grad: LayerGrad, projector: Projection | None) -> LayerGrad:
     """Materialise a factored gradient when :func:`materialise_is_cheaper` says so."""
     if isinstance(grad, Composite):
         return Composite([(choose_route(part, None), view) for part, view in grad.parts])
     if isinstance(grad, Dense):
         return grad
     cheaper = materialise_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, grad.v.element_size(),
-                                     0 if projector is None else projector.dim)
+                                     projector)
     return grad.materialise() if cheaper else grad
 
 

@@ -16,6 +16,7 @@ or copies to the host.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from .grads import (
     Factored,
     MatrixView,
     ParamGrad,
+    choose_projection,
     choose_route,
     combine,
     fold,
@@ -39,8 +41,10 @@ from .grads import (
 )
 from .layout import Unknown
 from .plan import LayerPlan, Source
-from .sketch import TensorSketch
+from .sketch import Projection
 from .uses import Use, UseTracker, use_gradients
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,10 +142,8 @@ class LayerTracker:
         self.size = sum(p.numel() for p in self.params)
         self.views = [MatrixView.of([tuple(p.shape) for p in s.params]) for s in plan.sources]
         device = self.params[0].device
-        self.projectors: list[TensorSketch] | None = None
-        if sketch_dim:
-            self.projectors = [TensorSketch.create(seed, name, *natural_view(shape), sketch_dim, device)
-                               for name, shape in zip(plan.param_names, self.shapes, strict=True)]
+        self.seed, self.sketch_dim = seed, sketch_dim
+        self.projectors: list[Projection | None] = [None] * len(self.params)  # chosen at the first sketched step
         self.tests = [_rank_one(name, shape, device) for name, shape in zip(plan.param_names, self.shapes,
                                                                               strict=True)]
         self._handles: list[RemovableHandle] = []
@@ -351,6 +353,21 @@ class LayerTracker:
             out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]
         return out
 
+    def projector(self, i: int, forms: list[ParamGrad]) -> Projection | None:
+        """Parameter ``i``'s sketch projection (None without sketches), chosen from ``forms`` the first time.
+
+        The choice (:func:`~gradcoh.logger.grads.choose_projection`) depends only on shapes, so every process and
+        every restart of a run with the same shapes makes the same one; it is kept for the rest of the run.
+        """
+        if not self.sketch_dim:
+            return None
+        if self.projectors[i] is None:
+            kind = choose_projection(self.shapes[i], self.sketch_dim, forms)
+            self.projectors[i] = Projection.create(self.seed, self.plan.param_names[i], self.shapes[i],
+                                                   self.sketch_dim, kind, self.params[i].device)
+            _log.info("sketch of %s: %s", self.plan.param_names[i], kind)
+        return self.projectors[i]
+
     def _reduce(self, per_param: list[list[ParamGrad]]) -> None:
         state = self._state
         scale = state.scale()
@@ -358,11 +375,11 @@ class LayerTracker:
         device = self.params[0].device
         sq = torch.zeros(n, device=device)
         checks = torch.zeros(n, device=device)
-        sketch = torch.zeros(n, self.projectors[0].dim, device=device) if self.projectors is not None else None
+        sketch = torch.zeros(n, self.sketch_dim, device=device) if self.sketch_dim else None
         weights = state.weights(torch.float32)
         sums = []
         for i, forms in enumerate(per_param):
-            forms = [choose_route(f, None if self.projectors is None else self.projectors[i]) for f in forms]
+            forms = [choose_route(f, self.projector(i, forms)) for f in forms]
             sq_i, checks_i, sketch_i = self._reduce_param(i, forms, n)
             sq, checks = sq + sq_i, checks + checks_i
             if sketch is not None:
@@ -389,7 +406,7 @@ class LayerTracker:
                 )
             sq = sq + fa.sq_norms().float() + sum(2 * inner(fa, fb).float() for fb in forms[a + 1 :])
             checks = checks + probe(fa, left, right).float()
-            if self.projectors is not None:
+            if self.sketch_dim:
                 sketch = sketch + fa.sketch(self.projectors[i])
         return sq, checks, sketch
 
@@ -464,9 +481,9 @@ class LayerTracker:
         """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused)."""
         device = self.params[0].device
         sq = [self.sq.get(j, torch.zeros(n, device=device)) for j, n in enumerate(sizes)]
-        if self.projectors is None:
+        if not self.sketch_dim:
             return torch.cat(sq), None
-        k = self.projectors[0].dim
+        k = self.sketch_dim
         sk = [self.sketch.get(j, torch.zeros(n, k, device=device)) for j, n in enumerate(sizes)]
         return torch.cat(sq), torch.cat(sk)
 
@@ -491,7 +508,8 @@ class LayerTracker:
     def project(self) -> torch.Tensor:
         """``[k]`` sketch of the gradient held in the parameters' ``.grad`` (sum of the per-parameter projections)."""
         out = None
-        for p, proj, shape in zip(self.params, self.projectors, self.shapes, strict=True):
+        for i, (p, shape) in enumerate(zip(self.params, self.shapes, strict=True)):
+            proj = self.projector(i, [])
             g = torch.zeros_like(p) if p.grad is None else p.grad.detach()
             s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
             out = s if out is None else out + s

@@ -12,7 +12,7 @@ Measuring the Evolution of Gradient Alignment") is α_pop = ‖μ‖² / E‖g�
 
 for the network, for each layer (with that layer's α_l) and for each group of m_a examples (1 + (m_a − 1) α_pop).
 The statistics (``sq_norm``, ``sum_sq_norm``, ``group_gram``) are computed exactly from the sampled gradients and the
-sketches with the logger's own :class:`~gradcoh.logger.sketch.TensorSketch` (``dense``); records are fed to
+sketches with the logger's own :class:`~gradcoh.logger.sketch.Projection` (CountSketch, ``dense``); records are fed to
 :class:`~gradcoh.logger.writer.AsyncWriter` / :class:`~gradcoh.logger.store.StreamWriter` exactly as
 :class:`~gradcoh.logger.GradientLogger` does. The truth is stored in the root attribute ``gradcoh_synthetic``.
 
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 from gradcoh.logger import schema
-from gradcoh.logger.sketch import SKETCH_KIND, SKETCH_VERSION, TensorSketch
+from gradcoh.logger.sketch import SKETCH_KIND, SKETCH_VERSION, Projection
 from gradcoh.logger.store import HostRecord, StreamWriter, open_run
 from gradcoh.logger.writer import AsyncWriter
 
@@ -138,7 +138,7 @@ def _root_attrs(spec: Spec) -> dict[str, Any]:
     }
 
 
-def sample_step(spec: Spec, step: int, means: list[np.ndarray], sketches: list[TensorSketch] | None) -> HostRecord:
+def sample_step(spec: Spec, step: int, means: list[np.ndarray], sketches: list[Projection] | None) -> HostRecord:
     """Draw one step's gradients and reduce them to a :class:`HostRecord` (gradients are not kept)."""
     rng = np.random.default_rng([spec.seed, 2, step])
     m, n_groups = spec.m, len(spec.groups)
@@ -180,7 +180,7 @@ def make_synthetic_store(path: str, spec: Spec, *, storage_options: dict | None 
     means = _means(spec)
     sketches = None
     if spec.sketch_dim:
-        sketches = [TensorSketch.create(spec.seed, name, r, c, spec.sketch_dim, "cpu")
+        sketches = [Projection.create(spec.seed, name, (r, c), spec.sketch_dim, "countsketch", "cpu")
                     for name, (r, c) in zip(spec.layer_names(), spec.layers, strict=True)]
     layers = attrs[schema.LAYERS_KEY]
 

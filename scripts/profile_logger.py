@@ -44,7 +44,7 @@ def instrument() -> None:
     for cls, names in (
         (grads.Factored, ("materialise", "sq_norms", "sketch", "group_sums")),
         (grads.Dense, ("sq_norms", "sketch", "group_sums")),
-        (sketch.TensorSketch, ("factored", "dense", "indexed")),
+        (sketch.Projection, ("factored", "dense", "indexed")),
         (tracker.LayerTracker, ("_param_hook", "process", "_reduce", "per_example", "gram", "reconciled",
                                 "_forward_hook")),
         (reducer.StepReducer, ("reduce",)),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.grads import Composite, MatrixView
 from gradcoh.logger.layers import functional_rule, mha_rule
-from gradcoh.logger.sketch import TensorSketch
+from gradcoh.logger.sketch import Projection
 from oracle import expected_stats, open_logged, per_example_grads_vmap
 from torch import nn
 
@@ -54,7 +54,7 @@ def test_mha_rule_equals_fallback(mask, self_attention):
     weights = torch.tensor([[1.0], [0.0], [1.0]])
     np.testing.assert_allclose(fast.group_sums(weights), ref.group_sums(weights), rtol=1e-4, atol=1e-6)
     view = MatrixView.of([tuple(p.shape) for p in mha.parameters()])
-    proj = TensorSketch.create(0, "attn", view.rows, view.cols, 64)
+    proj = Projection.create(0, "attn", (view.rows, view.cols), 64, "tensorsketch")
     np.testing.assert_allclose(fast.sketch(proj), ref.sketch(proj), rtol=1e-4, atol=1e-5)
 
 
