@@ -23,7 +23,7 @@ from gradcoh.logger import schema
 
 __all__ = ["GROUPS", "REPLICATE_DIM", "replicate_sq_norms", "replicates", "split", "with_stderr"]
 
-GROUPS = 20
+GROUPS = 32
 """Coordinate groups of the jackknife (G): the standard error has about G − 1 degrees of freedom."""
 
 REPLICATE_DIM = "replicate"
@@ -70,17 +70,18 @@ def _sq_norm_replicates_np(x: np.ndarray, groups: int) -> np.ndarray:
     return z2 @ (masks**2).T
 
 
-def replicates(sketch: xr.DataArray, groups: int = GROUPS) -> xr.DataArray:
+def replicates(sketch: xr.DataArray, groups: int | None = None) -> xr.DataArray:
     """Sketch coordinates with a ``replicate`` dimension (0: all; g: group g left out), lazily, chunk by chunk.
 
     Args:
         sketch: Any DataArray with the ``proj`` dimension (e.g. the stored ``sketch`` or sums of it).
-        groups: Jackknife groups G.
+        groups: Jackknife groups G (default :data:`GROUPS`).
 
     Returns:
         float64 DataArray with ``replicate`` (size G + 1) before ``proj``.
     """
     k = sketch.sizes[schema.DIM_PROJ]
+    groups = groups or GROUPS
     return xr.apply_ufunc(
         _replicates_np, sketch, input_core_dims=[[schema.DIM_PROJ]],
         output_core_dims=[[REPLICATE_DIM, schema.DIM_PROJ]], kwargs={"groups": groups}, dask="parallelized",
@@ -89,9 +90,10 @@ def replicates(sketch: xr.DataArray, groups: int = GROUPS) -> xr.DataArray:
     )
 
 
-def replicate_sq_norms(vectors: xr.DataArray, groups: int = GROUPS) -> xr.DataArray:
+def replicate_sq_norms(vectors: xr.DataArray, groups: int | None = None) -> xr.DataArray:
     """Squared norms over ``proj`` of ``vectors`` and of their leave-one-group-out copies: ``replicate`` dim."""
     k = vectors.sizes[schema.DIM_PROJ]
+    groups = groups or GROUPS
     return xr.apply_ufunc(
         _sq_norm_replicates_np, vectors, input_core_dims=[[schema.DIM_PROJ]], output_core_dims=[[REPLICATE_DIM]],
         kwargs={"groups": groups}, dask="parallelized", output_dtypes=[np.float64],

@@ -22,7 +22,7 @@ from functools import partial
 
 import numpy as np
 import xarray as xr
-from gradcoh.analysis import kernels
+from gradcoh.analysis import jackknife, kernels
 from gradcoh.analysis.coherence import Layers
 from gradcoh.analysis.finite import mask_nonfinite
 from gradcoh.analysis.io import holds_metadata, valid_examples, warn_missing_metadata
@@ -55,10 +55,19 @@ def _require_sketches(ds: xr.Dataset) -> None:
         )
 
 
-def _sketch(ds: xr.Dataset) -> xr.DataArray:
+def _sketch(ds: xr.Dataset, replicate: bool = False) -> xr.DataArray:
+    """The stored sketch, one chunk per step; with ``replicate``, its jackknife copies along ``replicate``."""
     _require_sketches(ds)
     sk = ds[schema.SKETCH].reset_coords(drop=True)
-    return sk.chunk(_PER_STEP) if sk.chunks is not None else sk
+    sk = sk.chunk(_PER_STEP) if sk.chunks is not None else sk
+    return jackknife.replicates(sk) if replicate else sk
+
+
+def _like(da: xr.DataArray, sketch: xr.DataArray) -> xr.DataArray:
+    """Per-example ``da`` repeated along the sketch's ``replicate`` dimension, if it has one (kernels loop over it)."""
+    if jackknife.REPLICATE_DIM not in sketch.dims:
+        return da
+    return da.expand_dims({jackknife.REPLICATE_DIM: sketch.sizes[jackknife.REPLICATE_DIM]})
 
 
 def _per_example(da: xr.DataArray) -> xr.DataArray:
@@ -79,7 +88,7 @@ _WITHIN_BETWEEN = ("no pair counts as within or between classes (cos_within, cos
 
 
 def _checked_pairs(ds: xr.Dataset, *, by: str | xr.DataArray, layers: Layers, block_size: int, bins: int,
-                   needed_by: str | None) -> xr.Dataset:
+                   needed_by: str | None, replicate: bool = False) -> xr.Dataset:
     """:func:`pair_statistics`, warning when ``by`` names labels the store does not hold (unless ``needed_by=None``).
 
     ``needed_by`` says who asks, for the message (a ``str.format`` template that may use ``{by!r}``). Callers that
@@ -91,17 +100,18 @@ def _checked_pairs(ds: xr.Dataset, *, by: str | xr.DataArray, layers: Layers, bl
     _require_sketches(ds)
     if needed_by and isinstance(by, str) and by in (schema.LABEL, schema.TRUE_LABEL) and not holds_metadata(ds, by):
         warn_missing_metadata(ds, by, needed_by.format(by=by), _WITHIN_BETWEEN)
-    return _pairs(ds, by, block_size, bins)
+    return _pairs(ds, by, block_size, bins, replicate)
 
 
-def _pairs(ds: xr.Dataset, by: str | xr.DataArray, block_size: int, bins: int) -> xr.Dataset:
+def _pairs(ds: xr.Dataset, by: str | xr.DataArray, block_size: int, bins: int, replicate: bool) -> xr.Dataset:
     """:func:`pair_statistics` of ``ds`` (layers already selected), without the check for missing labels."""
     n_stats = kernels.HIST_START + bins
+    sketch = _sketch(ds, replicate)
     raw = xr.apply_ufunc(
         kernels.pairwise_stats,
-        _sketch(ds),
-        _per_example(_labels(ds, by)),
-        _per_example(valid_examples(ds)),
+        sketch,
+        _like(_per_example(_labels(ds, by)), sketch),
+        _like(_per_example(valid_examples(ds)), sketch),
         input_core_dims=[CORE, [schema.DIM_EXAMPLE], [schema.DIM_EXAMPLE]],
         output_core_dims=[[STAT_DIM]],
         kwargs={"block_size": block_size, "bins": bins},
@@ -162,6 +172,7 @@ def stiffness(
     by: str | xr.DataArray = "label",
     layers: Layers = None,
     block_size: int = 1024,
+    stderr: bool = False,
 ) -> xr.Dataset:
     """Stiffness of Fort et al. (2019) per step, estimated from sketches.
 
@@ -173,15 +184,18 @@ def stiffness(
         by: Class definition for within/between (see :func:`pair_statistics`).
         layers: Layer name pattern(s).
         block_size: Rows per block of the m×m matrix.
+        stderr: Add ``<name>_stderr`` for every variable: the jackknife standard error of the sketch estimate
+            (:mod:`gradcoh.analysis.jackknife`; costs G + 1 = 33 passes over the pairs).
 
     Returns:
         Dataset over ``step`` with ``cos_global, cos_within, cos_between, sign_global, sign_within, sign_between``
         and coordinate ``m``.
 
     """
-    return stiffness_from_pairs(
-        _checked_pairs(ds, by=by, layers=layers, block_size=block_size, bins=2, needed_by="stiffness(by={by!r})")
-    )
+    pairs = _checked_pairs(ds, by=by, layers=layers, block_size=block_size, bins=2,
+                           needed_by="stiffness(by={by!r})", replicate=stderr)
+    out = stiffness_from_pairs(pairs)
+    return jackknife.with_stderr(out) if stderr else out
 
 
 def stiffness_from_pairs(pairs: xr.Dataset) -> xr.Dataset:
@@ -195,16 +209,22 @@ def stiffness_from_pairs(pairs: xr.Dataset) -> xr.Dataset:
     return out.assign_coords(m=stats["m"])
 
 
-def mean_pairwise_cosine(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 1024) -> xr.DataArray:
-    """Mean cos(g_i, g_j) over pairs i < j per step (sketch estimate); ``stiffness(ds).cos_global``."""
-    pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=2, needed_by=None)
+def mean_pairwise_cosine(ds: xr.Dataset, *, layers: Layers = None, block_size: int = 1024,
+                         stderr: bool = False) -> xr.DataArray | xr.Dataset:
+    """Mean cos(g_i, g_j) over pairs i < j per step (sketch estimate); ``stiffness(ds).cos_global``.
+
+    With ``stderr``, a Dataset with ``mean_pairwise_cosine`` and its jackknife ``mean_pairwise_cosine_stderr``.
+    """
+    pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=2, needed_by=None,
+                           replicate=stderr)
     out = stiffness_from_pairs(pairs)["cos_global"]
     out.name = "mean_pairwise_cosine"
-    return out
+    return jackknife.with_stderr(out) if stderr else out
 
 
 def gradient_confusion(ds: xr.Dataset, *, quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5),
-                       layers: Layers = None, block_size: int = 1024, bins: int = 2000) -> xr.Dataset:
+                       layers: Layers = None, block_size: int = 1024, bins: int = 2000,
+                       stderr: bool = False) -> xr.Dataset:
     """Gradient confusion (Sankararaman et al. 2019) per step: the minimum and low quantiles of pairwise cosines.
 
     Args:
@@ -213,14 +233,19 @@ def gradient_confusion(ds: xr.Dataset, *, quantiles: tuple[float, ...] = (0.01, 
         layers: Layer name pattern(s).
         block_size: Rows per block of the m×m matrix.
         bins: Histogram bins; quantiles are exact to 2 / bins (the minimum is exact for the sketches).
+        stderr: Add ``<name>_stderr`` (jackknife, :mod:`gradcoh.analysis.jackknife`). The minimum is not a smooth
+            function of the sketch, so its standard error is a rough guide; quantiles and ``frac_negative`` are
+            better behaved.
 
     Returns:
         Dataset over ``step``: ``min_cos``, ``frac_negative`` (share of pairs with negative cosine) and
         ``cos_quantile`` (``step, quantile``), coordinate ``m``.
 
     """
-    pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=bins, needed_by=None)
-    return confusion_from_pairs(pairs, quantiles)
+    pairs = _checked_pairs(ds, by=schema.LABEL, layers=layers, block_size=block_size, bins=bins, needed_by=None,
+                           replicate=stderr)
+    out = confusion_from_pairs(pairs, quantiles)
+    return jackknife.with_stderr(out) if stderr else out
 
 
 def confusion_from_pairs(pairs: xr.Dataset, quantiles: tuple[float, ...] = (0.01, 0.05, 0.25, 0.5)) -> xr.Dataset:
@@ -257,7 +282,8 @@ def class_stiffness(
     by: str | xr.DataArray = "label",
     layers: Layers = None,
     block_size: int = 1024,
-) -> xr.DataArray:
+    stderr: bool = False,
+) -> xr.DataArray | xr.Dataset:
     """Class stiffness matrix C[a, b] = mean over pairs X_i ∈ a, X_j ∈ b, i ≠ j, of cos (or sign) (Fort et al.).
 
     Args:
@@ -266,10 +292,11 @@ def class_stiffness(
         by: Class definition (``"label"`` default; see :func:`pair_statistics`).
         layers: Layer name pattern(s).
         block_size: Rows per block of the m×m matrix.
+        stderr: Return a Dataset with the matrix and its jackknife ``<name>_stderr``.
 
     Returns:
         DataArray ``(step, class_i, class_j)`` (symmetric; NaN where a class pair has no pair that step), with
-        coordinate ``n_pairs``.
+        coordinate ``n_pairs``; a Dataset with ``stderr``.
 
     """
     if kind not in ("cos", "sign"):
@@ -282,11 +309,12 @@ def class_stiffness(
         warn_missing_metadata(ds, by, f"class_stiffness(by={by!r})", "the class matrix is empty")
     codes = xr.apply_ufunc(partial(np.searchsorted, classes), labels, dask="parallelized", output_dtypes=[np.int64])
     codes = codes.where(labels >= 0, -1)
+    sketch = _sketch(ds, stderr)
     sums = xr.apply_ufunc(
         kernels.class_pair_sums,
-        _sketch(ds),
-        _per_example(codes),
-        _per_example(valid_examples(ds)),
+        sketch,
+        _like(_per_example(codes), sketch),
+        _like(_per_example(valid_examples(ds)), sketch),
         input_core_dims=[CORE, [schema.DIM_EXAMPLE], [schema.DIM_EXAMPLE]],
         output_core_dims=[["class_i", "class_j", "part"]],
         kwargs={"n_classes": len(classes), "block_size": block_size},
@@ -303,4 +331,4 @@ def class_stiffness(
     out = out.assign_coords(m=(schema.DIM_STEP, ds[schema.N_EXAMPLES].data))
     out.name = f"class_stiffness_{kind}"
     out.attrs = {"estimate": "from sketches", "long_name": f"mean {kind} over pairs of classes (i ≠ j)"}
-    return out
+    return jackknife.with_stderr(out) if stderr else out

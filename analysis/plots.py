@@ -62,6 +62,9 @@ class NothingToPlotError(ValueError):
 # --- text ------------------------------------------------------------------------------------------------------
 
 
+BAND_LABEL = "95% band (±1.96 jackknife SE of the sketch estimate)"
+
+
 def _m_range(m: xr.DataArray | None) -> tuple[int, int] | None:
     if m is None:
         return None
@@ -165,6 +168,8 @@ def _drawable(data: xr.DataArray | _Series) -> dict[str, xr.DataArray]:
         NothingToPlotError: No step, or no finite value in any series.
 
     """
+    if isinstance(data, xr.Dataset):  # m_coherence(..., stderr=True): the error travels as a coordinate
+        data = data["m_coherence"].assign_coords(stderr=data["m_coherence_stderr"])
     if isinstance(data, xr.DataArray):
         if "group" in data.dims:
             series = {str(g): data.sel(group=g) for g in data["group"].values}
@@ -202,7 +207,13 @@ def _coherence_axes(ax: Axes, series: _Series, labels: Mapping[str, str], per_li
         label = labels.get(name, name)
         if per_line and (m := _m_text(line.coords.get("m"))):
             label = f"{label} ({m})"
-        ax.plot(line[schema.DIM_STEP].values, line.values, marker=".", markersize=4, label=label)
+        steps, values = line[schema.DIM_STEP].values, np.asarray(line.values, dtype=float)
+        drawn = ax.plot(steps, values, marker=".", markersize=4, label=label)[0]
+        if "stderr" in line.coords:  # a 95% band, kept above zero on the log axis
+            half = 1.96 * np.asarray(line.coords["stderr"].values, dtype=float)
+            first = not any(c.get_label() == BAND_LABEL for c in ax.collections)
+            ax.fill_between(steps, np.maximum(values - half, values / 20), values + half,
+                            color=drawn.get_color(), alpha=0.2, linewidth=0, label=BAND_LABEL if first else None)
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label=ORTHOGONAL_LABEL)
     ax.set_yscale("log")
     _readable_log_axis(ax)
@@ -237,8 +248,9 @@ def plot_coherence(
     entries). For streams of different ``m`` use :func:`plot_streams` (one panel each).
 
     Args:
-        data: A computed ``(step[, group])`` DataArray from :func:`~gradcoh.analysis.m_coherence`, or a mapping of
-            names (runs, layers) to ``(step,)`` DataArrays.
+        data: A computed ``(step[, group])`` DataArray from :func:`~gradcoh.analysis.m_coherence` (a Dataset from
+            ``m_coherence(..., stderr=True)`` adds a shaded ±1.96 SE band per line), or a mapping of names (runs,
+            layers) to ``(step,)`` DataArrays.
         title: Figure title.
         stream: Stream the data comes from (``"batch"``, ``"probe"``), named under the title with ``m``.
         labels: Legend text per line name (e.g. :func:`layer_labels` for per-layer lines); others keep their name.

@@ -16,6 +16,7 @@ from gradcoh.cli.options import (
     OutOpt,
     ProgressOpt,
     SchedulerOpt,
+    StderrOpt,
     StoreArg,
     StreamOpt,
     WorkersOpt,
@@ -50,6 +51,7 @@ def coherence(
     by: Annotated[SplitBy | None, typer.Option("--by", help="Split by logger group or by label.")] = None,
     source: Annotated[Source, typer.Option("--source", help="Exact or sketch-based numerators.")] = Source.exact,
     layers: LayersOpt = None,
+    stderr: StderrOpt = False,
     fmt: FormatOpt = OutFormat.table,
     out: OutOpt = None,
     scheduler: SchedulerOpt = None,
@@ -63,6 +65,7 @@ def coherence(
         analyse = partial(
             analysis.m_coherence,
             per_layer=per_layer, by=by.value if by else None, source=source.value, layers=layers or None,
+            stderr=stderr,
         )
         if by is SplitBy.label:  # the subsets are labels: name the column so
             analyse = _renamed(analyse, {"group": "label"})

@@ -14,6 +14,7 @@ from gradcoh.cli.options import (
     OutOpt,
     ProgressOpt,
     SchedulerOpt,
+    StderrOpt,
     StoreArg,
     StreamOpt,
     WorkersOpt,
@@ -28,6 +29,7 @@ def metrics(
     stream: StreamOpt = None,
     layers: LayersOpt = None,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Rows per block of pairwise work.")] = 1024,
+    stderr: StderrOpt = False,
     fmt: FormatOpt = OutFormat.table,
     out: OutOpt = None,
     scheduler: SchedulerOpt = None,
@@ -52,9 +54,11 @@ def metrics(
       min_cos             smallest pairwise cosine (gradient confusion, Sankararaman et al. 2019)
       frac_negative       fraction of pairs with a negative cosine
       cos_q05, cos_median 5% quantile and median of the pairwise cosines
+    With --stderr, <column>_stderr for each: the jackknife standard error of a sketch estimate, 0 when exact.
     """  # noqa: D301 (the backspace is click's "keep line breaks" marker)
     with reported(store):
         from gradcoh import analysis
 
-        analyse = partial(analysis.metrics_summary, layers=layers or None, block_size=block_size)
+        analyse = partial(analysis.metrics_summary, layers=layers or None, block_size=block_size,
+                          stderr=stderr)
         emit_analysis(store, stream, analyse, fmt, out, scheduler=scheduler, workers=workers, progress=progress)

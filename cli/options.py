@@ -15,6 +15,7 @@ __all__ = [
     "OutOpt",
     "ProgressOpt",
     "SchedulerOpt",
+    "StderrOpt",
     "StoreArg",
     "StreamOpt",
     "WorkersOpt",
@@ -37,6 +38,8 @@ StreamOpt = Annotated[
     typer.Option("--stream", help="Stream to read: batch or probe (default: probe if the store has one, else batch)."),
 ]
 FormatOpt = Annotated[OutFormat, typer.Option("--format", help="Output format.")]
+StderrOpt = Annotated[bool, typer.Option(
+    "--stderr", help="Add <name>_stderr: the jackknife standard error of each sketch estimate (0 for exact values).")]
 LayersOpt = Annotated[
     list[str] | None, typer.Option("--layers", help="Layer name pattern (glob or regex); repeatable.")
 ]

@@ -58,14 +58,15 @@ def _open_streams(store: str, stream: str | None):
     return found
 
 
-def _figure(store: str, kind: Kind, stream: str | None, progress: bool):
+def _figure(store: str, kind: Kind, stream: str | None, progress: bool, sketch: bool = False):
     from gradcoh import analysis
     from gradcoh.analysis import plots
     from gradcoh.logger import schema
 
     title = f"{TITLES[kind]}: {PurePath(store).name or store}"
+    bands = {"source": "sketch", "stderr": True} if sketch else {}
     if kind is Kind.coherence:
-        lazy = {name: analysis.m_coherence(ds) for name, ds in _open_streams(store, stream).items()}
+        lazy = {name: analysis.m_coherence(ds, **bands) for name, ds in _open_streams(store, stream).items()}
         return plots.plot_streams(analysis.compute(lazy, progress=progress), title=title)
     name, ds = next(iter(_open_streams(store, stream or schema.STREAM_BATCH).items()))
     if kind is Kind.layers:
@@ -73,7 +74,7 @@ def _figure(store: str, kind: Kind, stream: str | None, progress: bool):
         labels = plots.layer_labels(ds.attrs.get(schema.LAYERS_KEY))
         return plots.plot_layer_heatmap(data, title=title, stream=name, labels=labels)
     if kind is Kind.groups:
-        data = analysis.compute(analysis.m_coherence(ds, by="group"), progress=progress)
+        data = analysis.compute(analysis.m_coherence(ds, by="group", **bands), progress=progress)
         return plots.plot_coherence(data, title=title, stream=name)
     data = analysis.compute(analysis.metrics_summary(ds), progress=progress)
     return plots.plot_metrics(data, title=title, stream=name)
@@ -87,6 +88,8 @@ def plot(
         str | None,
         typer.Option("--stream", help="Stream (default: coherence draws one panel per stream, the others batch)."),
     ] = None,
+    stderr: Annotated[bool, typer.Option(
+        "--stderr", help="coherence/groups: sketch-based values with a shaded 95% band (±1.96 jackknife SE).")] = False,
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     progress: ProgressOpt = None,
@@ -101,6 +104,6 @@ def plot(
         from gradcoh.analysis import plots
 
         with analysis.session(scheduler, workers):
-            fig = _figure(store, kind, stream, want_progress(progress))
+            fig = _figure(store, kind, stream, want_progress(progress), sketch=stderr)
         plots.save_figure(fig, out)
         typer.echo(f"wrote {out}", err=True)
