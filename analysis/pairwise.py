@@ -3,11 +3,12 @@
 These are the O(m²) metrics that Chatterjee & Zielinski ("Making Coherence Out of Nothing At All: Measuring the
 Evolution of Gradient Alignment") compare m-coherence with. They need every pairwise inner product, so they are
 computed from the stored sketches (layer sketches concatenated over the selected layers): every value here is an
-**estimate**. The sketches are seeded TensorSketch projections of width k, one per parameter, summed per layer
-(:mod:`gradcoh.logger.sketch`); they are unbiased for inner products, and a cosine is typically off by about
-1/sqrt(k) (standard deviation; more when a few rows or columns of a gradient dominate), so signs of near-orthogonal
-pairs are noisy. Cosines use sketch norms in both numerator and denominator, so they stay in [−1, 1]. Pairs are
-i ≠ j only (the diagonal is excluded, as in the papers).
+**estimate**. The sketches are seeded projections of width k (CountSketch or block TensorSketch), one per
+parameter, summed per layer (:mod:`gradcoh.logger.sketch`); they are unbiased for inner products, and a cosine is
+typically off by about 1/sqrt(k) (standard deviation), so signs of near-orthogonal pairs are noisy; ``stderr=True``
+gives each estimate its jackknife standard error (:mod:`gradcoh.analysis.jackknife`). Cosines use sketch norms
+in both numerator and denominator, so they stay in [−1, 1]. Pairs are i ≠ j only (the diagonal is excluded, as
+in the papers).
 
 The m×m matrix of one step is walked in ``block_size × block_size`` blocks (:mod:`gradcoh.analysis.kernels`), so
 memory per task is one step's sketch (stored dtype) plus one block; m in the tens of thousands is fine. Work is one
