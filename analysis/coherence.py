@@ -160,8 +160,8 @@ def m_coherence(
     return jackknife.with_stderr(coh) if stderr else coh
 
 
-def _m_coherence(ds: xr.Dataset, *, per_layer: bool, by: By, source: Source, layers: Layers,
-                 replicate: bool) -> xr.DataArray:
+def _m_coherence(ds: xr.Dataset, *, per_layer: bool = False, by: By = None, source: Source = "exact",
+                 layers: Layers = None, replicate: bool = False) -> xr.DataArray:
     """:func:`m_coherence`, with a ``replicate`` dimension for sketch values when ``replicate``."""
     parts = coherence_parts(ds, by=by, source=source, layers=layers, replicate=replicate)
     num, den = parts["numerator"], parts["denominator"]
@@ -204,16 +204,8 @@ def _derive(coh: xr.DataArray, name: str) -> xr.DataArray:
 
 
 def _derived(ds: xr.Dataset, name: str, stderr: bool, kwargs: dict) -> xr.DataArray | xr.Dataset:
-    values = _derive(_m_coherence(ds, replicate=stderr, **_defaults(kwargs)), name)
+    values = _derive(_m_coherence(ds, replicate=stderr, **kwargs), name)
     return jackknife.with_stderr(values) if stderr else values
-
-
-def _defaults(kwargs: dict) -> dict:
-    allowed = {"per_layer": False, "by": None, "source": "exact", "layers": None}
-    unknown = set(kwargs) - set(allowed)
-    if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}; expected some of {sorted(allowed)} and stderr")
-    return {**allowed, **kwargs}
 
 
 def alpha(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.DataArray | xr.Dataset:
@@ -264,6 +256,6 @@ def coherence_family(ds: xr.Dataset, *, stderr: bool = False, **kwargs) -> xr.Da
         (each with a ``long_name``), coordinate ``m``.
 
     """
-    coh = _m_coherence(ds, replicate=stderr, **_defaults(kwargs))
+    coh = _m_coherence(ds, replicate=stderr, **kwargs)
     out = xr.Dataset({"m_coherence": coh, **{name: _derive(coh, name) for name in _DERIVED}})
     return jackknife.with_stderr(out) if stderr else out

@@ -70,6 +70,17 @@ def _sq_norm_replicates_np(x: np.ndarray, groups: int) -> np.ndarray:
     return z2 @ (masks**2).T
 
 
+def _along_proj(kernel, da: xr.DataArray, out_dims: list[str], groups: int | None) -> xr.DataArray:
+    """``kernel(values [..., k], groups)`` over the ``proj`` dimension of ``da``, lazily, chunk by chunk."""
+    groups = groups or GROUPS
+    k = da.sizes[schema.DIM_PROJ]
+    return xr.apply_ufunc(
+        kernel, da, input_core_dims=[[schema.DIM_PROJ]], output_core_dims=[out_dims], kwargs={"groups": groups},
+        dask="parallelized", output_dtypes=[np.float64],
+        dask_gufunc_kwargs={"output_sizes": {REPLICATE_DIM: min(groups, k) + 1}, "allow_rechunk": True},
+    )
+
+
 def replicates(sketch: xr.DataArray, groups: int | None = None) -> xr.DataArray:
     """Sketch coordinates with a ``replicate`` dimension (0: all; g: group g left out), lazily, chunk by chunk.
 
@@ -80,25 +91,12 @@ def replicates(sketch: xr.DataArray, groups: int | None = None) -> xr.DataArray:
     Returns:
         float64 DataArray with ``replicate`` (size G + 1) before ``proj``.
     """
-    k = sketch.sizes[schema.DIM_PROJ]
-    groups = groups or GROUPS
-    return xr.apply_ufunc(
-        _replicates_np, sketch, input_core_dims=[[schema.DIM_PROJ]],
-        output_core_dims=[[REPLICATE_DIM, schema.DIM_PROJ]], kwargs={"groups": groups}, dask="parallelized",
-        output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {REPLICATE_DIM: min(groups, k) + 1}, "allow_rechunk": True},
-    )
+    return _along_proj(_replicates_np, sketch, [REPLICATE_DIM, schema.DIM_PROJ], groups)
 
 
 def replicate_sq_norms(vectors: xr.DataArray, groups: int | None = None) -> xr.DataArray:
     """Squared norms over ``proj`` of ``vectors`` and of their leave-one-group-out copies: ``replicate`` dim."""
-    k = vectors.sizes[schema.DIM_PROJ]
-    groups = groups or GROUPS
-    return xr.apply_ufunc(
-        _sq_norm_replicates_np, vectors, input_core_dims=[[schema.DIM_PROJ]], output_core_dims=[[REPLICATE_DIM]],
-        kwargs={"groups": groups}, dask="parallelized", output_dtypes=[np.float64],
-        dask_gufunc_kwargs={"output_sizes": {REPLICATE_DIM: min(groups, k) + 1}, "allow_rechunk": True},
-    )
+    return _along_proj(_sq_norm_replicates_np, vectors, [REPLICATE_DIM], groups)
 
 
 def split(values: xr.DataArray) -> tuple[xr.DataArray, xr.DataArray]:

@@ -25,6 +25,9 @@ from .sketch import TENSORSKETCH_BLOCKS, Projection
 MATERIALISE_BYTES = 64 * 2**20
 """Largest per-example gradient block ``[n, rows, cols]`` the mixed rule may materialise for one layer."""
 
+SKETCH_CHUNK_ELEMENTS = 2**22
+"""Elements of the per-example gradients materialised at once to apply a CountSketch to factored gradients."""
+
 
 @dataclass(frozen=True)
 class MatrixView:
@@ -207,10 +210,18 @@ class Factored:
         return torch.stack(out)
 
     def sketch(self, projector: Projection) -> torch.Tensor:
-        """``[n, k]`` sketches without materialising."""
+        """``[n, k]`` sketches.
+
+        A TensorSketch works on the factors; a CountSketch needs the gradients, materialised a few examples at a
+        time (embedding lookups, ``u = None``, are scattered directly).
+        """
         if self.u is None:
             return projector.indexed(self.rows_index, self.v)
-        return projector.factored(self.u, self.v, bias=self.bias)
+        if projector.kind == "tensorsketch":
+            return projector.factored(self.u, self.v, bias=self.bias)
+        step = max(1, SKETCH_CHUNK_ELEMENTS // max(1, self.n_rows * self.n_cols))
+        return torch.cat([Factored(self.u[i : i + step], self.v[i : i + step], bias=self.bias).materialise()
+                          .sketch(projector) for i in range(0, self.n, step)])
 
     def __add__(self, other: Factored) -> Factored:
         # Σ_t over two calls of a shared module is Σ_t over the concatenated positions.

@@ -22,7 +22,7 @@ of two projections into ``k`` coordinates:
 Which one a parameter gets is decided once, at the first step that sketches it, from the shapes of its per-example
 gradients (:func:`gradcoh.logger.grads.choose_projection`), and kept for the rest of the run.
 Every projection is linear (sums of sketches are sketches of sums) and unbiased for inner products. The hashes
-depend only on ``(seed, parameter name, rows, cols, k)`` through :class:`numpy.random.SeedSequence` and are
+depend only on ``(seed, kind, parameter name, rows, cols, k)`` through :class:`numpy.random.SeedSequence` and are
 generated on the CPU with NumPy, then moved to the device; :func:`sketch_hashes` rebuilds them without torch.
 """
 
@@ -46,7 +46,7 @@ TENSORSKETCH_BLOCKS = 8
 """Independent TensorSketches averaged per parameter: worst-case relative sd √(2/k)·√(1 + 2/B) = 1.12·√(2/k)."""
 
 _CHUNK_ELEMENTS = 2**22
-"""Elements of the largest temporary a sketch kernel builds at once (positions or examples are chunked)."""
+"""Elements of the largest temporary a TensorSketch kernel builds at once (positions are chunked)."""
 
 
 def _entropy(seed: int, kind: str, name: str, rows: int, cols: int, dim: int) -> list[int]:
@@ -59,13 +59,13 @@ def _signs(rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:
     return rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=size)
 
 
-def sketch_hashes(seed: int, name: str, shape: tuple[int, ...], dim: int, kind: str) -> dict[str, np.ndarray]:
+def sketch_hashes(seed: int, name: str, view: tuple[int, int], dim: int, kind: str) -> dict[str, np.ndarray]:
     """Hashes and signs of one parameter's projection (NumPy only).
 
     Args:
         seed: The logger's seed.
         name: Qualified parameter name.
-        shape: The parameter's shape (its natural view is ``(shape[0], numel / shape[0])``).
+        view: ``(rows, cols)`` of the parameter's natural view (:func:`gradcoh.logger.grads.natural_view`).
         dim: Sketch dimension ``k``.
         kind: ``"countsketch"`` or ``"tensorsketch"``.
 
@@ -76,9 +76,8 @@ def sketch_hashes(seed: int, name: str, shape: tuple[int, ...], dim: int, kind: 
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    numel = math.prod(shape)
-    rows = shape[0] if shape else 1
-    cols = numel // max(rows, 1)
+    rows, cols = view
+    numel = rows * cols
     blocks = TENSORSKETCH_BLOCKS
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy(seed, kind, name, rows, cols, dim))))
     if kind == "countsketch":
@@ -114,15 +113,12 @@ class Projection:
     _flat: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, seed: int, name: str, shape: tuple[int, ...], dim: int, kind: str,
+    def create(cls, seed: int, name: str, view: tuple[int, int], dim: int, kind: str,
                device: torch.device | str = "cpu") -> Projection:
-        """Build the projection of parameter ``name`` from the seed (see :func:`sketch_hashes`)."""
-        blocks = TENSORSKETCH_BLOCKS if kind == "tensorsketch" else 1
-        numel = math.prod(shape)
-        rows = shape[0] if shape else 1
+        """Build the projection of parameter ``name`` (natural view ``(rows, cols)``) from the seed."""
         hashes = {key: torch.from_numpy(value).to(device) for key, value in
-                  sketch_hashes(seed, name, tuple(shape), dim, kind).items()}
-        return cls(kind, dim, rows, numel // max(rows, 1), blocks, hashes)
+                  sketch_hashes(seed, name, view, dim, kind).items()}
+        return cls(kind, dim, *view, TENSORSKETCH_BLOCKS if kind == "tensorsketch" else 1, hashes)
 
     # --- materialised gradients --------------------------------------------------------------------------
     def _entries(self, col_offset: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,15 +149,18 @@ class Projection:
 
     # --- factored gradients ------------------------------------------------------------------------------
     def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
-        """Sketch ``[n, k]`` of ``M_n = Σ_t u[n, t] v[n, t]ᵀ`` (a TensorSketch never forms ``M``).
+        """Block TensorSketch ``[n, k]`` of ``M_n = Σ_t u[n, t] v[n, t]ᵀ`` without forming ``M``.
 
         Args:
             u: ``[n, T, rows]`` row factors.
             v: ``[n, T, c]`` column factors.
             bias: ``v`` has an implicit trailing column of ones (the last column of the view).
+
+        Raises:
+            ValueError: A CountSketch, which needs the materialised gradient (``Factored.sketch`` forms it).
         """
-        if self.kind == "countsketch":
-            return self._factored_dense(u, v, bias)
+        if self.kind != "tensorsketch":
+            raise ValueError("a CountSketch projects materialised gradients (dense), not factors")
         n, t = v.shape[:2]
         step = max(1, _CHUNK_ELEMENTS // max(1, n * self.blocks * self.dim))
         out = None
@@ -171,18 +170,6 @@ class Projection:
             part = (fu * fv).sum((1, 2))
             out = part if out is None else out + part
         return torch.fft.irfft(out, n=self.dim, dim=-1) / math.sqrt(self.blocks)
-
-    def _factored_dense(self, u: torch.Tensor, v: torch.Tensor, bias: bool) -> torch.Tensor:
-        """CountSketch of factored gradients: materialise a few examples at a time."""
-        n = v.shape[0]
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.rows * self.cols))
-        parts = []
-        for i in range(0, n, step):
-            m = torch.bmm(u[i : i + step].transpose(1, 2), v[i : i + step])
-            if bias:
-                m = torch.cat([m, u[i : i + step].sum(1).unsqueeze(2)], dim=2)
-            parts.append(self.dense(m))
-        return torch.cat(parts)
 
     def _count_rows(self, u: torch.Tensor) -> torch.Tensor:
         """Per-block CountSketch ``[..., rows] → [..., B, k]`` with the row hashes."""

@@ -363,7 +363,7 @@ class LayerTracker:
             return None
         if self.projectors[i] is None:
             kind = choose_projection(self.shapes[i], self.sketch_dim, forms)
-            self.projectors[i] = Projection.create(self.seed, self.plan.param_names[i], self.shapes[i],
+            self.projectors[i] = Projection.create(self.seed, self.plan.param_names[i], natural_view(self.shapes[i]),
                                                    self.sketch_dim, kind, self.params[i].device)
             _log.info("sketch of %s: %s", self.plan.param_names[i], kind)
         return self.projectors[i]

@@ -30,13 +30,15 @@ def test_real_dft_keeps_inner_products():
         np.testing.assert_allclose(jackknife.real_dft(a) @ jackknife.real_dft(b).T, a @ b.T, atol=1e-12)
 
 
-def test_jackknife_formula_on_a_mean():
-    """For the mean of iid coordinates the jackknife SE equals the textbook s/√G when G = k."""
+def test_jackknife_formula_on_a_sum_of_squares():
+    """With one coordinate per group (G = k), the jackknife SE of Σ z_j² is the textbook √k · sd(z_j²)."""
     x = xr.DataArray(np.random.default_rng(1).normal(size=(5, 8)), dims=("step", "proj"))
     norms = jackknife.replicate_sq_norms(x, groups=8)
     est, se = jackknife.split(norms)
     np.testing.assert_allclose(est, (x**2).sum("proj"))
     assert se.shape == (5,) and bool((se > 0).all())
+    z2 = jackknife.real_dft(x.values) ** 2
+    np.testing.assert_allclose(se, np.sqrt(8) * z2.std(axis=1, ddof=1))
 
 
 def test_coverage_over_100_seeds(tmp_path):

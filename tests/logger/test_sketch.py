@@ -209,9 +209,9 @@ def test_same_seed_same_sketches_different_seed_different(tmp_path):
 
 def numpy_projection(seed, name, shape, k, kind):
     """The ``[k, rows·cols]`` matrix of a parameter's projection, built in NumPy from its hashes alone."""
-    h = sketch_hashes(seed, name, shape, k, kind)
     rows = shape[0]
     cols = int(np.prod(shape)) // rows
+    h = sketch_hashes(seed, name, (rows, cols), k, kind)
     out = np.zeros((k, rows * cols))
     if kind == "countsketch":
         out[h["hash"].reshape(-1), np.arange(rows * cols)] = h["sign"].reshape(-1)
