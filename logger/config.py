@@ -66,6 +66,13 @@ class LoggerConfig:
         on_mismatch: What the reconciliation guard does when a layer's per-example gradients do not sum to the
             batch gradient its parameters received: ``"raise"`` a clear error naming the layer (default), or
             ``"flag"``: store the step with ``reconciled(step, layer)`` False, which every analysis reports.
+        alignment: Also store ``alignment(step, example, layer)``, each example's inner product with the step's
+            batch gradient, ``g_{i,l} · Σ_j g_{j,l}`` (exact; keeps each layer's per-example factors until the
+            end of the step, about the memory of the activations).
+        reference_size: Examples in the reference set (set by ``GradientLogger(reference=...)``; 0: none).
+        reference_every: Recompute the reference gradient at a logged step when at least this many steps have
+            passed since it was last computed (1: at every logged step); between, the last one is reused and
+            ``ref_step`` says which.
         extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 
@@ -84,10 +91,14 @@ class LoggerConfig:
     flush_secs: float = 10.0
     handle_sigterm: bool = True
     on_mismatch: OnMismatch = "raise"
+    alignment: bool = False
+    reference_size: int = 0
+    reference_every: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name, low in (("every", 1), ("sketch_dim", 0), ("seed", 0), ("queue_size", 1)):
+        for name, low in (("every", 1), ("sketch_dim", 0), ("seed", 0), ("queue_size", 1), ("reference_size", 0),
+                          ("reference_every", 1)):
             int_at_least(name, getattr(self, name), low)
         for name, allowed in _CHOICES.items():
             _choice(name, getattr(self, name), allowed)
@@ -96,6 +107,8 @@ class LoggerConfig:
             raise ValueError(f"groups must be distinct non-empty names, got {self.groups!r}")
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "layers", _names(self.layers))
+        if not isinstance(self.alignment, bool):
+            raise ValueError(f"alignment must be True or False, got {self.alignment!r}")
         if self.flush_secs <= 0:
             raise ValueError(f"flush_secs must be positive, got {self.flush_secs!r}")
 
@@ -113,5 +126,11 @@ class LoggerConfig:
 
     def store_identity(self) -> dict[str, Any]:
         """The fields that must match when appending to an existing store."""
-        keys = ("sketch_dim", "seed", "loss_reduction", "groups", "sketch_dtype", "layers")
-        return {k: self.to_dict()[k] for k in keys}
+        keys = ("sketch_dim", "seed", "loss_reduction", "groups", "sketch_dtype", "layers", "alignment")
+        return {k: self.to_dict()[k] for k in keys} | {"reference": self.reference_size > 0}
+
+    @property
+    def optional_variables(self) -> tuple[str, ...]:
+        """The optional store variables (other than sketches) this configuration writes."""
+        out = (schema.ALIGNMENT,) if self.alignment else ()
+        return out + (schema.REFERENCE_VARIABLES if self.reference_size else ())

@@ -25,13 +25,12 @@ def share(m: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def global_grams(sums: list[torch.Tensor]) -> torch.Tensor:
-    """``[L, G, G]`` float64 Gram matrices of group sums ``[G, P_l]`` summed over all ranks.
+def global_sums(sums: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Group sums ``[G, P_l]`` of every layer summed over all ranks, in float64 (one all-reduce).
 
-    The group-sum vectors of all layers are summed over ranks with one float64 all-reduce first; the Gram of the
-    summed vectors is the exact global one (a sum of per-rank Grams would miss the cross-rank terms).
+    The Gram of the summed vectors is the exact global one (a sum of per-rank Grams would miss the cross-rank
+    terms), and their total is the global batch gradient each example's alignment needs.
     """
     flat = torch.cat([s.reshape(-1).to(torch.float64) for s in sums])
     torch.distributed.all_reduce(flat)  # SUM over ranks
-    parts = flat.split([s.numel() for s in sums])
-    return torch.stack([p.view_as(s) @ p.view_as(s).T for p, s in zip(parts, sums, strict=True)])
+    return [p.view_as(s) for p, s in zip(flat.split([s.numel() for s in sums]), sums, strict=True)]

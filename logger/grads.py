@@ -469,6 +469,34 @@ def probe(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.Ten
     return (ua * vb).sum(1)
 
 
+def dot(form: ParamGrad, m: torch.Tensor) -> torch.Tensor:
+    """``[n]`` inner products ``⟨G_i, M⟩`` of each example's gradient with one fixed matrix ``M [rows, cols]``.
+
+    Factored gradients are never materialised: ``Σ_t u_tᵀ M v_t`` is one GEMM of the smaller factor with ``M``
+    (the cost of the layer's own weight gradient); embedding lookups gather the rows of ``M``.
+    """
+    if isinstance(form, Dense):
+        out, start = None, 0
+        for b in form.blocks:  # column blocks: no concatenation
+            width = b.shape[2]
+            part = (b * m[:, start : start + width].to(b.dtype)).sum((1, 2))
+            out = part if out is None else out + part
+            start += width
+        return out
+    c = form.v.shape[-1]
+    mm = m.to(form.v.dtype)
+    if form.u is None:
+        return (mm[form.rows_index] * form.v).sum((1, 2))
+    body = mm[:, :c]
+    if form.n_rows <= c:
+        out = (torch.matmul(form.v, body.T) * form.u).sum((1, 2))  # [n, T, rows]
+    else:
+        out = (torch.matmul(form.u, body) * form.v).sum((1, 2))  # [n, T, cols]
+    if form.bias:
+        out = out + (form.u @ mm[:, c]).sum(1)
+    return out
+
+
 def fold(grad: LayerGrad, r: int) -> LayerGrad:
     """Per-example gradients of a call whose batch axis held ``r`` rows per example (example-major): sum them.
 

@@ -28,6 +28,7 @@ from .layers import LayerRules, default_rules
 from .plan import plan_layers
 from .probe import ModelState, measure
 from .recorder import Recording, StepRecorder
+from .reference import make_reference
 from .reducer import StepReducer, record_coherence, record_summary
 from .sigterm import SigtermExit
 from .store import HostRecord, StreamWriter, open_run
@@ -59,6 +60,16 @@ class GradientLogger:
         summary_writer: A TensorBoard ``SummaryWriter`` (``torch.utils.tensorboard``) or anything with
             ``add_scalar(tag, value, step)``: every logged step writes ``gradcoh/m_coherence`` (and
             ``gradcoh/m_coherence/<group>``; probes under ``gradcoh/probe/``) to it.
+        alignment: Also store ``alignment(step, example, layer) = g_{i,l} · Σ_j g_{j,l}``, each example's exact
+            share of the m-coherence numerator (it sums over examples to ``sum_sq_norm``). Costs about one GEMM
+            per layer and keeps each layer's per-example factors until the end of the step.
+        reference: ``(inputs, targets, loss_fn)`` of a reference set (e.g. held-out clean examples; inputs may be
+            a mapping of tensors passed as keyword arguments). At logged steps the gradient ``R`` of its mean loss
+            is computed first (micro-batches of 256, eval mode, ``.grad``, buffers and RNG untouched) and
+            ``ref_alignment(step, example, layer) = g_{i,l} · R_l``, ``ref_sq_norm(step, layer) = ‖R_l‖²`` and
+            ``ref_step(step)`` are stored, in probes too.
+        reference_every: Recompute ``R`` when at least this many steps passed since it was last computed; in
+            between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``).
 
@@ -80,9 +91,15 @@ class GradientLogger:
                  seed: int = 0, loss_reduction: str = "mean", groups: tuple[str, ...] = (),
                  enabled: bool = True, rules: LayerRules | None = None, storage_options: dict | None = None,
                  rank: int | None = None, world_size: int | None = None, summary_writer: Any = None,
+                 alignment: bool = False, reference: Any = None, reference_every: int = 1,
                  **options: Any) -> None:
+        if "reference_size" in options:
+            raise ValueError("reference_size is set from reference=(inputs, targets, loss_fn); do not pass it")
+        self._reference = make_reference(reference, reference_every)
         self.config = cfg = LoggerConfig(every=every, sketch_dim=sketch_dim, seed=seed,
-                                         loss_reduction=loss_reduction, groups=groups, **options)
+                                         loss_reduction=loss_reduction, groups=groups, alignment=alignment,
+                                         reference_size=0 if self._reference is None else self._reference.size,
+                                         reference_every=reference_every, **options)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module  # hook the wrapped module: names without "module.", probes bypass the reducer
         self.model = model
@@ -115,7 +132,8 @@ class GradientLogger:
         layers, groups = attrs[schema.LAYERS_KEY], cfg.group_names
 
         def make_stream(name: str) -> StreamWriter:
-            return StreamWriter(run.root, name, layers, groups, cfg.sketch_dim, cfg.sketch_dtype)
+            return StreamWriter(run.root, name, layers, groups, cfg.sketch_dim, cfg.sketch_dtype,
+                                cfg.optional_variables)
 
         self._writer = AsyncWriter(make_stream, self.path, cfg.queue_size, cfg.on_full, cfg.flush_secs)
 
@@ -163,11 +181,15 @@ class GradientLogger:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
+        reference = self._reference
+        if reference is not None and reference.due(step):
+            reference.compute(self.model, [p for t in self.trackers for p in t.params], step)
+        keep = self.config.alignment or reference is not None
         with self._recorder.record(len(self.config.group_names), scale_by_batch, probe=stream == schema.STREAM_PROBE,
-                                   group=meta["group"], local_grads=local) as state:
+                                   group=meta["group"], local_grads=local, keep_forms=keep) as state:
             rec = Recording(state)
             yield rec
-        record = self._reducer.reduce(step, state, **meta)
+        record = self._reducer.reduce(step, state, reference, **meta)
         rec._summary = {} if record is None else record_summary(record, self.config.group_names)
         if record is not None and self.summary_writer is not None:
             prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"

@@ -99,7 +99,7 @@ class StepRecorder:
 
     @contextlib.contextmanager
     def record(self, n_groups: int, scale_by_batch: bool, *, probe: bool, group: Any,
-               local_grads: bool = True) -> Iterator[StepState]:
+               local_grads: bool = True, keep_forms: bool = False) -> Iterator[StepState]:
         """Hooks in place for one step; yields the step's state, which holds the results afterwards.
 
         Args:
@@ -108,11 +108,12 @@ class StepRecorder:
             probe: A probe step (float64 accumulation; gradients by ``torch.autograd.grad``).
             group: ``[n]`` group of each example, or None.
             local_grads: ``.grad`` holds this process's own gradient (False under DDP, which averages it).
+            keep_forms: Keep the per-example gradients until the end of the step (alignment).
         """
         from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
         uses = UseTracker(self.params, self._on_use, self._on_use_grad)
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
-                          from_grad=from_grad)
+                          from_grad=from_grad, keep_forms=keep_forms)
         state.trackers = self.trackers
         state.device = self.trackers[0].params[0].device
         if group is not None:

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .config import LoggerConfig
-from .distributed import global_grams
+from .distributed import global_sums
 from .metadata import step_metadata
+from .reference import ReferenceSet
 from .store import HostRecord
 from .tracker import LayerTracker, StepState
 
@@ -92,12 +93,14 @@ class StepReducer:
         self.config = config
         self.world_size = world_size
 
-    def reduce(self, step: int, state: StepState, **meta: Any) -> HostRecord | None:
+    def reduce(self, step: int, state: StepState, reference: ReferenceSet | None = None,
+               **meta: Any) -> HostRecord | None:
         """The host record of one step (None when the block saw no backward pass).
 
         Args:
             step: The step.
             state: What the record block accumulated.
+            reference: The reference set, with its gradient computed (None: no reference alignment).
             **meta: ``index``, ``labels``, ``group``, ``true_labels`` as given to ``record``.
 
         Raises:
@@ -111,7 +114,7 @@ class StepReducer:
         n = sum(sizes)
         groups = self.config.group_names
         metadata = step_metadata(n, groups, **_merge_meta(meta, state.meta_parts))
-        host = to_host(self._device_tensors(state, sizes, len(groups)))
+        host = to_host(self._device_tensors(state, sizes, len(groups), reference))
         loss = host.get("loss", np.full(n, np.nan, dtype=np.float32))
         if loss.shape[0] != n:
             raise ValueError(f"rec.loss() received {loss.shape[0]} values for {n} examples")
@@ -120,14 +123,18 @@ class StepReducer:
             step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
             group_gram=host["group_gram"], index=metadata["index"], label=metadata["label"],
             true_label=metadata["true_label"], group=metadata["group"], loss=loss, finite=host["finite"],
-            reconciled=host["reconciled"], sketch=host.get("sketch"),
+            reconciled=host["reconciled"], sketch=host.get("sketch"), alignment=host.get("alignment"),
+            ref_alignment=host.get("ref_alignment"), ref_sq_norm=host.get("ref_sq_norm"),
+            ref_step=None if reference is None else reference.step,
         )
 
-    def _device_tensors(self, state: StepState, sizes: list[int], n_groups: int) -> dict[str, torch.Tensor]:
+    def _device_tensors(self, state: StepState, sizes: list[int], n_groups: int,
+                        reference: ReferenceSet | None) -> dict[str, torch.Tensor]:
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
         inv = 1.0 / state.loss_scale  # a loss scaler's factor (fp16 training): stored values are unscaled
         sq_norm = torch.stack(sq, 1).to(torch.float64) * inv**2  # [n, L]
-        grams = self._grams(n_groups) * inv**2  # [L, G, G] float64
+        grams, totals = self._grams(n_groups, self.config.alignment and state.keep_forms)
+        grams = grams * inv**2  # [L, G, G] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         reconciled = torch.stack([t.reconciled() for t in self.trackers]) | ~finite
         out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
@@ -137,13 +144,39 @@ class StepReducer:
         if self.config.sketch_dim:
             dtype = torch.float16 if self.config.sketch_dtype == "float16" else torch.float32
             out["sketch"] = (torch.stack(sketches, 1) * inv).to(dtype)  # [n, L, k]
+        if state.keep_forms:
+            out |= self._alignments(sizes, totals, reference, inv)
         return out
 
-    def _grams(self, n_groups: int) -> torch.Tensor:
-        """Per-layer group Gram matrices ``[L, G, G]`` in float64; ``‖Σ_i g_i‖²`` is the sum of their entries."""
+    def _alignments(self, sizes: list[int], totals: list[list[torch.Tensor]] | None, reference: ReferenceSet | None,
+                    inv: float) -> dict[str, torch.Tensor]:
+        """``alignment`` ``[n, L]`` (with the batch sum) and ``ref_alignment``, ``ref_sq_norm`` (with the reference)."""
+        refs = None if reference is None else reference.split([len(t.params) for t in self.trackers])
+        batch, ref = [], []
+        for layer, t in enumerate(self.trackers):
+            against = ([] if totals is None else [totals[layer]]) + ([] if refs is None else [refs[layer]])
+            values = t.alignments(against, sizes)
+            if totals is not None:
+                batch.append(values.pop(0))
+            if refs is not None:
+                ref.append(values.pop(0))
+        out = {}
+        if totals is not None:
+            out["alignment"] = torch.stack(batch, 1) * inv**2  # g_i and the batch sum both carry the loss scale
+        if refs is not None:
+            out["ref_alignment"] = torch.stack(ref, 1) * inv
+            out["ref_sq_norm"] = torch.stack([sum(g.to(torch.float64).square().sum() for g in r) for r in refs])
+        return out
+
+    def _grams(self, n_groups: int, totals: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]] | None]:
+        """Per-layer group Gram matrices ``[L, G, G]`` in float64 (``‖Σ_i g_i‖²`` is the sum of their entries),
+        and, if ``totals``, each layer's batch sum ``Σ_i g_i`` per parameter (global under DDP)."""
         if self.world_size == 1:
-            return torch.stack([t.gram(n_groups) for t in self.trackers])
-        return global_grams([t.group_sum_matrix(n_groups) for t in self.trackers])
+            grams = torch.stack([t.gram(n_groups) for t in self.trackers])
+            return grams, [t.batch_sum() for t in self.trackers] if totals else None
+        sums = global_sums([t.group_sum_matrix(n_groups) for t in self.trackers])
+        grams = torch.stack([s @ s.T for s in sums])
+        return grams, [t.unflatten(s.sum(0)) for t, s in zip(self.trackers, sums, strict=True)] if totals else None
 
     def _guard(self, step: int, ok: np.ndarray) -> None:
         """The reconciliation guard: raise (``on_mismatch="raise"``) or keep the flags (``"flag"``)."""

@@ -24,6 +24,12 @@ Layout of a store (one Zarr v3 group)::
         finite      (step, layer)                       bool    all statistics of that layer finite
         reconciled  (step, layer)                       bool    per-example gradients sum to the batch gradient
         sketch      (step, example, layer, proj)        float16 (or the configured dtype), only if sketch_dim > 0
+        alignment   (step, example, layer)              float64 g_{i,l}·G_l, G_l = Σ_j g_{j,l} of the step (sums over
+                                                                 examples to sum_sq_norm); only if alignment=True
+        ref_alignment (step, example, layer)            float64 g_{i,l}·R_l, R the reference gradient (mean loss of the
+                                                                 reference set); only with a reference set
+        ref_sq_norm (step, layer)                       float64 ‖R_l‖²; only with a reference set
+        ref_step    (step)                              int64   step at which the R in use was computed
       probe/                     same variables, written by ``GradientLogger.probe``
       rank-00000/batch, ...      instead of the above when written by several processes (see ``rank_group``)
 
@@ -92,6 +98,10 @@ LOSS = "loss"
 FINITE = "finite"
 RECONCILED = "reconciled"
 SKETCH = "sketch"
+ALIGNMENT = "alignment"
+REF_ALIGNMENT = "ref_alignment"
+REF_SQ_NORM = "ref_sq_norm"
+REF_STEP = "ref_step"
 
 DEFAULT_GROUP = "all"
 """The single group used when the logger is given no ``groups``."""
@@ -112,8 +122,18 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     FINITE: ((DIM_STEP, DIM_LAYER), "bool"),
     RECONCILED: ((DIM_STEP, DIM_LAYER), "bool"),
     SKETCH: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER, DIM_PROJ), "float16"),  # dtype configurable
+    ALIGNMENT: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER), "float64"),
+    REF_ALIGNMENT: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER), "float64"),
+    REF_SQ_NORM: ((DIM_STEP, DIM_LAYER), "float64"),
+    REF_STEP: ((DIM_STEP,), "int64"),
 }
 """Every variable that grows along ``step``."""
+
+OPTIONAL = (SKETCH, ALIGNMENT, REF_ALIGNMENT, REF_SQ_NORM, REF_STEP)
+"""Variables a stream has only when the run asked for them (sketches, alignment, a reference set)."""
+
+REFERENCE_VARIABLES = (REF_ALIGNMENT, REF_SQ_NORM, REF_STEP)
+"""The variables of a reference set (``GradientLogger(reference=...)``)."""
 
 STATIC_COORDS: dict[str, tuple[str, ...]] = {
     LAYER: (DIM_LAYER,),
@@ -134,7 +154,7 @@ FILL_VALUES: dict[str, object] = {
 SKETCH_DTYPES = ("float16", "float32", "bfloat16")
 """Sketch storage types; ``bfloat16`` is stored as float32 rounded to bfloat16's 7 mantissa bits (BitRound)."""
 
-NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE)
+NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE, REF_STEP)
 """Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
 
 

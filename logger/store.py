@@ -117,6 +117,10 @@ def _open_root(path: str | Path, mode: str, attrs: dict[str, Any], storage_optio
     )
 
 
+_IDENTITY_ADDED = {"alignment": False, "reference": False}
+"""Identity fields added after the first stores were written, and the value those stores implicitly had."""
+
+
 def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> None:
     """Refuse to append a run whose configuration differs from the store's."""
     if schema.COMPACTED_KEY in old:
@@ -139,7 +143,7 @@ def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> Non
     old_id = old.get(schema.CONFIG_KEY, {}).get(schema.IDENTITY_KEY, {})
     new_id = new[schema.CONFIG_KEY][schema.IDENTITY_KEY]
     for key, value in new_id.items():
-        if old_id.get(key) != value:
+        if old_id.get(key, _IDENTITY_ADDED.get(key)) != value:
             raise StoreError(f"{path}: {key}={value!r} differs from the store's {old_id.get(key)!r}; cannot append")
 
 
@@ -188,6 +192,10 @@ class HostRecord:
     finite: np.ndarray  # [L] bool
     sketch: np.ndarray | None  # [n, L, k]
     reconciled: np.ndarray | None = None  # [L] bool; None: every layer reconciled
+    alignment: np.ndarray | None = None  # [n, L] float64, with alignment=True
+    ref_alignment: np.ndarray | None = None  # [n, L] float64, with a reference set
+    ref_sq_norm: np.ndarray | None = None  # [L] float64, with a reference set
+    ref_step: int | None = None  # step the reference gradient was computed at
 
     @property
     def n(self) -> int:
@@ -199,13 +207,14 @@ class StreamWriter:
     """Owns the arrays of one stream and appends whole, committed batches of steps. Writer thread only."""
 
     def __init__(self, root: zarr.Group, name: str, layers: list[dict], groups: tuple[str, ...],
-                 sketch_dim: int, sketch_dtype: str) -> None:
+                 sketch_dim: int, sketch_dtype: str, optional: tuple[str, ...] = ()) -> None:
         self.root = root
         self.name = name
         self.layers = layers
         self.groups = groups
         self.sketch_dim = sketch_dim
         self.sketch_dtype = sketch_dtype
+        self.optional = set(optional) | ({schema.SKETCH} if sketch_dim else set())
         self.group: zarr.Group | None = None
         self.arrays: dict[str, zarr.Array] = {}
         self.committed = 0
@@ -249,7 +258,7 @@ class StreamWriter:
             schema.DIM_GROUP_J: n_groups,
             schema.DIM_PROJ: self.sketch_dim,
         }
-        variables = {k: v for k, v in schema.VARIABLES.items() if k != schema.SKETCH or self.sketch_dim}
+        variables = {k: v for k, v in schema.VARIABLES.items() if k not in schema.OPTIONAL or k in self.optional}
         per_step = max(_step_bytes(dims, _np_dtype(name, dtype, self.sketch_dtype), sizes)
                        for name, (dims, dtype) in variables.items())
         steps_per_chunk = max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_TARGET_BYTES // max(per_step, 1)))
@@ -278,7 +287,8 @@ class StreamWriter:
             arr = g.create_array(name, shape=values.shape, dtype=dtype, dimension_names=schema.STATIC_COORDS[name])
             arr[:] = values
         g.attrs.update({schema.COMMITTED_KEY: 0, schema.DROPPED_KEY: 0,
-                        schema.COORDINATES_KEY: " ".join(n for n in schema.NON_INDEX_COORDS if n != schema.LAYER_SIZE)})
+                        schema.COORDINATES_KEY: " ".join(n for n in schema.NON_INDEX_COORDS
+                                                         if n != schema.LAYER_SIZE and n in variables)})
         self.group = g
 
     def ensure_created(self, records: list[HostRecord]) -> int:
@@ -364,6 +374,8 @@ _FIELDS = {
     schema.SUM_SQ_NORM: "sum_sq_norm", schema.GROUP_GRAM: "group_gram", schema.INDEX: "index",
     schema.LABEL: "label", schema.TRUE_LABEL: "true_label", schema.GROUP: "group", schema.LOSS: "loss",
     schema.FINITE: "finite", schema.RECONCILED: "reconciled", schema.SKETCH: "sketch",
+    schema.ALIGNMENT: "alignment", schema.REF_ALIGNMENT: "ref_alignment", schema.REF_SQ_NORM: "ref_sq_norm",
+    schema.REF_STEP: "ref_step",
 }
 
 

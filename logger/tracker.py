@@ -33,6 +33,7 @@ from .grads import (
     choose_projection,
     choose_route,
     combine,
+    dot,
     fold,
     inner,
     natural_view,
@@ -69,6 +70,8 @@ class StepState:
         loss_scale: The factor the backward loss was multiplied by (a loss scaler's), divided out when storing.
         device: The model's device (for group ids given per micro-batch).
         trackers: The layer trackers filling this state.
+        keep_forms: Keep each layer's per-example gradients (factors) until the end of the step, for inner products
+            with gradients known only then (alignment with the batch sum, with a reference gradient).
     """
 
     n_groups: int
@@ -86,6 +89,7 @@ class StepState:
     loss_scale: float = 1.0
     device: torch.device | None = None
     trackers: list[LayerTracker] = field(default_factory=list)
+    keep_forms: bool = False
 
     def batch_size(self, n: int) -> int:
         """Register a forward with ``n`` examples in the current micro-batch; returns the micro-batch size."""
@@ -182,6 +186,7 @@ class LayerTracker:
         self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, acc_dtype
         self.seen: list[torch.Tensor | None] = [None] * len(self.params)  # gradients of micro-batch 0 (from_grad)
         self.low_precision = False  # half-precision activations or gradients (autocast): a looser guard
+        self.kept: dict[int, tuple[float, list[list[ParamGrad]]]] = {}  # micro-batch -> (scale, forms per param)
 
     # --- hooks -------------------------------------------------------------------------------------------
     def _forward_hook(self, source: Source, args: tuple, kwargs: dict, output: Any) -> None:
@@ -377,9 +382,10 @@ class LayerTracker:
         checks = torch.zeros(n, device=device)
         sketch = torch.zeros(n, self.sketch_dim, device=device) if self.sketch_dim else None
         weights = state.weights(torch.float32)
-        sums = []
+        sums, routed = [], []
         for i, forms in enumerate(per_param):
             forms = [choose_route(f, self.projector(i, forms)) for f in forms]
+            routed.append(forms)
             sq_i, checks_i, sketch_i = self._reduce_param(i, forms, n)
             sq, checks = sq + sq_i, checks + checks_i
             if sketch is not None:
@@ -388,6 +394,8 @@ class LayerTracker:
                 sums.append(self._group_sums(i, forms, weights))
         self.sq[state.micro] = sq * scale**2
         self.checks[state.micro] = checks * scale
+        if state.keep_forms:
+            self.kept[state.micro] = (scale, routed)
         if sketch is not None:
             self.sketch[state.micro] = sketch * scale
         if weights is not None:
@@ -419,7 +427,7 @@ class LayerTracker:
 
     def discard(self, micro: int) -> None:
         """Forget what a backward pass that reached no parameter produced for micro-batch ``micro``."""
-        for results in (self.sq, self.sketch, self.checks):
+        for results in (self.sq, self.sketch, self.checks, self.kept):
             results.pop(micro, None)
 
     def flush_calls(self) -> None:
@@ -445,6 +453,46 @@ class LayerTracker:
         if self._state.from_grad and self.seen[i] is not None:  # torch.autograd.grad: .grad stayed None
             return self.seen[i], self._state.scale(0)
         return torch.zeros(p.shape, dtype=self._state.acc_dtype, device=p.device), 1.0
+
+    def batch_sum(self) -> list[torch.Tensor]:
+        """Each parameter's ``Σ_i g_i`` of this step (this process), in its natural view."""
+        out = []
+        for i, shape in enumerate(self.shapes):
+            t, scale = self._param_sum(i)
+            m = t.reshape(natural_view(shape))
+            out.append(m * scale if scale != 1.0 else m)
+        return out
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A ``[P]`` vector in parameter order (as :meth:`group_sum_matrix` lays it out) as natural views."""
+        views = [natural_view(s) for s in self.shapes]
+        parts = flat.split([rows * cols for rows, cols in views])
+        return [p.reshape(view) for p, view in zip(parts, views, strict=True)]
+
+    def alignments(self, against: list[list[torch.Tensor]], sizes: list[int]) -> list[torch.Tensor]:
+        """``[n]`` float64 inner products ``g_i · A`` of every example with each gradient ``A`` in ``against``.
+
+        Uses the forms kept during the step (``keep_forms``), then drops them (they hold the layer's activations).
+        Zeros where the layer was unused.
+
+        Args:
+            against: Gradients, each a list with one tensor per parameter in its natural view.
+            sizes: Examples per micro-batch.
+        """
+        device = self.params[0].device
+        out = []
+        for a in against:
+            parts = []
+            for j, n in enumerate(sizes):
+                total = torch.zeros(n, dtype=torch.float64, device=device)
+                scale, per_param = self.kept.get(j, (1.0, []))
+                for forms, m in zip(per_param, a, strict=False):
+                    for f in forms:
+                        total += dot(f, m).to(torch.float64)
+                parts.append(total * scale)
+            out.append(torch.cat(parts))
+        self.kept = {}
+        return out
 
     def gram(self, n_groups: int) -> torch.Tensor:
         """``[G, G]`` float64 Gram matrix of the group sums (one process)."""

@@ -1,7 +1,8 @@
 """Conformance zoo: Hugging Face, timm and torchvision models (tiny random-init configs) logged exactly, per layer.
 
 For every model, against an independent float64 per-example loop (no torch.func, no gradcoh code):
-every layer's per-example squared norm, ``sum_sq_norm`` and the m-coherence within 1e-4 relative; 100% of the
+every layer's per-example squared norm, ``sum_sq_norm``, the m-coherence and each example's alignment with the batch
+gradient (and, for classifiers, with a reference set's mean gradient) within 1e-4 relative; 100% of the
 trainable parameters in exactly one layer; no layer that swallows a child module with its own rule; ``.grad``
 bitwise unchanged; every layer reconciled; and with ``sketch_dim=64`` the linearity of the sketches per layer.
 """
@@ -13,19 +14,21 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from oracle import open_logged
-from zoo import CASES
+from zoo import CASES, hf_classifier, hf_image, image
 
 N = 3
+R = 4  # reference examples
 SLOW = {"hf-t5", "timm-efficientnet", "tv-mobilenet"}
 
 
-def loop_oracle(model, case, batch):
+def loop_oracle(model, case, batch, n=N):
     """Per-example gradients {name: [n, *shape]} in float64, one example at a time (plain autograd)."""
     m = copy.deepcopy(model).double()
     out = {k: [] for k, p in m.named_parameters() if p.requires_grad}
-    for i in range(N):
+    for i in range(n):
         m.zero_grad()
         one = {k: (v[i : i + 1].double() if v.is_floating_point() else v[i : i + 1]) for k, v in batch.items()}
         case.loss(m, one).sum().backward()
@@ -33,6 +36,20 @@ def loop_oracle(model, case, batch):
             if p.requires_grad:
                 out[k].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
     return {k: torch.stack(v).flatten(1) for k, v in out.items()}
+
+
+def reference_for(case, batch):
+    """``(inputs, targets, loss_fn)`` of a reference set for classifiers (None for language models)."""
+    def ce(out, target):
+        return F.cross_entropy(getattr(out, "logits", out), target, reduction="none")
+
+    if case.loss is image:
+        return batch["pixels"], batch["target"], ce
+    if case.loss is hf_image:
+        return {"pixel_values": batch["pixels"]}, batch["target"], ce
+    if case.loss is hf_classifier:
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}, batch["target"], ce
+    return None
 
 
 def grads_of(model):
@@ -48,8 +65,10 @@ def test_zoo_model_is_exact_per_layer(name, tmp_path):
     plain = copy.deepcopy(model)
     case.loss(plain, batch).mean().backward()
     group = torch.tensor([0, 1, 0])
+    ref_batch = case.batch(R)
+    reference = reference_for(case, ref_batch)
     with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="mean", sketch_dim=64, seed=1,
-                        groups=("a", "b")) as glog:
+                        groups=("a", "b"), alignment=True, reference=reference) as glog:
         with glog.record(0, group=group):
             case.loss(model, batch).mean().backward()
     logged = grads_of(model)
@@ -69,9 +88,13 @@ def test_zoo_model_is_exact_per_layer(name, tmp_path):
                                                layer["type"] for m in allowed), (layer["name"], p)
     assert bool(ds.reconciled.values.all())
     grads = loop_oracle(model, case, batch)
-    sq, sums, grams = [], [], []
+    ref_grads = None if reference is None else loop_oracle(model, case, ref_batch, R)
+    sq, sums, grams, align, ref_align = [], [], [], [], []
     for layer in layers:
         g = torch.cat([grads[p] for p in layer["params"]], 1).numpy()
+        align.append(g @ g.sum(0))
+        if ref_grads is not None:
+            ref_align.append(g @ torch.cat([ref_grads[p] for p in layer["params"]], 1).numpy().mean(0))
         sq.append((g**2).sum(1))
         sums.append(float((g.sum(0) ** 2).sum()))
         by_group = np.stack([g[group.numpy() == a].sum(0) for a in range(2)])
@@ -83,6 +106,14 @@ def test_zoo_model_is_exact_per_layer(name, tmp_path):
     grams = np.stack(grams)
     np.testing.assert_allclose(ds.group_gram.values[0], grams, rtol=1e-4, atol=1e-6 * np.abs(grams).max())
     np.testing.assert_allclose(ds.sum_sq_norm.values[0].sum() / got_sq.sum(), sums.sum() / sq.sum(), rtol=1e-4)
+    align = np.stack(align, 1)
+    np.testing.assert_allclose(ds.alignment.values[0, :N], align, rtol=1e-4, atol=1e-6 * np.abs(align).max())
+    if ref_grads is not None:
+        ref_align = np.stack(ref_align, 1)
+        np.testing.assert_allclose(ds.ref_alignment.values[0, :N], ref_align, rtol=1e-4,
+                                   atol=1e-6 * np.abs(ref_align).max())
+    else:
+        assert "ref_alignment" not in ds
 
 
 @pytest.mark.parametrize("name", ["hf-gpt2", "hf-t5", "timm-vit", "timm-swin", "tv-convnext"])

@@ -1,0 +1,110 @@
+"""A reference set: a fixed sample (e.g. held-out clean examples) whose mean-loss gradient each example is compared to.
+
+``ref_alignment = g_i · R`` with ``R = ∇ (1/|S|) Σ_{r∈S} ℓ_r`` is the first-order term of In-Run Data Shapley (Wang
+et al., ICLR 2025, §4: the gradient dot-product with a validation batch); with ``R`` the batch's own gradient it is
+the per-example share of the m-coherence numerator. ``R`` is computed without disturbing training, exactly like a
+probe: micro-batches, ``torch.autograd.grad`` (``.grad`` untouched), eval mode, buffers and RNG states restored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import int_at_least
+from .grads import natural_view
+from .probe import ModelState
+
+log = logging.getLogger(__name__)
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _rows(inputs: Inputs) -> int:
+    if isinstance(inputs, Mapping):
+        sizes = {v.shape[0] for v in inputs.values() if torch.is_tensor(v)}
+        if len(sizes) != 1:
+            raise ValueError("reference inputs given as a mapping need tensors with one common first dimension")
+        return sizes.pop()
+    return inputs.shape[0]
+
+
+def _slice(inputs: Inputs, rows: slice, device: torch.device) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {k: v[rows].to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return inputs[rows].to(device)
+
+
+class ReferenceSet:
+    """The reference sample and the last reference gradient computed from it.
+
+    Args:
+        reference: ``(inputs, targets, loss_fn)``: inputs ``[m, ...]`` (or a mapping of such tensors, passed as
+            keyword arguments to the model), targets ``[m, ...]``, and ``loss_fn(outputs, targets) -> [n]``
+            per-example losses.
+        every: Recompute when at least this many steps passed since the last computation.
+        batch_size: Micro-batch size of the reference pass.
+
+    Raises:
+        ValueError: A malformed ``reference``.
+    """
+
+    def __init__(self, reference: Any, every: int = 1, batch_size: int = 256) -> None:
+        if not isinstance(reference, tuple | list) or len(reference) != 3 or not callable(reference[2]):
+            raise ValueError("reference must be a tuple (inputs, targets, loss_fn) with loss_fn(outputs, targets) "
+                             "returning per-example losses")
+        self.inputs, self.targets, self.loss_fn = reference
+        self.size = _rows(self.inputs)
+        if self.size < 1 or self.targets.shape[0] != self.size:
+            raise ValueError(f"reference inputs have {self.size} rows and targets {self.targets.shape[0]}; "
+                             "give the same positive number of examples")
+        self.every = int_at_least("reference_every", every, 1)
+        self.batch_size = int_at_least("batch_size", batch_size, 1)
+        self.grads: list[torch.Tensor] | None = None  # one per parameter, natural view, float32
+        self.step: int | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether the reference gradient must be (re)computed before logging ``step``."""
+        return self.step is None or not 0 <= step - self.step < self.every
+
+    def compute(self, model: nn.Module, params: list[nn.Parameter], step: int) -> None:
+        """The gradient of the reference set's mean loss with respect to ``params``, training left untouched."""
+        device = params[0].device
+        total = [torch.zeros(natural_view(tuple(p.shape)), dtype=torch.float32, device=device) for p in params]
+        saved = ModelState.save(model)
+        try:
+            model.eval()
+            for start in range(0, self.size, self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                x, y = _slice(self.inputs, rows, device), self.targets[rows].to(device)
+                out = model(**x) if isinstance(x, Mapping) else model(x)
+                per = self.loss_fn(out, y)
+                if per.dim() != 1 or per.shape[0] != y.shape[0]:
+                    raise ValueError(f"the reference loss_fn returned shape {tuple(per.shape)}; it must return one "
+                                     f"loss per example, [{y.shape[0]}] (use reduction='none')")
+                grads = torch.autograd.grad(per.sum() / self.size, params, allow_unused=True)
+                for acc, g in zip(total, grads, strict=True):
+                    if g is not None:
+                        acc += g.detach().reshape(acc.shape).to(torch.float32)
+        finally:
+            saved.restore(model)
+        self.grads, self.step = total, step
+        log.debug("reference gradient recomputed at step %s", step)
+
+    def split(self, counts: list[int]) -> list[list[torch.Tensor]]:
+        """The reference gradient as one list per layer (``counts``: parameters per layer, in order)."""
+        out, start = [], 0
+        for c in counts:
+            out.append(self.grads[start : start + c])
+            start += c
+        return out
+
+
+def make_reference(reference: Any, every: int) -> ReferenceSet | None:
+    """A :class:`ReferenceSet` from ``GradientLogger``'s ``reference`` argument (None: no reference)."""
+    return None if reference is None else ReferenceSet(reference, every)
+

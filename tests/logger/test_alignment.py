@@ -1,0 +1,184 @@
+"""Per-example alignment with the batch gradient and with a reference set, against float64 per-example oracles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gradcoh.logger import GradientLogger
+from oracle import layer_params, open_logged, per_example_grads_loop, per_example_grads_vmap
+from test_exact import LAYER_MODELS, Custom, Shared, sq_loss, target_for
+from torch import nn
+
+RTOL = 1e-4
+
+
+def oracle_alignment(ds, grads, ref_grads=None):
+    """``(alignment [n, L], ref_alignment [n, L], ref_sq_norm [L])`` from per-example gradients (float64)."""
+    al, ref, ref_sq = [], [], []
+    for names in layer_params(ds).values():
+        g = torch.cat([grads[k].flatten(1) for k in names], 1)
+        al.append((g @ g.sum(0)).numpy())
+        if ref_grads is not None:
+            r = torch.cat([ref_grads[k].flatten(1) for k in names], 1).mean(0)
+            ref.append((g @ r).numpy())
+            ref_sq.append(float(r @ r))
+    return np.stack(al, 1), (np.stack(ref, 1) if ref else None), np.array(ref_sq)
+
+
+def close(actual, expected, rtol=RTOL):
+    """Within ``rtol`` relative per entry, with an absolute floor at 1e-6 of the largest value (cancellation)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-6 * max(np.abs(expected).max(), 1e-30))
+
+
+def log_steps(model, path, batches, reference=None, reduction="mean", **kw):
+    with GradientLogger(model, path, loss_reduction=reduction, alignment=True, reference=reference, **kw) as glog:
+        for step, micro in enumerate(batches):
+            with glog.record(step):
+                for x, y in micro:
+                    per = sq_loss(model(x), y)
+                    (per.mean() if reduction == "mean" else per.sum()).backward()
+            model.zero_grad()
+    return open_logged(path)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", sorted(LAYER_MODELS))
+def test_alignment_every_layer_rule(kind, reduction, tmp_path):
+    torch.manual_seed(0)
+    model, shape = LAYER_MODELS[kind]()
+    x, xr = torch.randn(6, *shape), torch.randn(9, *shape)
+    y, yr = target_for(model, x), target_for(model, xr)
+    ds = log_steps(model, tmp_path / "s.zarr", [[(x, y)]], (xr, yr, sq_loss), reduction)
+    al, ref, ref_sq = oracle_alignment(ds, per_example_grads_vmap(model, sq_loss, x, y),
+                                       per_example_grads_vmap(model, sq_loss, xr, yr))
+    close(ds.alignment.values[0], al)
+    close(ds.ref_alignment.values[0], ref)
+    close(ds.ref_sq_norm.values[0], ref_sq)
+    sums = ds.alignment.values[0].sum(0)  # Σ_i g_i · G = ‖G‖²
+    close(sums, ds.sum_sq_norm.values[0], rtol=1e-5)
+
+
+def test_alignment_shared_weights_fallback_and_micro_batches(tmp_path):
+    """A module called twice, the torch.func fallback, and two micro-batches (G is the sum over both)."""
+    torch.manual_seed(1)
+    for model, x in ((Shared(), torch.randn(7, 4)), (nn.Sequential(Custom(), nn.Linear(5, 2)), torch.randn(7, 5))):
+        y = target_for(model, x)
+        path = tmp_path / f"{type(model).__name__}.zarr"
+        ds = log_steps(model, path, [[(x[:3], y[:3]), (x[3:], y[3:])]], (x[:4], y[:4], sq_loss), "sum")
+        al, ref, _ = oracle_alignment(ds, per_example_grads_loop(model, sq_loss, x, y),
+                                      per_example_grads_loop(model, sq_loss, x[:4], y[:4]))
+        close(ds.alignment.values[0], al)
+        close(ds.ref_alignment.values[0], ref)
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output projection (GPT-2's tied head): two forms, one parameter."""
+
+    def __init__(self, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mix(self.emb(ids))) @ self.emb.weight.T
+
+
+def test_alignment_tied_embedding(tmp_path):
+    torch.manual_seed(4)
+    model = Tied()
+    ids = torch.randint(0, 11, (5, 4))
+    y = torch.randn(5, 4, 11)
+    ds = log_steps(model, tmp_path / "s.zarr", [[(ids, y)]], (ids[:2], y[:2], sq_loss))
+    al, ref, _ = oracle_alignment(ds, per_example_grads_loop(model, sq_loss, ids, y),
+                                  per_example_grads_loop(model, sq_loss, ids[:2], y[:2]))
+    close(ds.alignment.values[0], al)
+    close(ds.ref_alignment.values[0], ref)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3))
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def train(path, reference: bool, every: int = 2):
+    """Six SGD steps of a model with BatchNorm (train mode) and dropout; logging with or without a reference."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    ref = (torch.randn(10, 1, 8, 8, generator=gen), torch.randint(0, 3, (10,), generator=gen), ce)
+    torch.manual_seed(2)
+    kw = {"alignment": True, "reference": ref, "reference_every": every} if reference else {}
+    with GradientLogger(model, path, **kw) as glog:
+        for step in range(6):
+            x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+            with glog.record(step):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    return model
+
+
+def test_reference_leaves_training_bitwise_unchanged_and_is_reused(tmp_path):
+    plain = train(tmp_path / "a.zarr", reference=False)
+    logged = train(tmp_path / "b.zarr", reference=True, every=3)
+    for (k, p), q in zip(plain.state_dict().items(), logged.state_dict().values(), strict=True):
+        assert torch.equal(p, q), k
+    ds = open_logged(tmp_path / "b.zarr")
+    assert ds.ref_step.values.tolist() == [0, 0, 0, 3, 3, 3]  # recomputed once 3 steps have passed
+    assert np.isfinite(ds.ref_alignment.values).all()
+
+
+def test_probe_alignment_against_its_own_sum_and_reference(tmp_path):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    px, py = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    rx, ry = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with GradientLogger(model, tmp_path / "s.zarr", alignment=True, reference=(rx, ry, ce)) as glog:
+        glog.probe(0, px, py, ce, batch_size=4)
+    ds = open_logged(tmp_path / "s.zarr", "probe")
+    al, ref, _ = oracle_alignment(ds, per_example_grads_vmap(model, ce, px, py),
+                                  per_example_grads_vmap(model, ce, rx, ry))
+    close(ds.alignment.values[0], al)
+    close(ds.ref_alignment.values[0], ref)
+
+
+def test_loss_scale_is_divided_out(tmp_path):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(6, 5), torch.randn(6, 2)
+    with GradientLogger(model, tmp_path / "s.zarr", alignment=True, reference=(x[:3], y[:3], sq_loss)) as glog:
+        with glog.record(0) as rec:
+            (sq_loss(model(x), y).mean() * 1024.0).backward()
+            rec.unscale(1024.0)
+    ds = open_logged(tmp_path / "s.zarr")
+    al, ref, _ = oracle_alignment(ds, per_example_grads_vmap(model, sq_loss, x, y),
+                                  per_example_grads_vmap(model, sq_loss, x[:3], y[:3]))
+    close(ds.alignment.values[0], al)
+    close(ds.ref_alignment.values[0], ref)
+
+
+def test_bad_reference_and_append_mismatch_are_refused(tmp_path):
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="tuple"):
+        GradientLogger(model, tmp_path / "a.zarr", reference=(x, y))
+    with pytest.raises(ValueError, match="same positive number"):
+        GradientLogger(model, tmp_path / "b.zarr", reference=(x, y[:2], sq_loss))
+    with pytest.raises(ValueError, match="reference_every"):
+        GradientLogger(model, tmp_path / "c.zarr", reference=(x, y, sq_loss), reference_every=0)
+    with GradientLogger(model, tmp_path / "d.zarr", reference=(x, y, lambda o, t: sq_loss(o, t).sum())) as glog:
+        with pytest.raises(ValueError, match="one loss per example"), glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+    with GradientLogger(model, tmp_path / "e.zarr") as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+    with pytest.raises(Exception, match="alignment"):
+        GradientLogger(model, tmp_path / "e.zarr", mode="append", alignment=True)
