@@ -8,6 +8,7 @@ imported only there).
 
 from __future__ import annotations
 
+from gradcoh.analysis.alignment import example_alignment, rank_examples
 from gradcoh.analysis.cluster import compute, connect, session
 from gradcoh.analysis.coherence import (
     alpha,
@@ -55,6 +56,7 @@ __all__ = [
     "cross_group_benefit",
     "debiased_alpha",
     "describe_store",
+    "example_alignment",
     "export_tensorboard",
     "gradient_confusion",
     "gradient_diversity",
@@ -69,6 +71,7 @@ __all__ = [
     "open_root",
     "open_store",
     "pair_statistics",
+    "rank_examples",
     "select_layers",
     "session",
     "stiffness",

@@ -31,6 +31,7 @@ __all__ = [
     "NothingToPlotError",
     "layer_label",
     "layer_labels",
+    "plot_alignment",
     "plot_coherence",
     "plot_layer_heatmap",
     "plot_metrics",
@@ -408,6 +409,75 @@ def plot_metrics(metrics: xr.Dataset, *, title: str | None = None, stream: str |
     subtitle = _stream_text(stream, _m_range(metrics.coords.get("m")))
     fig.suptitle(f"{title or 'gradient metrics'}\n{subtitle}" if subtitle else title or "gradient metrics")
     _footnote(fig, READING_NOTE + " Dotted line in the m_coherence panel: 1.")
+    return fig
+
+
+ALIGNMENT_BINS = 60
+"""At most this many step windows per alignment panel (the examples of a window are pooled)."""
+
+
+_ALIGNMENT_AXIS = {"cosine": "cosine of g_i with the gradient", "share": "share of the gradient's ‖·‖²"}
+
+
+def _windows(steps: np.ndarray) -> list[np.ndarray]:
+    """Positions of consecutive steps pooled into at most :data:`ALIGNMENT_BINS` windows."""
+    return [w for w in np.array_split(np.arange(steps.size), min(ALIGNMENT_BINS, steps.size)) if w.size]
+
+
+def _group_rows(values: xr.DataArray, groups: Sequence[str]) -> dict[str, np.ndarray]:
+    """``{group name: (step, example) mask}`` from the ``group`` coordinate (one entry without several groups)."""
+    if schema.GROUP not in values.coords or len(groups) < 2:
+        return {ALL_EXAMPLES: np.ones(values.shape, dtype=bool)}
+    group = np.asarray(values[schema.GROUP].values)
+    return {str(name): group == g for g, name in enumerate(groups)}
+
+
+def plot_alignment(data: Mapping[str, xr.DataArray], *, groups: Sequence[str] = (), title: str | None = None,
+                   stream: str | None = None) -> Figure:
+    """Distribution of each example's alignment over training, per group (e.g. clean vs corrupted).
+
+    One panel per entry of ``data`` (e.g. the batch gradient and the reference gradient); in each, per group, the
+    median over the examples of each window of steps and the band between the 25% and 75% quantiles.
+
+    Args:
+        data: ``{panel title: computed (step, example) DataArray}`` from
+            :func:`~gradcoh.analysis.example_alignment` with ``per_layer=False`` (keeps the ``group`` coordinate).
+        groups: The store's group names (``group_i``), positions of the ``group`` coordinate.
+        title: Figure title.
+        stream: Stream the values come from.
+
+    Returns:
+        The figure.
+
+    Raises:
+        NothingToPlotError: No step.
+
+    """
+    if not data or not all(v.sizes.get(schema.DIM_STEP, 0) for v in data.values()):
+        raise NothingToPlotError("nothing to plot: no committed steps")
+    fig = _new_figure(6.0 * len(data), 4.6)
+    axes = fig.subplots(1, len(data), squeeze=False).ravel()
+    for ax, (name, values) in zip(axes, data.items(), strict=True):
+        steps = values[schema.DIM_STEP].values
+        windows = _windows(steps)
+        x = [steps[w].mean() for w in windows]
+        for group, rows in _group_rows(values, groups).items():
+            pooled = [np.asarray(values.values)[w][rows[w]] for w in windows]
+            qs = np.array([np.nanquantile(p, (0.25, 0.5, 0.75)) if np.isfinite(p).any() else [np.nan] * 3
+                           for p in pooled])
+            (line,) = ax.plot(x, qs[:, 1], label=f"{group}: median")
+            ax.fill_between(x, qs[:, 0], qs[:, 2], color=line.get_color(), alpha=0.2, label=f"{group}: 25–75%")
+        ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(name, fontsize="medium")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(_ALIGNMENT_AXIS.get(values.attrs.get("normalize", ""), "g_i · gradient"))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    subtitle = _stream_text(stream, None)
+    fig.suptitle(f"{title or 'per-example alignment'}\n{subtitle}" if subtitle else title or "per-example alignment")
+    _footnote(fig, "Each example's alignment with the gradient named above each panel: > 0 pulls with it, < 0 "
+                   f"against it. The examples of each of up to {ALIGNMENT_BINS} windows of consecutive steps are "
+                   "pooled.")
     return fig
 
 

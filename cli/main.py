@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from gradcoh.cli import coherence, compact, demo, info, metrics, plot, repair, tensorboard, train
+from gradcoh.cli import coherence, compact, demo, examples, info, metrics, plot, repair, tensorboard, train
 
 app = typer.Typer(
     name="gradcoh",
@@ -25,6 +25,7 @@ COMMANDS = (
     ("info", info.info),
     ("coherence", coherence.coherence),
     ("metrics", metrics.metrics),
+    ("examples", examples.examples),
     ("plot", plot.plot),
     ("train", train.train),
     ("demo", demo.demo),

@@ -20,6 +20,7 @@ class Kind(enum.StrEnum):
     layers = "layers"
     groups = "groups"
     metrics = "metrics"
+    alignment = "alignment"
 
 
 TITLES = {
@@ -27,6 +28,7 @@ TITLES = {
     Kind.layers: "per-layer m-coherence",
     Kind.groups: "m-coherence by group",
     Kind.metrics: "gradient metrics",
+    Kind.alignment: "per-example alignment",
 }
 
 
@@ -76,8 +78,25 @@ def _figure(store: str, kind: Kind, stream: str | None, progress: bool, sketch: 
     if kind is Kind.groups:
         data = analysis.compute(analysis.m_coherence(ds, by="group", **bands), progress=progress)
         return plots.plot_coherence(data, title=title, stream=name)
+    if kind is Kind.alignment:
+        groups = [str(g) for g in ds[schema.GROUP_I].values]
+        return plots.plot_alignment(analysis.compute(_alignments(ds), progress=progress), groups=groups,
+                                    title=title, stream=name)
     data = analysis.compute(analysis.metrics_summary(ds), progress=progress)
     return plots.plot_metrics(data, title=title, stream=name)
+
+
+def _alignments(ds):
+    """``{panel: lazy cosine alignment (step, example)}``: with the batch gradient, and the reference if stored."""
+    from gradcoh import analysis
+    from gradcoh.logger import schema
+
+    out = {}
+    if schema.ALIGNMENT in ds.variables or schema.REF_ALIGNMENT not in ds.variables:
+        out["with the batch gradient G"] = analysis.example_alignment(ds, per_layer=False)
+    if schema.REF_ALIGNMENT in ds.variables:
+        out["with the reference gradient R"] = analysis.example_alignment(ds, per_layer=False, reference=True)
+    return out
 
 
 def plot(

@@ -69,6 +69,13 @@ def train(
     threads: Annotated[
         int | None, typer.Option("--threads", min=1, help="torch CPU threads (1 is fastest for tiny models).")
     ] = None,
+    alignment: Annotated[bool, typer.Option(
+        "--alignment", help="Store each example's alignment with its batch gradient (gradcoh examples).")] = False,
+    reference_size: Annotated[int, typer.Option(
+        "--reference-size", min=0, help="Clean held-out reference examples (test split) to align with (0: none).")
+    ] = 0,
+    reference_every: Annotated[int, typer.Option(
+        "--reference-every", min=1, help="Recompute the reference gradient every N steps.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
     progress: ProgressOpt = None,
 ) -> None:
@@ -84,7 +91,8 @@ def train(
             out=out, dataset=dataset.value, data_dir=data_dir, model=model.value, width=width,
             label_noise=label_noise, batch_size=batch_size, lr=lr, optimizer=optimizer.value, momentum=momentum,
             probe_size=probe_size, probe_every=probe_every, log_every=log_every, sketch_dim=sketch_dim, seed=seed,
-            device=device, threads=threads, overwrite=overwrite, progress=want_progress(progress), **length,
+            device=device, threads=threads, overwrite=overwrite, progress=want_progress(progress),
+            alignment=alignment, reference_size=reference_size, reference_every=reference_every, **length,
         )
         try:
             path = run_experiment(config)

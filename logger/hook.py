@@ -28,8 +28,8 @@ from .layers import LayerRules, default_rules
 from .plan import plan_layers
 from .probe import ModelState, measure
 from .recorder import Recording, StepRecorder
-from .reference import make_reference
 from .reducer import StepReducer, record_coherence, record_summary
+from .reference import make_reference
 from .sigterm import SigtermExit
 from .store import HostRecord, StreamWriter, open_run
 from .tracker import LayerTracker

@@ -169,8 +169,11 @@ class StepReducer:
         return out
 
     def _grams(self, n_groups: int, totals: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]] | None]:
-        """Per-layer group Gram matrices ``[L, G, G]`` in float64 (``‖Σ_i g_i‖²`` is the sum of their entries),
-        and, if ``totals``, each layer's batch sum ``Σ_i g_i`` per parameter (global under DDP)."""
+        """Per-layer group Gram matrices ``[L, G, G]`` in float64, and each layer's batch sum if ``totals``.
+
+        ``‖Σ_i g_i‖²`` is the sum of a Gram's entries; the batch sums ``Σ_i g_i`` come per parameter (natural
+        views), global under DDP.
+        """
         if self.world_size == 1:
             grams = torch.stack([t.gram(n_groups) for t in self.trackers])
             return grams, [t.batch_sum() for t in self.trackers] if totals else None

@@ -69,6 +69,9 @@ class ExperimentConfig:
     # probe examples predicted as their training label), loss and batch_acc (accuracy on the training batch)
     synthetic_size: int = 256  # examples of the synthetic dataset
     threads: int | None = None  # torch intra-op threads (process-wide); 1 is much faster for tiny models on CPU
+    alignment: bool = False  # store each example's alignment with the batch gradient (GradientLogger(alignment=))
+    reference_size: int = 0  # clean held-out reference examples (from the test split); 0: no reference set
+    reference_every: int = 1  # recompute the reference gradient when this many steps passed since the last one
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -89,7 +92,8 @@ class ExperimentConfig:
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
             raise ValueError(f"steps/epochs must be positive, got steps={self.steps}, epochs={self.epochs}")
         at_least = {"batch_size": 1, "probe_every": 1, "probe_batch_size": 1, "width": 1, "probe_size": 0,
-                    "probe_early": 0, "log_every": 0, "sketch_dim": 0, "seed": 0}
+                    "probe_early": 0, "log_every": 0, "sketch_dim": 0, "seed": 0, "reference_size": 0,
+                    "reference_every": 1}
         if self.threads is not None:
             at_least["threads"] = 1
         for name, low in at_least.items():
@@ -217,7 +221,9 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
              total, cfg.out)
     glog = GradientLogger(model, cfg.out, every=cfg.log_every or total + 1, sketch_dim=cfg.sketch_dim,
                           seed=cfg.seed, loss_reduction="mean", groups=GROUPS,
-                          mode="overwrite" if cfg.overwrite else "create", extra={"experiment": cfg.to_dict()})
+                          mode="overwrite" if cfg.overwrite else "create", extra={"experiment": cfg.to_dict()},
+                          alignment=cfg.alignment, reference=_reference(cfg, seeds[1], device),
+                          reference_every=cfg.reference_every)
     with glog:
         try:
             _train(cfg, model, opt, glog, data, labels, corrupted, probe, total, seeds[2], device, on_probe)
@@ -226,6 +232,20 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
             glog.close()
             raise
     return Path(cfg.out)
+
+
+def _reference(cfg: ExperimentConfig, seed: np.random.SeedSequence,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Callable] | None:
+    """``reference_size`` clean examples of the test split (held out, true labels), or None."""
+    if not cfg.reference_size:
+        return None
+    test = load_dataset(cfg.dataset, cfg.data_dir, train=False, synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+    if cfg.reference_size > len(test):
+        raise ValueError(f"reference_size={cfg.reference_size} exceeds the {len(test)} examples of the "
+                         f"{cfg.dataset} test split")
+    gen = torch.Generator().manual_seed(int(seed.generate_state(2)[1]))
+    index = torch.randperm(len(test), generator=gen)[: cfg.reference_size].sort().values
+    return test.batch(index).to(device), test.targets[index].to(device), per_example_loss
 
 
 def _probe_due(cfg: ExperimentConfig, step: int, total: int) -> bool:
