@@ -28,6 +28,7 @@ class StreamData:
     groups: list[np.ndarray]
     steps: list[int]
     projections: list[np.ndarray] = field(default_factory=list)  # R_l, (k, P_l), already scaled by 1/sqrt(k)
+    reference: list[np.ndarray] | None = None  # reference gradient per layer (P_l,), or None
 
     def flat(self, step: int, layers: Sequence[int] | None = None) -> np.ndarray:
         """Per-example gradients of one step, concatenated over ``layers`` (all by default)."""
@@ -126,6 +127,11 @@ def _step_arrays(data: StreamData, n_rows: int, sketch_dim: int, n_groups: int) 
     }
     if sketch_dim:
         arrays[schema.SKETCH] = np.full((n_rows, width, n_layers, sketch_dim), np.nan)
+    if data.reference is not None:  # with a reference set, the batch alignment too
+        arrays[schema.ALIGNMENT] = np.full((n_rows, width, n_layers), np.nan)
+        arrays[schema.REF_ALIGNMENT] = np.full((n_rows, width, n_layers), np.nan)
+        arrays[schema.REF_SQ_NORM] = np.full((n_rows, n_layers), np.nan)
+        arrays[schema.REF_STEP] = np.full(n_rows, -1, np.int64)
     # junk after the committed steps: a crashed writer's half-written rows
     arrays[schema.SUM_SQ_NORM][len(data.grads) :] = 1e30
     arrays[schema.SQ_NORM][len(data.grads) :] = 1e30
@@ -153,6 +159,11 @@ def _fill_step(arrays, data: StreamData, t: int, layers, sketch_dim: int, n_grou
         arrays[schema.GROUP_GRAM][t, j] = sums @ sums.T
         if sketch_dim:
             arrays[schema.SKETCH][t, :mt, j] = g @ data.projections[j].T
+        if data.reference is not None:
+            arrays[schema.ALIGNMENT][t, :mt, j] = g @ s
+            arrays[schema.REF_ALIGNMENT][t, :mt, j] = g @ data.reference[j]
+            arrays[schema.REF_SQ_NORM][t, j] = data.reference[j] @ data.reference[j]
+            arrays[schema.REF_STEP][t] = data.steps[t]
 
 
 def _write_stream(root: zarr.Group, name: str, data: StreamData, store: StoreData, **opts: Any) -> None:
@@ -227,6 +238,7 @@ def build_store(
     committed: int | None = None,
     extra_steps: int = 0,
     format_version: int | None = schema.FORMAT_VERSION,
+    reference: Sequence[np.ndarray] | None = None,
 ) -> StoreData:
     """Write a gradcoh store from full per-example gradients.
 
@@ -246,6 +258,8 @@ def build_store(
         committed: ``committed_steps`` attribute (default: every step written).
         extra_steps: Junk rows written after the last step (as after a crash).
         format_version: Root format version (``None``: omit the key).
+        reference: A reference gradient per layer ``(P_l,)``: the batch stream then also holds ``alignment``,
+            ``ref_alignment``, ``ref_sq_norm`` and ``ref_step``.
 
     Returns:
         The path and the oracle arrays.
@@ -271,6 +285,7 @@ def build_store(
     root.attrs.update(_root_attrs(store, sizes, **opts))
     if include_batch:
         store.streams[schema.STREAM_BATCH] = _stream_data(grads, labels, groups, steps, projections)
+        store.streams[schema.STREAM_BATCH].reference = None if reference is None else list(reference)
     if probe is not None:
         store.streams[schema.STREAM_PROBE] = _stream_data(probe, None, None, None, projections)
     for name, data in store.streams.items():
@@ -278,3 +293,23 @@ def build_store(
             data.groups = [np.zeros(len(s[0]), np.int64) for s in data.grads]
         _write_stream(root, name, data, store, **opts)
     return store
+
+
+def aligned_store(path: str | os.PathLike, m: int = 6, sizes: Sequence[int] = (5, 3)) -> tuple[StoreData, np.ndarray,
+                                                                                              list[np.ndarray]]:
+    """A store with alignment and a reference gradient: 4 steps (the third short), groups clean/corrupted, and
+    dataset indices that repeat across steps (7 examples, each seen 1–4 times).
+
+    Returns:
+        The store, its ``index`` array ``(step, example)`` and the reference gradient per layer.
+    """
+    rng = np.random.default_rng(3)
+    grads = random_gradients(rng, n_steps=4, m=m, sizes=sizes, shared=0.4, short_step=(2, 4))
+    groups = [rng.integers(0, 2, len(g[0])) for g in grads]
+    reference = [rng.normal(size=p) for p in sizes]
+    store = build_store(path, grads, groups=groups, group_names=["clean", "corrupted"], reference=reference)
+    index = np.full((4, m), -1, np.int64)
+    for t, g in enumerate(grads):
+        index[t, : len(g[0])] = (np.arange(len(g[0])) + 2 * t) % 7
+    zarr.open_group(str(path), mode="r+")["batch/index"][...] = index
+    return store, index, reference

@@ -1,0 +1,82 @@
+"""example_alignment and rank_examples against NumPy on the full per-example gradients, and the figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradcoh import analysis
+from gradcoh.analysis import plots
+from storefactory import aligned_store, build_store, random_gradients
+
+
+@pytest.fixture
+def aligned(tmp_path):
+    return aligned_store(tmp_path / "a.zarr")
+
+
+def _cos(a, b):
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def test_example_alignment_normalisations_match_numpy(aligned):
+    store, _, reference = aligned
+    ds = analysis.open_store(store.path, stream="batch")  # Dask-backed
+    per_layer = {n: analysis.example_alignment(ds, normalize=n).compute().values for n in ("cosine", "share", None)}
+    net = analysis.example_alignment(ds, per_layer=False).compute().values
+    ref = analysis.example_alignment(ds, reference=True, per_layer=False).compute().values
+    for t, layers in enumerate(store.batch.grads):
+        mt = len(layers[0])
+        assert np.isnan(per_layer["cosine"][t, mt:]).all()  # padding
+        for j, g in enumerate(layers):
+            total = g.sum(0)
+            np.testing.assert_allclose(per_layer[None][t, :mt, j], g @ total, rtol=1e-12)
+            np.testing.assert_allclose(per_layer["cosine"][t, :mt, j], [_cos(x, total) for x in g], rtol=1e-12)
+            np.testing.assert_allclose(per_layer["share"][t, :mt, j], g @ total / (total @ total), rtol=1e-12)
+        full, r = store.batch.flat(t), np.concatenate(reference)
+        np.testing.assert_allclose(net[t, :mt], [_cos(x, full.sum(0)) for x in full], rtol=1e-12)
+        np.testing.assert_allclose(ref[t, :mt], [_cos(x, r) for x in full], rtol=1e-12)
+
+
+def test_rank_examples_matches_a_python_loop(aligned):
+    store, index, _ = aligned
+    ds = analysis.open_store(store.path, stream="batch")
+    ranked = analysis.rank_examples(ds)
+    seen: dict[int, list[float]] = {}
+    for t, layers in enumerate(store.batch.grads):
+        full = store.batch.flat(t)
+        for e, x in enumerate(full):
+            seen.setdefault(int(index[t, e]), []).append(_cos(x, full.sum(0)))
+    assert sorted(ranked["index"].values.tolist()) == sorted(seen)
+    means = ranked["mean_alignment"].values
+    assert (np.diff(means) >= 0).all()  # most negative first
+    for i in ranked["index"].values:
+        row = ranked.sel(index=i)
+        np.testing.assert_allclose(float(row["mean_alignment"]), np.mean(seen[int(i)]), rtol=1e-12)
+        np.testing.assert_allclose(float(row["negative_fraction"]), np.mean(np.array(seen[int(i)]) < 0))
+        assert int(row["seen"]) == len(seen[int(i)])
+    assert set(ranked["group_name"].values) <= {"clean", "corrupted"}
+    frame = ranked.to_dataframe()
+    assert list(frame.columns[:3]) == ["mean_alignment", "negative_fraction", "seen"]
+
+
+def test_missing_variables_and_bad_arguments_are_clear(tmp_path, aligned):
+    rng = np.random.default_rng(0)
+    plain = build_store(tmp_path / "p.zarr", random_gradients(rng, n_steps=2, m=3, sizes=(2,)))
+    ds = analysis.open_store(plain.path, stream="batch")
+    with pytest.raises(ValueError, match="alignment=True"):
+        analysis.example_alignment(ds)
+    with pytest.raises(ValueError, match="reference="):
+        analysis.example_alignment(ds, reference=True)
+    with pytest.raises(ValueError, match="normalize"):
+        analysis.example_alignment(analysis.open_store(aligned[0].path, stream="batch"), normalize="l2")
+
+
+def test_alignment_figure(aligned):
+    store, _, _ = aligned
+    ds = analysis.open_store(store.path, stream="batch")
+    data = {"G": analysis.example_alignment(ds, per_layer=False).compute()}
+    fig = plots.plot_alignment(data, groups=["clean", "corrupted"])
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["clean: median", "clean: 25–75%", "corrupted: median", "corrupted: 25–75%"]
+    with pytest.raises(plots.NothingToPlotError):
+        plots.plot_alignment({})
