@@ -44,7 +44,7 @@ def test_plain_xarray_after_a_crash_shows_the_uncommitted_tail(forkserver, refer
     path = tmp_path / "crashed.zarr"
     assert forkserver.wait(forkserver.start(path, 0, 20)) == 0
     batch = zarr.open_group(str(path), mode="r+")[schema.STREAM_BATCH]
-    for name in schema.VARIABLES:  # a writer killed after resizing, before writing the data and the marker
+    for name in (v for v in schema.VARIABLES if v in batch):  # a writer killed after resizing, before the data
         arr = batch[name]
         arr.resize((25, *arr.shape[1:]))
     raw = xr.open_zarr(str(path), group=schema.STREAM_BATCH, consolidated=False)
