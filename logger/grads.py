@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .costs import ONE_CPU_CORE, KernelCosts, kernel_costs
 from .sketch import TENSORSKETCH_BLOCKS, Projection
 
 MATERIALISE_BYTES = 64 * 2**20
@@ -290,14 +291,6 @@ def as_dense(grad: LayerGrad) -> Dense:
     return grad if isinstance(grad, Dense) else grad.materialise()
 
 
-# Cost per element of the kernels involved, in nanoseconds on one CPU core (scripts/profile_logger.py and the
-# kernels timed alone): a multiply-add in a batched GEMM, a scattered add (index_add_ of a CountSketch), and one unit
-# of ``k·log2(k)`` in a real FFT of size k. Only their ratios matter.
-GEMM = 0.02
-SCATTER = 1.9
-FFT = 0.4
-
-
 def choose_projection(shape: tuple[int, ...], dim: int, forms: list[ParamGrad]) -> str:
     """The sketch of one parameter, ``"countsketch"`` or ``"tensorsketch"``, from its first per-example gradients.
 
@@ -308,7 +301,8 @@ def choose_projection(shape: tuple[int, ...], dim: int, forms: list[ParamGrad]) 
     gradients and gradients with several positions (where the materialisation costs about what autograd's own
     weight gradient costs, and a TensorSketch's FFTs per position cost more). The choice depends on ``T = 1``
     only, not on how large ``T`` is, so that batches of different lengths (other steps, other processes) choose
-    alike; see :mod:`gradcoh.logger.sketch` for the accuracy of each.
+    alike; see :mod:`gradcoh.logger.sketch` for the accuracy of each. For the same reason it weighs costs with the
+    fixed :data:`~gradcoh.logger.costs.ONE_CPU_CORE` constants, never with measurements of the device.
 
     Args:
         shape: The parameter's shape.
@@ -321,13 +315,14 @@ def choose_projection(shape: tuple[int, ...], dim: int, forms: list[ParamGrad]) 
         return "countsketch"
     if not forms or any(not isinstance(f, Factored) or f.positions != 1 for f in forms):
         return "countsketch"
-    count = GEMM * size + SCATTER * size
-    tensor = TENSORSKETCH_BLOCKS * (SCATTER * (rows + cols) + 2 * FFT * dim * math.log2(dim))
+    c = ONE_CPU_CORE
+    count = c.gemm * size + c.scatter * size
+    tensor = TENSORSKETCH_BLOCKS * (c.scatter * (rows + cols) + 2 * c.fft * dim * math.log2(dim))
     return "tensorsketch" if tensor < count else "countsketch"
 
 
 def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size: int,
-                           projector: Projection | None = None) -> bool:
+                           projector: Projection | None = None, costs: KernelCosts = ONE_CPU_CORE) -> bool:
     """Whether to materialise ``[n, rows, cols]`` rather than keep factors: the one place this is decided.
 
     The mixed ghost-norm rule (Bu, Mao, Xu 2022): materialise when that costs less than the factored route and
@@ -337,18 +332,20 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     With a sketch: a CountSketch needs the materialised gradient on either route (one scattered add per entry), so
     materialising then costs nothing extra; a block TensorSketch adds ``B`` CountSketches of both factors and
     ``2B`` FFTs per position to the factored route and ``B`` scattered adds per entry to the materialised one.
+    ``costs`` weighs the kernels (:func:`~gradcoh.logger.costs.kernel_costs` of the device in use): both routes
+    give the same values, so measured costs may choose.
     """
     if n * rows * cols * element_size > MATERIALISE_BYTES:
         return False
     t, size = positions, rows * cols
-    factored = GEMM * (t * t * (rows + cols) if t > 1 else rows + cols)
-    materialised = GEMM * (t + 1) * size
+    factored = costs.gemm * (t * t * (rows + cols) if t > 1 else rows + cols)
+    materialised = costs.gemm * (t + 1) * size
     if projector is not None and projector.kind == "countsketch":
         factored += materialised
     elif projector is not None:
         k, b = projector.dim, projector.blocks
-        factored += b * (SCATTER * t * (rows + cols) + 2 * FFT * t * k * math.log2(max(k, 2)))
-        materialised += b * SCATTER * size
+        factored += b * (costs.scatter * t * (rows + cols) + 2 * costs.fft * t * k * math.log2(max(k, 2)))
+        materialised += b * costs.scatter * size
     return materialised < factored
 
 
@@ -358,8 +355,9 @@ def choose_route(grad: LayerGrad, projector: Projection | None) -> LayerGrad:
         return Composite([(choose_route(part, None), view) for part, view in grad.parts])
     if isinstance(grad, Dense):
         return grad
+    costs = kernel_costs(grad.v.device, grad.v.dtype)
     cheaper = materialise_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, grad.v.element_size(),
-                                     projector)
+                                     projector, costs)
     return grad.materialise() if cheaper else grad
 
 

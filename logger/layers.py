@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .costs import fastest, kernel_costs
 from .grads import Composite, Dense, Factored, MatrixView, materialise_is_cheaper
 
 Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored"]
@@ -144,7 +145,7 @@ def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_o
     x, padding = _conv_padding(module, x)
     t = go[0, 0].numel()
     rows, cols = module.out_channels, module.weight[0].numel() + has_bias
-    if g > 1 or materialise_is_cheaper(n, t, rows, cols, go.element_size()):  # grouped: no factored route
+    if g > 1 or materialise_is_cheaper(n, t, rows, cols, go.element_size(), costs=kernel_costs(x.device, x.dtype)):
         w = _per_example_conv_weight_grad(module, x, go, padding)  # [n, C_out, C_in/g·k]
         return Dense(w, go.reshape(n, rows, -1).sum(2, keepdim=True)) if has_bias else Dense(w)
     a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [n, T, C_in·k]
@@ -154,6 +155,35 @@ def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_o
 
 def _per_example_conv_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, go: torch.Tensor,
                                   padding: tuple) -> torch.Tensor:
+    """``[n, C_out, C_in/g·prod(k)]`` by the fastest exact route on this device for these shapes.
+
+    Depthwise 2-D convolutions (one input channel per output channel) have a second route, one shifted product
+    per kernel tap (:func:`_depthwise_weight_grad`), which CPU kernels run up to 3× faster on large feature maps
+    and slower on small ones; :func:`~gradcoh.logger.costs.fastest` measures both at first use per shape.
+    """
+    routes = [lambda: _grouped_weight_grad(module, x, go, padding)]
+    if x.dim() == 4 and module.weight.shape[1] == 1 and module.out_channels == module.in_channels:
+        routes.append(lambda: _depthwise_weight_grad(module, x, go, padding))
+    key = ("conv-weight-grad", str(x.device), x.dtype, tuple(x.shape), tuple(go.shape), module.kernel_size,
+           module.stride, module.dilation, padding, module.groups)
+    return fastest(key, x.device, routes)
+
+
+def _depthwise_weight_grad(module: nn.Conv2d, x: torch.Tensor, go: torch.Tensor, padding: tuple) -> torch.Tensor:
+    """``[n, C, kh·kw]`` of a depthwise convolution: ``Σ_{h,w} δ[n,c,h,w] · x_pad[n,c,h·s+i·d, w·s+j·d]`` per tap."""
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    h, w = go.shape[2], go.shape[3]
+    out = go.new_empty(x.shape[0], x.shape[1], kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            window = xp[:, :, i * dh : i * dh + sh * (h - 1) + 1 : sh, j * dw : j * dw + sw * (w - 1) + 1 : sw]
+            out[:, :, i, j] = (window * go).sum((2, 3))
+    return out.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _grouped_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, go: torch.Tensor,
+                         padding: tuple) -> torch.Tensor:
     """``[n, C_out, C_in/g·prod(k)]``: the batch folded into the groups of one convolution-backward call."""
     n, g = x.shape[0], module.groups
     weight = module.weight.detach()

@@ -1,0 +1,134 @@
+"""What kernels cost on the device in use: measured once per device and dtype, for choosing between exact routes.
+
+Two routes that give the same values (to rounding) can differ several-fold in time, and by how much depends on the
+device: a batched GEMM is cheap on a GPU and relatively dear on one CPU core, a scattered add the other way round.
+:func:`kernel_costs` times three small kernels at first use per ``(device, dtype)`` and gives nanoseconds per
+element; :func:`fastest` times whole alternatives (e.g. two ways to form a depthwise convolution's per-example
+weight gradients) at first use per shape. Both cache in one process-wide :class:`Calibration`; measuring on a GPU
+synchronises the device, once per entry.
+
+Only choices whose results are equal to rounding use these measurements. Choices that change *what* is stored (the
+kind of a sketch projection) use fixed constants, so that every process and every restart of a run makes the same
+one. ``GRADCOH_CALIBRATE=0`` in the environment turns measuring off: the fixed one-CPU-core constants and the first
+candidate are used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class KernelCosts:
+    """Nanoseconds per element of the kernels the route choices weigh.
+
+    Attributes:
+        gemm: One multiply-add of a batched GEMM.
+        scatter: One scattered add (``index_add_``, a CountSketch).
+        fft: One unit of ``k·log2(k)`` in a real FFT of size ``k``.
+    """
+
+    gemm: float
+    scatter: float
+    fft: float
+
+
+ONE_CPU_CORE = KernelCosts(gemm=0.02, scatter=1.9, fft=0.4)
+"""Measured on one CPU core of the development machine (scripts/profile_logger.py); used when not calibrating."""
+
+
+def _enabled() -> bool:
+    return os.environ.get("GRADCOH_CALIBRATE", "1") != "0"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> float:
+    """Best of ``repeats`` timed calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class Calibration:
+    """Measured kernel costs per ``(device, dtype)`` and the fastest of alternative routes per key."""
+
+    def __init__(self) -> None:
+        self._costs: dict[tuple[str, torch.dtype], KernelCosts] = {}
+        self._fastest: dict[Hashable, int] = {}
+
+    def kernel_costs(self, device: torch.device, dtype: torch.dtype) -> KernelCosts:
+        """Per-element costs on ``device`` for ``dtype`` (measured at first use, a few milliseconds)."""
+        if not _enabled():
+            return ONE_CPU_CORE
+        key = (str(device), dtype)
+        if key not in self._costs:
+            self._costs[key] = _measure(torch.device(device), dtype)
+            log.info("kernel costs on %s (%s): %s", device, dtype, self._costs[key])
+        return self._costs[key]
+
+    def fastest(self, key: Hashable, device: torch.device, candidates: Sequence[Callable[[], T]]) -> T:
+        """The result of the candidate that ran fastest for ``key`` (all are timed at its first use).
+
+        Args:
+            key: What identifies the situation (shapes, dtype, device): the choice is cached under it.
+            device: Where the candidates run (synchronised around timings on a GPU).
+            candidates: Callables computing the same result by different routes.
+        """
+        if key not in self._fastest:
+            if not _enabled() or len(candidates) == 1:
+                self._fastest[key] = 0
+            else:
+                times = [_seconds(c, device, repeats=1) for c in candidates]
+                self._fastest[key] = min(range(len(times)), key=times.__getitem__)
+                log.debug("fastest route for %s: %d (%s s)", key, self._fastest[key], times)
+        return candidates[self._fastest[key]]()
+
+
+def _measure(device: torch.device, dtype: torch.dtype) -> KernelCosts:
+    """Time a batched GEMM, an ``index_add_`` and a real FFT of fixed sizes on ``device``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 128, 128, generator=gen).to(device, dtype)
+    src = torch.randn(2**18, generator=gen).to(device, dtype)
+    index = torch.randint(0, 4096, (2**18,), generator=gen).to(device)
+    out = torch.zeros(4096, device=device, dtype=dtype)
+    k = 1024
+    signal = torch.randn(64, k, generator=gen).to(device, torch.float32)
+    gemm = _seconds(lambda: torch.bmm(a, a), device) / a.numel() / 128
+    scatter = _seconds(lambda: out.index_add_(0, index, src), device) / src.numel()
+    fft = _seconds(lambda: torch.fft.irfft(torch.fft.rfft(signal), n=k), device) / (2 * 64 * k * 10)
+    return KernelCosts(gemm=gemm * 1e9, scatter=scatter * 1e9, fft=fft * 1e9)
+
+
+CALIBRATION = Calibration()
+"""The process-wide measurements (device properties, not run state: shared by every logger of the process)."""
+
+
+def kernel_costs(device: torch.device, dtype: torch.dtype) -> KernelCosts:
+    """:meth:`Calibration.kernel_costs` of the process-wide :data:`CALIBRATION`."""
+    return CALIBRATION.kernel_costs(device, dtype)
+
+
+def fastest(key: Hashable, device: torch.device, candidates: Sequence[Callable[[], T]]) -> T:
+    """:meth:`Calibration.fastest` of the process-wide :data:`CALIBRATION`."""
+    return CALIBRATION.fastest(key, device, candidates)
