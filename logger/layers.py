@@ -244,11 +244,13 @@ def _affine_grads(
 
 
 def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
-    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example)."""
+    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example).
+
+    ``x̂`` comes from the op's own kernel without the affine part (one fused pass, the forward's rounding).
+    """
     x, go = args[0], grad_outputs[0]
     nd = len(module.normalized_shape)
-    dims = tuple(range(x.dim() - nd, x.dim()))
-    xhat = (x - x.mean(dims, keepdim=True)) * torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + module.eps)
+    xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
 
 
@@ -256,32 +258,24 @@ def rms_norm_rule(module: nn.RMSNorm, args: tuple, kwargs: dict, grad_outputs: t
     """``nn.RMSNorm`` over its normalised trailing dimensions (exact per example): ``y = x / rms(x) · w``."""
     x, go = args[0], grad_outputs[0]
     nd = len(module.normalized_shape)
-    dims = tuple(range(x.dim() - nd, x.dim()))
-    eps = torch.finfo(x.dtype).eps if module.eps is None else module.eps
-    xhat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    xhat = F.rms_norm(x, module.normalized_shape, None, module.eps)  # eps None: the dtype's, as the module
     return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
 
 
 def group_norm_rule(module: nn.GroupNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """``nn.GroupNorm`` (exact per example): per-channel sums over spatial positions."""
     x, go = args[0], grad_outputs[0]
-    n = x.shape[0]
-    xg = x.reshape(n, module.num_groups, -1)
-    xhat = ((xg - xg.mean(-1, keepdim=True)) * torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + module.eps))
-    xhat = xhat.reshape_as(x)
+    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
     return _affine_grads(module, xhat, go, tuple(range(2, x.dim())))
 
 
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """``nn.BatchNorm1d/2d/3d``: exact with running statistics; per-example contributions with batch statistics."""
     x, go = args[0], grad_outputs[0]
-    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    if uses_batch_stats(module):
-        dims = (0, *range(2, x.dim()))
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    if uses_batch_stats(module):  # no running statistics passed: nothing is updated
+        xhat = F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
     else:
-        mean, var = module.running_mean.view(shape), module.running_var.view(shape)
-    xhat = (x - mean) * torch.rsqrt(var + module.eps)
+        xhat = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
     return _affine_grads(module, xhat, go, tuple(range(2, x.dim())))
 
 
