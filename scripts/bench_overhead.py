@@ -8,15 +8,25 @@ caching allocator's peak). Timings run with the default allocator settings. The 
 ``record`` block (hooks, the packing, the one device→host copy and the queue put); the Zarr writing itself runs on
 the logger's background thread.
 
+The real-models zoo (``--zoo`` or ``--models gpt2,llama,...``; Hugging Face and timm models built from their config
+classes with random weights, no downloads; transformers/timm are imported only when selected) runs every method on
+the same model in train mode with every dropout 0 (BatchNorm layers in eval mode) and the per-example losses of
+tests/zoo.py (causal LMs: each example's mean token cross-entropy), trained on their mean. Each method's per-example
+squared norms are compared with gradcoh_exact's ("Δ vs gradcoh_exact"); peers that fail are recorded as
+``failed: <reason>`` and peers that leave parameters out say how many they cover.
+
     python scripts/bench_overhead.py --models cnn --batch 64 --json out.json   # overhead table
+    python scripts/bench_overhead.py --zoo --threads 1 --reps 5 --warmup 1     # the zoo, summary table at the end
     python scripts/bench_overhead.py --writer                                    # writer throughput
     python scripts/bench_overhead.py --probe                                     # exact m-coherence, m=4096
     python scripts/bench_overhead.py --tiny                                      # smoke run (seconds)
+    python scripts/bench_overhead.py --tiny --models gpt2                        # one tiny zoo model
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -41,8 +51,11 @@ try:
 except ImportError:  # pragma: no cover - psutil is in the bench extra
     psutil = None
 
-ALL_METHODS = ("plain", "gradcoh_exact", "gradcoh_k256", "gradcoh_k1024", "opacus_hooks", "opacus_ghost",
-               "backpack_l2", "backpack_grad", "vmap", "naive_loop")
+ALL_METHODS = ("plain", "gradcoh_exact", "gradcoh_k256", "gradcoh_k1024", "gradcoh_align", "opacus_hooks",
+               "opacus_ghost", "backpack_l2", "backpack_grad", "vmap", "naive_loop")
+GRADCOH = {"gradcoh_exact": {}, "gradcoh_k256": {"sketch_dim": 256}, "gradcoh_k1024": {"sketch_dim": 1024},
+           "gradcoh_align": {"alignment": True}}
+"""gradcoh's variants: exact statistics, with sketches, with each example's alignment with the batch gradient."""
 SLOW = {"opacus_hooks", "backpack_grad", "vmap", "naive_loop"}
 
 
@@ -89,15 +102,32 @@ def resnet18(norm: str) -> nn.Module:
     return model
 
 
-def make_case(name: str, batch: int, seq: int, device: str, seed: int = 0) -> dict:
-    """Model variants (the same weights where they share an architecture) and one fixed batch."""
+def xy_loss(model: Callable, b: dict) -> torch.Tensor:
+    """Per-example cross-entropy of ``model(x)`` against ``y`` (the built-in models and the writer MLP)."""
+    return F.cross_entropy(model(b["x"]), b["y"], reduction="none")
+
+
+def xy_case(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, note: str = "") -> dict:
+    """A case of a model called as ``model(x)`` with class labels ``y``."""
+    return {"models": models, "batch": {"x": x, "y": y}, "loss": xy_loss, "labels": y, "note": note,
+            "size": "", "separate_peer": models["peer"] is not models["default"]}
+
+
+def make_case(name: str, batch: int, seq: int, device: str, seed: int = 0, tiny: bool = False) -> dict:
+    """Model variants (the same weights where they share an architecture), one fixed batch and the per-example loss.
+
+    A case is a dict: ``models`` (``default`` for plain and gradcoh, ``peer`` for the other methods), ``batch`` (a
+    dict of tensors with the examples on dim 0), ``loss(model, batch) -> [n]`` per-example losses (every method
+    trains on their mean), ``labels`` ([n] class labels or None), ``note``, ``size`` and ``separate_peer``.
+    """
+    if name in ZOO:
+        return make_zoo_case(name, batch, seq, device, seed, tiny)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if name == "cnn":
         base = SmallCNN()
         x = torch.randn(batch, 3, 32, 32, generator=g)
-        models = {"default": base, "peer": base}
-        note = ""
+        models, note = {"default": base, "peer": base}, ""
     elif name == "resnet18":
         bn, gn = resnet18("bn"), resnet18("gn")
         bn.eval()  # gradcoh with running statistics: exact per example (train-mode BN couples the examples)
@@ -107,20 +137,173 @@ def make_case(name: str, batch: int, seq: int, device: str, seed: int = 0) -> di
                 "the naive loop use the GroupNorm(32) variant (the ratio is to a plain step of that variant)")
     elif name == "transformer":
         base = SmallTransformer()
-        x = torch.randn(batch, seq, 32, generator=g)
-        models = {"default": base, "peer": base}
-        note = ""
+        x = torch.randn(batch, seq or 64, 32, generator=g)
+        models, note = {"default": base, "peer": base}, ""
     else:
         raise ValueError(f"unknown model {name!r}")
     y = torch.randint(0, 10, (batch,), generator=g)
-    return {"models": {k: m.to(device) for k, m in models.items()}, "x": x.to(device), "y": y.to(device), "note": note}
+    return xy_case({k: m.to(device) for k, m in models.items()}, x.to(device), y.to(device), note)
+
+
+# --- the real-models zoo (Hugging Face and timm, random weights from config classes) --------------------------
+# Same families and per-example losses as tests/zoo.py (what gradcoh's exactness tests use), at realistic small
+# sizes; ``--tiny`` builds a much smaller configuration of each (2 layers, d 32, T 16, batch 4) for smoke tests.
+ZOO = ("gpt2", "llama", "bert", "hf-vit", "timm-vit", "timm-deit", "timm-resnet", "timm-convnext",
+       "timm-efficientnet")
+ZOO_BATCH = {"gpt2": 8, "llama": 8, "bert": 8, "hf-vit": 16, "timm-vit": 16, "timm-deit": 16, "timm-resnet": 32,
+             "timm-convnext": 32, "timm-efficientnet": 32}
+LM_SEQ, TINY_SEQ, CLASSES = 128, 16, 10
+
+
+def causal_lm_loss(model: Callable, b: dict) -> torch.Tensor:
+    """Next-token prediction: each example's mean token cross-entropy over its unpadded positions."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    tok = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["input_ids"][:, 1:].flatten(), reduction="none")
+    mask = b["attention_mask"][:, 1:].to(tok.dtype)
+    return (tok.view_as(mask) * mask).sum(1) / mask.sum(1)
+
+
+def seq_cls_loss(model: Callable, b: dict) -> torch.Tensor:
+    """Sequence classification: cross-entropy of the logits."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return F.cross_entropy(logits, b["target"], reduction="none")
+
+
+def hf_image_loss(model: Callable, b: dict) -> torch.Tensor:
+    """Hugging Face image classification."""
+    return F.cross_entropy(model(pixel_values=b["pixels"]).logits, b["target"], reduction="none")
+
+
+def image_loss(model: Callable, b: dict) -> torch.Tensor:
+    """timm image classification."""
+    return F.cross_entropy(model(b["pixels"]), b["target"], reduction="none")
+
+
+def _hf_text_spec(name: str, tiny: bool, seq: int) -> tuple[str, str, dict, str]:
+    """(config class, model class, config kwargs, size) of a Hugging Face text model; every dropout 0."""
+    d, layers, heads, vocab = (32, 2, 2, 128) if tiny else (256, 4, 4, 1024)
+    common = f"d {d}, {layers} layers, {heads} heads, vocab {vocab}"
+    positions = max(seq, LM_SEQ)
+    if name == "gpt2":
+        kw = dict(n_embd=d, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=positions, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return "GPT2Config", "GPT2LMHeadModel", kw, f"GPT2LMHeadModel {common}"
+    if name == "llama":
+        ff = 64 if tiny else 688
+        kw = dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                  intermediate_size=ff, vocab_size=vocab, max_position_embeddings=positions, attention_dropout=0.0,
+                  bos_token_id=0, eos_token_id=0)
+        return ("LlamaConfig", "LlamaForCausalLM", kw,
+                f"LlamaForCausalLM d {d}, {layers} layers, {heads} heads ({heads // 2} kv), vocab {vocab}, "
+                f"intermediate {ff}")
+    kw = dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * d,
+              vocab_size=vocab, max_position_embeddings=max(positions, 512), num_labels=CLASSES,
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    return ("BertConfig", "BertForSequenceClassification", kw,
+            f"BertForSequenceClassification {common}, intermediate {4 * d}, {CLASSES} labels")
+
+
+def _hf_vit_spec(tiny: bool) -> tuple[str, str, dict, str, int]:
+    d, layers, heads, px = (32, 2, 2, 16) if tiny else (192, 4, 3, 64)
+    kw = dict(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * d,
+              image_size=px, patch_size=8, num_labels=CLASSES, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+    return ("ViTConfig", "ViTForImageClassification", kw,
+            f"ViTForImageClassification d {d}, {layers} layers, {heads} heads, {px} px, patch 8", px)
+
+
+def _timm_spec(name: str, tiny: bool) -> tuple[str, dict, int]:
+    """(timm architecture, create_model kwargs, image size); drop rates 0."""
+    vit = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2) if tiny else dict(
+        img_size=64, patch_size=8, depth=4)
+    px = 32 if tiny else 64
+    arch, kw = {
+        "timm-vit": ("vit_tiny_patch16_224", vit),
+        "timm-deit": ("deit_tiny_distilled_patch16_224", vit),
+        "timm-resnet": ("resnet10t" if tiny else "resnet18", {}),
+        "timm-convnext": ("convnext_atto", dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1)) if tiny else {}),
+        "timm-efficientnet": ("efficientnet_b0", {}),
+    }[name]
+    return arch, kw, vit["img_size"] if "vit" in name or "deit" in name else px
+
+
+def build_zoo_model(name: str, tiny: bool, seq: int) -> tuple[nn.Module, str, str, int]:
+    """(model, size description, kind: "lm", "cls", "hf-image" or "image", image size); imports lazily."""
+    if name in ("gpt2", "llama", "bert", "hf-vit"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        if name == "hf-vit":
+            config, cls, kw, size, px = _hf_vit_spec(tiny)
+            kind = "hf-image"
+        else:
+            (config, cls, kw, size), px = _hf_text_spec(name, tiny, seq), 0
+            kind = "cls" if name == "bert" else "lm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = getattr(transformers, cls)(getattr(transformers, config)(**kw))
+        return model, size, kind, px
+    import timm
+
+    arch, kw, px = _timm_spec(name, tiny)
+    model = timm.create_model(arch, pretrained=False, num_classes=CLASSES, drop_rate=0.0, drop_path_rate=0.0, **kw)
+    extra = ", ".join(f"{k}={v}" for k, v in kw.items())
+    return model, f"timm {arch}{f' ({extra})' if extra else ''}, {px} px", "image", px
+
+
+def _zoo_batch(kind: str, n: int, seq: int, vocab: int, px: int, g: torch.Generator) -> tuple[dict, Callable]:
+    """Inputs (examples on dim 0, no padding) and the per-example loss of a zoo model."""
+    target = torch.randint(0, CLASSES, (n,), generator=g)
+    if kind in ("lm", "cls"):
+        ids = torch.randint(0, vocab, (n, seq), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if kind == "lm":
+            return batch, causal_lm_loss
+        return batch | {"target": target}, seq_cls_loss
+    batch = {"pixels": torch.randn(n, 3, px, px, generator=g), "target": target}
+    return batch, hf_image_loss if kind == "hf-image" else image_loss
+
+
+def make_zoo_case(name: str, batch: int, seq: int, device: str, seed: int = 0, tiny: bool = False) -> dict:
+    """A zoo model in train mode (dropout 0; BatchNorm layers in eval mode), one batch and its per-example loss."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    seq = seq or (TINY_SEQ if tiny else LM_SEQ)
+    model, size, kind, px = build_zoo_model(name, tiny, seq)
+    model.train()
+    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bn:
+        m.eval()  # running statistics: per-example gradients are exact (train-mode BN couples the examples)
+    vocab = getattr(model.config, "vocab_size", 0) if hasattr(model, "config") else 0
+    inputs, loss = _zoo_batch(kind, batch, seq, vocab, px, g)
+    if kind in ("lm", "cls"):
+        size += f", T {seq}"
+    notes = ["train mode, every dropout 0; all methods on the same model"]
+    if bn:
+        notes.append(f"its {len(bn)} BatchNorm layers in eval mode (running statistics, exact per example)")
+    if kind == "lm":
+        notes.append("loss: each example's mean token cross-entropy, mean over the batch")
+    return {"models": {"default": model.to(device), "peer": model.to(device)},
+            "batch": {k: v.to(device) for k, v in inputs.items()}, "loss": loss,
+            "labels": None if kind == "lm" else inputs["target"].to(device), "note": "; ".join(notes),
+            "size": size, "separate_peer": False}
 
 
 # --- methods -----------------------------------------------------------------------------------------------
-def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+# Every step is a forward+backward of the mean of the per-example losses, with gradients set to None first, and
+# returns the per-example squared gradient norms it computed ([n], the gradient of each example's own loss term;
+# None for the plain step), which build_steps compares with gradcoh's.
+Step = Callable[[], "torch.Tensor | None"]
+
+
+def _n(case: dict) -> int:
+    return next(iter(case["batch"].values())).shape[0]
+
+
+def plain_step(model: nn.Module, case: dict) -> Step:
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        case["loss"](model, case["batch"]).mean().backward()
 
     return step
 
@@ -128,133 +311,226 @@ def plain_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
 class GradcohMethod:
     """One GradientLogger on its own store; each call is one recorded step."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, store: Path, k: int,
-                 drop_writes: bool = False) -> None:
-        self.model, self.x, self.y = model, x, y
-        self.glog = GradientLogger(model, store, every=1, sketch_dim=k, seed=0, loss_reduction="mean",
-                                   mode="overwrite")
-        if drop_writes:
-            self.glog._writer.put = lambda stream, record: None
-        self.step_no = 0
-        self.index = torch.arange(x.shape[0])
+    def __init__(self, model: nn.Module, case: dict, store: Path, options: dict, drop_writes: bool = False) -> None:
+        self.model, self.case = model, case
+        self.glog = GradientLogger(model, store, every=1, seed=0, loss_reduction="mean", mode="overwrite", **options)
+        self.last = None
+        real_put = self.glog._writer.put
 
-    def __call__(self) -> None:
+        def put(stream: str, record: object) -> None:
+            self.last = record  # keep a reference (no copy) to read the per-example norms back
+            if not drop_writes:
+                real_put(stream, record)
+
+        self.glog._writer.put = put
+        self.step_no = 0
+        self.index = torch.arange(_n(case))
+
+    def __call__(self) -> torch.Tensor:
         self.model.zero_grad(set_to_none=True)
-        with self.glog.record(self.step_no, index=self.index, labels=self.y):
-            F.cross_entropy(self.model(self.x), self.y).backward()
+        with self.glog.record(self.step_no, index=self.index, labels=self.case["labels"]):
+            self.case["loss"](self.model, self.case["batch"]).mean().backward()
         self.step_no += 1
+        return torch.from_numpy(self.last.sq_norm.sum(1))
 
     def close(self) -> None:
         self.glog.close()
 
 
-def opacus_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ghost: bool) -> Callable[[], None]:
+def _short(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}"[:200]
+
+
+def _covered(params: list[nn.Parameter], value: Callable, n: int) -> tuple[list[nn.Parameter], str]:
+    """The parameters whose per-example values (``value(p)``, None if missing) have the n examples on dim 0, and a
+    note on those left out ("" when none is)."""
+    got = [p for p in params if value(p) is not None]
+    ok = [p for p in got if value(p).shape[0] == n]
+    if len(ok) == len(params):
+        return ok, ""
+    total, cov = sum(p.numel() for p in params), sum(p.numel() for p in ok)
+    parts = [f"covers {cov:,} of {total:,} parameters"]
+    if len(got) < len(params):
+        parts.append(f"{len(params) - len(got)} tensors without per-example values")
+    if len(ok) < len(got):
+        sizes = sorted({value(p).shape[0] for p in got if value(p).shape[0] != n})
+        parts.append(f"{len(got) - len(ok)} with values for a batch of {'/'.join(map(str, sizes))} instead of {n} "
+                     "(an input without the batch, e.g. position ids), left out")
+    return ok, "; ".join(parts)
+
+
+def _train_once(module: nn.Module, case: dict, ctx: Callable = contextlib.nullcontext) -> None:
+    module.zero_grad(set_to_none=True)
+    with ctx():
+        case["loss"](module, case["batch"]).mean().backward()
+
+
+def _opacus_module(model: nn.Module, ghost: bool) -> tuple[nn.Module, str]:
+    """Opacus' wrapper; when strict mode refuses the model (buffers), the best-effort ``strict=False`` one."""
     from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 
-    if ghost:
-        gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), max_grad_norm=1.0,
-                                                   use_ghost_clipping=True, loss_reduction="mean")
+    cls = GradSampleModuleFastGradientClipping if ghost else GradSampleModule
+    kw = dict(max_grad_norm=1.0, use_ghost_clipping=True) if ghost else {}
+    try:
+        return cls(copy.deepcopy(model), loss_reduction="mean", **kw), ""
+    except NotImplementedError as err:  # buffers (BatchNorm statistics, HF position ids, rotary frequencies)
+        gsm = cls(copy.deepcopy(model), loss_reduction="mean", strict=False, **kw)
+        return gsm, f"strict=True refused it ({_short(err)[:80]}), run with strict=False"
 
-        def step() -> None:
-            gsm.zero_grad(set_to_none=True)
-            F.cross_entropy(gsm(x), y).backward()
-            gsm.get_norm_sample()  # per-example norms (one backward; clipping would need a second one)
+
+def opacus_step(model: nn.Module, case: dict, ghost: bool) -> Step:
+    gsm, note = _opacus_module(model, ghost)
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    if ghost:  # per-example norms (one backward; clipping would need a second one)
+        def value(p: nn.Parameter) -> torch.Tensor | None:
+            return getattr(p, "_norm_sample", None)
+
+        def sq(v: torch.Tensor) -> torch.Tensor:
+            return v.pow(2)
     else:
-        gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
+        def value(p: nn.Parameter) -> torch.Tensor | None:
+            return getattr(p, "grad_sample", None)
 
-        def step() -> None:
-            gsm.zero_grad(set_to_none=True)
-            F.cross_entropy(gsm(x), y).backward()
-            torch.stack([p.grad_sample.flatten(1).pow(2).sum(1) for p in gsm.parameters()]).sum(0)
+        def sq(v: torch.Tensor) -> torch.Tensor:
+            return v.flatten(1).pow(2).sum(1)
 
-    step()  # fail here (not mid-timing) on unsupported models
+    _train_once(gsm, case)  # fail here (not mid-timing) on unsupported models
+    covered, cov_note = _covered(params, value, _n(case))
+    if not covered:
+        raise RuntimeError(f"no parameter got per-example values ({cov_note})")
+
+    def step() -> torch.Tensor:
+        _train_once(gsm, case)
+        return torch.stack([sq(value(p)) for p in covered]).sum(0)
+
+    step.note = "; ".join(s for s in (note, cov_note) if s)
     return step
 
 
-def backpack_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: bool) -> Callable[[], None]:
-    from backpack import backpack, extend
+def _backpack_model(model: nn.Module, case: dict) -> nn.Module:
+    from backpack import extend
+
+    try:
+        m = extend(copy.deepcopy(model))
+        case["loss"](m, case["batch"])
+        return m
+    except Exception as err:  # residual connections etc. need the torch.fx converter
+        first = _short(err)
+    try:
+        return extend(copy.deepcopy(model), use_converter=True)
+    except Exception as err:
+        raise RuntimeError(f"extend: {first[:90]} | use_converter=True: {_short(err)[:90]}") from err
+
+
+def backpack_step(model: nn.Module, case: dict, grad: bool) -> Step:
+    from backpack import backpack
     from backpack.extensions import BatchGrad, BatchL2Grad
 
-    m = copy.deepcopy(model)
-    try:
-        m = extend(m)
-        m(x)
-    except Exception:  # residual connections etc. need the torch.fx converter
-        m = extend(copy.deepcopy(model), use_converter=True)
-    lossfunc = extend(nn.CrossEntropyLoss())
+    m = _backpack_model(model, case)
     ext = BatchGrad() if grad else BatchL2Grad()
+    n = _n(case)
+    scale = n**2  # BackPACK's values are of the 1/n-scaled terms of the mean loss
+    params = [p for p in m.parameters() if p.requires_grad]
 
-    def step() -> None:
-        m.zero_grad(set_to_none=True)
-        with backpack(ext):
-            lossfunc(m(x), y).backward()
-        # Parameters of modules BackPACK does not support (e.g. GroupNorm) get no attribute: those are skipped.
+    # Parameters of modules BackPACK does not support (e.g. GroupNorm, LayerNorm) get no attribute: those are left
+    # out (and counted in the note).
+    def value(p: nn.Parameter) -> torch.Tensor | None:
+        return getattr(p, "grad_batch" if grad else "batch_l2", None)
+
+    def run() -> None:
+        _train_once(m, case, lambda: backpack(ext))
+
+    run()
+    covered, note = _covered(params, value, n)
+    if not covered:
+        raise RuntimeError(f"no parameter got per-example values ({note})")
+
+    def step() -> torch.Tensor:
+        run()
         if grad:
-            torch.stack([p.grad_batch.flatten(1).pow(2).sum(1) for p in m.parameters() if hasattr(p, "grad_batch")])
-        else:
-            torch.stack([p.batch_l2 for p in m.parameters() if hasattr(p, "batch_l2")]).sum(0)
+            return scale * torch.stack([p.grad_batch.flatten(1).pow(2).sum(1) for p in covered]).sum(0)
+        return scale * torch.stack([p.batch_l2 for p in covered]).sum(0)
 
-    step()
-    attr = "grad_batch" if grad else "batch_l2"
-    missing = sum(p.numel() for p in m.parameters() if not hasattr(p, attr))
-    step.note = f"{missing:,} parameters not covered (unsupported modules)" if missing else ""
+    step.note = note
     return step
 
 
-def vmap_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def vmap_step(model: nn.Module, case: dict) -> Step:
+    """``vmap(grad(loss of one example))``. Hugging Face's mask code branches on the mask's values (``.all()``), which
+    vmap cannot trace: when that fails and the attention mask is all ones, it is left out (the same computation)."""
+    try:
+        return _vmap_step(model, case, case["batch"])
+    except RuntimeError as err:
+        mask = case["batch"].get("attention_mask")
+        if mask is None or not bool(mask.all()):
+            raise
+        print(f"vmap with the attention mask: {_short(err)}; retrying without it", file=sys.stderr, flush=True)
+    step = _vmap_step(model, case, {k: v for k, v in case["batch"].items() if k != "attention_mask"})
+    step.note = "attention_mask (all ones) left out: HF's mask code calls .all() on it, which vmap cannot trace"
+    return step
+
+
+def _vmap_step(model: nn.Module, case: dict, batch: dict) -> Step:
     from torch.func import functional_call, grad, vmap
 
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
+    masked = "attention_mask" in case["batch"] and "attention_mask" not in batch
 
-    def loss(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(out, yi.unsqueeze(0))
+    def loss(p: dict, example: dict) -> torch.Tensor:
+        def call(*args: object, **kwargs: object) -> object:
+            if masked:
+                kwargs.pop("attention_mask")
+            return functional_call(model, (p, buffers), args, kwargs)
 
-    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+        one = {k: v.unsqueeze(0) for k, v in example.items()}
+        if masked:  # the loss still reads the (all-ones) mask
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+        return case["loss"](call, one).sum()
 
-    def step() -> None:
-        g = per_sample(params, x, y)
-        torch.stack([v.flatten(1).pow(2).sum(1) for v in g.values()]).sum(0)
+    per_sample = vmap(grad(loss), in_dims=(None, 0))
+
+    def step() -> torch.Tensor:
+        g = per_sample(params, batch)
+        return torch.stack([v.flatten(1).pow(2).sum(1) for v in g.values()]).sum(0)
 
     step()
     return step
 
 
-def naive_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def naive_step(model: nn.Module, case: dict) -> Step:
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         sq = []
-        for i in range(x.shape[0]):
+        for i in range(_n(case)):
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-            sq.append(sum(p.grad.pow(2).sum() for p in params))
-        torch.stack(sq)
+            case["loss"](model, {k: v[i : i + 1] for k, v in case["batch"].items()}).sum().backward()
+            sq.append(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))
+        return torch.stack(sq)
 
     return step
 
 
-def build_method(name: str, case: dict, tmp: Path) -> tuple[Callable[[], None], Callable[[], None] | None]:
+def build_method(name: str, case: dict, tmp: Path) -> tuple[Step, Callable[[], None] | None]:
     """(step, close) for one method; raises if the method does not support the model."""
-    x, y = case["x"], case["y"]
     default, peer = case["models"]["default"], case["models"]["peer"]
     if name == "plain":
-        return plain_step(default, x, y), None
+        return plain_step(default, case), None
     if name == "plain_peer":
-        return plain_step(peer, x, y), None
+        return plain_step(peer, case), None
     if name.startswith("gradcoh"):
-        k = {"gradcoh_exact": 0, "gradcoh_k256": 256, "gradcoh_k1024": 1024}[name]
-        method = GradcohMethod(default, x, y, tmp / f"{name}.zarr", k)
+        method = GradcohMethod(default, case, tmp / f"{name}.zarr", GRADCOH[name])
         return method, method.close
     if name.startswith("opacus"):
-        return opacus_step(peer, x, y, ghost=name == "opacus_ghost"), None
+        return opacus_step(peer, case, ghost=name == "opacus_ghost"), None
     if name.startswith("backpack"):
-        return backpack_step(peer, x, y, grad=name == "backpack_grad"), None
+        return backpack_step(peer, case, grad=name == "backpack_grad"), None
     if name == "vmap":
-        return vmap_step(peer, x, y), None
+        return vmap_step(peer, case), None
     if name == "naive_loop":
-        return naive_step(peer, x, y), None
+        return naive_step(peer, case), None
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -264,7 +540,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], None], device: str) -> float:
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one call; on CUDA the device is synchronised before and after (queued kernels included)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -317,7 +594,7 @@ def trim_malloc() -> None:
         libc.malloc_trim(0)
 
 
-def peak_memory_mb(fn: Callable[[], None], device: str) -> float | None:
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Extra memory at the peak of one call, relative to just before it (gradients set to None first)."""
     if device == "cuda":
         torch.cuda.synchronize()
@@ -334,13 +611,18 @@ def peak_memory_mb(fn: Callable[[], None], device: str) -> float | None:
     return (p.peak - p.base) / 2**20
 
 
+def default_batch(model_name: str) -> int:
+    """Batch of a model when --batch is not given."""
+    return ZOO_BATCH.get(model_name) or {"cnn": 64, "resnet18": 32, "transformer": 32}[model_name]
+
+
 def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, tmp: Path) -> dict:
-    batch = args.batch or {"cnn": 64, "resnet18": 32, "transformer": 32}[model_name]
-    case = make_case(model_name, batch, args.seq, args.device)
+    batch = args.batch or default_batch(model_name)
+    case = make_case(model_name, batch, args.seq, args.device, tiny=args.tiny)
     names = list(methods)
-    if model_name == "resnet18" and any(m not in ("plain",) and not m.startswith("gradcoh") for m in names):
+    if case["separate_peer"] and any(m not in ("plain",) and not m.startswith("gradcoh") for m in names):
         names.insert(1, "plain_peer")
-    steps, closers, results = build_steps(model_name, names, case, args, tmp)
+    steps, closers, results, checks = build_steps(model_name, names, case, args, tmp)
     times = time_steps(steps, args)
     if args.device == "cpu" and sys.platform.startswith("linux"):
         pin_malloc()
@@ -353,33 +635,51 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
     for close in closers:
         close()
     add_ratios(names, results)
+    add_checks(results, checks, case)
     results = {n: results[n] for n in names}  # table order = method order, failures included
     n_params = sum(p.numel() for p in case["models"]["default"].parameters())
-    return {"model": model_name, "batch": batch, "params": n_params, "note": case["note"], "methods": results}
+    return {"model": model_name, "batch": batch, "params": n_params, "size": case["size"], "note": case["note"],
+            "methods": results}
 
 
 def build_steps(model_name: str, names: list[str], case: dict, args: argparse.Namespace,
-                tmp: Path) -> tuple[dict[str, Callable[[], None]], list, dict[str, dict]]:
-    """Each method's step (warmed up), their closers, and the failures (a peer not supporting a model)."""
-    steps: dict[str, Callable[[], None]] = {}
+                tmp: Path) -> tuple[dict[str, Step], list, dict[str, dict], dict[str, torch.Tensor]]:
+    """Each method's step (warmed up), their closers, the failures (a peer not supporting a model), and the
+    per-example squared norms each method computed on its last warm-up call."""
+    steps: dict[str, Step] = {}
     closers = []
     results: dict[str, dict] = {}
+    checks: dict[str, torch.Tensor] = {}
     for name in names:
         try:
             step, close = build_method(name, case, tmp)
-            for _ in range(args.warmup):
-                step()
-            steps[name] = step
             if close:
                 closers.append(close)
+            for _ in range(max(args.warmup, 1)):
+                sq = step()
+            steps[name] = step
+            if sq is not None:
+                checks[name] = sq.detach().double().cpu()
         except Exception as err:  # record and go on: a peer not supporting a model is a result
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+            reason = _short(err)
             results[name] = {"status": f"failed: {reason}"}
             print(f"[{model_name}] {name}: failed: {reason}", file=sys.stderr, flush=True)
-    return steps, closers, results
+    return steps, closers, results, checks
 
 
-def time_steps(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, list[float]]:
+def add_checks(results: dict[str, dict], checks: dict[str, torch.Tensor], case: dict) -> None:
+    """Largest difference of each method's per-example squared norms from gradcoh_exact's, relative to the largest
+    norm (methods on the same model only): a peer that covers part of the model, or gets it wrong, shows here."""
+    ref = checks.get("gradcoh_exact")
+    if ref is None:
+        return
+    scale = float(ref.abs().max()) or 1.0
+    for name, sq in checks.items():
+        if name in results and (name.startswith("gradcoh") or not case["separate_peer"]):
+            results[name]["rel_diff_vs_gradcoh"] = float((sq - ref).abs().max()) / scale
+
+
+def time_steps(steps: dict[str, Step], args: argparse.Namespace) -> dict[str, list[float]]:
     """Interleaved repetitions of every method's step."""
     times: dict[str, list[float]] = {n: [] for n in steps}
     budget = args.slow_reps if args.slow_reps else args.reps
@@ -420,10 +720,12 @@ def bench_writer(args: argparse.Namespace, tmp: Path) -> dict:
     model = nn.Sequential(*layers, nn.Linear(width, 10)).to(args.device)
     x = torch.randn(args.writer_batch, width, device=args.device)
     y = torch.randint(0, 10, (args.writer_batch,), device=args.device)
+    case = xy_case({"default": model, "peer": model}, x, y)
     methods = {
-        "plain": plain_step(model, x, y),
-        "gradcoh_k256_write": GradcohMethod(model, x, y, tmp / "writer_on.zarr", 256),
-        "gradcoh_k256_drop": GradcohMethod(model, x, y, tmp / "writer_drop.zarr", 256, drop_writes=True),
+        "plain": plain_step(model, case),
+        "gradcoh_k256_write": GradcohMethod(model, case, tmp / "writer_on.zarr", {"sketch_dim": 256}),
+        "gradcoh_k256_drop": GradcohMethod(model, case, tmp / "writer_drop.zarr", {"sketch_dim": 256},
+                                           drop_writes=True),
     }
     captured = {}
     on = methods["gradcoh_k256_write"]
@@ -526,37 +828,14 @@ def bench_probe(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 # --- output ------------------------------------------------------------------------------------------------
-def markdown(report: dict) -> str:
+def markdown(report: dict, summary: bool = True) -> str:
     lines = []
     for res in report.get("overhead", []):
-        lines += [f"### {res['model']} (batch {res['batch']}, {res['params']:,} params)", ""]
-        if res["note"]:
-            lines += [f"Note: {res['note']}.", ""]
-        lines += ["| Method | Median step (ms) | × plain | Peak extra memory (MB) | Memory × plain | Reps |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name, r in res["methods"].items():
-            if r["status"] != "ok":
-                lines.append(f"| {name} | {r['status'][:110]} | | | | |")
-                continue
-            mem = "n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
-            lines.append(f"| {name} | {1e3 * r['median_s']:.1f} | {r.get('ratio', float('nan')):.2f} | {mem} | "
-                         f"{r.get('mem_ratio', float('nan')):.2f} | {r['reps']} |"
-                         + (f" {r['note']} |" if r.get("note") else ""))
-        lines.append("")
+        lines += overhead_table(res)
+    if summary and len(report.get("overhead", [])) > 1:
+        lines += summary_table(report["overhead"])
     if "writer" in report:
-        w = report["writer"]
-        lines += ["### Writer throughput", "",
-                  f"Batch {w['batch']} × {w['layers']} Linear({w['width']}) layers × k={w['sketch_dim']} float16 "
-                  f"sketches every step, {w['steps']} steps.", "",
-                  "| Variant | Median step (ms) |", "|---|---:|"]
-        lines += [f"| {n} | {1e3 * t:.1f} |" for n, t in w["median_s"].items()]
-        lines += ["", f"- added by the writer vs dropping the records: {w['added_pct_vs_drop']:+.1f}%",
-                  f"- k=256 with writer / plain: {w['ratio_write_to_plain']:.2f}×; dropping / plain: "
-                  f"{w['ratio_drop_to_plain']:.2f}×",
-                  f"- record {w['record_mb']:.2f} MB/step (sketches {w['sketch_mb']:.2f} MB); queue_size "
-                  f"{w['queue_size']} → at most {w['queue_max_mb']:.1f} MB queued",
-                  f"- writer sustained ≥ {w['writer_mb_per_s']:.1f} MB/s (steps + final flush "
-                  f"{w['final_flush_s']:.2f} s)", ""]
+        lines += writer_lines(report["writer"])
     if "probe" in report:
         p = report["probe"]
         lines += ["### Probe: exact m-coherence", "",
@@ -568,19 +847,89 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def overhead_table(res: dict) -> list[str]:
+    """One model's table: a row per method (failures with their reason)."""
+    size = f", {res['size']}" if res.get("size") else ""
+    lines = [f"### {res['model']} (batch {res['batch']}, {res['params']:,} params{size})", ""]
+    if res["note"]:
+        lines += [f"Note: {res['note']}.", ""]
+    lines += ["| Method | Median step (ms) | × plain | Peak extra memory (MB) | Memory × plain | Reps | "
+              "Δ vs gradcoh_exact |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in res["methods"].items():
+        if r["status"] != "ok":
+            lines.append(f"| {name} | {r['status'][:110]} | | | | | |")
+            continue
+        mem = "n/a" if r["peak_extra_mb"] is None else f"{r['peak_extra_mb']:.1f}"
+        diff = f"{r['rel_diff_vs_gradcoh']:.1e}" if "rel_diff_vs_gradcoh" in r else ""
+        lines.append(f"| {name} | {1e3 * r['median_s']:.1f} | {r.get('ratio', float('nan')):.2f} | {mem} | "
+                     f"{r.get('mem_ratio', float('nan')):.2f} | {r['reps']} | {diff} |"
+                     + (f" {r['note']} |" if r.get("note") else ""))
+    return [*lines, ""]
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    if r["status"] != "ok":
+        return "failed"
+    mem = f"{r['mem_ratio']:.2f}×" if "mem_ratio" in r else "n/a"
+    flags = ("*" if "covers" in r.get("note", "") else "") + ("†" if r.get("rel_diff_vs_gradcoh", 0) > 1e-3 else "")
+    return f"{r.get('ratio', float('nan')):.2f}× / {mem}{flags}"
+
+
+def summary_table(results: list[dict]) -> list[str]:
+    """Rows = models, columns = methods, cells "time× / mem×" against the plain step; failures listed below."""
+    methods = list(dict.fromkeys(m for res in results for m in res["methods"] if m not in ("plain", "plain_peer")))
+    lines = ["### Summary: step time × plain / peak extra memory × plain", "",
+             "| model | batch | plain (ms) | " + " | ".join(methods) + " |",
+             "|---|---:|---:|" + "---:|" * len(methods)]
+    failures = []
+    for res in results:
+        plain = res["methods"].get("plain", {})
+        ms = f"{1e3 * plain['median_s']:.1f}" if plain.get("status") == "ok" else "–"
+        lines.append(f"| {res['model']} | {res['batch']} | {ms} | "
+                     + " | ".join(_cell(res["methods"].get(m)) for m in methods) + " |")
+        failures += [f"- {res['model']} / {m}: {r['status']}" for m, r in res["methods"].items() if r["status"] != "ok"]
+    lines += ["", "\\* covers part of the parameters (see the model's table); † per-example squared norms differ "
+              "from gradcoh_exact's by more than 1e-3 of the largest (same model; on CUDA, TF32 convolutions alone "
+              "can do that)."]
+    return [*lines, "", *(["Failures:", "", *failures, ""] if failures else [])]
+
+
+def writer_lines(w: dict) -> list[str]:
+    lines = ["### Writer throughput", "",
+             f"Batch {w['batch']} × {w['layers']} Linear({w['width']}) layers × k={w['sketch_dim']} float16 "
+             f"sketches every step, {w['steps']} steps.", "",
+             "| Variant | Median step (ms) |", "|---|---:|"]
+    lines += [f"| {n} | {1e3 * t:.1f} |" for n, t in w["median_s"].items()]
+    return [*lines, "", f"- added by the writer vs dropping the records: {w['added_pct_vs_drop']:+.1f}%",
+            f"- k=256 with writer / plain: {w['ratio_write_to_plain']:.2f}×; dropping / plain: "
+            f"{w['ratio_drop_to_plain']:.2f}×",
+            f"- record {w['record_mb']:.2f} MB/step (sketches {w['sketch_mb']:.2f} MB); queue_size "
+            f"{w['queue_size']} → at most {w['queue_max_mb']:.1f} MB queued",
+            f"- writer sustained ≥ {w['writer_mb_per_s']:.1f} MB/s (steps + final flush "
+            f"{w['final_flush_s']:.2f} s)", ""]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--models", default="cnn,resnet18,transformer")
+    ap.add_argument("--models", default=None,
+                    help=f"comma list of {', '.join(BUILTIN + ZOO)} or 'zoo' (all zoo models); default "
+                         "cnn,resnet18,transformer (--tiny: cnn)")
+    ap.add_argument("--zoo", action="store_true", help="add every zoo model to --models (alone: the zoo only)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS))
-    ap.add_argument("--batch", type=int, default=0, help="batch for every model (default: cnn 64, others 32)")
-    ap.add_argument("--seq", type=int, default=64, help="transformer sequence length")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="batch for every model (default: cnn 64, resnet18/transformer 32; zoo: LMs and BERT 8, "
+                         "ViTs 16, CNNs 32)")
+    ap.add_argument("--seq", type=int, default=0,
+                    help=f"sequence length (default: transformer 64, zoo text models {LM_SEQ}; --tiny {TINY_SEQ})")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--slow-reps", type=int, default=0, help="reps for the slow materialising methods (0: --reps)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="JSON report (rewritten after every model)")
+    ap.add_argument("--markdown", type=Path, default=None, help="markdown tables (rewritten after every model)")
     ap.add_argument("--overhead", action="store_true", help="run the overhead table (default if no mode is given)")
     ap.add_argument("--writer", action="store_true", help="writer throughput mode")
     ap.add_argument("--writer-batch", type=int, default=256)
@@ -588,14 +937,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--writer-steps", type=int, default=30)
     ap.add_argument("--probe", action="store_true", help="probe-mode m-coherence comparison")
     ap.add_argument("--probe-m", type=int, default=4096)
-    ap.add_argument("--tiny", action="store_true", help="smoke run: cnn, batch 4, one rep")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke run: batch 4, one rep; cnn unless --models/--zoo (zoo models at a tiny size: 2 "
+                         f"layers, d 32, T {TINY_SEQ})")
     args = ap.parse_args(argv)
+    args.models = resolve_models(args.models, args.zoo, args.tiny, ap)
     if args.tiny:
-        args.models, args.batch, args.reps, args.warmup, args.slow_reps = "cnn", 4, 1, 1, 1
+        args.batch, args.reps, args.warmup, args.slow_reps = 4, 1, 1, 1
         args.writer_batch, args.writer_steps, args.probe_m = 8, 2, 64
     if not (args.writer or args.probe):
         args.overhead = True
     return args
+
+
+BUILTIN = ("cnn", "resnet18", "transformer")
+
+
+def resolve_models(models: str | None, zoo: bool, tiny: bool, ap: argparse.ArgumentParser) -> list[str]:
+    """The model names to run, in order ('zoo' expands to every zoo model); unknown names are a usage error."""
+    if models is None:
+        models = "" if zoo else ("cnn" if tiny else ",".join(BUILTIN))
+    names = [m.strip() for m in models.split(",") if m.strip()] + (["zoo"] if zoo else [])
+    out: list[str] = []
+    for name in names:
+        for m in ZOO if name == "zoo" else (name,):
+            if m not in BUILTIN + ZOO:
+                ap.error(f"unknown model {m!r} (known: {', '.join(BUILTIN + ZOO)}, zoo)")
+            if m not in out:
+                out.append(m)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -614,18 +984,23 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "loadavg_start": os.getloadavg(), "git": _git_state(),
-        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "versions": _versions(),
+        # TF32 (cuDNN convolutions use it by default) moves per-example norms by ~1e-3 between methods on CUDA
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
     }
     with tempfile.TemporaryDirectory(prefix="gradcoh-bench-") as tmpdir:
         tmp = Path(tmpdir)
         if args.overhead:
             report["overhead"] = []
-            for model_name in [m for m in args.models.split(",") if m]:
+            for model_name in args.models:
                 t0 = time.perf_counter()
                 res = bench_model(model_name, methods, args, tmp)
                 res["wall_s"] = time.perf_counter() - t0
                 report["overhead"].append(res)
                 print(markdown({"overhead": [res]}), flush=True)
+                write_outputs(report, args)  # a run cut short (timeout) keeps the models done so far
+            if len(report["overhead"]) > 1:
+                print("\n".join(summary_table(report["overhead"])), flush=True)
         if args.writer:
             report["writer"] = bench_writer(args, tmp)
             print(markdown({"writer": report["writer"]}), flush=True)
@@ -633,13 +1008,31 @@ def main(argv: list[str] | None = None) -> dict:
             report["probe"] = bench_probe(args, tmp)
             print(markdown({"probe": report["probe"]}), flush=True)
     report["loadavg_end"] = os.getloadavg()
+    write_outputs(report, args)
+    return report
+
+
+def write_outputs(report: dict, args: argparse.Namespace) -> None:
+    """The JSON report and the markdown tables, where asked for."""
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown(report))
-    return report
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the packages the methods and zoo models come from (those installed)."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("torch", "torchvision", "transformers", "timm", "opacus", "backpack-for-pytorch", "zarr"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
 
 
 def _git_state() -> str:

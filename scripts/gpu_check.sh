@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The single short GPU check (< 5 minutes): CUDA-marked tests, then the overhead benchmark on --device cuda at batch
-# 256 (plus writer throughput and the probe comparison). Results go under $1 (default ./gpu-out).
+# The single short GPU check (< 5 minutes in all, every step under its own `timeout`): CUDA-marked tests, the
+# overhead benchmark on --device cuda at batch 256 (cnn, resnet18, transformer), the real-models zoo at batch sizes
+# that fill a GPU (text models batch 64 at T 128; image models batch 256), then writer throughput and the probe
+# comparison. Results (JSON + markdown + logs) go under $1 (default ./gpu-out); the benchmark rewrites its JSON and
+# markdown after every model, so a step cut short by its timeout still leaves the models it finished.
 set -uo pipefail
 OUT="${1:-./gpu-out}"
 mkdir -p "$OUT"
@@ -10,15 +13,25 @@ cd "$(dirname "$0")/.."
 } > "$OUT/env.txt" 2>&1
 status=0
 if grep -rqs "mark.cuda" tests; then
-  timeout 120 python -m pytest -q -m cuda -p no:cacheprovider > "$OUT/pytest_cuda.txt" 2>&1 || status=$?
+  timeout -k 5 60 python -m pytest -q -m cuda -p no:cacheprovider > "$OUT/pytest_cuda.txt" 2>&1 || status=$?
   tail -3 "$OUT/pytest_cuda.txt"
 else
   echo "no cuda-marked tests" > "$OUT/pytest_cuda.txt"
 fi
-timeout 150 python scripts/bench_overhead.py --device cuda --batch 256 --models cnn,resnet18,transformer \
-  --reps 10 --slow-reps 3 --warmup 3 --json "$OUT/bench_cuda.json" --markdown "$OUT/bench_cuda.md" \
-  > "$OUT/bench_cuda.log" 2>&1 || status=$?
-timeout 60 python scripts/bench_overhead.py --device cuda --writer --probe --json "$OUT/writer_probe_cuda.json" \
+bench() {  # bench NAME SECONDS ARGS...: one benchmark run under a timeout, its JSON/markdown/log under $OUT
+  local name="$1" secs="$2"
+  shift 2
+  timeout -k 5 "$secs" python scripts/bench_overhead.py --device cuda "$@" --json "$OUT/$name.json" \
+    --markdown "$OUT/$name.md" > "$OUT/$name.log" 2>&1 || { status=$?; echo "$name: exit $status" >&2; }
+}
+ZOO_METHODS=plain,gradcoh_exact,gradcoh_k256,gradcoh_k1024,opacus_ghost,backpack_l2,vmap
+bench bench_cuda 60 --batch 256 --models cnn,resnet18,transformer --reps 10 --slow-reps 3 --warmup 3
+bench bench_zoo_text_cuda 55 --batch 64 --seq 128 --models gpt2,llama,bert --methods "$ZOO_METHODS" \
+  --reps 5 --slow-reps 3 --warmup 2
+bench bench_zoo_image_cuda 75 --batch 256 --models hf-vit,timm-vit,timm-deit,timm-resnet,timm-convnext,timm-efficientnet \
+  --methods "$ZOO_METHODS" --reps 5 --slow-reps 3 --warmup 2
+timeout -k 5 40 python scripts/bench_overhead.py --device cuda --writer --probe --json "$OUT/writer_probe_cuda.json" \
   --markdown "$OUT/writer_probe_cuda.md" > "$OUT/writer_probe_cuda.log" 2>&1 || status=$?
-cat "$OUT"/bench_cuda.md "$OUT"/writer_probe_cuda.md 2>/dev/null
+cat "$OUT"/bench_cuda.md "$OUT"/bench_zoo_text_cuda.md "$OUT"/bench_zoo_image_cuda.md "$OUT"/writer_probe_cuda.md \
+  2>/dev/null
 exit $status
