@@ -47,7 +47,9 @@ def main() -> None:
     rows = slice(rank * share, (rank + 1) * share)
     gen = torch.Generator().manual_seed(7)
     px, py = torch.randn(10, 1, 6, 6, generator=gen), torch.randint(0, 4, (10,), generator=gen)
-    with GradientLogger(model, path, groups=("a", "b"), sketch_dim=16, flush_secs=0.2) as glog:
+    reference = (px[:6], py[:6], lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    with GradientLogger(model, path, groups=("a", "b"), sketch_dim=16, flush_secs=0.2, alignment=True,
+                        reference=reference) as glog:
         for step in range(steps):
             x, y, g = batch(step)
             x, y, g = x[rows], y[rows], g[rows]

@@ -1,4 +1,7 @@
-"""DDP on CPU with gloo: the stored global statistics equal a single process logging the global batch."""
+"""DDP on CPU with gloo: the stored global statistics equal a single process logging the global batch.
+
+Each example's alignment is with the *global* batch gradient (all ranks' examples), as in the single process.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def test_ddp_global_statistics_equal_single_process(tmp_path):
         ddp = open_store(tmp_path / "ddp.zarr", stream=stream).load()
         one = open_store(tmp_path / "one.zarr", stream=stream).load()
         assert list(ddp.step.values) == list(one.step.values)
-        for var in ("sq_norm", "sum_sq_norm", "group_gram", "sketch"):
+        for var in ("sq_norm", "sum_sq_norm", "group_gram", "sketch", "alignment", "ref_alignment", "ref_sq_norm"):
             np.testing.assert_allclose(ddp[var].values.astype(np.float64), one[var].values.astype(np.float64),
                                        rtol=1e-5 if var != "sketch" else 2e-3,
                                        atol=1e-9 if var != "sketch" else 1e-6, err_msg=f"{stream} {var}")
