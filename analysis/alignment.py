@@ -46,7 +46,8 @@ def example_alignment(ds: xr.Dataset, *, normalize: Normalize = "cosine", refere
     Args:
         ds: A store Dataset (:func:`~gradcoh.analysis.open_store`) logged with ``alignment=True`` (or a reference).
         normalize: ``"cosine"``: ``g_i·G / (‖g_i‖ ‖G‖)`` in [−1, 1]; ``"share"``: ``g_i·G / Σ_j g_j·G``, the
-            example's share of ``‖G‖²`` (sums to 1 over the step's examples); ``None``: the raw inner product.
+            example's share of ``‖G‖²`` (sums to 1 over the step's examples; with ``reference=True`` the divisor is
+            ``|Σ_j g_j·R|``, which keeps each example's sign); ``None``: the raw inner product.
         reference: Use ``R``, the reference set's mean gradient, instead of the batch gradient ``G``.
         per_layer: Keep the ``layer`` dimension; False gives the network value (inner products and squared norms
             summed over the selected layers).
@@ -73,7 +74,7 @@ def example_alignment(ds: xr.Dataset, *, normalize: Normalize = "cosine", refere
     if normalize == "cosine":
         values = _ratio(dot, np.sqrt(sq * target))
     elif normalize == "share":
-        total = dot.sum(schema.DIM_EXAMPLE)  # ‖G‖² (or G·R, which may be negative)
+        total = abs(dot.sum(schema.DIM_EXAMPLE))  # ‖G‖², or |G·R| (G·R may be negative: keep the signs)
         values = dot / total.where(total != 0)
     else:
         values = dot
@@ -103,7 +104,9 @@ def rank_examples(ds: xr.Dataset, *, normalize: Normalize = "cosine", reference:
 
     Returns:
         Dataset over ``index`` (dataset index, sorted by ``mean_alignment`` ascending) with ``mean_alignment``,
-        ``negative_fraction`` (share of its steps with alignment < 0), ``seen`` (steps), ``mean_loss`` (NaN when
+        ``negative_fraction`` (share of its steps with alignment < 0), ``seen`` (the steps it was logged in where its
+        alignment is defined: steps not finite or not reconciled, and zero gradients under ``"cosine"``, are left
+        out), ``mean_loss`` (over the same steps; NaN when
         losses were not recorded), and the last ``label``, ``true_label`` and ``group`` seen (−1 if unknown).
         ``.to_dataframe()`` gives the pandas table.
 

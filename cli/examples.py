@@ -52,7 +52,8 @@ def examples(
     Needs a store logged with GradientLogger(..., alignment=True) (or reference=... for --reference) and
     record(index=...). Columns (one row per dataset index):
       mean_alignment     mean over its steps of cos(g_i, G) (--normalize share: g_i·G/‖G‖², raw: g_i·G),
-                         G the batch gradient of the step (--reference: the reference set's mean gradient R)
+                         G the batch gradient of the step (--reference: the reference set's mean gradient R;
+                         share then divides by |Σ_j g_j·R|)
       negative_fraction  share of its steps with negative alignment (it pulled against the batch)
       seen               steps it was logged in
       mean_loss          mean per-example loss (NaN unless rec.loss() was called)

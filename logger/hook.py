@@ -62,14 +62,14 @@ class GradientLogger:
             ``gradcoh/m_coherence/<group>``; probes under ``gradcoh/probe/``) to it.
         alignment: Also store ``alignment(step, example, layer) = g_{i,l} · Σ_j g_{j,l}``, each example's exact
             share of the m-coherence numerator (it sums over examples to ``sum_sq_norm``). Costs about one GEMM
-            per layer and keeps each layer's per-example factors until the end of the step.
+            per layer and keeps each layer's per-example forms until the end of the step.
         reference: ``(inputs, targets, loss_fn)`` of a reference set (e.g. held-out clean examples; inputs may be
             a mapping of tensors passed as keyword arguments). At logged steps the gradient ``R`` of its mean loss
             is computed first (micro-batches of 256, eval mode, ``.grad``, buffers and RNG untouched) and
-            ``ref_alignment(step, example, layer) = g_{i,l} · R_l``, ``ref_sq_norm(step, layer) = ‖R_l‖²`` and
-            ``ref_step(step)`` are stored, in probes too.
-        reference_every: Recompute ``R`` when at least this many steps passed since it was last computed; in
-            between it is reused (``ref_step`` says from which step).
+            ``ref_alignment(step, example, layer) = g_{i,l} · R_l`` (computed as each layer is processed; no forms
+            kept), ``ref_sq_norm(step, layer) = ‖R_l‖²`` and ``ref_step(step)`` are stored, in probes too.
+        reference_every: Recompute ``R`` when at least this many steps passed since it was last computed (or the
+            parameters changed at the same step); in between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``).
 
@@ -181,15 +181,17 @@ class GradientLogger:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
-        reference = self._reference
-        if reference is not None and reference.due(step):
-            reference.compute(self.model, [p for t in self.trackers for p in t.params], step)
-        keep = self.config.alignment or reference is not None
-        with self._recorder.record(len(self.config.group_names), scale_by_batch, probe=stream == schema.STREAM_PROBE,
-                                   group=meta["group"], local_grads=local, keep_forms=keep) as state:
-            rec = Recording(state)
-            yield rec
-        record = self._reducer.reduce(step, state, reference, **meta)
+        self._prepare_reference(step)
+        try:
+            with self._recorder.record(len(self.config.group_names), scale_by_batch,
+                                       probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
+                                       keep_forms=self.config.alignment) as state:
+                rec = Recording(state)
+                yield rec
+            record = self._reducer.reduce(step, state, self._reference, **meta)
+        finally:
+            for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
+                tracker.drop_forms()
         rec._summary = {} if record is None else record_summary(record, self.config.group_names)
         if record is not None and self.summary_writer is not None:
             prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
@@ -200,6 +202,17 @@ class GradientLogger:
             self._last_step[stream] = step
             self._coherence[stream] = record_coherence(record)
             self._put(stream, record)
+
+    def _prepare_reference(self, step: int) -> None:
+        """(Re)compute the reference gradient if due and hand each layer its part."""
+        reference = self._reference
+        if reference is None:
+            return
+        params = [p for t in self.trackers for p in t.params]
+        if reference.due(step, params):
+            reference.compute(self.model, params, step)
+        for tracker, part in zip(self.trackers, reference.split([len(t.params) for t in self.trackers]), strict=True):
+            tracker.reference = part
 
     def last_coherence(self, stream: str = schema.STREAM_BATCH) -> float:
         """Whole-network m-coherence of the last step logged to ``stream``, for progress bars (no store read).
@@ -304,6 +317,7 @@ class GradientLogger:
         self._sigterm.restore()
         for tracker in self.trackers:
             tracker.detach()
+            tracker.drop_forms()
         self._call_writer(AsyncWriter.close)
 
     def __enter__(self) -> GradientLogger:

@@ -144,28 +144,13 @@ class StepReducer:
         if self.config.sketch_dim:
             dtype = torch.float16 if self.config.sketch_dtype == "float16" else torch.float32
             out["sketch"] = (torch.stack(sketches, 1) * inv).to(dtype)  # [n, L, k]
-        if state.keep_forms:
-            out |= self._alignments(sizes, totals, reference, inv)
-        return out
-
-    def _alignments(self, sizes: list[int], totals: list[list[torch.Tensor]] | None, reference: ReferenceSet | None,
-                    inv: float) -> dict[str, torch.Tensor]:
-        """``alignment`` ``[n, L]`` (with the batch sum) and ``ref_alignment``, ``ref_sq_norm`` (with the reference)."""
-        refs = None if reference is None else reference.split([len(t.params) for t in self.trackers])
-        batch, ref = [], []
-        for layer, t in enumerate(self.trackers):
-            against = ([] if totals is None else [totals[layer]]) + ([] if refs is None else [refs[layer]])
-            values = t.alignments(against, sizes)
-            if totals is not None:
-                batch.append(values.pop(0))
-            if refs is not None:
-                ref.append(values.pop(0))
-        out = {}
-        if totals is not None:
-            out["alignment"] = torch.stack(batch, 1) * inv**2  # g_i and the batch sum both carry the loss scale
-        if refs is not None:
-            out["ref_alignment"] = torch.stack(ref, 1) * inv
-            out["ref_sq_norm"] = torch.stack([sum(g.to(torch.float64).square().sum() for g in r) for r in refs])
+        if totals is not None:  # g_i and the batch sum both carry the loss scale
+            out["alignment"] = torch.stack([t.alignment(g, sizes) for t, g in zip(self.trackers, totals,
+                                                                                  strict=True)], 1) * inv**2
+        if reference is not None:
+            out["ref_alignment"] = torch.stack([t.ref_alignment(sizes) for t in self.trackers], 1) * inv
+            out["ref_sq_norm"] = torch.stack([sum(g.to(torch.float64).square().sum() for g in t.reference)
+                                              for t in self.trackers])
         return out
 
     def _grams(self, n_groups: int, totals: bool) -> tuple[torch.Tensor, list[list[torch.Tensor]] | None]:

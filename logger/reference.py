@@ -58,6 +58,10 @@ class ReferenceSet:
             raise ValueError("reference must be a tuple (inputs, targets, loss_fn) with loss_fn(outputs, targets) "
                              "returning per-example losses")
         self.inputs, self.targets, self.loss_fn = reference
+        if not torch.is_tensor(self.targets) or not (torch.is_tensor(self.inputs) or isinstance(self.inputs, Mapping)):
+            raise ValueError("reference=(inputs, targets, loss_fn) needs tensors: inputs a tensor (or a mapping of "
+                             f"tensors) and targets a tensor, got {type(self.inputs).__name__} and "
+                             f"{type(self.targets).__name__}")
         self.size = _rows(self.inputs)
         if self.size < 1 or self.targets.shape[0] != self.size:
             raise ValueError(f"reference inputs have {self.size} rows and targets {self.targets.shape[0]}; "
@@ -66,15 +70,27 @@ class ReferenceSet:
         self.batch_size = int_at_least("batch_size", batch_size, 1)
         self.grads: list[torch.Tensor] | None = None  # one per parameter, natural view, float32
         self.step: int | None = None
+        self._versions: list[int] = []  # the parameters' versions when R was computed
 
-    def due(self, step: int) -> bool:
-        """Whether the reference gradient must be (re)computed before logging ``step``."""
-        return self.step is None or not 0 <= step - self.step < self.every
+    def due(self, step: int, params: list[nn.Parameter]) -> bool:
+        """Whether the reference gradient must be (re)computed before logging ``step``.
+
+        When none was computed yet; when ``every`` steps have passed since; and when the parameters changed since
+        it was computed at this same step (a probe after the optimizer step of a logged step): one step number never
+        pairs gradients of different parameters with one ``R``.
+        """
+        if self.step is None or not 0 <= step - self.step < self.every:
+            return True
+        return step == self.step and [p._version for p in params] != self._versions
 
     def compute(self, model: nn.Module, params: list[nn.Parameter], step: int) -> None:
-        """The gradient of the reference set's mean loss with respect to ``params``, training left untouched."""
-        device = params[0].device
-        total = [torch.zeros(natural_view(tuple(p.shape)), dtype=torch.float32, device=device) for p in params]
+        """The gradient of the reference set's mean loss with respect to ``params``, training left untouched.
+
+        Modes, buffers and RNG states are restored afterwards and ``.grad`` is never touched; forward hooks and
+        tensor hooks the user registered on the model do run (as for probes).
+        """
+        device = params[0].device  # where the model takes its inputs
+        total = [torch.zeros(natural_view(tuple(p.shape)), dtype=torch.float32, device=p.device) for p in params]
         saved = ModelState.save(model)
         try:
             model.eval()
@@ -83,9 +99,10 @@ class ReferenceSet:
                 x, y = _slice(self.inputs, rows, device), self.targets[rows].to(device)
                 out = model(**x) if isinstance(x, Mapping) else model(x)
                 per = self.loss_fn(out, y)
-                if per.dim() != 1 or per.shape[0] != y.shape[0]:
-                    raise ValueError(f"the reference loss_fn returned shape {tuple(per.shape)}; it must return one "
-                                     f"loss per example, [{y.shape[0]}] (use reduction='none')")
+                if not torch.is_tensor(per) or per.dim() != 1 or per.shape[0] != y.shape[0]:
+                    shape = tuple(per.shape) if torch.is_tensor(per) else type(per).__name__
+                    raise ValueError(f"the reference loss_fn returned {shape}; it must return one loss per example, "
+                                     f"a tensor [{y.shape[0]}] (use reduction='none')")
                 grads = torch.autograd.grad(per.sum() / self.size, params, allow_unused=True)
                 for acc, g in zip(total, grads, strict=True):
                     if g is not None:
@@ -93,6 +110,7 @@ class ReferenceSet:
         finally:
             saved.restore(model)
         self.grads, self.step = total, step
+        self._versions = [p._version for p in params]
         log.debug("reference gradient recomputed at step %s", step)
 
     def split(self, counts: list[int]) -> list[list[torch.Tensor]]:

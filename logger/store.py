@@ -143,8 +143,9 @@ def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> Non
     old_id = old.get(schema.CONFIG_KEY, {}).get(schema.IDENTITY_KEY, {})
     new_id = new[schema.CONFIG_KEY][schema.IDENTITY_KEY]
     for key, value in new_id.items():
-        if old_id.get(key, _IDENTITY_ADDED.get(key)) != value:
-            raise StoreError(f"{path}: {key}={value!r} differs from the store's {old_id.get(key)!r}; cannot append")
+        stored = old_id.get(key, _IDENTITY_ADDED.get(key))
+        if stored != value:
+            raise StoreError(f"{path}: {key}={value!r} differs from the store's {stored!r}; cannot append")
 
 
 def _exists(path: str, storage_options: dict | None) -> bool:

@@ -70,8 +70,8 @@ class StepState:
         loss_scale: The factor the backward loss was multiplied by (a loss scaler's), divided out when storing.
         device: The model's device (for group ids given per micro-batch).
         trackers: The layer trackers filling this state.
-        keep_forms: Keep each layer's per-example gradients (factors) until the end of the step, for inner products
-            with gradients known only then (alignment with the batch sum, with a reference gradient).
+        keep_forms: Keep each layer's per-example gradients (factors) until the end of the step, for their inner
+            products with the batch sum, known only then (``alignment=True``).
     """
 
     n_groups: int
@@ -147,6 +147,7 @@ class LayerTracker:
         self.views = [MatrixView.of([tuple(p.shape) for p in s.params]) for s in plan.sources]
         device = self.params[0].device
         self.seed, self.sketch_dim = seed, sketch_dim
+        self.reference: list[torch.Tensor] | None = None  # R per parameter (natural views), set per step by the logger
         self.projectors: list[Projection | None] = [None] * len(self.params)  # chosen at the first sketched step
         self.tests = [_rank_one(name, shape, device) for name, shape in zip(plan.param_names, self.shapes,
                                                                               strict=True)]
@@ -187,6 +188,7 @@ class LayerTracker:
         self.seen: list[torch.Tensor | None] = [None] * len(self.params)  # gradients of micro-batch 0 (from_grad)
         self.low_precision = False  # half-precision activations or gradients (autocast): a looser guard
         self.kept: dict[int, tuple[float, list[list[ParamGrad]]]] = {}  # micro-batch -> (scale, forms per param)
+        self.ref_dots: dict[int, torch.Tensor] = {}  # micro-batch -> [n] float64 g_i · R
 
     # --- hooks -------------------------------------------------------------------------------------------
     def _forward_hook(self, source: Source, args: tuple, kwargs: dict, output: Any) -> None:
@@ -396,6 +398,8 @@ class LayerTracker:
         self.checks[state.micro] = checks * scale
         if state.keep_forms:
             self.kept[state.micro] = (scale, routed)
+        if self.reference is not None:  # R is known before the step: no form needs keeping for it
+            self.ref_dots[state.micro] = _dots(routed, self.reference, n, device) * scale
         if sketch is not None:
             self.sketch[state.micro] = sketch * scale
         if weights is not None:
@@ -427,7 +431,7 @@ class LayerTracker:
 
     def discard(self, micro: int) -> None:
         """Forget what a backward pass that reached no parameter produced for micro-batch ``micro``."""
-        for results in (self.sq, self.sketch, self.checks, self.kept):
+        for results in (self.sq, self.sketch, self.checks, self.kept, self.ref_dots):
             results.pop(micro, None)
 
     def flush_calls(self) -> None:
@@ -469,30 +473,29 @@ class LayerTracker:
         parts = flat.split([rows * cols for rows, cols in views])
         return [p.reshape(view) for p, view in zip(parts, views, strict=True)]
 
-    def alignments(self, against: list[list[torch.Tensor]], sizes: list[int]) -> list[torch.Tensor]:
-        """``[n]`` float64 inner products ``g_i · A`` of every example with each gradient ``A`` in ``against``.
+    def alignment(self, total: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+        """``[n]`` float64 inner products ``g_i · G`` with the batch sum ``G``.
 
-        Uses the forms kept during the step (``keep_forms``), then drops them (they hold the layer's activations).
-        Zeros where the layer was unused.
-
-        Args:
-            against: Gradients, each a list with one tensor per parameter in its natural view.
-            sizes: Examples per micro-batch.
+        ``total`` holds ``G`` per parameter (natural views); the forms kept during the step (``keep_forms``) are
+        used, then dropped. Zeros where the layer was unused.
         """
         device = self.params[0].device
-        out = []
-        for a in against:
-            parts = []
-            for j, n in enumerate(sizes):
-                total = torch.zeros(n, dtype=torch.float64, device=device)
-                scale, per_param = self.kept.get(j, (1.0, []))
-                for forms, m in zip(per_param, a, strict=False):
-                    for f in forms:
-                        total += dot(f, m).to(torch.float64)
-                parts.append(total * scale)
-            out.append(torch.cat(parts))
+        parts = []
+        for j, n in enumerate(sizes):
+            scale, per_param = self.kept.get(j, (1.0, [[] for _ in self.params]))
+            parts.append(_dots(per_param, total, n, device) * scale)
+        self.drop_forms()
+        return torch.cat(parts)
+
+    def ref_alignment(self, sizes: list[int]) -> torch.Tensor:
+        """``[n]`` float64 inner products ``g_i · R`` with the reference gradient (zeros where unused)."""
+        device = self.params[0].device
+        return torch.cat([self.ref_dots.get(j, torch.zeros(n, dtype=torch.float64, device=device))
+                          for j, n in enumerate(sizes)])
+
+    def drop_forms(self) -> None:
+        """Release the kept per-example forms (they hold the layer's activations)."""
         self.kept = {}
-        return out
 
     def gram(self, n_groups: int) -> torch.Tensor:
         """``[G, G]`` float64 Gram matrix of the group sums (one process)."""
@@ -562,6 +565,16 @@ class LayerTracker:
             s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
             out = s if out is None else out + s
         return out
+
+
+def _dots(per_param: list[list[ParamGrad]], against: list[torch.Tensor], n: int,
+          device: torch.device) -> torch.Tensor:
+    """``[n]`` float64 ``Σ_params Σ_forms ⟨form_i, against[param]⟩`` (forms in the parameters' natural views)."""
+    total = torch.zeros(n, dtype=torch.float64, device=device)
+    for forms, m in zip(per_param, against, strict=True):
+        for f in forms:
+            total += dot(f, m).to(torch.float64)
+    return total
 
 
 def _tolerance(dtype: torch.dtype) -> float:

@@ -80,3 +80,15 @@ def test_alignment_figure(aligned):
     assert labels == ["clean: median", "clean: 25–75%", "corrupted: median", "corrupted: 25–75%"]
     with pytest.raises(plots.NothingToPlotError):
         plots.plot_alignment({})
+
+
+def test_share_with_the_reference_keeps_each_examples_sign(aligned):
+    store, _, reference = aligned
+    ds = analysis.open_store(store.path, stream="batch")
+    share = analysis.example_alignment(ds, normalize="share", reference=True, per_layer=False).compute().values
+    r = np.concatenate(reference)
+    for t in range(len(store.batch.grads)):
+        full = store.batch.flat(t)
+        dots = full @ r
+        np.testing.assert_allclose(share[t, : len(full)], dots / abs(dots.sum()), rtol=1e-12)
+        assert (np.sign(share[t, : len(full)]) == np.sign(dots)).all()

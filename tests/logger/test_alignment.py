@@ -182,3 +182,73 @@ def test_bad_reference_and_append_mismatch_are_refused(tmp_path):
             sq_loss(model(x), y).mean().backward()
     with pytest.raises(Exception, match="alignment"):
         GradientLogger(model, tmp_path / "e.zarr", mode="append", alignment=True)
+
+
+def _mlp():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_mean_reduction_with_unequal_micro_batches(tmp_path):
+    model = _mlp()
+    x = torch.randn(7, 6)
+    y = target_for(model, x)
+    ds = log_steps(model, tmp_path / "s.zarr", [[(x[:2], y[:2]), (x[2:], y[2:])]], (x[:3], y[:3], sq_loss), "mean")
+    al, ref, _ = oracle_alignment(ds, per_example_grads_loop(model, sq_loss, x, y),
+                                  per_example_grads_loop(model, sq_loss, x[:3], y[:3]))
+    close(ds.alignment.values[0], al)
+    close(ds.ref_alignment.values[0], ref)
+
+
+def test_reused_and_refreshed_reference_against_the_parameters_of_ref_step(tmp_path):
+    """R from ref_step's parameters while reused; a probe after the optimizer step of the same step gets a new R."""
+    import copy
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(3)
+    rx, ry = torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    px, py = torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    batches, snapshots, probe_params = [], [], None
+    with GradientLogger(model, tmp_path / "s.zarr", reference=(rx, ry, ce), reference_every=2) as glog:
+        for step in range(3):
+            x, y = torch.randn(6, 6, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+            snapshots.append(copy.deepcopy(model))
+            batches.append((x, y))
+            with glog.record(step):
+                ce(model(x), y).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            if step == 2:
+                probe_params = copy.deepcopy(model)
+                glog.probe(step, px, py, ce)
+    ds = open_logged(tmp_path / "s.zarr")
+    assert ds.ref_step.values.tolist() == [0, 0, 2]
+    for step, (x, y) in enumerate(batches):
+        at = snapshots[int(ds.ref_step.values[step])]  # R of the parameters at ref_step, before its update
+        _, ref, _ = oracle_alignment(ds, per_example_grads_loop(snapshots[step], ce, x, y),
+                                     per_example_grads_loop(at, ce, rx, ry))
+        close(ds.ref_alignment.values[step], ref)
+    probe = open_logged(tmp_path / "s.zarr", "probe")
+    assert probe.ref_step.values.tolist() == [2]
+    _, ref, _ = oracle_alignment(probe, per_example_grads_loop(probe_params, ce, px, py),
+                                 per_example_grads_loop(probe_params, ce, rx, ry))
+    close(probe.ref_alignment.values[0], ref)  # the parameters after step 2's update, not those of its batch
+
+
+def test_kept_forms_are_released_when_the_block_raises(tmp_path):
+    model = _mlp()
+    x, y = torch.randn(4, 6), torch.randn(4, 3)
+    with GradientLogger(model, tmp_path / "s.zarr", alignment=True) as glog:
+        with pytest.raises(RuntimeError, match="boom"), glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+            raise RuntimeError("boom")
+        assert all(not t.kept for t in glog.trackers)
+        with pytest.raises(ValueError), glog.record(1, index=torch.arange(9)):  # bad metadata: reduce raises
+            sq_loss(model(x), y).mean().backward()
+        assert all(not t.kept for t in glog.trackers)
+    model.zero_grad()
+    with GradientLogger(model, tmp_path / "r.zarr", reference=(x, y, sq_loss)) as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+            assert all(not t.kept for t in glog.trackers)  # a reference alone keeps no forms
