@@ -73,6 +73,9 @@ class LoggerConfig:
         reference_every: Recompute the reference gradient at a logged step when at least this many steps have
             passed since it was last computed (1: at every logged step); between, the last one is reused and
             ``ref_step`` says which.
+        fused: Fused mode for ``nn.Linear`` layers (:mod:`gradcoh.logger.fused`): on logged steps their batch weight
+            gradient is summed from the per-example gradients gradcoh forms anyway instead of a second GEMM, so
+            ``.grad`` equals the default path's to rounding, not bitwise. Off by default.
         extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 
@@ -94,6 +97,7 @@ class LoggerConfig:
     alignment: bool = False
     reference_size: int = 0
     reference_every: int = 1
+    fused: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -107,8 +111,9 @@ class LoggerConfig:
             raise ValueError(f"groups must be distinct non-empty names, got {self.groups!r}")
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "layers", _names(self.layers))
-        if not isinstance(self.alignment, bool):
-            raise ValueError(f"alignment must be True or False, got {self.alignment!r}")
+        for name in ("alignment", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.flush_secs <= 0:
             raise ValueError(f"flush_secs must be positive, got {self.flush_secs!r}")
 

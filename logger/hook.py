@@ -71,7 +71,8 @@ class GradientLogger:
         reference_every: Recompute ``R`` when at least this many steps passed since it was last computed (or the
             parameters changed at the same step); in between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
-            ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``).
+            ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``,
+            ``fused``).
 
     Attributes:
         batch_sums_from_grad: Read a step's batch gradient from ``.grad`` when it starts empty (no copy; default).
@@ -108,7 +109,7 @@ class GradientLogger:
         self.enabled = bool(enabled)
         self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim)
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
-        self._recorder = StepRecorder(model, self.trackers)
+        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
         self._stopped = False
         self._closed = False

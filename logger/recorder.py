@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .fused import fusable_weights
 from .tracker import LayerTracker, StepState, end_of_backward
 from .uses import Use, UseTracker
 
@@ -79,12 +80,14 @@ class StepRecorder:
     Args:
         model: The model (its outermost call defines the batch).
         trackers: The layer trackers.
+        fused: Fused mode (:mod:`gradcoh.logger.fused`) for the eligible Linear layers.
     """
 
-    def __init__(self, model: nn.Module, trackers: list[LayerTracker]) -> None:
+    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool = False) -> None:
         self.model = model
         self.trackers = trackers
         self.params = {id(p): p for t in trackers for p in t.params}
+        self.fused = fusable_weights([t.plan for t in trackers]) if fused else frozenset()
         self.modules = self._hooked_modules()
 
     def _hooked_modules(self) -> dict[int, tuple[nn.Module, frozenset[int] | None]]:
@@ -111,7 +114,7 @@ class StepRecorder:
             keep_forms: Keep the per-example gradients until the end of the step (alignment).
         """
         from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
-        uses = UseTracker(self.params, self._on_use, self._on_use_grad)
+        uses = UseTracker(self.params, self._on_use, self._on_use_grad, self.fused)
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
                           from_grad=from_grad, keep_forms=keep_forms)
         state.trackers = self.trackers

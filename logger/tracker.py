@@ -25,9 +25,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
+from .fused import Slot
 from .grads import (
+    MATERIALISE_BYTES,
     Dense,
     Factored,
+    LayerGrad,
     MatrixView,
     ParamGrad,
     choose_projection,
@@ -126,6 +129,7 @@ class _Call:
     versions: list[tuple[torch.Tensor, int]]
     r: int
     grads: tuple | None = None
+    slot: Slot | None = None  # fused mode: where the batch weight gradient goes
 
 
 class LayerTracker:
@@ -209,7 +213,8 @@ class LayerTracker:
         r = self._rows_per_example(source, first, lay)
         detached = _map_args(args, kwargs, torch.Tensor.detach)
         versions = [(a, a._version) for a in leaves]
-        call = _Call(source, detached[0], detached[1], versions, r)
+        slot = state.uses.slots.get(output) if isinstance(output, torch.Tensor) else None
+        call = _Call(source, detached[0], detached[1], versions, r, slot=slot)
         self._calls.append(call)
         if len(outs) == 1:
             outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
@@ -342,6 +347,8 @@ class LayerTracker:
                 self.low_precision = True
             grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
                             for c in group])
+            if len(group) == 1 and group[0].slot is not None:
+                grad = _fill_slot(grad, group[0].slot)
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
                     if form is not None]
         return out
@@ -565,6 +572,19 @@ class LayerTracker:
             s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
             out = s if out is None else out + s
         return out
+
+
+def _fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
+    """Fused mode: materialise a Linear call's per-example gradients and leave their sum for its backward.
+
+    Left to autograd's own GEMM (slot empty) when the block would exceed ``MATERIALISE_BYTES``.
+    """
+    if not isinstance(grad, Factored) or grad.u is None or (
+            grad.n * grad.n_rows * grad.n_cols * grad.v.element_size() > MATERIALISE_BYTES):
+        return grad
+    dense = grad.materialise()
+    slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient
+    return dense
 
 
 def _dots(per_param: list[list[ParamGrad]], against: list[torch.Tensor], n: int,

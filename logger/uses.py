@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .fused import FusedLinear, Slot
 from .grads import Dense, Factored, ParamGrad, natural_view
 from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
 
@@ -145,9 +146,11 @@ class UseTracker(TorchFunctionMode):
     """
 
     def __init__(self, params: dict[int, torch.nn.Parameter], on_use: Callable[[Use], None],
-                 on_grad: Callable[[Use], None]) -> None:
+                 on_grad: Callable[[Use], None], fused: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.params = params
+        self.fused = fused  # weights whose F.linear calls run through FusedLinear (fused mode)
+        self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output of a fused call -> its Slot
         self.on_use = on_use
         self.on_grad = on_grad
         self.layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # data tensor -> Layout
@@ -194,7 +197,10 @@ class UseTracker(TorchFunctionMode):
     # --- every torch op ----------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if self.fused and not self.paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
+            out = self._fused_linear(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         if self.paused or self.n is None:
             return out
         data, diff = [], []
@@ -212,6 +218,16 @@ class UseTracker(TorchFunctionMode):
             self._observe(func, args, kwargs, out, data, diff)
         finally:
             self.paused -= 1
+        return out
+
+    def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        slot = Slot()
+        self.paused += 1  # FusedLinear's own F.linear is not a use
+        try:
+            out = FusedLinear.apply(x, weight, bias, slot)
+        finally:
+            self.paused -= 1
+        self.slots[out] = slot
         return out
 
     def _observe(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:

@@ -51,12 +51,14 @@ try:
 except ImportError:  # pragma: no cover - psutil is in the bench extra
     psutil = None
 
-ALL_METHODS = ("plain", "gradcoh_exact", "gradcoh_k256", "gradcoh_k1024", "gradcoh_align", "gradcoh_unlogged",
+ALL_METHODS = ("plain", "gradcoh_exact", "gradcoh_fused", "gradcoh_k256", "gradcoh_k1024", "gradcoh_align",
+               "gradcoh_unlogged",
                "opacus_hooks", "opacus_ghost", "backpack_l2", "backpack_grad", "vmap", "naive_loop")
-GRADCOH = {"gradcoh_exact": {}, "gradcoh_k256": {"sketch_dim": 256}, "gradcoh_k1024": {"sketch_dim": 1024},
-           "gradcoh_align": {"alignment": True}, "gradcoh_unlogged": {"every": 10**9}}
-"""gradcoh's variants: exact statistics, with sketches, with each example's alignment with the batch gradient, and
-a step that ``every`` skips (the cost of the other steps when logging every N-th: ``record`` arms nothing)."""
+GRADCOH = {"gradcoh_exact": {}, "gradcoh_fused": {"fused": True}, "gradcoh_k256": {"sketch_dim": 256},
+           "gradcoh_k1024": {"sketch_dim": 1024}, "gradcoh_align": {"alignment": True},
+           "gradcoh_unlogged": {"every": 10**9}}
+"""gradcoh's variants: exact statistics (default, and fused mode), with sketches, with each example's alignment with
+the batch gradient, and a step that ``every`` skips (the other steps' cost when logging every N-th: nothing armed)."""
 SLOW = {"opacus_hooks", "backpack_grad", "vmap", "naive_loop"}
 
 
