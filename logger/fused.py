@@ -9,7 +9,8 @@ are formed by the tracker while it processes the layer, which happens in the out
 backward runs. Whenever they are not there (a module called twice, a weight also used elsewhere, a gradient too
 large to materialise), the backward computes the GEMM as autograd would. ``.grad`` then equals the default path's
 to rounding (a sum of per-example products instead of one GEMM), not bitwise; gradients still reach ``.grad``
-through autograd, so parameter hooks and DDP see them as usual.
+through autograd, so parameter hooks and DDP see them as usual. Second derivatives through a fused call
+(``create_graph=True``) raise instead of being wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .layers import linear_rule
 from .plan import LayerPlan
@@ -51,6 +53,7 @@ class FusedLinear(torch.autograd.Function):
         ctx.slot, ctx.has_bias = slot, bias is not None
 
     @staticmethod
+    @once_differentiable  # the slot's sum is not a function of the graph: a second derivative raises, never wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         """Input and bias gradients as autograd's; the weight gradient from the slot when it is filled."""
         x, weight = ctx.saved_tensors

@@ -71,3 +71,13 @@ def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
     assert not GradientLogger(model, tmp_path / "t.zarr", enabled=False).config.fused
     with pytest.raises(ValueError, match="fused"):
         GradientLogger(model, tmp_path / "u.zarr", fused="yes")
+
+
+def test_second_derivative_through_a_fused_call_raises(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with pytest.raises(RuntimeError, match=r"once_differentiable|twice"), glog.record(0):
+            (g,) = torch.autograd.grad(model(x).sum(), model[0].weight, create_graph=True)
+            g.sum().backward()
