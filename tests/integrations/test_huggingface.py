@@ -70,11 +70,13 @@ def test_trainer_callback_exact_per_step(kind, bf16, tmp_path):
         learning_rate=0.0, logging_steps=100, report_to="none", save_strategy="no", use_cpu=True, seed=3,
         dataloader_num_workers=0, disable_tqdm=True, bf16=bf16,
     )
-    callback = GradcohCallback(tmp_path / "s.zarr", every=1)
+    callback = GradcohCallback(tmp_path / "s.zarr", every=1, alignment=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()
     store = open_store(tmp_path / "s.zarr")
     assert list(store.step.values) == [1, 2]
+    np.testing.assert_allclose(store.alignment.values.sum(1), store.sum_sq_norm.values,  # over both micro-batches
+                               rtol=3e-2 if bf16 else 1e-5)
     logged = [h for h in trainer.state.log_history if "gradcoh/m_coherence" in h]
     assert [h["step"] for h in logged] == [1, 2]
     for s, history in zip(range(2), logged, strict=True):

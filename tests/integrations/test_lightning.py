@@ -62,7 +62,8 @@ def oracle(net, data, rows):
 def test_lightning_callback_exact_per_step(precision, tmp_path):
     data, module = Indexed(), Module()
     loader = DataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(2))
-    callback = GradcohCallback(tmp_path / "s.zarr", every=1, index=lambda b: b[2], labels=lambda b: b[1])
+    callback = GradcohCallback(tmp_path / "s.zarr", every=1, index=lambda b: b[2], labels=lambda b: b[1],
+                               alignment=True)
     csv = L.pytorch.loggers.CSVLogger(tmp_path / "logs")
     trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[callback], logger=csv, accelerator="cpu",
                         devices=1, precision=precision, enable_progress_bar=False, enable_model_summary=False,
@@ -71,6 +72,7 @@ def test_lightning_callback_exact_per_step(precision, tmp_path):
     store = open_store(tmp_path / "s.zarr")
     assert list(store.step.values) == [0, 1]
     tol = 1e-4 if precision == "32-true" else 3e-2
+    np.testing.assert_allclose(store.alignment.values.sum(1), store.sum_sq_norm.values, rtol=tol)
     for s in range(2):
         index = store.index.values[s]
         assert len(set(index.tolist())) == 6
