@@ -29,7 +29,7 @@ from .plan import plan_layers
 from .probe import ModelState, measure
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_coherence, record_summary
-from .reference import make_reference
+from .reference import ReferenceSet
 from .sigterm import SigtermExit
 from .store import HostRecord, StreamWriter, open_run
 from .tracker import LayerTracker
@@ -96,7 +96,7 @@ class GradientLogger:
                  **options: Any) -> None:
         if "reference_size" in options:
             raise ValueError("reference_size is set from reference=(inputs, targets, loss_fn); do not pass it")
-        self._reference = make_reference(reference, reference_every)
+        self._reference = None if reference is None else ReferenceSet(reference, reference_every)
         self.config = cfg = LoggerConfig(every=every, sketch_dim=sketch_dim, seed=seed,
                                          loss_reduction=loss_reduction, groups=groups, alignment=alignment,
                                          reference_size=0 if self._reference is None else self._reference.size,

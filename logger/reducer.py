@@ -133,7 +133,7 @@ class StepReducer:
         sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
         inv = 1.0 / state.loss_scale  # a loss scaler's factor (fp16 training): stored values are unscaled
         sq_norm = torch.stack(sq, 1).to(torch.float64) * inv**2  # [n, L]
-        grams, totals = self._grams(n_groups, self.config.alignment and state.keep_forms)
+        grams, totals = self._grams(n_groups, state.keep_forms)  # keep_forms: alignment=True
         grams = grams * inv**2  # [L, G, G] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         reconciled = torch.stack([t.reconciled() for t in self.trackers]) | ~finite

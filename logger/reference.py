@@ -122,7 +122,3 @@ class ReferenceSet:
         return out
 
 
-def make_reference(reference: Any, every: int) -> ReferenceSet | None:
-    """A :class:`ReferenceSet` from ``GradientLogger``'s ``reference`` argument (None: no reference)."""
-    return None if reference is None else ReferenceSet(reference, every)
-
