@@ -30,7 +30,7 @@ def int_at_least(name: str, value: Any, low: int) -> int:
 
 _CHOICES: dict[str, tuple] = {
     "loss_reduction": ("mean", "sum"), "sketch_dtype": schema.SKETCH_DTYPES, "on_full": ("block", "drop"),
-    "mode": ("create", "append", "overwrite"), "on_error": ("raise", "warn"), "on_mismatch": ("raise", "flag"),
+    "mode": ("create", "append", "overwrite"), "probe_mode": ("constant", "eval", "train", "precise", "batch"), "on_error": ("raise", "warn"), "on_mismatch": ("raise", "flag"),
 }
 
 
@@ -98,6 +98,7 @@ class LoggerConfig:
     reference_size: int = 0
     reference_every: int = 1
     fused: bool = False
+    probe_mode: str = "constant"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

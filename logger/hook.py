@@ -26,7 +26,7 @@ from .config import LoggerConfig, int_at_least
 from .distributed import rank_and_world, share
 from .layers import LayerRules, default_rules
 from .plan import plan_layers
-from .probe import ModelState, measure
+from .probe import PROBE_MODES, ModelState, describe, measure, prepare
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_coherence, record_summary
 from .reference import ReferenceSet
@@ -119,6 +119,7 @@ class GradientLogger:
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
+        self._announced = False
         if self.enabled:
             self._open(storage_options)
             if cfg.handle_sigterm:
@@ -238,8 +239,8 @@ class GradientLogger:
             log.warning("%s; logging stopped, training continues (on_error='warn')", err)
 
     def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
-              batch_size: int = 256, mode: str = "eval", index: Any = None, labels: Any = None, group: Any = None,
-              true_labels: Any = None) -> bool:
+              batch_size: int = 256, mode: str | None = None, index: Any = None, labels: Any = None,
+              group: Any = None, true_labels: Any = None, statistics: torch.Tensor | None = None) -> bool:
         """Measure a fixed sample of examples without disturbing training; writes the stream ``probe``.
 
         The sample is processed in micro-batches with gradients taken by ``torch.autograd.grad`` (``.grad`` is
@@ -263,25 +264,37 @@ class GradientLogger:
         Returns:
             True when a probe was taken at this step.
         """
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode={mode!r} is not valid; use 'eval' or 'train'")
+        mode = self.config.probe_mode if mode is None else mode
+        if mode not in PROBE_MODES:
+            raise ValueError(f"mode={mode!r} is not valid; use one of {', '.join(map(repr, PROBE_MODES))}")
         int_at_least("every", every, 1)
         int_at_least("batch_size", batch_size, 1)
         if step % every or not self._active:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
+        source = inputs if statistics is None else statistics  # every rank: the statistics of the whole sample
         if self.world_size > 1:  # each rank measures its contiguous share of the sample, once
             rows = slice(*share(inputs.shape[0], self.rank, self.world_size))
             inputs, targets = inputs[rows], targets[rows]
             meta = {k: None if v is None else v[rows] for k, v in meta.items()}
         saved = ModelState.save(self.model)
         try:
-            self.model.train(mode == "train")
-            with self._record(step, schema.STREAM_PROBE, False, **meta) as rec:
-                measure(self.model, rec, inputs, targets, loss_fn, batch_size, self.trackers[0].params[0].device)
+            device = self.trackers[0].params[0].device
+            self._announce(mode)
+            with prepare(self.model, mode, source, batch_size, device), \
+                    self._record(step, schema.STREAM_PROBE, False, **meta) as rec:
+                measure(self.model, rec, inputs, targets, loss_fn, batch_size, device)
         finally:
             saved.restore(self.model)
         return True
+
+    def _announce(self, mode: str) -> None:
+        """Say once on stderr (logging) how batch-statistics layers are probed."""
+        if mode == "constant" and not self._announced:
+            self._announced = True
+            text = describe(self.model)
+            if text is not None:
+                log.warning(text)
 
     def project_grad(self) -> dict[str, torch.Tensor]:
         """Sketch the gradient currently in the parameters' ``.grad`` with each layer's projection.

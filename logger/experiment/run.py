@@ -60,6 +60,7 @@ class ExperimentConfig:
     probe_every: int = 50
     probe_early: int = 0  # also probe every one of the first probe_early steps (resolves the initial transient)
     probe_batch_size: int = 256  # micro-batch of the probe pass (bounds memory only)
+    probe_mode: str = "constant"  # how BatchNorm layers are probed (gradcoh.logger.probe)
     log_every: int = 10  # batch stream cadence; 0 disables the batch stream
     sketch_dim: int = 0
     seed: int = 0
@@ -275,8 +276,9 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if probe is not None and _probe_due(cfg, step, total):
-            glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size, mode="eval",
-                       index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true)
+            glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size, mode=cfg.probe_mode,
+                       index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true,
+                       statistics=x if cfg.probe_mode == "batch" else None)
             coh, m = glog.last_coherence(schema.STREAM_PROBE), len(probe.index)
             fit, fit_bad = probe.fit(model)
             report = ProbeReport(step, m, coh, fit, fit_bad, per.mean().item())
