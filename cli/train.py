@@ -106,7 +106,8 @@ def train(
         config = ExperimentConfig(
             out=out, dataset=dataset.value, data_dir=data_dir, model=model.value, width=width,
             label_noise=label_noise, batch_size=batch_size, lr=lr, optimizer=optimizer.value, momentum=momentum,
-            probe_size=probe_size, probe_every=probe_every, probe_mode=probe_mode.value, log_every=log_every, sketch_dim=sketch_dim, seed=seed,
+            probe_size=probe_size, probe_every=probe_every, probe_mode=probe_mode.value, log_every=log_every,
+            sketch_dim=sketch_dim, seed=seed,
             device=device, threads=threads, overwrite=overwrite, progress=want_progress(progress),
             alignment=alignment, reference_size=reference_size, reference_every=reference_every, **length,
         )

@@ -22,11 +22,11 @@ from torch import nn
 
 from . import schema
 from .attributes import root_attributes
-from .config import LoggerConfig, int_at_least
+from .config import PROBE_MODES, LoggerConfig, int_at_least
 from .distributed import rank_and_world, share
 from .layers import LayerRules, default_rules
 from .plan import plan_layers
-from .probe import PROBE_MODES, ModelState, describe, measure, prepare
+from .probe import ModelState, describe, measure, prepare
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_coherence, record_summary
 from .reference import ReferenceSet
@@ -244,8 +244,9 @@ class GradientLogger:
         """Measure a fixed sample of examples without disturbing training; writes the stream ``probe``.
 
         The sample is processed in micro-batches with gradients taken by ``torch.autograd.grad`` (``.grad`` is
-        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics) and the RNG
-        states are restored exactly afterwards, so training with probes is bitwise identical to training without.
+        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics and
+        ``num_batches_tracked``) and the RNG states are restored exactly afterwards, so training with probes is
+        bitwise identical to training without.
         Group sums accumulate in float64 across micro-batches. The logger's ``every`` does not apply to probes.
 
         Args:
@@ -255,14 +256,25 @@ class GradientLogger:
             loss_fn: ``loss_fn(outputs, targets) -> [n]`` per-example losses (``reduction="none"``).
             every: Probe only when ``step % every == 0``.
             batch_size: Micro-batch size (bounds memory).
-            mode: ``"eval"`` (default; BatchNorm uses running statistics, exact per example) or ``"train"``.
+            mode: How BatchNorm layers that use batch statistics are probed (default: the logger's ``probe_mode``,
+                ``"constant"`` unless configured): ``"constant"`` normalises them with the statistics of the whole
+                sample (or of ``statistics``) held constant, exact per-example gradients of the network as it
+                normalises now; ``"eval"`` uses running statistics (exact, but they lag the trained network);
+                ``"train"`` uses each micro-batch's statistics with the gradient through them (contributions).
+                Without such layers the probe runs in eval mode (``"train"``: train mode, dropout on).
             index: ``[m]`` dataset index of each probe example.
             labels: ``[m]`` training labels.
             group: ``[m]`` group positions (required when groups were declared).
             true_labels: ``[m]`` labels before corruption.
+            statistics: ``[s, ...]`` inputs whose statistics the ``"constant"`` mode holds instead of the probe
+                sample's (e.g. the current training batch). With several processes every rank uses the whole
+                sample (or these inputs), so all ranks probe one function.
 
         Returns:
             True when a probe was taken at this step.
+
+        Raises:
+            ValueError: A bad mode, or (``"constant"``) a BatchNorm module called more than once per forward pass.
         """
         mode = self.config.probe_mode if mode is None else mode
         if mode not in PROBE_MODES:

@@ -1,5 +1,4 @@
-"""Probes: a fixed sample measured without disturbing training (``GradientLogger.probe``), and how normalisation
-layers with batch statistics are probed.
+"""Probes: a fixed sample measured without disturbing training (``GradientLogger.probe``); BatchNorm in probes.
 
 A BatchNorm layer in train mode normalises each example with the mean and variance of the whole batch, so the
 per-example gradient of a train-mode network is not defined by the example alone. The probe modes:
@@ -17,7 +16,10 @@ per-example gradient of a train-mode network is not defined by the example alone
   micro-batch gradient (they cancel through the mean subtraction), not a per-example gradient.
 
 Models without batch-statistics layers are probed in eval mode whatever the mode (dropout off); ``"train"`` keeps
-their train-mode behaviour (dropout on).
+their train-mode behaviour (dropout on). Recalibrated running statistics ("precise BN", Wu & Johnson 2021, §3) and
+the current training batch's statistics were measured against ``"constant"`` before it was chosen: the same readings
+within noise, at the cost of a recalibration pass or of handing the training batch to every probe
+(``docs/reproduction.md``).
 """
 
 from __future__ import annotations
@@ -34,9 +36,6 @@ from .recorder import Recording
 
 log = logging.getLogger(__name__)
 
-PROBE_MODES = ("constant", "eval", "train", "precise", "batch")
-"""Values of ``GradientLogger.probe(mode=...)`` (``None``: the logger's ``probe_mode``)."""
-
 PROBE_NOTES = {
     "constant": "Probes (stream 'probe', probe_mode='constant'): BatchNorm layers that use batch statistics in "
                 "training are normalised with the statistics of the probe sample (or of the inputs passed as "
@@ -47,9 +46,6 @@ PROBE_NOTES = {
     "train": "Probes (stream 'probe', probe_mode='train'): BatchNorm layers use each probe micro-batch's statistics "
              "with the gradient through them: per-example contributions to the micro-batch gradient, not "
              "per-example gradients.",
-    "precise": "Probes (stream 'probe', probe_mode='precise'): BatchNorm running statistics recalibrated on the "
-               "probe sample first (averages of micro-batch statistics), then eval mode.",
-    "batch": "",
 }
 """What the store's notes say about probes of batch-statistics layers, per ``probe_mode``."""
 
@@ -84,7 +80,7 @@ def batch_stat_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     return [m for m in model.modules() if uses_batch_stats(m)]
 
 
-class _Stop(Exception):
+class _StopForwardError(Exception):
     """Ends a statistics pass at the layer being measured (nothing after it needs to run)."""
 
 
@@ -201,31 +197,14 @@ def sample_statistics(model: nn.Module, layers: list, inputs: torch.Tensor, batc
 
         def stop(mod: nn.Module, args: tuple, moments: _Moments = moments) -> None:
             moments.add(args[0])
-            raise _Stop
+            raise _StopForwardError
 
         with _pre_hooks([bn], stop), _constant(dict(stats)):
             for x in chunks:
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(_StopForwardError):
                     model(x)
         stats[bn] = moments.value()
     return stats
-
-
-@torch.no_grad()
-def recalibrate(model: nn.Module, layers: list, inputs: torch.Tensor, batch_size: int, device: torch.device) -> None:
-    """Precise BN: running statistics recomputed as the average over micro-batches of their batch statistics."""
-    momenta = [(bn, bn.momentum) for bn in layers]
-    try:
-        for bn in layers:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average
-        model.train()
-        for s in range(0, inputs.shape[0], batch_size):
-            model(inputs[s : s + batch_size].to(device))
-    finally:
-        for bn, momentum in momenta:
-            bn.momentum = momentum
-    model.eval()
 
 
 def prepare(model: nn.Module, mode: str, statistics: torch.Tensor, batch_size: int,
@@ -249,9 +228,6 @@ def prepare(model: nn.Module, mode: str, statistics: torch.Tensor, batch_size: i
     if mode == "eval":
         model.eval()
         return contextlib.nullcontext()
-    if mode == "precise":
-        recalibrate(model, layers, statistics, 64, device)
-        return contextlib.nullcontext()
     stats = sample_statistics(model, layers, statistics, batch_size, device)
     model.eval()
     return _constant(stats)
@@ -263,7 +239,8 @@ def describe(model: nn.Module) -> str | None:
     if not layers:
         return None
     names = [name for name, m in model.named_modules() if m in layers]
-    return (f"probes: BatchNorm layers {', '.join(names)} normalise with batch statistics; probes normalise them "
+    shown = ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])}, ... ({len(names)} layers)"
+    return (f"probes: BatchNorm layers {shown} normalise with batch statistics; probes normalise them "
             "with the probe sample's statistics held constant (mode='constant': exact per-example gradients of the "
             "network as it normalises now); pass mode='eval' for running statistics or mode='train' for "
             "per-micro-batch contributions")

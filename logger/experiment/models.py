@@ -1,5 +1,6 @@
-"""Models by name, sized to the input: ``mlp``, ``cnn`` and torchvision ``resnet18`` / ``efficientnet_b0``, and
-``resnet18_gn``: ResNet-18 with every BatchNorm replaced by GroupNorm (32 groups), a twin without batch statistics.
+"""Models by name, sized to the input: ``mlp``, ``cnn``, torchvision ``resnet18``/``efficientnet_b0``, ``resnet18_gn``.
+
+``resnet18_gn`` is ResNet-18 with every BatchNorm replaced by GroupNorm (32 groups): a twin without batch statistics.
 
 All weights are random (``weights=None``): nothing is downloaded. The torchvision models are built for
 ``num_classes`` and ``in_channels``; for small inputs (side < 64 px, e.g. 8×8 digits or 32×32 CIFAR) their
