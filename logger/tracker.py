@@ -33,11 +33,11 @@ from .grads import (
     LayerGrad,
     MatrixView,
     ParamGrad,
-    choose_projection,
     choose_route,
     combine,
     dot,
     fold,
+    form_of,
     inner,
     natural_view,
     probe,
@@ -45,7 +45,7 @@ from .grads import (
 )
 from .layout import Unknown
 from .plan import LayerPlan, Source
-from .sketch import Projection
+from .sketch import Projection, ProjectionTable
 from .uses import Use, UseTracker, use_gradients
 
 _log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class LayerTracker:
         self.views = [MatrixView.of([tuple(p.shape) for p in s.params]) for s in plan.sources]
         device = self.params[0].device
         self.seed, self.sketch_dim = seed, sketch_dim
+        self.projections = ProjectionTable(seed, sketch_dim)  # the logger shares one table between its trackers
         self.reference: list[torch.Tensor] | None = None  # R per parameter (natural views), set per step by the logger
         self.projectors: list[Projection | None] = [None] * len(self.params)  # chosen at the first sketched step
         self.tests = [_rank_one(name, shape, device) for name, shape in zip(plan.param_names, self.shapes,
@@ -370,16 +371,16 @@ class LayerTracker:
     def projector(self, i: int, forms: list[ParamGrad]) -> Projection | None:
         """Parameter ``i``'s sketch projection (None without sketches), chosen from ``forms`` the first time.
 
-        The choice (:func:`~gradcoh.logger.grads.choose_projection`) depends only on shapes, so every process and
+        The choice (:func:`~gradcoh.logger.sketch.choose_projection`) depends only on shapes, so every process and
         every restart of a run with the same shapes makes the same one; it is kept for the rest of the run.
         """
         if not self.sketch_dim:
             return None
         if self.projectors[i] is None:
-            kind = choose_projection(self.shapes[i], self.sketch_dim, forms)
-            self.projectors[i] = Projection.create(self.seed, self.plan.param_names[i], natural_view(self.shapes[i]),
-                                                   self.sketch_dim, kind, self.params[i].device)
-            _log.info("sketch of %s: %s", self.plan.param_names[i], kind)
+            name = self.plan.param_names[i]
+            self.projectors[i] = self.projections.get(name, natural_view(self.shapes[i]), [form_of(f) for f in forms],
+                                                      self.params[i].device)
+            _log.info("sketch of %s: %s", name, self.projectors[i].kind)
         return self.projectors[i]
 
     def _reduce(self, per_param: list[list[ParamGrad]]) -> None:
