@@ -15,19 +15,15 @@ weighted group sums ``Σ_n w[n, g] G_n`` (the book-keeping GEMM) and sketches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from .costs import ONE_CPU_CORE, KernelCosts, kernel_costs
-from .sketch import TENSORSKETCH_BLOCKS, Projection
+from .sketch import Form, Projection
 
 MATERIALISE_BYTES = 64 * 2**20
 """Largest per-example gradient block ``[n, rows, cols]`` the mixed rule may materialise for one layer."""
-
-SKETCH_CHUNK_ELEMENTS = 2**22
-"""Elements of the per-example gradients materialised at once to apply a CountSketch to factored gradients."""
 
 
 @dataclass(frozen=True)
@@ -227,21 +223,13 @@ class Factored:
         return torch.stack(out)
 
     def sketch(self, projector: Projection) -> torch.Tensor:
-        """``[n, k]`` sketches.
-
-        A TensorSketch works on the factors; a CountSketch needs the gradients, materialised a few examples at a
-        time (embedding lookups, ``u = None``, are scattered directly).
-        """
+        """``[n, k]`` sketches by the projection's factored (or indexed) route; a bias column, materialised."""
         factors, bias = self.split_bias()
         if bias is not None:
             return factors.sketch(projector) + projector.dense(bias.m, col_offset=factors.n_cols)
         if self.u is None:
             return projector.indexed(self.rows_index, self.v)
-        if projector.kind == "tensorsketch":
-            return projector.factored(self.u, self.v)
-        step = max(1, SKETCH_CHUNK_ELEMENTS // max(1, self.n_rows * self.n_cols))
-        return torch.cat([Factored(self.u[i : i + step], self.v[i : i + step]).materialise().sketch(projector)
-                          for i in range(0, self.n, step)])
+        return projector.factored(self.u, self.v)
 
     def concatenates(self, other: Factored) -> bool:
         """Whether ``self + other`` can concatenate the positions (same kind of factors, same columns)."""
@@ -313,34 +301,11 @@ def as_dense(grad: LayerGrad) -> Dense:
     return grad if isinstance(grad, Dense) else grad.materialise()
 
 
-def choose_projection(shape: tuple[int, ...], dim: int, forms: list[ParamGrad]) -> str:
-    """The sketch of one parameter, ``"countsketch"`` or ``"tensorsketch"``, from its first per-example gradients.
-
-    A block TensorSketch only for a matrix whose per-example gradients are all factored with one position
-    (``T = 1``: classifier heads, MLPs), and only when its ``2B`` FFTs per example cost less than materialising
-    and scattering the ``rows·cols`` entries; a CountSketch for everything else: vectors, views with one row or
-    column, kernels of three or more dimensions, matrices with at most ``dim`` entries (exact), materialised
-    gradients and gradients with several positions (where the materialisation costs about what autograd's own
-    weight gradient costs, and a TensorSketch's FFTs per position cost more). The choice depends on ``T = 1``
-    only, not on how large ``T`` is, so that batches of different lengths (other steps, other processes) choose
-    alike; see :mod:`gradcoh.logger.sketch` for the accuracy of each. For the same reason it weighs costs with the
-    fixed :data:`~gradcoh.logger.costs.ONE_CPU_CORE` constants, never with measurements of the device.
-
-    Args:
-        shape: The parameter's shape.
-        dim: Sketch dimension ``k``.
-        forms: Its per-example gradients at that step (in its natural view).
-    """
-    rows, cols = natural_view(shape)
-    size = rows * cols
-    if len(shape) != 2 or min(rows, cols) == 1 or size <= dim:
-        return "countsketch"
-    if not forms or any(not isinstance(f, Factored) or f.positions != 1 for f in forms):
-        return "countsketch"
-    c = ONE_CPU_CORE
-    count = c.gemm * size + c.scatter * size
-    tensor = TENSORSKETCH_BLOCKS * (c.scatter * (rows + cols) + 2 * c.fft * dim * math.log2(dim))
-    return "tensorsketch" if tensor < count else "countsketch"
+def form_of(form: ParamGrad) -> Form:
+    """What the sketch cost model needs of a per-example gradient: its route and positions."""
+    if isinstance(form, Dense):
+        return "dense", 1
+    return ("indexed" if form.u is None else "factored"), form.positions
 
 
 def fits(n: int, rows: int, cols: int, element_size: int) -> bool:
@@ -357,9 +322,9 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     have no factored route.)
 
     Costs per example: factored = ghost norm ``T²·(rows + cols)``; materialised = one batched GEMM ``T·rows·cols``.
-    With a sketch: a CountSketch needs the materialised gradient on either route (one scattered add per entry), so
-    materialising then costs nothing extra; a block TensorSketch adds ``B`` CountSketches of both factors and
-    ``2B`` FFTs per position to the factored route and ``B`` scattered adds per entry to the materialised one.
+    With a sketch, each route adds the projection's own cost of sketching that form
+    (:meth:`~gradcoh.logger.sketch.Projection.route_cost`: a CountSketch materialises factors anyway, a
+    TensorSketch mean sketches factors without forming them).
     ``costs`` weighs the kernels (:func:`~gradcoh.logger.costs.kernel_costs` of the device in use): both routes
     give the same values, so measured costs may choose.
     """
@@ -368,12 +333,9 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     t, size = positions, rows * cols
     factored = costs.gemm * (t * t * (rows + cols) if t > 1 else rows + cols)
     materialised = costs.gemm * (t + 1) * size
-    if projector is not None and projector.kind == "countsketch":
-        factored += materialised
-    elif projector is not None:
-        k, b = projector.dim, projector.blocks
-        factored += b * (costs.scatter * t * (rows + cols) + 2 * costs.fft * t * k * math.log2(max(k, 2)))
-        materialised += b * costs.scatter * size
+    if projector is not None:
+        factored += projector.route_cost(("factored", t), costs)
+        materialised += projector.route_cost(("dense", 1), costs)
     return materialised < factored
 
 

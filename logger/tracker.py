@@ -32,18 +32,18 @@ from .grads import (
     MatrixView,
     ParamGrad,
     bilinear,
-    choose_projection,
     choose_route,
     combine,
     fits,
     fold,
+    form_of,
     inner,
     natural_view,
     split_params,
 )
 from .plan import LayerPlan
 from .results import LayerResults, MicroStats, dots, guard_vectors
-from .sketch import Projection
+from .sketch import Projection, ProjectionTable
 from .uses import Use, use_gradients
 
 if TYPE_CHECKING:
@@ -59,9 +59,11 @@ class LayerTracker:
         plan: The layer: its parameters, the modules with rules for them, the modules observed op by op.
         seed: Seed of the sketch projections (with ``sketch_dim``).
         sketch_dim: Sketch dimension (0: none).
+        projections: The run's projection table, shared by the logger's trackers (default: one of this layer's own).
     """
 
-    def __init__(self, plan: LayerPlan, seed: int = 0, sketch_dim: int = 0) -> None:
+    def __init__(self, plan: LayerPlan, seed: int = 0, sketch_dim: int = 0,
+                 projections: ProjectionTable | None = None) -> None:
         self.plan = plan
         self.name = plan.name
         self.params = plan.params
@@ -70,6 +72,7 @@ class LayerTracker:
         self.size = sum(p.numel() for p in self.params)
         self.views = [MatrixView.of([tuple(p.shape) for p in s.params]) for s in plan.sources]
         self.seed, self.sketch_dim = seed, sketch_dim
+        self.projections = projections if projections is not None else ProjectionTable(seed, sketch_dim)
         self.projectors: list[Projection | None] = [None] * len(self.params)  # chosen at the first sketched step
         device = self.params[0].device
         self.guard_vectors = [guard_vectors(name, shape, device) for name, shape in zip(plan.param_names, self.shapes,
@@ -162,16 +165,16 @@ class LayerTracker:
     def projector(self, i: int, forms: list[ParamGrad]) -> Projection | None:
         """Parameter ``i``'s sketch projection (None without sketches), chosen from ``forms`` the first time.
 
-        The choice (:func:`~gradcoh.logger.grads.choose_projection`) depends only on shapes, so every process and
+        The choice (:func:`~gradcoh.logger.sketch.choose_projection`) depends only on shapes, so every process and
         every restart of a run with the same shapes makes the same one; it is kept for the rest of the run.
         """
         if not self.sketch_dim:
             return None
         if self.projectors[i] is None:
-            kind = choose_projection(self.shapes[i], self.sketch_dim, forms)
-            self.projectors[i] = Projection.create(self.seed, self.plan.param_names[i], natural_view(self.shapes[i]),
-                                                   self.sketch_dim, kind, self.params[i].device)
-            _log.info("sketch of %s: %s", self.plan.param_names[i], kind)
+            name = self.plan.param_names[i]
+            self.projectors[i] = self.projections.get(name, natural_view(self.shapes[i]), [form_of(f) for f in forms],
+                                                      self.params[i].device)
+            _log.info("sketch of %s: %s", name, self.projectors[i].kind)
         return self.projectors[i]
 
     def _add_stats(self, per_param: list[list[ParamGrad]]) -> None:
