@@ -129,6 +129,7 @@ class _Call:
     kwargs: dict
     versions: list[tuple[torch.Tensor, int]]
     r: int
+    axis: int = 0  # the batch axis of the call's inputs and outputs (moved to the front for the rule)
     grads: tuple | None = None
     slot: Slot | None = None  # fused mode: where the batch weight gradient goes
 
@@ -212,11 +213,13 @@ class LayerTracker:
         if lay is None:
             return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
         first = next(a for a in leaves if uses.layout(a) is not None)
-        r = self._rows_per_example(source, first, lay)
+        custom = getattr(source.rule, "rows_per_example", None)  # rules that check the batch axis themselves
+        axis, r = (0, custom(source.module, args, kwargs, lay, state.n)) if custom else \
+            self._rows_per_example(source, first, lay)
         detached = map_tensors(args, kwargs, torch.Tensor.detach)
         versions = [(a, a._version) for a in leaves]
         slot = state.uses.slots.get(output) if isinstance(output, torch.Tensor) else None
-        call = _Call(source, detached[0], detached[1], versions, r, slot=slot)
+        call = _Call(source, detached[0], detached[1], versions, r, axis, slot=slot)
         self._calls.append(call)
         if len(outs) == 1:
             outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
@@ -231,7 +234,8 @@ class LayerTracker:
 
             torch.autograd.graph.register_multi_grad_hook(needs, on_all, mode="all")
 
-    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> int:
+    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> tuple[int, int]:
+        """``(batch axis, rows per example)`` of a call; the axis is 0 unless the rule acts position by position."""
         n = self._state.n
         if isinstance(lay, Unknown) and n > 1:
             raise ValueError(
@@ -240,14 +244,14 @@ class LayerTracker:
                 "it, or exclude the layer with layers=..."
             )
         if isinstance(lay, Unknown):
-            return max(first.shape[0], 1)
+            return 0, max(first.shape[0], 1)
         axis, r = lay
-        if axis != 0:
+        if axis != 0 and not getattr(source.rule, "positionwise", False):
             raise ValueError(
                 f"module '{source.name}' ({type(source.module).__name__}) takes the batch on dimension {axis} of its "
                 "input; its rule needs it on dimension 0 (batch_first=True), or exclude the layer with layers=..."
             )
-        return r
+        return axis, r
 
     def add_use(self, use: Use) -> None:
         """A use of this layer's parameters outside their modules' rules (reported by the use tracker)."""
@@ -347,7 +351,7 @@ class LayerTracker:
                 continue
             if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
                 self.low_precision = True
-            grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
+            grad = combine([fold(source.rule(source.module, *_upcast(_batch_first(c))), c.r)
                             for c in group])
             if len(group) == 1 and group[0].slot is not None:
                 grad = _fill_slot(grad, group[0].slot)
@@ -628,6 +632,14 @@ def _upcast(tree: Any) -> Any:
         return tree
     args, kwargs, grads = tree
     return (*map_tensors(args, kwargs, _float), tuple(None if g is None else _float(g) for g in grads))
+
+
+def _batch_first(call: _Call) -> tuple[tuple, dict, tuple]:
+    """``(args, kwargs, grads)`` of a call with the batch axis moved to the front (position-wise rules only)."""
+    if call.axis == 0:
+        return call.args, call.kwargs, call.grads
+    args, kwargs = map_tensors(call.args, call.kwargs, lambda t: t.movedim(call.axis, 0) if t.dim() > call.axis else t)
+    return args, kwargs, tuple(None if g is None else g.movedim(call.axis, 0) for g in call.grads)
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
