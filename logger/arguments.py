@@ -40,7 +40,8 @@ def map_tensors(args: tuple, kwargs: dict, fn: Callable[[torch.Tensor], Any]) ->
         if isinstance(value, torch.Tensor):
             return fn(value)
         if isinstance(value, list | tuple):
-            return type(value)(fn(v) if isinstance(v, torch.Tensor) else v for v in value)
+            items = [fn(v) if isinstance(v, torch.Tensor) else v for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
         return value
 
     return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}

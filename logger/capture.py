@@ -37,6 +37,7 @@ class Call:
         kwargs: Its keyword arguments (tensors detached).
         versions: ``(tensor, version)`` of its tensor inputs, to detect in-place changes before the backward.
         r: Rows per example on the batch axis (``nW`` windows per image in Swin).
+        axis: The batch axis of the call's inputs and outputs (moved to the front for a position-wise rule).
         grads: The output gradients (None for outputs that received none), once arrived.
         slot: Fused mode: where the batch weight gradient goes.
     """
@@ -46,8 +47,17 @@ class Call:
     kwargs: dict
     versions: list[tuple[torch.Tensor, int]]
     r: int
+    axis: int = 0
     grads: tuple | None = None
     slot: Slot | None = None
+
+    def batch_first(self) -> tuple[tuple, dict, tuple]:
+        """``(args, kwargs, grads)`` with the batch axis moved to the front (position-wise rules only)."""
+        if self.axis == 0:
+            return self.args, self.kwargs, self.grads
+        axis = self.axis
+        args, kwargs = map_tensors(self.args, self.kwargs, lambda t: t.movedim(axis, 0) if t.dim() > axis else t)
+        return args, kwargs, tuple(None if g is None else g.movedim(axis, 0) for g in self.grads)
 
     def check_unmodified(self, layer: str) -> None:
         """Raise if an input was modified in place after the forward."""
@@ -127,10 +137,12 @@ class LayerCapture:
         first = next((a for a in leaves if uses.layout(a) is not None), None)
         if first is None:
             return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
-        r = self._rows_per_example(source, first, uses.layout(first))
+        custom = getattr(source.rule, "rows_per_example", None)  # rules that check the batch axis themselves
+        axis, r = (0, custom(source.module, args, kwargs, uses.layout(first), self._state.n)) if custom else \
+            self._rows_per_example(source, first, uses.layout(first))
         detached = map_tensors(args, kwargs, torch.Tensor.detach)
         slot = uses.slots.get(output) if isinstance(output, torch.Tensor) else None
-        call = Call(source, detached[0], detached[1], [(a, a._version) for a in leaves], r, slot=slot)
+        call = Call(source, detached[0], detached[1], [(a, a._version) for a in leaves], r, axis, slot=slot)
         self._calls.append(call)
         if len(outs) == 1:
             outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
@@ -145,7 +157,8 @@ class LayerCapture:
 
         torch.autograd.graph.register_multi_grad_hook(needs, on_all, mode="all")
 
-    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> int:
+    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> tuple[int, int]:
+        """``(batch axis, rows per example)`` of a call; the axis is 0 unless the rule acts position by position."""
         n = self._state.n
         if isinstance(lay, Unknown) and n > 1:
             raise ValueError(
@@ -154,14 +167,14 @@ class LayerCapture:
                 "it, or exclude the layer with layers=..."
             )
         if isinstance(lay, Unknown):
-            return max(first.shape[0], 1)
+            return 0, max(first.shape[0], 1)
         axis, r = lay
-        if axis != 0:
+        if axis != 0 and not getattr(source.rule, "positionwise", False):
             raise ValueError(
                 f"module '{source.name}' ({type(source.module).__name__}) takes the batch on dimension {axis} of its "
                 "input; its rule needs it on dimension 0 (batch_first=True), or exclude the layer with layers=..."
             )
-        return r
+        return axis, r
 
     def _on_grads(self, call: Call, grads: tuple) -> None:
         if not any(c is call for c in self._calls):  # its forward was consumed by an earlier backward (retain_graph)

@@ -5,16 +5,15 @@ A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | F
 respect to the call's tensor outputs (``None`` for outputs that received none), and the batch is on dimension 0. The
 result is expressed in the matrix view of the parameters the rule covers
 (:meth:`~gradcoh.logger.grads.MatrixView.of` their shapes, in ``parameters()`` order): a
-:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, attention). The math of each op lives
-in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's configuration. Rules
-keep no state, except that the convolution rule picks its kernel by timing the candidates once per shape and
-device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
+:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each
+op lives in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's
+configuration. Rules keep no state, except that the convolution rule picks its kernel by timing the candidates once
+per shape and device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
 
 Rules live in a :class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in
 rules. The parameters of modules without a rule are observed op by op (:mod:`gradcoh.logger.uses`) unless the
 fallback is disabled; :func:`functional_rule` (``torch.func`` vmap of a module's vjp) is the generic rule a user may
-register for a module, and what the attention rule falls back to for configurations it does not factor. How to add a
-rule: ``docs/extending.md``.
+register for a module. How to add a rule: ``docs/extending.md``.
 
 BatchNorm: in eval mode (or without batch statistics) the rule is exact per example. In train mode the batch
 statistics couple the examples; the rule then returns each example's *contribution* to the batch gradient (the
@@ -28,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -36,6 +34,7 @@ from .grads import Composite, Dense, Factored, MatrixView
 from .ops import conv, embedding, linear, norm
 from .ops.conv import depthwise_weight_grad as _depthwise_weight_grad  # noqa: F401  (tests time the two routes)
 from .ops.conv import grouped_weight_grad as _grouped_weight_grad  # noqa: F401
+from .recurrent import recurrent_rule
 
 Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored | Composite"]
 
@@ -169,90 +168,6 @@ def uses_batch_stats(module: nn.Module) -> bool:
     )
 
 
-def mha_rule(module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_outputs: tuple) -> Composite | Dense:
-    """``nn.MultiheadAttention`` (batch first, packed in_proj, no bias_kv/zero_attn): both projections factored.
-
-    The attention is recomputed once for the whole batch (not per example) to get the gradients of the q/k/v
-    projections: ``in_proj``'s per-example gradient is ``Σ_t [δq_t; δk_t; δv_t] [x_t, 1]ᵀ`` and ``out_proj``'s is
-    ``Σ_t δ_t [ctx_t, 1]ᵀ``, so norms use the ghost trick and nothing is materialised per example. Other
-    configurations use :func:`functional_rule`.
-    """
-    call = _mha_call(module, args, kwargs)
-    if call is None or grad_outputs[0] is None or any(g is not None for g in grad_outputs[1:]):
-        return functional_rule(module, args, kwargs, grad_outputs)
-    query, key, value, attn_mask, is_causal = call
-    go = grad_outputs[0]  # [n, L, E]
-    n, e, h = query.shape[0], module.embed_dim, module.num_heads
-    w = module.in_proj_weight.detach()
-    b = None if module.in_proj_bias is None else module.in_proj_bias.detach()
-    with torch.enable_grad():
-        proj = [F.linear(x, w[i * e : (i + 1) * e], None if b is None else b[i * e : (i + 1) * e]).detach()
-                .requires_grad_() for i, x in enumerate((query, key, value))]
-        heads = [t.view(n, -1, h, e // h).transpose(1, 2) for t in proj]  # [n, h, T, e/h]
-        ctx = F.scaled_dot_product_attention(*heads, attn_mask=attn_mask, is_causal=is_causal)
-        ctx = ctx.transpose(1, 2).reshape(n, -1, e)  # [n, L, E]
-        g_ctx = go @ module.out_proj.weight.detach()  # out = ctx Woᵀ + bo
-        gq, gk, gv = torch.autograd.grad(ctx, proj, g_ctx)
-    in_bias = _trains(module.in_proj_bias)
-    if _same(query, key) and _same(key, value):  # self-attention: one set of positions
-        in_part = linear.linear(query, torch.cat([gq, gk, gv], dim=-1), bias=in_bias)
-    else:  # each input feeds its own rows of in_proj: concatenate the positions, zero-padding the other rows
-        u = torch.cat([F.pad(g, (i * e, (2 - i) * e)) for i, g in enumerate((gq, gk, gv))], dim=1)
-        in_part = linear.linear(torch.cat([query, key, value], dim=1), u, bias=in_bias)
-    out_part = linear.linear(ctx.detach(), go, bias=_trains(module.out_proj.bias))
-    in_shapes = [tuple(p.shape) for p in (module.in_proj_weight, module.in_proj_bias) if p is not None and
-                 p.requires_grad]
-    out_shapes = [tuple(p.shape) for p in module.out_proj.parameters() if p.requires_grad]
-    return Composite([(in_part, MatrixView.of(in_shapes)), (out_part, MatrixView.of(out_shapes))])
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors hold the same values: one tensor, or views of one memory with the same layout.
-
-    The hooks detach each argument separately, so ``query is key`` no longer tells self-attention.
-    """
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype)
-
-
-def _mha_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
-    """The call's (query, key, value, float attention mask, is_causal), or None when the fast rule does not apply."""
-    if module.training and module.dropout > 0:
-        raise ValueError(
-            "nn.MultiheadAttention with dropout > 0 in train mode: its attention dropout mask cannot be replayed, so "
-            "per-example gradients would be wrong; set dropout=0 for the logged steps, or exclude it with layers=..."
-        )
-    if not (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn):
-        return None
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-             "is_causal")
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    query, key, value = bound["query"], bound["key"], bound["value"]
-    if query.dim() != 3 or not all(p.requires_grad for p in module.parameters()):
-        return None
-    n, length, src = query.shape[0], query.shape[1], key.shape[1]
-    kpm, mask, is_causal = bound.get("key_padding_mask"), bound.get("attn_mask"), bool(bound.get("is_causal", False))
-    # As F.multi_head_attention_forward: is_causal replaces the mask only when there is no key padding mask.
-    if is_causal and kpm is None and mask is None:
-        return query, key, value, None, True
-    out = None
-    if mask is not None:
-        out = _additive(mask, query.dtype)
-        if out.dim() == 3:  # [n·heads, L, S]
-            out = out.view(n, module.num_heads, length, src)
-    if kpm is not None:
-        pad = _additive(kpm, query.dtype).view(n, 1, 1, src)
-        out = pad if out is None else out + pad
-    return query, key, value, out, False
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean masks (True = not allowed) as additive float masks, as ``F.multi_head_attention_forward`` does."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
-
-
 def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """Generic fallback: ``torch.func.vmap`` over examples of the module's vjp with respect to its parameters.
 
@@ -298,17 +213,8 @@ def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: 
     return Dense(*(g.reshape(n, rows, -1) for g in grads))
 
 
-def check_module(name: str, module: nn.Module) -> None:
-    """Refuse, when the logger is created, modules whose batch is not on dimension 0.
-
-    Raises:
-        ValueError: ``nn.MultiheadAttention`` with ``batch_first=False``; RNNs without ``batch_first``.
-    """
-    if isinstance(module, nn.MultiheadAttention | nn.RNNBase) and not module.batch_first:
-        raise ValueError(
-            f"module '{name}' ({type(module).__name__}) takes the batch on dimension 1; per-example gradients need "
-            "batch_first=True (or exclude the module with layers=...)"
-        )
+for _rule in (linear_rule, transposed_linear_rule, embedding_rule, layer_norm_rule, rms_norm_rule):
+    _rule.positionwise = True  # acts on each position alone: a batch on any leading axis is moved to the front
 
 
 def default_rules() -> LayerRules:
@@ -325,9 +231,10 @@ def default_rules() -> LayerRules:
             nn.RMSNorm: rms_norm_rule,
             nn.GroupNorm: group_norm_rule,
             nn.modules.batchnorm._BatchNorm: batch_norm_rule,
-            nn.MultiheadAttention: mha_rule,
+            nn.RNN: recurrent_rule,
+            nn.LSTM: recurrent_rule,
+            nn.GRU: recurrent_rule,
         },
-        subtree={nn.MultiheadAttention},
     )
     hf = sys.modules.get("transformers.pytorch_utils")
     if hf is not None and hasattr(hf, "Conv1D"):  # not imported here: only when the model uses transformers

@@ -140,7 +140,7 @@ class LayerTracker:
                 continue
             if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
                 self.results.low_precision = True
-            grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
+            grad = combine([fold(source.rule(source.module, *_upcast(c.batch_first())), c.r)
                             for c in group])
             if len(group) == 1 and group[0].slot is not None:
                 grad = _fill_slot(grad, group[0].slot)

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .arguments import bind, tensor_args
+from .attention import multi_head_attention_forward
 from .fused import FusedLinear, Slot
 from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
 from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
@@ -207,6 +208,9 @@ class UseTracker(TorchFunctionMode):
     # --- every torch op ----------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and not self._paused and self.n is not None:
+            with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
+                return multi_head_attention_forward(*args, **kwargs)
         if self.fused and not self._paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
             out = self._fused_linear(*args, **kwargs)
         else:
