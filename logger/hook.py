@@ -4,8 +4,9 @@ Data flow: :func:`~gradcoh.logger.plan.plan_layers` decides which parameters for
 :class:`~gradcoh.logger.tracker.LayerTracker` per layer → ``record`` lets a
 :class:`~gradcoh.logger.recorder.StepRecorder` arm the hooks for one step, during which the trackers turn inputs and
 output gradients into per-example statistics and sketches → a :class:`~gradcoh.logger.reducer.StepReducer` builds the
-host record (one device→host copy) → the background :class:`~gradcoh.logger.writer.AsyncWriter` appends it to the
-store opened by :func:`~gradcoh.logger.store.open_run`.
+host record (one device→host copy) → :class:`~gradcoh.logger.output.RunOutput` queues it for the background
+:class:`~gradcoh.logger.writer.AsyncWriter`, which appends it to the store opened by
+:func:`~gradcoh.logger.store.open_run`.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from . import schema
 from .attributes import root_attributes
 from .config import PROBE_MODES, LoggerConfig, int_at_least
 from .distributed import rank_and_world, share
+from .grads import natural_view
 from .layers import LayerRules, default_rules
+from .output import RunOutput
 from .plan import plan_layers
 from .probe import ModelState, describe, measure, prepare
 from .recorder import Recording, StepRecorder
-from .reducer import StepReducer, record_coherence, record_summary
+from .reducer import StepReducer, record_summary
 from .reference import ReferenceSet
 from .sigterm import SigtermExit
-from .store import HostRecord, StreamWriter, open_run
+from .sketch import ProjectionTable
 from .tracker import LayerTracker
-from .writer import AsyncWriter, WriterError
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +109,13 @@ class GradientLogger:
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.path = str(store)
         self.enabled = bool(enabled)
-        self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim)
+        self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)  # one table: what the store records
+        self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim, self._projections)
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
         self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
-        self._stopped = False
+        self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
-        self._last_step: dict[str, int] = {}
-        self._coherence: dict[str, float] = {}
-        self._writer: AsyncWriter | None = None
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
@@ -126,23 +126,15 @@ class GradientLogger:
                 self._sigterm.install()
 
     def _open(self, storage_options: dict | None) -> None:
-        cfg = self.config
-        attrs = root_attributes(cfg, self.trackers, self.model, self.world_size)
-        run = open_run(self.path, cfg.mode, attrs, storage_options, rank=self.rank, world_size=self.world_size,
-                       barrier=torch.distributed.barrier if self.world_size > 1 else None)
-        self._last_step = dict(run.last_steps)
-        layers, groups = attrs[schema.LAYERS_KEY], cfg.group_names
-
-        def make_stream(name: str) -> StreamWriter:
-            return StreamWriter(run.root, name, layers, groups, cfg.sketch_dim, cfg.sketch_dtype,
-                                cfg.optional_variables)
-
-        self._writer = AsyncWriter(make_stream, self.path, cfg.queue_size, cfg.on_full, cfg.flush_secs)
+        attrs = root_attributes(self.config, self.trackers, self.model, self.world_size)
+        views = {name: natural_view(tuple(p.shape)) for t in self.trackers
+                 for name, p in zip(t.plan.param_names, t.params, strict=True)}
+        self._output.open(attrs, views, storage_options, self.rank, self.world_size)
 
     # --- the training-loop API ---------------------------------------------------------------------------
     @property
     def _active(self) -> bool:
-        return self.enabled and not self._stopped and not self._closed
+        return self.enabled and not self._output.stopped and not self._closed
 
     def should_log(self, step: int) -> bool:
         """Whether ``record(step)`` will log (enabled, not stopped by an error, and ``step % every == 0``)."""
@@ -173,70 +165,50 @@ class GradientLogger:
     @contextlib.contextmanager
     def _record(self, step: int, stream: str, scale_by_batch: bool, **meta: Any) -> Iterator[Recording]:
         selected = self.should_log(step) if stream == schema.STREAM_BATCH else self._active
-        last = self._last_step.get(stream)
-        if selected and last is not None and step <= last:
-            raise ValueError(f"step {step} is not after the last logged step {last} of stream '{stream}'; "
-                             "steps must keep increasing (a resumed run continues after the stored steps)")
         if selected:
-            self._raise_writer_error()
-        if not selected or self._stopped:
+            self._output.check_order(stream, step)
+            self._output.raise_if_failed()
+        if not selected or self._output.stopped:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
-        self._prepare_reference(step)
+        references = self._prepare_reference(step)
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
-                                       keep_forms=self.config.alignment) as state:
+                                       keep_forms=self.config.alignment, references=references) as state:
                 rec = Recording(state)
                 yield rec
             record = self._reducer.reduce(step, state, self._reference, **meta)
         finally:
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
-                tracker.drop_forms()
-        rec._summary = {} if record is None else record_summary(record, self.config.group_names)
+                tracker.results.drop_forms()
+        summary = {} if record is None else record_summary(record, self.config.group_names)
+        rec.close(summary)
         if record is not None and self.summary_writer is not None:
             prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
-            for key, value in rec._summary.items():
+            for key, value in summary.items():
                 if key != "n" and not math.isnan(value):
                     self.summary_writer.add_scalar(f"{prefix}/{key}", value, step)
         if record is not None:
-            self._last_step[stream] = step
-            self._coherence[stream] = record_coherence(record)
-            self._put(stream, record)
+            self._output.put(stream, step, record)
 
-    def _prepare_reference(self, step: int) -> None:
-        """(Re)compute the reference gradient if due and hand each layer its part."""
+    def _prepare_reference(self, step: int) -> list[list[torch.Tensor]] | None:
+        """(Re)compute the reference gradient if due; each layer's part (None without a reference set)."""
         reference = self._reference
         if reference is None:
-            return
+            return None
         params = [p for t in self.trackers for p in t.params]
         if reference.due(step, params):
             reference.compute(self.model, params, step)
-        for tracker, part in zip(self.trackers, reference.split([len(t.params) for t in self.trackers]), strict=True):
-            tracker.reference = part
+        return reference.split([len(t.params) for t in self.trackers])
 
     def last_coherence(self, stream: str = schema.STREAM_BATCH) -> float:
         """Whole-network m-coherence of the last step logged to ``stream``, for progress bars (no store read).
 
         NaN before the first step, or when a layer of the step is not finite or not reconciled.
         """
-        return self._coherence.get(stream, math.nan)
-
-    def _put(self, stream: str, record: HostRecord) -> None:
-        self._call_writer(lambda writer: writer.put(stream, record))
-
-    def _raise_writer_error(self) -> None:
-        self._call_writer(AsyncWriter.raise_if_failed)
-
-    def _writer_failed(self, err: WriterError) -> None:
-        """A writer failure stops logging for good; ``on_error="raise"`` raises it (once), ``"warn"`` logs it."""
-        first = not self._stopped
-        self._stopped = True
-        if self.config.on_error == "raise":
-            raise err
-        if first:
-            log.warning("%s; logging stopped, training continues (on_error='warn')", err)
+        return self._output.last_coherence(stream)
 
     def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
               batch_size: int = 256, mode: str | None = None, index: Any = None, labels: Any = None,
@@ -324,16 +296,7 @@ class GradientLogger:
 
     def flush(self) -> None:
         """Write and commit every step logged so far."""
-        self._call_writer(AsyncWriter.flush)
-
-    def _call_writer(self, method: Callable[[AsyncWriter], None]) -> None:
-        """Call ``method`` of the writer (if any); a writer failure stops logging (see ``on_error``)."""
-        if self._writer is None:
-            return
-        try:
-            method(self._writer)
-        except WriterError as err:
-            self._writer_failed(err)
+        self._output.flush()
 
     def close(self) -> None:
         """Flush, commit and stop the writer; idempotent. No hook remains on the model afterwards."""
@@ -343,8 +306,8 @@ class GradientLogger:
         self._sigterm.restore()
         for tracker in self.trackers:
             tracker.detach()
-            tracker.drop_forms()
-        self._call_writer(AsyncWriter.close)
+            tracker.results.drop_forms()
+        self._output.close()
 
     def __enter__(self) -> GradientLogger:
         return self
