@@ -8,7 +8,8 @@ BatchNorm statistics held constant, the default), ``eval`` (running statistics) 
 statistics with the gradient through them: contributions). Probes never disturb training, so the modes see the same
 network at the same steps. The GroupNorm twin has one semantics (its probes are exact in any mode).
 
-Writes ``docs/bn_probe_study.json`` (every value), ``docs/figures/bn_probe_modes.png`` and prints the markdown table and
+Writes ``docs/bn_probe_study.json`` (every value, after each run: an interrupted study resumes where it stopped),
+``docs/figures/bn_probe_modes.png`` and prints the markdown table and
 the verdicts used in ``docs/reproduction.md``. Sized for a shared 2-core CPU (about 20 minutes at the defaults):
 
     OMP_NUM_THREADS=1 python scripts/bn_probe_study.py
@@ -18,6 +19,7 @@ the verdicts used in ``docs/reproduction.md``. Sized for a shared 2-core CPU (ab
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import time
@@ -108,20 +110,26 @@ def series_name(model: str, mode: str) -> str:
     return "GroupNorm twin" if model == GN else f"BatchNorm, {mode}"
 
 
-def run_all(study: Study) -> list[dict]:
-    rows = []
-    for dataset in study.datasets:
-        for model in ("resnet18", GN):
-            for noise in NOISE:
-                for seed in study.seeds:
-                    start = time.perf_counter()
-                    res = one_run(study, dataset, model, noise, seed)
-                    for mode, vals in res["values"].items():
-                        rows.append({"dataset": dataset, "model": model, "mode": mode, "noise": noise, "seed": seed,
-                                     "values": vals, "layers": res["layers"], **summary(vals, study.probe_steps)})
-                    log.info("%s %s %.0f%% seed %d: %s (%.0f s)", dataset, model, 100 * noise, seed,
-                             {k: round(v[-1], 2) for k, v in res["values"].items()}, time.perf_counter() - start)
-    return rows
+def run_all(study: Study, results: Path) -> tuple[list[dict], float]:
+    """Every run, saved to ``results`` after each one; runs already saved there for this study are kept (resume)."""
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    rows = saved.get("rows", []) if saved.get("study") == json.loads(json.dumps(asdict(study))) else []
+    wall = saved.get("wall_s", 0) if rows else 0
+    done = {(r["dataset"], r["model"], r["noise"], r["seed"]) for r in rows}
+    for dataset, model, noise, seed in itertools.product(study.datasets, ("resnet18", GN), NOISE, study.seeds):
+        if (dataset, model, noise, seed) in done:
+            continue
+        start = time.perf_counter()
+        res = one_run(study, dataset, model, noise, seed)
+        for mode, vals in res["values"].items():
+            rows.append({"dataset": dataset, "model": model, "mode": mode, "noise": noise, "seed": seed,
+                         "values": vals, "layers": res["layers"], **summary(vals, study.probe_steps)})
+        wall += time.perf_counter() - start
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({"study": asdict(study), "wall_s": round(wall), "rows": rows}, indent=1) + "\n")
+        log.info("%s %s %.0f%% seed %d: %s (%.0f s)", dataset, model, 100 * noise, seed,
+                 {k: round(v[-1], 2) for k, v in res["values"].items()}, time.perf_counter() - start)
+    return rows, wall
 
 
 def table(rows: list[dict]) -> str:
@@ -219,14 +227,10 @@ def main() -> None:
     probe_steps = (*(s for s in Study.probe_steps if s < args.steps - 1), args.steps - 1)
     study = Study(out=args.out, docs=args.docs, datasets=tuple(args.datasets), seeds=tuple(args.seeds),
                   steps=args.steps, probe_steps=probe_steps, probe_size=args.probe_size)
-    start = time.perf_counter()
-    rows = run_all(study)
-    wall = time.perf_counter() - start
     docs = Path(study.docs)
+    rows, wall = run_all(study, docs / "bn_probe_study.json")
     figure(rows, study, docs / "figures" / "bn_probe_modes.png")
-    (docs / "bn_probe_study.json").write_text(json.dumps({"study": asdict(study), "wall_s": round(wall), "rows": rows},
-                                                         indent=1) + "\n")
-    print(f"wall time {wall:.0f} s\n\n{table(rows)}\n\n" + "\n".join(verdicts(rows, study))
+    print(f"wall time of the runs {wall:.0f} s\n\n{table(rows)}\n\n" + "\n".join(verdicts(rows, study))
           + f"\n\n{layer_table(rows)}")
 
 
