@@ -134,10 +134,9 @@ def write_figures(stores: Stores, out_dir: str | Path, *, title: str = "") -> li
                    if np.isfinite(np.asarray(by_group.sel(group=g).values, dtype=float)).any()]
         if "corrupted" not in present:
             continue  # no corrupted example in the probe (0% noise)
-        what = (" vs ".join(present) if len(present) > 1
-                else f"{present[0]} probe examples only (every probe example is {present[0]})")
-        figure = plots.plot_coherence(by_group, title=f"{prefix}{what}, {name}" if len(present) == 1
-                                      else f"{prefix}{what} probe examples, {name}", stream=STREAM)
+        what = (f"{' vs '.join(present)} probe examples" if len(present) > 1
+                else f"every probe example is {present[0]}")  # (100% noise: no clean line to draw)
+        figure = plots.plot_coherence(by_group, title=f"{prefix}{what}, {name}", stream=STREAM)
         written.append(_save(figure, out / f"groups_{_slug(name)}.png"))
     return written
 
