@@ -321,14 +321,14 @@ class GradcohMethod:
         self.model, self.case = model, case
         self.glog = GradientLogger(model, store, seed=0, loss_reduction="mean", mode="overwrite", **options)
         self.last = None
-        real_put = self.glog._writer.put
+        real_put = self.glog._output._writer.put
 
         def put(stream: str, record: object) -> None:
             self.last = record  # keep a reference (no copy) to read the per-example norms back
             if not drop_writes:
                 real_put(stream, record)
 
-        self.glog._writer.put = put
+        self.glog._output._writer.put = put
         self.step_no = 0
         self.index = torch.arange(_n(case))
 
@@ -736,13 +736,13 @@ def bench_writer(args: argparse.Namespace, tmp: Path) -> dict:
     }
     captured = {}
     on = methods["gradcoh_k256_write"]
-    real_put = on.glog._writer.put
+    real_put = on.glog._output._writer.put
 
     def put(stream: str, record: object) -> None:
         captured.setdefault("record", record)
         real_put(stream, record)
 
-    on.glog._writer.put = put
+    on.glog._output._writer.put = put
     for fn in methods.values():
         for _ in range(args.warmup):
             fn()
@@ -789,13 +789,13 @@ def bench_probe(args: argparse.Namespace, tmp: Path) -> dict:
     t0 = time.perf_counter()
     glog = GradientLogger(model, tmp / "probe.zarr", every=1, sketch_dim=0, loss_reduction="sum", mode="overwrite")
     captured = {}
-    real_put = glog._writer.put
+    real_put = glog._output._writer.put
 
     def put(stream: str, record: object) -> None:
         captured[stream] = record
         real_put(stream, record)
 
-    glog._writer.put = put
+    glog._output._writer.put = put
     if hasattr(glog, "probe"):
         api = "glog.probe"
         glog.probe(0, x, y, lambda out, t: F.cross_entropy(out, t, reduction="none"), batch_size=chunk, mode="eval")
