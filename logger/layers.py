@@ -5,9 +5,9 @@ A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | F
 respect to the call's tensor outputs (``None`` for outputs that received none), and the batch is on dimension 0. The
 result is expressed in the matrix view of the parameters the rule covers
 (:meth:`~gradcoh.logger.grads.MatrixView.of` their shapes, in ``parameters()`` order): a
-:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each op lives
-in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's configuration. Rules
-keep no state, except that the convolution rule picks its kernel by timing the candidates once per shape and
+:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each
+op lives in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's configuration.
+Rules keep no state, except that the convolution rule picks its kernel by timing the candidates once per shape and
 device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
 
 Rules live in a :class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .embedding_bag import embedding_bag_rule
 from .grads import Composite, Dense, Factored, MatrixView
 from .ops import conv, embedding, linear, norm
 from .ops.conv import depthwise_weight_grad as _depthwise_weight_grad  # noqa: F401  (tests time the two routes)
@@ -228,6 +229,7 @@ def default_rules() -> LayerRules:
             nn.Conv2d: conv,
             nn.Conv3d: conv,
             nn.Embedding: embedding_rule,
+            nn.EmbeddingBag: embedding_bag_rule,
             nn.LayerNorm: layer_norm_rule,
             nn.RMSNorm: rms_norm_rule,
             nn.GroupNorm: group_norm_rule,

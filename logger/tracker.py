@@ -214,7 +214,7 @@ class LayerTracker:
             return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
         first = next(a for a in leaves if uses.layout(a) is not None)
         custom = getattr(source.rule, "rows_per_example", None)  # rules that check the batch axis themselves
-        axis, r = (0, custom(source.module, args, kwargs, lay, state.n)) if custom else \
+        axis, r = (0, custom(source.module, args, kwargs, uses.layout, state.n)) if custom else \
             self._rows_per_example(source, first, lay)
         detached = map_tensors(args, kwargs, torch.Tensor.detach)
         versions = [(a, a._version) for a in leaves]

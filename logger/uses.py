@@ -36,6 +36,7 @@ from .arguments import bind, tensor_args
 from .attention import multi_head_attention_forward
 from .fused import FusedLinear, Slot
 from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
+from .layout import _ELEMENTWISE as ELEMENTWISE
 from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
 from .ops import embedding, linear, norm
 
@@ -66,11 +67,40 @@ class Node:
     def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
         """Re-run the op with the parents' leaves replaced by ``values``."""
         leaves = list(self.flat)
+        inplace = _inplace(self.func, pytree.tree_unflatten(self.flat, self.spec)[1])
         for i, v in values.items():
-            leaves[i] = v
+            leaves[i] = v.clone() if inplace else v  # an in-place op (ReLU(inplace=True)) must not write into its input
         a, k = pytree.tree_unflatten(leaves, self.spec)
         res = self.func(*a, **k)
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
+
+
+def _inplace(func: Callable, kwargs: dict) -> bool:
+    """Whether an op writes into its first argument (``zero_``, ``__iadd__``, ``F.relu(x, inplace=True)``)."""
+    name = _name(func)
+    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") or kwargs.get("inplace") is True
+
+
+@dataclass(eq=False)
+class _WriteThrough:
+    """A derived tensor after an in-place op on a view of it: ``base`` with the view rewritten by the op.
+
+    Swin-V2 clones the qkv bias and zeroes its key part in place through a slice; the bias that reaches
+    ``F.linear`` is then this function of the clone.
+    """
+
+    view: Node
+    base_position: int
+    op: Node
+
+    def __call__(self, base: torch.Tensor) -> torch.Tensor:
+        base = base.clone()
+        view = self.view.call({self.base_position: base})
+        leaves = list(self.op.flat)
+        leaves[0] = view
+        a, k = pytree.tree_unflatten(leaves, self.op.spec)
+        self.op.func(*a, **k)
+        return base
 
 
 Origin = Any
@@ -252,6 +282,22 @@ class UseTracker(TorchFunctionMode):
         for i, o in enumerate(outs):
             if o.requires_grad:
                 self.derived[o] = Node(func, flat, spec, parents, i)
+        if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
+            self._write_through(outs[0])
+
+    def _write_through(self, view: torch.Tensor) -> None:
+        """An in-place op on a view of a derived tensor changed the tensor it views: re-derive that tensor."""
+        base = view._base
+        op = self.derived.get(view)
+        before = None if op is None else op.parents.get(0)
+        if base is None or base not in self.derived or not isinstance(before, Node):
+            return
+        old = self.derived[base]
+        positions = [i for i, src in before.parents.items() if src is old]
+        if len(positions) != 1:
+            return
+        flat, spec = pytree.tree_flatten(((base,), {}))
+        self.derived[base] = Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0)
 
     def _setitem(self, args: tuple, data: list) -> None:
         target = args[0]
@@ -332,6 +378,23 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
     return out
 
 
+_ALIGNING = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack"})
+
+
+def _aligned(use: Use, axis: int, ndim: int) -> bool:
+    """Whether the op pairs ``axis`` of a parameter-derived argument with the batch axis, entry by entry.
+
+    Broadcasting ops and concatenations do; a weight's axes (``linear``, ``conv_transpose2d``, the matrix axes of
+    ``matmul``) never do, even when one of them happens to have the batch's size.
+    """
+    name = _name(use.func)
+    if not 0 <= axis < ndim:
+        return False
+    if name in ELEMENTWISE or name in _ALIGNING:
+        return True
+    return name in ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm") and axis < ndim - 2
+
+
 def _classify(use: Use, n: int) -> tuple[list, list]:
     """Split a use's parameter-derived arguments by how they meet the batch.
 
@@ -345,7 +408,7 @@ def _classify(use: Use, n: int) -> tuple[list, list]:
     for pos, src in use.diff.items():
         shape = use.shapes[pos]
         axis = ref_axis - (ref_dim - len(shape))  # the axis that broadcasts against the batch axis
-        batch_sized = n > 1 and 0 <= axis < len(shape) and shape[axis] == n * r
+        batch_sized = n > 1 and _aligned(use, axis, len(shape)) and shape[axis] == n * r
         if batch_sized and isinstance(src, Node) and _name(src.func) in _EXPANDS and len(src.parents) == 1:
             # expanded to the batch (cls_token.expand(B, -1, -1)): differentiate the unexpanded tensor, expanded
             # to one example's rows inside the per-example function

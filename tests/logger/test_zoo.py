@@ -5,6 +5,8 @@ every layer's per-example squared norm, ``sum_sq_norm``, the m-coherence and eac
 gradient (and, for classifiers, with a reference set's mean gradient) within 1e-4 relative; 100% of the
 trainable parameters in exactly one layer; no layer that swallows a child module with its own rule; ``.grad``
 bitwise unchanged; every layer reconciled; and with ``sketch_dim=64`` the linearity of the sketches per layer.
+Models trained with dropout (PyTorch's Transformer defaults, BART, Whisper, ...) are also checked in train mode,
+against autograd's per-example gradients through the same batch forward (tests/oracle.py ``same_forward_grads``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
-from oracle import open_logged
+from oracle import assert_layers_exact, log_same_forward, open_logged
 from zoo import CASES, hf_classifier, hf_image, image
 
 N = 3
@@ -133,3 +135,20 @@ def test_zoo_sketches_are_linear_per_layer(name, tmp_path):
         want = projected[str(layer)].numpy()
         got = ds.sketch.values[0, :N, i].astype(np.float64).sum(0)
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * max(np.abs(want).max(), 1e-12))
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.train])
+def test_zoo_train_mode_is_exact_through_the_same_forward(name, tmp_path):
+    """Dropout on: every layer of every example against a float64 copy run from the same seed (the same masks)."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build().train()
+    batch = case.batch(N)
+
+    def losses(m):
+        dtype = next(m.parameters()).dtype
+        return case.loss(m, {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()})
+
+    ds, grads = log_same_forward(model, losses, tmp_path / "s.zarr")
+    assert sorted(p for layer in ds.attrs["gradcoh_layers"] for p in layer["params"]) == sorted(grads)
+    assert_layers_exact(ds, grads)
