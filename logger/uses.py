@@ -258,8 +258,23 @@ class UseTracker(TorchFunctionMode):
         if not data and not diff:
             return out
         with self.paused():
-            self._observe(func, args, kwargs, out, data, diff)
+            self._observe_or_lose(func, args, kwargs, out, data, diff)
         return out
+
+    def _observe_or_lose(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
+        """:meth:`_observe`, failing closed.
+
+        An op it cannot follow leaves its outputs' layout unknown (a layer that needs them is then refused, naming the
+        op) instead of an internal error in the user's forward.
+        """
+        try:
+            self._observe(func, args, kwargs, out, data, diff)
+        except ValueError:
+            raise
+        except Exception as err:
+            log.debug("gradcoh cannot follow %s: %r", _name(func), err)
+            for o in _tensors(out):
+                self.layouts[o] = Unknown(f"{_name(func)} ({type(err).__name__})")
 
     def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         slot = Slot()
@@ -410,7 +425,8 @@ def _aligned(use: Use, axis: int, ndim: int) -> bool:
         return False
     if name in ELEMENTWISE or name in _ALIGNING:
         return True
-    return name in ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm") and axis < ndim - 2
+    return name in ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "scaled_dot_product_attention") and \
+        axis < ndim - 2
 
 
 def _classify(use: Use, n: int) -> tuple[list, list]:

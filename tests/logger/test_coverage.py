@@ -109,3 +109,42 @@ def test_in_place_writes_on_parameter_derived_tensors(tmp_path):
     ds, grads = log_same_forward(InPlaceDerived(), lambda m: m(x.to(m.coords.dtype)).pow(2).sum((1, 2)),
                                  tmp_path / "s.zarr")
     assert_layers_exact(ds, grads)
+
+
+def test_a_crashing_rule_is_a_clear_refusal(tmp_path):
+    """An internal failure inside a rule reaches the user as an error naming the layer, the module, the rule and the
+    ways around it (not a bare IndexError from inside gradcoh)."""
+    from gradcoh.logger import GradientLogger
+    from gradcoh.logger.layers import default_rules
+
+    def broken_rule(module, args, kwargs, grad_outputs):
+        return [][0]
+
+    rules = default_rules()
+    rules.register(nn.Linear, broken_rule)
+    model = nn.Sequential(nn.Linear(3, 2))
+    with GradientLogger(model, tmp_path / "s.zarr", rules=rules, handle_sigterm=False) as glog:
+        with pytest.raises(RuntimeError, match=r"layer '0': the rule broken_rule of module '0' \(Linear\) failed.*"
+                                               r"IndexError.*layers=\.\.\..*LayerRules.register"):
+            with glog.record(0):
+                model(torch.randn(N, 3)).sum().backward()
+
+
+def test_an_op_the_tracker_cannot_follow_fails_closed(tmp_path, monkeypatch):
+    """A crash while following an op in the forward leaves its outputs' layout unknown: the training step runs, and
+    the layer that needs the layout is refused naming the op."""
+    from gradcoh.logger import GradientLogger, layout
+
+    original = layout.propagate
+
+    def crash_on_tanh(name, *args, **kwargs):
+        if name == "tanh":
+            raise IndexError("boom")
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr("gradcoh.logger.uses.propagate", crash_on_tanh)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with GradientLogger(model, tmp_path / "s.zarr", handle_sigterm=False) as glog:
+        with pytest.raises(ValueError, match=r"module '2' \(Linear\).*after the op 'tanh \(IndexError\)'"):
+            with glog.record(0):
+                model(torch.randn(N, 3)).sum().backward()

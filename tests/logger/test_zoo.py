@@ -27,6 +27,20 @@ from zoo import CASES, hf_classifier, hf_image, image
 N = 3
 R = 4  # reference examples
 SLOW = {"hf-t5", "timm-efficientnet", "tv-mobilenet"}
+# DeBERTa-v2 gathers its relative-position scores with per-example indices (torch.gather on the batch): the layout
+# rule is issue 23's (per-example gather); until it is on main the model is refused with a clear error.
+PENDING = {"hf-deberta-v2": "needs the per-example gather layout of issue 23"}
+
+
+def _params(names):
+    """Zoo names as pytest parameters: slow ones marked, pending ones expected to be refused (strict)."""
+    out = []
+    for n in names:
+        marks = [pytest.mark.slow] if n in SLOW else []
+        if n in PENDING:
+            marks.append(pytest.mark.xfail(raises=ValueError, strict=True, reason=PENDING[n]))
+        out.append(pytest.param(n, marks=marks))
+    return out
 
 
 def loop_oracle(model, case, batch, n=N):
@@ -61,7 +75,7 @@ def grads_of(model):
     return {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
+@pytest.mark.parametrize("name", _params(CASES))
 def test_zoo_model_is_exact_per_layer(name, tmp_path):
     case = CASES[name]
     torch.manual_seed(0)
@@ -164,7 +178,7 @@ def test_zoo_sketches_are_linear_per_layer(name, tmp_path):
                      err_msg=f"sketch sum {layer}")
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.train])
+@pytest.mark.parametrize("name", _params(n for n, c in CASES.items() if c.train))
 def test_zoo_train_mode_is_exact_through_the_same_forward(name, tmp_path):
     """Dropout on: every layer of every example against a float64 copy run from the same seed (the same masks)."""
     case = CASES[name]
