@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from oracle import assert_layers_exact, log_same_forward, open_logged
-from tolerance import PRODUCT, assert_close, chain_length, sum_scale
+from tolerance import PRODUCT, assert_close, assert_sketch_sum, chain_length, model_size, sum_scale
 from zoo import CASES, hf_classifier, hf_image, image
 
 N = 3
@@ -182,11 +182,8 @@ def test_zoo_sketches_are_linear_per_layer(name, tmp_path):
     n = chain_length(model, positions=_positions(batch))
     for i, layer in enumerate(ds.layer.values):
         want = projected[str(layer)].numpy()
-        per_example = ds.sketch.values[0, :N, i].astype(np.float64)
-        # each coordinate sums ± projected entries of every example's gradient: the terms are as large as the
-        # examples' sketches (‖s_i‖ ≈ ‖g_i‖ by Johnson–Lindenstrauss), whatever the sum cancels to
-        assert_close(per_example.sum(0), want, n=n, kappa=PRODUCT, scale=np.linalg.norm(per_example, axis=1).sum(),
-                     err_msg=f"sketch sum {layer}")
+        assert_sketch_sum(ds.sketch.values[0, :N, i], want, n=n + model_size(model), err_msg=f"sketch sum {layer}")
+
 
 
 @pytest.mark.parametrize("name", _params(n for n, c in CASES.items() if c.train))
