@@ -44,8 +44,8 @@ from .grads import (
 from .plan import LayerPlan, Source
 from .results import LayerResults, MicroStats, dots, guard_vectors
 from .sketch import Projection, ProjectionTable
-from .uses import Use, use_gradients
-from .uses import _name as _op_name
+from .usegrads import use_gradients
+from .uses import Use, op_name
 
 if TYPE_CHECKING:
     from .step import StepState
@@ -180,7 +180,7 @@ class LayerTracker:
                     raise
                 except Exception as err:
                     raise RuntimeError(
-                        f"layer '{self.name}': per-example gradients through the op '{_op_name(use.func)}' failed "
+                        f"layer '{self.name}': per-example gradients through the op '{op_name(use.func)}' failed "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); exclude the layer "
                         "with layers=..., or register a rule for the module that calls the op (LayerRules.register)"
                     ) from err
