@@ -44,7 +44,8 @@ from .grads import (
 from .plan import LayerPlan
 from .results import LayerResults, MicroStats, dots, guard_vectors
 from .sketch import Projection, ProjectionTable
-from .uses import Use, use_gradients
+from .usegrads import use_gradients
+from .uses import Use
 
 if TYPE_CHECKING:
     from .step import StepState
