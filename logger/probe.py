@@ -127,7 +127,7 @@ def _hold(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
     The module's own buffers are replaced, never written to (what :class:`ModelState` restores stays untouched), and
     a layer without running statistics gets them only until :func:`_kept` puts ``None`` back.
     """
-    dtype = bn.weight.dtype if bn.weight is not None else torch.get_default_dtype()
+    dtype = next((t.dtype for t in (bn.running_mean, bn.weight) if t is not None), torch.get_default_dtype())
     bn.training = False
     bn.running_mean, bn.running_var = mean.to(dtype), var.to(dtype)
 
