@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.attention import multi_head_attention_forward
-from oracle import assert_layers_exact, expected_stats, log_same_forward, open_logged, per_example_grads_vmap
+from oracle import assert_layers_exact, assert_stats, log_same_forward, open_logged, per_example_grads_vmap
+from tolerance import assert_close, chain_length
 from torch import nn
 
 N, L, S, E, H = 3, 5, 4, 8, 2
@@ -77,12 +78,20 @@ def test_port_equals_native_function(inputs, mask, options, need_weights):
         finally:
             F.multi_head_attention_forward = original
     (out, w, after, state), (out2, w2, after2, state2) = results
-    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(after2, after, rtol=1e-5, atol=1e-6)
+    # two float32 computations of attention: the in-projection (E), Q·K (E/H), softmax·V (S) and the out-projection
+    # (E), each; outputs against the size of their row (a row's entries sum projected terms of similar size)
+    n = 2 * (3 * E + E // H + k.shape[0] + k.shape[1])
+
+    def close(got, want, what):
+        want = want.detach().double().numpy()
+        assert_close(got.detach(), want, n=n, scale=np.linalg.norm(want, axis=-1, keepdims=True), err_msg=what)
+
+    close(out2, out, "output")
+    close(after2, after, "output after dropout")
     assert torch.equal(state, state2)
     assert (w is None) == (w2 is None)
     if w is not None:
-        torch.testing.assert_close(w2, w, rtol=1e-5, atol=1e-6)
+        close(w2, w, "attention weights")
 
 
 class Model(nn.Module):
@@ -123,7 +132,7 @@ def test_attention_in_train_mode_is_exact(batch_first, need_weights, cross, opti
 
     ds, grads = log_same_forward(model, losses, tmp_path / "s.zarr")
     assert {"attn", "attn.out_proj"} <= {layer["name"] for layer in ds.attrs["gradcoh_layers"]}
-    assert_layers_exact(ds, grads)
+    assert_layers_exact(ds, grads, n=chain_length(model, positions=L))
 
 
 def test_mha_direct_call_with_weights_unused_matches_oracle(tmp_path):
@@ -147,6 +156,4 @@ def test_mha_direct_call_with_weights_unused_matches_oracle(tmp_path):
     ds = open_logged(tmp_path / "a.zarr", "batch")
     assert list(ds.layer.values) == ["attn", "attn.out_proj", "head"]
     grads = per_example_grads_vmap(model, lambda o, t: F.cross_entropy(o, t.long(), reduction="none"), x, y)
-    sq, sums, _ = expected_stats(ds, grads)
-    np.testing.assert_allclose(ds.sq_norm.values[0], sq, rtol=2e-4)
-    np.testing.assert_allclose(ds.sum_sq_norm.values[0], sums, rtol=2e-4)
+    assert_stats(ds, 0, grads, n=chain_length(model, positions=L))
