@@ -157,13 +157,31 @@ def log_same_forward(model, losses_fn, path, seed: int = 0, **options):
     return open_logged(path), grads
 
 
-def assert_layers_exact(ds, grads, *, n) -> None:
+def grads_chain_length(grads, positions: int = 16) -> int:
+    """:func:`tolerance.chain_length` from oracle gradients ``{name: [m, *shape]}`` (the model is not at hand).
+
+    ``positions``: 16, at least the sequence length or feature-map size of the tests that rely on the default.
+    """
+    from tolerance import PER_MODULE
+
+    n = 0
+    for g in grads.values():
+        shape = tuple(g.shape[1:])
+        n += positions + PER_MODULE + (int(np.prod(shape[1:])) + shape[0] if len(shape) >= 2 else 0)
+    return n
+
+
+def assert_layers_exact(ds, grads, *, n=None) -> None:
     """Every logged layer's per-example squared norm against the oracle, within the derived bound of
     tests/tolerance.py for accumulation length ``n`` (a square of a computed gradient: κ = 2); every layer
-    reconciled."""
+    reconciled.
+
+    ``n`` defaults to the chain of the parameters in ``grads`` (:func:`grads_chain_length`).
+    """
     from tolerance import PRODUCT, assert_close
 
     m = next(iter(grads.values())).shape[0]
+    n = grads_chain_length(grads) if n is None else n
     for i, layer in enumerate(ds.attrs["gradcoh_layers"]):
         g = torch.cat([grads[p].reshape(m, -1) for p in layer["params"]], 1).numpy()
         assert_close(ds.sq_norm.values[0, :m, i], (g**2).sum(1), n=n, kappa=PRODUCT, err_msg=layer["name"])
