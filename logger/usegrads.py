@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from .arguments import bind
 from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
+from .layout import _ELEMENTWISE as ELEMENTWISE
 from .ops import embedding, linear, norm
 from .uses import Node, Origin, Use, op_name
 
@@ -66,6 +67,24 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
     return out
 
 
+_ALIGNING = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack"})
+
+
+def _aligned(use: Use, axis: int, ndim: int) -> bool:
+    """Whether the op pairs ``axis`` of a parameter-derived argument with the batch axis, entry by entry.
+
+    Broadcasting ops and concatenations do; a weight's axes (``linear``, ``conv_transpose2d``, the matrix axes of
+    ``matmul``) never do, even when one of them happens to have the batch's size.
+    """
+    name = op_name(use.func)
+    if not 0 <= axis < ndim:
+        return False
+    if name in ELEMENTWISE or name in _ALIGNING:
+        return True
+    return name in ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm", "scaled_dot_product_attention") and \
+        axis < ndim - 2
+
+
 def _classify(use: Use, n: int) -> tuple[list, list]:
     """Split a use's parameter-derived arguments by how they meet the batch.
 
@@ -79,7 +98,7 @@ def _classify(use: Use, n: int) -> tuple[list, list]:
     for pos, src in use.diff.items():
         shape = use.shapes[pos]
         axis = ref_axis - (ref_dim - len(shape))  # the axis that broadcasts against the batch axis
-        batch_sized = n > 1 and 0 <= axis < len(shape) and shape[axis] == n * r
+        batch_sized = n > 1 and _aligned(use, axis, len(shape)) and shape[axis] == n * r
         if batch_sized and isinstance(src, Node) and op_name(src.func) in _EXPANDS and len(src.parents) == 1:
             # expanded to the batch (cls_token.expand(B, -1, -1)): differentiate the unexpanded tensor, expanded
             # to one example's rows inside the per-example function

@@ -62,11 +62,40 @@ class Node:
     def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
         """Re-run the op with the parents' leaves replaced by ``values``."""
         leaves = list(self.flat)
+        inplace = _inplace(self.func, pytree.tree_unflatten(self.flat, self.spec)[1])
         for i, v in values.items():
-            leaves[i] = v
+            leaves[i] = v.clone() if inplace else v  # an in-place op (ReLU(inplace=True)) must not write into its input
         a, k = pytree.tree_unflatten(leaves, self.spec)
         res = self.func(*a, **k)
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
+
+
+def _inplace(func: Callable, kwargs: dict) -> bool:
+    """Whether an op writes into its first argument (``zero_``, ``__iadd__``, ``F.relu(x, inplace=True)``)."""
+    name = op_name(func)
+    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") or kwargs.get("inplace") is True
+
+
+@dataclass(eq=False)
+class _WriteThrough:
+    """A derived tensor after an in-place op on a view of it: ``base`` with the view rewritten by the op.
+
+    Swin-V2 clones the qkv bias and zeroes its key part in place through a slice; the bias that reaches
+    ``F.linear`` is then this function of the clone.
+    """
+
+    view: Node
+    base_position: int
+    op: Node
+
+    def __call__(self, base: torch.Tensor) -> torch.Tensor:
+        base = base.clone()
+        view = self.view.call({self.base_position: base})
+        leaves = list(self.op.flat)
+        leaves[0] = view
+        a, k = pytree.tree_unflatten(leaves, self.op.spec)
+        self.op.func(*a, **k)
+        return base
 
 
 Origin = Any
@@ -229,12 +258,27 @@ class UseTracker(TorchFunctionMode):
         if not data and not diff:
             return out
         with self.paused():
-            self._observe(func, args, kwargs, out, data, diff)
+            self._observe_or_lose(func, args, kwargs, out, data, diff)
         return out
+
+    def _observe_or_lose(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
+        """:meth:`_observe`, failing closed.
+
+        An op it cannot follow leaves its outputs' layout unknown (a layer that needs them is then refused, naming the
+        op) instead of an internal error in the user's forward.
+        """
+        try:
+            self._observe(func, args, kwargs, out, data, diff)
+        except ValueError:
+            raise
+        except Exception as err:
+            log.debug("gradcoh cannot follow %s: %r", op_name(func), err)
+            for o in _tensors(out):
+                self.layouts[o] = Unknown(f"{op_name(func)} ({type(err).__name__})")
 
     def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
-        conv = conv_arguments(args, kwargs) if func in CONV_FUNCTIONS else None
+        conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
         if func is not F.linear and conv is None:
             return func(*args, **kwargs)
         slot = Slot(materialise=conv is None)
@@ -278,6 +322,22 @@ class UseTracker(TorchFunctionMode):
         for i, o in enumerate(outs):
             if o.requires_grad:
                 self.derived[o] = Node(func, flat, spec, parents, i)
+        if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
+            self._write_through(outs[0])
+
+    def _write_through(self, view: torch.Tensor) -> None:
+        """An in-place op on a view of a derived tensor changed the tensor it views: re-derive that tensor."""
+        base = view._base
+        op = self.derived.get(view)
+        before = None if op is None else op.parents.get(0)
+        if base is None or base not in self.derived or not isinstance(before, Node):
+            return
+        old = self.derived[base]
+        positions = [i for i, src in before.parents.items() if src is old]
+        if len(positions) != 1:
+            return
+        flat, spec = pytree.tree_flatten(((base,), {}))
+        self.derived[base] = Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0)
 
     def _setitem(self, args: tuple, data: list) -> None:
         target = args[0]

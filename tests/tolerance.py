@@ -123,8 +123,7 @@ def assert_close(actual, expected, *, n: float, kappa: float = 1.0, scale=None, 
     """
     if scale is None:
         scale = getattr(expected, "scale", None)
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
+    actual, expected = np.broadcast_arrays(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64))
     ref = np.abs(expected) if scale is None else np.broadcast_to(np.asarray(scale, dtype=np.float64), expected.shape)
     tol = bound(n, kappa=kappa, dtype=dtype)
     allowed = tol * ref
