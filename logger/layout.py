@@ -525,6 +525,11 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
     Returns:
         The output's layout, or :class:`Unknown` naming the op.
     """
+    extra = _EXTRA.get(name)
+    if extra is not None:
+        lay = extra(_Op(name, args, kwargs, out, data, n))
+        if lay is not None:
+            return lay
     unknown = next((lay for _, _, lay in data if isinstance(lay, Unknown)), None)
     if unknown is not None:
         return unknown
@@ -533,3 +538,14 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
 
 
 _HANDLERS = _handlers()
+_EXTRA: dict[str, Callable[[_Op], Layout | None]] = {}
+
+
+def register(names: Iterable[str], handler: Callable[[_Op], Layout | None]) -> None:
+    """Add layout rules kept with the layers they belong to (:mod:`~gradcoh.logger.recurrent`: RNN ops, packing).
+
+    ``handler`` sees every call of the named ops before the rules here, inputs of any layout (subclasses of
+    :class:`Unknown` that carry more than a name included), and returns None to leave the call to the rules here.
+    """
+    for name in names:
+        _EXTRA[name] = handler
