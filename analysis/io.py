@@ -304,7 +304,8 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
 
     The ``example`` axis is the ranks' examples in rank order (each rank's padding stays in its block); per-step
     global values (``sum_sq_norm``, ``group_gram``) come from rank 0, ``n_examples`` is summed over ranks, and only
-    the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix).
+    the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix); the per-rank
+    sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count`` are summed over ranks like ``n_examples``.
     """
     groups = []
     for rank in range(world):
@@ -321,12 +322,16 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
     if chunks is None:
         parts = [_chunk_by_bytes(p, g) for p, g in zip(parts, groups, strict=True)]
     n_examples = sum(p[schema.N_EXAMPLES] for p in parts)
+    # The writer's per-step sums (format 3) cover each rank's own examples: the run's are their sums over ranks.
+    totals = {name: sum(p[name] for p in parts) for name in schema.PER_STEP_SUMS if all(name in p for p in parts)}
     # Each rank's padding sits inside its own block, so the rank's own n_examples decides which positions are real.
     valid = xr.concat([_leading_positions(p[schema.N_EXAMPLES], p.sizes[schema.DIM_EXAMPLE]) for p in parts],
                       dim=schema.DIM_EXAMPLE)
     ds = xr.concat(parts, dim=schema.DIM_EXAMPLE, data_vars="minimal", coords="minimal", compat="override",
                    join="override", combine_attrs="override")
     ds[schema.N_EXAMPLES] = n_examples
+    for name, total in totals.items():
+        ds[name] = total
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds = ds.assign_coords({VALID: valid})
     ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: committed, "stream": stream}

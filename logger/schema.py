@@ -72,7 +72,7 @@ COMPACTED_KEY = "gradcoh_compacted"  # set by `gradcoh compact`: a finished, sha
 WORLD_SIZE_KEY = "gradcoh_world_size"  # number of ranks; > 1: the streams live in per-rank groups
 
 IDENTITY_KEY = "identity"  # inside CONFIG_KEY: the fields that must match to append to a store
-SHARD_STEPS_KEY = "shard_steps"  # inside COMPACTED_KEY: {stream group path: steps per shard}
+SHARD_STEPS_KEY = "shard_steps"  # inside COMPACTED_KEY: {stream group path: steps per shard of its largest array}
 SHARD_BYTES_KEY = "shard_bytes"  # inside COMPACTED_KEY: the shard size compaction aimed at
 
 # --- stream attributes ---------------------------------------------------------------------------------
@@ -176,6 +176,25 @@ SKETCH_DTYPES = ("float16", "float32", "bfloat16")
 
 NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE, REF_STEP)
 """Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
+
+
+CHUNK_TARGET_BYTES = 4 * 2**20
+"""Target uncompressed size of one chunk of each per-step array; sets that array's steps per chunk."""
+
+MAX_STEPS_PER_CHUNK = 2**16
+"""Upper bound on the steps of one chunk (the small per-step arrays: 512 KiB of ``n_examples``)."""
+
+
+def steps_per_chunk(step_bytes: int) -> int:
+    """Steps in one chunk of an array of ``step_bytes`` bytes a step: a power of two, ≤ :data:`CHUNK_TARGET_BYTES`.
+
+    At least one step, at most :data:`MAX_STEPS_PER_CHUNK`.
+
+    Powers of two make the chunks of all arrays nest, so a reader can give several arrays the same chunk
+    boundaries along ``step`` with whole stored objects on every array.
+    """
+    fit = max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_TARGET_BYTES // max(step_bytes, 1)))
+    return 1 << (fit.bit_length() - 1)
 
 
 def is_url(path: str) -> bool:

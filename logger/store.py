@@ -1,9 +1,9 @@
 """The Zarr v3 store: create / append / overwrite, and chunk-aligned, committed writes of one stream.
 
 Chunking by array, by bytes (format 3): each per-step array gets its own step chunk, as many steps as fit in
-:data:`CHUNK_TARGET_BYTES` (at most :data:`MAX_STEPS_PER_CHUNK`). A sketch of several MB a step keeps one or a few
-steps per chunk; ``n_examples`` (8 bytes a step) holds 65536 steps per chunk, so an analysis reading the small arrays
-touches a handful of objects whatever the step count.
+``schema.CHUNK_TARGET_BYTES`` (:func:`gradcoh.logger.schema.steps_per_chunk`). A sketch of several MB a step keeps
+one or a few steps per chunk; ``n_examples`` (8 bytes a step) holds 65536 steps per chunk, so an analysis reading
+the small arrays touches a handful of objects whatever the step count.
 
 Commit protocol (crash consistency): for every batch of steps the stream writer (1) resizes its arrays, (2) writes
 the data chunks of every array, and only then (3) advances the stream attribute ``committed_steps``. A process killed
@@ -38,27 +38,9 @@ from . import schema
 
 log = logging.getLogger(__name__)
 
-CHUNK_TARGET_BYTES = 4 * 2**20
-"""Target uncompressed size of one chunk of each per-step array; sets that array's steps per chunk."""
-
-MAX_STEPS_PER_CHUNK = 2**16
-"""Upper bound on the steps of one chunk (the small per-step arrays: 512 KiB of ``n_examples``)."""
-
 COMMIT_BYTES = 64 * 2**20
 """The writer commits once this many bytes of steps are buffered (and at least every ``flush_secs``): the rewrite
 of the partly filled chunks of small arrays at each commit stays a small fraction of the bytes committed."""
-
-
-def steps_per_chunk(step_bytes: int) -> int:
-    """Steps in one chunk of an array of ``step_bytes`` bytes a step: a power of two, ≤ :data:`CHUNK_TARGET_BYTES`.
-
-    At least one step, at most :data:`MAX_STEPS_PER_CHUNK`.
-
-    Powers of two make the chunks of all arrays nest, so a reader can give several arrays the same chunk
-    boundaries along ``step`` with whole stored objects on every array.
-    """
-    fit = max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_TARGET_BYTES // max(step_bytes, 1)))
-    return 1 << (fit.bit_length() - 1)
 
 
 class StoreError(schema.GradcohError, RuntimeError):
@@ -297,7 +279,7 @@ class StreamWriter:
         for name, (dims, dtype) in variables.items():
             np_dtype = _np_dtype(name, dtype, self.sketch_dtype)
             shape = (0, *(sizes[d] for d in dims[1:]))
-            chunks = (steps_per_chunk(_step_bytes(dims, np_dtype, sizes)), *(sizes[d] for d in dims[1:]))
+            chunks = (schema.steps_per_chunk(_step_bytes(dims, np_dtype, sizes)), *(sizes[d] for d in dims[1:]))
             filters = None
             if name == schema.SKETCH and self.sketch_dtype == "bfloat16":
                 from zarr.codecs.numcodecs import BitRound

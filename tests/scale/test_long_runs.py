@@ -17,7 +17,7 @@ from gradcoh import analysis
 from gradcoh.analysis.coherence import coherence_family
 from gradcoh.analysis.io import TASK_BYTES, task_steps
 from gradcoh.logger import schema
-from gradcoh.logger.store import CHUNK_TARGET_BYTES, MAX_STEPS_PER_CHUNK, steps_per_chunk
+from gradcoh.logger.schema import CHUNK_TARGET_BYTES, MAX_STEPS_PER_CHUNK, steps_per_chunk
 
 RTOL = 1e-12
 
@@ -197,3 +197,39 @@ def test_append_continues_a_partly_filled_chunk(tmp_path):
     for name in schema.VARIABLES:
         if name in b and name != schema.WALL_TIME:
             np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+
+
+def _numpy_pair_means(sketch: np.ndarray, n: int) -> tuple[float, float]:
+    """The O(m²) definition on one step: means of cos and sign(cos) over ordered pairs i ≠ j (float64)."""
+    rows = sketch[:n].reshape(n, -1).astype(np.float64)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    cos = np.clip(unit @ unit.T, -1, 1)
+    off = ~np.eye(n, dtype=bool)
+    return cos[off].mean(), np.sign(cos[off]).mean()
+
+
+def test_sampled_stiffness_within_stated_error_of_all_pairs(long_store):
+    ds = analysis.open_store(long_store)
+    est = analysis.sampled_stiffness(ds, steps=40, pairs=400, seed=1).compute()
+    chosen = est.step.values
+    assert len(chosen) == 40 and chosen[0] == 0 and chosen[-1] == 299
+    batch = zarr.open_group(str(long_store), mode="r")[schema.STREAM_BATCH]
+    sketch, n_ex = batch[schema.SKETCH], batch[schema.N_EXAMPLES][:]
+    z_cos, z_sign = [], []
+    for k, step in enumerate(chosen):
+        cos, sign = _numpy_pair_means(sketch[int(step)], int(n_ex[step]))
+        z_cos.append((est.stiffness.values[k] - cos) / est.stiffness_stderr.values[k])
+        z_sign.append((est.sign_stiffness.values[k] - sign) / est.sign_stiffness_stderr.values[k])
+    z_cos, z_sign = np.array(z_cos), np.array(z_sign)
+    # Each z is ~N(0, 1) if the stated error is right: |z| < 5 always (false failure < 1e-5 over 80 draws), and the
+    # spread of 40 z's within [0.6, 1.5] (chi-square with 39 d.o.f.: outside with probability < 1e-3).
+    assert np.abs(z_cos).max() < 5 and np.abs(z_sign).max() < 5, (z_cos, z_sign)
+    assert 0.6 < z_cos.std() < 1.5 and 0.6 < z_sign.std() < 1.5, (z_cos.std(), z_sign.std())
+    np.testing.assert_array_equal(est.n_pairs.values, 400)
+    # with many pairs the estimate converges to the exact all-pairs value of pairwise.stiffness
+    exact = analysis.stiffness(ds.isel(step=[0, 150])).cos_global.values
+    many = analysis.sampled_stiffness(ds.isel(step=[0, 150]), steps=None, pairs=200_000, seed=2)
+    assert np.all(np.abs(many.stiffness.values - exact) < 5 * many.stiffness_stderr.values)
+    assert np.all(many.stiffness_stderr.values < 0.002)
+    again = analysis.sampled_stiffness(ds, steps=40, pairs=400, seed=1).compute()
+    np.testing.assert_array_equal(again.stiffness.values, est.stiffness.values)  # seeded
