@@ -188,17 +188,18 @@ def _measure(path: str, by: str | None) -> dict:
             "max_rel_err": float(np.nanmax(np.abs(values[:k] - want) / np.abs(want)))}
 
 
-def bench_cluster_ratio(path: str, repeat: int) -> dict:
+def bench_cluster_ratio(path: str, repeat: int, steps: int | None = None) -> dict:
     """LocalCluster (2 worker processes × 1 thread, 4 GB each) against the threaded scheduler, interleaved.
 
-    Each analysis runs alternately on both, ``repeat`` times after a warm-up; medians and their ratio.
+    Each analysis runs alternately on both, ``repeat`` times after a warm-up; medians and their ratio. ``steps``:
+    only the first steps of the store.
     """
     import statistics
 
     from distributed import Client, LocalCluster
 
     analyses = {"exact": {}, "by_group": {"by": "group"}, "sketch": {"source": "sketch"}}
-    ds = analysis.open_store(path)
+    ds = analysis.open_store(path).isel(step=slice(0, steps)) if steps else analysis.open_store(path)
     times: dict[str, dict[str, list[float]]] = {name: {"threads": [], "cluster": []} for name in analyses}
     with (LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="4GB", dashboard_address="127.0.0.1:0")
           as cluster, Client(cluster, set_as_default=False) as client):
@@ -264,6 +265,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per measurement (median)")
     parser.add_argument("--cluster-ratio", default=None, metavar="STORE",
                         help="LocalCluster against the threaded scheduler on STORE (medians, interleaved)")
+    parser.add_argument("--cluster-steps", type=int, default=None, help="--cluster-ratio on the first steps only")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--by", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -271,7 +273,7 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, None if args.by == "none" else args.by)))
         return
     if args.cluster_ratio:
-        print(json.dumps(bench_cluster_ratio(args.cluster_ratio, args.repeat), indent=1))
+        print(json.dumps(bench_cluster_ratio(args.cluster_ratio, args.repeat, args.cluster_steps), indent=1))
         return
     from make_synthetic_store import Spec, make_synthetic_store
 
