@@ -28,9 +28,13 @@ def int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
+PROBE_MODES = ("constant", "eval", "train")
+"""How probes treat BatchNorm layers that use batch statistics (:mod:`gradcoh.logger.probe`)."""
+
 _CHOICES: dict[str, tuple] = {
     "loss_reduction": ("mean", "sum"), "sketch_dtype": schema.SKETCH_DTYPES, "on_full": ("block", "drop"),
     "mode": ("create", "append", "overwrite"), "on_error": ("raise", "warn"), "on_mismatch": ("raise", "flag"),
+    "probe_mode": PROBE_MODES,
 }
 
 
@@ -76,6 +80,10 @@ class LoggerConfig:
         fused: Fused mode for ``nn.Linear`` layers (:mod:`gradcoh.logger.fused`): on logged steps their batch weight
             gradient is summed from the per-example gradients gradcoh forms anyway instead of a second GEMM, so
             ``.grad`` equals the default path's to rounding, not bitwise. Off by default.
+        probe_mode: How ``probe`` treats BatchNorm layers that normalise with batch statistics: ``"constant"``
+            (default: the probe sample's statistics, held constant; exact per-example gradients of the network as
+            it normalises at that step), ``"eval"`` (running statistics) or ``"train"`` (per-micro-batch statistics:
+            contributions). See :mod:`gradcoh.logger.probe`; ``probe(mode=...)`` overrides it for one call.
         extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 
@@ -98,6 +106,7 @@ class LoggerConfig:
     reference_size: int = 0
     reference_every: int = 1
     fused: bool = False
+    probe_mode: str = "constant"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

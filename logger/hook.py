@@ -4,15 +4,15 @@ Data flow: :func:`~gradcoh.logger.plan.plan_layers` decides which parameters for
 :class:`~gradcoh.logger.tracker.LayerTracker` per layer → ``record`` lets a
 :class:`~gradcoh.logger.recorder.StepRecorder` arm the hooks for one step, during which the trackers turn inputs and
 output gradients into per-example statistics and sketches → a :class:`~gradcoh.logger.reducer.StepReducer` builds the
-host record (one device→host copy) → the background :class:`~gradcoh.logger.writer.AsyncWriter` appends it to the
-store opened by :func:`~gradcoh.logger.store.open_run`.
+host record (one device→host copy) → :class:`~gradcoh.logger.output.RunOutput` queues it for the background
+:class:`~gradcoh.logger.writer.AsyncWriter`, which appends it to the store opened by
+:func:`~gradcoh.logger.store.open_run`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,20 +22,20 @@ from torch import nn
 
 from . import schema
 from .attributes import root_attributes
-from .config import LoggerConfig, int_at_least
-from .distributed import rank_and_world, share
+from .config import PROBE_MODES, LoggerConfig, int_at_least
+from .distributed import rank_and_world
 from .grads import natural_view
 from .layers import LayerRules, default_rules
+from .output import RunOutput
 from .plan import plan_layers
-from .probe import ModelState, measure
+from .probe import describe
+from .probe import run as run_probe
 from .recorder import Recording, StepRecorder
-from .reducer import StepReducer, record_coherence, record_summary
+from .reducer import StepReducer, record_summary
 from .reference import ReferenceSet
 from .sigterm import SigtermExit
 from .sketch import ProjectionTable
-from .store import HostRecord, StreamWriter, open_run
 from .tracker import LayerTracker
-from .writer import AsyncWriter, WriterError
 
 log = logging.getLogger(__name__)
 
@@ -109,48 +109,32 @@ class GradientLogger:
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.path = str(store)
         self.enabled = bool(enabled)
-        self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim)
+        self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)  # one table: what the store records
+        self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim, self._projections)
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
-        self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)
-        for tracker in self.trackers:  # one table: what the store records of every parameter's projection
-            tracker.projections = self._projections
         self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
-        self._stopped = False
+        self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
-        self._last_step: dict[str, int] = {}
-        self._coherence: dict[str, float] = {}
-        self._writer: AsyncWriter | None = None
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
+        self._announced = False
         if self.enabled:
             self._open(storage_options)
             if cfg.handle_sigterm:
                 self._sigterm.install()
 
     def _open(self, storage_options: dict | None) -> None:
-        cfg = self.config
-        attrs = root_attributes(cfg, self.trackers, self.model, self.world_size)
-        run = open_run(self.path, cfg.mode, attrs, storage_options, rank=self.rank, world_size=self.world_size,
-                       barrier=torch.distributed.barrier if self.world_size > 1 else None)
-        self._last_step = dict(run.last_steps)
-        self._group = run.root
+        attrs = root_attributes(self.config, self.trackers, self.model, self.world_size)
         views = {name: natural_view(tuple(p.shape)) for t in self.trackers
                  for name, p in zip(t.plan.param_names, t.params, strict=True)}
-        self._projections.adopt(dict(run.root.attrs), views, self.path)
-        layers, groups = attrs[schema.LAYERS_KEY], cfg.group_names
-
-        def make_stream(name: str) -> StreamWriter:
-            return StreamWriter(run.root, name, layers, groups, cfg.sketch_dim, cfg.sketch_dtype,
-                                cfg.optional_variables)
-
-        self._writer = AsyncWriter(make_stream, self.path, cfg.queue_size, cfg.on_full, cfg.flush_secs)
+        self._output.open(attrs, views, storage_options, self.rank, self.world_size)
 
     # --- the training-loop API ---------------------------------------------------------------------------
     @property
     def _active(self) -> bool:
-        return self.enabled and not self._stopped and not self._closed
+        return self.enabled and not self._output.stopped and not self._closed
 
     def should_log(self, step: int) -> bool:
         """Whether ``record(step)`` will log (enabled, not stopped by an error, and ``step % every == 0``)."""
@@ -181,82 +165,47 @@ class GradientLogger:
     @contextlib.contextmanager
     def _record(self, step: int, stream: str, scale_by_batch: bool, **meta: Any) -> Iterator[Recording]:
         selected = self.should_log(step) if stream == schema.STREAM_BATCH else self._active
-        last = self._last_step.get(stream)
-        if selected and last is not None and step <= last:
-            raise ValueError(f"step {step} is not after the last logged step {last} of stream '{stream}'; "
-                             "steps must keep increasing (a resumed run continues after the stored steps)")
         if selected:
-            self._raise_writer_error()
-        if not selected or self._stopped:
+            self._output.check_order(stream, step)
+            self._output.raise_if_failed()
+        if not selected or self._output.stopped:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
-        self._prepare_reference(step)
+        references = None if self._reference is None else self._reference.for_step(
+            step, self.model, [t.params for t in self.trackers])
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
-                                       keep_forms=self.config.alignment) as state:
+                                       keep_forms=self.config.alignment, references=references) as state:
                 rec = Recording(state)
                 yield rec
             record = self._reducer.reduce(step, state, self._reference, **meta)
         finally:
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
-                tracker.drop_forms()
-        rec._summary = {} if record is None else record_summary(record, self.config.group_names)
-        if record is not None and self.summary_writer is not None:
-            prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
-            for key, value in rec._summary.items():
-                if key != "n" and not math.isnan(value):
-                    self.summary_writer.add_scalar(f"{prefix}/{key}", value, step)
+                tracker.results.drop_forms()
+        summary = {} if record is None else record_summary(record, self.config.group_names)
+        rec.close(summary)
         if record is not None:
-            self._last_step[stream] = step
-            self._coherence[stream] = record_coherence(record)
-            if self._projections.unsaved:  # before the step is queued: no committed sketch without its projection
-                self._group.attrs[schema.PROJECTIONS_KEY] = self._projections.attribute()
-                self._projections.unsaved = False
-            self._put(stream, record)
-
-    def _prepare_reference(self, step: int) -> None:
-        """(Re)compute the reference gradient if due and hand each layer its part."""
-        reference = self._reference
-        if reference is None:
-            return
-        params = [p for t in self.trackers for p in t.params]
-        if reference.due(step, params):
-            reference.compute(self.model, params, step)
-        for tracker, part in zip(self.trackers, reference.split([len(t.params) for t in self.trackers]), strict=True):
-            tracker.reference = part
+            self._output.publish(self.summary_writer, stream, step, summary)
+            self._output.put(stream, step, record)
 
     def last_coherence(self, stream: str = schema.STREAM_BATCH) -> float:
         """Whole-network m-coherence of the last step logged to ``stream``, for progress bars (no store read).
 
         NaN before the first step, or when a layer of the step is not finite or not reconciled.
         """
-        return self._coherence.get(stream, math.nan)
-
-    def _put(self, stream: str, record: HostRecord) -> None:
-        self._call_writer(lambda writer: writer.put(stream, record))
-
-    def _raise_writer_error(self) -> None:
-        self._call_writer(AsyncWriter.raise_if_failed)
-
-    def _writer_failed(self, err: WriterError) -> None:
-        """A writer failure stops logging for good; ``on_error="raise"`` raises it (once), ``"warn"`` logs it."""
-        first = not self._stopped
-        self._stopped = True
-        if self.config.on_error == "raise":
-            raise err
-        if first:
-            log.warning("%s; logging stopped, training continues (on_error='warn')", err)
+        return self._output.last_coherence(stream)
 
     def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
-              batch_size: int = 256, mode: str = "eval", index: Any = None, labels: Any = None, group: Any = None,
-              true_labels: Any = None) -> bool:
+              batch_size: int = 256, mode: str | None = None, index: Any = None, labels: Any = None,
+              group: Any = None, true_labels: Any = None, statistics: torch.Tensor | None = None) -> bool:
         """Measure a fixed sample of examples without disturbing training; writes the stream ``probe``.
 
         The sample is processed in micro-batches with gradients taken by ``torch.autograd.grad`` (``.grad`` is
-        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics) and the RNG
-        states are restored exactly afterwards, so training with probes is bitwise identical to training without.
+        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics and
+        ``num_batches_tracked``) and the RNG states are restored exactly afterwards, so training with probes is
+        bitwise identical to training without.
         Group sums accumulate in float64 across micro-batches. The logger's ``every`` does not apply to probes.
 
         Args:
@@ -266,34 +215,47 @@ class GradientLogger:
             loss_fn: ``loss_fn(outputs, targets) -> [n]`` per-example losses (``reduction="none"``).
             every: Probe only when ``step % every == 0``.
             batch_size: Micro-batch size (bounds memory).
-            mode: ``"eval"`` (default; BatchNorm uses running statistics, exact per example) or ``"train"``.
+            mode: How BatchNorm layers that use batch statistics are probed (default: the logger's ``probe_mode``,
+                ``"constant"`` unless configured): ``"constant"`` normalises them with the statistics of the whole
+                sample (or of ``statistics``) held constant, exact per-example gradients of the network as it
+                normalises now; ``"eval"`` uses running statistics (exact, but they lag the trained network);
+                ``"train"`` uses each micro-batch's statistics with the gradient through them (contributions).
+                Without such layers the probe runs in eval mode (``"train"``: train mode, dropout on).
             index: ``[m]`` dataset index of each probe example.
             labels: ``[m]`` training labels.
             group: ``[m]`` group positions (required when groups were declared).
             true_labels: ``[m]`` labels before corruption.
+            statistics: ``[s, ...]`` inputs whose statistics the ``"constant"`` mode holds instead of the probe
+                sample's (e.g. the current training batch). With several processes every rank uses the whole
+                sample (or these inputs), so all ranks probe one function.
 
         Returns:
             True when a probe was taken at this step.
+
+        Raises:
+            ValueError: A bad mode, or (``"constant"``) a BatchNorm module called more than once per forward pass.
         """
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode={mode!r} is not valid; use 'eval' or 'train'")
+        mode = self.config.probe_mode if mode is None else mode
+        if mode not in PROBE_MODES:
+            raise ValueError(f"mode={mode!r} is not valid; use one of {', '.join(map(repr, PROBE_MODES))}")
         int_at_least("every", every, 1)
         int_at_least("batch_size", batch_size, 1)
         if step % every or not self._active:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
-        if self.world_size > 1:  # each rank measures its contiguous share of the sample, once
-            rows = slice(*share(inputs.shape[0], self.rank, self.world_size))
-            inputs, targets = inputs[rows], targets[rows]
-            meta = {k: None if v is None else v[rows] for k, v in meta.items()}
-        saved = ModelState.save(self.model)
-        try:
-            self.model.train(mode == "train")
-            with self._record(step, schema.STREAM_PROBE, False, **meta) as rec:
-                measure(self.model, rec, inputs, targets, loss_fn, batch_size, self.trackers[0].params[0].device)
-        finally:
-            saved.restore(self.model)
+        self._announce(mode)
+        run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, **m), inputs, targets,
+                  loss_fn, mode=mode, batch_size=batch_size, statistics=statistics, meta=meta, rank=self.rank,
+                  world_size=self.world_size, device=self.trackers[0].params[0].device)
         return True
+
+    def _announce(self, mode: str) -> None:
+        """Say once on stderr (logging) how batch-statistics layers are probed."""
+        if mode == "constant" and not self._announced:
+            self._announced = True
+            text = describe(self.model)
+            if text is not None:
+                log.warning(text)
 
     def project_grad(self) -> dict[str, torch.Tensor]:
         """Sketch the gradient currently in the parameters' ``.grad`` with each layer's projection.
@@ -311,16 +273,7 @@ class GradientLogger:
 
     def flush(self) -> None:
         """Write and commit every step logged so far."""
-        self._call_writer(AsyncWriter.flush)
-
-    def _call_writer(self, method: Callable[[AsyncWriter], None]) -> None:
-        """Call ``method`` of the writer (if any); a writer failure stops logging (see ``on_error``)."""
-        if self._writer is None:
-            return
-        try:
-            method(self._writer)
-        except WriterError as err:
-            self._writer_failed(err)
+        self._output.flush()
 
     def close(self) -> None:
         """Flush, commit and stop the writer; idempotent. No hook remains on the model afterwards."""
@@ -330,8 +283,8 @@ class GradientLogger:
         self._sigterm.restore()
         for tracker in self.trackers:
             tracker.detach()
-            tracker.drop_forms()
-        self._call_writer(AsyncWriter.close)
+            tracker.results.drop_forms()
+        self._output.close()
 
     def __enter__(self) -> GradientLogger:
         return self

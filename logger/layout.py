@@ -127,7 +127,12 @@ def _broadcast(inputs: list[tuple[torch.Tensor, Layout]], out: torch.Tensor, tra
 
 
 def _view(t: torch.Tensor, lay: tuple[int, int], out: torch.Tensor, n: int, op: str) -> Layout:
-    axis, _ = lay
+    axis, r = lay
+    if axis and out.dim() > axis and tuple(out.shape[:axis]) == tuple(t.shape[:axis]):
+        # the axes before the batch axis kept: the batch axis is regrouped with the ones after it only
+        block, rest = r * t.shape[axis + 1 :].numel(), out.shape[axis + 1 :].numel()
+        if rest and not block % rest and out.shape[axis] % (block // rest) == 0:
+            return (axis, block // rest)
     if any(s != 1 for s in t.shape[:axis]):
         return Unknown(op)  # examples are not the outermost blocks of the logical order
     d0 = out.shape[0] if out.dim() else 1

@@ -13,16 +13,17 @@ every torch op and sorts each tensor into
 
 An op that combines a parameter (or derived tensor) with data is a **use**. Uses inside a call of a module with a
 rule for those parameters are that rule's business; every other use becomes a :class:`Use` whose output gradient
-gives exact per-example gradients of the parameters involved (the use's vector-Jacobian product evaluated on each
-example's slice, then pulled back through the derivation). A use whose output has no known example layout (a
-penalty on the parameters added to the mean loss) cannot be split by example; it is left to the reconciliation
-guard, which then reports the layer.
+gives exact per-example gradients of the parameters involved (:mod:`gradcoh.logger.usegrads`: the use's
+vector-Jacobian product evaluated on each example's slice, then pulled back through the derivation). A use whose
+output has no known example layout (a penalty on the parameters added to the mean loss) cannot be split by example;
+it is left to the reconciliation guard, which then reports the layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,17 +33,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .arguments import bind, tensor_args
+from .arguments import tensor_args
 from .attention import multi_head_attention_forward
-from .fused import FusedLinear, Slot
-from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
+from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, conv_arguments
 from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
-from .ops import embedding, linear, norm
 
 log = logging.getLogger(__name__)
-
-_EXPANDS = frozenset({"expand", "expand_as", "broadcast_to"})
-
 
 @dataclass(eq=False)
 class Node:
@@ -66,11 +62,40 @@ class Node:
     def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
         """Re-run the op with the parents' leaves replaced by ``values``."""
         leaves = list(self.flat)
+        inplace = _inplace(self.func, pytree.tree_unflatten(self.flat, self.spec)[1])
         for i, v in values.items():
-            leaves[i] = v
+            leaves[i] = v.clone() if inplace else v  # an in-place op (ReLU(inplace=True)) must not write into its input
         a, k = pytree.tree_unflatten(leaves, self.spec)
         res = self.func(*a, **k)
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
+
+
+def _inplace(func: Callable, kwargs: dict) -> bool:
+    """Whether an op writes into its first argument (``zero_``, ``__iadd__``, ``F.relu(x, inplace=True)``)."""
+    name = op_name(func)
+    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") or kwargs.get("inplace") is True
+
+
+@dataclass(eq=False)
+class _WriteThrough:
+    """A derived tensor after an in-place op on a view of it: ``base`` with the view rewritten by the op.
+
+    Swin-V2 clones the qkv bias and zeroes its key part in place through a slice; the bias that reaches
+    ``F.linear`` is then this function of the clone.
+    """
+
+    view: Node
+    base_position: int
+    op: Node
+
+    def __call__(self, base: torch.Tensor) -> torch.Tensor:
+        base = base.clone()
+        view = self.view.call({self.base_position: base})
+        leaves = list(self.op.flat)
+        leaves[0] = view
+        a, k = pytree.tree_unflatten(leaves, self.op.spec)
+        self.op.func(*a, **k)
+        return base
 
 
 Origin = Any
@@ -116,11 +141,17 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _name(func: Callable) -> str:
+def op_name(func: Callable) -> str:
+    """The name of an op as the layout rules know it (``linear``, ``__add__``, ``T`` for the property ``.T``)."""
     name = getattr(func, "__name__", str(func))
     if name == "__get__":  # properties such as .T / .mT
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name
+
+
+def _apply_fused_linear(slot: Slot, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    return FusedLinear.apply(x, weight, bias, slot)
 
 
 class UseTracker(TorchFunctionMode):
@@ -142,9 +173,9 @@ class UseTracker(TorchFunctionMode):
         self.on_grad = on_grad
         self.layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # data tensor -> Layout
         self.derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # derived tensor -> Node
-        self.owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
+        self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
-        self.paused = 0
+        self._paused = 0  # > 0 while gradcoh itself runs ops (observing one, a rule, fused mode's own linear)
 
     # --- what the module hooks tell us -------------------------------------------------------------------
     def new_batch(self, args: tuple, kwargs: dict) -> int | None:
@@ -174,24 +205,47 @@ class UseTracker(TorchFunctionMode):
         """Whether ``t`` was computed from parameters and constants only (or is a parameter)."""
         return id(t) in self.params or t in self.derived
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run inside are not observed (nested: the tracker resumes when the outermost block ends)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether gradcoh itself is running ops (see :meth:`paused`): module hooks then ignore the calls too."""
+        return self._paused > 0
+
+    def rule_call_started(self, owned: frozenset[int]) -> None:
+        """A module whose rule covers the parameters ``owned`` (ids) starts a call: their uses inside are its own."""
+        self._owned.append(owned)
+
+    def rule_call_ended(self) -> None:
+        """The innermost call of :meth:`rule_call_started` returned."""
+        if self._owned:
+            self._owned.pop()
+
     def reset(self) -> None:
         """Forget the tensors of a finished micro-batch."""
         self.layouts = WeakIdKeyDictionary()
         self.derived = WeakIdKeyDictionary()
-        self.owned.clear()
+        self._owned.clear()
         self.n = None
 
     # --- every torch op ----------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.multi_head_attention_forward and not self.paused and self.n is not None:
+        if func is F.multi_head_attention_forward and not self._paused and self.n is not None:
             with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
                 return multi_head_attention_forward(*args, **kwargs)
-        if self.fused and not self.paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
-            out = self._fused_linear(*args, **kwargs)
+        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
+            out = self._fused(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
-        if self.paused or self.n is None:
+        if self._paused or self.n is None:
             return out
         data, diff = [], []
         for pos, t in tensor_args(args, kwargs):
@@ -203,20 +257,36 @@ class UseTracker(TorchFunctionMode):
                     data.append((pos, t, lay))
         if not data and not diff:
             return out
-        self.paused += 1
-        try:
-            self._observe(func, args, kwargs, out, data, diff)
-        finally:
-            self.paused -= 1
+        with self.paused():
+            self._observe_or_lose(func, args, kwargs, out, data, diff)
         return out
 
-    def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        slot = Slot()
-        self.paused += 1  # FusedLinear's own F.linear is not a use
+    def _observe_or_lose(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
+        """:meth:`_observe`, failing closed.
+
+        An op it cannot follow leaves its outputs' layout unknown (a layer that needs them is then refused, naming the
+        op) instead of an internal error in the user's forward.
+        """
         try:
-            out = FusedLinear.apply(x, weight, bias, slot)
-        finally:
-            self.paused -= 1
+            self._observe(func, args, kwargs, out, data, diff)
+        except ValueError:
+            raise
+        except Exception as err:
+            log.debug("gradcoh cannot follow %s: %r", op_name(func), err)
+            for o in _tensors(out):
+                self.layouts[o] = Unknown(f"{op_name(func)} ({type(err).__name__})")
+
+    def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
+        conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
+        if func is not F.linear and conv is None:
+            return func(*args, **kwargs)
+        slot = Slot(materialise=conv is None)
+        with self.paused():  # the Function's own call is not a use
+            if conv is None:
+                out = _apply_fused_linear(slot, *args, **kwargs)
+            else:
+                out = FusedConv.apply(*conv[:3], slot, *conv[3:])
         self.slots[out] = slot
         return out
 
@@ -225,7 +295,7 @@ class UseTracker(TorchFunctionMode):
         if not data:  # parameters and constants only: a derived tensor
             self._derive(func, args, kwargs, outs)
             return
-        name = _name(func)
+        name = op_name(func)
         if name in CONSTANT:
             return
         if name == "__setitem__":  # writing data into a tensor makes it data
@@ -234,8 +304,8 @@ class UseTracker(TorchFunctionMode):
         lays = [propagate(name, args, kwargs, o, data, self.n) for o in outs]
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
-        if self.owned:
-            diff = [(pos, t) for pos, t in diff if id(t) not in self.owned[-1]]  # covered by the module's rule
+        if self._owned:
+            diff = [(pos, t) for pos, t in diff if id(t) not in self._owned[-1]]  # covered by the module's rule
         if not diff or not outs:
             return
         if len(outs) != 1 or not outs[0].requires_grad or isinstance(lays[0], Unknown):
@@ -252,6 +322,22 @@ class UseTracker(TorchFunctionMode):
         for i, o in enumerate(outs):
             if o.requires_grad:
                 self.derived[o] = Node(func, flat, spec, parents, i)
+        if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
+            self._write_through(outs[0])
+
+    def _write_through(self, view: torch.Tensor) -> None:
+        """An in-place op on a view of a derived tensor changed the tensor it views: re-derive that tensor."""
+        base = view._base
+        op = self.derived.get(view)
+        before = None if op is None else op.parents.get(0)
+        if base is None or base not in self.derived or not isinstance(before, Node):
+            return
+        old = self.derived[base]
+        positions = [i for i, src in before.parents.items() if src is old]
+        if len(positions) != 1:
+            return
+        flat, spec = pytree.tree_flatten(((base,), {}))
+        self.derived[base] = Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0)
 
     def _setitem(self, args: tuple, data: list) -> None:
         target = args[0]
@@ -288,256 +374,3 @@ class UseTracker(TorchFunctionMode):
         for parent in source.parents.values():
             out += [p for p in self.roots(parent) if all(p is not q for q in out)]
         return out
-
-
-# --- per-example gradients of a use -------------------------------------------------------------------------
-def value(source: Origin, memo: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The (detached) value of a parameter or derivation node, recomputed from the parameters."""
-    if not isinstance(source, Node):
-        return source.detach()
-    if id(source) not in memo:
-        with torch.no_grad():
-            memo[id(source)] = source.call({i: value(p, memo) for i, p in source.parents.items()})
-    return memo[id(source)]
-
-
-def _split_examples(t: torch.Tensor, lay: tuple[int, int], n: int) -> torch.Tensor:
-    """``t`` with its batch axis split: ``[n, ..., r (at the axis), ...]`` (a view when possible)."""
-    axis, r = lay
-    moved = t.movedim(axis, 0)
-    return moved.reshape(n, r, *moved.shape[1:]).movedim(1, axis + 1)
-
-
-def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.Parameter, ParamGrad]]:
-    """Exact per-example gradients of the parameters behind ``use``: ``[(parameter, form)]``.
-
-    Fast forms for ``F.linear``/``addmm``/``matmul`` with a parameter weight (factored, nothing materialised); any
-    other op: ``torch.func.vmap`` over examples of the op's vector-Jacobian product on each example's slice, then
-    pulled back through the derivation of each derived input (:func:`pull_back`).
-    """
-    fast = _linear_use(use, n)
-    if fast is None:
-        fast = _norm_use(use, n)
-    if fast is not None:
-        return fast
-    memo: dict[int, torch.Tensor] = {}
-    r = next(iter(use.data.values()))[1]
-    whole, sliced = _classify(use, n)
-    cots = _per_example_vjp(use, n, whole, sliced, memo)
-    out = []
-    for (_, src, _), cot in zip(whole, cots[: len(whole)], strict=True):
-        out += pull_back(src, cot, n, memo)
-    for (pos, src, axis), cot in zip(sliced, cots[len(whole) :], strict=True):
-        out += pull_back_rows(src, use.shapes[pos], cot, (axis, r), n, memo)
-    return out
-
-
-def _classify(use: Use, n: int) -> tuple[list, list]:
-    """Split a use's parameter-derived arguments by how they meet the batch.
-
-    Returns:
-        ``whole``: ``(position, source, setter)`` of arguments shared by all examples; ``sliced``: ``(position,
-        source, axis)`` of arguments with one row block per example.
-    """
-    ref_pos, (ref_axis, r) = next(iter(use.data.items()))
-    ref_dim = use.flat[ref_pos].dim()
-    whole, sliced = [], []
-    for pos, src in use.diff.items():
-        shape = use.shapes[pos]
-        axis = ref_axis - (ref_dim - len(shape))  # the axis that broadcasts against the batch axis
-        batch_sized = n > 1 and 0 <= axis < len(shape) and shape[axis] == n * r
-        if batch_sized and isinstance(src, Node) and _name(src.func) in _EXPANDS and len(src.parents) == 1:
-            # expanded to the batch (cls_token.expand(B, -1, -1)): differentiate the unexpanded tensor, expanded
-            # to one example's rows inside the per-example function
-            small = list(shape)
-            small[axis] = r
-            whole.append((pos, next(iter(src.parents.values())), lambda p, s=tuple(small): p.expand(s)))
-        elif batch_sized:  # one row block per example (an embedding of constant indices expanded to [B, T])
-            sliced.append((pos, src, axis))
-        else:
-            whole.append((pos, src, None))
-    return whole, sliced
-
-
-def _per_example_vjp(use: Use, n: int, whole: list, sliced: list, memo: dict) -> tuple:
-    """``vmap`` over examples of the op's vector-Jacobian product: cotangents of ``whole`` then ``sliced``."""
-    r = next(iter(use.data.values()))[1]
-    flat = use.flat
-    data_pos = list(use.data)
-    slices = [_split_examples(flat[i], use.data[i], n) for i in data_pos]
-    slices += [_split_examples(value(src, memo), (axis, r), n) for _, src, axis in sliced]
-    positions = data_pos + [pos for pos, _, _ in sliced]
-    n_data = len(data_pos)
-    go = _split_examples(use.grads, use.out_layout, n)
-    whole_values = [value(src, memo) for _, src, _ in whole]
-
-    def one(example: list[torch.Tensor], g: torch.Tensor) -> tuple:
-        def f(*values: torch.Tensor) -> torch.Tensor:
-            leaves = list(flat)
-            for i, x in zip(positions[:n_data], example[:n_data], strict=True):
-                leaves[i] = x
-            for (i, _, setter), v in zip(whole, values[: len(whole)], strict=True):
-                leaves[i] = setter(v) if setter is not None else v
-            for i, v in zip(positions[n_data:], values[len(whole) :], strict=True):
-                leaves[i] = v
-            a, k = pytree.tree_unflatten(leaves, use.spec)
-            return use.func(*a, **k)
-
-        _, vjp = torch.func.vjp(f, *whole_values, *example[n_data:])
-        return vjp(g)
-
-    try:
-        return torch.func.vmap(one, randomness="same")(slices, go)
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"gradcoh cannot compute per-example gradients through {_name(use.func)} ({str(err).splitlines()[0]}); "
-            "register a rule for the module that calls it (LayerRules.register) or exclude its layer with layers=..."
-        ) from err
-
-
-def pull_back_rows(src: Origin, shape: tuple[int, ...], cot: torch.Tensor, lay: tuple[int, int], n: int,
-                   memo: dict) -> list:
-    """Like :func:`pull_back` for a derived tensor with a batch-sized axis, given each example's rows ``cot``."""
-    lookup = _constant_lookup(src)
-    if lookup is not None and lay[0] == 0:
-        rows = _split_examples(lookup["input"], lay, n).reshape(n, -1)
-        return _embedding_pull_back(src, lookup, cot, n, rows=rows)
-    full = cot.new_zeros((n, *shape))
-    axis, r = lay
-    for i in range(n):  # each example's cotangent is zero outside its own rows
-        full[i].narrow(axis, i * r, r).copy_(cot[i])
-    return pull_back(src, full, n, memo)
-
-
-def _constant_lookup(src: Origin) -> dict | None:
-    """The bound arguments of an embedding lookup of a parameter on constant indices; None for any other derivation."""
-    if not isinstance(src, Node) or src.func is not F.embedding or len(src.parents) != 1:
-        return None
-    a, k = pytree.tree_unflatten(src.flat, src.spec)
-    bound = bind("embedding", src.func, a, k)
-    pos, parent = next(iter(src.parents.items()))
-    if bound is None or src.flat[pos] is not bound["weight"] or isinstance(parent, Node):
-        return None
-    return bound
-
-
-def _positions(use: Use) -> dict[int, int]:
-    """``{id(tensor): leaf position}`` of a use's tensor arguments."""
-    return {id(x): i for i, x in enumerate(use.flat) if isinstance(x, torch.Tensor)}
-
-
-def _bound(use: Use, name: str) -> dict | None:
-    a, k = pytree.tree_unflatten(use.flat, use.spec)
-    return bind(name, use.func, a, k)
-
-
-_AFFINE = {  # op: (input, weight, bias) parameter names, and whether the weight is stored [in, out]
-    "linear": ("input", "weight", "bias", False),
-    "addmm": ("mat1", "mat2", "input", True),
-    "matmul": ("input", "other", None, True),
-    "__matmul__": ("input", "other", None, True),
-}
-
-
-def _linear_use(use: Use, n: int) -> list | None:
-    """``F.linear(x, W, b)``, ``addmm(b, x, W)``, ``x @ W`` with parameter weights: factored per-example forms.
-
-    Reads ``x`` (its example layout must keep the features last) and moves nothing: :mod:`.ops.linear` builds the
-    forms from the example-split input and output gradient. None when another route must take the use.
-    """
-    name = _name(use.func)
-    bound = _bound(use, name) if name in _AFFINE and len(use.data) == 1 else None
-    if bound is None or bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1:
-        return None
-    x_name, w_name, b_name, transposed = _AFFINE[name]
-    where = _positions(use)
-    x_pos, w_pos = where.get(id(bound[x_name])), where.get(id(bound[w_name]))
-    b_arg = bound[b_name] if b_name else None
-    b = None if b_arg is None else use.diff.get(where[id(b_arg)])
-    if x_pos not in use.data or w_pos not in use.diff or (b_arg is not None and (b is None or b_arg.dim() != 1)):
-        return None
-    w, x, x_lay = use.diff[w_pos], use.flat[x_pos], use.data[x_pos]
-    if isinstance(w, Node) or isinstance(b, Node) or w.dim() != 2 or x.dim() < 2 or x_lay[0] == x.dim() - 1:
-        return None
-    trained = [p for p in (w, b) if p is not None and p.requires_grad]
-    xs = _split_examples(x, x_lay, n)
-    gs = _split_examples(use.grads, use.out_layout, n)
-    if transposed:
-        grad = linear.transposed_linear(xs, gs, weight_shape=_shape_if_trains(w), bias_shape=_shape_if_trains(b))
-    else:
-        grad = linear.linear(xs, gs, weight=w.requires_grad, bias=b is not None and b.requires_grad)
-    return list(zip(trained, split_params(grad, MatrixView.of([tuple(p.shape) for p in trained])), strict=True))
-
-
-def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
-    return tuple(p.shape) if p is not None and p.requires_grad else None
-
-
-def _norm_use(use: Use, n: int) -> list | None:
-    """Normalisation ops with parameter weight and bias outside a module rule: ``g_w = Σ x̂·δ``, ``g_b = Σ δ``.
-
-    ``F.batch_norm``/``instance_norm``/``layer_norm``/``rms_norm``/``group_norm`` as timm's ``LayerNorm2d`` and
-    ``BatchNormAct2d`` call them, with the statistics the op itself used (:mod:`.ops.norm`). Reads ``input`` (the only
-    batch-carrying argument; its batch axis must be 0 except for the trailing-axis norms, where it is moved to 0),
-    ``weight`` and ``bias`` by name.
-    """
-    name = _name(use.func)
-    bound = _bound(use, name) if name in norm.OPS and len(use.data) == 1 else None
-    if bound is None:
-        return None
-    where = _positions(use)
-    present = {key: bound[key] for key in ("weight", "bias") if bound.get(key) is not None}
-    params = {key: use.diff.get(where[id(t)]) for key, t in present.items()}
-    (x_pos, (axis, r)), = use.data.items()
-    if x_pos != where.get(id(bound["input"])) or any(p is None or isinstance(p, Node) for p in params.values()):
-        return None  # a derived weight (or one covered by a rule): the general route
-    if name not in norm.TRAILING and axis != 0:
-        return None
-    trained = {key: p for key, p in params.items() if p.requires_grad}
-    if not trained:
-        return []
-    xhat = norm.normalised(name, bound["input"].float(), bound).movedim(axis, 0)
-    go = use.grads.float().movedim(axis, 0)
-    p_dims = next(iter(trained.values())).dim()
-    reduce_dims = tuple(range(1, xhat.dim() - p_dims)) if name in norm.TRAILING else tuple(range(2, xhat.dim()))
-    grad = fold(norm.affine(xhat, go, reduce_dims, weight="weight" in trained, bias="bias" in trained), r)
-    forms = split_params(grad, MatrixView.of([tuple(p.shape) for p in trained.values()]))
-    return [(p, Dense(*(b.to(use.grads.dtype) for b in f.blocks))) for p, f in zip(trained.values(), forms,
-                                                                                    strict=True)]
-
-
-def pull_back(src: Origin, cot: torch.Tensor, n: int, memo: dict) -> list:
-    """Per-example gradients ``[(parameter, form)]`` behind ``src``, given its per-example cotangent ``[n, ...]``.
-
-    An embedding lookup on constant indices (``wpe(arange(T))``, T5's relative position buckets) stays factored
-    (rows addressed by index, never a ``V × d`` block per example); any other derivation is pulled back with
-    ``torch.func.vmap`` of its vector-Jacobian product.
-    """
-    if not isinstance(src, Node):
-        return [(src, Dense(cot.reshape(n, *natural_view(tuple(src.shape)))))] if src.requires_grad else []
-    lookup = _constant_lookup(src)
-    if lookup is not None:
-        return _embedding_pull_back(src, lookup, cot, n)
-    positions = list(src.parents)
-    primals = [value(src.parents[i], memo) for i in positions]
-
-    def one(c: torch.Tensor) -> tuple:
-        _, vjp = torch.func.vjp(lambda *v: src.call(dict(zip(positions, v, strict=True))), *primals)
-        return vjp(c)
-
-    cots = torch.func.vmap(one)(cot)
-    out = []
-    for i, c in zip(positions, cots, strict=True):
-        out += pull_back(src.parents[i], c, n, memo)
-    return out
-
-
-def _embedding_pull_back(node: Node, bound: dict, cot: torch.Tensor, n: int, rows: torch.Tensor | None = None) -> list:
-    """The lookup ``F.embedding(input, weight, ...)`` of :func:`_constant_lookup` (``bound``), factored by row."""
-    weight, idx = next(iter(node.parents.values())), bound["input"]
-    if not weight.requires_grad:
-        return []
-    if rows is None:
-        rows = idx.reshape(1, -1).expand(n, -1)
-    return [(weight, embedding.embedding(rows, cot, weight.shape[0], padding_idx=bound["padding_idx"],
-                                         scale_grad_by_freq=bound["scale_grad_by_freq"], looked_up=idx))]

@@ -7,6 +7,20 @@ relative error of the sketch-based m-coherence (numerator ‖Σ s_i‖², exact 
 to the plain forward+backward.
 
     python scripts/sketch_accuracy.py --ks 256,1024,4096 --seeds 20 --out docs/sketch_accuracy.json
+
+``--routes`` instead measures every route of every projection class directly (no model): per-example gradients
+``Σ_t u_t v_tᵀ`` with T positions (T = 1: rank one, the TensorSketch mean's worst case), given to the projection
+materialised (``dense``), as factors (``factored``) or as embedding rows (``indexed``); the same table of sd in
+units of √(2/k), per example and for the batch sum, and the mean of ‖s‖²/‖g‖² − 1 (unbiasedness).
+
+    python scripts/sketch_accuracy.py --routes --ks 256,1024 --seeds 40
+
+``--zoo-costs`` logs one step of each zoo model (``bench_overhead.py`` sizes) and counts, from the cost model of
+:mod:`gradcoh.logger.sketch`, what its sketches cost per step with the projection each parameter got, against a
+CountSketch of every materialised per-example gradient (the route of sketch version 3 for every parameter with
+several positions): scattered adds, FFT units ``k·log2 k`` and modelled milliseconds.
+
+    python scripts/sketch_accuracy.py --zoo-costs llama,timm-resnet --ks 256,1024
 """
 
 import argparse
@@ -30,8 +44,95 @@ p.add_argument("--seeds", type=int, default=5)
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--out", default=None)
+p.add_argument("--routes", action="store_true", help="sd per projection class and route (no model)")
+p.add_argument("--zoo-costs", default="", help="comma list of zoo models: modelled sketch cost per step")
 args = p.parse_args()
 torch.manual_seed(0)
+
+
+def route_table(ks: list[int], seeds: int, n: int = 32, view: tuple[int, int] = (48, 96)) -> list[str]:
+    """Markdown rows: kind, route, T, k, sd per example and of the batch sum in units of √(2/k), mean error."""
+    from gradcoh.logger.grads import Factored
+    from gradcoh.logger.sketch import KINDS, Projection
+
+    rows_out = ["| projection | route | T | k | sd per example / √(2/k) | sd batch sum / √(2/k) | mean ‖s‖²/‖g‖² − 1 |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+    rows, cols = view
+    for kind in KINDS:
+        for route in ("dense", "factored", "indexed"):
+            for t in (1, 4, 64):
+                gen = torch.Generator().manual_seed(t)
+                v = torch.randn(n, t, cols, generator=gen, dtype=torch.float64)
+                if route == "indexed":
+                    form = Factored(None, v, rows_index=torch.randint(0, rows, (n, t), generator=gen), n_rows=rows)
+                else:
+                    form = Factored(torch.randn(n, t, rows, generator=gen, dtype=torch.float64), v)
+                dense = form.materialise()
+                flat = dense.m.reshape(n, -1)
+                form = dense if route == "dense" else form
+                norms, total = flat.square().sum(1), flat.sum(0).square().sum()
+                for k in ks:
+                    per, batch = [], []
+                    for seed in range(seeds):
+                        s_ = form.sketch(Projection.create(seed, "w", view, k, kind))
+                        per.append((s_.square().sum(1) / norms - 1).numpy())
+                        batch.append(float(s_.sum(0).square().sum() / total - 1))
+                    per_a, unit = np.concatenate(per), np.sqrt(2 / k)
+                    rows_out.append(f"| {kind} | {route} | {t} | {k} | {per_a.std() / unit:.2f} | "
+                                    f"{np.std(batch) / unit:.2f} | {per_a.mean():+.4f} |")
+    return rows_out
+
+
+def zoo_costs(models: list[str], ks: list[int]) -> list[str]:
+    """Markdown rows: model, k, per step: projections chosen, modelled ms now and with CountSketch everywhere."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_overhead import default_batch, make_zoo_case
+    from gradcoh.logger import sketch as sk
+    from gradcoh.logger.costs import SKETCH_COSTS
+
+    out = ["| model | k | tensorsketch / countsketch parameters | modelled sketch ms/step | of which materialising "
+           "factors | with CountSketch only |", "|---|---:|---:|---:|---:|---:|"]
+    for name in models:
+        for k in ks:
+            case = make_zoo_case(name, default_batch(name), 0, "cpu")
+            model, n = case["models"]["default"], default_batch(name)
+            seen: dict[str, tuple] = {}
+            get = sk.ProjectionTable.get
+
+            def spy(self, pname, view, forms, device, get=get, seen=seen):
+                proj = get(self, pname, view, forms, device)
+                seen[pname] = (view, forms, proj.kind)
+                return proj
+
+            sk.ProjectionTable.get = spy
+            try:
+                store = Path(tempfile.mkdtemp()) / f"{name}-{k}.zarr"
+                with GradientLogger(model, store, sketch_dim=k) as g:
+                    with g.record(0):
+                        case["loss"](model, case["batch"]).mean().backward()
+            finally:
+                sk.ProjectionTable.get = get
+            now = sum(sk.PROJECTIONS[kind].cost(view, k, f) for view, forms, kind in seen.values() for f in forms)
+            count = sum(sk.CountSketch.cost(view, k, f) for view, forms, _ in seen.values() for f in forms)
+            mat = sum(SKETCH_COSTS.gemm * f[1] * view[0] * view[1] for view, forms, kind in seen.values()
+                      for f in forms if kind == "countsketch" and f[0] == "factored")
+            kinds = [kind for _, _, kind in seen.values()]
+            out.append(f"| {name} | {k} | {kinds.count('tensorsketch')} / {kinds.count('countsketch')} | "
+                       f"{now * n / 1e6:.1f} | {mat * n / 1e6:.1f} | {count * n / 1e6:.1f} |")
+            print(out[-1], flush=True)
+    return out
+
+
+if args.zoo_costs:
+    print("\n".join(zoo_costs(args.zoo_costs.split(","), [int(k) for k in args.ks.split(",")])))
+    raise SystemExit
+
+if args.routes:
+    print(f"# every route, view {(48, 96)}, 32 examples, {args.seeds} seeds")
+    print("\n".join(route_table([int(k) for k in args.ks.split(",")], args.seeds)))
+    raise SystemExit
 
 
 def small_cnn():  # 3 conv + 2 linear, 32×32×3 (the benchmark model)
