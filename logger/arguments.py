@@ -92,3 +92,11 @@ def bind(name: str, func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]
         return None
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def op_name(func: Callable) -> str:
+    """The name of an op as the layout rules know it (``linear``, ``__add__``, ``T`` for the property ``.T``)."""
+    name = getattr(func, "__name__", str(func))
+    if name == "__get__":  # properties such as .T / .mT
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name

@@ -175,7 +175,7 @@ class StepRecorder:
 
     def _on_use(self, use: Use) -> None:
         uses = self._state.uses
-        params = {id(p) for src in use.diff.values() for p in uses.roots(src)}
+        params = {id(p) for src in use.diff.values() for p in uses.derivations.roots(src)}
         use.layers = [t for t in self.trackers if any(id(p) in params for p in t.params)]
         for t in use.layers:
             t.capture.add_use(use)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .arguments import map_tensors, tensors
+from .arguments import map_tensors, op_name, tensors
 from .batchgrad import BatchGradient
 from .capture import Call, LayerCapture
 from .fused import fill_slot
@@ -44,7 +44,7 @@ from .plan import LayerPlan, Source
 from .results import LayerResults, MicroStats, dots, guard_vectors
 from .sketch import Projection, ProjectionTable
 from .usegrads import use_gradients
-from .uses import Use, op_name
+from .uses import Use
 
 if TYPE_CHECKING:
     from .step import StepState

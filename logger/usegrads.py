@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
-from .arguments import bind
+from .arguments import bind, op_name
+from .derived import Node, Origin
 from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
 from .layout import _ELEMENTWISE as ELEMENTWISE
 from .ops import embedding, linear, norm
-from .uses import Node, Origin, Use, op_name
+from .uses import Use
 
 if TYPE_CHECKING:
     from .uses import UseTracker

@@ -33,77 +33,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .arguments import tensor_args
+from .arguments import op_name, tensor_args
 from .attention import multi_head_attention_forward
+from .derived import DROPOUTS, Derivations, Origin
 from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, conv_arguments
 from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
 
 log = logging.getLogger(__name__)
-
-@dataclass(eq=False)
-class Node:
-    """How a derived tensor was computed: the op, its arguments, and which of them came from parameters.
-
-    Attributes:
-        func: The op.
-        flat: The op's arguments, flattened (``torch.utils._pytree``); tensors from parameters stay as they were.
-        spec: Their tree structure.
-        parents: ``{leaf position: Parameter | Node}`` of the arguments that are parameters or derived tensors,
-            resolved when the op ran (an in-place op on a derived tensor gets the earlier node as its parent).
-        output: Position of the tensor among the op's tensor outputs.
-    """
-
-    func: Callable
-    flat: list
-    spec: Any
-    parents: dict[int, Any]
-    output: int
-
-    def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Re-run the op with the parents' leaves replaced by ``values``."""
-        leaves = list(self.flat)
-        inplace = _inplace(self.func, pytree.tree_unflatten(self.flat, self.spec)[1])
-        for i, v in values.items():
-            leaves[i] = v.clone() if inplace else v  # an in-place op (ReLU(inplace=True)) must not write into its input
-        a, k = pytree.tree_unflatten(leaves, self.spec)
-        res = self.func(*a, **k)
-        return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
-
-
-_DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
-
-
-def _inplace(func: Callable, kwargs: dict) -> bool:
-    """Whether an op writes into its first argument (``zero_``, ``__iadd__``, ``F.relu(x, inplace=True)``)."""
-    name = op_name(func)
-    return (name.endswith("_") and not name.startswith("__")) or name.startswith("__i") or kwargs.get("inplace") is True
-
-
-@dataclass(eq=False)
-class _WriteThrough:
-    """A derived tensor after an in-place op on a view of it: ``base`` with the view rewritten by the op.
-
-    Swin-V2 clones the qkv bias and zeroes its key part in place through a slice; the bias that reaches
-    ``F.linear`` is then this function of the clone.
-    """
-
-    view: Node
-    base_position: int
-    op: Node
-
-    def __call__(self, base: torch.Tensor) -> torch.Tensor:
-        base = base.clone()
-        view = self.view.call({self.base_position: base})
-        leaves = list(self.op.flat)
-        leaves[0] = view
-        a, k = pytree.tree_unflatten(leaves, self.op.spec)
-        self.op.func(*a, **k)
-        return base
-
-
-Origin = Any
-"""A parameter or a :class:`Node`: where a parameter-derived argument of a use came from."""
-
 
 @dataclass(eq=False)
 class Use:
@@ -144,14 +80,6 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def op_name(func: Callable) -> str:
-    """The name of an op as the layout rules know it (``linear``, ``__add__``, ``T`` for the property ``.T``)."""
-    name = getattr(func, "__name__", str(func))
-    if name == "__get__":  # properties such as .T / .mT
-        name = getattr(getattr(func, "__self__", None), "__name__", name)
-    return name
-
-
 def _apply_fused_linear(slot: Slot, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     return FusedLinear.apply(x, weight, bias, slot)
@@ -175,7 +103,7 @@ class UseTracker(TorchFunctionMode):
         self.on_use = on_use
         self.on_grad = on_grad
         self.layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # data tensor -> Layout
-        self.derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # derived tensor -> Node
+        self.derivations = Derivations(params)  # tensors computed from parameters and constants only
         self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
         self._paused = 0  # > 0 while gradcoh itself runs ops (observing one, a rule, fused mode's own linear)
@@ -190,23 +118,13 @@ class UseTracker(TorchFunctionMode):
         if self.n is None:
             self.n = n
         for t in leaves:
-            if t.shape[0] == n and t not in self.layouts and not self.is_derived(t):
+            if t.shape[0] == n and t not in self.layouts and not self.derivations.is_derived(t):
                 self.layouts[t] = (0, 1)
         return n
 
     def layout(self, t: torch.Tensor) -> Layout | None:
         """The example layout of ``t``, or None when it does not carry the batch."""
         return self.layouts.get(t)
-
-    def origin(self, t: torch.Tensor) -> Origin | None:
-        """The parameter or derivation node behind ``t``, or None for data and constants."""
-        if id(t) in self.params:
-            return self.params[id(t)]
-        return self.derived.get(t)
-
-    def is_derived(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` was computed from parameters and constants only (or is a parameter)."""
-        return id(t) in self.params or t in self.derived
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -234,7 +152,7 @@ class UseTracker(TorchFunctionMode):
     def reset(self) -> None:
         """Forget the tensors of a finished micro-batch."""
         self.layouts = WeakIdKeyDictionary()
-        self.derived = WeakIdKeyDictionary()
+        self.derivations = Derivations(self.params)
         self._owned.clear()
         self.n = None
 
@@ -249,7 +167,7 @@ class UseTracker(TorchFunctionMode):
             return out
         data, diff = [], []
         for pos, t in tensor_args(args, kwargs):
-            if id(t) in self.params or t in self.derived:
+            if self.derivations.is_derived(t):
                 diff.append((pos, t))
             else:
                 lay = self.layouts.get(t)
@@ -260,46 +178,21 @@ class UseTracker(TorchFunctionMode):
         with self.paused():
             self._observe_or_lose(func, args, kwargs, out, data, diff)
             if rng is not None:
-                self._freeze_dropout(args, kwargs, out, rng)
+                self.derivations.freeze_dropout(args, kwargs, out, rng)
         return out
 
     def _run(self, func: Callable, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor | None]:
         """Call the op (through its fused Function for fused weights): ``(output, random state or None)``.
 
-        The random state is the one a dropout of a parameter-derived tensor started from (:meth:`_freeze_dropout`).
+        The random state is the one a dropout of a parameter-derived tensor started from
+        (:meth:`~gradcoh.logger.derived.Derivations.freeze_dropout`).
         """
         rng = None
-        if not self._paused and op_name(func) in _DROPOUTS and args and self.is_derived(args[0]):
+        if not self._paused and op_name(func) in DROPOUTS and args and self.derivations.is_derived(args[0]):
             rng = torch.cuda.get_rng_state(args[0].device) if args[0].is_cuda else torch.get_rng_state()
         if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
             return self._fused(func, args, kwargs), rng
         return func(*args, **kwargs), rng
-
-    def _freeze_dropout(self, args: tuple, kwargs: dict, out: Any, rng: torch.Tensor) -> None:
-        """A dropout of a parameter-derived tensor (DeBERTa's relative embeddings) becomes ``x · noise``.
-
-        With the forward's own noise, pulling gradients back through it uses the batch forward's mask. The noise is
-        regenerated from the random state the op started from, as the CPU kernel draws it (``bernoulli_(1 - p) /
-        (1 - p)``), and kept only if ``x · noise`` is the op's output to the last bit; else, where ``x`` has no zeros,
-        it is read off the output. Otherwise the derivation stays random and pulling back through it is refused by
-        ``torch.func``.
-        """
-        x = args[0]
-        p = float(args[1] if len(args) > 1 else kwargs.get("p", 0.5))
-        if not isinstance(out, torch.Tensor) or out not in self.derived or not 0 < p < 1 or out is x:
-            return
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            if x.is_cuda:
-                torch.cuda.set_rng_state(rng, x.device)
-            else:
-                torch.set_rng_state(rng)
-            noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
-        if not torch.equal(x * noise, out):
-            noise = (out != 0).to(out.dtype) / (1 - p)
-            if bool((x == 0).any()) or not torch.equal(x * noise, out):
-                return
-        flat, spec = pytree.tree_flatten(((x, noise.detach()), {}))
-        self.derived[out] = Node(torch.mul, flat, spec, {0: self.origin(x)}, 0)
 
     def _observe_or_lose(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
         """:meth:`_observe`, failing closed.
@@ -333,7 +226,7 @@ class UseTracker(TorchFunctionMode):
     def _observe(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
         outs = _tensors(out)
         if not data:  # parameters and constants only: a derived tensor
-            self._derive(func, args, kwargs, outs)
+            self.derivations.derive(func, args, kwargs, outs)
             return
         name = op_name(func)
         if name in CONSTANT:
@@ -353,32 +246,6 @@ class UseTracker(TorchFunctionMode):
             return
         self._use(func, args, kwargs, outs[0], lays[0], data, diff)
 
-    def _derive(self, func: Callable, args: tuple, kwargs: dict, outs: list[torch.Tensor]) -> None:
-        """Remember how tensors computed from parameters and constants only were made."""
-        if not any(o.requires_grad for o in outs):
-            return
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        parents = {i: self.origin(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
-        for i, o in enumerate(outs):
-            if o.requires_grad:
-                self.derived[o] = Node(func, flat, spec, parents, i)
-        if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
-            self._write_through(outs[0])
-
-    def _write_through(self, view: torch.Tensor) -> None:
-        """An in-place op on a view of a derived tensor changed the tensor it views: re-derive that tensor."""
-        base = view._base
-        op = self.derived.get(view)
-        before = None if op is None else op.parents.get(0)
-        if base is None or base not in self.derived or not isinstance(before, Node):
-            return
-        old = self.derived[base]
-        positions = [i for i, src in before.parents.items() if src is old]
-        if len(positions) != 1:
-            return
-        flat, spec = pytree.tree_flatten(((base,), {}))
-        self.derived[base] = Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0)
-
     def _setitem(self, args: tuple, data: list) -> None:
         target = args[0]
         if any(t is target for _, t, _ in data):
@@ -394,7 +261,7 @@ class UseTracker(TorchFunctionMode):
         flat, spec = pytree.tree_flatten((args, kwargs))
         positions = {id(x): i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)}
         data_pos = {positions[id(t)]: lay for _, t, lay in data}
-        diff_pos = {positions[id(t)]: self.origin(t) for _, t in diff}
+        diff_pos = {positions[id(t)]: self.derivations.origin(t) for _, t in diff}
         shapes = {positions[id(t)]: tuple(t.shape) for _, t in diff}
         versions = [(flat[i], flat[i]._version) for i in data_pos]
         detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
@@ -405,12 +272,3 @@ class UseTracker(TorchFunctionMode):
     def _grad(self, use: Use, g: torch.Tensor) -> None:
         use.grads = g.detach()
         self.on_grad(use)
-
-    def roots(self, source: Origin) -> list[torch.nn.Parameter]:
-        """The tracked parameters a parameter or derivation node comes from."""
-        if not isinstance(source, Node):
-            return [source]
-        out: list[torch.nn.Parameter] = []
-        for parent in source.parents.values():
-            out += [p for p in self.roots(parent) if all(p is not q for q in out)]
-        return out
