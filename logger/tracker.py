@@ -43,7 +43,7 @@ from .grads import (
     probe,
     split_params,
 )
-from .layout import Unknown
+from .layout import Row
 from .plan import LayerPlan, Source
 from .sketch import Projection
 from .uses import Use, UseTracker, use_gradients
@@ -75,6 +75,13 @@ class StepState:
         trackers: The layer trackers filling this state.
         keep_forms: Keep each layer's per-example gradients (factors) until the end of the step, for their inner
             products with the batch sum, known only then (``alignment=True``).
+        observed: Micro-batch -> the weight each example's loss term carries in the backward loss, read from the
+            backward pass when per-example losses are given (``rec.loss``); it replaces ``scale_by_batch``.
+        declared: The ``loss_reduction`` the user declared (None: not declared), checked against ``observed``.
+        on_loss: Called with the per-example losses given to ``rec.loss`` (the verifier and the weights).
+        truth: The verifier's captured example gradient (:class:`~gradcoh.logger.verify.Truth`), or None.
+        mixed: ``(op, module)`` of an op that mixes the examples along the batch axis and that the running backward
+            pass went through: the per-example gradients of the layers before it cannot be split by example.
     """
 
     n_groups: int
@@ -93,6 +100,11 @@ class StepState:
     device: torch.device | None = None
     trackers: list[LayerTracker] = field(default_factory=list)
     keep_forms: bool = False
+    mixed: tuple[str, str] | None = None
+    observed: dict[int, float] = field(default_factory=dict)
+    declared: str | None = None
+    on_loss: Any = None
+    truth: Any = None
 
     def batch_size(self, n: int) -> int:
         """Register a forward with ``n`` examples in the current micro-batch; returns the micro-batch size."""
@@ -107,7 +119,34 @@ class StepState:
 
     def scale(self, micro: int | None = None) -> float:
         """Factor from the batch loss's terms to each example's own loss (current micro-batch by default)."""
-        return float(self.sizes[self.micro if micro is None else micro]) if self.scale_by_batch else 1.0
+        micro = self.micro if micro is None else micro
+        if micro in self.observed:
+            return self.loss_scale / self.observed[micro]
+        return float(self.sizes[micro]) if self.scale_by_batch else 1.0
+
+    def observe(self, micro: int, grad: torch.Tensor) -> None:
+        """The gradient reaching the per-example losses of micro-batch ``micro``: each term's weight in the loss.
+
+        Raises:
+            ValueError: The weights differ between examples, or contradict the declared ``loss_reduction``.
+        """
+        w = grad.detach().reshape(-1).to(torch.float64)
+        first = float(w[0])
+        if first == 0.0 or not bool(((w - first).abs() <= 1e-5 * abs(first)).all()):
+            raise ValueError(
+                "the examples' loss terms carry different weights in the loss (or zero weight); gradcoh stores each "
+                "example's own term and needs one common weight (a mean or a sum over the examples, any scale)"
+            )
+        self.observed[micro] = first
+        if self.declared is not None:
+            n = w.shape[0]
+            expect = self.loss_scale / n if self.declared == "mean" else self.loss_scale
+            if abs(first - expect) > 1e-5 * abs(expect):
+                raise ValueError(
+                    f"loss_reduction='{self.declared}' was declared but each example's loss term carries the weight "
+                    f"{first:.6g} in the loss ({expect:.6g} expected for {n} examples). With rec.loss(losses) the "
+                    "weights are read from the backward pass: drop loss_reduction, or make the loss match it"
+                )
 
     def weights(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[n, G-1]`` one-hot group weights of the current micro-batch (the last group is implied)."""
@@ -191,6 +230,8 @@ class LayerTracker:
         self.batch_grads: list[torch.Tensor | None] = [None] * len(self.params)  # scaled, acc_dtype
         self.seen: list[torch.Tensor | None] = [None] * len(self.params)  # gradients of micro-batch 0 (from_grad)
         self.low_precision = False  # half-precision activations or gradients (autocast): a looser guard
+        self.gap = torch.zeros(())  # |Σ g_i − .grad| over the guard's tolerance (> 1: not reconciled)
+        self.terms = 0  # entries of the output gradients summed into the batch gradient (the guard's rounding)
         self.kept: dict[int, tuple[float, list[list[ParamGrad]]]] = {}  # micro-batch -> (scale, forms per param)
         self.ref_dots: dict[int, torch.Tensor] = {}  # micro-batch -> [n] float64 g_i · R
 
@@ -217,7 +258,11 @@ class LayerTracker:
         call = _Call(source, detached[0], detached[1], versions, r, slot=slot)
         self._calls.append(call)
         if len(outs) == 1:
-            outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
+            uses.paused += 1  # reading ._base is not an op of the model
+            try:
+                _on_output_grad(outs[0], leaves, lambda g: self._on_grads(call, (g,)))
+            finally:
+                uses.paused -= 1
         else:
             positions = [i for i, o in enumerate(outs) if o.requires_grad]
 
@@ -231,13 +276,18 @@ class LayerTracker:
 
     def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> int:
         n = self._state.n
-        if isinstance(lay, Unknown) and n > 1:
+        if isinstance(lay, Row) and n > 1:
+            raise ValueError(
+                f"module '{source.name}' ({type(source.module).__name__}) is called on one example's rows (a loop "
+                "over the examples); call it on the whole batch, or exclude the layer with layers=..."
+            )
+        if not isinstance(lay, tuple) and n > 1:
             raise ValueError(
                 f"module '{source.name}' ({type(source.module).__name__}): gradcoh cannot tell which rows of its "
                 f"input belong to which example after the op '{lay.op}'; register a rule for the module that calls "
                 "it, or exclude the layer with layers=..."
             )
-        if isinstance(lay, Unknown):
+        if not isinstance(lay, tuple):
             return max(first.shape[0], 1)
         axis, r = lay
         if axis != 0:
@@ -257,6 +307,8 @@ class LayerTracker:
         self.maybe_process()
 
     def _on_grads(self, call: _Call, grads: tuple) -> None:
+        if self._state.uses.verifying:
+            return
         if not any(c is call for c in self._calls):  # its forward was consumed by an earlier backward (retain_graph)
             raise RuntimeError(
                 f"layer '{self.name}': a second backward pass through the same forward inside one record block "
@@ -275,6 +327,8 @@ class LayerTracker:
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
         state = self._state
+        if state.uses.verifying:
+            return
         state.params_reached = True
         self._queue_end_of_backward()
         if state.from_grad:
@@ -317,6 +371,14 @@ class LayerTracker:
             return
         self._check_unmodified(calls)
         state = self._state
+        if state.mixed is not None:
+            op, where = state.mixed
+            raise ValueError(
+                f"layer '{self.name}': its output reaches the loss through the op '{op}' in '{where}', which mixes "
+                "the examples along the batch axis (or gradcoh cannot follow the batch through it), so its "
+                "per-example gradients cannot be split by example. Keep each example's rows to itself there, name "
+                "the inputs that carry the batch with batch_inputs=..., or exclude the layer with layers=..."
+            )
         self._busy = True
         state.uses.paused += 1
         try:
@@ -347,6 +409,7 @@ class LayerTracker:
                 self.low_precision = True
             grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
                             for c in group])
+            self.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
                 grad = _fill_slot(grad, group[0].slot)
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
@@ -364,6 +427,7 @@ class LayerTracker:
                 except RuntimeError as err:
                     raise RuntimeError(f"layer '{self.name}': {err}") from err
             self.low_precision |= _is_half(use.grads)
+            self.terms += use.grads.numel()
             out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]
         return out
 
@@ -532,8 +596,33 @@ class LayerTracker:
         want = want.to(torch.float64)
         total = got.double().sum(0) if got is not None else torch.zeros_like(want)
         spread = got.double().abs().sum(0) if got is not None else torch.zeros_like(want)
-        tol = _tolerance(torch.bfloat16 if self.low_precision else self.params[0].dtype)
-        return ((total - want).abs() <= tol * (spread + want.abs()) + 1e-30).all()
+        self.gap = (total - want).abs() / (self.tolerance() * self._magnitude(spread + want.abs()) + 1e-30)
+        return (self.gap <= 1).all()
+
+    def tolerance(self) -> float:
+        """The guard's tolerance relative to :meth:`_magnitude`: the float rounding of the sums it compares.
+
+        Both sides are sums of the same ``K`` products (``K``: the entries of the output gradients the layer's
+        batch gradient accumulates) in different orders, in the parameters' precision (unit roundoff ``u``), so they
+        differ by about ``u·√K`` times the magnitude of the compared values (random-walk rounding); ``GUARD_MARGIN``
+        covers the spread of that estimate. Half-precision layers (autocast) use a fixed 5e-2.
+        """
+        if self.low_precision or self.params[0].dtype in (torch.float16, torch.bfloat16):
+            return 5e-2
+        u = torch.finfo(self.params[0].dtype).eps / 2
+        return GUARD_MARGIN * u * max(self.terms, 1) ** 0.5
+
+    def _magnitude(self, spread: torch.Tensor) -> torch.Tensor:
+        """Scale of the probes' rounding.
+
+        ``√Σᵢ‖gᵢ‖²`` (a Gaussian probe of ``g`` has standard deviation ``‖g‖``), plus ``spread/√K`` for per-example
+        sums that cancel (``spread``: ``Σᵢ|aᵀgᵢb| + |aᵀGb|``).
+        """
+        sq = torch.cat(list(self.sq.values())).double().sum() if self.sq else torch.zeros((), dtype=torch.float64)
+        half = self.low_precision or self.params[0].dtype in (torch.float16, torch.bfloat16)
+        if half:  # the former relative guard: the sums' own magnitude
+            return spread
+        return sq.to(spread.device).sqrt() + spread / max(self.terms, 1) ** 0.5
 
     def per_example(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused)."""
@@ -574,6 +663,30 @@ class LayerTracker:
         return out
 
 
+def _on_output_grad(out: torch.Tensor, inputs: list[torch.Tensor], fn: Any) -> None:
+    """Call ``fn`` with the gradient of a module's output ``out``, also when an in-place op modifies it afterwards.
+
+    A tensor hook on ``out`` fires for the version of ``out`` the backward pass reaches. When ``out`` is a view of a
+    tensor made inside the module (``nn.Linear`` on 3-D input returns ``addmm(...).view(...)``), an in-place op on
+    it (``ReLU(inplace=True)``, ``+=``, ``masked_fill_``) rebases the view and that hook never fires; the gradient
+    with respect to the module's output then exists only where the base was made, so it is taken there (a pre-hook on
+    the base's node, reshaped to ``out``), for whichever version follows.
+    """
+    base = out._base
+    node = None if base is None else base.grad_fn
+    if (node is None or base.numel() != out.numel() or not out.is_contiguous()
+            or any(base is x or base is x._base for x in inputs)):
+        out.register_hook(fn)
+        return
+    nr, shape = base.output_nr, out.shape
+
+    def pre(grads: tuple) -> None:
+        if grads[nr] is not None:
+            fn(grads[nr].reshape(shape))
+
+    node.register_prehook(pre)
+
+
 def _fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
     """Fused mode: materialise a Linear call's per-example gradients and leave their sum for its backward.
 
@@ -597,8 +710,8 @@ def _dots(per_param: list[list[ParamGrad]], against: list[torch.Tensor], n: int,
     return total
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
+GUARD_MARGIN = 6.0
+"""Factor over the random-walk rounding estimate ``u·√K`` in the guard's tolerance (measured: see tolerance())."""
 
 
 def _is_half(x: Any) -> bool:
