@@ -43,19 +43,41 @@ __all__ = [
     "noise_scale",
 ]
 
-Source = Literal["exact", "sketch"]
+Source = Literal["exact", "sketch"] | None
 By = str | xr.DataArray | None
+LABEL_DIM = "label"
+"""The subset dimension of a ``by="label"`` result (one entry per label value; ``group`` for groups and masks)."""
 Layers = str | Sequence[str] | None
 
 
-def _check_source(source: str) -> None:
-    if source not in ("exact", "sketch"):
-        raise ValueError(f"source must be 'exact' or 'sketch', got {source!r}")
+def _check_source(source: str | None) -> None:
+    if source not in (None, "exact", "sketch"):
+        raise ValueError(f"source must be None, 'exact' or 'sketch', got {source!r}")
+
+
+def _subset_source(by: str | xr.DataArray, source: str | None) -> str:
+    """The numerator source of a subset split: exact only for the logger's groups (``group_gram``).
+
+    Raises:
+        ValueError: ``source="exact"`` asked for a subset the store holds no exact sums for (labels, masks).
+
+    """
+    has_exact = isinstance(by, str) and by == "group"
+    if source == "exact" and not has_exact:
+        what = f"by={by!r}" if isinstance(by, str) else "a mask subset"
+        raise ValueError(
+            f"m-coherence {what} has no exact value: the logger stores exact subset sums only for its groups "
+            "(group_gram). Pass source='sketch' for the sketch estimate (relative sd about sqrt(2/k)), or log the "
+            "subsets as groups (GradientLogger(groups=...), record(group=...)) and use by='group'"
+        )
+    if source is None:
+        return "exact" if has_exact else "sketch"
+    return source
 
 
 def _whole_batch_parts(ds: xr.Dataset, source: str, replicate: bool) -> xr.Dataset:
     den = ds[schema.SQ_NORM].reset_coords(drop=True).sum(schema.DIM_EXAMPLE)
-    if source == "exact":
+    if source != "sketch":
         num = ds[schema.SUM_SQ_NORM].reset_coords(drop=True)
     else:
         num = sketch_numerator(ds, None, replicate=replicate)
@@ -64,8 +86,9 @@ def _whole_batch_parts(ds: xr.Dataset, source: str, replicate: bool) -> xr.Datas
     return xr.Dataset({"numerator": num, "denominator": den, "m": m})
 
 
-def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str, replicate: bool) -> tuple[xr.Dataset, str]:
-    exact = isinstance(by, str) and by == "group" and source == "exact"
+def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str | None,
+                  replicate: bool) -> tuple[xr.Dataset, str]:
+    exact = _subset_source(by, source) == "exact"
     if not exact:
         require_sketches(ds)  # before membership, which may warn about missing labels
     member = membership(ds, by)
@@ -75,7 +98,7 @@ def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str, replicate
     return xr.Dataset({"numerator": num, "denominator": den, "m": m}), ("exact" if exact else "sketch")
 
 
-def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", layers: Layers = None,
+def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = None, layers: Layers = None,
                     replicate: bool = False) -> xr.Dataset:
     """Per-layer numerators ‖Σ g‖², denominators Σ‖g‖² and sizes m, the ingredients of every coherence result.
 
@@ -83,7 +106,8 @@ def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", 
         ds: A store Dataset (:func:`~gradcoh.analysis.open_store`).
         by: ``None``, ``"group"``, ``"label"`` or a ``(step, example)`` bool/int DataArray (see
             :func:`~gradcoh.analysis.subsets.membership`).
-        source: ``"exact"`` or ``"sketch"`` numerators. Subsets other than the logger's groups always use sketches.
+        source: ``"exact"``, ``"sketch"`` or ``None`` (exact where the store has exact sums: the whole batch and the
+            logger's groups; the sketch estimate for labels and masks). ``"exact"`` with labels or a mask raises.
         layers: Layer name pattern(s) (glob or regex).
         replicate: Sketch numerators get a ``replicate`` dimension of jackknife copies
             (:mod:`gradcoh.analysis.jackknife`); exact numerators have none.
@@ -93,13 +117,14 @@ def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = "exact", 
         attribute ``numerator_source`` says which numerator was used.
 
     Raises:
-        ValueError: Bad ``source``/``by``/``layers``, or sketches needed but absent.
+        ValueError: Bad ``source``/``by``/``layers``, ``source="exact"`` for a subset without exact sums (labels,
+            masks), or sketches needed but absent.
 
     """
     _check_source(source)
     ds = select_layers(ds, layers)
     if by is None:
-        parts, used = _whole_batch_parts(ds, source, replicate), source
+        parts, used = _whole_batch_parts(ds, source, replicate), source or "exact"
     else:
         parts, used = _subset_parts(ds, by, source, replicate)
     parts.attrs["numerator_source"] = used
@@ -122,7 +147,7 @@ def m_coherence(
     *,
     per_layer: bool = False,
     by: By = None,
-    source: Source = "exact",
+    source: Source = None,
     layers: Layers = None,
     stderr: bool = False,
 ) -> xr.DataArray | xr.Dataset:
@@ -139,13 +164,17 @@ def m_coherence(
             ``labels=`` warns with :class:`~gradcoh.analysis.io.MissingMetadataWarning` and gives no subset), or a
             ``(step, example)`` DataArray: boolean (one subset, named after the array) or integer (one subset per
             distinct value ≥ 0). Padding is excluded by position (:func:`~gradcoh.analysis.io.valid_examples`).
-        source: ``"exact"`` or ``"sketch"`` numerators (subsets other than groups always use sketches).
+        source: ``"exact"``, ``"sketch"`` or ``None`` (the default: exact for the whole batch and the logger's
+            groups, the sketch estimate for labels and masks, the only numerator the store has for them; the
+            result's ``numerator_source`` attribute says which). ``source="exact"`` with ``by="label"`` or a mask
+            raises ``ValueError``: it is never answered with an estimate.
         layers: Layer name pattern(s) (glob or regex); the total is over the selected layers.
         stderr: Return a Dataset with ``m_coherence`` and ``m_coherence_stderr``, the jackknife standard error of
             sketch values (:mod:`gradcoh.analysis.jackknife`; 0 for exact values).
 
     Returns:
-        DataArray over ``step`` (+ ``layer`` if ``per_layer``, + ``group`` if ``by``), with coordinate ``m`` (the
+        DataArray over ``step`` (+ ``layer`` if ``per_layer``, + ``label`` for ``by="label"``, whose values are the
+        labels, or ``group`` for groups and masks), with coordinate ``m`` (the
         examples behind each value); NaN where there is no example, and NaN (with a ``RuntimeWarning``) at steps
         whose gradients were not finite or not reconciled (``finite``/``reconciled`` False; per layer with
         ``per_layer``). A Dataset with ``stderr=True``.
@@ -160,7 +189,7 @@ def m_coherence(
     return jackknife.with_stderr(coh) if stderr else coh
 
 
-def _m_coherence(ds: xr.Dataset, *, per_layer: bool = False, by: By = None, source: Source = "exact",
+def _m_coherence(ds: xr.Dataset, *, per_layer: bool = False, by: By = None, source: Source = None,
                  layers: Layers = None, replicate: bool = False) -> xr.DataArray:
     """:func:`m_coherence`, with a ``replicate`` dimension for sketch values when ``replicate``."""
     parts = coherence_parts(ds, by=by, source=source, layers=layers, replicate=replicate)
@@ -170,7 +199,8 @@ def _m_coherence(ds: xr.Dataset, *, per_layer: bool = False, by: By = None, sour
     dims = [d for d in (jackknife.REPLICATE_DIM, schema.DIM_STEP, schema.DIM_LAYER, SUBSET_DIM) if d in num.dims]
     values = _ratio(num, den).transpose(*dims)
     values = mask_nonfinite(values, select_layers(ds, layers), per_layer=per_layer)
-    return _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
+    values = _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
+    return values.rename({SUBSET_DIM: LABEL_DIM}) if isinstance(by, str) and by == "label" else values
 
 
 def _alpha_of(coh: xr.DataArray) -> xr.DataArray:

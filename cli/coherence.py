@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from gradcoh.cli.errors import reported
@@ -40,16 +39,14 @@ class Source(enum.StrEnum):
     sketch = "sketch"
 
 
-def _renamed(analyse: Callable[[Any], Any], names: dict[str, str]) -> Callable[[Any], Any]:
-    return lambda ds: analyse(ds).rename(names)
-
-
 def coherence(
     store: StoreArg,
     stream: StreamOpt = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="One value per layer.")] = False,
     by: Annotated[SplitBy | None, typer.Option("--by", help="Split by logger group or by label.")] = None,
-    source: Annotated[Source, typer.Option("--source", help="Exact or sketch-based numerators.")] = Source.exact,
+    source: Annotated[Source | None, typer.Option(
+        "--source", help="exact or sketch numerators (default: exact for the whole batch and groups, sketch for "
+        "labels; --source exact --by label is an error).")] = None,
     layers: LayersOpt = None,
     stderr: StderrOpt = False,
     fmt: FormatOpt = OutFormat.table,
@@ -64,9 +61,7 @@ def coherence(
 
         analyse = partial(
             analysis.m_coherence,
-            per_layer=per_layer, by=by.value if by else None, source=source.value, layers=layers or None,
-            stderr=stderr,
+            per_layer=per_layer, by=by.value if by else None, source=source.value if source else None,
+            layers=layers or None, stderr=stderr,
         )
-        if by is SplitBy.label:  # the subsets are labels: name the column so
-            analyse = _renamed(analyse, {"group": "label"})
         emit_analysis(store, stream, analyse, fmt, out, scheduler=scheduler, workers=workers, progress=progress)

@@ -45,9 +45,16 @@ class KernelCosts:
 
 
 ONE_CPU_CORE = KernelCosts(gemm=0.02, scatter=1.9, fft=0.4)
-"""Fixed constants from the first profile on one CPU core (scripts/profile_logger.py): used when not calibrating,
-and always for the sketch kind, which must not depend on the machine (today's measurement on that core:
-gemm 0.022, scatter 0.85, fft 0.08)."""
+"""Fixed constants from the first profile on one CPU core (scripts/profile_logger.py): used when not calibrating
+(today's measurement on that core: gemm 0.022, scatter 0.85, fft 0.08)."""
+
+
+SKETCH_COSTS = KernelCosts(gemm=0.025, scatter=0.65, fft=0.15)
+"""Fixed constants for choosing the kind of a sketch projection (:func:`gradcoh.logger.sketch.choose_projection`):
+never measured, so that every machine, rank and resumed run makes the same choice. From one CPU core on
+2026-12-02 with the kernels the sketches run: a batched GEMM 0.025 ns per multiply-add, ``scatter_add_``
+0.60–0.75 ns per element, a real FFT of size 256–1024 0.10–0.25 ns per ``k·log2(k)``. Changing them changes which
+parameters get which projection: bump :data:`~gradcoh.logger.sketch.SKETCH_VERSION` with them."""
 
 
 def _enabled() -> bool:

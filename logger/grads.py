@@ -15,19 +15,15 @@ weighted group sums ``Σ_n w[n, g] G_n`` (the book-keeping GEMM) and sketches.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .costs import ONE_CPU_CORE, KernelCosts, kernel_costs
-from .sketch import TENSORSKETCH_BLOCKS, Projection
+from .sketch import Form, Projection
 
 MATERIALISE_BYTES = 64 * 2**20
 """Largest per-example gradient block ``[n, rows, cols]`` the mixed rule may materialise for one layer."""
-
-SKETCH_CHUNK_ELEMENTS = 2**22
-"""Elements of the per-example gradients materialised at once to apply a CountSketch to factored gradients."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +77,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def bias_grad(delta: torch.Tensor) -> Dense:
+    """Per-example gradient of an added bias, ``Σ_t δ_t``, as ``[n, out, 1]`` (``delta``: ``[n, T, out]``).
+
+    The implicit bias column of a factored ``[W | b]`` gradient is this of its row factors.
+    """
+    return Dense(delta.sum(1).unsqueeze(2))
 
 
 @dataclass
@@ -168,11 +172,23 @@ class Factored:
         """Columns of the matrix view."""
         return self.v.shape[-1] + self.bias
 
+    def split_bias(self) -> tuple[Factored, Dense | None]:
+        """The factors without the implicit column, and that column ``Σ_t u_t`` (None without a bias).
+
+        The one place the ``bias`` flag is resolved: every reduction of a biased form is the reduction of its two
+        parts (``[G | g_b]`` has ``‖G‖² + ‖g_b‖²``, sums and sketches by column blocks).
+        """
+        if not self.bias:
+            return self, None
+        return replace(self, bias=False), bias_grad(self.u)
+
     def materialise(self) -> Dense:
         """Form ``[n, rows, cols]`` (one batched GEMM or an index-add for embeddings)."""
+        factors, bias = self.split_bias()
+        if bias is not None:
+            return Dense(*factors.materialise().blocks, *bias.blocks)
         if self.u is not None:
-            m = torch.bmm(self.u.transpose(1, 2), self.v)
-            return Dense(m, self.u.sum(1).unsqueeze(2)) if self.bias else Dense(m)
+            return Dense(torch.bmm(self.u.transpose(1, 2), self.v))
         n, t, c = self.v.shape
         out = self.v.new_zeros((n * self.n_rows, c))
         offset = (torch.arange(n, device=self.v.device) * self.n_rows).unsqueeze(1)  # [n, 1]
@@ -180,57 +196,52 @@ class Factored:
         return Dense(out.view(n, self.n_rows, c))
 
     def sq_norms(self) -> torch.Tensor:
-        """``[n]`` exact squared norms by the ghost-norm identity."""
+        """``[n]`` exact squared norms by the ghost-norm identity ``‖Σ_t u_t v_tᵀ‖² = ⟨U Uᵀ, V Vᵀ⟩``."""
+        factors, bias = self.split_bias()
+        if bias is not None:
+            return factors.sq_norms() + bias.sq_norms()
         if self.positions == 1:
-            vv = self.v.pow(2).sum((1, 2)) + self.bias
+            vv = self.v.pow(2).sum((1, 2))
             return vv if self.u is None else self.u.pow(2).sum((1, 2)) * vv
         gv = torch.bmm(self.v, self.v.transpose(1, 2))  # [n, T, T]
-        if self.bias:
-            gv += 1.0
-        if self.u is None:
-            gu = (self.rows_index.unsqueeze(2) == self.rows_index.unsqueeze(1)).to(gv.dtype)
-        else:
-            gu = torch.bmm(self.u, self.u.transpose(1, 2))
-        return (gu * gv).sum((1, 2))
+        return (_gram_u(self, self) * gv).sum((1, 2))
 
     def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """``[g, rows, cols]`` sums ``Σ_n weights[n, g] G_n`` (one GEMM per group)."""
+        factors, bias = self.split_bias()
+        if bias is not None:
+            return torch.cat([factors.group_sums(weights), bias.group_sums(weights)], dim=2)
         n, t, c = self.v.shape
         w = weights.to(self.v.dtype)
         out = []
         for g in range(w.shape[1]):
-            wn = w[:, g].view(n, 1, 1)
-            wv = (self.v * wn).reshape(n * t, c)
+            wv = (self.v * w[:, g].view(n, 1, 1)).reshape(n * t, c)
             if self.u is None:
-                s = self.v.new_zeros((self.n_rows, c)).index_add_(0, self.rows_index.reshape(-1), wv)
+                out.append(self.v.new_zeros((self.n_rows, c)).index_add_(0, self.rows_index.reshape(-1), wv))
             else:
-                s = self.u.reshape(n * t, -1).T @ wv
-                if self.bias:
-                    s = torch.cat([s, (self.u * wn).sum((0, 1)).unsqueeze(1)], dim=1)
-            out.append(s)
+                out.append(self.u.reshape(n * t, -1).T @ wv)
         return torch.stack(out)
 
     def sketch(self, projector: Projection) -> torch.Tensor:
-        """``[n, k]`` sketches.
-
-        A TensorSketch works on the factors; a CountSketch needs the gradients, materialised a few examples at a
-        time (embedding lookups, ``u = None``, are scattered directly).
-        """
+        """``[n, k]`` sketches by the projection's factored (or indexed) route; a bias column, materialised."""
+        factors, bias = self.split_bias()
+        if bias is not None:
+            return factors.sketch(projector) + projector.dense(bias.m, col_offset=factors.n_cols)
         if self.u is None:
             return projector.indexed(self.rows_index, self.v)
-        if projector.kind == "tensorsketch":
-            return projector.factored(self.u, self.v, bias=self.bias)
-        step = max(1, SKETCH_CHUNK_ELEMENTS // max(1, self.n_rows * self.n_cols))
-        return torch.cat([Factored(self.u[i : i + step], self.v[i : i + step], bias=self.bias).materialise()
-                          .sketch(projector) for i in range(0, self.n, step)])
+        return projector.factored(self.u, self.v)
+
+    def concatenates(self, other: Factored) -> bool:
+        """Whether ``self + other`` can concatenate the positions (same kind of factors, same columns)."""
+        return (self.u is None) == (other.u is None) and self.bias == other.bias and self.n_cols == other.n_cols
 
     def __add__(self, other: Factored) -> Factored:
         # Σ_t over two calls of a shared module is Σ_t over the concatenated positions.
-        if (self.u is None) != (other.u is None) or self.bias != other.bias:
+        if not self.concatenates(other):
             raise TypeError("cannot concatenate factors of different kinds")
         u = None if self.u is None else torch.cat([self.u, other.u], 1)
         idx = None if self.rows_index is None else torch.cat([self.rows_index, other.rows_index], 1)
-        return Factored(u, torch.cat([self.v, other.v], 1), idx, self.n_rows, self.bias)
+        return replace(self, u=u, v=torch.cat([self.v, other.v], 1), rows_index=idx)
 
 
 @dataclass
@@ -278,8 +289,7 @@ def combine(parts: list[LayerGrad]) -> LayerGrad:
     for part in parts[1:]:
         if isinstance(out, Composite):
             out = out + part
-        elif (isinstance(out, Factored) and isinstance(part, Factored) and out.n_cols == part.n_cols
-                and out.bias == part.bias and (out.u is None) == (part.u is None)):
+        elif isinstance(out, Factored) and isinstance(part, Factored) and out.concatenates(part):
             out = out + part
         else:
             out = as_dense(out) + as_dense(part)
@@ -291,34 +301,16 @@ def as_dense(grad: LayerGrad) -> Dense:
     return grad if isinstance(grad, Dense) else grad.materialise()
 
 
-def choose_projection(shape: tuple[int, ...], dim: int, forms: list[ParamGrad]) -> str:
-    """The sketch of one parameter, ``"countsketch"`` or ``"tensorsketch"``, from its first per-example gradients.
+def form_of(form: ParamGrad) -> Form:
+    """What the sketch cost model needs of a per-example gradient: its route and positions."""
+    if isinstance(form, Dense):
+        return "dense", 1
+    return ("indexed" if form.u is None else "factored"), form.positions
 
-    A block TensorSketch only for a matrix whose per-example gradients are all factored with one position
-    (``T = 1``: classifier heads, MLPs), and only when its ``2B`` FFTs per example cost less than materialising
-    and scattering the ``rows·cols`` entries; a CountSketch for everything else: vectors, views with one row or
-    column, kernels of three or more dimensions, matrices with at most ``dim`` entries (exact), materialised
-    gradients and gradients with several positions (where the materialisation costs about what autograd's own
-    weight gradient costs, and a TensorSketch's FFTs per position cost more). The choice depends on ``T = 1``
-    only, not on how large ``T`` is, so that batches of different lengths (other steps, other processes) choose
-    alike; see :mod:`gradcoh.logger.sketch` for the accuracy of each. For the same reason it weighs costs with the
-    fixed :data:`~gradcoh.logger.costs.ONE_CPU_CORE` constants, never with measurements of the device.
 
-    Args:
-        shape: The parameter's shape.
-        dim: Sketch dimension ``k``.
-        forms: Its per-example gradients at that step (in its natural view).
-    """
-    rows, cols = natural_view(shape)
-    size = rows * cols
-    if len(shape) != 2 or min(rows, cols) == 1 or size <= dim:
-        return "countsketch"
-    if not forms or any(not isinstance(f, Factored) or f.positions != 1 for f in forms):
-        return "countsketch"
-    c = ONE_CPU_CORE
-    count = c.gemm * size + c.scatter * size
-    tensor = TENSORSKETCH_BLOCKS * (c.scatter * (rows + cols) + 2 * c.fft * dim * math.log2(dim))
-    return "tensorsketch" if tensor < count else "countsketch"
+def fits(n: int, rows: int, cols: int, element_size: int) -> bool:
+    """Whether ``n`` per-example gradients ``[rows, cols]`` fit in :data:`MATERIALISE_BYTES`."""
+    return n * rows * cols * element_size <= MATERIALISE_BYTES
 
 
 def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size: int,
@@ -326,26 +318,24 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     """Whether to materialise ``[n, rows, cols]`` rather than keep factors: the one place this is decided.
 
     The mixed ghost-norm rule (Bu, Mao, Xu 2022): materialise when that costs less than the factored route and
-    fits in ``MATERIALISE_BYTES``.
+    :func:`fits`. (Fused mode materialises whatever :func:`fits`, since it needs ``Σ_n G_n``; grouped convolutions
+    have no factored route.)
 
     Costs per example: factored = ghost norm ``T²·(rows + cols)``; materialised = one batched GEMM ``T·rows·cols``.
-    With a sketch: a CountSketch needs the materialised gradient on either route (one scattered add per entry), so
-    materialising then costs nothing extra; a block TensorSketch adds ``B`` CountSketches of both factors and
-    ``2B`` FFTs per position to the factored route and ``B`` scattered adds per entry to the materialised one.
+    With a sketch, each route adds the projection's own cost of sketching that form
+    (:meth:`~gradcoh.logger.sketch.Projection.route_cost`: a CountSketch materialises factors anyway, a
+    TensorSketch mean sketches factors without forming them).
     ``costs`` weighs the kernels (:func:`~gradcoh.logger.costs.kernel_costs` of the device in use): both routes
     give the same values, so measured costs may choose.
     """
-    if n * rows * cols * element_size > MATERIALISE_BYTES:
+    if not fits(n, rows, cols, element_size):
         return False
     t, size = positions, rows * cols
     factored = costs.gemm * (t * t * (rows + cols) if t > 1 else rows + cols)
     materialised = costs.gemm * (t + 1) * size
-    if projector is not None and projector.kind == "countsketch":
-        factored += materialised
-    elif projector is not None:
-        k, b = projector.dim, projector.blocks
-        factored += b * (costs.scatter * t * (rows + cols) + 2 * costs.fft * t * k * math.log2(max(k, 2)))
-        materialised += b * costs.scatter * size
+    if projector is not None:
+        factored += projector.route_cost(("factored", t), costs)
+        materialised += projector.route_cost(("dense", 1), costs)
     return materialised < factored
 
 
@@ -394,18 +384,14 @@ def split_params(grad: LayerGrad, view: MatrixView) -> list[ParamGrad | None]:
         return out
     shapes = view.shapes
     if isinstance(grad, Factored) and view.stacked:
-        pieces: list[ParamGrad | None] = []
-        start = 0
-        for j, shape in enumerate(shapes):
-            width = _numel(shape) // view.rows
-            if grad.bias and j == len(shapes) - 1 and start == grad.v.shape[-1]:
-                pieces.append(Dense(grad.u.sum(1).unsqueeze(2)))
-            elif len(shapes) == 1 and not grad.bias:
-                pieces.append(grad)
-            else:
-                pieces.append(Factored(grad.u, grad.v[..., start : start + width], grad.rows_index, grad.n_rows))
-            start += width
-        return pieces
+        factors, bias = grad.split_bias()  # a bias is the view's last parameter
+        weights = shapes[:-1] if bias is not None else shapes
+        if len(weights) == 1:
+            pieces: list[ParamGrad | None] = [factors]
+        else:
+            widths = [_numel(shape) // view.rows for shape in weights]
+            pieces = [replace(factors, v=v) for v in factors.v.split(widths, dim=-1)]
+        return [*pieces, bias] if bias is not None else pieces
     dense = as_dense(grad)
     n = dense.n
     if view.stacked and len(dense.blocks) == len(shapes) and all(
@@ -481,6 +467,9 @@ def dot(form: ParamGrad, m: torch.Tensor) -> torch.Tensor:
             out = part if out is None else out + part
             start += width
         return out
+    factors, bias = form.split_bias()
+    if bias is not None:
+        return dot(factors, m[:, : factors.n_cols]) + dot(bias, m[:, factors.n_cols :])
     c = form.v.shape[-1]
     mm = m.to(form.v.dtype)
     if form.u is None:
@@ -490,8 +479,6 @@ def dot(form: ParamGrad, m: torch.Tensor) -> torch.Tensor:
         out = (torch.matmul(form.v, body.T) * form.u).sum((1, 2))  # [n, T, rows]
     else:
         out = (torch.matmul(form.u, body) * form.v).sum((1, 2))  # [n, T, cols]
-    if form.bias:
-        out = out + (form.u @ mm[:, c]).sum(1)
     return out
 
 
@@ -508,5 +495,5 @@ def fold(grad: LayerGrad, r: int) -> LayerGrad:
         def merge(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.reshape(t.shape[0] // r, r * t.shape[1], *t.shape[2:])
 
-        return Factored(merge(grad.u), merge(grad.v), merge(grad.rows_index), grad.n_rows, grad.bias)
+        return replace(grad, u=merge(grad.u), v=merge(grad.v), rows_index=merge(grad.rows_index))
     return Dense(*(b.reshape(b.shape[0] // r, r, *b.shape[1:]).sum(1) for b in grad.blocks))

@@ -24,6 +24,7 @@ from . import schema
 from .attributes import root_attributes
 from .config import LoggerConfig, int_at_least
 from .distributed import rank_and_world, share
+from .grads import natural_view
 from .layers import LayerRules, default_rules
 from .plan import plan_layers
 from .probe import ModelState, measure
@@ -31,6 +32,7 @@ from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_coherence, record_summary
 from .reference import ReferenceSet
 from .sigterm import SigtermExit
+from .sketch import ProjectionTable
 from .store import HostRecord, StreamWriter, open_run
 from .tracker import LayerTracker
 from .verify import Verifier
@@ -113,7 +115,11 @@ class GradientLogger:
         self.enabled = bool(enabled)
         self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim)
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
-        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
+        self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)
+        for tracker in self.trackers:  # one table: what the store records of every parameter's projection
+            tracker.projections = self._projections
+        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused,
+                                       batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
         self._verifier = Verifier(cfg.verify_every, cfg.seed)
         self._stopped = False
@@ -135,6 +141,10 @@ class GradientLogger:
         run = open_run(self.path, cfg.mode, attrs, storage_options, rank=self.rank, world_size=self.world_size,
                        barrier=torch.distributed.barrier if self.world_size > 1 else None)
         self._last_step = dict(run.last_steps)
+        self._group = run.root
+        views = {name: natural_view(tuple(p.shape)) for t in self.trackers
+                 for name, p in zip(t.plan.param_names, t.params, strict=True)}
+        self._projections.adopt(dict(run.root.attrs), views, self.path)
         layers, groups = attrs[schema.LAYERS_KEY], cfg.group_names
 
         def make_stream(name: str) -> StreamWriter:
@@ -208,6 +218,9 @@ class GradientLogger:
         if record is not None:
             self._last_step[stream] = step
             self._coherence[stream] = record_coherence(record)
+            if self._projections.unsaved:  # before the step is queued: no committed sketch without its projection
+                self._group.attrs[schema.PROJECTIONS_KEY] = self._projections.attribute()
+                self._projections.unsaved = False
             self._put(stream, record)
 
     def _arm_verifier(self, state: Any, stream: str) -> None:

@@ -1,12 +1,20 @@
-"""Layer rules: small pure functions from a module call's inputs and output gradient to per-example gradients.
+"""Layer rules: functions from a module call's inputs and output gradient to per-example gradients.
 
-A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | Factored`` where ``args``/``kwargs`` are
-the (detached) inputs of one forward call, ``grad_outputs`` the gradients of the loss with respect to the call's tensor
-outputs (``None`` for outputs that received none), and the batch is on dimension 0. Rules live in a
-:class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in rules. The
-parameters of modules without a rule are observed op by op (:mod:`gradcoh.logger.uses`) unless the fallback is
-disabled; :func:`functional_rule` (``torch.func`` vmap of a module's vjp) is the generic rule a user may register
-for a module, and what the attention rule falls back to for configurations it does not factor.
+A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | Factored | Composite`` where
+``args``/``kwargs`` are the (detached) inputs of one forward call, ``grad_outputs`` the gradients of the loss with
+respect to the call's tensor outputs (``None`` for outputs that received none), and the batch is on dimension 0. The
+result is expressed in the matrix view of the parameters the rule covers
+(:meth:`~gradcoh.logger.grads.MatrixView.of` their shapes, in ``parameters()`` order): a
+:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each op lives
+in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's configuration. Rules
+keep no state, except that the convolution rule picks its kernel by timing the candidates once per shape and
+device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
+
+Rules live in a :class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in
+rules. The parameters of modules without a rule are observed op by op (:mod:`gradcoh.logger.uses`) unless the
+fallback is disabled; :func:`functional_rule` (``torch.func`` vmap of a module's vjp) is the generic rule a user may
+register for a module, and what the attention rule falls back to for configurations it does not factor. How to add a
+rule: ``docs/extending.md``.
 
 BatchNorm: in eval mode (or without batch statistics) the rule is exact per example. In train mode the batch
 statistics couple the examples; the rule then returns each example's *contribution* to the batch gradient (the
@@ -20,14 +28,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .costs import fastest, kernel_costs
-from .grads import Composite, Dense, Factored, MatrixView, materialise_is_cheaper
+from .grads import Composite, Dense, Factored, MatrixView
+from .ops import conv, embedding, linear, norm
+from .ops.conv import depthwise_weight_grad as _depthwise_weight_grad  # noqa: F401  (tests time the two routes)
+from .ops.conv import grouped_weight_grad as _grouped_weight_grad  # noqa: F401
+from .recurrent import recurrent_rule
 
-Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored"]
+Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored | Composite"]
 
 _FORWARD_METHODS = ("forward", "_conv_forward")
 """Methods a subclass must not override to inherit its parent's rule."""
@@ -84,199 +94,72 @@ class LayerRules:
         return None if cls is None else self._rules[cls]
 
 
-def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
-    """``nn.Linear`` with any leading dimensions: ``G_n = Σ_t δ_t [x_t, 1]ᵀ``."""
-    x, go = args[0], grad_outputs[0]
-    n = x.shape[0]
-    bias = module.bias is not None and module.bias.requires_grad
-    u = go.reshape(n, -1, go.shape[-1])  # [n, T, out]
-    if not module.weight.requires_grad:  # frozen weight: only the bias trains
-        return Dense(u.sum(1).unsqueeze(2))  # [n, out, 1]
-    return Factored(u, x.reshape(n, -1, x.shape[-1]), bias=bias)  # v: [n, T, in]
-
-
-def _conv_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Apply non-zero padding modes and 'same' explicitly; return the input and the remaining zero padding."""
-    nd = x.dim() - 2
-    if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * nd
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return x, (0,) * nd
-        pads: list[int] = []
-        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return F.pad(x, pads), (0,) * nd
-    return x, tuple(module.padding)
-
-
-def unfold(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stride: tuple) -> torch.Tensor:
-    """im2col for 1-, 2- and 3-D convolutions: ``[n, C, *spatial] → [n, T, C·prod(kernel)]``."""
-    nd = x.dim() - 2
-    if nd == 2:
-        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
-    pads: list[int] = []
-    for p in reversed(padding):
-        pads += [p, p]
-    x = F.pad(x, pads)
-    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True)):
-        x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]  # appends a window axis
-    n = x.shape[0]
-    t = x.shape[2 : 2 + nd].numel()
-    # [n, C, *out, *k] → [n, *out, C, *k] → [n, T, C·prod(k)]
-    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
-    return x.permute(perm).reshape(n, t, -1)
+def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense | Factored:
+    """``nn.Linear`` with any leading dimensions: ``G_n = Σ_t δ_t [x_t, 1]ᵀ`` (:func:`.ops.linear.linear`)."""
+    return linear.linear(args[0], grad_outputs[0], weight=module.weight.requires_grad, bias=_trains(module.bias))
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense | Factored:
-    """``nn.Conv1d/2d/3d`` (stride, padding incl. modes and 'same', dilation, groups).
-
-    When :func:`~gradcoh.logger.grads.materialise_is_cheaper` (early convolutions with many positions) or the
-    convolution is grouped, the per-example weight gradients are computed in one call of the convolution's own
-    weight-gradient kernel, with the batch folded into the groups (2× faster than im2col + bmm on CPU); otherwise
-    im2col factors are returned for the ghost norm.
-    """
-    x, go = args[0], grad_outputs[0]
-    n, g = x.shape[0], module.groups
-    has_bias = module.bias is not None and module.bias.requires_grad
-    if not module.weight.requires_grad:  # frozen weight: only the bias trains
-        return Dense(go.reshape(n, module.out_channels, -1).sum(2, keepdim=True))
-    x, padding = _conv_padding(module, x)
-    t = go[0, 0].numel()
-    rows, cols = module.out_channels, module.weight[0].numel() + has_bias
-    if g > 1 or materialise_is_cheaper(n, t, rows, cols, go.element_size(), costs=kernel_costs(x.device, x.dtype)):
-        w = _per_example_conv_weight_grad(module, x, go, padding)  # [n, C_out, C_in/g·k]
-        return Dense(w, go.reshape(n, rows, -1).sum(2, keepdim=True)) if has_bias else Dense(w)
-    a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [n, T, C_in·k]
-    b = go.reshape(n, go.shape[1], -1).transpose(1, 2)  # [n, T, C_out]
-    return Factored(b, a, bias=has_bias)
+    """``nn.Conv1d/2d/3d`` (:func:`.ops.conv.conv`: factored, or materialised by the fastest kernel)."""
+    return conv.conv(module, args[0], grad_outputs[0])
 
 
-def _per_example_conv_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, go: torch.Tensor,
-                                  padding: tuple) -> torch.Tensor:
-    """``[n, C_out, C_in/g·prod(k)]`` by the fastest exact route on this device for these shapes.
-
-    Depthwise 2-D convolutions (one input channel per output channel) have a second route, one shifted product
-    per kernel tap (:func:`_depthwise_weight_grad`), which CPU kernels run up to 3× faster on large feature maps
-    and slower on small ones; :func:`~gradcoh.logger.costs.fastest` measures both at first use per shape.
-    """
-    routes = [lambda: _grouped_weight_grad(module, x, go, padding)]
-    if x.dim() == 4 and module.weight.shape[1] == 1 and module.out_channels == module.in_channels:
-        routes.append(lambda: _depthwise_weight_grad(module, x, go, padding))
-    key = ("conv-weight-grad", str(x.device), x.dtype, tuple(x.shape), tuple(go.shape), module.kernel_size,
-           module.stride, module.dilation, padding, module.groups)
-    return fastest(key, x.device, routes)
-
-
-def _depthwise_weight_grad(module: nn.Conv2d, x: torch.Tensor, go: torch.Tensor, padding: tuple) -> torch.Tensor:
-    """``[n, C, kh·kw]`` of a depthwise convolution: ``Σ_{h,w} δ[n,c,h,w] · x_pad[n,c,h·s+i·d, w·s+j·d]`` per tap."""
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    h, w = go.shape[2], go.shape[3]
-    out = go.new_empty(x.shape[0], x.shape[1], kh, kw)
-    for i in range(kh):
-        for j in range(kw):
-            window = xp[:, :, i * dh : i * dh + sh * (h - 1) + 1 : sh, j * dw : j * dw + sw * (w - 1) + 1 : sw]
-            out[:, :, i, j] = (window * go).sum((2, 3))
-    return out.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _grouped_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, go: torch.Tensor,
-                         padding: tuple) -> torch.Tensor:
-    """``[n, C_out, C_in/g·prod(k)]``: the batch folded into the groups of one convolution-backward call."""
-    n, g = x.shape[0], module.groups
-    weight = module.weight.detach()
-    stacked = weight.new_empty((n * weight.shape[0], *weight.shape[1:]))  # only its shape is used
-    grad_w = torch.ops.aten.convolution_backward(
-        go.reshape(1, -1, *go.shape[2:]), x.reshape(1, -1, *x.shape[2:]), stacked, None, list(module.stride),
-        list(padding), list(module.dilation), False, [0] * len(padding), n * g, [False, True, False],
-    )[1]
-    return grad_w.reshape(n, module.out_channels, -1)
-
-
-def transposed_linear_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Composite | Dense:
+def transposed_linear_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Composite:
     """Hugging Face ``Conv1D`` (GPT-2): a Linear whose weight is stored transposed, ``y = x W + b``, ``W: [in, out]``.
 
-    ``G_W = Σ_t x_t δ_tᵀ`` (factored, rows = inputs) and ``g_b = Σ_t δ_t``; weight and bias have different leading
-    dimensions, so the two are separate parts.
+    Weight and bias have different leading dimensions, so the two are separate parts
+    (:func:`.ops.linear.transposed_linear`).
     """
-    x, go = args[0], grad_outputs[0]
-    n = x.shape[0]
-    u = x.reshape(n, -1, x.shape[-1])
-    d = go.reshape(n, -1, go.shape[-1])
-    parts = []
-    if module.weight.requires_grad:
-        parts.append((Factored(u, d), MatrixView.of([tuple(module.weight.shape)])))
-    if module.bias is not None and module.bias.requires_grad:
-        parts.append((Dense(d.sum(1).unsqueeze(2)), MatrixView.of([tuple(module.bias.shape)])))
-    return Composite(parts)
+    return linear.transposed_linear(args[0], grad_outputs[0], weight_shape=_shape_if_trains(module.weight),
+                                    bias_shape=_shape_if_trains(module.bias))
 
 
 def embedding_rule(module: nn.Embedding, args: tuple, kwargs: dict, grad_outputs: tuple) -> Factored:
-    """``nn.Embedding``: ``G_n = Σ_t e_{x_t} δ_tᵀ``, rows addressed by token id."""
-    x, go = args[0], grad_outputs[0]
-    n = x.shape[0]
-    idx = x.reshape(n, -1)
-    v = go.reshape(n, idx.shape[1], -1)
-    if module.padding_idx is not None:
-        v = v * (idx != module.padding_idx).unsqueeze(-1).to(v.dtype)
-    if module.scale_grad_by_freq:  # the batch gradient divides by each token's count in the whole batch, which
-        # couples the examples: as for train-mode BatchNorm, each example's contribution to the batch gradient
-        counts = torch.bincount(idx.reshape(-1), minlength=module.num_embeddings).to(v.dtype)
-        v = v / counts[idx].unsqueeze(-1)
-    return Factored(None, v, rows_index=idx, n_rows=module.num_embeddings)
+    """``nn.Embedding``: ``G_n = Σ_t e_{x_t} δ_tᵀ``, rows addressed by token id (:func:`.ops.embedding.embedding`)."""
+    x = args[0]
+    return embedding.embedding(x.reshape(x.shape[0], -1), grad_outputs[0], module.num_embeddings,
+                               padding_idx=module.padding_idx, scale_grad_by_freq=module.scale_grad_by_freq)
 
 
-def _affine_grads(
-    module: nn.Module, xhat: torch.Tensor, go: torch.Tensor, reduce_dims: tuple[int, ...]
-) -> Dense:
-    """Per-example gradients of ``y = x̂·w + b``; the matrix view is built by the tracker's ``MatrixView``."""
-    grads = []
-    for name, p in module.named_parameters(recurse=False):
-        if not p.requires_grad:
-            continue
-        term = xhat * go if name == "weight" else go
-        grads.append(term.sum(reduce_dims) if reduce_dims else term)
-    n = go.shape[0]
-    rows = MatrixView.of([tuple(g.shape[1:]) for g in grads]).rows
-    return Dense(*(g.reshape(n, rows, -1) for g in grads))
+def _affine(module: nn.Module, xhat: torch.Tensor, go: torch.Tensor, reduce_dims: tuple[int, ...]) -> Dense:
+    bias = getattr(module, "bias", None)  # nn.RMSNorm has none
+    return norm.affine(xhat, go, reduce_dims, weight=_trains(module.weight), bias=_trains(bias))
 
 
 def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
-    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example).
-
-    ``x̂`` comes from the op's own kernel without the affine part (one fused pass, the forward's rounding).
-    """
-    x, go = args[0], grad_outputs[0]
-    nd = len(module.normalized_shape)
-    xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
+    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example)."""
+    x = args[0]
+    xhat = norm.layer_norm(x, module.normalized_shape, module.eps)
+    return _affine(module, xhat, grad_outputs[0], tuple(range(1, x.dim() - len(module.normalized_shape))))
 
 
 def rms_norm_rule(module: nn.RMSNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """``nn.RMSNorm`` over its normalised trailing dimensions (exact per example): ``y = x / rms(x) · w``."""
-    x, go = args[0], grad_outputs[0]
-    nd = len(module.normalized_shape)
-    xhat = F.rms_norm(x, module.normalized_shape, None, module.eps)  # eps None: the dtype's, as the module
-    return _affine_grads(module, xhat, go, tuple(range(1, x.dim() - nd)))
+    x = args[0]
+    xhat = norm.rms_norm(x, module.normalized_shape, module.eps)
+    return _affine(module, xhat, grad_outputs[0], tuple(range(1, x.dim() - len(module.normalized_shape))))
 
 
 def group_norm_rule(module: nn.GroupNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """``nn.GroupNorm`` (exact per example): per-channel sums over spatial positions."""
-    x, go = args[0], grad_outputs[0]
-    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
-    return _affine_grads(module, xhat, go, tuple(range(2, x.dim())))
+    x = args[0]
+    xhat = norm.group_norm(x, module.num_groups, module.eps)
+    return _affine(module, xhat, grad_outputs[0], tuple(range(2, x.dim())))
 
 
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
     """``nn.BatchNorm1d/2d/3d``: exact with running statistics; per-example contributions with batch statistics."""
-    x, go = args[0], grad_outputs[0]
-    if uses_batch_stats(module):  # no running statistics passed: nothing is updated
-        xhat = F.batch_norm(x, None, None, None, None, True, 0.0, module.eps)
-    else:
-        xhat = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
-    return _affine_grads(module, xhat, go, tuple(range(2, x.dim())))
+    x = args[0]
+    xhat = norm.batch_norm(x, module.running_mean, module.running_var, uses_batch_stats(module), module.eps)
+    return _affine(module, xhat, grad_outputs[0], tuple(range(2, x.dim())))
+
+
+def _trains(p: torch.Tensor | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
+    return tuple(p.shape) if _trains(p) else None
 
 
 def uses_batch_stats(module: nn.Module) -> bool:
@@ -284,91 +167,6 @@ def uses_batch_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
         module.training or module.running_mean is None
     )
-
-
-def mha_rule(module: nn.MultiheadAttention, args: tuple, kwargs: dict, grad_outputs: tuple) -> Composite | Dense:
-    """``nn.MultiheadAttention`` (batch first, packed in_proj, no bias_kv/zero_attn): both projections factored.
-
-    The attention is recomputed once for the whole batch (not per example) to get the gradients of the q/k/v
-    projections: ``in_proj``'s per-example gradient is ``Σ_t [δq_t; δk_t; δv_t] [x_t, 1]ᵀ`` and ``out_proj``'s is
-    ``Σ_t δ_t [ctx_t, 1]ᵀ``, so norms use the ghost trick and nothing is materialised per example. Other
-    configurations use :func:`functional_rule`.
-    """
-    call = _mha_call(module, args, kwargs)
-    if call is None or grad_outputs[0] is None or any(g is not None for g in grad_outputs[1:]):
-        return functional_rule(module, args, kwargs, grad_outputs)
-    query, key, value, attn_mask, is_causal = call
-    go = grad_outputs[0]  # [n, L, E]
-    n, e, h = query.shape[0], module.embed_dim, module.num_heads
-    w = module.in_proj_weight.detach()
-    b = None if module.in_proj_bias is None else module.in_proj_bias.detach()
-    with torch.enable_grad():
-        proj = [F.linear(x, w[i * e : (i + 1) * e], None if b is None else b[i * e : (i + 1) * e]).detach()
-                .requires_grad_() for i, x in enumerate((query, key, value))]
-        heads = [t.view(n, -1, h, e // h).transpose(1, 2) for t in proj]  # [n, h, T, e/h]
-        ctx = F.scaled_dot_product_attention(*heads, attn_mask=attn_mask, is_causal=is_causal)
-        ctx = ctx.transpose(1, 2).reshape(n, -1, e)  # [n, L, E]
-        g_ctx = go @ module.out_proj.weight.detach()  # out = ctx Woᵀ + bo
-        gq, gk, gv = torch.autograd.grad(ctx, proj, g_ctx)
-    in_bias = b is not None and module.in_proj_bias.requires_grad
-    if _same(query, key) and _same(key, value):  # self-attention: one set of positions
-        in_part = Factored(torch.cat([gq, gk, gv], dim=-1), query, bias=in_bias)
-    else:  # each input feeds its own rows of in_proj: concatenate the positions, zero-padding the other rows
-        u = torch.cat([F.pad(g, (i * e, (2 - i) * e)) for i, g in enumerate((gq, gk, gv))], dim=1)
-        in_part = Factored(u, torch.cat([query, key, value], dim=1), bias=in_bias)
-    out_bias = module.out_proj.bias is not None and module.out_proj.bias.requires_grad
-    out_part = Factored(go, ctx.detach(), bias=out_bias)
-    in_shapes = [tuple(p.shape) for p in (module.in_proj_weight, module.in_proj_bias) if p is not None and
-                 p.requires_grad]
-    out_shapes = [tuple(p.shape) for p in module.out_proj.parameters() if p.requires_grad]
-    return Composite([(in_part, MatrixView.of(in_shapes)), (out_part, MatrixView.of(out_shapes))])
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors hold the same values: one tensor, or views of one memory with the same layout.
-
-    The hooks detach each argument separately, so ``query is key`` no longer tells self-attention.
-    """
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                      and a.dtype == b.dtype)
-
-
-def _mha_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple | None:
-    """The call's (query, key, value, float attention mask, is_causal), or None when the fast rule does not apply."""
-    if module.training and module.dropout > 0:
-        raise ValueError(
-            "nn.MultiheadAttention with dropout > 0 in train mode: its attention dropout mask cannot be replayed, so "
-            "per-example gradients would be wrong; set dropout=0 for the logged steps, or exclude it with layers=..."
-        )
-    if not (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn):
-        return None
-    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
-             "is_causal")
-    bound = dict(zip(names, args, strict=False)) | kwargs
-    query, key, value = bound["query"], bound["key"], bound["value"]
-    if query.dim() != 3 or not all(p.requires_grad for p in module.parameters()):
-        return None
-    n, length, src = query.shape[0], query.shape[1], key.shape[1]
-    kpm, mask, is_causal = bound.get("key_padding_mask"), bound.get("attn_mask"), bool(bound.get("is_causal", False))
-    # As F.multi_head_attention_forward: is_causal replaces the mask only when there is no key padding mask.
-    if is_causal and kpm is None and mask is None:
-        return query, key, value, None, True
-    out = None
-    if mask is not None:
-        out = _additive(mask, query.dtype)
-        if out.dim() == 3:  # [n·heads, L, S]
-            out = out.view(n, module.num_heads, length, src)
-    if kpm is not None:
-        pad = _additive(kpm, query.dtype).view(n, 1, 1, src)
-        out = pad if out is None else out + pad
-    return query, key, value, out, False
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean masks (True = not allowed) as additive float masks, as ``F.multi_head_attention_forward`` does."""
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    return mask.to(dtype)
 
 
 def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
@@ -416,17 +214,8 @@ def functional_rule(module: nn.Module, args: tuple, kwargs: dict, grad_outputs: 
     return Dense(*(g.reshape(n, rows, -1) for g in grads))
 
 
-def check_module(name: str, module: nn.Module) -> None:
-    """Refuse, when the logger is created, modules whose batch is not on dimension 0.
-
-    Raises:
-        ValueError: ``nn.MultiheadAttention`` with ``batch_first=False``; RNNs without ``batch_first``.
-    """
-    if isinstance(module, nn.MultiheadAttention | nn.RNNBase) and not module.batch_first:
-        raise ValueError(
-            f"module '{name}' ({type(module).__name__}) takes the batch on dimension 1; per-example gradients need "
-            "batch_first=True (or exclude the module with layers=...)"
-        )
+for _rule in (linear_rule, transposed_linear_rule, embedding_rule, layer_norm_rule, rms_norm_rule):
+    _rule.positionwise = True  # acts on each position alone: a batch on any leading axis is moved to the front
 
 
 def default_rules() -> LayerRules:
@@ -443,9 +232,10 @@ def default_rules() -> LayerRules:
             nn.RMSNorm: rms_norm_rule,
             nn.GroupNorm: group_norm_rule,
             nn.modules.batchnorm._BatchNorm: batch_norm_rule,
-            nn.MultiheadAttention: mha_rule,
+            nn.RNN: recurrent_rule,
+            nn.LSTM: recurrent_rule,
+            nn.GRU: recurrent_rule,
         },
-        subtree={nn.MultiheadAttention},
     )
     hf = sys.modules.get("transformers.pytorch_utils")
     if hf is not None and hasattr(hf, "Conv1D"):  # not imported here: only when the model uses transformers

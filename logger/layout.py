@@ -801,8 +801,16 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
         data = [d for d in data if d[0] == 0]
         if not data:
             return Unknown(name)
+    bound = bind(func, args, kwargs)
+    extra = _EXTRA.get(name)
+    if extra is not None:
+        lay = extra(_Op(name, args, kwargs, out, data, n, bound, position))
+        if lay is not None:
+            return lay
     lays = [lay for _, _, lay in data]
     unknown = next((lay for lay in lays if isinstance(lay, Unknown)), None)
+    if unknown is not None and type(unknown) is not Unknown and name in _REDUCTIONS | _LOSSES:
+        return Unknown(name)  # rows still in another order (or packed) reach the loss: the examples are mixed up
     if unknown is not None:
         return unknown
     if any(isinstance(lay, Reduced) for lay in lays):
@@ -813,7 +821,7 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
     handler = _HANDLERS.get(name)
     if handler is None:
         return Unknown(name)
-    return handler(_Op(name, args, kwargs, out, data, n, bind(func, args, kwargs), position))
+    return handler(_Op(name, args, kwargs, out, data, n, bound, position))
 
 
 def _after_reduced(name: str, data: list) -> Layout:
@@ -828,3 +836,14 @@ def _after_reduced(name: str, data: list) -> Layout:
 _SHAPE_ONLY = frozenset({"view_as", "reshape_as", "expand_as", "type_as"})
 _CONCAT = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack"})
 _HANDLERS = _handlers()
+_EXTRA: dict[str, Callable[[_Op], Layout | None]] = {}
+
+
+def register(names: Iterable[str], handler: Callable[[_Op], Layout | None]) -> None:
+    """Add layout rules kept with the layers they belong to (:mod:`~gradcoh.logger.recurrent`: RNN ops, packing).
+
+    ``handler`` sees every call of the named ops before the rules here, inputs of any layout (subclasses of
+    :class:`Unknown` that carry more than a name included), and returns None to leave the call to the rules here.
+    """
+    for name in names:
+        _EXTRA[name] = handler

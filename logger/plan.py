@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .layers import LayerRules, Rule, check_module
+from .layers import LayerRules, Rule
 
 
 @dataclass
@@ -75,7 +75,7 @@ def plan_layers(model: nn.Module, rules: LayerRules, select: tuple[str, ...] = (
         fallback: Observe modules without a rule op by op; False raises for them instead.
 
     Raises:
-        ValueError: A module without a rule when ``fallback`` is False; a module whose batch is not on dimension 0.
+        ValueError: A module without a rule when ``fallback`` is False.
     """
     order = {id(p): (i, name) for i, (name, p) in enumerate(model.named_parameters())}
     layers = _merge(_units(model, rules, fallback))
@@ -114,7 +114,6 @@ def _units(model: nn.Module, rules: LayerRules, fallback: bool) -> list[_Unit]:
                 f"module '{qualified}' ({type(module).__name__}) has parameters but no layer rule; register one "
                 "with LayerRules.register, exclude it with layers=..., or pass fallback=True"
             )
-        check_module(qualified, module)
         units.append((qualified, module, rule, params))
     return units
 

@@ -50,6 +50,8 @@ FORMAT_KEY = "gradcoh_format_version"
 CONFIG_KEY = "gradcoh_config"  # the logger configuration (JSON object)
 LAYERS_KEY = "gradcoh_layers"  # list of {name, type, size, shapes, view, rule}
 SKETCH_KEY = "gradcoh_sketch"  # {kind, dim, seed, dtype, version} or null
+PROJECTIONS_KEY = "gradcoh_projections"  # {version, dim, params: {name: {kind, view}}}: each parameter's projection,
+# written at the first step that sketches it (on the group the process writes: the root, or its rank's group)
 VERSIONS_KEY = "gradcoh_versions"  # {package: version}
 MODEL_KEY = "gradcoh_model"  # model class, qualified name
 NOTES_KEY = "gradcoh_notes"  # list of strings: semantics worth knowing (BatchNorm in train mode, ...)

@@ -3,54 +3,70 @@
 Every parameter's gradient is viewed as a matrix ``M`` of shape ``(rows, cols) = (shape[0], numel / shape[0])``
 (see :func:`gradcoh.logger.grads.natural_view`); a layer's sketch is the sum of its parameters' sketches, so that a
 parameter used in several places (tied weights) is sketched once, as the sum over its uses. Each parameter gets one
-of two projections into ``k`` coordinates:
+projection into ``k`` coordinates, an instance of one of the :class:`Projection` classes below. Every class sketches
+each form a per-example gradient comes in — materialised (:meth:`Projection.dense`), as factors ``Σ_t u_t v_tᵀ``
+(:meth:`Projection.factored`) or as embedding rows (:meth:`Projection.indexed`) — and the routes of one class give
+the same values to rounding, so *which route* runs may depend on measured costs while *which class* a parameter
+gets may not:
 
-* **CountSketch** (Charikar, Chen & Farach-Colton 2002) with an independent hash and sign per entry of ``M``:
-  ``s[h(i, j)] += σ(i, j) M[i, j]``. For a parameter with at most ``k`` entries the hash is injective and the
-  projection is an isometry (its own contribution is exact). Otherwise the squared-norm estimate has relative
-  variance ``(2/k)(1 − ‖M‖₄⁴/‖M‖⁴) ≤ 2/k``, a dense Johnson–Lindenstrauss projection's. It needs ``M`` itself (one
-  scattered add per entry), so it suits gradients that are materialised anyway or are cheap to materialise: many
-  positions per example, small matrices, vectors, convolution kernels.
-* **Block TensorSketch** (Pham & Pagh 2013), computable from the factors of ``M = Σ_t u_t v_tᵀ`` without forming
-  ``M``: the mean of ``B`` independent TensorSketches, ``s = B^{-1/2} Σ_b IFFT(Σ_t FFT(CS_{r,b} u_t) ⊙
-  FFT(CS_{c,b} v_t))``. One TensorSketch (``B = 1``) has up to three times the dense variance when ``M`` has rank
-  one (each frequency is a product of two independent complex Gaussians, relative variance 3 instead of 1); the
-  mean of ``B`` independent ones brings it to ``(2/k)(1 + 2/B)`` at worst and to ``≈ 2/k`` for high-rank ``M``.
-  ``B`` = :data:`TENSORSKETCH_BLOCKS`. It costs ``2B`` FFTs per position, so it suits few positions per example
-  (classifier heads, MLPs: ``T = 1``) on large matrices.
+* :class:`CountSketch` (Charikar, Chen & Farach-Colton 2002) with an independent hash and sign per entry of ``M``:
+  ``s[h(i, j)] += σ(i, j) M[i, j]``. Injective (an isometry) for at most ``k`` entries; otherwise the relative
+  variance of ``‖s‖²`` is ``(2/k)(1 − ‖M‖₄⁴/‖M‖⁴) ≤ 2/k``. It needs ``M`` itself: one add per entry, which suits
+  gradients materialised anyway (many positions per example, small matrices, vectors). The sign is folded into the
+  bucket (``2k`` signed buckets, one ``int64`` per entry, no sign array and no multiply pass), and the add is one
+  ``scatter_add_`` with the hash broadcast over examples.
+* :class:`TensorSketchMean`: the mean of ``B`` independent TensorSketches (Pham & Pagh 2013). Block ``b`` is the
+  CountSketch of ``M`` with bucket ``(h₁ᵇ(r) + h₂ᵇ(c)) mod k`` and sign ``s₁ᵇ(r)s₂ᵇ(c)``, so it needs only
+  ``O(rows + cols)`` hashes and is computed from the factors without forming ``M``: ``Σ_t FFT(C₁ u_t) ⊙
+  FFT(C₂ v_t)`` accumulated in the frequency domain over positions and blocks, one inverse FFT per example. For a
+  materialised ``M`` the same sketch is applied row-wise (each row's column sketch, rolled by the row's bucket).
+  One TensorSketch has up to three times the dense variance for rank-one ``M``; the mean of ``B`` brings it to
+  ``(2/k)(1 + 2/B)`` at worst (``B`` = :data:`TENSORSKETCH_BLOCKS`: sd ``1.12·√(2/k)``) and to ``≈ 2/k`` for
+  high-rank ``M``.
 
-Which one a parameter gets is decided once, at the first step that sketches it, from the shapes of its per-example
-gradients (:func:`gradcoh.logger.grads.choose_projection`), and kept for the rest of the run.
-Every projection is linear (sums of sketches are sketches of sums) and unbiased for inner products. The hashes
-depend only on ``(seed, kind, parameter name, rows, cols, k)`` through :class:`numpy.random.SeedSequence` and are
-generated on the CPU with NumPy, then moved to the device; :func:`sketch_hashes` rebuilds them without torch.
+Which class a parameter gets is decided once per run by :func:`choose_projection` from a cost model of the shapes
+(FLOPs and bytes weighed with the fixed :data:`~gradcoh.logger.costs.SKETCH_COSTS`, never with timings) at the
+first step that sketches it, kept for the run and recorded in the store (:class:`ProjectionTable`): an appending run
+adopts the recorded projections, so that a resumed run sketches exactly as before. Every projection is linear and
+unbiased for inner products. The hashes depend only on ``(seed, kind, parameter name, rows, cols, k)`` through
+:class:`numpy.random.SeedSequence`, are generated on the CPU with NumPy and then moved to the device;
+:func:`sketch_hashes` rebuilds them without torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-SKETCH_KIND = "countsketch+tensorsketch"
-SKETCH_VERSION = 3
-"""1: one TensorSketch per layer matrix view; 2: one TensorSketch per parameter, summed per layer; 3: a CountSketch
-or a block TensorSketch per parameter."""
+from . import schema
+from .costs import SKETCH_COSTS, KernelCosts
 
-KINDS = ("countsketch", "tensorsketch")
+SKETCH_KIND = "countsketch+tensorsketch"
+SKETCH_VERSION = 4
+"""1: one TensorSketch per layer matrix view; 2: one TensorSketch per parameter, summed per layer; 3: a CountSketch
+or a block TensorSketch per parameter; 4: the same projections, chosen by a cost model of the shapes and recorded
+per parameter in the store (a version 3 store cannot be continued: its choices were not recorded)."""
+
+HASH_VERSION = 3
+"""Enters the hash seeds: unchanged since version 3, so equal choices give the same projections as version 3."""
 
 TENSORSKETCH_BLOCKS = 8
 """Independent TensorSketches averaged per parameter: worst-case relative sd √(2/k)·√(1 + 2/B) = 1.12·√(2/k)."""
 
 _CHUNK_ELEMENTS = 2**22
-"""Elements of the largest temporary a TensorSketch kernel builds at once (positions are chunked)."""
+"""Elements of the largest temporary a sketch kernel builds at once (examples or positions are chunked)."""
+
+Form = tuple[str, int]
+"""What the cost model needs of one per-example gradient: ``("dense" | "factored" | "indexed", positions T)``."""
 
 
 def _entropy(seed: int, kind: str, name: str, rows: int, cols: int, dim: int) -> list[int]:
-    digest = hashlib.sha256(f"{kind}/{SKETCH_VERSION}/{name}".encode()).digest()
+    digest = hashlib.sha256(f"{kind}/{HASH_VERSION}/{name}".encode()).digest()
     name_words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
     return [int(seed), *name_words, rows, cols, dim]
 
@@ -67,20 +83,20 @@ def sketch_hashes(seed: int, name: str, view: tuple[int, int], dim: int, kind: s
         name: Qualified parameter name.
         view: ``(rows, cols)`` of the parameter's natural view (:func:`gradcoh.logger.grads.natural_view`).
         dim: Sketch dimension ``k``.
-        kind: ``"countsketch"`` or ``"tensorsketch"``.
+        kind: A key of :data:`PROJECTIONS`.
 
     Returns:
         CountSketch: ``{"hash", "sign"}`` of shape ``[rows, cols]`` (int64 buckets in ``[0, dim)``, distinct when
         ``rows·cols ≤ dim``; float32 ±1). Block TensorSketch: ``{"row_hash", "row_sign"}`` ``[B, rows]`` and
         ``{"col_hash", "col_sign"}`` ``[B, cols]``.
     """
-    if kind not in KINDS:
+    if kind not in PROJECTIONS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rows, cols = view
     numel = rows * cols
     blocks = TENSORSKETCH_BLOCKS
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy(seed, kind, name, rows, cols, dim))))
-    if kind == "countsketch":
+    if kind == CountSketch.kind:
         buckets = rng.permutation(dim)[:numel] if numel <= dim else rng.integers(0, dim, size=numel)
         return {"hash": buckets.astype(np.int64).reshape(rows, cols), "sign": _signs(rng, (rows, cols))}
     return {
@@ -91,108 +107,63 @@ def sketch_hashes(seed: int, name: str, view: tuple[int, int], dim: int, kind: s
     }
 
 
-@dataclass
-class Projection:
-    """The seeded projection of one parameter into ``dim`` coordinates, on one device.
+def _signed(hashes: np.ndarray, signs: np.ndarray, dim: int) -> np.ndarray:
+    """Buckets in ``[0, 2·dim)``: ``h`` for a + sign, ``h + dim`` for a − sign (the sketch: the halves' difference)."""
+    return hashes + dim * (signs < 0)
+
+
+def _fold(out: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[..., 2·dim]`` signed buckets → ``[..., dim]`` sketch."""
+    return out[..., :dim] - out[..., dim:]
+
+
+class Projection(ABC):
+    """The seeded projection of one parameter's per-example gradients into ``dim`` coordinates, on one device.
+
+    Subclasses implement the three routes; every route of one projection gives the same values to rounding.
 
     Attributes:
-        kind: ``"countsketch"`` or ``"tensorsketch"``.
+        kind: The name recorded in the store (a key of :data:`PROJECTIONS`).
         dim: Sketch dimension ``k``.
         rows: Rows of the gradient's natural view.
         cols: Columns of the gradient's natural view.
-        blocks: Independent TensorSketches averaged (1 for a CountSketch).
-        hashes: The tensors of :func:`sketch_hashes` on the device.
     """
 
-    kind: str
-    dim: int
-    rows: int
-    cols: int
-    blocks: int
-    hashes: dict[str, torch.Tensor]
-    _flat: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kind: ClassVar[str]
 
-    @classmethod
-    def create(cls, seed: int, name: str, view: tuple[int, int], dim: int, kind: str,
+    def __init__(self, seed: int, name: str, view: tuple[int, int], dim: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.dim = dim
+        self.rows, self.cols = view
+        self._build(sketch_hashes(seed, name, view, dim, self.kind), torch.device(device))
+
+    @staticmethod
+    def create(seed: int, name: str, view: tuple[int, int], dim: int, kind: str,
                device: torch.device | str = "cpu") -> Projection:
-        """Build the projection of parameter ``name`` (natural view ``(rows, cols)``) from the seed."""
-        hashes = {key: torch.from_numpy(value).to(device) for key, value in
-                  sketch_hashes(seed, name, view, dim, kind).items()}
-        return cls(kind, dim, *view, TENSORSKETCH_BLOCKS if kind == "tensorsketch" else 1, hashes)
+        """The projection of kind ``kind`` of parameter ``name`` (natural view ``(rows, cols)``) from the seed."""
+        if kind not in PROJECTIONS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return PROJECTIONS[kind](seed, name, view, dim, device)
 
-    # --- materialised gradients --------------------------------------------------------------------------
-    def _entries(self, col_offset: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat bucket and sign of every entry of columns ``col_offset…`` (all blocks for a TensorSketch)."""
-        key = (col_offset, cols)
-        if key not in self._flat:
-            h = self.hashes
-            if self.kind == "countsketch":
-                idx = h["hash"][:, col_offset : col_offset + cols]
-                sign = h["sign"][:, col_offset : col_offset + cols]
-            else:
-                col_hash = h["col_hash"][:, col_offset : col_offset + cols]  # [B, c]
-                col_sign = h["col_sign"][:, col_offset : col_offset + cols]
-                idx = (h["row_hash"][:, :, None] + col_hash[:, None, :]) % self.dim  # [B, rows, c]
-                sign = h["row_sign"][:, :, None] * col_sign[:, None, :] / math.sqrt(self.blocks)
-            self._flat[key] = (idx.reshape(-1), sign.reshape(-1))
-        return self._flat[key]
+    @abstractmethod
+    def _build(self, hashes: dict[str, np.ndarray], device: torch.device) -> None:
+        """Keep what the routes need of :func:`sketch_hashes` on the device."""
 
+    @abstractmethod
     def dense(self, m: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
         """Sketch ``[n, k]`` of materialised matrices ``m`` ``[n, rows, c]`` placed at columns ``col_offset…``."""
-        n, _, cols = m.shape
-        idx, sign = self._entries(col_offset, cols)
-        flat = m.reshape(n, -1)
-        if self.blocks > 1:
-            flat = flat.repeat(1, self.blocks)
-        out = m.new_zeros((n, self.dim))
-        return out.index_add_(1, idx, flat * sign.to(m.dtype))
 
-    # --- factored gradients ------------------------------------------------------------------------------
+    @abstractmethod
     def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
-        """Block TensorSketch ``[n, k]`` of ``M_n = Σ_t u[n, t] v[n, t]ᵀ`` without forming ``M``.
+        """Sketch ``[n, k]`` of ``M_n = Σ_t u[n, t] v[n, t]ᵀ``.
 
         Args:
             u: ``[n, T, rows]`` row factors.
             v: ``[n, T, c]`` column factors.
             bias: ``v`` has an implicit trailing column of ones (the last column of the view).
-
-        Raises:
-            ValueError: A CountSketch, which needs the materialised gradient (``Factored.sketch`` forms it).
         """
-        if self.kind != "tensorsketch":
-            raise ValueError("a CountSketch projects materialised gradients (dense), not factors")
-        n, t = v.shape[:2]
-        step = max(1, _CHUNK_ELEMENTS // max(1, n * self.blocks * self.dim))
-        out = None
-        for t0 in range(0, t, step):
-            fu = torch.fft.rfft(self._count_rows(u[:, t0 : t0 + step]), dim=-1)  # [n, t, B, k//2+1]
-            fv = torch.fft.rfft(self._count_cols(v[:, t0 : t0 + step], bias), dim=-1)
-            part = (fu * fv).sum((1, 2))
-            out = part if out is None else out + part
-        return torch.fft.irfft(out, n=self.dim, dim=-1) / math.sqrt(self.blocks)
 
-    def _count_rows(self, u: torch.Tensor) -> torch.Tensor:
-        """Per-block CountSketch ``[..., rows] → [..., B, k]`` with the row hashes."""
-        return self._count(u, self.hashes["row_hash"], self.hashes["row_sign"])
-
-    def _count_cols(self, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
-        """Per-block CountSketch ``[..., c] → [..., B, k]`` with the column hashes (``bias``: a ones column)."""
-        c = v.shape[-1]
-        h, s = self.hashes["col_hash"], self.hashes["col_sign"]
-        out = self._count(v, h[:, :c], s[:, :c])
-        if bias:
-            for b in range(self.blocks):
-                out[..., b, h[b, c]] += s[b, c].to(v.dtype)
-        return out
-
-    def _count(self, x: torch.Tensor, hashes: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        blocks, width = hashes.shape
-        offsets = torch.arange(blocks, device=x.device).unsqueeze(1) * self.dim
-        src = (x.unsqueeze(-2) * signs.to(x.dtype)).reshape(*x.shape[:-1], blocks * width)
-        out = x.new_zeros((*x.shape[:-1], blocks * self.dim))
-        out.index_add_(-1, (hashes + offsets).reshape(-1), src)
-        return out.view(*x.shape[:-1], blocks, self.dim)
-
+    @abstractmethod
     def indexed(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Sketch ``[n, k]`` of ``M_n = Σ_t e_{rows[n, t]} v[n, t]ᵀ`` (an embedding gradient).
 
@@ -200,19 +171,276 @@ class Projection:
             rows: ``[n, T]`` int64 row of each position (the token id).
             v: ``[n, T, cols]`` column factors (the output gradients).
         """
+
+    @classmethod
+    @abstractmethod
+    def cost(cls, view: tuple[int, int], dim: int, form: Form, costs: KernelCosts = SKETCH_COSTS) -> float:
+        """Nanoseconds per example to sketch one per-example gradient of ``form`` with this class (a model)."""
+
+    @classmethod
+    def applies(cls, view: tuple[int, int], dim: int) -> bool:
+        """Whether this class may project a parameter of natural view ``view`` into ``dim`` coordinates."""
+        return True
+
+    def route_cost(self, form: Form, costs: KernelCosts) -> float:
+        """:meth:`cost` of this projection's shapes, weighed with ``costs`` (for choosing a route, not a class)."""
+        return self.cost((self.rows, self.cols), self.dim, form, costs)
+
+
+class CountSketch(Projection):
+    """CountSketch with an independent hash and sign per entry (see the module docstring)."""
+
+    kind = "countsketch"
+
+    def _build(self, hashes: dict[str, np.ndarray], device: torch.device) -> None:
+        self.signed = torch.from_numpy(_signed(hashes["hash"], hashes["sign"], self.dim)).to(device)  # [rows, cols]
+        self._flat: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _columns(self, col_offset: int, cols: int) -> torch.Tensor:
+        """``[1, rows·c]`` signed buckets of columns ``col_offset…`` (contiguous, cached)."""
+        key = (col_offset, cols)
+        if key not in self._flat:
+            block = self.signed if (col_offset, cols) == (0, self.cols) else \
+                self.signed[:, col_offset : col_offset + cols]
+            self._flat[key] = block.reshape(1, -1).contiguous()
+        return self._flat[key]
+
+    def dense(self, m: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
+        """One ``scatter_add_`` of every entry into ``2k`` signed buckets, the hash broadcast over examples."""
+        n, _, cols = m.shape
+        idx = self._columns(col_offset, cols)
+        out = m.new_zeros((n, 2 * self.dim))
+        return _fold(out.scatter_add_(1, idx.expand(n, -1), m.reshape(n, -1)), self.dim)
+
+    def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """Materialises the gradients a few examples at a time (one batched GEMM), then :meth:`dense`."""
+        n = v.shape[0]
+        step = max(1, _CHUNK_ELEMENTS // max(1, self.rows * self.cols))
+        parts = []
+        for i in range(0, n, step):
+            ui, vi = u[i : i + step], v[i : i + step]
+            s = self.dense(torch.bmm(ui.transpose(1, 2), vi))
+            if bias:
+                s = s + self.dense(ui.sum(1).unsqueeze(2), col_offset=vi.shape[-1])
+            parts.append(s)
+        return torch.cat(parts)
+
+    def indexed(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Each position's row of the hash, gathered by its token id, then one ``scatter_add_``."""
+        n, _, c = v.shape
+        idx = self.signed[rows][..., :c]  # [n, T, c]
+        out = v.new_zeros((n, 2 * self.dim))
+        return _fold(out.scatter_add_(1, idx.reshape(n, -1), v.reshape(n, -1)), self.dim)
+
+    @classmethod
+    def cost(cls, view: tuple[int, int], dim: int, form: Form, costs: KernelCosts = SKETCH_COSTS) -> float:
+        """One scattered add per entry; factors are materialised first (``T·rows·cols`` multiply-adds)."""
+        route, t = form
+        rows, cols = view
+        if route == "indexed":
+            return costs.scatter * t * cols
+        materialise = costs.gemm * t * rows * cols if route == "factored" else 0.0
+        return materialise + costs.scatter * rows * cols
+
+
+class TensorSketchMean(Projection):
+    """The mean of :data:`TENSORSKETCH_BLOCKS` TensorSketches with combined row/column hashes (module docstring)."""
+
+    kind = "tensorsketch"
+    blocks = TENSORSKETCH_BLOCKS
+
+    def _build(self, hashes: dict[str, np.ndarray], device: torch.device) -> None:
+        k = self.dim
+        self.row_hash = torch.from_numpy(hashes["row_hash"]).to(device)  # [B, rows]
+        self.row_sign = torch.from_numpy(hashes["row_sign"]).to(device)
+        self.row_signed = torch.from_numpy(_signed(hashes["row_hash"], hashes["row_sign"], k)).to(device)
+        self.col_signed = torch.from_numpy(_signed(hashes["col_hash"], hashes["col_sign"], k)).to(device)
+        self._shift: torch.Tensor | None = None  # [B, rows, k] (j − h₁ᵇ(r)) mod k, built at first dense use
+
+    @classmethod
+    def applies(cls, view: tuple[int, int], dim: int) -> bool:
+        """A matrix (both sides > 1) with more entries than ``dim`` (below that a CountSketch is exact)."""
+        return min(view) > 1 and view[0] * view[1] > dim
+
+    def _count(self, x: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        """Per-block CountSketch ``[N, w] → [N, B, k]`` with the signed buckets ``signed [B, ≥ w]``."""
+        n, width = x.shape
+        out = x.new_zeros((n, self.blocks, 2 * self.dim))
+        for b in range(self.blocks):
+            out[:, b].scatter_add_(1, signed[b, :width].expand(n, -1), x)
+        return _fold(out, self.dim)
+
+    def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
+        """Never forms ``M``: ``B`` CountSketches of both factors and ``2B`` real FFTs per position."""
         n, t, c = v.shape
-        out = v.new_zeros((n, self.dim))
-        if self.kind == "countsketch":
-            idx = self.hashes["hash"][rows][..., :c]  # [n, T, c]
-            src = v * self.hashes["sign"][rows][..., :c].to(v.dtype)
-            return out.scatter_add_(1, idx.reshape(n, -1), src.reshape(n, -1))
-        # Circular convolution with a signed one-hot is a signed roll by the row's bucket.
-        step = max(1, _CHUNK_ELEMENTS // max(1, n * self.blocks * self.dim))
-        ramp = torch.arange(self.dim, device=v.device)
+        k, blocks = self.dim, self.blocks
+        step = max(1, _CHUNK_ELEMENTS // max(1, n * blocks * (2 * k + 2)))
+        acc = None
+        for t0 in range(0, t, step):
+            ut, vt = u[:, t0 : t0 + step], v[:, t0 : t0 + step]
+            tt = ut.shape[1]
+            fu = torch.fft.rfft(self._count(ut.reshape(n * tt, -1), self.row_signed), dim=-1)
+            cv = self._count(vt.reshape(n * tt, c), self.col_signed)
+            if bias:  # the implicit ones column: +1 at its signed bucket, per block
+                cv += self._ones_column(c, cv.dtype)
+            part = (fu * torch.fft.rfft(cv, dim=-1)).view(n, tt, blocks, -1).sum((1, 2))
+            acc = part if acc is None else acc + part
+        return torch.fft.irfft(acc, n=k, dim=-1) / math.sqrt(blocks)
+
+    def _ones_column(self, c: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, k]`` per-block CountSketch of the unit vector of column ``c``."""
+        one = torch.zeros(self.blocks, 2 * self.dim, dtype=dtype, device=self.col_signed.device)
+        one.scatter_(1, self.col_signed[:, c : c + 1], 1.0)
+        return _fold(one, self.dim)
+
+    def dense(self, m: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
+        """Row-wise: each row's per-block column sketch, rolled by the row's bucket and signed, summed over rows."""
+        n, rows, c = m.shape
+        k = self.dim
+        if self._shift is None:
+            ramp = torch.arange(k, device=m.device)
+            self._shift = (ramp - self.row_hash.unsqueeze(-1)) % k  # [B, rows, k]
+        cols = self.col_signed[:, col_offset : col_offset + c]
+        step = max(1, _CHUNK_ELEMENTS // max(1, rows * 2 * k))
+        parts = []
+        for i in range(0, n, step):
+            mi = m[i : i + step]
+            ni = mi.shape[0]
+            flat = mi.reshape(ni * rows, c)
+            out = None
+            for b in range(self.blocks):
+                y = mi.new_zeros((ni * rows, 2 * k)).scatter_add_(1, cols[b].expand(ni * rows, -1), flat)
+                y = _fold(y, k).view(ni, rows, k).gather(2, self._shift[b].expand(ni, -1, -1))
+                part = torch.einsum("nrk,r->nk", y, self.row_sign[b].to(m.dtype))
+                out = part if out is None else out + part
+            parts.append(out)
+        return torch.cat(parts) / math.sqrt(self.blocks)
+
+    def indexed(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Circular convolution with a signed one-hot is a signed roll by the row's bucket."""
+        n, t, c = v.shape
+        k = self.dim
+        out = v.new_zeros((n, k))
+        step = max(1, _CHUNK_ELEMENTS // max(1, n * self.blocks * k))
+        ramp = torch.arange(k, device=v.device)
         for t0 in range(0, t, step):
             part = rows[:, t0 : t0 + step]
-            cs = self._count_cols(v[:, t0 : t0 + step])  # [n, t, B, k]
-            idx = (ramp - self.hashes["row_hash"].T[part].unsqueeze(-1)) % self.dim  # [n, t, B, k]
-            sign = self.hashes["row_sign"].T[part].unsqueeze(-1).to(cs.dtype)
+            tt = part.shape[1]
+            cs = self._count(v[:, t0 : t0 + step].reshape(n * tt, c), self.col_signed).view(n, tt, self.blocks, k)
+            idx = (ramp - self.row_hash.T[part].unsqueeze(-1)) % k  # [n, t, B, k]
+            sign = self.row_sign.T[part].unsqueeze(-1).to(cs.dtype)
             out += (cs.gather(-1, idx) * sign).sum((1, 2))
         return out / math.sqrt(self.blocks)
+
+    @classmethod
+    def cost(cls, view: tuple[int, int], dim: int, form: Form, costs: KernelCosts = SKETCH_COSTS) -> float:
+        """Per route, per example.
+
+        Factored: ``B·T·(rows + cols)`` scattered adds and ``2B·T`` FFTs of size ``k``, one inverse FFT;
+        materialised: ``B`` scattered adds per entry and ``B·rows·k`` to roll the rows; indexed: ``B·T·(cols + k)``.
+        """
+        route, t = form
+        rows, cols = view
+        fft = costs.fft * dim * math.log2(max(dim, 2))
+        b = cls.blocks
+        if route == "factored":
+            return b * t * (costs.scatter * (rows + cols) + 2 * fft) + fft
+        if route == "indexed":
+            return b * t * (costs.scatter * (cols + dim) + fft)
+        return b * (costs.scatter * rows * cols + 3 * costs.scatter * rows * dim)
+
+
+PROJECTIONS: dict[str, type[Projection]] = {cls.kind: cls for cls in (CountSketch, TensorSketchMean)}
+"""The projection classes by the kind recorded in the store."""
+
+KINDS = tuple(PROJECTIONS)
+
+
+def choose_projection(view: tuple[int, int], dim: int, forms: list[Form]) -> str:
+    """The kind of projection a parameter gets: the applicable class that sketches ``forms`` at the lowest cost.
+
+    The costs are a model of the shapes (:meth:`Projection.cost`, FLOPs and scattered bytes weighed with the fixed
+    :data:`~gradcoh.logger.costs.SKETCH_COSTS`), never timings, so the same model and shapes get the same kind on
+    every machine and every rank; ties go to the first class of :data:`PROJECTIONS`. Without forms (a parameter no
+    step has reached yet): a CountSketch.
+
+    Args:
+        view: The parameter's natural view ``(rows, cols)``.
+        dim: Sketch dimension ``k``.
+        forms: ``(route, positions)`` of each of its per-example gradients at the first step that sketches it.
+    """
+    best, best_cost = CountSketch.kind, math.inf
+    for kind, cls in PROJECTIONS.items():
+        if not forms or not cls.applies(view, dim):
+            continue
+        total = sum(cls.cost(view, dim, form) for form in forms)
+        if total < best_cost:
+            best, best_cost = kind, total
+    return best
+
+
+class ProjectionTable:
+    """Which projection each parameter of one run gets, and what the store records of it (:meth:`attribute`).
+
+    A kind is chosen once per parameter (:func:`choose_projection`), or adopted from the store appended to.
+
+    Args:
+        seed: The logger's seed.
+        dim: Sketch dimension ``k``.
+    """
+
+    def __init__(self, seed: int, dim: int) -> None:
+        self.seed, self.dim = seed, dim
+        self.kinds: dict[str, str] = {}
+        self.views: dict[str, tuple[int, int]] = {}
+        self.unsaved = False
+
+    def adopt(self, attrs: dict[str, Any], views: dict[str, tuple[int, int]], where: str) -> None:
+        """Take the projections a store records (an appending run sketches exactly as the run before it).
+
+        Args:
+            attrs: The attributes of the group being appended to: its ``SKETCH_KEY`` (the sketch version) and
+                ``PROJECTIONS_KEY`` (:meth:`attribute`; absent in a new store, or when no step sketched yet).
+            views: Natural view of every parameter of this run, by name.
+            where: The store, for error messages.
+
+        Raises:
+            ValueError: The store's sketches come from another sketch version, another dimension, unknown
+                kinds or parameters of other shapes: appending would mix two projections in one store.
+        """
+        if not self.dim:
+            return
+        sketch = attrs.get(schema.SKETCH_KEY) or {}
+        stored = attrs.get(schema.PROJECTIONS_KEY)
+        if stored is None and sketch.get("version", SKETCH_VERSION) == SKETCH_VERSION:
+            return
+        stored = stored or {"version": sketch.get("version"), "dim": sketch.get("dim")}
+        version, dim = stored.get("version"), stored.get("dim")
+        if version != SKETCH_VERSION or dim != self.dim:
+            raise ValueError(
+                f"{where}: its sketches were made by sketch version {version!r} with k={dim!r}, this gradcoh makes "
+                f"version {SKETCH_VERSION} with k={self.dim}; appending would mix two projections in one store. "
+                "Start a new store (mode='create' or 'overwrite'), or append with sketch_dim=0")
+        for name, entry in stored.get("params", {}).items():
+            kind, view = entry.get("kind"), tuple(entry.get("view", ()))
+            if kind not in PROJECTIONS or (name in views and views[name] != view):
+                raise ValueError(
+                    f"{where}: parameter {name!r} was sketched with a projection this gradcoh cannot reproduce "
+                    f"(kind {kind!r}, view {list(view)}; known kinds {list(KINDS)}, this run's view "
+                    f"{list(views.get(name, ()))}); start a new store")
+            self.kinds[name], self.views[name] = kind, view
+
+    def get(self, name: str, view: tuple[int, int], forms: list[Form], device: torch.device) -> Projection:
+        """Parameter ``name``'s projection on ``device``, its kind chosen from ``forms`` if none is recorded yet."""
+        kind = self.kinds.get(name)
+        if kind is None:
+            kind = self.kinds[name] = choose_projection(view, self.dim, forms)
+            self.views[name] = view
+            self.unsaved = True
+        return Projection.create(self.seed, name, view, self.dim, kind, device)
+
+    def attribute(self) -> dict[str, Any]:
+        """The store's record: ``{version, dim, params: {name: {kind, view}}}``."""
+        return {"version": SKETCH_VERSION, "dim": self.dim,
+                "params": {name: {"kind": kind, "view": list(self.views[name])}
+                           for name, kind in sorted(self.kinds.items())}}

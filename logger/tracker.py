@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,19 +25,20 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
+from .arguments import map_tensors, tensors
 from .fused import Slot
 from .grads import (
-    MATERIALISE_BYTES,
     Dense,
     Factored,
     LayerGrad,
     MatrixView,
     ParamGrad,
-    choose_projection,
     choose_route,
     combine,
     dot,
+    fits,
     fold,
+    form_of,
     inner,
     natural_view,
     probe,
@@ -45,7 +46,7 @@ from .grads import (
 )
 from .layout import Row
 from .plan import LayerPlan, Source
-from .sketch import Projection
+from .sketch import Projection, ProjectionTable
 from .uses import Use, UseTracker, use_gradients
 
 _log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class _Call:
     kwargs: dict
     versions: list[tuple[torch.Tensor, int]]
     r: int
+    axis: int = 0  # the batch axis of the call's inputs and outputs (moved to the front for the rule)
     grads: tuple | None = None
     slot: Slot | None = None  # fused mode: where the batch weight gradient goes
 
@@ -190,6 +192,7 @@ class LayerTracker:
         self.views = [MatrixView.of([tuple(p.shape) for p in s.params]) for s in plan.sources]
         device = self.params[0].device
         self.seed, self.sketch_dim = seed, sketch_dim
+        self.projections = ProjectionTable(seed, sketch_dim)  # the logger shares one table between its trackers
         self.reference: list[torch.Tensor] | None = None  # R per parameter (natural views), set per step by the logger
         self.projectors: list[Projection | None] = [None] * len(self.params)  # chosen at the first sketched step
         self.tests = [_rank_one(name, shape, device) for name, shape in zip(plan.param_names, self.shapes,
@@ -246,16 +249,18 @@ class LayerTracker:
             return  # no gradient will flow (no_grad, frozen): nothing to record
         state = self._state
         uses = state.uses
-        leaves = _tensor_args(args, kwargs)
+        leaves = tensors(args, kwargs)
         lay = next((uses.layout(a) for a in leaves if uses.layout(a) is not None), None)
         if lay is None:
             return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
         first = next(a for a in leaves if uses.layout(a) is not None)
-        r = self._rows_per_example(source, first, lay)
-        detached = _map_args(args, kwargs, torch.Tensor.detach)
+        custom = getattr(source.rule, "rows_per_example", None)  # rules that check the batch axis themselves
+        axis, r = (0, custom(source.module, args, kwargs, lay, state.n)) if custom else \
+            self._rows_per_example(source, first, lay)
+        detached = map_tensors(args, kwargs, torch.Tensor.detach)
         versions = [(a, a._version) for a in leaves]
         slot = state.uses.slots.get(output) if isinstance(output, torch.Tensor) else None
-        call = _Call(source, detached[0], detached[1], versions, r, slot=slot)
+        call = _Call(source, detached[0], detached[1], versions, r, axis, slot=slot)
         self._calls.append(call)
         if len(outs) == 1:
             uses.paused += 1  # reading ._base is not an op of the model
@@ -274,7 +279,8 @@ class LayerTracker:
 
             torch.autograd.graph.register_multi_grad_hook(needs, on_all, mode="all")
 
-    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> int:
+    def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> tuple[int, int]:
+        """``(batch axis, rows per example)`` of a call; the axis is 0 unless the rule acts position by position."""
         n = self._state.n
         if isinstance(lay, Row) and n > 1:
             raise ValueError(
@@ -288,14 +294,14 @@ class LayerTracker:
                 "it, or exclude the layer with layers=..."
             )
         if not isinstance(lay, tuple):
-            return max(first.shape[0], 1)
+            return 0, max(first.shape[0], 1)
         axis, r = lay
-        if axis != 0:
+        if axis != 0 and not getattr(source.rule, "positionwise", False):
             raise ValueError(
                 f"module '{source.name}' ({type(source.module).__name__}) takes the batch on dimension {axis} of its "
                 "input; its rule needs it on dimension 0 (batch_first=True), or exclude the layer with layers=..."
             )
-        return r
+        return axis, r
 
     def add_use(self, use: Use) -> None:
         """A use of this layer's parameters outside their modules' rules (reported by the use tracker)."""
@@ -405,9 +411,9 @@ class LayerTracker:
             group = [c for c in calls if c.source is source]
             if not group:
                 continue
-            if any(_is_half(x) for c in group for x in (*_tensor_args(c.args, c.kwargs), *c.grads)):
+            if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
                 self.low_precision = True
-            grad = combine([fold(source.rule(source.module, *_upcast((c.args, c.kwargs, c.grads))), c.r)
+            grad = combine([fold(source.rule(source.module, *_upcast(_batch_first(c))), c.r)
                             for c in group])
             self.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
@@ -434,16 +440,16 @@ class LayerTracker:
     def projector(self, i: int, forms: list[ParamGrad]) -> Projection | None:
         """Parameter ``i``'s sketch projection (None without sketches), chosen from ``forms`` the first time.
 
-        The choice (:func:`~gradcoh.logger.grads.choose_projection`) depends only on shapes, so every process and
+        The choice (:func:`~gradcoh.logger.sketch.choose_projection`) depends only on shapes, so every process and
         every restart of a run with the same shapes makes the same one; it is kept for the rest of the run.
         """
         if not self.sketch_dim:
             return None
         if self.projectors[i] is None:
-            kind = choose_projection(self.shapes[i], self.sketch_dim, forms)
-            self.projectors[i] = Projection.create(self.seed, self.plan.param_names[i], natural_view(self.shapes[i]),
-                                                   self.sketch_dim, kind, self.params[i].device)
-            _log.info("sketch of %s: %s", self.plan.param_names[i], kind)
+            name = self.plan.param_names[i]
+            self.projectors[i] = self.projections.get(name, natural_view(self.shapes[i]), [form_of(f) for f in forms],
+                                                      self.params[i].device)
+            _log.info("sketch of %s: %s", name, self.projectors[i].kind)
         return self.projectors[i]
 
     def _reduce(self, per_param: list[list[ParamGrad]]) -> None:
@@ -692,8 +698,8 @@ def _fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
 
     Left to autograd's own GEMM (slot empty) when the block would exceed ``MATERIALISE_BYTES``.
     """
-    if not isinstance(grad, Factored) or grad.u is None or (
-            grad.n * grad.n_rows * grad.n_cols * grad.v.element_size() > MATERIALISE_BYTES):
+    if not isinstance(grad, Factored) or grad.u is None or not fits(grad.n, grad.n_rows, grad.n_cols,
+                                                                     grad.v.element_size()):
         return grad
     dense = grad.materialise()
     slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient
@@ -734,39 +740,23 @@ def _upcast(tree: Any) -> Any:
     if isinstance(tree, Dense):
         return Dense(*(_float(b) for b in tree.blocks))
     if isinstance(tree, Factored):
-        return Factored(None if tree.u is None else _float(tree.u), _float(tree.v), tree.rows_index, tree.n_rows,
-                        tree.bias)
+        return replace(tree, u=None if tree.u is None else _float(tree.u), v=_float(tree.v))
     if not isinstance(tree, tuple):
         return tree
     args, kwargs, grads = tree
-    return (*_map_args(args, kwargs, _float), tuple(None if g is None else _float(g) for g in grads))
+    return (*map_tensors(args, kwargs, _float), tuple(None if g is None else _float(g) for g in grads))
+
+
+def _batch_first(call: _Call) -> tuple[tuple, dict, tuple]:
+    """``(args, kwargs, grads)`` of a call with the batch axis moved to the front (position-wise rules only)."""
+    if call.axis == 0:
+        return call.args, call.kwargs, call.grads
+    args, kwargs = map_tensors(call.args, call.kwargs, lambda t: t.movedim(call.axis, 0) if t.dim() > call.axis else t)
+    return args, kwargs, tuple(None if g is None else g.movedim(call.axis, 0) for g in call.grads)
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _tensor_args(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors among a call's arguments (one level deep, and inside lists/tuples)."""
-    out = []
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            out.append(value)
-        elif isinstance(value, list | tuple):
-            out += [v for v in value if isinstance(v, torch.Tensor)]
-    return out
-
-
-def _map_args(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
-    """``fn`` applied to every tensor argument (one level deep, and inside lists/tuples)."""
-    def one(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return fn(value)
-        if isinstance(value, list | tuple):
-            return type(value)(fn(v) if isinstance(v, torch.Tensor) else v for v in value)
-        return value
-
-    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
 
 
 def end_of_backward(state: StepState | None) -> None:

@@ -33,9 +33,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .arguments import bind, tensor_args
+from .attention import multi_head_attention_forward
 from .fused import FusedLinear, Slot
-from .grads import Dense, Factored, ParamGrad, natural_view
+from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
 from .layout import CONSTANT, Layout, Unknown, elementwise, propagate, setitem_layout
+from .ops import embedding, linear, norm
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class Node:
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
 
 
-Source = Any
+Origin = Any
 """A parameter or a :class:`Node`: where a parameter-derived argument of a use came from."""
 
 
@@ -96,29 +99,13 @@ class Use:
     flat: list
     spec: Any
     data: dict[int, tuple[int, int]]
-    diff: dict[int, Source]
+    diff: dict[int, Origin]
     shapes: dict[int, tuple[int, ...]]
     out_layout: tuple[int, int]
     versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     grads: torch.Tensor | None = None
     results: list | None = None
     layers: list = field(default_factory=list)
-
-
-def _leaves(args: tuple, kwargs: dict) -> list[tuple[int, Any]]:
-    """Tensor arguments one level deep (and inside lists/tuples): ``(position in args or -1, tensor)``."""
-    out = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            out.append((i, a))
-        elif isinstance(a, list | tuple):
-            out += [(-1, x) for x in a if isinstance(x, torch.Tensor)]
-    for a in kwargs.values():
-        if isinstance(a, torch.Tensor):
-            out.append((-1, a))
-        elif isinstance(a, list | tuple):
-            out += [(-1, x) for x in a if isinstance(x, torch.Tensor)]
-    return out
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -255,7 +242,7 @@ class UseTracker(TorchFunctionMode):
         """The example layout of ``t``, or None when it does not carry the batch."""
         return self.layouts.get(t)
 
-    def source(self, t: torch.Tensor) -> Source | None:
+    def origin(self, t: torch.Tensor) -> Origin | None:
         """The parameter or derivation node behind ``t``, or None for data and constants."""
         if id(t) in self.params:
             return self.params[id(t)]
@@ -275,6 +262,9 @@ class UseTracker(TorchFunctionMode):
     # --- every torch op ----------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward and not self.paused and self.n is not None:
+            with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
+                return multi_head_attention_forward(*args, **kwargs)
         if self.fused and not self.paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
             out = self._fused_linear(*args, **kwargs)
         else:
@@ -282,7 +272,7 @@ class UseTracker(TorchFunctionMode):
         if self.paused or self.n is None:
             return out
         data, diff = [], []
-        for pos, t in _leaves(args, kwargs):
+        for pos, t in tensor_args(args, kwargs):
             if id(t) in self.params or t in self.derived:
                 diff.append((pos, t))
             else:
@@ -320,10 +310,10 @@ class UseTracker(TorchFunctionMode):
             self._setitem(args, data)
             return
         lays = [propagate(name, args, kwargs, o, data, self.n, func, i) for i, o in enumerate(outs)]
-        fresh = not any(isinstance(lay, Unknown) for _, _, lay in data)
+        fresh = not any(type(lay) is Unknown for _, _, lay in data)  # (subclasses: layouts a rule follows)
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
-            if fresh and isinstance(lay, Unknown):
+            if fresh and type(lay) is Unknown:
                 self._watch(o, name)
         if self.owned:
             diff = [(pos, t) for pos, t in diff if id(t) not in self.owned[-1]]  # covered by the module's rule
@@ -339,7 +329,7 @@ class UseTracker(TorchFunctionMode):
         if not any(o.requires_grad for o in outs):
             return
         flat, spec = pytree.tree_flatten((args, kwargs))
-        parents = {i: self.source(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
+        parents = {i: self.origin(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
         for i, o in enumerate(outs):
             if o.requires_grad:
                 self.derived[o] = Node(func, flat, spec, parents, i)
@@ -358,7 +348,7 @@ class UseTracker(TorchFunctionMode):
         else:
             after = setitem_layout(target, index, value, before, value_lay)
         self.layouts[target] = after
-        if isinstance(after, Unknown) and not isinstance(before, Unknown) and not isinstance(value_lay, Unknown):
+        if type(after) is Unknown and type(before) is not Unknown and type(value_lay) is not Unknown:
             self._watch(target, "__setitem__")
 
     def _watch(self, t: torch.Tensor, op: str) -> None:
@@ -373,7 +363,7 @@ class UseTracker(TorchFunctionMode):
         flat, spec = pytree.tree_flatten((args, kwargs))
         positions = {id(x): i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)}
         data_pos = {positions[id(t)]: lay for _, t, lay in data}
-        diff_pos = {positions[id(t)]: self.source(t) for _, t in diff}
+        diff_pos = {positions[id(t)]: self.origin(t) for _, t in diff}
         shapes = {positions[id(t)]: tuple(t.shape) for _, t in diff}
         versions = [(flat[i], flat[i]._version) for i in data_pos]
         detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
@@ -387,7 +377,7 @@ class UseTracker(TorchFunctionMode):
         use.grads = g.detach()
         self.on_grad(use)
 
-    def roots(self, source: Source) -> list[torch.nn.Parameter]:
+    def roots(self, source: Origin) -> list[torch.nn.Parameter]:
         """The tracked parameters a parameter or derivation node comes from."""
         if not isinstance(source, Node):
             return [source]
@@ -398,7 +388,7 @@ class UseTracker(TorchFunctionMode):
 
 
 # --- per-example gradients of a use -------------------------------------------------------------------------
-def value(source: Source, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+def value(source: Origin, memo: dict[int, torch.Tensor]) -> torch.Tensor:
     """The (detached) value of a parameter or derivation node, recomputed from the parameters."""
     if not isinstance(source, Node):
         return source.detach()
@@ -506,12 +496,13 @@ def _per_example_vjp(use: Use, n: int, whole: list, sliced: list, memo: dict) ->
         ) from err
 
 
-def pull_back_rows(src: Source, shape: tuple[int, ...], cot: torch.Tensor, lay: tuple[int, int], n: int,
+def pull_back_rows(src: Origin, shape: tuple[int, ...], cot: torch.Tensor, lay: tuple[int, int], n: int,
                    memo: dict) -> list:
     """Like :func:`pull_back` for a derived tensor with a batch-sized axis, given each example's rows ``cot``."""
-    if _constant_lookup(src) and lay[0] == 0:
-        idx = _split_examples(src.flat[0], lay, n).reshape(n, -1)
-        return _embedding_pull_back(src, cot, n, rows=idx)
+    lookup = _constant_lookup(src)
+    if lookup is not None and lay[0] == 0:
+        rows = _split_examples(lookup["input"], lay, n).reshape(n, -1)
+        return _embedding_pull_back(src, lookup, cot, n, rows=rows)
     full = cot.new_zeros((n, *shape))
     axis, r = lay
     for i in range(n):  # each example's cotangent is zero outside its own rows
@@ -519,113 +510,104 @@ def pull_back_rows(src: Source, shape: tuple[int, ...], cot: torch.Tensor, lay: 
     return pull_back(src, full, n, memo)
 
 
-def _constant_lookup(src: Source) -> bool:
-    """An embedding lookup of a parameter on constant indices."""
-    return isinstance(src, Node) and src.func is F.embedding and list(src.parents) == [1] and \
-        not isinstance(src.parents[1], Node)
+def _constant_lookup(src: Origin) -> dict | None:
+    """The bound arguments of an embedding lookup of a parameter on constant indices; None for any other derivation."""
+    if not isinstance(src, Node) or src.func is not F.embedding or len(src.parents) != 1:
+        return None
+    a, k = pytree.tree_unflatten(src.flat, src.spec)
+    bound = bind("embedding", src.func, a, k)
+    pos, parent = next(iter(src.parents.items()))
+    if bound is None or src.flat[pos] is not bound["weight"] or isinstance(parent, Node):
+        return None
+    return bound
+
+
+def _positions(use: Use) -> dict[int, int]:
+    """``{id(tensor): leaf position}`` of a use's tensor arguments."""
+    return {id(x): i for i, x in enumerate(use.flat) if isinstance(x, torch.Tensor)}
+
+
+def _bound(use: Use, name: str) -> dict | None:
+    a, k = pytree.tree_unflatten(use.flat, use.spec)
+    return bind(name, use.func, a, k)
+
+
+_AFFINE = {  # op: (input, weight, bias) parameter names, and whether the weight is stored [in, out]
+    "linear": ("input", "weight", "bias", False),
+    "addmm": ("mat1", "mat2", "input", True),
+    "matmul": ("input", "other", None, True),
+    "__matmul__": ("input", "other", None, True),
+}
 
 
 def _linear_use(use: Use, n: int) -> list | None:
-    """``F.linear(x, W, b)``, ``addmm(b, x, W)``, ``x @ W`` with parameter weights: factored per-example forms."""
+    """``F.linear(x, W, b)``, ``addmm(b, x, W)``, ``x @ W`` with parameter weights: factored per-example forms.
+
+    Reads ``x`` (its example layout must keep the features last) and moves nothing: :mod:`.ops.linear` builds the
+    forms from the example-split input and output gradient. None when another route must take the use.
+    """
     name = _name(use.func)
-    a, k = pytree.tree_unflatten(use.flat, use.spec)
-    if name == "linear":
-        x_pos, w_pos, b_pos = 0, 1, 2 if len(a) > 2 else None
-        transposed = False
-    elif name == "addmm" and not k and len(a) == 3:
-        x_pos, w_pos, b_pos = 1, 2, 0
-        transposed = True
-    elif name in ("matmul", "__matmul__") and len(a) == 2 and not k:
-        x_pos, w_pos, b_pos = 0, 1, None
-        transposed = True
+    bound = _bound(use, name) if name in _AFFINE and len(use.data) == 1 else None
+    if bound is None or bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1:
+        return None
+    x_name, w_name, b_name, transposed = _AFFINE[name]
+    where = _positions(use)
+    x_pos, w_pos = where.get(id(bound[x_name])), where.get(id(bound[w_name]))
+    b_arg = bound[b_name] if b_name else None
+    b = None if b_arg is None else use.diff.get(where[id(b_arg)])
+    if x_pos not in use.data or w_pos not in use.diff or (b_arg is not None and (b is None or b_arg.dim() != 1)):
+        return None
+    w, x, x_lay = use.diff[w_pos], use.flat[x_pos], use.data[x_pos]
+    if isinstance(w, Node) or isinstance(b, Node) or w.dim() != 2 or x.dim() < 2 or x_lay[0] == x.dim() - 1:
+        return None
+    trained = [p for p in (w, b) if p is not None and p.requires_grad]
+    xs = _split_examples(x, x_lay, n)
+    gs = _split_examples(use.grads, use.out_layout, n)
+    if transposed:
+        grad = linear.transposed_linear(xs, gs, weight_shape=_shape_if_trains(w), bias_shape=_shape_if_trains(b))
     else:
-        return None
-    if k or len(use.data) != 1 or x_pos not in use.data or w_pos not in use.diff:
-        return None
-    w, b = use.diff[w_pos], use.diff.get(b_pos) if b_pos is not None else None
-    if isinstance(w, Node) or isinstance(b, Node) or (b_pos is not None and b_pos not in use.diff and
-                                                       a[b_pos] is not None):
-        return None
-    x, x_lay = use.flat[x_pos], use.data[x_pos]
-    if w.dim() != 2 or x.dim() < 2 or x_lay[0] == x.dim() - 1:
-        return None
-    xs = _split_examples(x, x_lay, n).reshape(n, -1, x.shape[-1])
-    gs = _split_examples(use.grads, use.out_layout, n).reshape(n, -1, use.grads.shape[-1])
-    out: list[tuple[torch.nn.Parameter, ParamGrad]] = []
-    if w.requires_grad:
-        out.append((w, Factored(xs, gs) if transposed else Factored(gs, xs)))
-    if b is not None and b.requires_grad:
-        out.append((b, Dense(gs.sum(1).reshape(n, *natural_view(tuple(b.shape))))))
-    return out
+        grad = linear.linear(xs, gs, weight=w.requires_grad, bias=b is not None and b.requires_grad)
+    return list(zip(trained, split_params(grad, MatrixView.of([tuple(p.shape) for p in trained])), strict=True))
 
 
-_NORM_ARGS = {  # positional names of the normalisation ops' arguments
-    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps"),
-    "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
-    "group_norm": ("input", "num_groups", "weight", "bias", "eps"),
-}
+def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
+    return tuple(p.shape) if p is not None and p.requires_grad else None
 
 
 def _norm_use(use: Use, n: int) -> list | None:
     """Normalisation ops with parameter weight and bias outside a module rule: ``g_w = Σ x̂·δ``, ``g_b = Σ δ``.
 
-    ``F.batch_norm``/``instance_norm``/``layer_norm``/``group_norm`` as timm's ``LayerNorm2d`` and ``BatchNormAct2d``
-    call them, with the statistics the op itself used (batch statistics in train mode: each example's contribution,
-    as the BatchNorm rule).
+    ``F.batch_norm``/``instance_norm``/``layer_norm``/``rms_norm``/``group_norm`` as timm's ``LayerNorm2d`` and
+    ``BatchNormAct2d`` call them, with the statistics the op itself used (:mod:`.ops.norm`). Reads ``input`` (the only
+    batch-carrying argument; its batch axis must be 0 except for the trailing-axis norms, where it is moved to 0),
+    ``weight`` and ``bias`` by name.
     """
     name = _name(use.func)
-    if name not in _NORM_ARGS or list(use.data) != [0]:
+    bound = _bound(use, name) if name in norm.OPS and len(use.data) == 1 else None
+    if bound is None:
         return None
-    a, k = pytree.tree_unflatten(use.flat, use.spec)
-    bound = dict(zip(_NORM_ARGS[name], a, strict=False)) | k
-    flat_ids = {id(x): i for i, x in enumerate(use.flat)}
-    params = {key: None if bound.get(key) is None else use.diff.get(flat_ids.get(id(bound[key])))
-              for key in ("weight", "bias")}
-    if any(bound.get(key) is not None and (p is None or isinstance(p, Node)) for key, p in params.items()):
+    where = _positions(use)
+    present = {key: bound[key] for key in ("weight", "bias") if bound.get(key) is not None}
+    params = {key: use.diff.get(where[id(t)]) for key, t in present.items()}
+    (x_pos, (axis, r)), = use.data.items()
+    if x_pos != where.get(id(bound["input"])) or any(p is None or isinstance(p, Node) for p in params.values()):
         return None  # a derived weight (or one covered by a rule): the general route
-    x, (axis, r), go = bound["input"].float(), use.data[0], use.grads.float()
-    xhat = _normalised(name, x, bound)
-    if xhat is None or (name != "layer_norm" and axis != 0):
+    if name not in norm.TRAILING and axis != 0:
         return None
-    out = []
-    for key, term in (("weight", xhat * go), ("bias", go)):
-        p = params[key]
-        if p is None or not p.requires_grad:
-            continue
-        per_row = _sum_to_param(name, term, p, axis)  # [n·r, *p.shape] with the batch rows first
-        g = per_row.reshape(n, r, *per_row.shape[1:]).sum(1)
-        out.append((p, Dense(g.reshape(n, *natural_view(tuple(p.shape))).to(use.grads.dtype))))
-    return out
+    trained = {key: p for key, p in params.items() if p.requires_grad}
+    if not trained:
+        return []
+    xhat = norm.normalised(name, bound["input"].float(), bound).movedim(axis, 0)
+    go = use.grads.float().movedim(axis, 0)
+    p_dims = next(iter(trained.values())).dim()
+    reduce_dims = tuple(range(1, xhat.dim() - p_dims)) if name in norm.TRAILING else tuple(range(2, xhat.dim()))
+    grad = fold(norm.affine(xhat, go, reduce_dims, weight="weight" in trained, bias="bias" in trained), r)
+    forms = split_params(grad, MatrixView.of([tuple(p.shape) for p in trained.values()]))
+    return [(p, Dense(*(b.to(use.grads.dtype) for b in f.blocks))) for p, f in zip(trained.values(), forms,
+                                                                                    strict=True)]
 
 
-def _normalised(name: str, x: torch.Tensor, bound: dict) -> torch.Tensor | None:
-    """``x̂`` exactly as the op normalised it."""
-    eps = bound.get("eps", 1e-5)
-    if name == "layer_norm":  # the op's own kernel without the affine part: one fused pass
-        shape = bound["normalized_shape"]
-        return F.layer_norm(x, (shape,) if isinstance(shape, int) else tuple(shape), None, None, eps)
-    if name == "group_norm":
-        return F.group_norm(x, bound["num_groups"], None, None, eps)
-    batch_stats = bound.get("training" if name == "batch_norm" else "use_input_stats", False)
-    dims = (0, *range(2, x.dim())) if name == "batch_norm" else tuple(range(2, x.dim()))
-    if batch_stats or bound.get("running_mean") is None:
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
-    else:
-        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-        mean, var = bound["running_mean"].float().view(shape), bound["running_var"].float().view(shape)
-    return (x - mean) * torch.rsqrt(var + eps)
-
-
-def _sum_to_param(name: str, term: torch.Tensor, p: torch.Tensor, axis: int) -> torch.Tensor:
-    """Sum ``term`` over every axis but the batch axis and the parameter's own axes: ``[rows, *p.shape]``."""
-    if name == "layer_norm":
-        moved = term.movedim(axis, 0)
-        return moved.reshape(moved.shape[0], -1, *p.shape).sum(1)
-    return term.reshape(term.shape[0], term.shape[1], -1).sum(2)  # channels on axis 1
-
-
-def pull_back(src: Source, cot: torch.Tensor, n: int, memo: dict) -> list:
+def pull_back(src: Origin, cot: torch.Tensor, n: int, memo: dict) -> list:
     """Per-example gradients ``[(parameter, form)]`` behind ``src``, given its per-example cotangent ``[n, ...]``.
 
     An embedding lookup on constant indices (``wpe(arange(T))``, T5's relative position buckets) stays factored
@@ -634,8 +616,9 @@ def pull_back(src: Source, cot: torch.Tensor, n: int, memo: dict) -> list:
     """
     if not isinstance(src, Node):
         return [(src, Dense(cot.reshape(n, *natural_view(tuple(src.shape)))))] if src.requires_grad else []
-    if _constant_lookup(src):
-        return _embedding_pull_back(src, cot, n)
+    lookup = _constant_lookup(src)
+    if lookup is not None:
+        return _embedding_pull_back(src, lookup, cot, n)
     positions = list(src.parents)
     primals = [value(src.parents[i], memo) for i in positions]
 
@@ -650,21 +633,12 @@ def pull_back(src: Source, cot: torch.Tensor, n: int, memo: dict) -> list:
     return out
 
 
-def _embedding_pull_back(node: Node, cot: torch.Tensor, n: int, rows: torch.Tensor | None = None) -> list:
-    a, k = pytree.tree_unflatten(node.flat, node.spec)
-    idx, weight = a[0], node.parents[1]
+def _embedding_pull_back(node: Node, bound: dict, cot: torch.Tensor, n: int, rows: torch.Tensor | None = None) -> list:
+    """The lookup ``F.embedding(input, weight, ...)`` of :func:`_constant_lookup` (``bound``), factored by row."""
+    weight, idx = next(iter(node.parents.values())), bound["input"]
     if not weight.requires_grad:
         return []
-    bound = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), a[2:],
-                     strict=False)) | k
     if rows is None:
         rows = idx.reshape(1, -1).expand(n, -1)
-    v = cot.reshape(n, rows.shape[1], -1)
-    pad = bound.get("padding_idx")
-    if pad is not None:
-        pad = pad + weight.shape[0] if pad < 0 else pad
-        v = v * (rows != pad).unsqueeze(-1).to(v.dtype)
-    if bound.get("scale_grad_by_freq"):
-        counts = torch.bincount(idx.reshape(-1), minlength=weight.shape[0]).to(v.dtype)
-        v = v / counts[rows].unsqueeze(-1)
-    return [(weight, Factored(None, v, rows_index=rows, n_rows=weight.shape[0]))]
+    return [(weight, embedding.embedding(rows, cot, weight.shape[0], padding_idx=bound["padding_idx"],
+                                         scale_grad_by_freq=bound["scale_grad_by_freq"], looked_up=idx))]

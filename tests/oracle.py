@@ -82,3 +82,57 @@ def expected_stats(ds, grads, group=None, n_groups=1):
         gs = np.stack([g[grp == a].sum(0) for a in range(n_groups)])
         grams.append(gs @ gs.T)
     return np.stack(sq, 1), np.array(sums), np.stack(grams)
+
+
+def same_forward_grads(model, losses_fn, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each example's gradient through one batch forward, in float64: ``({name: [n, P]}, losses [n])``.
+
+    The oracle for models whose examples share a forward (dropout in train mode): a float64 copy of the model runs
+    the batch forward from the same seed (the same dropout masks; callers check that the losses agree with the
+    logged forward), then ``autograd.grad`` of each example's own loss term alone. No gradcoh code.
+    """
+    m = copy.deepcopy(model).double()
+    torch.manual_seed(seed)
+    losses = losses_fn(m)
+    named = [(k, p) for k, p in m.named_parameters() if p.requires_grad]
+    out: dict[str, list] = {k: [] for k, _ in named}
+    for i in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[i], [p for _, p in named], retain_graph=True, allow_unused=True)
+        for (k, p), g in zip(named, grads, strict=True):
+            out[k].append((torch.zeros_like(p) if g is None else g).reshape(-1))
+    return {k: torch.stack(v) for k, v in out.items()}, losses.detach()
+
+
+def log_same_forward(model, losses_fn, path, seed: int = 0, **options):
+    """Log one step of ``losses_fn(model).sum()`` from ``seed``; returns ``(dataset, oracle grads)``.
+
+    Raises AssertionError when the logged forward's losses differ from the oracle's (different dropout masks).
+    """
+    from gradcoh.logger import GradientLogger
+
+    grads, want = same_forward_grads(model, losses_fn, seed)
+    with GradientLogger(model, path, loss_reduction="sum", handle_sigterm=False, **options) as glog:
+        with glog.record(0):
+            torch.manual_seed(seed)
+            losses = losses_fn(model)
+            losses.sum().backward()
+    np.testing.assert_allclose(losses.detach().double().numpy(), want.numpy(), rtol=1e-4, atol=1e-6)
+    return open_logged(path), grads
+
+
+def assert_layers_exact(ds, grads, rtol: float = 1e-4) -> float:
+    """Every logged layer's per-example squared norm against the oracle; returns the largest relative error.
+
+    ``rtol`` 1e-4: float32 activations and gradients against float64, products and sums over a few hundred terms
+    (relative rounding ~ sqrt(terms) · 6e-8 per value, squared norms double it), with margin.
+    """
+    n = next(iter(grads.values())).shape[0]
+    worst = 0.0
+    for i, layer in enumerate(ds.attrs["gradcoh_layers"]):
+        g = torch.cat([grads[p].reshape(n, -1) for p in layer["params"]], 1).numpy()
+        want = (g**2).sum(1)
+        got = ds.sq_norm.values[0, :n, i]
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6 * want.max(), err_msg=layer["name"])
+        worst = max(worst, float(np.max(np.abs(got - want) / np.maximum(want, 1e-30))))
+    assert bool(ds.reconciled.values.all())
+    return worst

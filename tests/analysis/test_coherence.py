@@ -99,7 +99,9 @@ def test_sketch_source_close_to_exact(ds):
 
 def test_by_label_from_sketches(store, ds):
     got = m_coherence(ds, by="label")
-    assert list(got.group.values) == [0, 1, 2]
+    assert got.dims == ("step", "label") and list(got.label.values) == [0, 1, 2]
+    assert got.attrs["numerator_source"] == "sketch"
+    xr.testing.assert_identical(m_coherence(ds, by="label", source="sketch"), got)
     for t, labels in enumerate(store.batch.labels):
         for c in range(3):
             expected = mcoh(store.batch.flat(t)[labels == c])
@@ -113,7 +115,7 @@ def test_by_bool_and_int_masks(store, ds):
     mask0 = big.values[0][: len(store.batch.labels[0])]
     assert got.values[0, 0] == pytest.approx(mcoh(store.batch.flat(0)[mask0]), rel=0.25)
     by_int = m_coherence(ds, by=ds.label.reset_coords(drop=True))
-    xr.testing.assert_allclose(by_int, m_coherence(ds, by="label"))
+    xr.testing.assert_allclose(by_int, m_coherence(ds, by="label").rename(label="group"))
 
 
 def test_layer_selection(store, ds):
@@ -166,6 +168,15 @@ def test_bad_arguments(ds, tmp_path):
     plain = build_store(tmp_path / "p.zarr", random_gradients(np.random.default_rng(0), n_steps=2, m=3, sizes=(2,)))
     with pytest.raises(ValueError, match="no sketches"):
         m_coherence(open_store(plain.path), by="label")
+
+
+@pytest.mark.parametrize("by", ["label", "mask"])
+def test_exact_subset_without_exact_sums_raises(ds, by):
+    """The store has exact subset sums only for the logger's groups: asking them for labels is never estimated."""
+    subset = ds.label.reset_coords(drop=True) if by == "mask" else by
+    with pytest.raises(ValueError, match=r"no exact value.*source='sketch'.*by='group'"):
+        m_coherence(ds, by=subset, source="exact")
+    assert m_coherence(ds, by="group", source="exact").attrs["numerator_source"] == "exact"
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

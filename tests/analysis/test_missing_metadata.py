@@ -153,12 +153,12 @@ def test_metrics_summary_warns_once_and_keeps_label_free_metrics(full, bare):
 
 
 def test_by_label_needs_labels(full, bare):
-    assert analysis.m_coherence(full, by="label").sizes["group"] == 3
+    assert analysis.m_coherence(full, by="label").sizes["label"] == 3
     with pytest.warns(MissingMetadataWarning, match=r"by='label'.*labels=") as record:
         coh = analysis.m_coherence(bare, by="label").compute()
     assert sum(issubclass(w.category, MissingMetadataWarning) for w in record) == 1
     assert record[0].filename == __file__  # points at the caller, not at gradcoh internals
-    assert coh.sizes["group"] == 0
+    assert coh.sizes["label"] == 0
 
 
 @pytest.mark.parametrize(

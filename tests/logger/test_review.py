@@ -260,22 +260,14 @@ class SeqFirstAttn(nn.Module):
         return out.transpose(0, 1).sum(1)
 
 
-def test_mha_batch_first_false_is_refused_at_creation(tmp_path):
-    """Sequence-first attention would put positions where examples are expected: refused, naming the fix."""
+def test_mha_batch_first_false_is_exact(tmp_path):
+    """Sequence-first attention: the batch on dimension 1 is followed op by op, the projections stay exact."""
+    torch.manual_seed(19)
     model = SeqFirstAttn()
-    with pytest.raises(ValueError, match=r"takes the batch on dimension 1.*batch_first=True"):
-        GradientLogger(model, tmp_path / "s.zarr")
-
-
-def test_mha_dropout_train_mode_is_refused_clearly(tmp_path):
-    """nn.TransformerEncoderLayer's default attention dropout (0.1) cannot be replayed per example: a clear error."""
-    torch.manual_seed(20)
-    model = nn.Sequential()
-    model.attn = nn.MultiheadAttention(E, H, dropout=0.5, batch_first=True)
-    x = torch.randn(1, 6, E)
-    y = torch.randn(1, 6, E)
-    with pytest.raises(ValueError, match="dropout"):
-        log_one(model, x, y, tmp_path / "s.zarr", forward=lambda x: model.attn(x, x, x, need_weights=False)[0])
+    x = torch.randn(3, 4, E)
+    y = target_for(model, x)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -634,7 +626,7 @@ class Wrapped(nn.Module):
 
 
 @pytest.mark.parametrize("kind", [
-    "convT", "bilinear", "prelu", "rmsnorm",
+    "convT", "bilinear", "prelu", "rmsnorm", "lstm",
 ])
 def test_fallback_layers_match_loop_oracle(kind, tmp_path):
     torch.manual_seed(32)
@@ -643,16 +635,6 @@ def test_fallback_layers_match_loop_oracle(kind, tmp_path):
     y = target_for(model, x)
     ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", sketch_dim=16)
     check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
-
-
-def test_lstm_is_refused_with_a_clear_error(tmp_path):
-    """No rule for nn.LSTM, and its fused kernel has no per-example form: a clear error naming the op and the fix."""
-    torch.manual_seed(32)
-    model = Wrapped("lstm")
-    x = torch.randn(4, 5, 3)
-    y = target_for(model, x)
-    with pytest.raises((ValueError, RuntimeError), match=r"lstm.*(LayerRules.register|layers=)"):
-        run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
 
 
 @pytest.mark.xfail(strict=True, raises=(IndexError, RuntimeError), reason=(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,3 +261,134 @@ def test_cuda_projection_equals_cpu():
         m = torch.randn(2, 10, 20)
         np.testing.assert_allclose(cpu.dense(m), gpu.dense(m.cuda()).cpu(), rtol=1e-5, atol=1e-6)
         assert all(torch.equal(cpu.hashes[key], gpu.hashes[key].cpu()) for key in cpu.hashes)
+
+
+# --- every route of every projection class --------------------------------------------------------------------
+def _route_forms(route, n, t, rows, cols, gen):
+    """Per-example gradients of one parameter in the form ``route`` (as a rule would give them), and as matrices."""
+    v = torch.randn(n, t, cols, generator=gen, dtype=torch.float64)
+    if route == "indexed":
+        idx = torch.randint(0, rows, (n, t), generator=gen)
+        form = Factored(None, v, rows_index=idx, n_rows=rows)
+    else:
+        form = Factored(torch.randn(n, t, rows, generator=gen, dtype=torch.float64), v)
+    dense = form.materialise()
+    return (dense if route == "dense" else form), dense.m.reshape(n, -1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("route", ["dense", "factored", "indexed"])
+@pytest.mark.parametrize("positions", [1, 4, 32])
+def test_every_route_within_jl_bound(kind, route, positions):
+    """Per route, the sd of ‖s‖²/‖g‖² − 1 over seeds and examples is ≤ 1.25·√(2/k), per example and for the batch
+    sum; the mean is 1 (unbiased) within 4 standard errors.
+
+    Rank-one per-example gradients (T = 1) are the TensorSketch mean's worst case: (2/k)(1 + 2/B), sd 1.12·√(2/k).
+    With 16 examples × 60 seeds the sd estimate has a relative standard error of about 1/√(2·960) = 2.3%.
+    """
+    k, n, rows, cols, seeds = 256, 16, 24, 40, 60
+    gen = torch.Generator().manual_seed(positions)
+    form, flat = _route_forms(route, n, positions, rows, cols, gen)
+    norms, total = flat.square().sum(1), flat.sum(0).square().sum()
+    per, batch = [], []
+    for seed in range(seeds):
+        p = Projection.create(seed, "w", (rows, cols), k, kind)
+        s = form.sketch(p)
+        per.append((s.square().sum(1) / norms - 1).numpy())
+        batch.append(float(s.sum(0).square().sum() / total - 1))
+    per, batch = np.concatenate(per), np.array(batch)
+    bound = 1.25 * np.sqrt(2 / k)
+    assert per.std() <= bound, per.std() / np.sqrt(2 / k)
+    assert abs(per.mean()) <= 4 * per.std() / np.sqrt(per.size)
+    # the batch sum has rank ≥ 16 here: its sd is near √(2/k); 60 seeds estimate it to about ±9%
+    assert batch.std() <= bound, batch.std() / np.sqrt(2 / k)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_routes_of_one_projection_agree_on_bias_and_offsets(kind):
+    """``dense`` over column blocks (weight | bias) equals the factored route with an implicit ones column."""
+    torch.manual_seed(9)
+    u, v = torch.randn(3, 5, 6, dtype=torch.float64), torch.randn(3, 5, 7, dtype=torch.float64)
+    p = Projection.create(1, "lin", (6, 8), 32, kind)
+    whole = torch.cat([torch.bmm(u.transpose(1, 2), v), u.sum(1).unsqueeze(2)], dim=2)
+    blocks = p.dense(whole[..., :7]) + p.dense(whole[..., 7:], col_offset=7)
+    np.testing.assert_allclose(p.dense(whole), blocks, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(p.factored(u, v, bias=True), p.dense(whole), rtol=1e-9, atol=1e-9)
+
+
+def test_choice_from_a_cost_model_of_the_shapes():
+    """A TensorSketch mean where the factors are far smaller than the gradient (few positions on a large matrix),
+    a CountSketch where the gradient is materialised anyway or has at most k entries; the same shapes, the same
+    choice (no timing enters)."""
+    from gradcoh.logger.sketch import choose_projection
+
+    assert choose_projection((512, 4608), 256, [("factored", 4)]) == "tensorsketch"  # ResNet-18 layer4 conv
+    assert choose_projection((1000, 512), 256, [("factored", 1)]) == "tensorsketch"  # classifier head
+    assert choose_projection((256, 256), 256, [("factored", 128)]) == "countsketch"  # Llama q_proj, T = 128
+    assert choose_projection((64, 576), 1024, [("factored", 256)]) == "countsketch"  # ResNet-18 layer1 conv
+    assert choose_projection((512, 4608), 256, [("dense", 1)]) == "countsketch"
+    assert choose_projection((8, 16), 256, [("factored", 1)]) == "countsketch"  # ≤ k entries: exact
+    assert choose_projection((1, 4096), 256, [("factored", 1)]) == "countsketch"  # a vector
+    assert choose_projection((512, 4608), 256, []) == "countsketch"
+
+
+def seq_model():
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 48))
+
+
+def log_seq(model, path, t, mode="create", k=64, steps=(0,)):
+    with GradientLogger(model, path, sketch_dim=k, sketch_dtype="float32", mode=mode) as glog:
+        for j, step in enumerate(steps):
+            torch.manual_seed(100 + step)
+            x = torch.randn(3, t[j] if isinstance(t, tuple) else t, 32)
+            with glog.record(step):
+                model(x).square().mean((1, 2)).mean().backward()
+            model.zero_grad()
+        kinds = {name: proj.kind for tr in glog.trackers
+                 for name, proj in zip(tr.plan.param_names, tr.projectors, strict=True)}
+    return kinds
+
+
+def test_store_records_projections_and_append_adopts_them(tmp_path):
+    """The store records each parameter's projection at the first sketched step; a resumed run adopts them even
+    where its own first batch would have chosen otherwise (T = 64 instead of 1), so its sketches equal a run that
+    never stopped; an append from another sketch version is refused before anything is written."""
+    import zarr
+
+    path = tmp_path / "r.zarr"
+    first = log_seq(seq_model(), path, t=1)
+    assert "tensorsketch" in first.values()
+    stored = zarr.open_group(str(path), mode="r").attrs["gradcoh_projections"]
+    assert {name: e["kind"] for name, e in stored["params"].items()} == first
+    assert log_seq(seq_model(), tmp_path / "other.zarr", t=64) != first  # what T = 64 alone would choose
+    resumed = log_seq(seq_model(), path, t=64, mode="append", steps=(1,))
+    assert resumed == first
+    straight = tmp_path / "straight.zarr"
+    log_seq(seq_model(), straight, t=(1, 64), steps=(0, 1))  # one run, never stopped
+    resumed_sketch = open_logged(path, "batch").sketch.values
+    np.testing.assert_array_equal(resumed_sketch, open_logged(straight, "batch").sketch.values)
+
+    root = zarr.open_group(str(path), mode="r+")
+    old = dict(root.attrs["gradcoh_projections"])
+    root.attrs["gradcoh_projections"] = {**old, "version": 3}
+    with pytest.raises(ValueError, match="sketch version 3"):
+        log_seq(seq_model(), path, t=1, mode="append", steps=(2,))
+    unknown = {n: {**e, "kind": "gaussian"} for n, e in old["params"].items()}
+    root.attrs["gradcoh_projections"] = {**old, "params": unknown}
+    with pytest.raises(ValueError, match="cannot reproduce"):
+        log_seq(seq_model(), path, t=1, mode="append", steps=(2,))
+    assert int(open_logged(path, "batch").sizes["step"]) == 2
+
+
+def test_projections_identical_in_two_processes(tmp_path):
+    """Another process with the same model and shapes makes the same choices and the same sketches."""
+    here = Path(__file__).resolve().parent
+    code = (f"import sys; sys.path.insert(0, {str(here)!r}); sys.path.insert(0, {str(here.parent)!r}); "
+            "from test_sketch import log_seq, seq_model; from pathlib import Path; "
+            f"print(sorted(log_seq(seq_model(), Path({str(tmp_path / 'a.zarr')!r}), t=4).items()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    local = log_seq(seq_model(), tmp_path / "b.zarr", t=4)
+    assert out.strip() == str(sorted(local.items()))
+    np.testing.assert_array_equal(open_logged(tmp_path / "a.zarr", "batch").sketch.values,
+                                  open_logged(tmp_path / "b.zarr", "batch").sketch.values)

@@ -68,14 +68,13 @@ def test_validate_names_a_wrong_layer_and_a_refused_model():
     verdicts = {r.layer: r.verdict for r in report.rows}
     assert not report.ok and verdicts["1"] == "MISMATCH" and verdicts["0"] == verdicts["2"] == "exact"
 
-    class Recurrent(nn.Module):
+    class Interleaved(nn.Module):  # positions and examples merged position-major: rows no longer map to examples
         def __init__(self):
             super().__init__()
-            self.rnn = nn.LSTM(3, 4, batch_first=True)
-            self.head = nn.Linear(4, 2)
+            self.head = nn.Linear(3, 2)
 
         def forward(self, x):
-            return self.head(self.rnn(x)[0][:, -1])
+            return self.head(x.transpose(0, 1).reshape(-1, 3)).view(x.shape[1], x.shape[0], 2).mean(0)
 
-    report = validate(Recurrent(), torch.randn(4, 5, 3), torch.randint(0, 2, (4,)), ce)
-    assert not report.ok and "lstm" in str(report) and "cannot log this model" in str(report)
+    report = validate(Interleaved(), torch.randn(4, 5, 3), torch.randint(0, 2, (4,)), ce)
+    assert not report.ok and "reshape" in str(report) and "cannot log this model" in str(report)

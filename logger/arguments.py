@@ -1,0 +1,93 @@
+"""A call's arguments: the tensors among them, and the arguments by the names of the op's signature.
+
+Hooks see a call as ``(args, kwargs)``. Tensors are looked for one level deep and inside lists/tuples (``torch.cat``'s
+``tensors``), which is where ops and modules take them; :func:`bind` names every argument as the op's signature
+does, so that handlers read ``bound["weight"]`` instead of assuming a position.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+KEYWORD = -1
+"""The position :func:`tensor_args` gives a tensor passed by keyword or inside a list/tuple."""
+
+
+def tensor_args(args: tuple, kwargs: dict) -> list[tuple[int, torch.Tensor]]:
+    """``(position in args, tensor)`` of every tensor argument (:data:`KEYWORD` for keyword or nested ones)."""
+    out = []
+    for pos, value in [*enumerate(args), *((KEYWORD, v) for v in kwargs.values())]:
+        if isinstance(value, torch.Tensor):
+            out.append((pos, value))
+        elif isinstance(value, list | tuple):
+            out += [(KEYWORD, v) for v in value if isinstance(v, torch.Tensor)]
+    return out
+
+
+def tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors among a call's arguments (see :func:`tensor_args`)."""
+    return [t for _, t in tensor_args(args, kwargs)]
+
+
+def map_tensors(args: tuple, kwargs: dict, fn: Callable[[torch.Tensor], Any]) -> tuple[tuple, dict]:
+    """``fn`` applied to every tensor argument (one level deep, and inside lists/tuples)."""
+    def one(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return fn(value)
+        if isinstance(value, list | tuple):
+            items = [fn(v) if isinstance(v, torch.Tensor) else v for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
+        return value
+
+    return tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+
+
+# Ops implemented in C, which have no Python signature: their parameters as the documentation names them.
+_BUILTIN = {
+    "linear": "input, weight, bias=None",
+    "addmm": "input, mat1, mat2, *, beta=1, alpha=1",
+    "matmul": "input, other",
+    "__matmul__": "input, other",
+}
+
+
+@functools.cache
+def _builtin_signature(spec: str) -> inspect.Signature:
+    params = []
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    for item in spec.split(", "):
+        if item == "*":
+            kind = inspect.Parameter.KEYWORD_ONLY
+            continue
+        name, _, default = item.partition("=")
+        value = inspect.Parameter.empty if not default else (None if default == "None" else int(default))
+        params.append(inspect.Parameter(name, kind, default=value))
+    return inspect.Signature(params)
+
+
+def signature(name: str, func: Callable) -> inspect.Signature | None:
+    """The signature of op ``func`` (called ``name``), or None when it has none gradcoh knows."""
+    if name in _BUILTIN:
+        return _builtin_signature(_BUILTIN[name])
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def bind(name: str, func: Callable, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """Every argument of a call of op ``func`` by its parameter name, defaults included (None: unknown signature)."""
+    sig = signature(name, func)
+    if sig is None:
+        return None
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)

@@ -1,0 +1,88 @@
+"""Normalisations ``y = x̂·w + b`` (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm).
+
+``g_w = Σ x̂·δ`` and ``g_b = Σ δ`` per example, summed over every axis but the batch and the parameter's own axes.
+``x̂`` comes from the op's own kernel without the affine part (one fused pass, the forward's rounding), with the
+statistics the op itself used: with batch statistics (train-mode BatchNorm) the examples are coupled and each
+example's gradient is its *contribution* to the batch gradient (the contributions sum exactly to ``.grad``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..grads import Dense
+
+
+def affine(xhat: torch.Tensor, delta: torch.Tensor, reduce_dims: tuple[int, ...], *, weight: bool,
+           bias: bool) -> Dense:
+    """Per-example gradients of ``y = x̂·w + b`` as column blocks ``[n, rows, ·]`` (weight, then bias).
+
+    Args:
+        xhat: The normalised input, batch on dimension 0.
+        delta: The output gradient, same shape.
+        reduce_dims: The axes the parameters broadcast along (all but the batch and the parameters' own axes).
+        weight: The weight trains.
+        bias: The bias trains.
+
+    Returns:
+        The blocks in the stacked view of ``[w | b]``: rows are the parameters' first axis.
+    """
+    terms = ([xhat * delta] if weight else []) + ([delta] if bias else [])
+    grads = [t.sum(reduce_dims) if reduce_dims else t for t in terms]  # [n, *param shape]
+    n = delta.shape[0]
+    return Dense(*(g.reshape(n, g.shape[1] if g.dim() > 1 else 1, -1) for g in grads))
+
+
+def layer_norm(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
+    """``x̂`` of ``F.layer_norm`` over the trailing ``shape``."""
+    return F.layer_norm(x, shape, None, None, eps)
+
+
+def rms_norm(x: torch.Tensor, shape: tuple[int, ...], eps: float | None) -> torch.Tensor:
+    """``x̂ = x / rms(x)`` of ``F.rms_norm`` (``eps`` None: the dtype's, as the module)."""
+    return F.rms_norm(x, shape, None, eps)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
+    """``x̂`` of ``F.group_norm``."""
+    return F.group_norm(x, num_groups, None, None, eps)
+
+
+def batch_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               batch_stats: bool, eps: float) -> torch.Tensor:
+    """``x̂`` of ``F.batch_norm``: batch statistics when ``batch_stats`` or without running ones (none updated)."""
+    if batch_stats or running_mean is None:
+        return F.batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return F.batch_norm(x, running_mean, running_var, None, None, False, 0.0, eps)
+
+
+def instance_norm(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                  use_input_stats: bool, eps: float) -> torch.Tensor:
+    """``x̂`` of ``F.instance_norm``: each example's own statistics, or the running ones (none updated)."""
+    if use_input_stats or running_mean is None:
+        return F.instance_norm(x, None, None, None, None, True, 0.0, eps)
+    return F.instance_norm(x, running_mean, running_var, None, None, False, 0.0, eps)
+
+
+def normalised(name: str, x: torch.Tensor, bound: dict) -> torch.Tensor:
+    """``x̂`` of the functional op ``name`` called with the arguments ``bound`` (by the op's parameter names)."""
+    eps = bound["eps"]
+    if name == "layer_norm":
+        shape = bound["normalized_shape"]
+        return layer_norm(x, (shape,) if isinstance(shape, int) else tuple(shape), eps)
+    if name == "rms_norm":
+        shape = bound["normalized_shape"]
+        return rms_norm(x, (shape,) if isinstance(shape, int) else tuple(shape), eps)
+    if name == "group_norm":
+        return group_norm(x, bound["num_groups"], eps)
+    if name == "batch_norm":
+        return batch_norm(x, bound["running_mean"], bound["running_var"], bound["training"], eps)
+    return instance_norm(x, bound["running_mean"], bound["running_var"], bound["use_input_stats"], eps)
+
+
+OPS = frozenset({"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"})
+"""The functional normalisation ops :func:`normalised` knows."""
+
+TRAILING = frozenset({"layer_norm", "rms_norm"})
+"""Ops whose parameters cover the trailing axes (the others: the channel axis 1)."""
