@@ -168,9 +168,56 @@ def transpose_mix(m, x, y, perm):
     return sq(m.b(h.t().softmax(-1).t()), y)
 
 
+def index_put_perm(m, x, y, perm):
+    h = m.a(x)
+    return sq(m.b(torch.tanh(h.clone().index_put_((perm,), h))), y)
+
+
+def copy_roll(m, x, y, perm):
+    h = m.a(x)
+    h2 = h.clone()
+    h2[1:].copy_(h[:-1])
+    return sq(m.b(torch.tanh(h2)), y)
+
+
+def index_select_reordered(m, x, y, perm):
+    return sq(m.b(torch.tanh(m.a(x))).index_select(0, perm), y)
+
+
+def diff_keyword(m, x, y, perm):
+    h = torch.tanh(m.a(x))
+    return sq(m.b(h.diff(dim=0, append=h[-1:])), y)
+
+
 MIXING = {f.__name__: f for f in (write_perm, unsort, partial_roll, diff_positional, normalize_batch,
                                   normalize_batch_positional, outputs_reordered, cumsum_batch, centred, cat_batch,
-                                  transpose_mix)}
+                                  transpose_mix, index_put_perm, copy_roll, index_select_reordered, diff_keyword)}
+
+
+def test_non_linear_function_of_the_loss_is_refused(tmp_path):
+    """(mean loss)² couples the examples: no example has its own term; the layers refuse."""
+    torch.manual_seed(0)
+    model = MLP(5, 6, 3)
+    outcome, _ = run(model, lambda m, x, y: sq(m.b(torch.tanh(m.a(x))), y), (torch.randn(6, 5), torch.randn(6, 3)),
+                     tmp_path, reduce=lambda losses: losses.mean() ** 2, give_losses=False)
+    assert outcome.kind == "error" and "'pow'" in outcome.detail, outcome
+
+
+def test_unchanged_rows_written_back_stay_exact(tmp_path):
+    """Writing constants into rows, or each example's rows into its own rows, keeps the layout (exact)."""
+    torch.manual_seed(0)
+    model = MLP(5, 6, 3)
+
+    def forward(m, x, y):
+        h = m.a(x)
+        h2 = torch.zeros_like(h)
+        h2[:, :3] = h[:, :3]  # every example's first features into its own row
+        h2[0, 4] = 1.0  # a constant into one example's row
+        h2[2] = h[2] * 2  # one example's row from that example
+        return sq(m.b(torch.tanh(h2)), y)
+
+    outcome, _ = run(model, forward, (torch.randn(6, 5), torch.randn(6, 3)), tmp_path)
+    assert outcome.kind == "exact", outcome
 
 
 @pytest.mark.parametrize("name", sorted(MIXING))
