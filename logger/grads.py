@@ -437,8 +437,8 @@ def inner(a: ParamGrad, b: ParamGrad) -> torch.Tensor:
     return (_gram_u(a, b) * gv).sum((1, 2))
 
 
-def probe(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """``[n]`` values ``aᵀ G_i b`` of a rank-one test matrix ``a bᵀ`` (``left [rows]``, ``right [cols]``)."""
+def bilinear(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``[n]`` values ``aᵀ G_i b`` (``left [rows]``, ``right [cols]``): the reconciliation guard's values."""
     if isinstance(form, Dense):
         out = None
         start = 0

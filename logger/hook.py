@@ -113,13 +113,10 @@ class GradientLogger:
         self.rank, self.world_size = rank_and_world(rank, world_size)
         self.path = str(store)
         self.enabled = bool(enabled)
-        self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim)
+        self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)  # one table: what the store records
+        self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim, self._projections)
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
-        self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)
-        for tracker in self.trackers:  # one table: what the store records of every parameter's projection
-            tracker.projections = self._projections
-        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused,
-                                       batch_inputs=cfg.batch_inputs)
+        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
         self._verifier = Verifier(cfg.verify_every, cfg.seed)
         self._stopped = False
@@ -197,22 +194,23 @@ class GradientLogger:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
-        self._prepare_reference(step)
+        references = self._prepare_reference(step)
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
-                                       keep_forms=self.config.alignment) as state:
+                                       keep_forms=self.config.alignment, references=references) as state:
                 self._arm_verifier(state, stream)
                 rec = Recording(state)
                 yield rec
             record = self._reducer.reduce(step, state, self._reference, **meta)
         finally:
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
-                tracker.drop_forms()
-        rec._summary = {} if record is None else record_summary(record, self.config.group_names)
+                tracker.results.drop_forms()
+        summary = {} if record is None else record_summary(record, self.config.group_names)
+        rec.close(summary)
         if record is not None and self.summary_writer is not None:
             prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
-            for key, value in rec._summary.items():
+            for key, value in summary.items():
                 if key != "n" and not math.isnan(value):
                     self.summary_writer.add_scalar(f"{prefix}/{key}", value, step)
         if record is not None:
@@ -235,16 +233,15 @@ class GradientLogger:
 
         state.on_loss = on_loss
 
-    def _prepare_reference(self, step: int) -> None:
-        """(Re)compute the reference gradient if due and hand each layer its part."""
+    def _prepare_reference(self, step: int) -> list[list[torch.Tensor]] | None:
+        """(Re)compute the reference gradient if due; each layer's part (None without a reference set)."""
         reference = self._reference
         if reference is None:
-            return
+            return None
         params = [p for t in self.trackers for p in t.params]
         if reference.due(step, params):
             reference.compute(self.model, params, step)
-        for tracker, part in zip(self.trackers, reference.split([len(t.params) for t in self.trackers]), strict=True):
-            tracker.reference = part
+        return reference.split([len(t.params) for t in self.trackers])
 
     def last_coherence(self, stream: str = schema.STREAM_BATCH) -> float:
         """Whole-network m-coherence of the last step logged to ``stream``, for progress bars (no store read).
@@ -349,7 +346,7 @@ class GradientLogger:
         self._sigterm.restore()
         for tracker in self.trackers:
             tracker.detach()
-            tracker.drop_forms()
+            tracker.results.drop_forms()
         self._call_writer(AsyncWriter.close)
 
     def __enter__(self) -> GradientLogger:

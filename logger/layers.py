@@ -5,16 +5,15 @@ A rule has the signature ``rule(module, args, kwargs, grad_outputs) -> Dense | F
 respect to the call's tensor outputs (``None`` for outputs that received none), and the batch is on dimension 0. The
 result is expressed in the matrix view of the parameters the rule covers
 (:meth:`~gradcoh.logger.grads.MatrixView.of` their shapes, in ``parameters()`` order): a
-:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each op lives
-in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's configuration. Rules
-keep no state, except that the convolution rule picks its kernel by timing the candidates once per shape and
-device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
+:class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each
+op lives in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's
+configuration. Rules keep no state, except that the convolution rule picks its kernel by timing the candidates once
+per shape and device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
 
 Rules live in a :class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in
 rules. The parameters of modules without a rule are observed op by op (:mod:`gradcoh.logger.uses`) unless the
 fallback is disabled; :func:`functional_rule` (``torch.func`` vmap of a module's vjp) is the generic rule a user may
-register for a module, and what the attention rule falls back to for configurations it does not factor. How to add a
-rule: ``docs/extending.md``.
+register for a module. How to add a rule: ``docs/extending.md``.
 
 BatchNorm: in eval mode (or without batch statistics) the rule is exact per example. In train mode the batch
 statistics couple the examples; the rule then returns each example's *contribution* to the batch gradient (the

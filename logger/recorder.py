@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .fused import fusable_weights
-from .tracker import LayerTracker, StepState, end_of_backward
+from .step import StepState, end_of_backward
+from .tracker import LayerTracker
 from .uses import Use, UseTracker
 
 
@@ -57,8 +58,7 @@ class Recording:
         for key, value in (("index", index), ("labels", labels), ("group", group), ("true_labels", true_labels)):
             parts.setdefault(key, []).append(value)
         if group is not None:
-            g = torch.as_tensor(group).reshape(-1).to(self._state.device)
-            self._state.group = g if self._state.group is None else torch.cat([self._state.group, g])
+            self._state.add_groups(group)
 
     def unscale(self, factor: float) -> None:
         """Say that the backward loss was multiplied by ``factor`` (``GradScaler.get_scale()`` under fp16).
@@ -69,6 +69,10 @@ class Recording:
             if not factor > 0:
                 raise ValueError(f"the loss scale must be positive, got {factor!r}")
             self._state.loss_scale = float(factor)
+
+    def close(self, summary: dict[str, float]) -> None:
+        """The block has ended: keep the logged step's summary (empty when nothing was logged)."""
+        self._summary = summary
 
     def summary(self) -> dict[str, float]:
         """After the block: ``{"m_coherence", "m_coherence/<group>" (with groups), "n"}`` of the logged step.
@@ -112,7 +116,8 @@ class StepRecorder:
 
     @contextlib.contextmanager
     def record(self, n_groups: int, scale_by_batch: bool, *, probe: bool, group: Any,
-               local_grads: bool = True, keep_forms: bool = False) -> Iterator[StepState]:
+               local_grads: bool = True, keep_forms: bool = False,
+               references: list[list[torch.Tensor]] | None = None) -> Iterator[StepState]:
         """Hooks in place for one step; yields the step's state, which holds the results afterwards.
 
         Args:
@@ -122,18 +127,18 @@ class StepRecorder:
             group: ``[n]`` group of each example, or None.
             local_grads: ``.grad`` holds this process's own gradient (False under DDP, which averages it).
             keep_forms: Keep the per-example gradients until the end of the step (alignment).
+            references: Each layer's part of the reference gradient (per parameter, natural views), or None.
         """
         from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
         uses = UseTracker(self.params, self._on_use, self._on_use_grad, self.fused, self._on_mixed,
                           self.batch_inputs)
+        device = self.trackers[0].params[0].device
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
-                          from_grad=from_grad, keep_forms=keep_forms)
-        state.trackers = self.trackers
-        state.device = self.trackers[0].params[0].device
+                          from_grad=from_grad, keep_forms=keep_forms, device=device, trackers=self.trackers)
         if group is not None:
-            state.group = torch.as_tensor(group).reshape(-1).to(self.trackers[0].params[0].device)
-        for tracker in self.trackers:
-            tracker.attach(state)
+            state.add_groups(group)
+        for j, tracker in enumerate(self.trackers):
+            tracker.attach(state, None if references is None else references[j])
         handles = self._module_hooks(state)
         self._state = state
         try:
@@ -159,21 +164,21 @@ class StepRecorder:
         depth = [0]
 
         def before(module: nn.Module, args: tuple, kwargs: dict, owned: frozenset[int] | None) -> None:
-            if depth[0] == 0 and not uses.paused:
+            if depth[0] == 0 and not uses.is_paused:
                 n = uses.new_batch(args, kwargs)
                 if n is not None:
                     state.batch_size(n)
             depth[0] += 1
             uses.where.append(self.names.get(id(module), type(module).__name__))
             if owned is not None:
-                uses.owned.append(owned)
+                uses.rule_call_started(owned)
 
         def after(owned: frozenset[int] | None) -> None:
             depth[0] = max(depth[0] - 1, 0)
             if uses.where:
                 uses.where.pop()
-            if owned is not None and uses.owned:
-                uses.owned.pop()
+            if owned is not None:
+                uses.rule_call_ended()
 
         handles = []
         for module, owned in self.modules.values():
@@ -192,8 +197,8 @@ class StepRecorder:
         params = {id(p) for src in use.diff.values() for p in uses.roots(src)}
         use.layers = [t for t in self.trackers if any(id(p) in params for p in t.params)]
         for t in use.layers:
-            t.add_use(use)
+            t.capture.add_use(use)
 
     def _on_use_grad(self, use: Use) -> None:
         for t in use.layers:
-            t.on_use_grad()
+            t.capture.use_grad_arrived()

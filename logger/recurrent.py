@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import layout
-from .grads import Composite, Dense, Factored, MatrixView
+from .grads import Composite, Dense, Factored, MatrixView, bias_grad
 from .layout import Unknown
 
 
@@ -350,7 +350,7 @@ def _parts(module: nn.RNNBase, replay: _Replay, grads: list[torch.Tensor]) -> li
             deltas[f"{proj}_{suffix}"] = delta
             form: Dense | Factored = Factored(delta, v)
         else:  # bias_ih / bias_hh: the sum over time of the matching projection's δ
-            form = Dense(deltas[f"{proj}_{suffix}"].sum(1).unsqueeze(2))
+            form = bias_grad(deltas[f"{proj}_{suffix}"])
         if p.requires_grad:
             parts.append((form, MatrixView.of([tuple(p.shape)])))
     return parts

@@ -18,8 +18,9 @@ from .config import LoggerConfig
 from .distributed import global_sums
 from .metadata import step_metadata
 from .reference import ReferenceSet
+from .step import StepState
 from .store import HostRecord
-from .tracker import LayerTracker, StepState
+from .tracker import LayerTracker
 from .verify import compare
 
 log = logging.getLogger(__name__)
@@ -134,28 +135,29 @@ class StepReducer:
 
     def _device_tensors(self, state: StepState, sizes: list[int], n_groups: int,
                         reference: ReferenceSet | None) -> dict[str, torch.Tensor]:
-        sq, sketches = zip(*(t.per_example(sizes) for t in self.trackers), strict=True)
+        sq, sketches = zip(*(t.results.per_example(sizes) for t in self.trackers), strict=True)
         inv = 1.0 / state.loss_scale  # a loss scaler's factor (fp16 training): stored values are unscaled
         sq_norm = torch.stack(sq, 1).to(torch.float64) * inv**2  # [n, L]
         grams, totals = self._grams(n_groups, state.keep_forms)  # keep_forms: alignment=True
         grams = grams * inv**2  # [L, G, G] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
-        reconciled = torch.stack([t.reconciled() for t in self.trackers]) | ~finite
+        reconciled = torch.stack([t.results.reconciled() for t in self.trackers]) | ~finite
         out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
-               "reconciled": reconciled, "guard_gap": torch.stack([t.gap for t in self.trackers])}
+               "reconciled": reconciled,
+               "guard_gap": torch.stack([t.results.gap.to(sq_norm.device) for t in self.trackers])}
         if state.losses:
             out["loss"] = torch.cat(state.losses)
         if self.config.sketch_dim:
             dtype = torch.float16 if self.config.sketch_dtype == "float16" else torch.float32
             out["sketch"] = (torch.stack(sketches, 1) * inv).to(dtype)  # [n, L, k]
         if totals is not None:  # g_i and the batch sum both carry the loss scale
-            out["alignment"] = torch.stack([t.alignment(g, sizes) for t, g in zip(self.trackers, totals,
+            out["alignment"] = torch.stack([t.results.alignment(g, sizes) for t, g in zip(self.trackers, totals,
                                                                                   strict=True)], 1) * inv**2
         self._mismatch = [] if state.truth is None else compare(
             state.truth, self.trackers, sizes, inv, None if totals is None else
             ([[m * inv for m in g] for g in totals], out["alignment"].cpu().numpy()))
         if reference is not None:
-            out["ref_alignment"] = torch.stack([t.ref_alignment(sizes) for t in self.trackers], 1) * inv
+            out["ref_alignment"] = torch.stack([t.results.ref_alignment(sizes) for t in self.trackers], 1) * inv
             out["ref_sq_norm"] = torch.stack([sum(g.to(torch.float64).square().sum() for g in t.reference)
                                               for t in self.trackers])
         return out
@@ -167,11 +169,13 @@ class StepReducer:
         views), global under DDP.
         """
         if self.world_size == 1:
-            grams = torch.stack([t.gram(n_groups) for t in self.trackers])
-            return grams, [t.batch_sum() for t in self.trackers] if totals else None
-        sums = global_sums([t.group_sum_matrix(n_groups) for t in self.trackers])
+            grams = torch.stack([t.results.gram(n_groups) for t in self.trackers])
+            return grams, [t.batch.per_param() for t in self.trackers] if totals else None
+        sums = global_sums([t.results.group_sum_matrix(n_groups) for t in self.trackers])
         grams = torch.stack([s @ s.T for s in sums])
-        return grams, [t.unflatten(s.sum(0)) for t, s in zip(self.trackers, sums, strict=True)] if totals else None
+        if not totals:
+            return grams, None
+        return grams, [t.results.unflatten(s.sum(0)) for t, s in zip(self.trackers, sums, strict=True)]
 
     def _verified(self, step: int, ok: np.ndarray) -> None:
         """The verifier's result (:mod:`gradcoh.logger.verify`): raise, or flag the layers (``on_mismatch``)."""

@@ -263,11 +263,11 @@ class TensorSketchMean(Projection):
         return min(view) > 1 and view[0] * view[1] > dim
 
     def _count(self, x: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-        """Per-block CountSketch ``[N, w] → [N, B, k]`` with the signed buckets ``signed [B, ≥ w]``."""
+        """Per-block CountSketch ``[N, w] → [B, N, k]`` with the signed buckets ``signed [B, ≥ w]``."""
         n, width = x.shape
-        out = x.new_zeros((n, self.blocks, 2 * self.dim))
-        for b in range(self.blocks):
-            out[:, b].scatter_add_(1, signed[b, :width].expand(n, -1), x)
+        out = x.new_zeros((self.blocks, n, 2 * self.dim))
+        for b in range(self.blocks):  # each block's output contiguous: one scatter_add_ with a broadcast hash
+            out[b].scatter_add_(1, signed[b, :width].expand(n, -1), x)
         return _fold(out, self.dim)
 
     def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
@@ -279,11 +279,11 @@ class TensorSketchMean(Projection):
         for t0 in range(0, t, step):
             ut, vt = u[:, t0 : t0 + step], v[:, t0 : t0 + step]
             tt = ut.shape[1]
-            fu = torch.fft.rfft(self._count(ut.reshape(n * tt, -1), self.row_signed), dim=-1)
+            fu = torch.fft.rfft(self._count(ut.reshape(n * tt, -1), self.row_signed), dim=-1)  # [B, n·t, k/2+1]
             cv = self._count(vt.reshape(n * tt, c), self.col_signed)
             if bias:  # the implicit ones column: +1 at its signed bucket, per block
-                cv += self._ones_column(c, cv.dtype)
-            part = (fu * torch.fft.rfft(cv, dim=-1)).view(n, tt, blocks, -1).sum((1, 2))
+                cv += self._ones_column(c, cv.dtype).unsqueeze(1)
+            part = (fu * torch.fft.rfft(cv, dim=-1)).view(blocks, n, tt, -1).sum((0, 2))
             acc = part if acc is None else acc + part
         return torch.fft.irfft(acc, n=k, dim=-1) / math.sqrt(blocks)
 
@@ -326,7 +326,8 @@ class TensorSketchMean(Projection):
         for t0 in range(0, t, step):
             part = rows[:, t0 : t0 + step]
             tt = part.shape[1]
-            cs = self._count(v[:, t0 : t0 + step].reshape(n * tt, c), self.col_signed).view(n, tt, self.blocks, k)
+            cs = self._count(v[:, t0 : t0 + step].reshape(n * tt, c), self.col_signed)
+            cs = cs.view(self.blocks, n, tt, k).permute(1, 2, 0, 3)  # [n, t, B, k]
             idx = (ramp - self.row_hash.T[part].unsqueeze(-1)) % k  # [n, t, B, k]
             sign = self.row_sign.T[part].unsqueeze(-1).to(cs.dtype)
             out += (cs.gather(-1, idx) * sign).sum((1, 2))

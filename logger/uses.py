@@ -21,9 +21,10 @@ guard, which then reports the layer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,9 +212,9 @@ class UseTracker(TorchFunctionMode):
         self.on_grad = on_grad
         self.layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # data tensor -> Layout
         self.derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # derived tensor -> Node
-        self.owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
+        self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
-        self.paused = 0
+        self._paused = 0  # > 0 while gradcoh itself runs ops (observing one, a rule, fused mode's own linear)
 
     # --- what the module hooks tell us -------------------------------------------------------------------
     def new_batch(self, args: tuple, kwargs: dict) -> int | None:
@@ -252,24 +253,47 @@ class UseTracker(TorchFunctionMode):
         """Whether ``t`` was computed from parameters and constants only (or is a parameter)."""
         return id(t) in self.params or t in self.derived
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops run inside are not observed (nested: the tracker resumes when the outermost block ends)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    @property
+    def is_paused(self) -> bool:
+        """Whether gradcoh itself is running ops (see :meth:`paused`): module hooks then ignore the calls too."""
+        return self._paused > 0
+
+    def rule_call_started(self, owned: frozenset[int]) -> None:
+        """A module whose rule covers the parameters ``owned`` (ids) starts a call: their uses inside are its own."""
+        self._owned.append(owned)
+
+    def rule_call_ended(self) -> None:
+        """The innermost call of :meth:`rule_call_started` returned."""
+        if self._owned:
+            self._owned.pop()
+
     def reset(self) -> None:
         """Forget the tensors of a finished micro-batch."""
         self.layouts = WeakIdKeyDictionary()
         self.derived = WeakIdKeyDictionary()
-        self.owned.clear()
+        self._owned.clear()
         self.n = None
 
     # --- every torch op ----------------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.multi_head_attention_forward and not self.paused and self.n is not None:
+        if func is F.multi_head_attention_forward and not self._paused and self.n is not None:
             with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
                 return multi_head_attention_forward(*args, **kwargs)
-        if self.fused and not self.paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
+        if self.fused and not self._paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
             out = self._fused_linear(*args, **kwargs)
         else:
             out = func(*args, **kwargs)
-        if self.paused or self.n is None:
+        if self._paused or self.n is None:
             return out
         data, diff = [], []
         for pos, t in tensor_args(args, kwargs):
@@ -281,20 +305,14 @@ class UseTracker(TorchFunctionMode):
                     data.append((pos, t, lay))
         if not data and not diff:
             return out
-        self.paused += 1
-        try:
+        with self.paused():
             self._observe(func, args, kwargs, out, data, diff)
-        finally:
-            self.paused -= 1
         return out
 
     def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         slot = Slot()
-        self.paused += 1  # FusedLinear's own F.linear is not a use
-        try:
+        with self.paused():  # FusedLinear's own F.linear is not a use
             out = FusedLinear.apply(x, weight, bias, slot)
-        finally:
-            self.paused -= 1
         self.slots[out] = slot
         return out
 
@@ -315,8 +333,8 @@ class UseTracker(TorchFunctionMode):
             self.layouts[o] = lay
             if fresh and type(lay) is Unknown:
                 self._watch(o, name)
-        if self.owned:
-            diff = [(pos, t) for pos, t in diff if id(t) not in self.owned[-1]]  # covered by the module's rule
+        if self._owned:
+            diff = [(pos, t) for pos, t in diff if id(t) not in self._owned[-1]]  # covered by the module's rule
         if not diff or not outs:
             return
         if len(outs) != 1 or not outs[0].requires_grad or not isinstance(lays[0], tuple):

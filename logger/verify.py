@@ -88,12 +88,11 @@ class Verifier:
         j = int(torch.randint(flat.shape[0], (1,), generator=self.gen))
         params = [p for t in trackers for p in t.params]
         uses.verifying = True
-        uses.paused += 1
         try:
-            grads = torch.autograd.grad(flat[j], params, retain_graph=True, allow_unused=True)
+            with uses.paused():
+                grads = torch.autograd.grad(flat[j], params, retain_graph=True, allow_unused=True)
         finally:
             uses.verifying = False
-            uses.paused -= 1
         out, k = [], 0
         for t in trackers:
             part = []
@@ -120,15 +119,17 @@ def compare(truth: Truth, trackers: list, sizes: list[int], inv_scale: float,
     j = truth.example
     bad = []
     for li, (t, grads) in enumerate(zip(trackers, truth.grads, strict=True)):
-        tol = HALF_TOLERANCE if t.low_precision else TOLERANCE
+        results = t.results
+        tol = HALF_TOLERANCE if results.half else TOLERANCE
         sq_true = sum(float(g.square().sum()) for g in grads)
         norm = sq_true**0.5
-        sq, sketch = t.per_example(sizes)
+        sq, sketch = results.per_example(sizes)
         wrong = []
         if abs(float(sq[j]) * inv_scale**2 - sq_true) > tol * sq_true + 1e-30:
             wrong.append(f"squared norm {float(sq[j]) * inv_scale**2:.6g}, true {sq_true:.6g}")
-        checks = torch.cat([t.checks.get(m, torch.zeros(n, device=sq.device)) for m, n in enumerate(sizes)])
-        probe = sum(float(left.double() @ g @ right.double()) for (left, right), g in zip(t.tests, grads,
+        checks = torch.cat([results.stats[m].guard if m in results.stats else torch.zeros(n, device=sq.device)
+                            for m, n in enumerate(sizes)])
+        probe = sum(float(left.double() @ g @ right.double()) for (left, right), g in zip(t.guard_vectors, grads,
                                                                                         strict=True))
         if abs(float(checks[j]) * inv_scale - probe) > tol * norm + 1e-30:
             wrong.append(f"random projection {float(checks[j]) * inv_scale:.6g}, true {probe:.6g}")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import zoo
 from gradcoh.logger import GradientLogger, validate
+from gradcoh.logger import results as results_module
 from gradcoh.logger import tracker as tracker_module
 from gradcoh.logger.attributes import layer_table
 from gradcoh.logger.layers import default_rules
@@ -132,7 +133,7 @@ def step_times(name: str, reps: int) -> dict[str, float]:
             "k256": GradientLogger(model, f"{tmp}/k.zarr", sketch_dim=256, handle_sigterm=False),
             "no guard": GradientLogger(model, f"{tmp}/n.zarr", handle_sigterm=False),
         }
-        original = tracker_module.LayerTracker.reconciled, tracker_module.probe
+        original = results_module.LayerResults.reconciled, tracker_module.bilinear
 
         def step(method: str, k: int) -> None:
             model.zero_grad(set_to_none=True)
@@ -141,13 +142,13 @@ def step_times(name: str, reps: int) -> dict[str, float]:
                 return
             glog = loggers[method]
             if method == "no guard":  # neither the per-example probes nor the comparison
-                tracker_module.LayerTracker.reconciled = lambda self: torch.ones((), dtype=torch.bool)
-                tracker_module.probe = lambda form, left, right: torch.zeros(form.n)
+                results_module.LayerResults.reconciled = lambda self: torch.ones((), dtype=torch.bool)
+                tracker_module.bilinear = lambda form, left, right: torch.zeros(form.n)
             try:
                 with glog.record(k):
                     case.loss(model, batch).mean().backward()
             finally:
-                tracker_module.LayerTracker.reconciled, tracker_module.probe = original
+                results_module.LayerResults.reconciled, tracker_module.bilinear = original
 
         for k in range(reps + 1):
             for method in times:

@@ -15,6 +15,9 @@ How it fits the Trainer (whose callbacks see neither the batch nor the forward p
 * the stored per-example values are those of each example's contribution to the loss the Trainer optimises
   (``loss_reduction="sum"`` over whatever normalisation the Trainer applies: token means over
   ``num_items_in_batch`` or division by the accumulation steps), so m-coherence is exact for the step;
+* a forward hook stores each example's loss for the standard heads (classification, causal and masked language
+  models, token classification: :mod:`~gradcoh.logger.integrations.losses`), recomputed from the logits and labels;
+* a training dataset without the index column warns once, naming the column and the fix (indices are then −1);
 * after the step it calls ``Trainer.log`` with ``gradcoh/m_coherence`` (and ``gradcoh/m_coherence/<group>``), so
   ``report_to`` TensorBoard, W&B, MLflow or CSV shows them live.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..hook import GradientLogger
+from .losses import per_example_loss
 from .window import StepWindow
 
 log = logging.getLogger(__name__)
@@ -43,7 +48,8 @@ class GradcohCallback(TrainerCallback):
     Args:
         store: Path (or fsspec URL) of the Zarr store.
         index_column: Dataset column with each example's index (GLUE-style datasets have ``idx``); kept through
-            ``remove_unused_columns``. Without it indices are stored as −1.
+            ``remove_unused_columns``. A training dataset without it warns (indices are then stored as −1); pass
+            ``index_column=None`` to store no index without a warning.
         label_column: Model input holding the labels; stored when it has one value per example (class labels),
             not for token-level labels.
         group_column: Dataset column with each example's group position (with ``groups=...``), or None.
@@ -64,6 +70,8 @@ class GradcohCallback(TrainerCallback):
         self.logger: GradientLogger | None = None
         self._trainer: Trainer | None = None
         self._hook: Any = None
+        self._loss_hook: Any = None
+        self._labels: Any = None
         self._window: StepWindow | None = None
 
     # --- set-up ------------------------------------------------------------------------------------------
@@ -78,6 +86,7 @@ class GradcohCallback(TrainerCallback):
         callbacks = trainer.callback_handler.callbacks
         callbacks.remove(self)
         callbacks.insert(0, self)
+        _check_index_column(trainer.train_dataset, self.index_column)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: torch.nn.Module | None = None,
                        **kwargs: Any) -> None:
@@ -95,6 +104,7 @@ class GradcohCallback(TrainerCallback):
             self.logger.batch_sums_from_grad = False  # the Trainer clips .grad before our next callback runs
             self._window = StepWindow(self.logger)
             self._hook = self._trainer.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            self._loss_hook = self._trainer.model.register_forward_hook(self._after_forward)
 
     # --- one optimizer step ------------------------------------------------------------------------------
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -113,7 +123,17 @@ class GradcohCallback(TrainerCallback):
             class_labels = labels if torch.is_tensor(labels) and labels.dim() == 1 and labels.shape[0] == n else None
             rec.examples(index=index if index is not None else torch.full((n,), -1), labels=class_labels,
                          group=group)
+            self._labels = (labels, n)
         return args, kwargs
+
+    def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        pending, self._labels = self._labels, None
+        rec = None if self._window is None else self._window.rec
+        if rec is None or pending is None or not rec.active:
+            return
+        labels, n = pending
+        losses = per_example_loss(module, output, labels)
+        rec.loss(losses if losses is not None else torch.full((n,), float("nan")))  # one value per example
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the step's record block (all micro-batches done, gradients clipped, optimizer not yet stepped)."""
@@ -145,9 +165,10 @@ class GradcohCallback(TrainerCallback):
         self._shutdown(abort=True)
 
     def _shutdown(self, abort: bool) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._loss_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._loss_hook = None
         if self._window is not None:
             self._window.shutdown(abort)
         self._window = self.logger = None
@@ -165,6 +186,21 @@ def _calling_trainer() -> Trainer:
     finally:
         del frame
     raise RuntimeError("GradcohCallback must be passed to transformers.Trainer(callbacks=[...])")
+
+
+def _check_index_column(dataset: Any, column: str | None) -> None:
+    """Warn when the training dataset has named columns and ``column`` is not among them."""
+    names = getattr(dataset, "column_names", None)
+    if not column or not isinstance(names, list) or column in names:
+        return
+    similar = [c for c in names if c.lower() in ("idx", "id", "index", "ids", "example_id", "guid")]
+    hint = f"index_column={similar[0]!r}" if similar else f"ds = ds.add_column({column!r}, range(len(ds)))"
+    warnings.warn(
+        f"GradcohCallback: the training dataset has no index column {column!r} (columns: {', '.join(names)}), so "
+        f"every example's index is stored as -1 and examples cannot be followed across steps. Fix: {hint} (or "
+        "index_column=None to log without indices and without this warning)",
+        UserWarning, stacklevel=4,
+    )
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:

@@ -9,10 +9,15 @@ micro-batch's backward pass. Stored per-example values are each example's contri
 optimises (``loss_reduction="sum"`` over its normalisation, e.g. the division by ``accumulate_grad_batches``), so
 m-coherence is exact for the step. ``gradcoh/m_coherence`` (and per group) go through ``pl_module.log`` to the
 Trainer's loggers. Steps are numbered by ``trainer.global_step`` when the window starts (0 for the first).
+
+Per-example losses are stored when ``training_step`` returns them: a dict with the optimised ``"loss"`` and
+``"losses"`` (``[n]``, one per example of the micro-batch; the key is ``losses_key``), e.g.
+``return {"loss": per.mean(), "losses": per.detach()}``. Otherwise they stay NaN.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,20 +38,24 @@ class GradcohCallback(L.Callback):
         index: ``batch -> [n]`` dataset indices, or None (stored as −1).
         labels: ``batch -> [n]`` class labels, or None.
         group: ``batch -> [n]`` group positions (with ``groups=...``), or None.
+        losses_key: Key of the per-example losses ``[n]`` in the dict ``training_step`` returns (stored when
+            present).
         **options: :class:`~gradcoh.logger.GradientLogger` keyword arguments (``every``, ``sketch_dim``, ``seed``,
             ``groups``, ``layers``, ``mode``, ...). ``loss_reduction`` is set by the callback.
     """
 
     def __init__(self, store: str | Path, *, index: BatchFn = None, labels: BatchFn = None, group: BatchFn = None,
-                 **options: Any) -> None:
+                 losses_key: str = "losses", **options: Any) -> None:
         if "loss_reduction" in options:
             raise ValueError("GradcohCallback sets loss_reduction itself (each example's contribution to the "
                              "optimised loss); remove the argument")
         self.store = str(store)
         self.index, self.labels, self.group = index, labels, group
+        self.losses_key = losses_key
         self.options = options
         self.logger: GradientLogger | None = None
         self._window: StepWindow | None = None
+        self._module: L.LightningModule | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Open the logger on the module (resume: ``mode="append"`` continues the store after its last step)."""
@@ -54,6 +63,22 @@ class GradcohCallback(L.Callback):
             self.logger = GradientLogger(pl_module, self.store, loss_reduction="sum", **self.options)
             self.logger.batch_sums_from_grad = False  # gradients may be clipped/unscaled before the block ends
             self._window = StepWindow(self.logger)
+            self._wrap_training_step(pl_module)
+
+    def _wrap_training_step(self, pl_module: L.LightningModule) -> None:
+        """Read the per-example losses out of what ``training_step`` returns (nothing else changes)."""
+        step = pl_module.training_step
+
+        @functools.wraps(step)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out = step(*args, **kwargs)
+            rec = None if self._window is None else self._window.rec
+            if rec is not None and rec.active and isinstance(out, dict) and self.losses_key in out:
+                rec.loss(out[self.losses_key])
+            return out
+
+        pl_module.training_step = training_step  # an instance attribute, removed at the end
+        self._module = pl_module
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -87,6 +112,9 @@ class GradcohCallback(L.Callback):
         self._shutdown(abort=True)
 
     def _shutdown(self, abort: bool) -> None:
+        if self._module is not None:
+            self._module.__dict__.pop("training_step", None)
+            self._module = None
         if self._window is not None:
             self._window.shutdown(abort)
         self._window = self.logger = None

@@ -1,6 +1,7 @@
 """One rank of a 2-process DDP run logging with gradcoh (launched by test_ddp.py; also a torchrun example).
 
-Usage: python ddp_worker.py STORE STEPS [single]   (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT for DDP)
+Usage: python ddp_worker.py STORE STEPS [single]   (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT for DDP;
+DDP_WORKER_LR, default 0.1, the SGD learning rate)
 With ``single`` the script runs one process that logs the concatenated global batch (the reference).
 """
 
@@ -42,7 +43,7 @@ def main() -> None:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         model = nn.parallel.DistributedDataParallel(make_model())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=float(os.environ.get("DDP_WORKER_LR", "0.1")))
     share = GLOBAL_BATCH // world
     rows = slice(rank * share, (rank + 1) * share)
     gen = torch.Generator().manual_seed(7)

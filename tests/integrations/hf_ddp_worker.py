@@ -10,6 +10,7 @@ from pathlib import Path
 
 import transformers
 
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/ (tolerance)
 sys.path.insert(0, str(Path(__file__).parent))
 from gradcoh.logger.integrations.huggingface import GradcohCallback
 from test_huggingface import dataset, tiny

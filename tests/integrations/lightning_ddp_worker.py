@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/ (tolerance)
 sys.path.insert(0, str(Path(__file__).parent))
 from gradcoh.logger.integrations.lightning import GradcohCallback
 from test_lightning import Indexed, Module

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gradcoh.analysis import open_store
 from gradcoh.logger.integrations.lightning import GradcohCallback
 from launch import run_two_ranks
+from tolerance import PER_MODULE, PRODUCT, assert_close, chain_length
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -41,10 +42,24 @@ class Module(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
-        return F.cross_entropy(self.net(x), y)
+        per = F.cross_entropy(self.net(x), y, reduction="none")
+        return {"loss": per.mean(), "losses": per.detach()}  # per-example losses: stored by the callback
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _allowed(net, precision):
+    """Accumulation length and precision: the float32 chain, or bfloat16 output roundings per leaf module."""
+    if precision == "32-true":
+        return chain_length(net), "float32"
+    return PER_MODULE * sum(1 for m in net.modules() if not list(m.children())), "bfloat16"
+
+
+def _coherence_scale(store, s):
+    """The m-coherence's numerator terms: Σ_l (Σ_i ‖g_il‖)² / Σ sq_norm."""
+    norms = np.sqrt(np.nan_to_num(store.sq_norm.values[s].astype(np.float64)))
+    return float((norms.sum(0) ** 2).sum() / (norms**2).sum())
 
 
 def oracle(net, data, rows):
@@ -71,14 +86,23 @@ def test_lightning_callback_exact_per_step(precision, tmp_path):
     trainer.fit(module, loader)
     store = open_store(tmp_path / "s.zarr")
     assert list(store.step.values) == [0, 1]
-    tol = 1e-4 if precision == "32-true" else 3e-2
-    np.testing.assert_allclose(store.alignment.values.sum(1), store.sum_sq_norm.values, rtol=tol)
+    n, dtype = _allowed(module.net, precision)
+    norms = np.sqrt(store.sq_norm.values.astype(np.float64))
+    assert_close(store.alignment.values.sum(1), store.sum_sq_norm.values, n=2 * n, kappa=PRODUCT, dtype=dtype,
+                 scale=norms.sum(1) ** 2, err_msg="Σ alignment = sum_sq_norm")
     for s in range(2):
         index = store.index.values[s]
         assert len(set(index.tolist())) == 6
         np.testing.assert_array_equal(store.label.values[s], data.y[index].numpy())
         stored = float(store.sum_sq_norm.values[s].sum() / store.sq_norm.values[s].sum())
-        assert stored == pytest.approx(oracle(module.net, data, index), rel=tol)
+        assert_close(stored, oracle(module.net, data, index), n=n, kappa=PRODUCT, dtype=dtype,
+                     scale=_coherence_scale(store, s), err_msg="m-coherence")
+        with torch.no_grad():
+            logits = copy.deepcopy(module.net).double()(data.x[index].double())
+        want = F.cross_entropy(logits, data.y[index], reduction="none").numpy()
+        assert np.isfinite(store.loss.values[s]).all()
+        assert_close(store.loss.values[s], want, n=n, dtype=dtype, scale=want + logits.abs().amax(1).numpy(),
+                     err_msg="per-example loss")
     metrics = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "gradcoh/m_coherence" in metrics
 
@@ -95,7 +119,8 @@ def test_lightning_callback_ddp_two_processes(tmp_path):
         index = index[index >= 0]
         assert len(set(index.tolist())) == store.n_examples.values[s]
         stored = float(store.sum_sq_norm.values[s].sum() / np.nansum(store.sq_norm.values[s]))
-        assert stored == pytest.approx(oracle(module.net, data, index), rel=1e-4)
+        assert_close(stored, oracle(module.net, data, index), n=chain_length(module.net), kappa=PRODUCT,
+                     scale=_coherence_scale(store, s), err_msg="m-coherence (two ranks)")
 
 
 def test_lightning_callback_resume_appends(tmp_path):

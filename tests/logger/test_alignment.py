@@ -9,28 +9,36 @@ import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from oracle import layer_params, open_logged, per_example_grads_loop, per_example_grads_vmap
 from test_exact import LAYER_MODELS, Custom, Shared, sq_loss, target_for
+from tolerance import PRODUCT, assert_close, chain_length, expected
 from torch import nn
-
-RTOL = 1e-4
 
 
 def oracle_alignment(ds, grads, ref_grads=None):
-    """``(alignment [n, L], ref_alignment [n, L], ref_sq_norm [L])`` from per-example gradients (float64)."""
-    al, ref, ref_sq = [], [], []
+    """``(alignment [n, L], ref_alignment [n, L], ref_sq_norm [L])`` from per-example gradients (float64).
+
+    Each carries the size of its terms (:func:`tolerance.expected`): gᵢ·G against ‖gᵢ‖·Σⱼ‖gⱼ‖, gᵢ·R̄ against
+    ‖gᵢ‖·mean ‖rⱼ‖, ‖R̄‖² against (mean ‖rⱼ‖)², so that sums that cancel are measured against their terms.
+    """
+    al, ref, ref_sq, al_s, ref_s, ref_sq_s = [], [], [], [], [], []
     for names in layer_params(ds).values():
         g = torch.cat([grads[k].flatten(1) for k in names], 1)
+        norms = g.norm(dim=1).numpy()
         al.append((g @ g.sum(0)).numpy())
+        al_s.append(norms * norms.sum())
         if ref_grads is not None:
-            r = torch.cat([ref_grads[k].flatten(1) for k in names], 1).mean(0)
+            rs = torch.cat([ref_grads[k].flatten(1) for k in names], 1)
+            r, r_size = rs.mean(0), float(rs.norm(dim=1).mean())
             ref.append((g @ r).numpy())
+            ref_s.append(norms * r_size)
             ref_sq.append(float(r @ r))
-    return np.stack(al, 1), (np.stack(ref, 1) if ref else None), np.array(ref_sq)
+            ref_sq_s.append(r_size**2)
+    return (expected(np.stack(al, 1), np.stack(al_s, 1)),
+            expected(np.stack(ref, 1), np.stack(ref_s, 1)) if ref else None, expected(ref_sq, ref_sq_s))
 
 
-def close(actual, expected, rtol=RTOL):
-    """Within ``rtol`` relative per entry, with an absolute floor at 1e-6 of the largest value (cancellation)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-6 * max(np.abs(expected).max(), 1e-30))
+def close(actual, want, model, x):
+    """Within the float32 bound of ``model``'s accumulation length on inputs like ``x`` (products: κ = 2)."""
+    assert_close(actual, want, n=chain_length(model, positions=x[0].numel()), kappa=PRODUCT)
 
 
 def log_steps(model, path, batches, reference=None, reduction="mean", **kw):
@@ -54,11 +62,12 @@ def test_alignment_every_layer_rule(kind, reduction, tmp_path):
     ds = log_steps(model, tmp_path / "s.zarr", [[(x, y)]], (xr, yr, sq_loss), reduction)
     al, ref, ref_sq = oracle_alignment(ds, per_example_grads_vmap(model, sq_loss, x, y),
                                        per_example_grads_vmap(model, sq_loss, xr, yr))
-    close(ds.alignment.values[0], al)
-    close(ds.ref_alignment.values[0], ref)
-    close(ds.ref_sq_norm.values[0], ref_sq)
-    sums = ds.alignment.values[0].sum(0)  # Σ_i g_i · G = ‖G‖²
-    close(sums, ds.sum_sq_norm.values[0], rtol=1e-5)
+    close(ds.alignment.values[0], al, model, x)
+    close(ds.ref_alignment.values[0], ref, model, x)
+    close(ds.ref_sq_norm.values[0], ref_sq, model, x)
+    sums = ds.alignment.values[0].sum(0)  # Σ_i g_i · G = ‖G‖²: two float32 values against each other
+    assert_close(sums, ds.sum_sq_norm.values[0], n=2 * (chain_length(model, x[0].numel()) + len(x)), kappa=PRODUCT,
+                 scale=al.scale.sum(0), err_msg="Σ alignment = sum_sq_norm")
 
 
 def test_alignment_shared_weights_fallback_and_micro_batches(tmp_path):
@@ -70,8 +79,8 @@ def test_alignment_shared_weights_fallback_and_micro_batches(tmp_path):
         ds = log_steps(model, path, [[(x[:3], y[:3]), (x[3:], y[3:])]], (x[:4], y[:4], sq_loss), "sum")
         al, ref, _ = oracle_alignment(ds, per_example_grads_loop(model, sq_loss, x, y),
                                       per_example_grads_loop(model, sq_loss, x[:4], y[:4]))
-        close(ds.alignment.values[0], al)
-        close(ds.ref_alignment.values[0], ref)
+        close(ds.alignment.values[0], al, model, x)
+        close(ds.ref_alignment.values[0], ref, model, x)
 
 
 class Tied(nn.Module):
@@ -94,8 +103,8 @@ def test_alignment_tied_embedding(tmp_path):
     ds = log_steps(model, tmp_path / "s.zarr", [[(ids, y)]], (ids[:2], y[:2], sq_loss))
     al, ref, _ = oracle_alignment(ds, per_example_grads_loop(model, sq_loss, ids, y),
                                   per_example_grads_loop(model, sq_loss, ids[:2], y[:2]))
-    close(ds.alignment.values[0], al)
-    close(ds.ref_alignment.values[0], ref)
+    close(ds.alignment.values[0], al, model, y)  # y: the widest tensor of one example
+    close(ds.ref_alignment.values[0], ref, model, y)
 
 
 def make_model() -> nn.Module:
@@ -146,8 +155,8 @@ def test_probe_alignment_against_its_own_sum_and_reference(tmp_path):
     ds = open_logged(tmp_path / "s.zarr", "probe")
     al, ref, _ = oracle_alignment(ds, per_example_grads_vmap(model, ce, px, py),
                                   per_example_grads_vmap(model, ce, rx, ry))
-    close(ds.alignment.values[0], al)
-    close(ds.ref_alignment.values[0], ref)
+    close(ds.alignment.values[0], al, model, px)
+    close(ds.ref_alignment.values[0], ref, model, px)
 
 
 def test_loss_scale_is_divided_out(tmp_path):
@@ -161,8 +170,8 @@ def test_loss_scale_is_divided_out(tmp_path):
     ds = open_logged(tmp_path / "s.zarr")
     al, ref, _ = oracle_alignment(ds, per_example_grads_vmap(model, sq_loss, x, y),
                                   per_example_grads_vmap(model, sq_loss, x[:3], y[:3]))
-    close(ds.alignment.values[0], al)
-    close(ds.ref_alignment.values[0], ref)
+    close(ds.alignment.values[0], al, model, x)
+    close(ds.ref_alignment.values[0], ref, model, x)
 
 
 def test_bad_reference_and_append_mismatch_are_refused(tmp_path):
@@ -196,8 +205,8 @@ def test_mean_reduction_with_unequal_micro_batches(tmp_path):
     ds = log_steps(model, tmp_path / "s.zarr", [[(x[:2], y[:2]), (x[2:], y[2:])]], (x[:3], y[:3], sq_loss), "mean")
     al, ref, _ = oracle_alignment(ds, per_example_grads_loop(model, sq_loss, x, y),
                                   per_example_grads_loop(model, sq_loss, x[:3], y[:3]))
-    close(ds.alignment.values[0], al)
-    close(ds.ref_alignment.values[0], ref)
+    close(ds.alignment.values[0], al, model, x)
+    close(ds.ref_alignment.values[0], ref, model, x)
 
 
 def test_reused_and_refreshed_reference_against_the_parameters_of_ref_step(tmp_path):
@@ -228,12 +237,12 @@ def test_reused_and_refreshed_reference_against_the_parameters_of_ref_step(tmp_p
         at = snapshots[int(ds.ref_step.values[step])]  # R of the parameters at ref_step, before its update
         _, ref, _ = oracle_alignment(ds, per_example_grads_loop(snapshots[step], ce, x, y),
                                      per_example_grads_loop(at, ce, rx, ry))
-        close(ds.ref_alignment.values[step], ref)
+        close(ds.ref_alignment.values[step], ref, model, x)
     probe = open_logged(tmp_path / "s.zarr", "probe")
     assert probe.ref_step.values.tolist() == [2]
     _, ref, _ = oracle_alignment(probe, per_example_grads_loop(probe_params, ce, px, py),
                                  per_example_grads_loop(probe_params, ce, rx, ry))
-    close(probe.ref_alignment.values[0], ref)  # the parameters after step 2's update, not those of its batch
+    close(probe.ref_alignment.values[0], ref, model, px)  # the parameters after step 2's update, not those of its batch
 
 
 def test_kept_forms_are_released_when_the_block_raises(tmp_path):

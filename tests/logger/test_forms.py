@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from gradcoh.logger.grads import Composite, Dense, Factored, MatrixView, as_dense, fold, inner, probe, split_params
+from gradcoh.logger.grads import Composite, Dense, Factored, MatrixView, as_dense, bilinear, fold, inner, split_params
 
 N, T, R, C = 3, 4, 5, 6
 
@@ -34,12 +34,12 @@ def test_inner_equals_materialised_inner_product(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(forms()))
-def test_probe_equals_dense_rank_one_products(name):
+def test_bilinear_equals_dense_rank_one_products(name):
     f = forms()[name]
     g = torch.Generator().manual_seed(1)
     left, right = torch.randn(R, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
     want = torch.einsum("nrc,r,c->n", as_dense(f).m, left, right)
-    torch.testing.assert_close(probe(f, left, right), want)
+    torch.testing.assert_close(bilinear(f, left, right), want)
 
 
 def test_split_params_of_linear_with_bias_and_composite():
