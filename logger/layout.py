@@ -810,18 +810,27 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
     lays = [lay for _, _, lay in data]
     unknown = next((lay for lay in lays if isinstance(lay, Unknown)), None)
     if unknown is not None and type(unknown) is not Unknown and name in _REDUCTIONS | _LOSSES:
-        return Unknown(name)  # rows still in another order (or packed) reach the loss: the examples are mixed up
+        # rows still in another order (or packed) reach the loss: the examples are mixed up
+        return Unknown(f"{name}' of rows left in the order of '{unknown.op}")
     if unknown is not None:
         return unknown
-    if any(isinstance(lay, Reduced) for lay in lays):
-        return _after_reduced(name, data)
-    if any(isinstance(lay, Row) for lay in lays) and name not in _CONCAT:
-        examples = {lay.example if isinstance(lay, Row) else None for lay in lays}
-        return lays[0] if len(examples) == 1 and None not in examples else Unknown(name)
+    if name not in _CONCAT and any(isinstance(lay, Reduced | Row) for lay in lays):
+        return _rows_or_reduced(name, data)
     handler = _HANDLERS.get(name)
     if handler is None:
         return Unknown(name)
     return handler(_Op(name, args, kwargs, out, data, n, bound, position))
+
+
+def _rows_or_reduced(name: str, data: list) -> Layout:
+    """Ops on examples' own rows (:class:`Row`) or on losses (:class:`Reduced`)."""
+    lays = [lay for _, _, lay in data]
+    examples = {lay.example if isinstance(lay, Row) else None for lay in lays}
+    if all(isinstance(lay, Row) for lay in lays) and len(examples) == 1:
+        return lays[0]  # one example's data
+    if all(isinstance(lay, Reduced | Row) for lay in lays) and name in _ADDITIVE:
+        return Reduced(name)  # terms of different examples added up: a loss (``sum(losses)``)
+    return _after_reduced(name, data)
 
 
 def _after_reduced(name: str, data: list) -> Layout:
@@ -833,6 +842,8 @@ def _after_reduced(name: str, data: list) -> Layout:
     return data[0][2]
 
 
+_ADDITIVE = frozenset({"add", "sub", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "add_",
+                       "sub_"})
 _SHAPE_ONLY = frozenset({"view_as", "reshape_as", "expand_as", "type_as"})
 _CONCAT = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack"})
 _HANDLERS = _handlers()

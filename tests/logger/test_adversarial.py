@@ -605,3 +605,12 @@ def test_selection_across_examples_is_refused(fwd, tmp_path):
     model = Seq(4)
     outcome, _ = run(model, fwd, (torch.randn(5, 4, 3), torch.randn(5, 2)), tmp_path)
     assert outcome.kind == "error", outcome
+
+
+def test_python_sum_of_per_example_losses_is_a_loss(tmp_path):
+    """sum(losses) / n adds the examples' terms one by one: a plain loss, exact."""
+    torch.manual_seed(12)
+    model = MLP(5, 6, 3)
+    outcome, _ = run(model, lambda m, x, y: sq(m.b(torch.tanh(m.a(x))), y), (torch.randn(6, 5), torch.randn(6, 3)),
+                     tmp_path, reduce=lambda losses: sum(losses) / 6, give_losses=False)
+    assert outcome.kind == "exact", outcome
