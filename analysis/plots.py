@@ -150,6 +150,12 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     return ticks
 
 
+def _step_axis(ax: Axes) -> None:
+    """Label the x axis as training steps, with integer ticks only (no step 2.5)."""
+    ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _readable_log_axis(ax: Axes) -> None:
     """Fixed, plainly labelled ticks on a log y axis (no unlabelled stretch, whatever the range)."""
     lo, hi = ax.get_ylim()
@@ -172,8 +178,13 @@ def _drawable(data: xr.DataArray | _Series) -> dict[str, xr.DataArray]:
     if isinstance(data, xr.Dataset):  # m_coherence(..., stderr=True): the error travels as a coordinate
         data = data["m_coherence"].assign_coords(stderr=data["m_coherence_stderr"])
     if isinstance(data, xr.DataArray):
-        if "group" in data.dims:
-            series = {str(g): data.sel(group=g) for g in data["group"].values}
+        dim = _subset_dim(data)
+        if dim == "label":
+            series = {f"label {v}": data.sel(label=v) for v in data["label"].values}
+        elif dim and [str(g) for g in data[dim].values] == [schema.DEFAULT_GROUP]:  # a store without groups
+            series = {ALL_EXAMPLES: data.isel({dim: 0})}
+        elif dim:
+            series = {str(g): data.sel({dim: g}) for g in data[dim].values}
         else:
             series = {ALL_EXAMPLES: data}
     else:
@@ -184,6 +195,11 @@ def _drawable(data: xr.DataArray | _Series) -> dict[str, xr.DataArray]:
     if not finite:
         raise NothingToPlotError("nothing to plot: every m-coherence value is NaN")
     return finite
+
+
+def _subset_dim(data: xr.DataArray) -> str | None:
+    """The subset dimension of a split result (``group``, or ``label`` for ``by="label"``), or None."""
+    return next((d for d in ("group", "label") if d in data.dims), None)
 
 
 def _shared_m(series: _Series, data: xr.DataArray | _Series) -> tuple[tuple[int, int] | None, bool]:
@@ -197,8 +213,9 @@ def _shared_m(series: _Series, data: xr.DataArray | _Series) -> tuple[tuple[int,
     if len(spans) <= 1:
         return (spans.pop() if spans else None), False
     m = data.coords.get("m") if isinstance(data, xr.DataArray) else None
-    if m is not None and "group" in m.dims:
-        return _m_range(m.sum("group")), True
+    dim = _subset_dim(m) if m is not None else None
+    if dim:
+        return _m_range(m.sum(dim)), True
     return None, True
 
 
@@ -218,11 +235,15 @@ def _coherence_axes(ax: Axes, series: _Series, labels: Mapping[str, str], per_li
     ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label=ORTHOGONAL_LABEL)
     ax.set_yscale("log")
     _readable_log_axis(ax)
-    ax.set_xlabel("training step")
+    _step_axis(ax)
     ax.set_ylabel("m-coherence (log scale)")
-    outside = len(series) > 8
-    ax.legend(loc="upper left" if outside else "best", bbox_to_anchor=(1.01, 1.0) if outside else None,
-              fontsize="small")
+    # many lines go beside the axes; bands (which fill the axes) put the legend under them, never over the data
+    if len(series) > 8:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    elif ax.collections:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize="small")
+    else:
+        ax.legend(loc="best", fontsize="small")
     ax.grid(True, alpha=0.3)
 
 
@@ -366,12 +387,32 @@ def plot_layer_heatmap(
     ticks = sorted({int(t) for t in positions if 0 <= t < len(steps) and float(t).is_integer()}) or [0]
     ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
     ax.set_yticks(range(len(names)), [(labels or {}).get(n, n) for n in names], fontsize="small")
-    ax.set_xlabel("training step")
+    ax.set_xlabel("training step")  # (the ticks above are the stored steps)
     ax.set_ylabel("layer (depth order)")
     _heatmap_colorbar(fig, ax, image, lo, hi)
     _titles(fig, ax, title or "per-layer m-coherence", _stream_text(stream, _m_range(per_layer.coords.get("m"))))
     _footnote(fig, READING_NOTE + (" White line on the colour bar: 1." if lo < 1.0 < hi else ""))
     return fig
+
+
+METRIC_TITLES = {
+    "m_coherence": "m-coherence ‖Σg‖²/Σ‖g‖²",
+    "alpha": "α = m-coherence / m",
+    "debiased_alpha": "mean pairwise alignment (m-coh − 1)/(m − 1)",
+    "gradient_diversity": "gradient diversity = 1 / m-coherence",
+    "noise_scale": "gradient noise scale B_simple",
+    "cos_global": "mean cosine, all pairs (stiffness)",
+    "cos_within": "mean cosine, same-label pairs",
+    "cos_between": "mean cosine, different-label pairs",
+    "sign_global": "mean cosine sign, all pairs",
+    "sign_within": "mean cosine sign, same-label pairs",
+    "sign_between": "mean cosine sign, different-label pairs",
+    "min_cos": "smallest pairwise cosine (confusion)",
+    "frac_negative": "fraction of pairs with cosine < 0",
+    "cos_q05": "5% quantile of pairwise cosines",
+    "cos_median": "median pairwise cosine",
+}
+"""Panel titles of :func:`plot_metrics` (the column name follows in brackets, as in ``gradcoh metrics``)."""
 
 
 def plot_metrics(metrics: xr.Dataset, *, title: str | None = None, stream: str | None = None) -> Figure:
@@ -400,8 +441,8 @@ def plot_metrics(metrics: xr.Dataset, *, title: str | None = None, stream: str |
         ax.plot(metrics[schema.DIM_STEP].values, metrics[name].values, marker=".", markersize=4, label=name)
         if name == "m_coherence":
             ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(name, fontsize="medium")
-        ax.set_xlabel("training step")
+        ax.set_title(f"{METRIC_TITLES.get(name, name)}\n({name})", fontsize="medium")
+        _step_axis(ax)
         ax.set_ylabel(metrics[name].attrs.get("long_name", name), fontsize="small")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(names) :]:
@@ -469,7 +510,7 @@ def plot_alignment(data: Mapping[str, xr.DataArray], *, groups: Sequence[str] = 
             ax.fill_between(x, qs[:, 0], qs[:, 2], color=line.get_color(), alpha=0.2, label=f"{group}: 25–75%")
         ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
         ax.set_title(name, fontsize="medium")
-        ax.set_xlabel("training step")
+        _step_axis(ax)
         ax.set_ylabel(_ALIGNMENT_AXIS.get(values.attrs.get("normalize", ""), "g_i · gradient"))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")

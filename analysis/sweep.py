@@ -130,10 +130,13 @@ def write_figures(stores: Stores, out_dir: str | Path, *, title: str = "") -> li
                                       labels=_layer_labels(stores[name]))
         written.append(_save(figure, out / f"layers_{_slug(name)}.png"))
     for name, by_group in probe_coherence(stores, by="group").items():
-        if not np.isfinite(np.asarray(by_group.sel(group="corrupted").values, dtype=float)).any():
+        present = [str(g) for g in by_group["group"].values
+                   if np.isfinite(np.asarray(by_group.sel(group=g).values, dtype=float)).any()]
+        if "corrupted" not in present:
             continue  # no corrupted example in the probe (0% noise)
-        figure = plots.plot_coherence(by_group, title=f"{prefix}clean vs corrupted probe examples, {name}",
-                                      stream=STREAM)
+        what = (f"{' vs '.join(present)} probe examples" if len(present) > 1
+                else f"every probe example is {present[0]}")  # (100% noise: no clean line to draw)
+        figure = plots.plot_coherence(by_group, title=f"{prefix}{what}, {name}", stream=STREAM)
         written.append(_save(figure, out / f"groups_{_slug(name)}.png"))
     return written
 

@@ -23,6 +23,13 @@ class Kind(enum.StrEnum):
     alignment = "alignment"
 
 
+class SplitBy(enum.StrEnum):
+    """Subsets to split m-coherence by (one line each)."""
+
+    group = "group"
+    label = "label"
+
+
 TITLES = {
     Kind.coherence: "m-coherence",
     Kind.layers: "per-layer m-coherence",
@@ -60,13 +67,34 @@ def _open_streams(store: str, stream: str | None):
     return found
 
 
-def _figure(store: str, kind: Kind, stream: str | None, progress: bool, sketch: bool = False):
+def _split_figure(store: str, stream: str | None, by: SplitBy, progress: bool, bands: dict):
+    """m-coherence with one line per logger group or per label (batch stream unless ``stream``)."""
+    from gradcoh import analysis
+    from gradcoh.analysis import plots
+    from gradcoh.logger import schema
+
+    name, ds = next(iter(_open_streams(store, stream or schema.STREAM_BATCH).items()))
+    where = PurePath(store).name or store
+    if by is SplitBy.group and [str(g) for g in ds[schema.GROUP_I].values] == [schema.DEFAULT_GROUP]:
+        title = f"m-coherence: {where} (logged without groups: one line, all examples)"
+    else:
+        title = f"m-coherence by {by.value}: {where}"
+    data = analysis.compute(analysis.m_coherence(ds, by=by.value, **bands), progress=progress)
+    return plots.plot_coherence(data, title=title, stream=name)
+
+
+def _figure(store: str, kind: Kind, stream: str | None, progress: bool, sketch: bool = False,
+            by: SplitBy | None = None):
     from gradcoh import analysis
     from gradcoh.analysis import plots
     from gradcoh.logger import schema
 
     title = f"{TITLES[kind]}: {PurePath(store).name or store}"
     bands = {"source": "sketch", "stderr": True} if sketch else {}
+    if kind is Kind.groups or (kind is Kind.coherence and by is not None):
+        return _split_figure(store, stream, by or SplitBy.group, progress, bands)
+    if by is not None:
+        raise ValueError(f"--by splits the coherence and groups figures, not --kind {kind.value}")
     if kind is Kind.coherence:
         lazy = {name: analysis.m_coherence(ds, **bands) for name, ds in _open_streams(store, stream).items()}
         return plots.plot_streams(analysis.compute(lazy, progress=progress), title=title)
@@ -75,9 +103,6 @@ def _figure(store: str, kind: Kind, stream: str | None, progress: bool, sketch: 
         data = analysis.compute(analysis.m_coherence(ds, per_layer=True), progress=progress)
         labels = plots.layer_labels(ds.attrs.get(schema.LAYERS_KEY))
         return plots.plot_layer_heatmap(data, title=title, stream=name, labels=labels)
-    if kind is Kind.groups:
-        data = analysis.compute(analysis.m_coherence(ds, by="group", **bands), progress=progress)
-        return plots.plot_coherence(data, title=title, stream=name)
     if kind is Kind.alignment:
         groups = [str(g) for g in ds[schema.GROUP_I].values]
         return plots.plot_alignment(analysis.compute(_alignments(ds), progress=progress), groups=groups,
@@ -107,6 +132,8 @@ def plot(
         str | None,
         typer.Option("--stream", help="Stream (default: coherence draws one panel per stream, the others batch)."),
     ] = None,
+    by: Annotated[SplitBy | None, typer.Option(
+        "--by", help="coherence/groups: one line per logger group or per label (labels: sketch estimates).")] = None,
     stderr: Annotated[bool, typer.Option(
         "--stderr", help="coherence/groups: sketch-based values with a shaded 95% band (±1.96 jackknife SE).")] = False,
     scheduler: SchedulerOpt = None,
@@ -123,6 +150,6 @@ def plot(
         from gradcoh.analysis import plots
 
         with analysis.session(scheduler, workers):
-            fig = _figure(store, kind, stream, want_progress(progress), sketch=stderr)
+            fig = _figure(store, kind, stream, want_progress(progress), sketch=stderr, by=by)
         plots.save_figure(fig, out)
         typer.echo(f"wrote {out}", err=True)

@@ -1,4 +1,4 @@
-"""Fused mode (``GradientLogger(fused=True)``): a Linear layer's batch weight gradient summed from its per-example ones.
+"""Fused mode: a Linear or convolution layer's batch weight gradient summed from its per-example ones.
 
 Exact per-example statistics of a Linear layer with T positions per example cost either the ghost norm,
 ``n·T²·(rows + cols)`` multiply-adds, or the per-example gradients themselves, ``n·T·rows·cols`` — as much as the
@@ -11,6 +11,11 @@ large to materialise), the backward computes the GEMM as autograd would. ``.grad
 to rounding (a sum of per-example products instead of one GEMM), not bitwise; gradients still reach ``.grad``
 through autograd, so parameter hooks and DDP see them as usual. Second derivatives through a fused call
 (``create_graph=True``) raise instead of being wrong.
+
+Convolutions (``nn.Conv1d/2d/3d`` with numeric padding) run through :class:`FusedConv` the same way, but their slot
+is filled only where the per-example weight gradients are materialised anyway (early convolutions with many
+positions, grouped ones): there ``Σ_n G_n`` costs ``n·rows·cols`` adds instead of autograd's weight-gradient
+convolution (``n·T·rows·cols`` multiply-adds); factored convolutions keep autograd's kernel.
 """
 
 from __future__ import annotations
@@ -22,19 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers import linear_rule
+from .layers import conv_rule, linear_rule
 from .plan import LayerPlan
 
 
 class Slot:
-    """Where the tracker leaves one call's batch weight gradient for :class:`FusedLinear`'s backward.
+    """Where the tracker leaves one call's batch weight gradient for the fused Function's backward.
+
+    Args:
+        materialise: Factored per-example gradients may be materialised to fill it (Linear); otherwise only
+            materialised ones fill it (convolutions).
 
     Attributes:
-        weight_grad: ``Σ_n G_n`` in the layer's weight shape, or None until the tracker has formed it.
+        weight_grad: ``Σ_n G_n`` (in the layer's ``(rows, cols)`` view), or None until the tracker has formed it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, materialise: bool = True) -> None:
         self.weight_grad: torch.Tensor | None = None
+        self.materialise = materialise
 
 
 class FusedLinear(torch.autograd.Function):
@@ -62,20 +72,84 @@ class FusedLinear(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])
         if ctx.needs_input_grad[1]:
             summed, ctx.slot.weight_grad = ctx.slot.weight_grad, None
-            grad_w = flat.T @ x.reshape(-1, x.shape[-1]) if summed is None else summed.to(weight.dtype)
+            grad_w = flat.T @ x.reshape(-1, x.shape[-1]) if summed is None else summed.reshape(weight.shape).to(
+                weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat.sum(0)
         return grad_x, grad_w, grad_b, None
 
 
+class FusedConv(torch.autograd.Function):
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation, groups)`` with the weight gradient of a Slot.
+
+    The :class:`Slot`'s sum is used when it is filled; numeric padding only.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slot: Slot, stride: tuple,
+                padding: tuple, dilation: tuple, groups: int) -> torch.Tensor:
+        """The convolution; ``slot`` only travels to the backward."""
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        """Save the input and weight (as the convolution's own backward does), the slot and the hyper-parameters."""
+        x, weight, bias, slot, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.slot, ctx.has_bias, ctx.conv = slot, bias is not None, (stride, padding, dilation, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        """Input and bias gradients by ``convolution_backward``; the weight gradient from the slot when filled."""
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        summed, ctx.slot.weight_grad = ctx.slot.weight_grad, None
+        need_w = ctx.needs_input_grad[1] and summed is None
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
+            [0] * len(stride), groups, [ctx.needs_input_grad[0], need_w, need_b])
+        if ctx.needs_input_grad[1] and summed is not None:
+            grad_w = summed.reshape(weight.shape).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_FUNCTIONS = frozenset(_CONV.values())
+"""The functional convolutions fused mode intercepts."""
+
+
+def conv_arguments(args: tuple, kwargs: dict) -> tuple | None:
+    """``(x, weight, bias, stride, padding, dilation, groups)`` of an ``F.conv*d`` call, hyper-parameters as lists.
+
+    None when it cannot be fused (string padding).
+    """
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = (None, None, None, 1, 0, 1, 1)
+    values = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args) :], defaults[len(args) :], strict=True)]
+    x, weight, bias, stride, padding, dilation, groups = values
+    if isinstance(padding, str):
+        return None
+    nd = weight.dim() - 2
+
+    def ints(v: Any) -> list[int]:
+        return [int(v)] * nd if isinstance(v, int) else [int(i) for i in v]
+
+    return x, weight, bias, ints(stride), ints(padding), ints(dilation), int(groups)
+
+
+_FUSABLE = {nn.Linear: linear_rule, nn.Conv1d: conv_rule, nn.Conv2d: conv_rule, nn.Conv3d: conv_rule}
+
+
 def fusable_weights(plans: list[LayerPlan]) -> frozenset[int]:
-    """Ids of the weights fused mode may take over: ``nn.Linear`` layers covered by the Linear rule alone."""
+    """Ids of the weights fused mode may take over: Linear and convolution layers covered by their rule alone."""
     out = set()
     for plan in plans:
         if len(plan.sources) != 1 or plan.loose_modules:
             continue
         source = plan.sources[0]
         module = source.module
-        if type(module) is nn.Linear and source.rule is linear_rule and module.weight.requires_grad:
+        if _FUSABLE.get(type(module)) is source.rule and module.weight.requires_grad:
             out.add(id(module.weight))
     return frozenset(out)

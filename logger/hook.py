@@ -4,8 +4,9 @@ Data flow: :func:`~gradcoh.logger.plan.plan_layers` decides which parameters for
 :class:`~gradcoh.logger.tracker.LayerTracker` per layer → ``record`` lets a
 :class:`~gradcoh.logger.recorder.StepRecorder` arm the hooks for one step, during which the trackers turn inputs and
 output gradients into per-example statistics and sketches → a :class:`~gradcoh.logger.reducer.StepReducer` builds the
-host record (one device→host copy) → the background :class:`~gradcoh.logger.writer.AsyncWriter` appends it to the
-store opened by :func:`~gradcoh.logger.store.open_run`.
+host record (one device→host copy) → :class:`~gradcoh.logger.output.RunOutput` queues it for the background
+:class:`~gradcoh.logger.writer.AsyncWriter`, which appends it to the store opened by
+:func:`~gradcoh.logger.store.open_run`.
 """
 
 from __future__ import annotations
@@ -26,17 +27,16 @@ from .config import LoggerConfig, int_at_least
 from .distributed import rank_and_world, share
 from .grads import natural_view
 from .layers import LayerRules, default_rules
+from .output import RunOutput
 from .plan import plan_layers
 from .probe import ModelState, measure
 from .recorder import Recording, StepRecorder
-from .reducer import StepReducer, record_coherence, record_summary
+from .reducer import StepReducer, record_summary
 from .reference import ReferenceSet
 from .sigterm import SigtermExit
 from .sketch import ProjectionTable
-from .store import HostRecord, StreamWriter, open_run
 from .tracker import LayerTracker
 from .verify import Verifier
-from .writer import AsyncWriter, WriterError
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +119,8 @@ class GradientLogger:
         self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
         self._verifier = Verifier(cfg.verify_every, cfg.seed)
-        self._stopped = False
+        self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
-        self._last_step: dict[str, int] = {}
-        self._coherence: dict[str, float] = {}
-        self._writer: AsyncWriter | None = None
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
@@ -133,27 +130,15 @@ class GradientLogger:
                 self._sigterm.install()
 
     def _open(self, storage_options: dict | None) -> None:
-        cfg = self.config
-        attrs = root_attributes(cfg, self.trackers, self.model, self.world_size)
-        run = open_run(self.path, cfg.mode, attrs, storage_options, rank=self.rank, world_size=self.world_size,
-                       barrier=torch.distributed.barrier if self.world_size > 1 else None)
-        self._last_step = dict(run.last_steps)
-        self._group = run.root
+        attrs = root_attributes(self.config, self.trackers, self.model, self.world_size)
         views = {name: natural_view(tuple(p.shape)) for t in self.trackers
                  for name, p in zip(t.plan.param_names, t.params, strict=True)}
-        self._projections.adopt(dict(run.root.attrs), views, self.path)
-        layers, groups = attrs[schema.LAYERS_KEY], cfg.group_names
-
-        def make_stream(name: str) -> StreamWriter:
-            return StreamWriter(run.root, name, layers, groups, cfg.sketch_dim, cfg.sketch_dtype,
-                                cfg.optional_variables)
-
-        self._writer = AsyncWriter(make_stream, self.path, cfg.queue_size, cfg.on_full, cfg.flush_secs)
+        self._output.open(attrs, views, storage_options, self.rank, self.world_size)
 
     # --- the training-loop API ---------------------------------------------------------------------------
     @property
     def _active(self) -> bool:
-        return self.enabled and not self._stopped and not self._closed
+        return self.enabled and not self._output.stopped and not self._closed
 
     def should_log(self, step: int) -> bool:
         """Whether ``record(step)`` will log (enabled, not stopped by an error, and ``step % every == 0``)."""
@@ -184,13 +169,10 @@ class GradientLogger:
     @contextlib.contextmanager
     def _record(self, step: int, stream: str, scale_by_batch: bool, **meta: Any) -> Iterator[Recording]:
         selected = self.should_log(step) if stream == schema.STREAM_BATCH else self._active
-        last = self._last_step.get(stream)
-        if selected and last is not None and step <= last:
-            raise ValueError(f"step {step} is not after the last logged step {last} of stream '{stream}'; "
-                             "steps must keep increasing (a resumed run continues after the stored steps)")
         if selected:
-            self._raise_writer_error()
-        if not selected or self._stopped:
+            self._output.check_order(stream, step)
+            self._output.raise_if_failed()
+        if not selected or self._output.stopped:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
@@ -199,7 +181,7 @@ class GradientLogger:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
                                        keep_forms=self.config.alignment, references=references) as state:
-                self._arm_verifier(state, stream)
+                self._verifier.arm(state, self.trackers, self._declared, stream == schema.STREAM_BATCH)
                 rec = Recording(state)
                 yield rec
             record = self._reducer.reduce(step, state, self._reference, **meta)
@@ -214,24 +196,7 @@ class GradientLogger:
                 if key != "n" and not math.isnan(value):
                     self.summary_writer.add_scalar(f"{prefix}/{key}", value, step)
         if record is not None:
-            self._last_step[stream] = step
-            self._coherence[stream] = record_coherence(record)
-            if self._projections.unsaved:  # before the step is queued: no committed sketch without its projection
-                self._group.attrs[schema.PROJECTIONS_KEY] = self._projections.attribute()
-                self._projections.unsaved = False
-            self._put(stream, record)
-
-    def _arm_verifier(self, state: Any, stream: str) -> None:
-        """Per-example losses given to ``rec.loss``: check the declared reduction, and verify when due."""
-        state.declared = self._declared if stream == schema.STREAM_BATCH else None
-        if stream != schema.STREAM_BATCH:
-            return
-
-        def on_loss(losses: torch.Tensor) -> None:
-            if state.truth is None and state.micro == 0 and self._verifier.due():
-                state.truth = self._verifier.capture(losses, self.trackers, state.uses, 0)
-
-        state.on_loss = on_loss
+            self._output.put(stream, step, record)
 
     def _prepare_reference(self, step: int) -> list[list[torch.Tensor]] | None:
         """(Re)compute the reference gradient if due; each layer's part (None without a reference set)."""
@@ -248,22 +213,7 @@ class GradientLogger:
 
         NaN before the first step, or when a layer of the step is not finite or not reconciled.
         """
-        return self._coherence.get(stream, math.nan)
-
-    def _put(self, stream: str, record: HostRecord) -> None:
-        self._call_writer(lambda writer: writer.put(stream, record))
-
-    def _raise_writer_error(self) -> None:
-        self._call_writer(AsyncWriter.raise_if_failed)
-
-    def _writer_failed(self, err: WriterError) -> None:
-        """A writer failure stops logging for good; ``on_error="raise"`` raises it (once), ``"warn"`` logs it."""
-        first = not self._stopped
-        self._stopped = True
-        if self.config.on_error == "raise":
-            raise err
-        if first:
-            log.warning("%s; logging stopped, training continues (on_error='warn')", err)
+        return self._output.last_coherence(stream)
 
     def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
               batch_size: int = 256, mode: str = "eval", index: Any = None, labels: Any = None, group: Any = None,
@@ -327,16 +277,7 @@ class GradientLogger:
 
     def flush(self) -> None:
         """Write and commit every step logged so far."""
-        self._call_writer(AsyncWriter.flush)
-
-    def _call_writer(self, method: Callable[[AsyncWriter], None]) -> None:
-        """Call ``method`` of the writer (if any); a writer failure stops logging (see ``on_error``)."""
-        if self._writer is None:
-            return
-        try:
-            method(self._writer)
-        except WriterError as err:
-            self._writer_failed(err)
+        self._output.flush()
 
     def close(self) -> None:
         """Flush, commit and stop the writer; idempotent. No hook remains on the model afterwards."""
@@ -347,7 +288,7 @@ class GradientLogger:
         for tracker in self.trackers:
             tracker.detach()
             tracker.results.drop_forms()
-        self._call_writer(AsyncWriter.close)
+        self._output.close()
 
     def __enter__(self) -> GradientLogger:
         return self

@@ -246,12 +246,16 @@ class LayerTracker:
 
 
 def _fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
-    """Fused mode: materialise a Linear call's per-example gradients and leave their sum for its backward.
+    """Fused mode: leave the sum of a call's per-example weight gradients for its backward.
 
-    Left to autograd's own GEMM (slot empty) when the block does not :func:`~gradcoh.logger.grads.fits`.
+    Materialised gradients fill it as they are; factored ones are materialised first when the slot allows it
+    (Linear) and the block :func:`~gradcoh.logger.grads.fits`, otherwise left to autograd's own kernel (slot empty).
     """
-    if not isinstance(grad, Factored) or grad.u is None or not fits(grad.n, grad.n_rows, grad.n_cols,
-                                                                     grad.v.element_size()):
+    if isinstance(grad, Dense):
+        slot.weight_grad = grad.blocks[0].sum(0)
+        return grad
+    if not slot.materialise or not isinstance(grad, Factored) or grad.u is None or not fits(
+            grad.n, grad.n_rows, grad.n_cols, grad.v.element_size()):
         return grad
     dense = grad.materialise()
     slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient

@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .arguments import bind, tensor_args
 from .attention import multi_head_attention_forward
-from .fused import FusedLinear, Slot
+from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, conv_arguments
 from .grads import Dense, MatrixView, ParamGrad, fold, natural_view, split_params
 from .layout import CONSTANT, Layout, Unknown, elementwise, propagate, setitem_layout
 from .ops import embedding, linear, norm
@@ -188,6 +188,11 @@ def _name(func: Callable) -> str:
     return name
 
 
+def _apply_fused_linear(slot: Slot, x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    return FusedLinear.apply(x, weight, bias, slot)
+
+
 class UseTracker(TorchFunctionMode):
     """Classifies the tensors of a recorded forward and reports parameter uses (see the module docstring).
 
@@ -289,8 +294,8 @@ class UseTracker(TorchFunctionMode):
         if func is F.multi_head_attention_forward and not self._paused and self.n is not None:
             with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
                 return multi_head_attention_forward(*args, **kwargs)
-        if self.fused and not self._paused and func is F.linear and len(args) > 1 and id(args[1]) in self.fused:
-            out = self._fused_linear(*args, **kwargs)
+        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
+            out = self._fused(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
         if self._paused or self.n is None:
@@ -309,10 +314,17 @@ class UseTracker(TorchFunctionMode):
             self._observe(func, args, kwargs, out, data, diff)
         return out
 
-    def _fused_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        slot = Slot()
-        with self.paused():  # FusedLinear's own F.linear is not a use
-            out = FusedLinear.apply(x, weight, bias, slot)
+    def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
+        conv = conv_arguments(args, kwargs) if func in CONV_FUNCTIONS else None
+        if func is not F.linear and conv is None:
+            return func(*args, **kwargs)
+        slot = Slot(materialise=conv is None)
+        with self.paused():  # the Function's own call is not a use
+            if conv is None:
+                out = _apply_fused_linear(slot, *args, **kwargs)
+            else:
+                out = FusedConv.apply(*conv[:3], slot, *conv[3:])
         self.slots[out] = slot
         return out
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,22 @@ class Verifier:
         self.every = every
         self.gen = torch.Generator().manual_seed(seed)
         self.seen = 0  # logged steps with per-example losses so far
+
+    def arm(self, state: Any, trackers: list, declared: str | None, batch: bool) -> None:
+        """Prepare a recorded step for the per-example losses given to ``rec.loss``.
+
+        On the batch stream their observed weights are checked against the declared ``loss_reduction``, and the
+        first micro-batch's losses are verified when due.
+        """
+        state.declared = declared if batch else None
+        if not batch:
+            return
+
+        def on_loss(losses: torch.Tensor) -> None:
+            if state.truth is None and state.micro == 0 and self.due():
+                state.truth = self.capture(losses, trackers, state.uses, 0)
+
+        state.on_loss = on_loss
 
     def due(self) -> bool:
         """Whether the current logged step (with per-example losses) is verified; advances the count."""

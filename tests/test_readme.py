@@ -52,3 +52,15 @@ def test_readme_usage_runs_as_written(tmp_path, monkeypatch, capsys):
         result = runner.invoke(app, shlex.split(command)[1:])
         assert result.exit_code == 0, (command, result.output)
     assert (tmp_path / "coherence.png").stat().st_size > 0
+
+
+def test_ci_runs_the_readme_test_command_and_the_one_thread_rerun():
+    """.ci/run runs the README's test command verbatim, then tests/logger with one thread."""
+    import re
+
+    command = re.search(r"^    (pip install -e \"\.\[test\]\" && python -m pytest[^\n]*)$", README.read_text(), re.M)
+    assert command, "the README's test command"
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert command.group(1) in ci
+    rerun = [line for line in ci if line.startswith("OMP_NUM_THREADS=1 ")]
+    assert rerun and "tests/logger" in rerun[0]

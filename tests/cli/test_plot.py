@@ -80,3 +80,35 @@ def test_demo_summary_says_probe_stream_and_m():
     assert "Probe-stream m-coherence" in caption and "m = the probe size" in caption and "below 1" in caption
     header, line = table.splitlines()
     assert "m (probe size)" in header and line.split()[:3] == ["0%", "noise", "512"]
+
+
+def _legend(fig):
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_plot_by_group_and_by_label(small_store, tmp_path, drawn):
+    """``--by`` splits the coherence figure like ``coherence --by`` and ``tensorboard --by``."""
+    out = tmp_path / "g.png"
+    result = invoke("plot", small_store.path, "-o", out, "--by", "group")
+    assert result.exit_code == 0, result.output
+    fig = drawn[str(out)]
+    assert fig.get_suptitle().startswith("m-coherence by group") and "batch stream" in fig.axes[0].get_title()
+    assert {"clean", "corrupted"} <= {t.split(" (")[0] for t in _legend(fig)}
+    out = tmp_path / "l.png"
+    assert invoke("plot", small_store.path, "-o", out, "--by", "label", "--stream", "batch").exit_code == 0
+    fig = drawn[str(out)]
+    assert fig.get_suptitle().startswith("m-coherence by label")
+    assert {"label 0", "label 1", "label 2"} <= {t.split(" (")[0] for t in _legend(fig)}
+    assert_one_line_error(invoke("plot", small_store.path, "-o", tmp_path / "x.png", "--kind", "layers", "--by",
+                                 "group"), "--by")
+
+
+def test_groups_plot_of_a_store_without_groups_says_so(tmp_path, drawn):
+    grads = random_gradients(np.random.default_rng(0), n_steps=3, m=4, sizes=(3,))
+    data = build_store(tmp_path / "plain.zarr", grads)
+    out = tmp_path / "g.png"
+    assert invoke("plot", data.path, "-o", out, "--kind", "groups").exit_code == 0
+    fig = drawn[str(out)]
+    assert "without groups" in fig.get_suptitle() and "by group" not in fig.get_suptitle()
+    ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t <= fig.axes[0].get_xlim()[1]]
+    assert all(float(t).is_integer() for t in ticks)  # steps are integers

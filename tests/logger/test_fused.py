@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from oracle import assert_stats, open_logged, per_example_grads_loop
 from test_exact import Shared, sq_loss
@@ -109,3 +110,59 @@ def test_second_derivative_through_a_fused_call_raises(tmp_path):
         with pytest.raises(RuntimeError, match=r"once_differentiable|twice"), glog.record(0):
             (g,) = torch.autograd.grad(model(x).sum(), model[0].weight, create_graph=True)
             g.sum().backward()
+
+
+def _conv_weight_grad_terms(model, run):
+    """{conv weight name: Σ_{n,t} |δ_nt| |patch_nt|ᵀ} (the size of the terms of each weight-gradient entry) and the
+    number of terms n·T per entry."""
+    seen, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and not isinstance(mod.padding, str):
+            def keep(m, args, out, name=name):
+                seen[name] = [m, args[0].detach()]
+                out.register_hook(lambda g: seen[name].append(g.detach()))
+
+            hooks.append(mod.register_forward_hook(keep))
+    run()
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, (m, x, go) in seen.items():
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode) if m.padding_mode != "zeros" else x
+        pad = 0 if m.padding_mode != "zeros" else m.padding
+        terms = torch.nn.grad.conv2d_weight(x.abs().double(), m.weight.shape, go.abs().double(), m.stride, pad,
+                                            m.dilation, m.groups)
+        out[f"{name}.weight"] = (terms, x.shape[0] * go.shape[2] * go.shape[3])
+    return out
+
+
+def test_fused_convolutions_grad_equal_to_rounding(tmp_path):
+    """Convolutions whose per-example gradients are materialised supply their weight gradient: .grad equals plain
+    autograd's to the rounding of n·T-term sums (the same terms in another order), statistics stay exact, the guard
+    reconciles; a convolution with string padding ('same') is not fused and stays bitwise."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+                          nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False, padding_mode="reflect"), nn.Tanh(),
+                          nn.Conv2d(8, 4, 3, padding="same"), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    x, y = torch.randn(6, 3, 16, 16), torch.randn(6, 5)
+    plain = copy.deepcopy(model)
+    terms = _conv_weight_grad_terms(plain, lambda: sq_loss(plain(x), y).mean().backward())
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+        fused = glog._recorder.fused
+    assert {id(model[i].weight) for i in (0, 2, 4, 6)} <= set(fused)
+    want, got = _grads(plain), _grads(model)
+    changed = 0
+    for k in ("0.weight", "2.weight", "4.weight"):
+        scale, n_terms = terms[k]
+        assert_close(got[k], want[k], n=2 * n_terms, scale=scale, err_msg=f"fused conv .grad {k}")
+        changed += not torch.equal(got[k], want[k])
+    assert changed  # at least one sum came out in another order: the slot was used
+    for k in want:
+        if k not in ("0.weight", "2.weight", "4.weight", "8.weight"):  # 'same' padding: autograd's own kernel
+            assert torch.equal(got[k], want[k]), k
+    ds = open_logged(tmp_path / "s.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=64),
+                 what="fused conv")
+    assert bool(ds.reconciled.values.all())

@@ -8,8 +8,27 @@ import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from oracle import expected_stats, open_logged, per_example_grads_loop
-from test_exact import assert_close, check_step, run_logged, sq_loss, target_for
+from test_exact import check_step, run_logged, sq_loss, target_for
+from tolerance import PRODUCT, chain_length
+from tolerance import assert_close as assert_within
 from torch import nn
+
+
+def assert_close(actual, expected, model, *, positions=1, sq=None, group=None, n_groups=1):
+    """Within the float32 bound of ``model``'s accumulation length (tests/tolerance.py).
+
+    ``sq`` (per-example squared norms [n, layers]) gives the size of the terms of a sum that can cancel: ‖Σ gᵢ‖² is
+    compared against (Σ‖gᵢ‖)², a group Gram entry (a, b) against (Σ_{i∈a}‖gᵢ‖)(Σ_{j∈b}‖gⱼ‖).
+    """
+    scale = None
+    if sq is not None:
+        norms = np.sqrt(np.asarray(sq, dtype=np.float64))
+        if group is None:
+            scale = norms.sum(0) ** 2
+        else:
+            sums = np.stack([norms[np.asarray(group) == a].sum(0) for a in range(n_groups)])  # [groups, layers]
+            scale = np.einsum("al,bl->lab", sums, sums)
+    assert_within(actual, expected, n=chain_length(model, positions), kappa=PRODUCT, scale=scale)
 
 
 def open_batch(path):
@@ -108,8 +127,8 @@ def test_tied_embedding_used_directly_matches_whole_parameter_oracle(tmp_path):
     grads = per_example_grads_loop(model, sq_loss, x, y)
     sq, total = whole_param_sq(grads, "emb.weight")
     layer = list(ds.layer.values).index("emb")
-    assert_close(ds.sum_sq_norm.values[0, layer], total)  # passes: from .grad
-    assert_close(ds.sq_norm.values[0, :, layer], sq)  # fails: only the embedding lookup's part
+    assert_close(ds.sum_sq_norm.values[0, layer], total, model, positions=3, sq=sq)  # passes: from .grad
+    assert_close(ds.sq_norm.values[0, :, layer], sq, model, positions=3)  # fails: only the embedding lookup's part
 
 
 def test_tied_modules_are_one_exact_layer(tmp_path):
@@ -122,8 +141,8 @@ def test_tied_modules_are_one_exact_layer(tmp_path):
     assert list(ds.layer.values) == ["emb"]
     grads = per_example_grads_loop(model, sq_loss, x, y)
     sq, total = whole_param_sq(grads, "emb.weight")
-    assert_close(ds.sq_norm.values[0, :, 0], sq)
-    assert_close(ds.sum_sq_norm.values[0, 0], total)
+    assert_close(ds.sq_norm.values[0, :, 0], sq, model, positions=3)
+    assert_close(ds.sum_sq_norm.values[0, 0], total, model, positions=3, sq=sq)
     ds = log_one(TiedModules(), torch.randint(0, 7, (1, 3)), torch.randn(1, 7), tmp_path / "h.zarr",
                  reduction="sum", layers=("head",))  # selecting either module selects the shared layer
     assert list(ds.layer.values) == ["emb"]
@@ -195,7 +214,7 @@ def test_embedding_scale_grad_by_freq_single_example(tmp_path):
     x = torch.tensor([[1, 1, 1, 2]])
     y = target_for(model, x)
     ds = log_one(model, x, y, tmp_path / "s.zarr")
-    assert_close(ds.sum_sq_norm.values[0], ds.sq_norm.values[0, 0])
+    assert_close(ds.sum_sq_norm.values[0], ds.sq_norm.values[0, 0], model, positions=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,7 +401,7 @@ def test_batchnorm1d_train_contributions_sum_to_batch_gradient(shape, tmp_path):
     dims = tuple(range(2, x.dim()))
     gw = (xhat * delta).sum(dims) if dims else xhat * delta
     gb = delta.sum(dims) if dims else delta
-    assert_close(ds.sq_norm.values[0, :, 0], (gw**2).sum(1) + (gb**2).sum(1))
+    assert_close(ds.sq_norm.values[0, :, 0], (gw**2).sum(1) + (gb**2).sum(1), model, positions=int(np.prod(shape[2:])))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,9 +508,9 @@ def test_layer_skipped_in_some_microbatches(pattern, reduction, preexisting, tmp
             grads.setdefault(k, []).append(v)
     grads = {k: torch.cat(v) for k, v in grads.items()}
     sq, sums, gram = expected_stats(ds, grads, group.numpy(), 2)
-    assert_close(ds.sq_norm.values[0], sq)
-    assert_close(ds.sum_sq_norm.values[0], sums)
-    assert_close(ds.group_gram.values[0], gram)
+    assert_close(ds.sq_norm.values[0], sq, model)
+    assert_close(ds.sum_sq_norm.values[0], sums, model, sq=sq)
+    assert_close(ds.group_gram.values[0], gram, model, sq=sq, group=group.numpy(), n_groups=2)
     skipped = list(ds.layer.values).index("extra")
     for (lo, hi), use in zip(cuts, pattern, strict=True):
         if not use:
@@ -548,7 +567,7 @@ def test_single_example_step_every_layer_type(reduction, tmp_path):
     y = target_for(model, x)
     ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", reduction=reduction, sketch_dim=16)
     check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
-    assert_close(ds.sum_sq_norm.values[0], ds.sq_norm.values[0, 0])
+    assert_close(ds.sum_sq_norm.values[0], ds.sq_norm.values[0, 0], model, positions=4)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -596,8 +615,11 @@ def test_probe_train_mode_equals_record_with_same_microbatches(tmp_path):
             for lo, hi in ((0, 4), (4, 7)):
                 sq_loss(model(x[lo:hi]), y[lo:hi]).sum().backward()
     rec = open_batch(tmp_path / "r.zarr")
-    for var in ("sq_norm", "sum_sq_norm", "group_gram"):
-        assert_close(probe[var].values, rec[var].values, rtol=1e-4)
+    sq = rec.sq_norm.values[0]
+    assert_close(probe.sq_norm.values, rec.sq_norm.values, model, positions=36)
+    assert_close(probe.sum_sq_norm.values[0], rec.sum_sq_norm.values[0], model, positions=36, sq=sq)
+    assert_close(probe.group_gram.values[0], rec.group_gram.values[0], model, positions=36, sq=sq,
+                 group=group.numpy(), n_groups=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------

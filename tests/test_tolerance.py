@@ -1,0 +1,109 @@
+"""The derived tolerances of tests/tolerance.py: their formula, and that a logger off by a small relative amount
+(a factor 1 + 1e-3, two examples swapped) fails the very comparisons the suite makes (the mutation check)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradcoh.logger import GradientLogger
+from oracle import assert_stats, open_logged, per_example_grads_loop
+from tolerance import LAMBDA, PRODUCT, U32, U64, assert_close, bound, chain_length, sum_scale
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent / "logger"))
+from test_exact import sq_loss, target_for
+
+MUTATION = 1e-3
+"""The relative perturbation every comparison must catch."""
+
+
+def test_bound_is_the_smaller_of_the_deterministic_and_probabilistic_bounds():
+    assert bound(1) == U32 and bound(64) == 64 * U32  # n·u up to n = λ² = 64
+    assert bound(10_000) == pytest.approx(LAMBDA * 100 * U32)  # λ·√n·u beyond
+    assert bound(100, kappa=2, dtype="float64") == pytest.approx(2 * LAMBDA * 10 * U64)
+    assert bound(0) == U32  # at least one rounding
+
+
+def test_assert_close_measures_cancelling_sums_against_their_terms():
+    terms = np.array([1.0, -1.0 + 1e-6])  # a sum that cancels to 1e-6
+    rounded = terms.sum() + 4 * U32  # a few float32 roundings of the terms
+    with pytest.raises(AssertionError, match="derived tolerance"):
+        assert_close(rounded, terms.sum(), n=2)  # against its own (tiny) value: fails
+    assert_close(rounded, terms.sum(), n=2, kappa=2, scale=np.abs(terms).sum())  # against its terms: holds
+    with pytest.raises(AssertionError, match="NaN"):
+        assert_close([np.nan, 1.0], [1.0, 1.0], n=1)
+
+
+@pytest.mark.parametrize("name", ["timm-efficientnet", "tv-resnet", "hf-t5"])
+def test_the_largest_zoo_tolerances_are_below_the_mutation(name):
+    """The deepest zoo models have the longest chains: even their bound is far below a 1e-3 error."""
+    from test_zoo import _positions
+    from zoo import CASES
+
+    case = CASES[name]
+    n = chain_length(case.build(), positions=_positions(case.batch(1)))
+    assert PRODUCT * bound(n) < MUTATION / 2, (name, n)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """A small conv + linear model logged once, with its float64 oracle gradients."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 2))
+    x = torch.randn(6, 3, 8)
+    y = target_for(model, x)
+    path = tmp_path_factory.mktemp("m") / "s.zarr"
+    with GradientLogger(model, path, loss_reduction="sum", groups=("a", "b")) as glog:
+        with glog.record(0, group=torch.tensor([0, 1, 0, 1, 1, 0])):
+            sq_loss(model(x), y).sum().backward()
+    return open_logged(path), per_example_grads_loop(model, sq_loss, x, y), chain_length(model, x[0].numel())
+
+
+def test_unmutated_statistics_pass(logged):
+    ds, grads, n = logged
+    assert_stats(ds, 0, grads, n=n, group=[0, 1, 0, 1, 1, 0], n_groups=2)
+
+
+@pytest.mark.parametrize("variable", ["sq_norm", "sum_sq_norm", "group_gram"])
+def test_a_statistic_scaled_by_1e3_fails(logged, variable):
+    ds, grads, n = logged
+    bad = ds.copy(deep=True)
+    bad[variable] = bad[variable] * (1 + MUTATION)
+    with pytest.raises(AssertionError, match=f"{variable}: error .* exceeds the derived tolerance"):
+        assert_stats(bad, 0, grads, n=n, group=[0, 1, 0, 1, 1, 0], n_groups=2)
+
+
+def test_two_examples_swapped_fail(logged):
+    ds, grads, n = logged
+    bad = ds.copy(deep=True)
+    values = bad.sq_norm.values.copy()
+    values[0, [0, 1]] = values[0, [1, 0]]
+    bad["sq_norm"] = (bad.sq_norm.dims, values)
+    with pytest.raises(AssertionError, match="sq_norm"):
+        assert_stats(bad, 0, grads, n=n, group=[0, 1, 0, 1, 1, 0], n_groups=2)
+
+
+def test_a_wrong_group_fails(logged):
+    ds, grads, n = logged
+    with pytest.raises(AssertionError, match="group_gram"):
+        assert_stats(ds, 0, grads, n=n, group=[1, 0, 0, 1, 1, 0], n_groups=2)
+
+
+def test_a_mutated_logger_fails_the_zoo_comparison(tmp_path):
+    """End to end: the logger told that the loss was scaled by 1 + 1e-3 (it was not) fails the zoo's checks."""
+    from test_zoo import check_zoo_case
+
+    check_zoo_case("hf-gpt2", tmp_path / "ok")
+    with pytest.raises(AssertionError, match="sq_norm: error .* exceeds the derived tolerance"):
+        check_zoo_case("hf-gpt2", tmp_path / "bad", unscale=1 + MUTATION)
+
+
+def test_sum_scale_is_the_size_of_the_terms():
+    norms = np.array([[3.0], [4.0]])
+    assert sum_scale(norms, axis=0) == pytest.approx([49.0])
+    assert math.isclose(bound(1e6) / bound(1e4), 10.0)
