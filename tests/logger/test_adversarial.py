@@ -58,7 +58,7 @@ def run(model: nn.Module, forward: Callable, inputs: tuple, tmp_path, *, reduce:
     kw.setdefault("on_mismatch", "flag")
     try:
         with GradientLogger(model, tmp_path / "s.zarr", mode="overwrite", handle_sigterm=False, **kw) as glog:
-            glog._put = lambda stream, record: records.append(record)
+            glog._output.put = lambda stream, step, record: records.append(record)
             with glog.record(0) as rec:
                 losses = forward(model, *inputs)
                 if give_losses:
