@@ -82,7 +82,7 @@ class LoggerConfig:
             memory bank), whatever its length.
         verify_every: With per-example losses (``rec.loss``), verify the first logged step and then every
             ``verify_every``-th against one random example's true gradient (:mod:`gradcoh.logger.verify`); 0: never.
-            The default keeps the cost under 1% of the logged steps' time.
+            The default keeps the cost under 1% of the logged steps' time. One process only (off under DDP).
         extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 

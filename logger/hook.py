@@ -118,7 +118,7 @@ class GradientLogger:
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
         self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
-        self._verifier = Verifier(cfg.verify_every, cfg.seed)
+        self._verifier = Verifier(cfg.verify_every if self.world_size == 1 else 0, cfg.seed)  # (one process)
         self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
         self._sigterm = SigtermExit()
