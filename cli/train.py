@@ -10,7 +10,7 @@ import typer
 from gradcoh.cli.errors import reported
 from gradcoh.cli.options import ProgressOpt, want_progress
 
-__all__ = ["Dataset", "Model", "Optimizer", "train"]
+__all__ = ["Dataset", "Model", "Optimizer", "ProbeMode", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,22 @@ class Model(enum.StrEnum):
     mlp = "mlp"
     cnn = "cnn"
     resnet18 = "resnet18"
+    resnet18_gn = "resnet18_gn"
     efficientnet_b0 = "efficientnet_b0"
+
+
+class ProbeMode(enum.StrEnum):
+    """How probes treat normalisation layers with batch statistics (``GradientLogger.probe(mode=...)``)."""
+
+    constant = "constant"
+    eval = "eval"
+    train = "train"
+
+
+PROBE_MODE_HELP = ("How probes normalise BatchNorm layers: constant (the probe sample's statistics held constant: "
+                   "exact per-example gradients of the network as it trains), eval (running statistics) or train "
+                   "(per-micro-batch statistics: contributions, not per-example gradients). Models without "
+                   "BatchNorm are probed in eval mode either way (train: dropout on).")
 
 
 class Optimizer(enum.StrEnum):
@@ -62,6 +77,7 @@ def train(
     width: Annotated[int, typer.Option("--width", min=1, help="MLP hidden width (CNN channels: width/8).")] = 256,
     probe_size: Annotated[int, typer.Option("--probe-size", min=0, help="m of the fixed probe sample (0: off).")] = 512,
     probe_every: Annotated[int, typer.Option("--probe-every", min=1, help="Probe cadence in steps.")] = 50,
+    probe_mode: Annotated[ProbeMode, typer.Option("--probe-mode", help=PROBE_MODE_HELP)] = ProbeMode.constant,
     log_every: Annotated[int, typer.Option("--log-every", min=0, help="Batch-stream cadence (0: off).")] = 10,
     sketch_dim: Annotated[int, typer.Option("--sketch-dim", min=0, help="Sketch width per layer (0: none).")] = 0,
     seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
@@ -90,7 +106,8 @@ def train(
         config = ExperimentConfig(
             out=out, dataset=dataset.value, data_dir=data_dir, model=model.value, width=width,
             label_noise=label_noise, batch_size=batch_size, lr=lr, optimizer=optimizer.value, momentum=momentum,
-            probe_size=probe_size, probe_every=probe_every, log_every=log_every, sketch_dim=sketch_dim, seed=seed,
+            probe_size=probe_size, probe_every=probe_every, probe_mode=probe_mode.value, log_every=log_every,
+            sketch_dim=sketch_dim, seed=seed,
             device=device, threads=threads, overwrite=overwrite, progress=want_progress(progress),
             alignment=alignment, reference_size=reference_size, reference_every=reference_every, **length,
         )

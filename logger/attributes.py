@@ -10,6 +10,7 @@ from torch import nn
 from . import schema
 from .config import LoggerConfig
 from .grads import natural_view
+from .probe import PROBE_NOTES
 from .sketch import SKETCH_KIND, SKETCH_VERSION
 from .tracker import LayerTracker
 
@@ -25,8 +26,8 @@ def layer_table(trackers: list[LayerTracker]) -> list[dict[str, Any]]:
     ]
 
 
-def notes(trackers: list[LayerTracker]) -> list[str]:
-    """Semantics worth knowing when reading the store (train-mode BatchNorm couples examples)."""
+def notes(trackers: list[LayerTracker], probe_mode: str = "constant") -> list[str]:
+    """Semantics worth knowing when reading the store (train-mode BatchNorm couples examples; how probes treat it)."""
     bn = [t.name for t in trackers
           if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in [s.module for s in t.plan.sources]
                  + t.plan.loose_modules)]
@@ -35,7 +36,8 @@ def notes(trackers: list[LayerTracker]) -> list[str]:
     return [
         "BatchNorm layers " + ", ".join(bn) + ": in train mode the batch statistics couple the examples; "
         "per-example values are then each example's contribution to the batch gradient (they sum exactly "
-        "to it), and the gradients of earlier layers are coupled the same way. In eval mode they are exact."
+        "to it), and the gradients of earlier layers are coupled the same way. In eval mode they are exact.",
+        PROBE_NOTES[probe_mode],
     ]
 
 
@@ -55,7 +57,7 @@ def root_attributes(config: LoggerConfig, trackers: list[LayerTracker], model: n
         schema.SKETCH_KEY: sketch,
         schema.VERSIONS_KEY: versions(),
         schema.MODEL_KEY: f"{type(model).__module__}.{type(model).__qualname__}",
-        schema.NOTES_KEY: notes(trackers),
+        schema.NOTES_KEY: notes(trackers, config.probe_mode),
         schema.WORLD_SIZE_KEY: world_size,
     }
 

@@ -138,7 +138,7 @@ class LayerCapture:
         if first is None:
             return  # no batch in the inputs (a lookup on arange(T)): a derived tensor, followed by its uses
         custom = getattr(source.rule, "rows_per_example", None)  # rules that check the batch axis themselves
-        axis, r = (0, custom(source.module, args, kwargs, uses.layout(first), self._state.n)) if custom else \
+        axis, r = (0, custom(source.module, args, kwargs, uses.layout, self._state.n)) if custom else \
             self._rows_per_example(source, first, uses.layout(first))
         detached = map_tensors(args, kwargs, torch.Tensor.detach)
         slot = uses.slots.get(output) if isinstance(output, torch.Tensor) else None

@@ -28,9 +28,13 @@ def int_at_least(name: str, value: Any, low: int) -> int:
     return value
 
 
+PROBE_MODES = ("constant", "eval", "train")
+"""How probes treat BatchNorm layers that use batch statistics (:mod:`gradcoh.logger.probe`)."""
+
 _CHOICES: dict[str, tuple] = {
     "loss_reduction": ("mean", "sum"), "sketch_dtype": schema.SKETCH_DTYPES, "on_full": ("block", "drop"),
     "mode": ("create", "append", "overwrite"), "on_error": ("raise", "warn"), "on_mismatch": ("raise", "flag"),
+    "probe_mode": PROBE_MODES,
 }
 
 
@@ -83,6 +87,10 @@ class LoggerConfig:
         verify_every: With per-example losses (``rec.loss``), verify the first logged step and then every
             ``verify_every``-th against one random example's true gradient (:mod:`gradcoh.logger.verify`); 0: never.
             The default keeps the cost under 1% of the logged steps' time. One process only (off under DDP).
+        probe_mode: How ``probe`` treats BatchNorm layers that normalise with batch statistics: ``"constant"``
+            (default: the probe sample's statistics, held constant; exact per-example gradients of the network as
+            it normalises at that step), ``"eval"`` (running statistics) or ``"train"`` (per-micro-batch statistics:
+            contributions). See :mod:`gradcoh.logger.probe`; ``probe(mode=...)`` overrides it for one call.
         extra: JSON-ready user metadata stored with the configuration (e.g. the experiment's settings).
     """
 
@@ -107,6 +115,7 @@ class LoggerConfig:
     fused: bool = False
     batch_inputs: tuple[int | str, ...] = ()
     verify_every: int = 100
+    probe_mode: str = "constant"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -23,13 +23,13 @@ from torch import nn
 
 from . import schema
 from .attributes import root_attributes
-from .config import LoggerConfig, int_at_least
+from .config import PROBE_MODES, LoggerConfig, int_at_least
 from .distributed import rank_and_world, share
 from .grads import natural_view
 from .layers import LayerRules, default_rules
 from .output import RunOutput
 from .plan import plan_layers
-from .probe import ModelState, measure
+from .probe import ModelState, describe, measure, prepare
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_summary
 from .reference import ReferenceSet
@@ -124,6 +124,7 @@ class GradientLogger:
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
+        self._announced = False
         if self.enabled:
             self._open(storage_options)
             if cfg.handle_sigterm:
@@ -216,13 +217,14 @@ class GradientLogger:
         return self._output.last_coherence(stream)
 
     def probe(self, step: int, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, every: int = 1,
-              batch_size: int = 256, mode: str = "eval", index: Any = None, labels: Any = None, group: Any = None,
-              true_labels: Any = None) -> bool:
+              batch_size: int = 256, mode: str | None = None, index: Any = None, labels: Any = None,
+              group: Any = None, true_labels: Any = None, statistics: torch.Tensor | None = None) -> bool:
         """Measure a fixed sample of examples without disturbing training; writes the stream ``probe``.
 
         The sample is processed in micro-batches with gradients taken by ``torch.autograd.grad`` (``.grad`` is
-        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics) and the RNG
-        states are restored exactly afterwards, so training with probes is bitwise identical to training without.
+        never touched, no optimizer step); train/eval modes, buffers (BatchNorm running statistics and
+        ``num_batches_tracked``) and the RNG states are restored exactly afterwards, so training with probes is
+        bitwise identical to training without.
         Group sums accumulate in float64 across micro-batches. The logger's ``every`` does not apply to probes.
 
         Args:
@@ -232,34 +234,57 @@ class GradientLogger:
             loss_fn: ``loss_fn(outputs, targets) -> [n]`` per-example losses (``reduction="none"``).
             every: Probe only when ``step % every == 0``.
             batch_size: Micro-batch size (bounds memory).
-            mode: ``"eval"`` (default; BatchNorm uses running statistics, exact per example) or ``"train"``.
+            mode: How BatchNorm layers that use batch statistics are probed (default: the logger's ``probe_mode``,
+                ``"constant"`` unless configured): ``"constant"`` normalises them with the statistics of the whole
+                sample (or of ``statistics``) held constant, exact per-example gradients of the network as it
+                normalises now; ``"eval"`` uses running statistics (exact, but they lag the trained network);
+                ``"train"`` uses each micro-batch's statistics with the gradient through them (contributions).
+                Without such layers the probe runs in eval mode (``"train"``: train mode, dropout on).
             index: ``[m]`` dataset index of each probe example.
             labels: ``[m]`` training labels.
             group: ``[m]`` group positions (required when groups were declared).
             true_labels: ``[m]`` labels before corruption.
+            statistics: ``[s, ...]`` inputs whose statistics the ``"constant"`` mode holds instead of the probe
+                sample's (e.g. the current training batch). With several processes every rank uses the whole
+                sample (or these inputs), so all ranks probe one function.
 
         Returns:
             True when a probe was taken at this step.
+
+        Raises:
+            ValueError: A bad mode, or (``"constant"``) a BatchNorm module called more than once per forward pass.
         """
-        if mode not in ("eval", "train"):
-            raise ValueError(f"mode={mode!r} is not valid; use 'eval' or 'train'")
+        mode = self.config.probe_mode if mode is None else mode
+        if mode not in PROBE_MODES:
+            raise ValueError(f"mode={mode!r} is not valid; use one of {', '.join(map(repr, PROBE_MODES))}")
         int_at_least("every", every, 1)
         int_at_least("batch_size", batch_size, 1)
         if step % every or not self._active:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
+        source = inputs if statistics is None else statistics  # every rank: the statistics of the whole sample
         if self.world_size > 1:  # each rank measures its contiguous share of the sample, once
             rows = slice(*share(inputs.shape[0], self.rank, self.world_size))
             inputs, targets = inputs[rows], targets[rows]
             meta = {k: None if v is None else v[rows] for k, v in meta.items()}
         saved = ModelState.save(self.model)
         try:
-            self.model.train(mode == "train")
-            with self._record(step, schema.STREAM_PROBE, False, **meta) as rec:
-                measure(self.model, rec, inputs, targets, loss_fn, batch_size, self.trackers[0].params[0].device)
+            device = self.trackers[0].params[0].device
+            self._announce(mode)
+            with prepare(self.model, mode, source, batch_size, device), \
+                    self._record(step, schema.STREAM_PROBE, False, **meta) as rec:
+                measure(self.model, rec, inputs, targets, loss_fn, batch_size, device)
         finally:
             saved.restore(self.model)
         return True
+
+    def _announce(self, mode: str) -> None:
+        """Say once on stderr (logging) how batch-statistics layers are probed."""
+        if mode == "constant" and not self._announced:
+            self._announced = True
+            text = describe(self.model)
+            if text is not None:
+                log.warning(text)
 
     def project_grad(self) -> dict[str, torch.Tensor]:
         """Sketch the gradient currently in the parameters' ``.grad`` with each layer's projection.

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .embedding_bag import embedding_bag_rule
 from .grads import Composite, Dense, Factored, MatrixView
 from .ops import conv, embedding, linear, norm
 from .ops.conv import depthwise_weight_grad as _depthwise_weight_grad  # noqa: F401  (tests time the two routes)
@@ -227,6 +228,7 @@ def default_rules() -> LayerRules:
             nn.Conv2d: conv,
             nn.Conv3d: conv,
             nn.Embedding: embedding_rule,
+            nn.EmbeddingBag: embedding_bag_rule,
             nn.LayerNorm: layer_norm_rule,
             nn.RMSNorm: rms_norm_rule,
             nn.GroupNorm: group_norm_rule,

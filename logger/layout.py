@@ -186,11 +186,6 @@ def _schema_names(name: str, kinds: tuple[str, ...], keys: frozenset[str]) -> tu
     return None
 
 
-def elementwise(name: str) -> bool:
-    """Whether op ``name`` acts independently at every position of its broadcast arguments."""
-    return name in _ELEMENTWISE
-
-
 def _norm(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
@@ -229,7 +224,12 @@ def _broadcast(inputs: list[tuple[torch.Tensor, Layout]], out: torch.Tensor, tra
 
 
 def _view(t: torch.Tensor, lay: tuple[int, int], out: torch.Tensor, n: int, op: str) -> Layout:
-    axis, _ = lay
+    axis, r = lay
+    if axis and out.dim() > axis and tuple(out.shape[:axis]) == tuple(t.shape[:axis]):
+        # the axes before the batch axis kept: the batch axis is regrouped with the ones after it only
+        block, rest = r * t.shape[axis + 1 :].numel(), out.shape[axis + 1 :].numel()
+        if rest and not block % rest and out.shape[axis] % (block // rest) == 0:
+            return (axis, block // rest)
     if any(s != 1 for s in t.shape[:axis]):
         return Unknown(op)  # examples are not the outermost blocks of the logical order
     d0 = out.shape[0] if out.dim() else 1

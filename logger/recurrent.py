@@ -67,8 +67,11 @@ def _order(lay: Any, axis: int, size: int) -> tuple[int, ...] | None:
 
 
 def _index_select(op: Any) -> layout.Layout | None:
-    """``index_select`` along the batch axis (sorting a batch by length, and undoing it)."""
-    if len(op.data) != 1 or op.data[0][0] != 0:
+    """``index_select`` along the batch axis (sorting a batch by length, and undoing it).
+
+    The index may come from the batch (lengths computed from a padding mask): only its values matter.
+    """
+    if [pos for pos, _, _ in op.data] not in ([0], [0, 2]):
         return None
     t, lay = op.data[0][1], op.data[0][2]
     dim = int(op.arg(1, "dim"))
@@ -81,9 +84,9 @@ def _index_select(op: Any) -> layout.Layout | None:
 
 def _pack(op: Any) -> layout.Layout | None:
     """``_pack_padded_sequence(input, lengths, batch_first)``: the packed data of the batch's sequences."""
-    pos, t, lay = op.data[0]
+    pos, t, lay = op.data[0]  # the lengths may come from the batch too
     order = _order(lay, 0 if op.arg(2, "batch_first") else 1, t.shape[0 if op.arg(2, "batch_first") else 1])
-    if pos != 0 or len(op.data) != 1 or order is None:
+    if pos != 0 or order is None:
         return None
     return Packed(op.name, order)
 
@@ -147,14 +150,22 @@ def _bound(args: tuple, kwargs: dict) -> tuple[Any, Any]:
     return x, hx
 
 
-def rows_per_example(module: nn.RNNBase, args: tuple, kwargs: dict, lay: Any, n: int) -> int:
+def rows_per_example(module: nn.RNNBase, args: tuple, kwargs: dict, layout_of: Any, n: int) -> int:
     """Rows of the call's batch axis per example, checking that the batch is where the module takes it.
 
+    Args:
+        module: The recurrent module.
+        args: The call's positional arguments.
+        kwargs: Its keyword arguments.
+        layout_of: The example layout of a tensor (None for constants).
+        n: Examples in the micro-batch.
+
     Raises:
-        ValueError: The batch is not on the module's batch axis, or a packed batch holds another number of sequences.
+        ValueError: The batch is not on the module's batch axis, or packed sequences that are not the examples.
     """
     x, _ = _bound(args, kwargs)
     name = type(module).__name__
+    lay = layout_of(x.data if isinstance(x, PackedSequence) else x)
     if isinstance(x, PackedSequence):
         unsorted = range(int(x.batch_sizes[0])) if x.unsorted_indices is None else x.unsorted_indices.tolist()
         if not isinstance(lay, Packed) or [lay.order[i] for i in unsorted] != list(range(n)):
@@ -169,8 +180,9 @@ def rows_per_example(module: nn.RNNBase, args: tuple, kwargs: dict, lay: Any, n:
         if n > 1:
             raise ValueError(f"{name} called on an unbatched sequence inside a batch of {n}; pass [batch, T, F]")
         return 1
-    if isinstance(lay, Unknown) or lay[0] != axis:
-        where = f"after the op '{lay.op}'" if isinstance(lay, Unknown) else f"on dimension {lay[0]}"
+    if lay is None or isinstance(lay, Unknown) or lay[0] != axis:
+        where = f"after the op '{lay.op}'" if isinstance(lay, Unknown) else \
+            "not in its input" if lay is None else f"on dimension {lay[0]}"
         raise ValueError(
             f"{name} (batch_first={module.batch_first}) takes the batch on dimension {axis} of its input but the "
             f"examples are {where}; transpose the input, or exclude the module with layers=..."

@@ -41,10 +41,11 @@ from .grads import (
     natural_view,
     split_params,
 )
-from .plan import LayerPlan
+from .plan import LayerPlan, Source
 from .results import LayerResults, MicroStats, dots, guard_vectors
 from .sketch import Projection, ProjectionTable
-from .uses import Use, use_gradients
+from .usegrads import use_gradients
+from .uses import Use, op_name
 
 if TYPE_CHECKING:
     from .step import StepState
@@ -148,14 +149,31 @@ class LayerTracker:
                 continue
             if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
                 self.results.low_precision = True
-            grad = combine([fold(source.rule(source.module, *_upcast(c.batch_first())), c.r)
-                            for c in group])
+            grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
             self.results.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
                 grad = _fill_slot(grad, group[0].slot)
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
                     if form is not None]
         return out
+
+    def _run_rule(self, source: Source, call: Call) -> LayerGrad:
+        """One call's per-example gradient from its module's rule; a crash inside a rule becomes a clear refusal.
+
+        Rules refuse what they cannot do with a ValueError that names the fix; any other exception is an internal
+        failure on this model, reported with the module, the rule and the ways around it.
+        """
+        try:
+            return source.rule(source.module, *_upcast(call.batch_first()))
+        except ValueError:
+            raise
+        except Exception as err:
+            rule = getattr(source.rule, "__name__", type(source.rule).__name__)
+            raise RuntimeError(
+                f"layer '{self.name}': the rule {rule} of module '{source.name}' ({type(source.module).__name__}) "
+                f"failed on this call ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "exclude the module with layers=..., or register a rule for it with LayerRules.register"
+            ) from err
 
     def _from_uses(self, uses: list[Use]) -> list[tuple[nn.Parameter, ParamGrad]]:
         """Per-parameter forms of this layer from direct uses of its parameters (computed once per use)."""
@@ -167,6 +185,14 @@ class LayerTracker:
                     use.results = use_gradients(use, state.uses, state.n)
                 except RuntimeError as err:
                     raise RuntimeError(f"layer '{self.name}': {err}") from err
+                except ValueError:
+                    raise
+                except Exception as err:
+                    raise RuntimeError(
+                        f"layer '{self.name}': per-example gradients through the op '{op_name(use.func)}' failed "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); exclude the layer "
+                        "with layers=..., or register a rule for the module that calls the op (LayerRules.register)"
+                    ) from err
             self.results.low_precision |= _is_half(use.grads)
             self.results.terms += use.grads.numel()
             out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]

@@ -7,6 +7,13 @@ relative error of the sketch-based m-coherence (numerator ‖Σ s_i‖², exact 
 to the plain forward+backward.
 
     python scripts/sketch_accuracy.py --ks 256,1024,4096 --seeds 20 --out docs/sketch_accuracy.json
+
+``--routes`` instead measures every route of every projection class directly (no model): per-example gradients
+``Σ_t u_t v_tᵀ`` with T positions (T = 1: rank one, the TensorSketch mean's worst case), given to the projection
+materialised (``dense``), as factors (``factored``) or as embedding rows (``indexed``); the same table of sd in
+units of √(2/k), per example and for the batch sum, and the mean of ‖s‖²/‖g‖² − 1 (unbiasedness).
+
+    python scripts/sketch_accuracy.py --routes --ks 256,1024 --seeds 40
 """
 
 import argparse
@@ -30,8 +37,48 @@ p.add_argument("--seeds", type=int, default=5)
 p.add_argument("--batch", type=int, default=64)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--out", default=None)
+p.add_argument("--routes", action="store_true", help="sd per projection class and route (no model)")
 args = p.parse_args()
 torch.manual_seed(0)
+
+
+def route_table(ks: list[int], seeds: int, n: int = 32, view: tuple[int, int] = (48, 96)) -> list[str]:
+    """Markdown rows: kind, route, T, k, sd per example and of the batch sum in units of √(2/k), mean error."""
+    from gradcoh.logger.grads import Factored
+    from gradcoh.logger.sketch import KINDS, Projection
+
+    rows_out = ["| projection | route | T | k | sd per example / √(2/k) | sd batch sum / √(2/k) | mean ‖s‖²/‖g‖² − 1 |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+    rows, cols = view
+    for kind in KINDS:
+        for route in ("dense", "factored", "indexed"):
+            for t in (1, 4, 64):
+                gen = torch.Generator().manual_seed(t)
+                v = torch.randn(n, t, cols, generator=gen, dtype=torch.float64)
+                if route == "indexed":
+                    form = Factored(None, v, rows_index=torch.randint(0, rows, (n, t), generator=gen), n_rows=rows)
+                else:
+                    form = Factored(torch.randn(n, t, rows, generator=gen, dtype=torch.float64), v)
+                dense = form.materialise()
+                flat = dense.m.reshape(n, -1)
+                form = dense if route == "dense" else form
+                norms, total = flat.square().sum(1), flat.sum(0).square().sum()
+                for k in ks:
+                    per, batch = [], []
+                    for seed in range(seeds):
+                        s_ = form.sketch(Projection.create(seed, "w", view, k, kind))
+                        per.append((s_.square().sum(1) / norms - 1).numpy())
+                        batch.append(float(s_.sum(0).square().sum() / total - 1))
+                    per_a, unit = np.concatenate(per), np.sqrt(2 / k)
+                    rows_out.append(f"| {kind} | {route} | {t} | {k} | {per_a.std() / unit:.2f} | "
+                                    f"{np.std(batch) / unit:.2f} | {per_a.mean():+.4f} |")
+    return rows_out
+
+
+if args.routes:
+    print(f"# every route, view {(48, 96)}, 32 examples, {args.seeds} seeds")
+    print("\n".join(route_table([int(k) for k in args.ks.split(",")], args.seeds)))
+    raise SystemExit
 
 
 def small_cnn():  # 3 conv + 2 linear, 32×32×3 (the benchmark model)

@@ -123,8 +123,7 @@ def assert_close(actual, expected, *, n: float, kappa: float = 1.0, scale=None, 
     """
     if scale is None:
         scale = getattr(expected, "scale", None)
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
+    actual, expected = np.broadcast_arrays(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64))
     ref = np.abs(expected) if scale is None else np.broadcast_to(np.asarray(scale, dtype=np.float64), expected.shape)
     tol = bound(n, kappa=kappa, dtype=dtype)
     allowed = tol * ref
@@ -168,3 +167,20 @@ def dot_scale(norms_a, norms_b):
 def sum_scale(norms, axis=-1):
     """Scale of ‖Σᵢ gᵢ‖²: (Σᵢ ‖gᵢ‖)², the square of the terms' total size, whatever their signs."""
     return np.asarray(norms, dtype=np.float64).sum(axis) ** 2
+
+
+def assert_sketch_sum(per_example, projected, *, n: float, err_msg: str = "") -> None:
+    """Σᵢ sᵢ (per-example sketches ``[m, k]``) against the sketch of the batch gradient ``[k]``.
+
+    Each coordinate sums ± projected entries of every gᵢ: its terms are as large as ‖sᵢ‖ (Johnson–Lindenstrauss:
+    ‖sᵢ‖ ≈ ‖gᵢ‖), so the scale is Σᵢ ‖sᵢ‖ whatever the sum cancels to. ``n``: the chain behind each gᵢ plus the
+    entries the projection sums (the layer's parameters).
+    """
+    per_example = np.asarray(per_example, dtype=np.float64)
+    assert_close(per_example.sum(0), projected, n=n, scale=np.linalg.norm(per_example, axis=-1).sum(),
+                 err_msg=err_msg or "sketch sum")
+
+
+def model_size(model) -> int:
+    """Number of parameter entries: the longest sum a sketch projection of one layer can make."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,4 +1,6 @@
-"""Models by name, sized to the input: ``mlp``, ``cnn`` and torchvision ``resnet18`` / ``efficientnet_b0``.
+"""Models by name, sized to the input: ``mlp``, ``cnn``, torchvision ``resnet18``/``efficientnet_b0``, ``resnet18_gn``.
+
+``resnet18_gn`` is ResNet-18 with every BatchNorm replaced by GroupNorm (32 groups): a twin without batch statistics.
 
 All weights are random (``weights=None``): nothing is downloaded. The torchvision models are built for
 ``num_classes`` and ``in_channels``; for small inputs (side < 64 px, e.g. 8×8 digits or 32×32 CIFAR) their
@@ -17,7 +19,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MODELS", "build_model"]
 
-MODELS = ("mlp", "cnn", "resnet18", "efficientnet_b0")
+MODELS = ("mlp", "cnn", "resnet18", "resnet18_gn", "efficientnet_b0")
+
+GN_GROUPS = 32
+"""Groups of the GroupNorm layers of ``resnet18_gn`` (every ResNet-18 width is a multiple of 32)."""
 
 SMALL_INPUT = 64
 """Inputs with a side below this many pixels get the stride-1 stem in the torchvision models."""
@@ -47,8 +52,8 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, 
     if name == "cnn":
         return cnn(channels, num_classes, max(8, width // 8))
     small = min(height, width_px) < SMALL_INPUT
-    if name == "resnet18":
-        return resnet18(channels, num_classes, small)
+    if name in ("resnet18", "resnet18_gn"):
+        return resnet18(channels, num_classes, small, group_norm=name == "resnet18_gn")
     if name == "efficientnet_b0":
         return efficientnet_b0(channels, num_classes, small)
     raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODELS)}")
@@ -82,11 +87,16 @@ def cnn(in_channels: int, num_classes: int, base: int = 32) -> nn.Sequential:
     )
 
 
-def resnet18(in_channels: int, num_classes: int, small: bool) -> nn.Module:
-    """Torchvision ResNet-18 (random weights); stride-1 3×3 stem and no max-pool for small inputs."""
+def resnet18(in_channels: int, num_classes: int, small: bool, group_norm: bool = False) -> nn.Module:
+    """Torchvision ResNet-18 (random weights); stride-1 3×3 stem and no max-pool for small inputs.
+
+    With ``group_norm`` every BatchNorm is a ``GroupNorm(32, C)`` (torchvision initialises both to weight 1, bias 0):
+    the same network without batch statistics, whose per-example gradients are defined in train mode.
+    """
     from torchvision.models import resnet18 as tv_resnet18
 
-    model = tv_resnet18(weights=None, num_classes=num_classes)
+    norm = (lambda c: nn.GroupNorm(GN_GROUPS, c)) if group_norm else None
+    model = tv_resnet18(weights=None, num_classes=num_classes, norm_layer=norm)
     if small:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()

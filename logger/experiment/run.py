@@ -1,10 +1,11 @@
 """``run_experiment``: a small supervised training run with label noise, logged by :class:`GradientLogger`.
 
 The run logs two streams into one store: ``batch`` (every ``log_every`` steps, the training mini-batch) and
-``probe`` (a fixed seeded sample of ``probe_size`` training examples with their training labels, measured in eval
-mode without disturbing training, every ``probe_every`` steps, at each of the first ``probe_early`` steps and at the
-last step). Examples are grouped ``("clean", "corrupted")`` from the label-noise mask; per-example losses and true
-labels are stored too.
+``probe`` (a fixed seeded sample of ``probe_size`` training examples with their training labels, measured without
+disturbing training every ``probe_every`` steps, at each of the first ``probe_early`` steps and at the last step;
+BatchNorm layers as ``probe_mode`` says, by default normalised with the sample's statistics held constant).
+Examples are grouped ``("clean", "corrupted")`` from the label-noise mask; per-example losses and true labels are
+stored too.
 
 Interrupting with Ctrl-C closes the logger (every logged step is flushed and committed) and re-raises
 ``KeyboardInterrupt`` after logging where the store is.
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import schema
+from ..config import PROBE_MODES
 from ..hook import GradientLogger
 from .datasets import DATASETS, ImageData, load_dataset
 from .models import MODELS, build_model
@@ -60,6 +62,7 @@ class ExperimentConfig:
     probe_every: int = 50
     probe_early: int = 0  # also probe every one of the first probe_early steps (resolves the initial transient)
     probe_batch_size: int = 256  # micro-batch of the probe pass (bounds memory only)
+    probe_mode: str = "constant"  # how BatchNorm layers with batch statistics are probed (gradcoh.logger.probe)
     log_every: int = 10  # batch stream cadence; 0 disables the batch stream
     sketch_dim: int = 0
     seed: int = 0
@@ -80,7 +83,8 @@ class ExperimentConfig:
             raise ValueError("nothing to log: probe_size and log_every are both 0")
 
     def _check_choices(self) -> None:
-        for name, allowed in (("dataset", tuple(DATASETS)), ("model", tuple(MODELS)), ("optimizer", ("sgd", "adam"))):
+        for name, allowed in (("dataset", tuple(DATASETS)), ("model", tuple(MODELS)), ("optimizer", ("sgd", "adam")),
+                              ("probe_mode", PROBE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")
         if (self.steps is None) == (self.epochs is None):
@@ -223,7 +227,7 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
                           seed=cfg.seed, loss_reduction="mean", groups=GROUPS,
                           mode="overwrite" if cfg.overwrite else "create", extra={"experiment": cfg.to_dict()},
                           alignment=cfg.alignment, reference=_reference(cfg, seeds[1], device),
-                          reference_every=cfg.reference_every)
+                          reference_every=cfg.reference_every, probe_mode=cfg.probe_mode)
     with glog:
         try:
             _train(cfg, model, opt, glog, data, labels, corrupted, probe, total, seeds[2], device, on_probe)
@@ -275,7 +279,7 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
         opt.step()
         opt.zero_grad(set_to_none=True)
         if probe is not None and _probe_due(cfg, step, total):
-            glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size, mode="eval",
+            glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size,
                        index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true)
             coh, m = glog.last_coherence(schema.STREAM_PROBE), len(probe.index)
             fit, fit_bad = probe.fit(model)

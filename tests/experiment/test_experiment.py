@@ -147,6 +147,21 @@ def test_train_command_writes_store(tmp_path):
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
 
 
+def test_train_probe_mode_reaches_the_logger_and_the_notes(tmp_path):
+    """--probe-mode is stored with the run and in the logger's configuration; a bad value is refused."""
+    out = tmp_path / "p.zarr"
+    args = ["train", "--dataset", "synthetic", "--model", "mlp", "--width", "16", "--steps", "2", "--batch-size", "8",
+            "--probe-size", "8", "--log-every", "0", "--threads", "1", "--probe-mode", "eval", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = open_root(out).attrs["gradcoh_config"]
+    assert config["probe_mode"] == "eval" and config["extra"]["experiment"]["probe_mode"] == "eval"
+    bad = runner.invoke(app, [*args[:-4], "--probe-mode", "running", "--out", str(tmp_path / "q.zarr")])
+    assert bad.exit_code == 2 and "running" in bad.stderr
+    with pytest.raises(ValueError, match="probe_mode"):
+        small_config(tmp_path / "r.zarr", probe_mode="precise")
+
+
 def test_train_rejects_bad_options(tmp_path):
     result = runner.invoke(app, ["train", "--out", str(tmp_path / "x.zarr"), "--steps", "5", "--epochs", "1"])
     assert result.exit_code == 2 and "not both" in result.stderr

@@ -61,7 +61,8 @@ def _inputs(kind):
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize(("inputs", "mask", "options"), MODES)
 def test_port_equals_native_function(inputs, mask, options, need_weights):
-    """Same outputs, and the same random numbers drawn: a dropout after the call draws the same mask too."""
+    """Same outputs and parameter gradients to the last bit (logging does not change training), the same random numbers
+    drawn, and a dropout after the call draws the same mask too (the output has the native memory layout)."""
     torch.manual_seed(2)
     mha = nn.MultiheadAttention(E, H, dropout=0.4, **options)
     q, k, v = _inputs(inputs)
@@ -72,17 +73,19 @@ def test_port_equals_native_function(inputs, mask, options, need_weights):
         F.multi_head_attention_forward = fn  # nn.MultiheadAttention.forward calls it through the module
         try:
             torch.manual_seed(3)
+            mha.zero_grad()
             out, weights = mha(q, k, v, **kwargs)
-            results.append((out, weights, F.dropout(out, 0.5), torch.rand(3)))
+            after = F.dropout(out, 0.5)
+            (after * torch.linspace(-1, 1, after.numel()).view_as(after)).sum().backward()
+            grads = [p.grad.clone() for p in mha.parameters()]
+            results.append((out, weights, after, torch.rand(3), grads))
         finally:
             F.multi_head_attention_forward = original
-    (out, w, after, state), (out2, w2, after2, state2) = results
-    torch.testing.assert_close(out2, out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(after2, after, rtol=1e-5, atol=1e-6)
-    assert torch.equal(state, state2)
+    (out, w, after, state, grads), (out2, w2, after2, state2, grads2) = results
+    assert torch.equal(out2, out) and torch.equal(after2, after) and torch.equal(state, state2)  # to the last bit
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
     assert (w is None) == (w2 is None)
-    if w is not None:
-        torch.testing.assert_close(w2, w, rtol=1e-5, atol=1e-6)
+    assert w is None or torch.equal(w2, w)
 
 
 class Model(nn.Module):

@@ -56,7 +56,7 @@ def test_probe_statistics_match_oracle_in_eval_mode(tmp_path):
     px, py = torch.randn(10, 1, 8, 8, generator=gen), torch.randint(0, 3, (10,), generator=gen)
     groups = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1, 1, 1])
     with GradientLogger(model, tmp_path / "s.zarr", groups=("a", "b")) as glog:
-        assert glog.probe(0, px, py, ce, batch_size=3, group=groups)
+        assert glog.probe(0, px, py, ce, batch_size=3, group=groups, mode="eval")
     assert model.training  # restored
     ds = open_logged(tmp_path / "s.zarr", "probe")
     model.eval()

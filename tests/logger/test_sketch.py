@@ -15,6 +15,7 @@ from gradcoh.logger.grads import Dense, Factored, MatrixView
 from gradcoh.logger.layers import default_rules, functional_rule
 from gradcoh.logger.sketch import KINDS, TENSORSKETCH_BLOCKS, Projection, sketch_hashes
 from oracle import layer_matrix, layer_params, open_logged, per_example_grads_vmap
+from tolerance import PRODUCT, assert_close, assert_sketch_sum, chain_length, dot_scale, model_size
 from torch import nn
 
 
@@ -55,10 +56,9 @@ def test_linearity_sum_of_sketches_is_projected_batch_gradient(make, tmp_path):
     model = make()
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
     ds, projected = log_sketches(model, x, y, tmp_path / "s.zarr", k=128, reduction="sum")
+    n = chain_length(model, positions=16 * 16) + model_size(model)
     for i, name in enumerate(ds.layer.values):
-        total = ds.sketch.values[0, :, i].sum(0)
-        scale = np.abs(projected[str(name)]).max()
-        np.testing.assert_allclose(total, projected[str(name)], rtol=1e-4, atol=1e-5 * scale)
+        assert_sketch_sum(ds.sketch.values[0, :, i], projected[str(name)], n=n, err_msg=str(name))
 
 
 def sketch_cnn():  # the issue's CNN: 3 conv + 2 linear on 32×32×3
@@ -131,7 +131,8 @@ def test_small_parameter_countsketch_is_exact():
     p = Projection.create(0, "w", (6, 7), 64, "countsketch")
     s = p.dense(m)
     flat = m.reshape(5, -1)
-    np.testing.assert_allclose(s @ s.T, flat @ flat.T, rtol=1e-12)
+    norms = np.linalg.norm(flat, axis=1)  # float64 inner products of 42 entries, against ‖a‖‖b‖
+    assert_close(s @ s.T, flat @ flat.T, n=flat.shape[1], kappa=PRODUCT, dtype="float64", scale=dot_scale(norms, norms))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,13 +140,11 @@ def test_factored_and_dense_paths_agree(kind):
     torch.manual_seed(3)
     p = Projection.create(0, "x", (7, 9), 32, kind)
     u, v = torch.randn(4, 5, 7), torch.randn(4, 5, 9)
-    fact = Factored(u, v)
-    np.testing.assert_allclose(fact.sketch(p), fact.materialise().sketch(p), rtol=1e-4, atol=1e-5)
-    biased = Factored(u, v[..., :8], bias=True)
-    np.testing.assert_allclose(biased.sketch(p), biased.materialise().sketch(p), rtol=1e-4, atol=1e-5)
-    idx = torch.randint(0, 7, (4, 5))
-    emb = Factored(None, v, rows_index=idx, n_rows=7)
-    np.testing.assert_allclose(emb.sketch(p), emb.materialise().sketch(p), rtol=1e-4, atol=1e-5)
+    n = 2 * (5 + 7 * 9)  # two float32 routes: 5 positions, then a projection of 7·9 entries, each
+    for form in (Factored(u, v), Factored(u, v[..., :8], bias=True),
+                 Factored(None, v, rows_index=torch.randint(0, 7, (4, 5)), n_rows=7)):
+        want = np.asarray(form.materialise().sketch(p), dtype=np.float64)
+        assert_close(form.sketch(p), want, n=n, scale=np.linalg.norm(want, axis=-1, keepdims=True), err_msg=kind)
 
 
 @pytest.mark.parametrize("layer,x", [
@@ -165,8 +164,10 @@ def test_rule_path_equals_fallback_path(layer, x, kind):
     a = rule(layer, (x.detach(),), {}, (go,))
     b = functional_rule(layer, (x.detach(),), {}, (go,))
     assert isinstance(b, Dense)
-    np.testing.assert_allclose(a.sketch(p), b.sketch(p), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(a.sq_norms(), b.sq_norms(), rtol=1e-4)
+    n = 2 * (x[0].numel() + view.rows * view.cols)  # two float32 routes over the positions and the projection
+    want = np.asarray(b.sketch(p), dtype=np.float64)
+    assert_close(a.sketch(p), want, n=n, scale=np.linalg.norm(want, axis=-1, keepdims=True), err_msg="sketch")
+    assert_close(a.sq_norms(), b.sq_norms(), n=n, kappa=PRODUCT, err_msg="sq_norms")
 
 
 # sketch_hashes(7, "features.0", (12, 28), 256, "tensorsketch") and (..., 512, "countsketch"), sketch version 3
@@ -247,8 +248,10 @@ def test_sketch_of_per_example_gradient_equals_numpy_projection(make, shape, tmp
         for name in names:
             g = grads[name].double().reshape(4, -1).numpy()  # stored per example: the mean is divided back
             expected = expected + g @ numpy_projection(0, name, tuple(grads[name].shape[1:]), k, kinds[name]).T
-        scale = np.abs(expected).max()
-        np.testing.assert_allclose(ds.sketch.values[0, :, i], expected, rtol=1e-3, atol=1e-4 * scale)
+        # the float32 chain of the model, then the projection of the layer's entries; each example's coordinates
+        # against the size of its sketch
+        assert_close(ds.sketch.values[0, :, i], expected, n=chain_length(model, x[0].numel()) + model_size(model),
+                     scale=np.linalg.norm(expected, axis=-1, keepdims=True), err_msg=str(names))
         assert layer_matrix(grads, names).shape[1] == int(ds.layer_size.values[i])
 
 
@@ -269,11 +272,12 @@ def _routes_on(device, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_routes_equal_cpu(kind):
     """Every route of every projection gives on CUDA what it gives on the CPU (hashes made on the CPU, float32:
-    sums of at most 5·30 products per bucket, so 1e-5 relative to the largest)."""
+    two devices' sums of at most 5·(10 + 20) products per bucket, against each example's sketch norm)."""
     cpu, gpu = _routes_on("cpu", kind), _routes_on("cuda", kind)
     for route, value in cpu.items():
-        scale = float(value.abs().max())
-        np.testing.assert_allclose(value, gpu[route].cpu(), rtol=1e-5, atol=1e-5 * scale, err_msg=route)
+        want = value.double().numpy()
+        assert_close(gpu[route].cpu(), want, n=2 * 5 * 30, scale=np.linalg.norm(want, axis=-1, keepdims=True),
+                     err_msg=route)
 
 
 # --- every route of every projection class --------------------------------------------------------------------
@@ -325,8 +329,10 @@ def test_routes_of_one_projection_agree_on_bias_and_offsets(kind):
     p = Projection.create(1, "lin", (6, 8), 32, kind)
     whole = torch.cat([torch.bmm(u.transpose(1, 2), v), u.sum(1).unsqueeze(2)], dim=2)
     blocks = p.dense(whole[..., :7]) + p.dense(whole[..., 7:], col_offset=7)
-    np.testing.assert_allclose(p.dense(whole), blocks, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(p.factored(u, v, bias=True), p.dense(whole), rtol=1e-9, atol=1e-9)
+    want = p.dense(whole).numpy()
+    size = np.linalg.norm(want, axis=-1, keepdims=True)  # float64 routes over 5 positions and 6·8 entries, each
+    assert_close(blocks, want, n=2 * 6 * 8, dtype="float64", scale=size, err_msg="column blocks")
+    assert_close(p.factored(u, v, bias=True), want, n=2 * (5 + 6 * 8), dtype="float64", scale=size, err_msg="factored")
 
 
 def test_choice_from_a_cost_model_of_the_shapes():
