@@ -59,6 +59,7 @@ class Node:
     spec: Any
     parents: dict[int, Any]
     output: int
+    rng: tuple | None = None  # a random op's (dropout's) generator state before it ran: replays draw the same mask
 
     def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
         """Re-run the op with the parents' leaves replaced by ``values``."""
@@ -67,8 +68,33 @@ class Node:
         for i, v in values.items():
             leaves[i] = v.clone() if inplace else v  # an in-place op (ReLU(inplace=True)) must not write into its input
         a, k = pytree.tree_unflatten(leaves, self.spec)
-        res = self.func(*a, **k)
+        if self.rng is None:
+            res = self.func(*a, **k)
+        else:
+            device, state = self.rng
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+                _set_rng_state(device, state)
+                res = self.func(*a, **k)
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
+
+
+_RANDOM = frozenset({"dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
+                     "dropout3d", "rrelu", "native_dropout"})
+
+
+def _rng_state(func: Callable, args: tuple) -> tuple | None:
+    """``(device, generator state)`` before a random op runs on ``args[0]``'s device, else None."""
+    if op_name(func) not in _RANDOM or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    device = args[0].device
+    return device, torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
 
 
 def _inplace(func: Callable, kwargs: dict) -> bool:
@@ -244,6 +270,7 @@ class UseTracker(TorchFunctionMode):
         self.derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # derived tensor -> Node
         self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
+        self._rng: tuple | None = None  # generator state before the op being observed, if it is random
         self._paused = 0  # > 0 while gradcoh itself runs ops (observing one, a rule, fused mode's own linear)
 
     # --- what the module hooks tell us -------------------------------------------------------------------
@@ -322,6 +349,7 @@ class UseTracker(TorchFunctionMode):
         if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
             out = self._fused(func, args, kwargs)
         else:
+            self._rng = _rng_state(func, args) if not self._paused and self.n is not None else None
             out = func(*args, **kwargs)
         if self._paused or self.n is None:
             return out
@@ -403,7 +431,7 @@ class UseTracker(TorchFunctionMode):
         parents = {i: self.origin(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
         for i, o in enumerate(outs):
             if o.requires_grad:
-                self.derived[o] = Node(func, flat, spec, parents, i)
+                self.derived[o] = Node(func, flat, spec, parents, i, self._rng)
         if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
             self._write_through(outs[0])
 

@@ -614,3 +614,17 @@ def test_python_sum_of_per_example_losses_is_a_loss(tmp_path):
     outcome, _ = run(model, lambda m, x, y: sq(m.b(torch.tanh(m.a(x))), y), (torch.randn(6, 5), torch.randn(6, 3)),
                      tmp_path, reduce=lambda losses: sum(losses) / 6, give_losses=False)
     assert outcome.kind == "exact", outcome
+
+
+def test_dropout_on_a_parameter_outside_its_module_is_exact(tmp_path):
+    """A derived tensor through train-mode dropout (a position table) replays its own mask per example."""
+    torch.manual_seed(13)
+    model = Seq(4)
+
+    def forward(m, x, y):
+        torch.manual_seed(5)  # the same masks in the logged run and the oracle's
+        h = m.a(x) + F.dropout(m.p, 0.5, training=True)
+        return sq(m.b(torch.tanh(h)).sum(1), y)
+
+    outcome, _ = run(model, forward, (torch.randn(5, 4, 3), torch.randn(5, 2)), tmp_path)
+    assert outcome.kind == "exact", outcome
