@@ -20,6 +20,7 @@ convolution (``n·T·rows·cols`` multiply-adds); factored convolutions keep aut
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .arguments import bind
 from .layers import conv_rule, linear_rule
 from .plan import LayerPlan
 
@@ -120,23 +122,21 @@ CONV_FUNCTIONS = frozenset(_CONV.values())
 """The functional convolutions fused mode intercepts."""
 
 
-def conv_arguments(args: tuple, kwargs: dict) -> tuple | None:
+def conv_arguments(func: Callable, args: tuple, kwargs: dict) -> tuple | None:
     """``(x, weight, bias, stride, padding, dilation, groups)`` of an ``F.conv*d`` call, hyper-parameters as lists.
 
     None when it cannot be fused (string padding).
     """
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = (None, None, None, 1, 0, 1, 1)
-    values = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args) :], defaults[len(args) :], strict=True)]
-    x, weight, bias, stride, padding, dilation, groups = values
-    if isinstance(padding, str):
+    bound = bind(func.__name__, func, args, kwargs)
+    if bound is None or isinstance(bound["padding"], str):
         return None
-    nd = weight.dim() - 2
+    nd = bound["weight"].dim() - 2
 
     def ints(v: Any) -> list[int]:
         return [int(v)] * nd if isinstance(v, int) else [int(i) for i in v]
 
-    return x, weight, bias, ints(stride), ints(padding), ints(dilation), int(groups)
+    return (bound["input"], bound["weight"], bound["bias"], ints(bound["stride"]), ints(bound["padding"]),
+            ints(bound["dilation"]), int(bound["groups"]))
 
 
 _FUSABLE = {nn.Linear: linear_rule, nn.Conv1d: conv_rule, nn.Conv2d: conv_rule, nn.Conv3d: conv_rule}

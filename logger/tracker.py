@@ -148,7 +148,7 @@ class LayerTracker:
             if not group:
                 continue
             if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
-                self.results.low_precision = True
+                self.results.saw_half_precision()
             grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
             self.results.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
@@ -193,7 +193,7 @@ class LayerTracker:
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); exclude the layer "
                         "with layers=..., or register a rule for the module that calls the op (LayerRules.register)"
                     ) from err
-            self.results.low_precision |= _is_half(use.grads)
+            self.results.saw_half_precision(_is_half(use.grads))
             self.results.terms += use.grads.numel()
             out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]
         return out

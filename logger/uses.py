@@ -385,7 +385,7 @@ class UseTracker(TorchFunctionMode):
 
     def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
-        conv = conv_arguments(args, kwargs) if func in CONV_FUNCTIONS else None
+        conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
         if func is not F.linear and conv is None:
             return func(*args, **kwargs)
         slot = Slot(materialise=conv is None)

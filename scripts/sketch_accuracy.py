@@ -14,6 +14,13 @@ materialised (``dense``), as factors (``factored``) or as embedding rows (``inde
 units of √(2/k), per example and for the batch sum, and the mean of ‖s‖²/‖g‖² − 1 (unbiasedness).
 
     python scripts/sketch_accuracy.py --routes --ks 256,1024 --seeds 40
+
+``--zoo-costs`` logs one step of each zoo model (``bench_overhead.py`` sizes) and counts, from the cost model of
+:mod:`gradcoh.logger.sketch`, what its sketches cost per step with the projection each parameter got, against a
+CountSketch of every materialised per-example gradient (the route of sketch version 3 for every parameter with
+several positions): scattered adds, FFT units ``k·log2 k`` and modelled milliseconds.
+
+    python scripts/sketch_accuracy.py --zoo-costs llama,timm-resnet --ks 256,1024
 """
 
 import argparse
@@ -38,6 +45,7 @@ p.add_argument("--batch", type=int, default=64)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--out", default=None)
 p.add_argument("--routes", action="store_true", help="sd per projection class and route (no model)")
+p.add_argument("--zoo-costs", default="", help="comma list of zoo models: modelled sketch cost per step")
 args = p.parse_args()
 torch.manual_seed(0)
 
@@ -74,6 +82,52 @@ def route_table(ks: list[int], seeds: int, n: int = 32, view: tuple[int, int] = 
                                     f"{np.std(batch) / unit:.2f} | {per_a.mean():+.4f} |")
     return rows_out
 
+
+def zoo_costs(models: list[str], ks: list[int]) -> list[str]:
+    """Markdown rows: model, k, per step: projections chosen, modelled ms now and with CountSketch everywhere."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_overhead import default_batch, make_zoo_case
+    from gradcoh.logger import sketch as sk
+    from gradcoh.logger.costs import SKETCH_COSTS
+
+    out = ["| model | k | tensorsketch / countsketch parameters | modelled sketch ms/step | of which materialising "
+           "factors | with CountSketch only |", "|---|---:|---:|---:|---:|---:|"]
+    for name in models:
+        for k in ks:
+            case = make_zoo_case(name, default_batch(name), 0, "cpu")
+            model, n = case["models"]["default"], default_batch(name)
+            seen: dict[str, tuple] = {}
+            get = sk.ProjectionTable.get
+
+            def spy(self, pname, view, forms, device, get=get, seen=seen):
+                proj = get(self, pname, view, forms, device)
+                seen[pname] = (view, forms, proj.kind)
+                return proj
+
+            sk.ProjectionTable.get = spy
+            try:
+                store = Path(tempfile.mkdtemp()) / f"{name}-{k}.zarr"
+                with GradientLogger(model, store, sketch_dim=k) as g:
+                    with g.record(0):
+                        case["loss"](model, case["batch"]).mean().backward()
+            finally:
+                sk.ProjectionTable.get = get
+            now = sum(sk.PROJECTIONS[kind].cost(view, k, f) for view, forms, kind in seen.values() for f in forms)
+            count = sum(sk.CountSketch.cost(view, k, f) for view, forms, _ in seen.values() for f in forms)
+            mat = sum(SKETCH_COSTS.gemm * f[1] * view[0] * view[1] for view, forms, kind in seen.values()
+                      for f in forms if kind == "countsketch" and f[0] == "factored")
+            kinds = [kind for _, _, kind in seen.values()]
+            out.append(f"| {name} | {k} | {kinds.count('tensorsketch')} / {kinds.count('countsketch')} | "
+                       f"{now * n / 1e6:.1f} | {mat * n / 1e6:.1f} | {count * n / 1e6:.1f} |")
+            print(out[-1], flush=True)
+    return out
+
+
+if args.zoo_costs:
+    print("\n".join(zoo_costs(args.zoo_costs.split(","), [int(k) for k in args.ks.split(",")])))
+    raise SystemExit
 
 if args.routes:
     print(f"# every route, view {(48, 96)}, 32 examples, {args.seeds} seeds")
