@@ -29,6 +29,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .arguments import bind
+from .grads import Dense, Factored, LayerGrad, fits
 from .layers import conv_rule, linear_rule
 from .plan import LayerPlan
 
@@ -153,3 +154,20 @@ def fusable_weights(plans: list[LayerPlan]) -> frozenset[int]:
         if _FUSABLE.get(type(module)) is source.rule and module.weight.requires_grad:
             out.add(id(module.weight))
     return frozenset(out)
+
+
+def fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
+    """Fused mode: leave the sum of a call's per-example weight gradients for its backward.
+
+    Materialised gradients fill it as they are; factored ones are materialised first when the slot allows it
+    (Linear) and the block :func:`~gradcoh.logger.grads.fits`, otherwise left to autograd's own kernel (slot empty).
+    """
+    if isinstance(grad, Dense):
+        slot.weight_grad = grad.blocks[0].sum(0)
+        return grad
+    if not slot.materialise or not isinstance(grad, Factored) or grad.u is None or not fits(
+            grad.n, grad.n_rows, grad.n_cols, grad.v.element_size()):
+        return grad
+    dense = grad.materialise()
+    slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient
+    return dense

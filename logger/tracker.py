@@ -24,7 +24,7 @@ from torch import nn
 from .arguments import map_tensors, tensors
 from .batchgrad import BatchGradient
 from .capture import Call, LayerCapture
-from .fused import Slot
+from .fused import fill_slot
 from .grads import (
     Dense,
     Factored,
@@ -34,7 +34,6 @@ from .grads import (
     bilinear,
     choose_route,
     combine,
-    fits,
     fold,
     form_of,
     inner,
@@ -152,7 +151,7 @@ class LayerTracker:
             grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
             self.results.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
-                grad = _fill_slot(grad, group[0].slot)
+                grad = fill_slot(grad, group[0].slot)
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
                     if form is not None]
         return out
@@ -269,23 +268,6 @@ class LayerTracker:
             s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
             out = s if out is None else out + s
         return out
-
-
-def _fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
-    """Fused mode: leave the sum of a call's per-example weight gradients for its backward.
-
-    Materialised gradients fill it as they are; factored ones are materialised first when the slot allows it
-    (Linear) and the block :func:`~gradcoh.logger.grads.fits`, otherwise left to autograd's own kernel (slot empty).
-    """
-    if isinstance(grad, Dense):
-        slot.weight_grad = grad.blocks[0].sum(0)
-        return grad
-    if not slot.materialise or not isinstance(grad, Factored) or grad.u is None or not fits(
-            grad.n, grad.n_rows, grad.n_cols, grad.v.element_size()):
-        return grad
-    dense = grad.materialise()
-    slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient
-    return dense
 
 
 def _is_half(x: Any) -> bool:

@@ -278,7 +278,7 @@ def pull_back(src: Origin, cot: torch.Tensor, n: int, memo: dict) -> list:
         _, vjp = torch.func.vjp(lambda *v: src.call(dict(zip(positions, v, strict=True))), *primals)
         return vjp(c)
 
-    cots = torch.func.vmap(one, randomness="same")(cot)  # a random op replays its own draw (Node.rng)
+    cots = torch.func.vmap(one)(cot)
     out = []
     for i, c in zip(positions, cots, strict=True):
         out += pull_back(src.parents[i], c, n, memo)

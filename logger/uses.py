@@ -59,7 +59,6 @@ class Node:
     spec: Any
     parents: dict[int, Any]
     output: int
-    rng: tuple | None = None  # a random op's (dropout's) generator state before it ran: replays draw the same mask
 
     def call(self, values: dict[int, torch.Tensor]) -> torch.Tensor:
         """Re-run the op with the parents' leaves replaced by ``values``."""
@@ -68,33 +67,11 @@ class Node:
         for i, v in values.items():
             leaves[i] = v.clone() if inplace else v  # an in-place op (ReLU(inplace=True)) must not write into its input
         a, k = pytree.tree_unflatten(leaves, self.spec)
-        if self.rng is None:
-            res = self.func(*a, **k)
-        else:
-            device, state = self.rng
-            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-                _set_rng_state(device, state)
-                res = self.func(*a, **k)
+        res = self.func(*a, **k)
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
 
 
-_RANDOM = frozenset({"dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
-                     "dropout3d", "rrelu", "native_dropout"})
-
-
-def _rng_state(func: Callable, args: tuple) -> tuple | None:
-    """``(device, generator state)`` before a random op runs on ``args[0]``'s device, else None."""
-    if op_name(func) not in _RANDOM or not args or not isinstance(args[0], torch.Tensor):
-        return None
-    device = args[0].device
-    return device, torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
-
-
-def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cpu":
-        torch.set_rng_state(state)
-    else:
-        torch.cuda.set_rng_state(state, device)
+_DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
 
 
 def _inplace(func: Callable, kwargs: dict) -> bool:
@@ -270,7 +247,6 @@ class UseTracker(TorchFunctionMode):
         self.derived: WeakIdKeyDictionary = WeakIdKeyDictionary()  # derived tensor -> Node
         self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
-        self._rng: tuple | None = None  # generator state before the op being observed, if it is random
         self._paused = 0  # > 0 while gradcoh itself runs ops (observing one, a rule, fused mode's own linear)
 
     # --- what the module hooks tell us -------------------------------------------------------------------
@@ -346,11 +322,7 @@ class UseTracker(TorchFunctionMode):
         if func is F.multi_head_attention_forward and not self._paused and self.n is not None:
             with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
                 return multi_head_attention_forward(*args, **kwargs)
-        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
-            out = self._fused(func, args, kwargs)
-        else:
-            self._rng = _rng_state(func, args) if not self._paused and self.n is not None else None
-            out = func(*args, **kwargs)
+        out, rng = self._run(func, args, kwargs)
         if self._paused or self.n is None:
             return out
         data, diff = [], []
@@ -365,7 +337,47 @@ class UseTracker(TorchFunctionMode):
             return out
         with self.paused():
             self._observe_or_lose(func, args, kwargs, out, data, diff)
+            if rng is not None:
+                self._freeze_dropout(args, kwargs, out, rng)
         return out
+
+    def _run(self, func: Callable, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor | None]:
+        """Call the op (through its fused Function for fused weights): ``(output, random state or None)``.
+
+        The random state is the one a dropout of a parameter-derived tensor started from (:meth:`_freeze_dropout`).
+        """
+        rng = None
+        if not self._paused and op_name(func) in _DROPOUTS and args and self.is_derived(args[0]):
+            rng = torch.cuda.get_rng_state(args[0].device) if args[0].is_cuda else torch.get_rng_state()
+        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
+            return self._fused(func, args, kwargs), rng
+        return func(*args, **kwargs), rng
+
+    def _freeze_dropout(self, args: tuple, kwargs: dict, out: Any, rng: torch.Tensor) -> None:
+        """A dropout of a parameter-derived tensor (DeBERTa's relative embeddings) becomes ``x · noise``.
+
+        With the forward's own noise, pulling gradients back through it uses the batch forward's mask. The noise is
+        regenerated from the random state the op started from, as the CPU kernel draws it (``bernoulli_(1 - p) /
+        (1 - p)``), and kept only if ``x · noise`` is the op's output to the last bit; else, where ``x`` has no zeros,
+        it is read off the output. Otherwise the derivation stays random and pulling back through it is refused by
+        ``torch.func``.
+        """
+        x = args[0]
+        p = float(args[1] if len(args) > 1 else kwargs.get("p", 0.5))
+        if not isinstance(out, torch.Tensor) or out not in self.derived or not 0 < p < 1 or out is x:
+            return
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            if x.is_cuda:
+                torch.cuda.set_rng_state(rng, x.device)
+            else:
+                torch.set_rng_state(rng)
+            noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        if not torch.equal(x * noise, out):
+            noise = (out != 0).to(out.dtype) / (1 - p)
+            if bool((x == 0).any()) or not torch.equal(x * noise, out):
+                return
+        flat, spec = pytree.tree_flatten(((x, noise.detach()), {}))
+        self.derived[out] = Node(torch.mul, flat, spec, {0: self.origin(x)}, 0)
 
     def _observe_or_lose(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
         """:meth:`_observe`, failing closed.
@@ -431,7 +443,7 @@ class UseTracker(TorchFunctionMode):
         parents = {i: self.origin(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
         for i, o in enumerate(outs):
             if o.requires_grad:
-                self.derived[o] = Node(func, flat, spec, parents, i, self._rng)
+                self.derived[o] = Node(func, flat, spec, parents, i)
         if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
             self._write_through(outs[0])
 
