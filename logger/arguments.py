@@ -53,6 +53,7 @@ _BUILTIN = {
     "addmm": "input, mat1, mat2, *, beta=1, alpha=1",
     "matmul": "input, other",
     "__matmul__": "input, other",
+    **{f"conv{d}d": "input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1" for d in (1, 2, 3)},
 }
 
 

@@ -20,6 +20,7 @@ convolution (``n·T·rows·cols`` multiply-adds); factored convolutions keep aut
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .arguments import bind
+from .grads import Dense, Factored, LayerGrad, fits
 from .layers import conv_rule, linear_rule
 from .plan import LayerPlan
 
@@ -120,23 +123,21 @@ CONV_FUNCTIONS = frozenset(_CONV.values())
 """The functional convolutions fused mode intercepts."""
 
 
-def conv_arguments(args: tuple, kwargs: dict) -> tuple | None:
+def conv_arguments(func: Callable, args: tuple, kwargs: dict) -> tuple | None:
     """``(x, weight, bias, stride, padding, dilation, groups)`` of an ``F.conv*d`` call, hyper-parameters as lists.
 
     None when it cannot be fused (string padding).
     """
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    defaults = (None, None, None, 1, 0, 1, 1)
-    values = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args) :], defaults[len(args) :], strict=True)]
-    x, weight, bias, stride, padding, dilation, groups = values
-    if isinstance(padding, str):
+    bound = bind(func.__name__, func, args, kwargs)
+    if bound is None or isinstance(bound["padding"], str):
         return None
-    nd = weight.dim() - 2
+    nd = bound["weight"].dim() - 2
 
     def ints(v: Any) -> list[int]:
         return [int(v)] * nd if isinstance(v, int) else [int(i) for i in v]
 
-    return x, weight, bias, ints(stride), ints(padding), ints(dilation), int(groups)
+    return (bound["input"], bound["weight"], bound["bias"], ints(bound["stride"]), ints(bound["padding"]),
+            ints(bound["dilation"]), int(bound["groups"]))
 
 
 _FUSABLE = {nn.Linear: linear_rule, nn.Conv1d: conv_rule, nn.Conv2d: conv_rule, nn.Conv3d: conv_rule}
@@ -153,3 +154,20 @@ def fusable_weights(plans: list[LayerPlan]) -> frozenset[int]:
         if _FUSABLE.get(type(module)) is source.rule and module.weight.requires_grad:
             out.add(id(module.weight))
     return frozenset(out)
+
+
+def fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
+    """Fused mode: leave the sum of a call's per-example weight gradients for its backward.
+
+    Materialised gradients fill it as they are; factored ones are materialised first when the slot allows it
+    (Linear) and the block :func:`~gradcoh.logger.grads.fits`, otherwise left to autograd's own kernel (slot empty).
+    """
+    if isinstance(grad, Dense):
+        slot.weight_grad = grad.blocks[0].sum(0)
+        return grad
+    if not slot.materialise or not isinstance(grad, Factored) or grad.u is None or not fits(
+            grad.n, grad.n_rows, grad.n_cols, grad.v.element_size()):
+        return grad
+    dense = grad.materialise()
+    slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient
+    return dense

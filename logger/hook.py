@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,13 @@ from torch import nn
 from . import schema
 from .attributes import root_attributes
 from .config import PROBE_MODES, LoggerConfig, int_at_least
-from .distributed import rank_and_world, share
+from .distributed import rank_and_world
 from .grads import natural_view
 from .layers import LayerRules, default_rules
 from .output import RunOutput
 from .plan import plan_layers
-from .probe import ModelState, describe, measure, prepare
+from .probe import describe
+from .probe import run as run_probe
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_summary
 from .reference import ReferenceSet
@@ -172,7 +172,8 @@ class GradientLogger:
             yield Recording(None)
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
-        references = self._prepare_reference(step)
+        references = None if self._reference is None else self._reference.for_step(
+            step, self.model, [t.params for t in self.trackers])
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
@@ -185,23 +186,9 @@ class GradientLogger:
                 tracker.results.drop_forms()
         summary = {} if record is None else record_summary(record, self.config.group_names)
         rec.close(summary)
-        if record is not None and self.summary_writer is not None:
-            prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
-            for key, value in summary.items():
-                if key != "n" and not math.isnan(value):
-                    self.summary_writer.add_scalar(f"{prefix}/{key}", value, step)
         if record is not None:
+            self._output.publish(self.summary_writer, stream, step, summary)
             self._output.put(stream, step, record)
-
-    def _prepare_reference(self, step: int) -> list[list[torch.Tensor]] | None:
-        """(Re)compute the reference gradient if due; each layer's part (None without a reference set)."""
-        reference = self._reference
-        if reference is None:
-            return None
-        params = [p for t in self.trackers for p in t.params]
-        if reference.due(step, params):
-            reference.compute(self.model, params, step)
-        return reference.split([len(t.params) for t in self.trackers])
 
     def last_coherence(self, stream: str = schema.STREAM_BATCH) -> float:
         """Whole-network m-coherence of the last step logged to ``stream``, for progress bars (no store read).
@@ -256,20 +243,10 @@ class GradientLogger:
         if step % every or not self._active:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
-        source = inputs if statistics is None else statistics  # every rank: the statistics of the whole sample
-        if self.world_size > 1:  # each rank measures its contiguous share of the sample, once
-            rows = slice(*share(inputs.shape[0], self.rank, self.world_size))
-            inputs, targets = inputs[rows], targets[rows]
-            meta = {k: None if v is None else v[rows] for k, v in meta.items()}
-        saved = ModelState.save(self.model)
-        try:
-            device = self.trackers[0].params[0].device
-            self._announce(mode)
-            with prepare(self.model, mode, source, batch_size, device), \
-                    self._record(step, schema.STREAM_PROBE, False, **meta) as rec:
-                measure(self.model, rec, inputs, targets, loss_fn, batch_size, device)
-        finally:
-            saved.restore(self.model)
+        self._announce(mode)
+        run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, **m), inputs, targets,
+                  loss_fn, mode=mode, batch_size=batch_size, statistics=statistics, meta=meta, rank=self.rank,
+                  world_size=self.world_size, device=self.trackers[0].params[0].device)
         return True
 
     def _announce(self, mode: str) -> None:

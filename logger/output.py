@@ -84,6 +84,15 @@ class RunOutput:
             self.projections.unsaved = False
         self._call(lambda writer: writer.put(stream, record))
 
+    def publish(self, summary_writer: Any, stream: str, step: int, summary: dict[str, float]) -> None:
+        """Write a logged step's summary scalars to ``summary_writer`` (``add_scalar``; None: nowhere)."""
+        if summary_writer is None:
+            return
+        prefix = "gradcoh" if stream == schema.STREAM_BATCH else f"gradcoh/{stream}"
+        for key, value in summary.items():
+            if key != "n" and not math.isnan(value):
+                summary_writer.add_scalar(f"{prefix}/{key}", value, step)
+
     def last_coherence(self, stream: str) -> float:
         """Whole-network m-coherence of the last step logged to ``stream`` (NaN before the first)."""
         return self.coherence.get(stream, math.nan)

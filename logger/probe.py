@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .distributed import share
 from .layers import uses_batch_stats
 from .recorder import Recording
 
@@ -256,3 +257,24 @@ def measure(model: nn.Module, rec: Recording, inputs: torch.Tensor, targets: tor
         per = loss_fn(model(x), y)
         rec.loss(per)
         torch.autograd.grad(per.sum(), params, allow_unused=True)
+
+
+def run(model: nn.Module, record: Callable[[dict], contextlib.AbstractContextManager[Recording]],
+        inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable, *, mode: str, batch_size: int,
+        statistics: torch.Tensor | None, meta: dict, rank: int, world_size: int, device: torch.device) -> None:
+    """Probe a sample inside ``record(meta)``: this rank's share of it, the model's state restored exactly after.
+
+    With several processes each rank measures its contiguous share of the sample once, while the ``"constant"``
+    mode holds the statistics of the whole sample (or of ``statistics``) on every rank.
+    """
+    source = inputs if statistics is None else statistics
+    if world_size > 1:
+        rows = slice(*share(inputs.shape[0], rank, world_size))
+        inputs, targets = inputs[rows], targets[rows]
+        meta = {k: None if v is None else v[rows] for k, v in meta.items()}
+    saved = ModelState.save(model)
+    try:
+        with prepare(model, mode, source, batch_size, device), record(meta) as rec:
+            measure(model, rec, inputs, targets, loss_fn, batch_size, device)
+    finally:
+        saved.restore(model)

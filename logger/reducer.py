@@ -1,7 +1,9 @@
 """The end of a logged step: per-layer results → one host record (Grams, finite flags, the guard, metadata).
 
 Everything the trackers hold stays on the device until the single device→host copy of the step (the tensors are
-packed into one byte buffer first), so a logged step synchronises once.
+packed into one byte buffer first): the statistics cost one synchronisation per logged step. The forward may add
+others where a layout rule has to read index values (an ``x[arange(B)[:, None], idx]`` index compared with
+``arange`` in :mod:`gradcoh.logger.layout`).
 """
 
 from __future__ import annotations

@@ -121,4 +121,15 @@ class ReferenceSet:
             start += c
         return out
 
+    def for_step(self, step: int, model: nn.Module, layers: list[list[nn.Parameter]]) -> list[list[torch.Tensor]]:
+        """Each layer's part of the reference gradient for logging ``step``, (re)computed first if :meth:`due`.
 
+        Args:
+            step: The step about to be logged.
+            model: The model.
+            layers: Each logged layer's parameters, in order.
+        """
+        params = [p for layer in layers for p in layer]
+        if self.due(step, params):
+            self.compute(model, params, step)
+        return self.split([len(layer) for layer in layers])

@@ -72,6 +72,10 @@ class LayerResults:
         self.group_sums = None
         self.low_precision = False
 
+    def saw_half_precision(self, half: bool = True) -> None:
+        """Half-precision activations or gradients (autocast) went into this step's values: a looser guard."""
+        self.low_precision |= half
+
     def add(self, micro: int, stats: MicroStats, group_block: torch.Tensor | None) -> None:
         """Store a micro-batch's statistics and add its ``[G-1, P]`` group sums."""
         self.stats[micro] = stats

@@ -1,7 +1,8 @@
 """What one ``record`` block accumulates across its forward/backward passes, and the end of each backward pass.
 
-A :class:`StepState` is shared by the step's layer trackers, its use tracker and its :class:`Recording`; they
-change it only through its methods. :func:`end_of_backward` closes a micro-batch once per backward pass.
+A :class:`StepState` is shared by the step's layer trackers, its use tracker and its ``Recording``: the hooks change
+it through its methods (:meth:`StepState.batch_size`, :meth:`StepState.in_backward`), the ``Recording`` appends the
+losses and metadata given per micro-batch, and :func:`end_of_backward` closes a micro-batch once per backward pass.
 """
 
 from __future__ import annotations

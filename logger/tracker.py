@@ -24,7 +24,7 @@ from torch import nn
 from .arguments import map_tensors, tensors
 from .batchgrad import BatchGradient
 from .capture import Call, LayerCapture
-from .fused import Slot
+from .fused import fill_slot
 from .grads import (
     Dense,
     Factored,
@@ -34,7 +34,6 @@ from .grads import (
     bilinear,
     choose_route,
     combine,
-    fits,
     fold,
     form_of,
     inner,
@@ -140,10 +139,10 @@ class LayerTracker:
             if not group:
                 continue
             if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
-                self.results.low_precision = True
+                self.results.saw_half_precision()
             grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
             if len(group) == 1 and group[0].slot is not None:
-                grad = _fill_slot(grad, group[0].slot)
+                grad = fill_slot(grad, group[0].slot)
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
                     if form is not None]
         return out
@@ -184,7 +183,7 @@ class LayerTracker:
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); exclude the layer "
                         "with layers=..., or register a rule for the module that calls the op (LayerRules.register)"
                     ) from err
-            self.results.low_precision |= _is_half(use.grads)
+            self.results.saw_half_precision(_is_half(use.grads))
             out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]
         return out
 
@@ -259,23 +258,6 @@ class LayerTracker:
             s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
             out = s if out is None else out + s
         return out
-
-
-def _fill_slot(grad: LayerGrad, slot: Slot) -> LayerGrad:
-    """Fused mode: leave the sum of a call's per-example weight gradients for its backward.
-
-    Materialised gradients fill it as they are; factored ones are materialised first when the slot allows it
-    (Linear) and the block :func:`~gradcoh.logger.grads.fits`, otherwise left to autograd's own kernel (slot empty).
-    """
-    if isinstance(grad, Dense):
-        slot.weight_grad = grad.blocks[0].sum(0)
-        return grad
-    if not slot.materialise or not isinstance(grad, Factored) or grad.u is None or not fits(
-            grad.n, grad.n_rows, grad.n_cols, grad.v.element_size()):
-        return grad
-    dense = grad.materialise()
-    slot.weight_grad = dense.blocks[0].sum(0)  # [out, in]: Σ_n G_n, the batch weight gradient
-    return dense
 
 
 def _is_half(x: Any) -> bool:

@@ -70,6 +70,9 @@ class Node:
         return res if isinstance(res, torch.Tensor) else [r for r in res if isinstance(r, torch.Tensor)][self.output]
 
 
+_DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"})
+
+
 def _inplace(func: Callable, kwargs: dict) -> bool:
     """Whether an op writes into its first argument (``zero_``, ``__iadd__``, ``F.relu(x, inplace=True)``)."""
     name = op_name(func)
@@ -241,10 +244,7 @@ class UseTracker(TorchFunctionMode):
         if func is F.multi_head_attention_forward and not self._paused and self.n is not None:
             with self:  # the mode is off inside this call: back on, so that every op of the attention is seen
                 return multi_head_attention_forward(*args, **kwargs)
-        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
-            out = self._fused(func, args, kwargs)
-        else:
-            out = func(*args, **kwargs)
+        out, rng = self._run(func, args, kwargs)
         if self._paused or self.n is None:
             return out
         data, diff = [], []
@@ -259,7 +259,47 @@ class UseTracker(TorchFunctionMode):
             return out
         with self.paused():
             self._observe_or_lose(func, args, kwargs, out, data, diff)
+            if rng is not None:
+                self._freeze_dropout(args, kwargs, out, rng)
         return out
+
+    def _run(self, func: Callable, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor | None]:
+        """Call the op (through its fused Function for fused weights): ``(output, random state or None)``.
+
+        The random state is the one a dropout of a parameter-derived tensor started from (:meth:`_freeze_dropout`).
+        """
+        rng = None
+        if not self._paused and op_name(func) in _DROPOUTS and args and self.is_derived(args[0]):
+            rng = torch.cuda.get_rng_state(args[0].device) if args[0].is_cuda else torch.get_rng_state()
+        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
+            return self._fused(func, args, kwargs), rng
+        return func(*args, **kwargs), rng
+
+    def _freeze_dropout(self, args: tuple, kwargs: dict, out: Any, rng: torch.Tensor) -> None:
+        """A dropout of a parameter-derived tensor (DeBERTa's relative embeddings) becomes ``x · noise``.
+
+        With the forward's own noise, pulling gradients back through it uses the batch forward's mask. The noise is
+        regenerated from the random state the op started from, as the CPU kernel draws it (``bernoulli_(1 - p) /
+        (1 - p)``), and kept only if ``x · noise`` is the op's output to the last bit; else, where ``x`` has no zeros,
+        it is read off the output. Otherwise the derivation stays random and pulling back through it is refused by
+        ``torch.func``.
+        """
+        x = args[0]
+        p = float(args[1] if len(args) > 1 else kwargs.get("p", 0.5))
+        if not isinstance(out, torch.Tensor) or out not in self.derived or not 0 < p < 1 or out is x:
+            return
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            if x.is_cuda:
+                torch.cuda.set_rng_state(rng, x.device)
+            else:
+                torch.set_rng_state(rng)
+            noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        if not torch.equal(x * noise, out):
+            noise = (out != 0).to(out.dtype) / (1 - p)
+            if bool((x == 0).any()) or not torch.equal(x * noise, out):
+                return
+        flat, spec = pytree.tree_flatten(((x, noise.detach()), {}))
+        self.derived[out] = Node(torch.mul, flat, spec, {0: self.origin(x)}, 0)
 
     def _observe_or_lose(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
         """:meth:`_observe`, failing closed.
@@ -278,7 +318,7 @@ class UseTracker(TorchFunctionMode):
 
     def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
-        conv = conv_arguments(args, kwargs) if func in CONV_FUNCTIONS else None
+        conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
         if func is not F.linear and conv is None:
             return func(*args, **kwargs)
         slot = Slot(materialise=conv is None)

@@ -49,9 +49,9 @@ class Study:
     docs: str = "docs"
     datasets: tuple[str, ...] = ("digits", "synthetic")
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 16
-    probe_steps: tuple[int, ...] = (0, 2, 4, 8, 15)
-    probe_size: int = 64
+    steps: int = 12
+    probe_steps: tuple[int, ...] = (0, 3, 6, 11)
+    probe_size: int = 48
     batch_size: int = 64
     lr: float = 0.02
     momentum: float = 0.9

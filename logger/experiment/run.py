@@ -30,6 +30,7 @@ from torch import nn
 from .. import schema
 from ..config import PROBE_MODES
 from ..hook import GradientLogger
+from ..probe import ModelState, prepare
 from .datasets import DATASETS, ImageData, load_dataset
 from .models import MODELS, build_model
 from .noise import corrupt_labels
@@ -179,14 +180,18 @@ class _Probe:
         self.true = data.targets[self.index]
 
     @torch.no_grad()
-    def fit(self, model: nn.Module) -> tuple[float, float]:
-        """Fraction of probe examples predicted as their training label (all, and the corrupted ones)."""
-        was_training = model.training
-        model.eval()
+    def fit(self, model: nn.Module, mode: str, batch_size: int) -> tuple[float, float]:
+        """Fraction of probe examples predicted as their training label (all, and the corrupted ones).
+
+        The network is the one the probe measured (``mode``: BatchNorm statistics as in the probe); the model's
+        modes, buffers and RNG states are restored afterwards.
+        """
+        saved = ModelState.save(model)
         try:
-            hit = (model(self.x).argmax(1) == self.y).cpu()
+            with prepare(model, mode, self.x, batch_size, self.x.device):
+                hit = torch.cat([model(x).argmax(1) for x in self.x.split(batch_size)]).eq(self.y).cpu()
         finally:
-            model.train(was_training)
+            saved.restore(model)
         bad = self.group.bool()
         return hit.float().mean().item(), hit[bad].float().mean().item() if bad.any() else float("nan")
 
@@ -282,7 +287,7 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
             glog.probe(step, probe.x, probe.y, per_example_loss, batch_size=cfg.probe_batch_size,
                        index=probe.index, labels=probe.y, group=probe.group, true_labels=probe.true)
             coh, m = glog.last_coherence(schema.STREAM_PROBE), len(probe.index)
-            fit, fit_bad = probe.fit(model)
+            fit, fit_bad = probe.fit(model, cfg.probe_mode, cfg.probe_batch_size)
             report = ProbeReport(step, m, coh, fit, fit_bad, per.mean().item())
             postfix.update(probe_mcoh=f"{coh:.3g}", probe_fit=f"{fit:.2f}")
             if on_probe is not None:

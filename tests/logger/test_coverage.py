@@ -148,3 +148,28 @@ def test_an_op_the_tracker_cannot_follow_fails_closed(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"module '2' \(Linear\).*after the op 'tanh \(IndexError\)'"):
             with glog.record(0):
                 model(torch.randn(N, 3)).sum().backward()
+
+
+class DroppedTable(nn.Module):
+    """A parameter-only table normalised and dropped out in train mode, then combined with the activations (DeBERTa's
+    relative position embeddings): per-example gradients through the batch forward's own mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(5, 4)
+        self.norm = nn.LayerNorm(4)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        rel = self.drop(self.norm(self.table.weight))  # [5, 4], no batch
+        return self.head(torch.tanh(x @ rel.T @ rel))
+
+
+def test_dropout_of_a_parameter_derived_tensor_uses_the_forward_mask(tmp_path):
+    torch.manual_seed(3)
+    x = torch.randn(N, 6, 4)
+    model = DroppedTable().train()
+    ds, grads = log_same_forward(model, lambda m: m(x.to(m.head.weight.dtype)).pow(2).sum((1, 2)),
+                                 tmp_path / "s.zarr")
+    assert_layers_exact(ds, grads)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from oracle import assert_layers_exact, log_same_forward
+from tolerance import chain_length
 from torch import nn
 
 N, T, V = 3, 5, 20
@@ -77,17 +78,17 @@ def test_recurrent_layers_are_exact(cell, config, tmp_path):
     model = Tagger(cell, **CONFIGS[config])
     ds, grads = log_same_forward(model, tagger_loss, tmp_path / "s.zarr")
     assert sorted(p for layer in ds.attrs["gradcoh_layers"] for p in layer["params"]) == sorted(grads)
-    assert_layers_exact(ds, grads)
+    assert_layers_exact(ds, grads, n=T * chain_length(model, positions=T))  # backprop through T steps
 
 
 def test_lstm_projection_and_relu_rnn(tmp_path):
     torch.manual_seed(1)
     model = Tagger(nn.LSTM, proj_size=3, num_layers=2, bidirectional=True)
     ds, grads = log_same_forward(model, tagger_loss, tmp_path / "a.zarr")
-    assert_layers_exact(ds, grads)
+    assert_layers_exact(ds, grads, n=T * chain_length(model, positions=T))  # backprop through T steps
     model = Tagger(nn.RNN, nonlinearity="relu", bias=False, packed=True)
     ds, grads = log_same_forward(model, tagger_loss, tmp_path / "b.zarr")
-    assert_layers_exact(ds, grads)
+    assert_layers_exact(ds, grads, n=T * chain_length(model, positions=T))  # backprop through T steps
 
 
 def test_excluding_the_lstm_keeps_the_layers_around_it(tmp_path):
@@ -96,7 +97,7 @@ def test_excluding_the_lstm_keeps_the_layers_around_it(tmp_path):
     model = Tagger(nn.LSTM, batch_first=False, bidirectional=True)
     ds, grads = log_same_forward(model, tagger_loss, tmp_path / "s.zarr", layers=("emb", "head"))
     assert [layer["name"] for layer in ds.attrs["gradcoh_layers"]] == ["emb", "head"]
-    assert_layers_exact(ds, grads)
+    assert_layers_exact(ds, grads, n=T * chain_length(model, positions=T))  # backprop through T steps
 
 
 def test_frozen_recurrent_weights(tmp_path):
@@ -105,7 +106,7 @@ def test_frozen_recurrent_weights(tmp_path):
     model.rnn.weight_hh_l0.requires_grad_(False)
     model.rnn.bias_ih_l0_reverse.requires_grad_(False)
     ds, grads = log_same_forward(model, tagger_loss, tmp_path / "s.zarr")
-    assert_layers_exact(ds, grads)
+    assert_layers_exact(ds, grads, n=T * chain_length(model, positions=T))  # backprop through T steps
 
 
 def test_dropout_between_layers_in_train_mode_is_refused(tmp_path):
