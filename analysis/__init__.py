@@ -36,6 +36,7 @@ from gradcoh.analysis.pairwise import (
     pair_statistics,
     stiffness,
 )
+from gradcoh.analysis.sampled_pairs import sampled_stiffness
 from gradcoh.analysis.splits import cg_fractions, cross_group_benefit
 from gradcoh.analysis.subsets import membership
 from gradcoh.analysis.summary import metrics_summary
@@ -72,6 +73,7 @@ __all__ = [
     "open_store",
     "pair_statistics",
     "rank_examples",
+    "sampled_stiffness",
     "select_layers",
     "session",
     "stiffness",

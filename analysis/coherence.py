@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import dask.array
 import numpy as np
 import xarray as xr
 from gradcoh.analysis import jackknife, kernels
@@ -29,7 +30,9 @@ from gradcoh.analysis.subsets import (
     membership,
     require_sketches,
     sketch_numerator,
+    stored_group_sums,
     subset_denominator,
+    total_denominator,
 )
 from gradcoh.logger import schema
 
@@ -76,25 +79,25 @@ def _subset_source(by: str | xr.DataArray, source: str | None) -> str:
 
 
 def _whole_batch_parts(ds: xr.Dataset, source: str, replicate: bool) -> xr.Dataset:
-    den = ds[schema.SQ_NORM].reset_coords(drop=True).sum(schema.DIM_EXAMPLE)
+    den = total_denominator(ds)
     if source != "sketch":
         num = ds[schema.SUM_SQ_NORM].reset_coords(drop=True)
     else:
         num = sketch_numerator(ds, None, replicate=replicate)
-    # m is one integer per step: load it (a lazy coordinate shared by numerator and result breaks dask.compute).
-    m = xr.DataArray(np.asarray(ds[schema.N_EXAMPLES].values), dims=schema.DIM_STEP)
+    m = ds[schema.N_EXAMPLES].reset_coords(drop=True)  # lazy: read when the result is computed
     return xr.Dataset({"numerator": num, "denominator": den, "m": m})
 
 
 def _subset_parts(ds: xr.Dataset, by: str | xr.DataArray, source: str | None,
                   replicate: bool) -> tuple[xr.Dataset, str]:
+    groups = isinstance(by, str) and by == "group"
     exact = _subset_source(by, source) == "exact"
     if not exact:
         require_sketches(ds)  # before membership, which may warn about missing labels
-    member = membership(ds, by)
-    den = subset_denominator(ds, member)
+    stored = stored_group_sums(ds) if groups else None  # format 3: no per-example array read for exact values
+    member = None if exact and stored is not None else membership(ds, by)
+    den, m = stored if stored is not None else (subset_denominator(ds, member), member.sum(schema.DIM_EXAMPLE))
     num = group_gram_diagonal(ds) if exact else sketch_numerator(ds, member, replicate=replicate)
-    m = member.sum(schema.DIM_EXAMPLE)
     return xr.Dataset({"numerator": num, "denominator": den, "m": m}), ("exact" if exact else "sketch")
 
 
@@ -129,6 +132,18 @@ def coherence_parts(ds: xr.Dataset, *, by: By = None, source: Source = None, lay
         parts, used = _subset_parts(ds, by, source, replicate)
     parts.attrs["numerator_source"] = used
     return parts
+
+
+def _unfused(m: xr.DataArray) -> xr.DataArray:
+    """``m`` in a graph layer that Dask's blockwise fusion keeps.
+
+    A lazy coordinate that is also an input of its DataArray's data (α = m-coherence / m) is fused into the data by
+    ``dask.compute``'s optimisation and then missing ("Missing dependency", dask 2026.8); an index take is not
+    a blockwise layer, so it stays.
+    """
+    if not isinstance(m.data, dask.array.Array):
+        return m
+    return m.copy(data=m.data[np.arange(m.shape[0])] if m.ndim == 1 else m.data[np.arange(m.shape[0]), ...])
 
 
 def _finish(values: xr.DataArray, m: xr.DataArray, name: str, long_name: str, used: str) -> xr.DataArray:
@@ -199,7 +214,8 @@ def _m_coherence(ds: xr.Dataset, *, per_layer: bool = False, by: By = None, sour
     dims = [d for d in (jackknife.REPLICATE_DIM, schema.DIM_STEP, schema.DIM_LAYER, SUBSET_DIM) if d in num.dims]
     values = _ratio(num, den).transpose(*dims)
     values = mask_nonfinite(values, select_layers(ds, layers), per_layer=per_layer)
-    values = _finish(values, parts["m"], "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²", parts.attrs["numerator_source"])
+    values = _finish(values, _unfused(parts["m"]), "m_coherence", "m-coherence ‖Σg‖²/Σ‖g‖²",
+                     parts.attrs["numerator_source"])
     return values.rename({SUBSET_DIM: LABEL_DIM}) if isinstance(by, str) and by == "label" else values
 
 

@@ -5,8 +5,10 @@ place, and concurrent partial shard writes lose data (the zarr user guide, "Shar
 in one go, https://zarr.readthedocs.io/en/stable/user-guide/arrays/#sharding). Once a run is finished,
 :func:`compact_store` rewrites it into a new store where each array of a stream is sharded along ``step``:
 
-* inner chunks stay the writer's chunks (the unit of reading), shards hold ``shard_steps`` steps (the unit of
-  writing, one object each), chosen per stream so that the largest array's shard is about ``shard_bytes``;
+* each array is rechunked by its own size: inner chunks (the unit of reading) follow the writer's rule of a few MB
+  (:func:`gradcoh.logger.schema.steps_per_chunk`), shards (the unit of writing, one object each) hold about
+  ``shard_bytes`` of that array, so a small array such as ``n_examples`` is one object for the whole run while the
+  sketch has many; the marker's ``shard_steps`` is the smallest shard of each stream (its largest array's);
 * every shard is written **whole, once, by one task** (a Dask task per shard, so compaction runs on a cluster too);
 * only the committed steps are copied (a crashed tail is dropped), attributes are copied verbatim, each stream's
   ``committed_steps`` is written after its data, and metadata is consolidated last (consolidated metadata is for
@@ -79,24 +81,28 @@ def _step_arrays(group: zarr.Group) -> dict[str, zarr.Array]:
     return out
 
 
-def _shard_steps(arrays: dict[str, zarr.Array], committed: int, shard_bytes: int) -> int:
-    """Steps per shard: a multiple of every array's step chunk, the largest shard ≈ ``shard_bytes``."""
-    chunk = math.lcm(*(arr.chunks[0] for arr in arrays.values())) if arrays else 1
-    per_step = max(
-        (arr.dtype.itemsize * math.prod(arr.shape[1:]) for arr in arrays.values() if hasattr(arr.dtype, "itemsize")),
-        default=1,
-    )
-    n_chunks = max(1, shard_bytes // max(per_step * chunk, 1))
-    needed = max(1, math.ceil(committed / chunk))  # no shard longer than the data
-    return chunk * min(n_chunks, needed)
+def _layout(arr: zarr.Array, committed: int, shard_bytes: int) -> tuple[int, int]:
+    """``(steps per inner chunk, steps per shard)`` of one per-step array, from its own bytes a step.
+
+    The inner chunk follows the writer's rule (:func:`gradcoh.logger.schema.steps_per_chunk`: a few MB, so one step
+    of a large sketch but thousands of steps of ``n_examples``), whatever the source's chunks (older stores chunked
+    every array like the largest); the shard is a whole number of inner chunks of about ``shard_bytes``, never
+    longer than the data.
+    """
+    step_bytes = arr.dtype.itemsize * math.prod(arr.shape[1:])
+    inner = min(schema.steps_per_chunk(step_bytes), max(1, committed))
+    n_chunks = max(1, shard_bytes // max(step_bytes * inner, 1))
+    needed = max(1, math.ceil(committed / inner))
+    return inner, inner * min(n_chunks, needed)
 
 
-def _create_like(group: zarr.Group, name: str, src: zarr.Array, shape: tuple[int, ...], shards: Any) -> zarr.Array:
+def _create_like(group: zarr.Group, name: str, src: zarr.Array, shape: tuple[int, ...], shards: Any,
+                 chunks: tuple[int, ...] | None = None) -> zarr.Array:
     return group.create_array(
         name,
         shape=shape,
         dtype=src.dtype,
-        chunks=src.chunks,
+        chunks=chunks or src.chunks,
         shards=shards,
         filters=src.filters or None,
         compressors=src.compressors or None,
@@ -156,13 +162,15 @@ def _plan_group(group: zarr.Group, out: zarr.Group, path: str, plan: _Plan, shar
     is_stream = schema.COMMITTED_KEY in attrs
     committed = int(attrs.get(schema.COMMITTED_KEY, 0))
     step_arrays = _step_arrays(group) if is_stream else {}
-    steps = _shard_steps(step_arrays, committed, shard_bytes) if is_stream else 0
+    layouts = {name: _layout(arr, committed, shard_bytes) for name, arr in step_arrays.items()}
     if is_stream:
-        plan.shard_steps[path] = steps
+        plan.shard_steps[path] = min((steps for _, steps in layouts.values()), default=0)
         plan.stream_attrs[path] = attrs
     for name, arr in group.arrays():
         if name in step_arrays:
-            new = _create_like(out, name, arr, (committed, *arr.shape[1:]), (steps, *arr.shape[1:]))
+            inner, steps = layouts[name]
+            new = _create_like(out, name, arr, (committed, *arr.shape[1:]), (steps, *arr.shape[1:]),
+                               (inner, *arr.chunks[1:]))
             for start, stop in _ranges(committed, steps):
                 plan.copies.append(dask.delayed(_copy_shard, pure=False)(arr, new, start, stop))
                 plan.checks.append(dask.delayed(_compare_shard, pure=False)(arr, new, start, stop))

@@ -9,52 +9,75 @@ from __future__ import annotations
 
 import warnings
 
+import dask.array
+import numpy as np
 import xarray as xr
 from gradcoh.logger import schema
 
 __all__ = ["finite_steps", "mask_nonfinite"]
 
 
-def _warn_unusable(ds: xr.Dataset, usable: xr.DataArray, problem: str, detail: str) -> None:
-    """Warn "N of T steps {problem} ({detail}; steps ...); their results are NaN" where ``usable`` (step,) is False.
+_PROBLEMS = (
+    ("have layers whose per-example gradients did not sum to the batch gradient", "stored with on_mismatch='flag'"),
+    ("have non-finite gradient statistics", "NaN/Inf"),
+)
+"""(problem, detail) of the warnings about unusable steps: not reconciled, then not finite."""
 
-    At most five step numbers are listed. Nothing happens when every step is usable.
+
+def _usable_kernel(finite: np.ndarray, reconciled: np.ndarray | None, *, steps: np.ndarray, gate: bool) -> np.ndarray:
+    """``(step,)`` usable steps of whole ``(step,)`` finite/reconciled flags; warns about the others.
+
+    Warns "N of T steps {problem} ({detail}; steps ...); their results are NaN" (at most five step numbers).
+    Returns all True with ``gate`` (the caller masks per layer itself and only needs the warning in its graph).
     """
-    bad = int((~usable).sum().compute())
-    if not bad:
-        return
-    steps = ds[schema.STEP].values[~usable.values] if schema.STEP in ds.variables else []
-    shown = ", ".join(str(int(s)) for s in list(steps)[:5]) + (", ..." if bad > 5 else "")
-    warnings.warn(
-        f"{bad} of {usable.sizes[schema.DIM_STEP]} steps {problem} ({detail}; steps {shown}); their results are NaN",
-        RuntimeWarning,
-        stacklevel=4,  # the analysis function that called mask_nonfinite
-    )
+    usable = finite.copy()
+    for (problem, detail), flags in zip(_PROBLEMS, (reconciled, finite), strict=True):
+        if flags is None or flags.all():
+            continue
+        if flags is reconciled:
+            usable &= flags
+        bad = int((~flags).sum())
+        shown = ", ".join(str(int(s)) for s in steps[~flags][:5]) + (", ..." if bad > 5 else "")
+        warnings.warn(f"{bad} of {flags.size} steps {problem} ({detail}; steps {shown}); their results are NaN",
+                      RuntimeWarning, stacklevel=2)
+    return np.ones_like(usable) if gate else usable
+
+
+def _checked_usable(ds: xr.Dataset, finite: xr.DataArray, reconciled: xr.DataArray | None,
+                    gate: bool) -> xr.DataArray:
+    """:func:`_usable_kernel` over the whole ``step`` axis, as one task of the graph (no data read here)."""
+    flags = [finite.all(schema.DIM_LAYER)] + ([] if reconciled is None else [reconciled.all(schema.DIM_LAYER)])
+    steps = np.asarray(ds[schema.STEP].values) if schema.STEP in ds.variables else np.arange(finite.sizes[
+        schema.DIM_STEP])
+    data = [f.data for f in flags]
+    if isinstance(data[0], dask.array.Array):
+        whole = [dask.array.asarray(d).rechunk(-1) for d in data]
+        out = dask.array.map_blocks(lambda f, r=None: _usable_kernel(f, r, steps=steps, gate=gate), *whole,
+                                    dtype=bool, meta=np.array((), dtype=bool))
+    else:
+        out = _usable_kernel(np.asarray(data[0]), np.asarray(data[1]) if len(data) > 1 else None, steps=steps,
+                             gate=gate)
+    return xr.DataArray(out, dims=(schema.DIM_STEP,))
 
 
 def finite_steps(ds: xr.Dataset, *, per_layer: bool = False) -> xr.DataArray | None:
     """``(step[, layer])`` boolean: True where every (selected) layer's statistics are finite and reconciled.
 
     A layer is *reconciled* when its per-example gradients summed to the batch gradient its parameters received
-    (the logger's guard; with ``on_mismatch="flag"`` a mismatch is stored instead of raised). Warns
-    (``RuntimeWarning``) when some step is not usable. Reads only the small ``finite``/``reconciled`` variables;
-    None when the store has neither.
+    (the logger's guard; with ``on_mismatch="flag"`` a mismatch is stored instead of raised). Lazy: nothing is read
+    here; the check of the whole ``step`` axis is one task of the graph, which warns (``RuntimeWarning``) when the
+    result is computed and some step is not usable (on a ``distributed`` cluster the warning goes to the worker's
+    log). Uses only the small ``finite``/``reconciled`` variables; None when the store has neither.
     """
     if schema.FINITE not in ds.variables:
         return None
     finite = ds[schema.FINITE].reset_coords(drop=True).astype(bool)
-    ok = finite
-    if schema.RECONCILED in ds.variables:
-        reconciled = ds[schema.RECONCILED].reset_coords(drop=True).astype(bool)
-        _warn_unusable(
-            ds,
-            reconciled.all(schema.DIM_LAYER),
-            "have layers whose per-example gradients did not sum to the batch gradient",
-            "stored with on_mismatch='flag'",
-        )
-        ok = ok & reconciled
-    _warn_unusable(ds, finite.all(schema.DIM_LAYER), "have non-finite gradient statistics", "NaN/Inf")
-    return ok if per_layer else ok.all(schema.DIM_LAYER)
+    reconciled = ds[schema.RECONCILED].reset_coords(drop=True).astype(bool) if schema.RECONCILED in ds.variables \
+        else None
+    if not per_layer:
+        return _checked_usable(ds, finite, reconciled, gate=False)
+    ok = finite if reconciled is None else finite & reconciled
+    return ok & _checked_usable(ds, finite, reconciled, gate=True)
 
 
 def mask_nonfinite(result: xr.DataArray | xr.Dataset, ds: xr.Dataset, *, per_layer: bool = False):

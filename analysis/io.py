@@ -6,6 +6,7 @@ Only ``gradcoh.logger.schema`` (stdlib) is shared with the writer; torch is neve
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -180,13 +181,43 @@ def _stream_group(root: zarr.Group, stream: str) -> zarr.Group:
     return root[stream]
 
 
-def _default_chunks(root: zarr.Group, stream: str) -> dict[str, int]:
-    """Dask chunks equal to the store's objects: the zarr chunks, or the shard along ``step`` once compacted.
+TASK_BYTES = 100 * 2**20
+"""Target uncompressed bytes of one Dask chunk of each per-step variable (about 100 MB a task, the Dask guidance)."""
 
-    (xarray's default for a sharded array is the inner chunk, which would make one task per inner chunk.)
+
+def task_steps(step_bytes: int, unit: int, steps: int) -> int:
+    """Steps of one Dask chunk: a whole number of ``unit`` (the stored chunk or shard), about :data:`TASK_BYTES`.
+
+    Never more than ``steps`` rounded up to ``unit`` (one chunk for a short stream).
     """
-    steps = root.attrs.get(COMPACTED_KEY, {}).get(schema.SHARD_STEPS_KEY, {}).get(stream)
-    return {schema.DIM_STEP: int(steps)} if steps else {}
+    per = max(1, TASK_BYTES // max(step_bytes * unit, 1)) * unit
+    return max(unit, min(per, -(-max(steps, 1) // unit) * unit))
+
+
+def _chunk_by_bytes(ds: xr.Dataset, group: zarr.Group) -> xr.Dataset:
+    """Dask chunks per variable: whole stored objects along ``step``, about :data:`TASK_BYTES` each, whole otherwise.
+
+    The stored chunks differ per array (format 3) and can be tiny (one step in older stores), so the Dask chunk is
+    set by each variable's bytes, not by its zarr chunk: one task reads many objects of a small array. The per-step
+    summaries (no ``example`` or ``proj`` dimension: ``sum_sq_norm``, ``n_examples``, ``finite`` ...) share one
+    chunking, so combining them needs no rechunk. Only metadata already read is used (no request).
+    """
+    sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes a step, stored steps per object)
+    for name, var in ds.variables.items():
+        if schema.DIM_STEP in var.dims and name != schema.DIM_STEP and name in group:
+            arr = group[name]
+            step_bytes = var.dtype.itemsize * int(np.prod([n for d, n in var.sizes.items() if d != schema.DIM_STEP]))
+            sizes[name] = (step_bytes, (arr.shards or arr.chunks)[0])
+    summaries = [n for n in sizes if not {schema.DIM_EXAMPLE, schema.DIM_PROJ} & set(ds[n].dims)]
+    n_steps = ds.sizes.get(schema.DIM_STEP, 0)
+    steps = {n: task_steps(*sizes[n], n_steps) for n in sizes}
+    if summaries:
+        shared = task_steps(max(sizes[n][0] for n in summaries), math.lcm(*(sizes[n][1] for n in summaries)), n_steps)
+        steps.update(dict.fromkeys(summaries, shared))
+    chunked = {n: ds.variables[n].chunk({d: (steps[n] if d == schema.DIM_STEP else -1) for d in ds[n].dims})
+               for n in sizes}
+    coords = {k: v for k, v in chunked.items() if k in ds.coords}
+    return ds.assign_coords(coords).assign({k: v for k, v in chunked.items() if k not in coords})
 
 
 def _open_trimmed(store: Any, group: zarr.Group, stream: str, committed: int, **kwargs: Any) -> xr.Dataset:
@@ -230,8 +261,9 @@ def open_store(
     Args:
         path_or_url: Store directory or fsspec URL (``memory://``, ``file://``, ``s3://``; ``s3`` needs s3fs).
         stream: ``"batch"`` or ``"probe"``.
-        chunks: Dask chunks; ``None`` keeps the store's own chunking (the zarr chunk, or the whole shard along
-            ``step`` for a compacted store), so every Dask chunk is a whole number of stored objects.
+        chunks: Dask chunks; ``None`` sets them per variable by bytes: about :data:`TASK_BYTES` along ``step``,
+            always a whole number of stored objects (zarr chunks, or shards in a compacted store), whole along
+            the other dimensions. Any other value is passed to :func:`xarray.open_zarr`.
         storage_options: fsspec options for URLs (credentials, endpoint, ...).
 
     Returns:
@@ -258,14 +290,9 @@ def open_store(
     if committed == 0 and schema.COORDINATES_KEY not in group.attrs:  # the writer's last step when creating a stream
         raise StreamNotFoundError(f"stream {stream!r} holds no committed steps (its writer stopped while creating it)")
     compacted = COMPACTED_KEY in root.attrs
-    ds = _open_trimmed(
-        root.store,
-        group,
-        stream,
-        committed,
-        consolidated=compacted,
-        chunks=_default_chunks(root, stream) if chunks is None else chunks,
-    )
+    ds = _open_trimmed(root.store, group, stream, committed, consolidated=compacted, chunks=chunks)
+    if chunks is None:
+        ds = _chunk_by_bytes(ds, group)
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds.attrs = {**root.attrs.asdict(), **group.attrs.asdict(), "stream": stream}
     log.debug("opened %s stream %s: %d committed steps", path_or_url, stream, committed)
@@ -277,7 +304,8 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
 
     The ``example`` axis is the ranks' examples in rank order (each rank's padding stays in its block); per-step
     global values (``sum_sq_norm``, ``group_gram``) come from rank 0, ``n_examples`` is summed over ranks, and only
-    the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix).
+    the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix); the per-rank
+    sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count`` are summed over ranks like ``n_examples``.
     """
     groups = []
     for rank in range(world):
@@ -288,17 +316,22 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
     committed = min(_committed_steps(g, stream) for g in groups)
     parts = [
         _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", committed,
-                      consolidated=COMPACTED_KEY in root.attrs,
-                      chunks=_default_chunks(root, f"{schema.rank_group(r)}/{stream}") if chunks is None else chunks)
+                      consolidated=COMPACTED_KEY in root.attrs, chunks=chunks)
         for r, g in enumerate(groups)
     ]
+    if chunks is None:
+        parts = [_chunk_by_bytes(p, g) for p, g in zip(parts, groups, strict=True)]
     n_examples = sum(p[schema.N_EXAMPLES] for p in parts)
+    # The writer's per-step sums (format 3) cover each rank's own examples: the run's are their sums over ranks.
+    totals = {name: sum(p[name] for p in parts) for name in schema.PER_STEP_SUMS if all(name in p for p in parts)}
     # Each rank's padding sits inside its own block, so the rank's own n_examples decides which positions are real.
     valid = xr.concat([_leading_positions(p[schema.N_EXAMPLES], p.sizes[schema.DIM_EXAMPLE]) for p in parts],
                       dim=schema.DIM_EXAMPLE)
     ds = xr.concat(parts, dim=schema.DIM_EXAMPLE, data_vars="minimal", coords="minimal", compat="override",
                    join="override", combine_attrs="override")
     ds[schema.N_EXAMPLES] = n_examples
+    for name, total in totals.items():
+        ds[name] = total
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds = ds.assign_coords({VALID: valid})
     ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: committed, "stream": stream}

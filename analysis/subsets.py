@@ -23,7 +23,9 @@ __all__ = [
     "membership",
     "require_sketches",
     "sketch_numerator",
+    "stored_group_sums",
     "subset_denominator",
+    "total_denominator",
 ]
 
 SUBSET_DIM = "group"
@@ -109,6 +111,27 @@ def subset_denominator(ds: xr.Dataset, member: xr.DataArray) -> xr.DataArray:
     """Exact Σ_{i∈S}‖g_{i,l}‖² over ``(step, layer, group)``."""
     sq = ds[schema.SQ_NORM].reset_coords(drop=True).fillna(0.0)
     return xr.dot(sq, member.astype(np.float64), dim=schema.DIM_EXAMPLE)
+
+
+def total_denominator(ds: xr.Dataset) -> xr.DataArray:
+    """Exact Σ_i‖g_{i,l}‖² over ``(step, layer)``: stored ``sq_norm_total`` (format 3), else summed ``sq_norm``."""
+    if schema.SQ_NORM_TOTAL in ds.variables:
+        return ds[schema.SQ_NORM_TOTAL].reset_coords(drop=True)
+    return ds[schema.SQ_NORM].reset_coords(drop=True).sum(schema.DIM_EXAMPLE)
+
+
+def stored_group_sums(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray] | None:
+    """The logger's groups' stored denominators ``(step, layer, group)`` and sizes ``(step, group)``, or None.
+
+    ``group_sq_norm`` and ``group_count`` (format 3) hold what :func:`subset_denominator` and
+    ``membership(ds, "group").sum("example")`` compute; older stores lack them (None).
+    """
+    if schema.GROUP_SQ_NORM not in ds.variables or schema.GROUP_COUNT not in ds.variables:
+        return None
+    names = {SUBSET_DIM: group_names(ds)}
+    den = ds[schema.GROUP_SQ_NORM].reset_coords(drop=True).rename({schema.DIM_GROUP_I: SUBSET_DIM})
+    count = ds[schema.GROUP_COUNT].reset_coords(drop=True).rename({schema.DIM_GROUP_I: SUBSET_DIM})
+    return den.assign_coords(names), count.assign_coords(names)
 
 
 def require_sketches(ds: xr.Dataset) -> None:

@@ -15,6 +15,9 @@ Layout of a store (one Zarr v3 group)::
         wall_time   (step)                              float64 seconds since the epoch
         sq_norm     (step, example, layer)              float64 ‖g_{i,l}‖²  (NaN pads a short step)
         sum_sq_norm (step, layer)                       float64 ‖Σ_i g_{i,l}‖²
+        sq_norm_total (step, layer)                     float64 Σ_i ‖g_{i,l}‖² (the m-coherence denominator; format 3)
+        group_sq_norm (step, layer, group_i)            float64 Σ_{i∈a} ‖g_{i,l}‖² (format 3)
+        group_count (step, group_i)                     int64   examples of each group at that step (format 3)
         group_gram  (step, layer, group_i, group_j)     float64 (Σ_{i∈a} g_{i,l})·(Σ_{j∈b} g_{j,l})
         index       (step, example)                     int64   dataset index, −1 pads
         label       (step, example)                     int64   training label, −1 when absent or padding
@@ -39,8 +42,17 @@ resizes, writes the data chunks, and only then advances the committed count.
 
 from __future__ import annotations
 
-FORMAT_VERSION = 2
-"""Incremented on every change of the layout below (2: ``reconciled`` added, per-parameter sketches)."""
+FORMAT_VERSION = 3
+"""Incremented on every change of the layout below (2: ``reconciled`` added, per-parameter sketches; 3: every
+per-step array has its own step chunk, sized by its bytes a step, instead of the step chunk of the largest array;
+the per-step sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count``, so that exact m-coherence reads no
+per-example array)."""
+
+PER_STEP_SUMS = ("sq_norm_total", "group_sq_norm", "group_count")
+"""Format-3 variables the writer derives from ``sq_norm`` and ``group`` (absent from older stores: readers sum)."""
+
+APPENDABLE_FORMATS = (2, 3)
+"""Formats the logger appends to (the writer follows each existing array's own chunks)."""
 
 OLDEST_READABLE_FORMAT = 1
 """Readers accept stores from this format on (format 1 lacks ``reconciled``)."""
@@ -60,7 +72,7 @@ COMPACTED_KEY = "gradcoh_compacted"  # set by `gradcoh compact`: a finished, sha
 WORLD_SIZE_KEY = "gradcoh_world_size"  # number of ranks; > 1: the streams live in per-rank groups
 
 IDENTITY_KEY = "identity"  # inside CONFIG_KEY: the fields that must match to append to a store
-SHARD_STEPS_KEY = "shard_steps"  # inside COMPACTED_KEY: {stream group path: steps per shard}
+SHARD_STEPS_KEY = "shard_steps"  # inside COMPACTED_KEY: {stream group path: steps per shard of its largest array}
 SHARD_BYTES_KEY = "shard_bytes"  # inside COMPACTED_KEY: the shard size compaction aimed at
 
 # --- stream attributes ---------------------------------------------------------------------------------
@@ -91,6 +103,9 @@ N_EXAMPLES = "n_examples"
 WALL_TIME = "wall_time"
 SQ_NORM = "sq_norm"
 SUM_SQ_NORM = "sum_sq_norm"
+SQ_NORM_TOTAL = "sq_norm_total"
+GROUP_SQ_NORM = "group_sq_norm"
+GROUP_COUNT = "group_count"
 GROUP_GRAM = "group_gram"
 INDEX = "index"
 LABEL = "label"
@@ -116,6 +131,9 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     SQ_NORM: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER), "float64"),
     SUM_SQ_NORM: ((DIM_STEP, DIM_LAYER), "float64"),
     GROUP_GRAM: ((DIM_STEP, DIM_LAYER, DIM_GROUP_I, DIM_GROUP_J), "float64"),
+    SQ_NORM_TOTAL: ((DIM_STEP, DIM_LAYER), "float64"),
+    GROUP_SQ_NORM: ((DIM_STEP, DIM_LAYER, DIM_GROUP_I), "float64"),
+    GROUP_COUNT: ((DIM_STEP, DIM_GROUP_I), "int64"),
     INDEX: ((DIM_STEP, DIM_EXAMPLE), "int64"),
     LABEL: ((DIM_STEP, DIM_EXAMPLE), "int64"),
     TRUE_LABEL: ((DIM_STEP, DIM_EXAMPLE), "int64"),
@@ -158,6 +176,25 @@ SKETCH_DTYPES = ("float16", "float32", "bfloat16")
 
 NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYER_SIZE, REF_STEP)
 """Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
+
+
+CHUNK_TARGET_BYTES = 4 * 2**20
+"""Target uncompressed size of one chunk of each per-step array; sets that array's steps per chunk."""
+
+MAX_STEPS_PER_CHUNK = 2**16
+"""Upper bound on the steps of one chunk (the small per-step arrays: 512 KiB of ``n_examples``)."""
+
+
+def steps_per_chunk(step_bytes: int) -> int:
+    """Steps in one chunk of an array of ``step_bytes`` bytes a step: a power of two, ≤ :data:`CHUNK_TARGET_BYTES`.
+
+    At least one step, at most :data:`MAX_STEPS_PER_CHUNK`.
+
+    Powers of two make the chunks of all arrays nest, so a reader can give several arrays the same chunk
+    boundaries along ``step`` with whole stored objects on every array.
+    """
+    fit = max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_TARGET_BYTES // max(step_bytes, 1)))
+    return 1 << (fit.bit_length() - 1)
 
 
 def is_url(path: str) -> bool:

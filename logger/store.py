@@ -1,10 +1,23 @@
 """The Zarr v3 store: create / append / overwrite, and chunk-aligned, committed writes of one stream.
 
+Chunking by array, by bytes (format 3): each per-step array gets its own step chunk, as many steps as fit in
+``schema.CHUNK_TARGET_BYTES`` (:func:`gradcoh.logger.schema.steps_per_chunk`). A sketch of several MB a step keeps
+one or a few steps per chunk; ``n_examples`` (8 bytes a step) holds 65536 steps per chunk, so an analysis reading
+the small arrays touches a handful of objects whatever the step count.
+
 Commit protocol (crash consistency): for every batch of steps the stream writer (1) resizes its arrays, (2) writes
 the data chunks of every array, and only then (3) advances the stream attribute ``committed_steps``. A process killed
 at any moment leaves a store whose first ``committed_steps`` steps are complete; arrays may be longer (their tail
 holds fill values or a partial chunk), which readers trim. Only the writer thread holds array handles, so no stale
 handle can rewrite metadata.
+
+A chunk that is only partly filled when a batch is committed is written again, whole, by the next commit. Committed
+steps inside it are never at risk: the writer keeps the committed rows of every array's last, partly filled chunk in
+memory (:attr:`StreamWriter.tails`) and writes the chunk from its first row, so zarr never reads back nor merges into
+the old object; the new chunk object replaces the old one whole (LocalStore writes a temporary file and renames it
+over the old one, zarr ≥ 3.1.3; object stores replace an object by one PUT). A kill at any point of a rewrite leaves
+either the old object (the committed rows, as committed) or the new one (the same committed rows plus uncommitted
+ones, which readers trim). ``tests/reliability/test_crash.py`` kills the writer inside such a rewrite.
 """
 
 from __future__ import annotations
@@ -25,10 +38,9 @@ from . import schema
 
 log = logging.getLogger(__name__)
 
-CHUNK_TARGET_BYTES = 4 * 2**20
-"""Target size of one chunk of the largest per-step array; bounds the steps per chunk."""
-
-MAX_STEPS_PER_CHUNK = 256
+COMMIT_BYTES = 64 * 2**20
+"""The writer commits once this many bytes of steps are buffered (and at least every ``flush_secs``): the rewrite
+of the partly filled chunks of small arrays at each commit stays a small fraction of the bytes committed."""
 
 
 class StoreError(schema.GradcohError, RuntimeError):
@@ -129,9 +141,9 @@ def check_compatible(path: str, old: dict[str, Any], new: dict[str, Any]) -> Non
     version = old.get(schema.FORMAT_KEY)
     if version is None:
         raise StoreError(f"{path} is not a gradcoh store (no {schema.FORMAT_KEY!r} attribute); cannot append")
-    if version != schema.FORMAT_VERSION:
-        raise StoreError(f"{path}: format version {version!r} differs from this gradcoh's {schema.FORMAT_VERSION}; "
-                         "cannot append")
+    if version not in schema.APPENDABLE_FORMATS:
+        raise StoreError(f"{path}: format version {version!r}; this gradcoh appends to formats "
+                         f"{', '.join(map(str, schema.APPENDABLE_FORMATS))} only; cannot append")
     old_layers = [(x["name"], x["shapes"]) for x in old.get(schema.LAYERS_KEY, [])]
     new_layers = [(x["name"], x["shapes"]) for x in new[schema.LAYERS_KEY]]
     if old_layers != new_layers:
@@ -218,6 +230,8 @@ class StreamWriter:
         self.optional = set(optional) | ({schema.SKETCH} if sketch_dim else set())
         self.group: zarr.Group | None = None
         self.arrays: dict[str, zarr.Array] = {}
+        self.tails: dict[str, np.ndarray] = {}
+        """Per array: the committed rows of its last, partly filled chunk (rewritten whole at the next commit)."""
         self.committed = 0
         self.dropped = 0
         self.last_step: int | None = None
@@ -246,6 +260,8 @@ class StreamWriter:
                 arr.resize((self.committed, *arr.shape[1:]))
         self.width = self.arrays[schema.INDEX].shape[1]
         _, self.last_step = committed_state(group)
+        for name, arr in self.arrays.items():
+            self.tails[name] = np.asarray(arr[self.committed - self.committed % arr.chunks[0] : self.committed])
 
     def _create(self, width: int) -> None:
         # The commit marker exists from the group's first zarr.json on, so readers never meet a stream without it.
@@ -260,13 +276,10 @@ class StreamWriter:
             schema.DIM_PROJ: self.sketch_dim,
         }
         variables = {k: v for k, v in schema.VARIABLES.items() if k not in schema.OPTIONAL or k in self.optional}
-        per_step = max(_step_bytes(dims, _np_dtype(name, dtype, self.sketch_dtype), sizes)
-                       for name, (dims, dtype) in variables.items())
-        steps_per_chunk = max(1, min(MAX_STEPS_PER_CHUNK, CHUNK_TARGET_BYTES // max(per_step, 1)))
         for name, (dims, dtype) in variables.items():
             np_dtype = _np_dtype(name, dtype, self.sketch_dtype)
             shape = (0, *(sizes[d] for d in dims[1:]))
-            chunks = (steps_per_chunk, *(sizes[d] for d in dims[1:]))
+            chunks = (schema.steps_per_chunk(_step_bytes(dims, np_dtype, sizes)), *(sizes[d] for d in dims[1:]))
             filters = None
             if name == schema.SKETCH and self.sketch_dtype == "bfloat16":
                 from zarr.codecs.numcodecs import BitRound
@@ -277,6 +290,7 @@ class StreamWriter:
                 fill_value=schema.FILL_VALUES[dtype if name != schema.SKETCH else "float32"],
                 compressors=_compressor(), filters=filters, config={"write_empty_chunks": True},
             )
+            self.tails[name] = np.empty((0, *shape[1:]), dtype=np_dtype)
         coords = {
             schema.LAYER: np.array([x["name"] for x in self.layers], dtype=str),
             schema.LAYER_SIZE: np.array([x["size"] for x in self.layers], dtype=np.int64),
@@ -293,10 +307,10 @@ class StreamWriter:
         self.group = g
 
     def ensure_created(self, records: list[HostRecord]) -> int:
-        """Create the stream (sized for ``records``) if it does not exist yet; returns the steps per chunk."""
+        """Create the stream (sized for ``records``) if it does not exist yet; returns the bytes of one step."""
         if self.group is None:
             self._create(max(r.n for r in records))
-        return self.arrays[schema.STEP].chunks[0]
+        return sum(arr.dtype.itemsize * math.prod(arr.shape[1:]) for arr in self.arrays.values())
 
     def write(self, records: list[HostRecord], dropped: int = 0) -> None:
         """Append ``records`` (steps in increasing order) and commit them.
@@ -321,10 +335,10 @@ class StreamWriter:
                 raise StoreError(f"step {r.step} is not after the last stored step {self.last_step} "
                                  f"in stream '{self.name}'; steps must keep increasing")
             self.last_step = r.step
-        start, stop = self.committed, self.committed + len(records)
+        stop = self.committed + len(records)
         for name, arr in self.arrays.items():
-            arr.resize((stop, *arr.shape[1:]))
-            arr[start:stop] = _stack(name, records, self.width, arr.dtype)
+            rows = _stack(name, records, self.width, arr.dtype, len(self.groups))
+            self.tails[name] = _write_from_chunk_start(arr, self.tails[name], rows, stop)
         self.committed = stop
         self.dropped += dropped
         # The commit marker goes last: readers see a step only once all its chunks are written.
@@ -344,8 +358,15 @@ class StreamWriter:
             dims = arr.metadata.dimension_names
             if schema.DIM_EXAMPLE in dims:
                 shape = list(arr.shape)
-                shape[dims.index(schema.DIM_EXAMPLE)] = new
+                axis = dims.index(schema.DIM_EXAMPLE)
+                shape[axis] = new
                 arr.resize(tuple(shape))
+                tail = self.tails[arr.basename]
+                pad = [(0, 0)] * tail.ndim
+                pad[axis] = (0, new - tail.shape[axis])
+                fill = schema.FILL_VALUES["float32" if arr.basename == schema.SKETCH else
+                                          schema.VARIABLES[arr.basename][1]]
+                self.tails[arr.basename] = np.pad(tail, pad, constant_values=fill)
         self.width = new
 
     def record_error(self, message: str) -> None:
@@ -355,6 +376,22 @@ class StreamWriter:
             self.root.attrs[schema.ERROR_KEY] = message
         except Exception:
             log.debug("could not record the error in the store", exc_info=True)
+
+
+def _write_from_chunk_start(arr: zarr.Array, tail: np.ndarray, new: np.ndarray, stop: int) -> np.ndarray:
+    """Append ``new`` to ``arr`` (now ``stop`` steps), writing whole chunks from the first row of the partly filled one.
+
+    ``tail`` holds the committed rows of ``arr``'s last, partly filled chunk. Writing from that chunk's first row to
+    the end of the array makes every touched chunk complete within the array's bounds, so zarr writes each chunk
+    object whole without reading the old one (a kill leaves the old object or the new, never a mix). Returns the
+    rows of the new last, partly filled chunk (empty when ``stop`` falls on a chunk boundary).
+    """
+    per = arr.chunks[0]
+    start = stop - len(new) - len(tail)
+    block = np.concatenate([tail, new]) if len(tail) else new
+    arr.resize((stop, *arr.shape[1:]))
+    arr[start:stop] = block
+    return block[len(block) - stop % per :].copy() if stop % per else block[:0].copy()
 
 
 def _np_dtype(name: str, dtype: str, sketch_dtype: str) -> str:
@@ -380,8 +417,24 @@ _FIELDS = {
 }
 
 
-def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype) -> np.ndarray:
+def _group_sums(r: HostRecord, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(Σ_{i∈a} sq_norm[i, l] as [L, G], examples per group [G])`` of one step (group −1: in no group)."""
+    onehot = (np.asarray(r.group)[:, None] == np.arange(n_groups)[None, :])
+    return (np.asarray(r.sq_norm).T @ onehot.astype(np.float64)), onehot.sum(0)
+
+
+_SUMS = {
+    schema.SQ_NORM_TOTAL: lambda r, n_groups: np.asarray(r.sq_norm).sum(0),
+    schema.GROUP_SQ_NORM: lambda r, n_groups: _group_sums(r, n_groups)[0],
+    schema.GROUP_COUNT: lambda r, n_groups: _group_sums(r, n_groups)[1],
+}
+"""The per-step sums (``schema.PER_STEP_SUMS``): name → function of one record and the number of groups."""
+
+
+def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype, n_groups: int) -> np.ndarray:
     """Stack one variable over steps, padding the example axis to ``width``."""
+    if name in _SUMS:
+        return np.stack([_SUMS[name](r, n_groups) for r in records]).astype(dtype, copy=False)
     values = [np.asarray(getattr(r, _FIELDS[name])) if getattr(r, _FIELDS[name]) is not None
               else np.ones_like(r.finite) for r in records]
     if schema.DIM_EXAMPLE not in schema.VARIABLES[name][0]:

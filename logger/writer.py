@@ -2,8 +2,9 @@
 
 Modelled on TensorBoard's ``_AsyncWriter``, with its known failure modes designed out: the producer never deadlocks on a
 dead consumer (errors are stored and re-raised at the next ``put``/``flush``/``close``), the policy on a full queue is
-explicit (``"block"`` or ``"drop"``, dropped steps counted in the store), steps are buffered into whole chunks and
-committed at least every ``flush_secs``, and ``close`` is idempotent and registered with ``atexit``.
+explicit (``"block"`` or ``"drop"``, dropped steps counted in the store), steps are buffered
+until :data:`~gradcoh.logger.store.COMMIT_BYTES` are pending and committed at least every ``flush_secs``,
+and ``close`` is idempotent and registered with ``atexit``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from .schema import GradcohError
-from .store import HostRecord, StreamWriter
+from .store import COMMIT_BYTES, HostRecord, StreamWriter
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +185,12 @@ class AsyncWriter:
         return self._streams[name]
 
     def _commit_full_chunks(self, name: str) -> None:
+        """Commit the buffered steps of ``name`` once they hold :data:`COMMIT_BYTES` (one write per many steps)."""
         writer = self._stream(name)
         pending = self._pending[name]
-        chunk = writer.ensure_created(pending)
-        room = chunk - writer.committed % chunk
-        if len(pending) >= room:
-            self._write(name, pending[:room])
-            self._pending[name] = pending[room:]
+        if len(pending) * writer.ensure_created(pending) >= COMMIT_BYTES:
+            self._write(name, pending)
+            self._pending[name] = []
 
     def _commit_all(self) -> None:
         names = set(self._pending) | set(self._dropped)

@@ -167,6 +167,14 @@ def sample_step(spec: Spec, step: int, means: list[np.ndarray], sketches: list[P
     )
 
 
+def _projections(spec: Spec) -> list[Projection] | None:
+    """The logger's sketch projection of every layer (None without sketches)."""
+    if not spec.sketch_dim:
+        return None
+    return [Projection.create(spec.seed, name, (r, c), spec.sketch_dim, "countsketch", "cpu")
+            for name, (r, c) in zip(spec.layer_names(), spec.layers, strict=True)]
+
+
 def make_synthetic_store(path: str, spec: Spec, *, storage_options: dict | None = None,
                          mode: str = "overwrite", flush_secs: float = 60.0) -> dict[str, Any]:
     """Write ``spec.steps`` steps of ``spec.m`` examples to ``path`` (local path or fsspec URL).
@@ -178,10 +186,7 @@ def make_synthetic_store(path: str, spec: Spec, *, storage_options: dict | None 
     attrs = _root_attrs(spec)
     root = open_run(path, mode, attrs, storage_options).root
     means = _means(spec)
-    sketches = None
-    if spec.sketch_dim:
-        sketches = [Projection.create(spec.seed, name, (r, c), spec.sketch_dim, "countsketch", "cpu")
-                    for name, (r, c) in zip(spec.layer_names(), spec.layers, strict=True)]
+    sketches = _projections(spec)
     layers = attrs[schema.LAYERS_KEY]
 
     def make_stream(name: str) -> StreamWriter:

@@ -54,8 +54,11 @@ LAMBDA = 8.0
 
 
 def unit_roundoff(dtype) -> float:
-    """u of a floating dtype (NumPy or torch dtype, or its name)."""
+    """u of a floating dtype (NumPy or torch dtype, or its name); ``"decimalD"``: text printed to D significant
+    digits (half a unit in the last digit)."""
     name = str(dtype).replace("torch.", "")
+    if name.startswith("decimal"):
+        return 0.5 * 10.0 ** (1 - int(name[len("decimal"):]))
     return {"float32": U32, "float64": U64, "bfloat16": 2.0**-8, "float16": 2.0**-11}[name]
 
 

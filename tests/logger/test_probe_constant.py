@@ -95,6 +95,7 @@ def test_constant_mode_matches_float64_loop_with_the_same_statistics(tmp_path, b
     before = copy.deepcopy(model.state_dict())
     ds = probe_once(tmp_path / "p.zarr", model, x, y, group, batch_size)
     assert model.training and all(m.training for m in model.modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # statistics hooks removed
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     sq = check_against(ds, oracle_constant_model(model, x), x, y, group)
@@ -160,6 +161,11 @@ def test_batch_norm_called_twice_is_refused(tmp_path):
             return self.head(self.bn(self.lin(x)) + self.bn(self.lin(-x)))
 
     model = Twice().train()
-    with GradientLogger(model, tmp_path / "p.zarr") as glog, pytest.raises(ValueError, match="mode='eval'"):
-        glog.probe(0, torch.randn(6, 3), torch.zeros(6, dtype=torch.long), ce, batch_size=4)
-    assert model.training and model.bn.training
+    before = copy.deepcopy(model.state_dict())
+    for batch_size in (4, 8):  # several micro-batches (call order pass) and one (single pass)
+        with GradientLogger(model, tmp_path / f"p{batch_size}.zarr") as glog, pytest.raises(ValueError,
+                                                                                              match="mode='eval'"):
+            glog.probe(0, torch.randn(6, 3), torch.zeros(6, dtype=torch.long), ce, batch_size=batch_size)
+        assert model.training and model.bn.training and not model.bn._forward_pre_hooks
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k

@@ -74,12 +74,12 @@ def test_newer_format_version(store, tmp_path):
 
 def test_corrupted_chunk_names_variable_and_steps(store, tmp_path):
     path = _copy(store, tmp_path / "corrupt.zarr")
-    chunk = next(p for p in (path / "batch" / "sq_norm" / "c").rglob("*") if p.is_file())
+    chunk = next(p for p in (path / "batch" / "sum_sq_norm" / "c").rglob("*") if p.is_file())
     chunk.write_bytes(chunk.read_bytes()[:10])  # what a power loss can leave (zarr never fsyncs)
     result = cli("coherence", path)
-    one_line_error(result, "corrupted chunk", "batch/sq_norm steps 0..4")
+    one_line_error(result, "corrupted chunk", "batch/sum_sq_norm steps 0..4")
     result = cli("repair", path, "--check")
-    assert result.exit_code == 1 and "batch/sq_norm steps 0..4" in result.stderr
+    assert result.exit_code == 1 and "batch/sum_sq_norm steps 0..4" in result.stderr
 
 
 def test_stream_that_does_not_exist(store):

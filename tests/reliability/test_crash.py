@@ -12,6 +12,7 @@ import random
 import signal
 import time
 
+import pytest
 import zarr
 from gradcoh.logger import schema
 from gradcoh.logger.store import find_partial_files, repair_store
@@ -84,3 +85,33 @@ def test_resume_of_unrepaired_crash_tail(forkserver, reference, tmp_path):
             arr.resize((55, *arr.shape[1:]))
     assert forkserver.wait(forkserver.start(store, 40, 80, mode="append")) == 0
     assert _assert_prefix(store, ref, "tail") == 80
+
+
+@pytest.mark.parametrize("when", ["temp", "renamed"])
+def test_sigkill_inside_a_partial_chunk_rewrite(forkserver, reference, tmp_path, when):
+    """Killed while a partly filled chunk holding committed steps is written again: those steps survive unchanged.
+
+    The tiny run's arrays hold up to 65536 steps a chunk, so every commit (every ~20 ms) rewrites the one partly
+    filled chunk of each array; the kill lands in the 40th such rewrite, mid-commit (some arrays rewritten, others
+    not). ``temp``: half of the new chunk written to zarr's temporary file; ``renamed``: the new chunk, with steps
+    not yet committed, already replaced the old one.
+    """
+    ref, _ = reference
+    store = tmp_path / f"rewrite-{when}.zarr"
+    batch_path = store / schema.STREAM_BATCH
+    assert forkserver.wait(forkserver.start(store, 0, 120, sleep=0.01, kill_rewrite=[40, when])) == -signal.SIGKILL
+    root = zarr.open_group(str(store), mode="r")
+    per = root[schema.STREAM_BATCH][schema.SQ_NORM].chunks[0]
+    n = _assert_prefix(store, ref, f"killed in a rewrite ({when})")
+    assert 0 < n < per, (n, per)  # the committed steps all sit in the partly filled first chunk
+    if when == "temp":
+        assert find_partial_files(store)
+    else:  # some array already holds steps beyond the commit, in the rewritten chunk
+        batch = root[schema.STREAM_BATCH]
+        assert any(batch[k].shape[0] > n for k in schema.VARIABLES if k in batch)
+    assert (batch_path / schema.SQ_NORM / "c" / "0" / "0" / "0").exists()
+    repair_store(store)
+    assert not find_partial_files(store)
+    assert _assert_prefix(store, ref, f"repaired ({when})") == n
+    assert forkserver.wait(forkserver.start(store, n, 150, mode="append", sleep=0.0)) == 0
+    assert _assert_prefix(store, ref, f"resumed ({when})") == 150

@@ -21,9 +21,46 @@ SKETCH_DIM = 8
 GROUPS = ("a", "b")
 
 
+def arm_kill_in_rewrite(nth: int, when: str) -> None:
+    """SIGKILL this process at the ``nth`` rewrite of an existing chunk object (a partly filled chunk written again).
+
+    ``when="temp"``: half of the new chunk's bytes are in zarr's temporary file, nothing renamed yet;
+    ``when="renamed"``: the new chunk replaced the old one (holding uncommitted steps), the commit marker not yet.
+    Patches zarr's LocalStore write function (``zarr.storage._local._put``, looked up at call time).
+    """
+    import signal
+    import uuid
+    from pathlib import Path
+
+    import zarr.storage._local as local
+
+    original = local._put
+    seen = [0]
+
+    def put(path, value, exclusive=False):
+        path = Path(path)
+        if "c" in path.parts and path.exists():  # a chunk object written before: a partly filled chunk rewritten
+            seen[0] += 1
+            if seen[0] == nth:
+                if when == "temp":
+                    data = bytes(value.as_buffer_like())
+                    path.with_suffix(f".{uuid.uuid4().hex}.partial").write_bytes(data[: len(data) // 2])
+                else:
+                    original(path, value, exclusive)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(path, value, exclusive)
+
+    local._put = put
+
+
 def run(store: str, start: int, stop: int, mode: str = "create", flush_secs: float = 0.02, sleep: float = 0.0,
-        progress: str | None = None) -> None:
-    """Log steps ``start..stop-1`` into ``store``; ``progress`` (a file) receives the last completed step."""
+        progress: str | None = None, kill_rewrite: list | None = None) -> None:
+    """Log steps ``start..stop-1`` into ``store``; ``progress`` (a file) receives the last completed step.
+
+    ``kill_rewrite``: ``[nth, when]`` of :func:`arm_kill_in_rewrite`.
+    """
+    if kill_rewrite:
+        arm_kill_in_rewrite(*kill_rewrite)
     import torch
     import torch.nn.functional as F
     from gradcoh.logger import GradientLogger
@@ -70,7 +107,8 @@ def serve() -> None:
                 code = 0
                 try:
                     run(req["store"], req["start"], req["stop"], req.get("mode", "create"),
-                        req.get("flush_secs", 0.02), req.get("sleep", 0.0), req.get("progress"))
+                        req.get("flush_secs", 0.02), req.get("sleep", 0.0), req.get("progress"),
+                        req.get("kill_rewrite"))
                 except SystemExit as exc:
                     code = exc.code if isinstance(exc.code, int) else 1
                 except BaseException:

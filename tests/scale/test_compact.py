@@ -52,9 +52,26 @@ def test_every_value_preserved_sharded_consolidated(many_chunks, tmp_path):
     root = zarr.open_group(str(dst), mode="r")
     batch = root[schema.STREAM_BATCH]
     assert batch[schema.SKETCH].shards is not None and batch[schema.SKETCH].shape[0] == 20  # crashed tail dropped
-    assert batch[schema.SKETCH].chunks == zarr.open_group(str(many_chunks.path))["batch/sketch"].chunks
+    for name in (schema.SKETCH, schema.SQ_NORM, schema.N_EXAMPLES):  # rechunked by each array's own size
+        arr = batch[name]
+        step_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
+        assert arr.chunks[0] == min(schema.steps_per_chunk(step_bytes), 20), name
+        assert arr.shards[0] % arr.chunks[0] == 0 and arr.shards[0] >= 20, name  # whole run in one shard here
     assert "consolidated_metadata" in json.loads((dst / "zarr.json").read_text())
     assert root.attrs[COMPACTED_KEY]["shard_steps"][schema.STREAM_BATCH] >= 20
+
+
+def test_each_array_sharded_by_its_own_size(many_chunks, tmp_path):
+    """Inner chunks and shards follow each array's own bytes a step (the writer's rule; about ``shard_bytes``)."""
+    dst = tmp_path / "c.zarr"
+    compact_store(many_chunks.path, dst, shard_bytes=4000)
+    batch = zarr.open_group(str(dst), mode="r")[schema.STREAM_BATCH]
+    for name in (schema.SKETCH, schema.SQ_NORM, schema.N_EXAMPLES, schema.FINITE):
+        arr = batch[name]
+        step_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:]))
+        per_shard = max(arr.chunks[0], 4000 // (step_bytes * arr.chunks[0]) * arr.chunks[0])
+        assert arr.shards[0] == min(per_shard, -(-20 // arr.chunks[0]) * arr.chunks[0]), name
+    assert batch[schema.N_EXAMPLES].shards[0] >= 20
 
 
 def test_open_store_reads_compacted_store(many_chunks, tmp_path):
