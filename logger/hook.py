@@ -28,7 +28,7 @@ from .grads import natural_view
 from .layers import LayerRules, default_rules
 from .output import RunOutput
 from .plan import plan_layers
-from .probe import describe
+from .probe import Announcer
 from .probe import run as run_probe
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_summary
@@ -124,7 +124,7 @@ class GradientLogger:
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
-        self._announced = False
+        self._announce = Announcer()  # says once how batch-statistics layers are probed
         if self.enabled:
             self._open(storage_options)
             if cfg.handle_sigterm:
@@ -249,19 +249,11 @@ class GradientLogger:
         if step % every or not self._active:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
-        self._announce(mode)
+        self._announce(self.model, mode)
         run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, **m), inputs, targets,
                   loss_fn, mode=mode, batch_size=batch_size, statistics=statistics, meta=meta, rank=self.rank,
                   world_size=self.world_size, device=self.trackers[0].params[0].device)
         return True
-
-    def _announce(self, mode: str) -> None:
-        """Say once on stderr (logging) how batch-statistics layers are probed."""
-        if mode == "constant" and not self._announced:
-            self._announced = True
-            text = describe(self.model)
-            if text is not None:
-                log.warning(text)
 
     def project_grad(self) -> dict[str, torch.Tensor]:
         """Sketch the gradient currently in the parameters' ``.grad`` with each layer's projection.

@@ -247,6 +247,21 @@ def describe(model: nn.Module) -> str | None:
             "per-micro-batch contributions")
 
 
+class Announcer:
+    """Says once (logging, on stderr) how the ``"constant"`` mode treats a model's batch-statistics layers."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def __call__(self, model: nn.Module, mode: str) -> None:
+        """Log :func:`describe` of ``model`` the first time a probe runs in ``"constant"`` mode."""
+        if mode == "constant" and not self.done:
+            self.done = True
+            text = describe(model)
+            if text is not None:
+                log.warning(text)
+
+
 def measure(model: nn.Module, rec: Recording, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable,
             batch_size: int, device: torch.device) -> None:
     """Forward and ``torch.autograd.grad`` of the probe sample in micro-batches (``.grad`` is never touched)."""
