@@ -6,7 +6,6 @@ Only ``gradcoh.logger.schema`` (stdlib) is shared with the writer; torch is neve
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import warnings
@@ -200,7 +199,8 @@ def _chunk_by_bytes(ds: xr.Dataset, group: zarr.Group) -> xr.Dataset:
     The stored chunks differ per array (format 3) and can be tiny (one step in older stores), so the Dask chunk is
     set by each variable's bytes, not by its zarr chunk: one task reads many objects of a small array. The per-step
     summaries (no ``example`` or ``proj`` dimension: ``sum_sq_norm``, ``n_examples``, ``finite`` ...) share one
-    chunking, so combining them needs no rechunk. Only metadata already read is used (no request).
+    chunking of about :data:`TASK_BYTES` of all of them together, so combining them needs no rechunk and a task's
+    inputs stay near that size. Only metadata already read is used (no request).
     """
     sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes a step, stored steps per object)
     for name, var in ds.variables.items():
@@ -212,7 +212,9 @@ def _chunk_by_bytes(ds: xr.Dataset, group: zarr.Group) -> xr.Dataset:
     n_steps = ds.sizes.get(schema.DIM_STEP, 0)
     steps = {n: task_steps(*sizes[n], n_steps) for n in sizes}
     if summaries:
-        shared = task_steps(max(sizes[n][0] for n in summaries), math.lcm(*(sizes[n][1] for n in summaries)), n_steps)
+        # One task reads all the summaries together, so their bytes add up; chunk boundaries follow the finest
+        # stored chunk among them (an object of a coarser one, at most a few MiB, may be read by two tasks).
+        shared = task_steps(sum(sizes[n][0] for n in summaries), min(sizes[n][1] for n in summaries), n_steps)
         steps.update(dict.fromkeys(summaries, shared))
     chunked = {n: ds.variables[n].chunk({d: (steps[n] if d == schema.DIM_STEP else -1) for d in ds[n].dims})
                for n in sizes}

@@ -255,7 +255,6 @@ class TensorSketchMean(Projection):
         self.row_sign = torch.from_numpy(hashes["row_sign"]).to(device)
         self.row_signed = torch.from_numpy(_signed(hashes["row_hash"], hashes["row_sign"], k)).to(device)
         self.col_signed = torch.from_numpy(_signed(hashes["col_hash"], hashes["col_sign"], k)).to(device)
-        self._shift: torch.Tensor | None = None  # [B, rows, k] (j − h₁ᵇ(r)) mod k, built at first dense use
 
     @classmethod
     def applies(cls, view: tuple[int, int], dim: int) -> bool:
@@ -294,27 +293,31 @@ class TensorSketchMean(Projection):
         return _fold(one, self.dim)
 
     def dense(self, m: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
-        """Row-wise: each row's per-block column sketch, rolled by the row's bucket and signed, summed over rows."""
+        """Row-wise: each row's per-block column sketch, rolled by the row's bucket and signed, summed over rows.
+
+        Rows and examples are chunked so that no temporary (the roll's index included) exceeds ``2²²`` elements.
+        """
         n, rows, c = m.shape
         k = self.dim
-        if self._shift is None:
-            ramp = torch.arange(k, device=m.device)
-            self._shift = (ramp - self.row_hash.unsqueeze(-1)) % k  # [B, rows, k]
         cols = self.col_signed[:, col_offset : col_offset + c]
-        step = max(1, _CHUNK_ELEMENTS // max(1, rows * 2 * k))
-        parts = []
-        for i in range(0, n, step):
-            mi = m[i : i + step]
-            ni = mi.shape[0]
-            flat = mi.reshape(ni * rows, c)
-            out = None
+        ramp = torch.arange(k, device=m.device)
+        out = m.new_zeros((n, k))
+        rstep = max(1, _CHUNK_ELEMENTS // (2 * k))
+        for r0 in range(0, rows, rstep):
+            part = m[:, r0 : r0 + rstep]
+            rr = part.shape[1]
+            nstep = max(1, _CHUNK_ELEMENTS // (rr * 2 * k))
             for b in range(self.blocks):
-                y = mi.new_zeros((ni * rows, 2 * k)).scatter_add_(1, cols[b].expand(ni * rows, -1), flat)
-                y = _fold(y, k).view(ni, rows, k).gather(2, self._shift[b].expand(ni, -1, -1))
-                part = torch.einsum("nrk,r->nk", y, self.row_sign[b].to(m.dtype))
-                out = part if out is None else out + part
-            parts.append(out)
-        return torch.cat(parts) / math.sqrt(self.blocks)
+                shift = (ramp - self.row_hash[b, r0 : r0 + rr, None]) % k  # [rr, k]: the roll of each row
+                sign = self.row_sign[b, r0 : r0 + rr].to(m.dtype)
+                for i in range(0, n, nstep):
+                    mi = part[i : i + nstep]
+                    ni = mi.shape[0]
+                    y = mi.new_zeros((ni * rr, 2 * k)).scatter_add_(1, cols[b].expand(ni * rr, -1),
+                                                                     mi.reshape(ni * rr, c))
+                    y = _fold(y, k).view(ni, rr, k).gather(2, shift.expand(ni, -1, -1))
+                    out[i : i + ni] += torch.einsum("nrk,r->nk", y, sign)
+        return out / math.sqrt(self.blocks)
 
     def indexed(self, rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Circular convolution with a signed one-hot is a signed roll by the row's bucket."""

@@ -94,18 +94,24 @@ PARTS = ("forward", "backward (autograd)", "rules", "sketch", "guard", "exact re
 
 
 def clock_logger(clock: Clock, glog: GradientLogger) -> None:
-    """Wrap the logger's functions by part (instance- and module-level, undone with the process)."""
+    """Wrap the logger's functions by part (class- and module-level, for this process; absent names are skipped)."""
+    import gradcoh.logger.batchgrad as batchgrad
+    import gradcoh.logger.capture as capture
+    import gradcoh.logger.results as results
+
     for t in glog.trackers:
         for source in t.plan.sources:
             source.rule = clock.wrap(source.rule, "rules")
-    for cls in (grads.Factored, grads.Dense, grads.Composite):
-        cls.sketch = clock.wrap(cls.sketch, "sketch")
-    tracker.probe = clock.wrap(tracker.probe, "guard")
-    tracker.LayerTracker.reconciled = clock.wrap(tracker.LayerTracker.reconciled, "guard")
-    for name in ("process", "_param_hook", "_forward_hook"):
-        setattr(tracker.LayerTracker, name, clock.wrap(getattr(tracker.LayerTracker, name), "exact reductions + hooks"))
-    reducer.StepReducer.reduce = clock.wrap(reducer.StepReducer.reduce, "step reduction")
-    hook.GradientLogger._put = clock.wrap(hook.GradientLogger._put, "writer hand-off")
+    wraps = [(grads.Factored, "sketch", "sketch"), (grads.Dense, "sketch", "sketch"),
+             (grads.Composite, "sketch", "sketch"),
+             (tracker, "bilinear", "guard"), (results.LayerResults, "reconciled", "guard"),
+             (tracker.LayerTracker, "process", "exact reductions + hooks"),
+             (capture.LayerCapture, "_forward_hook", "exact reductions + hooks"),
+             (batchgrad.BatchGradient, "_param_hook", "exact reductions + hooks"),
+             (reducer.StepReducer, "reduce", "step reduction"), (hook.RunOutput, "put", "writer hand-off")]
+    for owner, name, part in wraps:
+        if hasattr(owner, name):
+            setattr(owner, name, clock.wrap(getattr(owner, name), part))
 
 
 def breakdown(args: argparse.Namespace) -> None:

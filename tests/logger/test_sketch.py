@@ -411,3 +411,21 @@ def test_projections_identical_in_two_processes(tmp_path):
     assert out.strip() == str(sorted(local.items()))
     np.testing.assert_array_equal(open_logged(tmp_path / "a.zarr", "batch").sketch.values,
                                   open_logged(tmp_path / "b.zarr", "batch").sketch.values)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_routes_equal_unchunked(kind, monkeypatch):
+    """With temporaries capped at 64 elements every route works through many row, example and position chunks and
+    gives what it gives in one piece."""
+    import gradcoh.logger.sketch as sketch_module
+
+    torch.manual_seed(13)
+    u, v = torch.randn(5, 7, 9, dtype=torch.float64), torch.randn(5, 7, 11, dtype=torch.float64)
+    idx = torch.randint(0, 9, (5, 7))
+    p = Projection.create(2, "c", (9, 12), 16, kind)
+    m = torch.bmm(u.transpose(1, 2), v)
+    whole = {"dense": p.dense(m), "factored": p.factored(u, v, bias=True), "indexed": p.indexed(idx, v)}
+    monkeypatch.setattr(sketch_module, "_CHUNK_ELEMENTS", 64)
+    chunked = {"dense": p.dense(m), "factored": p.factored(u, v, bias=True), "indexed": p.indexed(idx, v)}
+    for route, value in whole.items():
+        np.testing.assert_allclose(chunked[route], value, rtol=1e-10, atol=1e-10, err_msg=route)
