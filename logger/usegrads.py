@@ -210,16 +210,23 @@ def _linear_use(use: Use, n: int) -> list | None:
     if x_pos not in use.data or w_pos not in use.diff or (b_arg is not None and (b is None or b_arg.dim() != 1)):
         return None
     w, x, x_lay = use.diff[w_pos], use.flat[x_pos], use.data[x_pos]
-    if isinstance(w, Node) or isinstance(b, Node) or w.dim() != 2 or x.dim() < 2 or x_lay[0] == x.dim() - 1:
+    if isinstance(w, Node) or (isinstance(b, Node) and transposed) or w.dim() != 2 or x.dim() < 2 or \
+            x_lay[0] == x.dim() - 1:
         return None
+    derived_bias, b = (b, None) if isinstance(b, Node) else (None, b)  # Swin-V2's bias with its key part zeroed
     trained = [p for p in (w, b) if p is not None and p.requires_grad]
     xs = _split_examples(x, x_lay, n)
     gs = _split_examples(use.grads, use.out_layout, n)
+    out = []
     if transposed:
         grad = linear.transposed_linear(xs, gs, weight_shape=_shape_if_trains(w), bias_shape=_shape_if_trains(b))
-    else:
+    elif trained:
         grad = linear.linear(xs, gs, weight=w.requires_grad, bias=b is not None and b.requires_grad)
-    return list(zip(trained, split_params(grad, MatrixView.of([tuple(p.shape) for p in trained])), strict=True))
+    if trained:
+        out = list(zip(trained, split_params(grad, MatrixView.of([tuple(p.shape) for p in trained])), strict=True))
+    if derived_bias is not None:  # each example's Σ_t δ_t, pulled back through the bias's derivation
+        out += pull_back(derived_bias, gs.reshape(n, -1, gs.shape[-1]).sum(1), n, {})
+    return out
 
 
 def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
