@@ -54,6 +54,8 @@ class BatchGradient:
 
     def _param_hook(self, i: int, grad: torch.Tensor) -> None:
         state = self._state
+        if state.uses.verifying:  # the verifier's extra pass (gradcoh.logger.verify) is not a micro-batch
+            return
         state.in_backward(reached_parameter=True)
         if state.from_grad:
             if state.micro == 0:

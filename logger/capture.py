@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .arguments import map_tensors, tensors
 from .fused import Slot
-from .layout import Unknown
+from .layout import Row
 from .plan import LayerPlan, Source
 from .uses import Use
 
@@ -145,7 +145,8 @@ class LayerCapture:
         call = Call(source, detached[0], detached[1], [(a, a._version) for a in leaves], r, axis, slot=slot)
         self._calls.append(call)
         if len(outs) == 1:
-            outs[0].register_hook(lambda g: self._on_grads(call, (g,)))
+            with uses.paused():  # reading ._base is not an op of the model
+                _on_output_grad(outs[0], leaves, lambda g: self._on_grads(call, (g,)))
             return
         positions = [i for i, o in enumerate(outs) if o.requires_grad]
 
@@ -160,13 +161,18 @@ class LayerCapture:
     def _rows_per_example(self, source: Source, first: torch.Tensor, lay: Any) -> tuple[int, int]:
         """``(batch axis, rows per example)`` of a call; the axis is 0 unless the rule acts position by position."""
         n = self._state.n
-        if isinstance(lay, Unknown) and n > 1:
+        if isinstance(lay, Row) and n > 1:
+            raise ValueError(
+                f"module '{source.name}' ({type(source.module).__name__}) is called on one example's rows (a loop "
+                "over the examples); call it on the whole batch, or exclude the layer with layers=..."
+            )
+        if not isinstance(lay, tuple) and n > 1:
             raise ValueError(
                 f"module '{source.name}' ({type(source.module).__name__}): gradcoh cannot tell which rows of its "
                 f"input belong to which example after the op '{lay.op}'; register a rule for the module that calls "
                 "it, or exclude the layer with layers=..."
             )
-        if isinstance(lay, Unknown):
+        if not isinstance(lay, tuple):
             return 0, max(first.shape[0], 1)
         axis, r = lay
         if axis != 0 and not getattr(source.rule, "positionwise", False):
@@ -177,6 +183,8 @@ class LayerCapture:
         return axis, r
 
     def _on_grads(self, call: Call, grads: tuple) -> None:
+        if self._state.uses.verifying:  # the verifier's extra pass (gradcoh.logger.verify)
+            return
         if not any(c is call for c in self._calls):  # its forward was consumed by an earlier backward (retain_graph)
             raise RuntimeError(
                 f"layer '{self.plan.name}': a second backward pass through the same forward inside one record block "
@@ -185,3 +193,27 @@ class LayerCapture:
         self._state.in_backward()
         call.grads = tuple(None if g is None else g.detach() for g in grads)
         self._maybe_ready()
+
+
+def _on_output_grad(out: torch.Tensor, inputs: list[torch.Tensor], fn: Callable) -> None:
+    """Call ``fn`` with the gradient of a module's output ``out``, also when an in-place op modifies it afterwards.
+
+    A tensor hook on ``out`` fires for the version of ``out`` the backward pass reaches. When ``out`` is a view of a
+    tensor made inside the module (``nn.Linear`` on 3-D input returns ``addmm(...).view(...)``), an in-place op on
+    it (``ReLU(inplace=True)``, ``+=``, ``masked_fill_``) rebases the view and that hook never fires; the gradient
+    with respect to the module's output then exists only where the base was made, so it is taken there (a pre-hook on
+    the base's node, reshaped to ``out``), for whichever version follows.
+    """
+    base = out._base
+    node = None if base is None else base.grad_fn
+    if (node is None or base.numel() != out.numel() or not out.is_contiguous()
+            or any(base is x or base is x._base for x in inputs)):
+        out.register_hook(fn)
+        return
+    nr, shape = base.output_nr, out.shape
+
+    def pre(grads: tuple) -> None:
+        if grads[nr] is not None:
+            fn(grads[nr].reshape(shape))
+
+    node.register_prehook(pre)

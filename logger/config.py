@@ -80,6 +80,13 @@ class LoggerConfig:
         fused: Fused mode for ``nn.Linear`` layers (:mod:`gradcoh.logger.fused`): on logged steps their batch weight
             gradient is summed from the per-example gradients gradcoh forms anyway instead of a second GEMM, so
             ``.grad`` equals the default path's to rounding, not bitwise. Off by default.
+        batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
+            dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
+            first tensor argument only; any other input is a constant shared by every example (prototypes, a
+            memory bank), whatever its length.
+        verify_every: With per-example losses (``rec.loss``), verify the first logged step and then every
+            ``verify_every``-th against one random example's true gradient (:mod:`gradcoh.logger.verify`); 0: never.
+            The default keeps the cost under 1% of the logged steps' time. One process only (off under DDP).
         probe_mode: How ``probe`` treats BatchNorm layers that normalise with batch statistics: ``"constant"``
             (default: the probe sample's statistics, held constant; exact per-example gradients of the network as
             it normalises at that step), ``"eval"`` (running statistics) or ``"train"`` (per-micro-batch statistics:
@@ -106,12 +113,14 @@ class LoggerConfig:
     reference_size: int = 0
     reference_every: int = 1
     fused: bool = False
+    batch_inputs: tuple[int | str, ...] = ()
+    verify_every: int = 100
     probe_mode: str = "constant"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, low in (("every", 1), ("sketch_dim", 0), ("seed", 0), ("queue_size", 1), ("reference_size", 0),
-                          ("reference_every", 1)):
+                          ("reference_every", 1), ("verify_every", 0)):
             int_at_least(name, getattr(self, name), low)
         for name, allowed in _CHOICES.items():
             _choice(name, getattr(self, name), allowed)
@@ -120,6 +129,10 @@ class LoggerConfig:
             raise ValueError(f"groups must be distinct non-empty names, got {self.groups!r}")
         object.__setattr__(self, "groups", groups)
         object.__setattr__(self, "layers", _names(self.layers))
+        inputs = (self.batch_inputs,) if isinstance(self.batch_inputs, int | str) else tuple(self.batch_inputs)
+        if any(isinstance(k, bool) or not isinstance(k, int | str) or (isinstance(k, int) and k < 0) for k in inputs):
+            raise ValueError(f"batch_inputs must be positions (int >= 0) or keyword names, got {self.batch_inputs!r}")
+        object.__setattr__(self, "batch_inputs", inputs)
         for name in ("alignment", "fused"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -136,6 +149,7 @@ class LoggerConfig:
         out = dataclasses.asdict(self)
         out["groups"] = list(self.groups)
         out["layers"] = list(self.layers)
+        out["batch_inputs"] = list(self.batch_inputs)
         return out
 
     def store_identity(self) -> dict[str, Any]:

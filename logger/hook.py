@@ -36,6 +36,7 @@ from .reference import ReferenceSet
 from .sigterm import SigtermExit
 from .sketch import ProjectionTable
 from .tracker import LayerTracker
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class GradientLogger:
         every: Log steps with ``step % every == 0``.
         sketch_dim: Sketch dimension per layer (0: no sketches).
         seed: Seed of the sketch projections.
-        loss_reduction: ``"mean"`` or ``"sum"``: how the training loss combines the examples.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the training loss combines the examples. Needed only without
+            per-example losses: with ``rec.loss(losses)`` the weight of each example's term is read from the
+            backward pass, and a declared value that contradicts it raises. Default: ``"mean"`` when not given.
         groups: Names of example groups (e.g. ``("clean", "corrupted")``).
         enabled: False turns the logger into a no-op that writes nothing.
         rules: Layer rules (default: :func:`~gradcoh.logger.layers.default_rules`).
@@ -74,7 +77,7 @@ class GradientLogger:
             parameters changed at the same step); in between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``,
-            ``fused``).
+            ``fused``, ``batch_inputs``).
 
     Attributes:
         batch_sums_from_grad: Read a step's batch gradient from ``.grad`` when it starts empty (no copy; default).
@@ -91,7 +94,7 @@ class GradientLogger:
     """
 
     def __init__(self, model: nn.Module, store: str | Path, *, every: int = 1, sketch_dim: int = 0,
-                 seed: int = 0, loss_reduction: str = "mean", groups: tuple[str, ...] = (),
+                 seed: int = 0, loss_reduction: str | None = None, groups: tuple[str, ...] = (),
                  enabled: bool = True, rules: LayerRules | None = None, storage_options: dict | None = None,
                  rank: int | None = None, world_size: int | None = None, summary_writer: Any = None,
                  alignment: bool = False, reference: Any = None, reference_every: int = 1,
@@ -99,8 +102,9 @@ class GradientLogger:
         if "reference_size" in options:
             raise ValueError("reference_size is set from reference=(inputs, targets, loss_fn); do not pass it")
         self._reference = None if reference is None else ReferenceSet(reference, reference_every)
+        self._declared = loss_reduction
         self.config = cfg = LoggerConfig(every=every, sketch_dim=sketch_dim, seed=seed,
-                                         loss_reduction=loss_reduction, groups=groups, alignment=alignment,
+                                         loss_reduction=loss_reduction or "mean", groups=groups, alignment=alignment,
                                          reference_size=0 if self._reference is None else self._reference.size,
                                          reference_every=reference_every, **options)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -112,8 +116,9 @@ class GradientLogger:
         self._projections = ProjectionTable(cfg.seed, cfg.sketch_dim)  # one table: what the store records
         self.trackers = [LayerTracker(plan, cfg.seed, cfg.sketch_dim, self._projections)
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
-        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused)
+        self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
+        self._verifier = Verifier(cfg.verify_every if self.world_size == 1 else 0, cfg.seed)  # (one process)
         self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
         self._sigterm = SigtermExit()
@@ -178,6 +183,7 @@ class GradientLogger:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
                                        keep_forms=self.config.alignment, references=references) as state:
+                self._verifier.arm(state, self.trackers, self._declared, stream == schema.STREAM_BATCH)
                 rec = Recording(state)
                 yield rec
             record = self._reducer.reduce(step, state, self._reference, **meta)

@@ -12,6 +12,9 @@ alone is silently wrong when, say, the sequence length equals the batch size).
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +33,38 @@ class Unknown:
     op: str
 
 
-Layout = tuple[int, int] | Unknown
-"""``(axis, r)``: index ``j`` along ``axis`` belongs to example ``j // r``; or :class:`Unknown`."""
+@dataclass(frozen=True)
+class Reduced:
+    """A tensor whose batch axis was summed or averaged away: a linear combination of the examples' terms.
+
+    The loss is one (``losses.mean()``); so is anything computed from such tensors by linear ops only (``loss / k``,
+    ``loss1 + loss2``). Combined with batch-carrying data, or passed through a non-linear op, it couples the examples
+    (:class:`Unknown`).
+
+    Attributes:
+        op: The op that reduced the batch axis.
+    """
+
+    op: str
+
+
+@dataclass(frozen=True)
+class Row:
+    """One example's data cut out of the batch (``h.unbind(0)[i]``, ``h[i]``, ``h[i:i+1]``): all of it is its.
+
+    Ops on one example's rows give that example's data; ``stack``/``cat`` of every example's rows in order give a
+    batch again (a Python loop over the examples).
+
+    Attributes:
+        example: The example.
+    """
+
+    example: int
+
+
+Layout = tuple[int, int] | Unknown | Reduced | Row
+"""``(axis, r)``: index ``j`` along ``axis`` belongs to example ``j // r``; or :class:`Unknown`, :class:`Reduced`,
+:class:`Row`."""
 
 # Ops applied independently along every axis they do not name (elementwise, activations, type casts, ...). Their
 # output layout follows from broadcasting: a batch axis of an input keeps its position counted from the right.
@@ -56,7 +89,7 @@ __ifloordiv__ __mod__ __rmod__ __imod__ __lshift__ __rshift__ __float__ __bool__
 # outside the trailing ``k`` axes of its input (k per op), then the broadcasting rule applies.
 _TRAILING = {
     "linear": 1, "bilinear": 1, "layer_norm": -1, "rms_norm": -1, "scaled_dot_product_attention": 2,
-    "embedding": 0, "one_hot": 0, "normalize": 1, "cosine_similarity": 1, "pairwise_distance": 1,
+    "embedding": 0, "one_hot": 0,
 }
 
 # Ops on ``[N, C, *spatial]`` that mix only within an example: the batch must be axis 0.
@@ -76,8 +109,19 @@ randint_like size dim numel
 
 _LOSSES = frozenset("""
 cross_entropy nll_loss mse_loss l1_loss smooth_l1_loss huber_loss binary_cross_entropy
-binary_cross_entropy_with_logits kl_div soft_margin_loss
+binary_cross_entropy_with_logits kl_div soft_margin_loss poisson_nll_loss gaussian_nll_loss multi_margin_loss
+multilabel_margin_loss multilabel_soft_margin_loss hinge_embedding_loss
 """.split())
+# Ops that are linear in a Reduced input (a loss): the result is still a linear combination of the examples' terms.
+_LINEAR = frozenset("""
+add sub neg mul div true_divide __add__ __radd__ __iadd__ __sub__ __rsub__ __isub__ __mul__ __rmul__ __imul__
+__truediv__ __itruediv__ __div__ __idiv__ __neg__ rsub sum mean nansum clone contiguous to float double half bfloat16
+type_as view reshape view_as reshape_as flatten squeeze unsqueeze expand expand_as broadcast_to add_ sub_ mul_ div_
+stack cat concat concatenate
+""".split())
+# Of those, the ops in which the Reduced input may take only one operand's place (a product of two is not linear)
+_ONE_OPERAND = frozenset({"mul", "__mul__", "__rmul__", "__imul__", "mul_", "div", "true_divide", "__truediv__",
+                          "__itruediv__", "__div__", "__idiv__", "div_"})
 _VIEWS = frozenset({"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "ravel"})
 _REDUCTIONS = frozenset("""
 sum mean amax amin max min std var norm logsumexp prod all any argmax argmin median nansum nanmean count_nonzero
@@ -87,6 +131,59 @@ _ALONG_DIM = frozenset({"softmax", "log_softmax", "cumsum", "cumprod", "logcumsu
                         "argsort", "topk", "flip", "narrow", "diff", "gather", "index_select", "scatter", "scatter_add",
                         "take_along_dim", "kthvalue", "_softmax", "softmin"})
 _SPLITS = frozenset({"split", "chunk", "split_with_sizes", "tensor_split", "unbind", "unsafe_split", "hsplit"})
+
+
+def bind(func: Callable | None, args: Sequence, kwargs: dict) -> dict[str, Any] | None:
+    """The op's arguments by name, positional or keyword alike, or None when its signature is not known.
+
+    Python functions (``F.normalize``, ``F.softmax``) are bound through :func:`inspect.signature`; torch's builtins
+    (``torch.diff``, ``Tensor.sum``) through their ATen schemas, choosing the overload whose positional arguments
+    fit (tensor where the schema takes a tensor). The first argument is named ``input`` either way.
+    """
+    if func is None:
+        return None
+    names = _python_names(func)
+    if names is None:
+        kinds = tuple("t" if torch.is_tensor(a) else "n" if a is None else "o" for a in args)
+        names = _schema_names(getattr(func, "__name__", ""), kinds, frozenset(kwargs))
+    if names is None or len(args) > len(names):
+        return None
+    bound = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        bound["input" if key == "self" else key] = value
+    return bound
+
+
+@functools.lru_cache(maxsize=512)
+def _python_names(func: Callable) -> tuple[str, ...] | None:
+    if not isinstance(func, types.FunctionType):
+        return None
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+@functools.lru_cache(maxsize=2048)
+def _schema_names(name: str, kinds: tuple[str, ...], keys: frozenset[str]) -> tuple[str, ...] | None:
+    name = name.rstrip("_") if name.endswith("_") and not name.startswith("__") else name
+    if not name or name.startswith("__"):
+        return None
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(f"aten::{name}")
+    except RuntimeError:
+        return None
+    for schema in schemas:
+        pos = [a for a in schema.arguments if not a.kwarg_only]
+        if len(pos) < len(kinds) or not keys <= {a.name for a in schema.arguments} | {"input"}:
+            continue
+        if all(kind == "n" or (kind == "t") == str(a.type).startswith(("Tensor", "Optional[Tensor]"))
+               for kind, a in zip(kinds, pos, strict=False)):
+            return tuple("input" if a.name == "self" else a.name for a in pos)
+    return None
 
 
 def _norm(dim: int, ndim: int) -> int:
@@ -170,71 +267,106 @@ def _permutation(name: str, args: Sequence, kwargs: dict, ndim: int) -> list[int
 
 
 def _getitem(t: torch.Tensor, lay: tuple[int, int], index: Any, out: torch.Tensor, op: str) -> Layout:
-    """Layout after indexing ``t[index]``: the batch axis must be taken whole by ``:``."""
+    """Layout after indexing ``t[index]``.
+
+    Basic indexing (ints, slices, None, Ellipsis) must take the batch axis whole with ``:``, or one example's rows
+    (a :class:`Row`). Indexing with tensors or lists (advanced indexing, where PyTorch may move the indexed axes to
+    the front) is proven on a marker: the same index applied to each entry's own row number along the batch axis
+    must give ``0, 1, 2, ...`` along one output axis, whatever the values elsewhere (``h[arange(n), idx]``,
+    ``f[:, ys, :, xs]``); otherwise the rows were reordered, dropped or repeated and the layout is Unknown.
+    """
     axis, r = lay
     items = index if isinstance(index, tuple) else (index,)
-    identity = _identity_index(t, lay, items, out, op)
-    if identity is not None:
-        return identity
+    if any(torch.is_tensor(x) or isinstance(x, list | bool) for x in items):
+        return _marked(t, lay, index, out, op)
     if any(x is Ellipsis for x in items):
         pos = items.index(Ellipsis)
         used = sum(_consumed(x) for x in items if x is not Ellipsis)
         items = items[:pos] + (slice(None),) * (t.dim() - used) + items[pos + 1 :]
-    in_axis, out_axis, advanced = 0, 0, 0
-    result: tuple[int, int] | None = None
+    in_axis, out_axis = 0, 0
     for x in items:
         if in_axis == axis and x is not None:
-            if not (isinstance(x, slice) and x == slice(None)):
-                return Unknown(op)
-            result = (out_axis, r)
-            break
+            return _batch_item(x, t.shape[axis], r, out_axis, op)
         if x is None:
             out_axis += 1
         elif isinstance(x, int):
             in_axis += 1
-        elif torch.is_tensor(x) or isinstance(x, list | bool):
-            advanced += 1
-            in_axis += _consumed(x)
-            out_axis += 1 if not torch.is_tensor(x) or x.dtype == torch.bool else x.dim()
         else:
             in_axis += 1
             out_axis += 1
-    if result is None:
-        result = (out_axis + axis - in_axis, r)
-    ok = advanced <= 1 and result[0] < out.dim() and out.shape[result[0]] == t.shape[axis]
-    return result if ok else Unknown(op)
+    result = (out_axis + axis - in_axis, r)
+    return result if result[0] < out.dim() and out.shape[result[0]] == t.shape[axis] else Unknown(op)
 
 
-def _identity_index(t: torch.Tensor, lay: tuple[int, int], items: tuple, out: torch.Tensor, op: str) -> Layout | None:
-    """``x[arange(B)[:, None, None], idx]``-style indexing (Hugging Face masks): the batch axis indexed by itself.
+def _batch_item(x: Any, size: int, r: int, out_axis: int, op: str) -> Layout:
+    """The layout left by a basic index item applied to the batch axis."""
+    rows = range(size)[x] if isinstance(x, int | slice) else None
+    if isinstance(rows, range) and rows == range(size):
+        return (out_axis, r)
+    if r == 1 and (isinstance(rows, int) or (isinstance(rows, range) and len(rows) == 1)):
+        return Row(rows if isinstance(rows, int) else rows[0])  # one example's rows
+    return Unknown(op)
 
-    Only leading, adjacent integer-tensor indices (no Ellipsis, no None); the batch axis's index must be the
-    identity ``arange`` along one axis of the broadcast index shape, which becomes the output's batch axis.
-    """
+
+def _marked(t: torch.Tensor, lay: tuple[int, int], index: Any, out: torch.Tensor | None, op: str) -> Layout:
+    """Layout of ``t[index]`` (advanced indexing) from the row numbers the index picks (see :func:`_getitem`)."""
     axis, r = lay
-    if axis >= len(items) or not torch.is_tensor(items[axis]):
-        return None
-    tensors = [x for x in items if torch.is_tensor(x)]
-    if len(tensors) != len(items) or any(x.dtype == torch.bool or x.is_floating_point() for x in tensors):
-        return Unknown(op)
-    idx = items[axis]
     size = t.shape[axis]
-    big = [d for d, s in enumerate(idx.shape) if s != 1]
-    if len(big) != 1 or idx.shape[big[0]] != size:
+    shape = [1] * t.dim()
+    shape[axis] = size
+    marker = torch.arange(size, device=t.device).view(shape).expand(t.shape)
+    try:
+        got = marker[index]
+    except (IndexError, RuntimeError, TypeError):
         return Unknown(op)
-    if not torch.equal(idx.reshape(-1), torch.arange(size, device=idx.device, dtype=idx.dtype)):
+    if out is not None and got.shape != out.shape:
         return Unknown(op)
-    nd = max(x.dim() for x in tensors)
-    out_axis = big[0] + nd - idx.dim()
-    return (out_axis, r) if out.dim() > out_axis and out.shape[out_axis] == size else Unknown(op)
+    for d in range(got.dim()):
+        if got.shape[d] != size:
+            continue
+        want = [1] * got.dim()
+        want[d] = size
+        if torch.equal(got, torch.arange(size, device=t.device).view(want).expand(got.shape)):
+            return (d, r)
+    first = got.reshape(-1)[:1]
+    if r == 1 and got.numel() and bool((got == first).all()):
+        return Row(int(first))
+    return Unknown(op)
 
 
-def setitem_layout(target: torch.Tensor, index: Any, value: torch.Tensor, lay: Layout) -> Layout:
-    """Layout of ``target`` after ``target[index] = value`` (``value`` carries the batch, ``target`` did not).
+def setitem_layout(target: torch.Tensor, index: Any, value: Any, target_lay: Layout | None,
+                   value_lay: Layout | None) -> Layout:
+    """Layout of ``target`` after ``target[index] = value`` (each may carry the batch or not).
 
-    The batch axis of ``value`` must fill the same axis of ``target`` whole (``x[..., 1:] = ids[..., :-1]``).
+    Writing into a constant: the written region must take the batch axis of ``value`` whole
+    (``x[..., 1:] = ids[..., :-1]``). Writing into a batch-carrying tensor follows the rows written: a constant
+    may go anywhere (no example's rows move); data must land on the same example's rows (the region's batch axis
+    taken whole and in order, matching the value's, or one example's rows from the same example). Anything else,
+    ``h2[perm] = h`` or a partial roll ``h2[1:] = h[:-1]``, is Unknown.
     """
-    if isinstance(lay, Unknown) or value.dim() != target.dim():
+    if isinstance(target_lay, Unknown | Reduced) or isinstance(value_lay, Unknown | Reduced):
+        return Unknown("__setitem__")
+    if target_lay is None:
+        return _write_into_constant(target, index, value, value_lay)
+    if value_lay is None:
+        return target_lay  # constants written into the batch: no example's rows move
+    if isinstance(target_lay, Row):
+        return target_lay if value_lay == target_lay else Unknown("__setitem__")
+    with torch.no_grad():
+        region = target.detach()[index]
+    region_lay = _getitem(target, target_lay, index, region, "__setitem__")
+    if isinstance(region_lay, Row):
+        return target_lay if value_lay == region_lay else Unknown("__setitem__")
+    if isinstance(region_lay, Unknown) or isinstance(value_lay, Row) or not torch.is_tensor(value):
+        return Unknown("__setitem__")
+    d, r = region_lay
+    a, rv = value_lay
+    lands = a + region.dim() - value.dim()
+    return target_lay if lands == d and rv == r and value.shape[a] == region.shape[d] else Unknown("__setitem__")
+
+
+def _write_into_constant(target: torch.Tensor, index: Any, value: Any, lay: Layout) -> Layout:
+    if not isinstance(lay, tuple) or not torch.is_tensor(value) or value.dim() != target.dim():
         return Unknown("__setitem__")
     axis, r = lay
     items = index if isinstance(index, tuple) else (index,)
@@ -289,6 +421,8 @@ class _Op:
     out: torch.Tensor
     data: list[tuple[int, torch.Tensor, tuple[int, int]]]
     n: int
+    bound: dict[str, Any] | None = None
+    position: int = 0  # which of the op's tensor outputs ``out`` is
 
     @property
     def pairs(self) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -316,6 +450,9 @@ class _Op:
         return len(self.data) == 1 and self.data[0][0] == 0
 
     def arg(self, pos: int, name: str, default: Any = None) -> Any:
+        """Argument ``name`` (at ``pos`` when the op's signature is not known)."""
+        if self.bound is not None:
+            return self.bound.get(name, default)
         return _arg(self.args, self.kwargs, pos, name, default)
 
     def unknown(self) -> Unknown:
@@ -412,9 +549,24 @@ def _expand(op: _Op) -> Layout:
     return _broadcast(op.pairs, op.out, 0, op.name)
 
 
-@_unary
 def _index(op: _Op) -> Layout:
+    """``t[index]``: ``t`` carries the batch; index tensors may too (per-example indices, never differentiated)."""
+    if op.data[0][0] != 0:
+        if len(op.data) == 1 and op.args[1] is op.t:  # a constant table indexed by one batch-carrying tensor
+            return op.lay
+        return op.unknown()
+    if any(t.is_floating_point() or t.requires_grad for _, t, _ in op.data[1:]):
+        return op.unknown()
     return _getitem(op.t, op.lay, op.args[1], op.out, op.name)
+
+
+def _index_put(op: _Op) -> Layout:
+    """``index_put(target, indices, values)``: as ``target[indices] = values``."""
+    target, indices = op.args[0], op.arg(1, "indices")
+    values = op.arg(2, "values")
+    lays = {id(t): lay for _, t, lay in op.data}
+    index = tuple(slice(None) if i is None else i for i in indices)
+    return setitem_layout(target, index, values, lays.get(id(target)), lays.get(id(values)))
 
 
 @_unary
@@ -422,8 +574,8 @@ def _reduce(op: _Op) -> Layout:
     if len(op.args) > 1 and torch.is_tensor(op.args[1]):  # max(a, b), min(a, b): elementwise
         return _broadcast(op.pairs, op.out, 0, op.name) if op.name in ("max", "min") else op.unknown()
     dims = _dims(op.arg(1, "dim"), op.nd)
-    if dims is None or op.axis in dims:
-        return op.unknown()
+    if dims is None or op.axis in dims:  # the batch axis reduced: a loss if linear, else the examples coupled
+        return Reduced(op.name) if op.name in ("sum", "mean", "nansum", "nanmean") else op.unknown()
     keep = bool(op.arg(2, "keepdim", False))
     return op.keep(op.axis if keep else op.axis - sum(d < op.axis for d in dims))
 
@@ -454,35 +606,144 @@ def _pad(op: _Op) -> Layout:
 @_unary
 def _select(op: _Op) -> Layout:
     d = _norm(int(op.arg(1, "dim")), op.nd)
-    return op.unknown() if d == op.axis else op.keep(op.axis - (d < op.axis))
+    if d == op.axis:
+        return _row(op, int(op.arg(2, "index")))
+    return op.keep(op.axis - (d < op.axis))
+
+
+def _row(op: _Op, index: int) -> Layout:
+    """One row of the batch axis: an example's own data when each example has one row."""
+    size = op.t.shape[op.axis]
+    return Row(index + size if index < 0 else index) if op.lay[1] == 1 and -size <= index < size else op.unknown()
 
 
 @_unary
 def _split(op: _Op) -> Layout:
     d = _norm(int(op.arg(1 if op.name == "unbind" else 2, "dim", 0)), op.nd)
-    if d == op.axis:
+    if d == op.axis:  # a loop over examples: one piece per example
+        if op.name == "unbind" or (op.out.shape[d] == 1 and op.t.shape[d] == op.n):
+            return _row(op, op.position)
         return op.unknown()
     return op.keep(op.axis - (d < op.axis)) if op.name == "unbind" else op.keep()
 
 
+def _restack(op: _Op, tensors: Sequence, d: int, ref: int) -> Layout:
+    """``stack``/``cat`` of every example's own rows (:class:`Row`), in order: a batch again."""
+    lays = {id(t): lay for _, t, lay in op.data}
+    rows = [lays.get(id(t)) for t in tensors]
+    if [r.example if isinstance(r, Row) else None for r in rows] != list(range(op.n)):
+        return op.unknown()
+    if op.name == "stack":
+        return (_norm(d, ref + 1), 1)
+    d = _norm(d, ref)
+    sizes = {t.shape[d] for t in tensors}
+    return (d, sizes.pop()) if len(sizes) == 1 and op.name in ("cat", "concat", "concatenate") else op.unknown()
+
+
 def _loss(op: _Op) -> Layout:
-    if op.arg(99, "reduction", "mean") != "none" or any(a != 0 for _, _, (a, _) in op.data):
+    reduction = op.arg(99, "reduction", "mean")
+    if any(a != 0 for _, _, (a, _) in op.data):
+        return op.unknown()
+    if reduction in ("mean", "sum", "batchmean"):
+        return Reduced(op.name)
+    if reduction != "none":
         return op.unknown()
     return op.keep(0) if op.out.dim() and op.out.shape[0] == op.t.shape[0] else op.unknown()
 
 
+@_unary
+def _normalize(op: _Op) -> Layout:
+    """``F.normalize(x, p, dim)``: mixes along ``dim`` only (default 1)."""
+    d = _norm(int(op.arg(2, "dim", 1)), op.nd)
+    return op.unknown() if d == op.axis else op.keep()
+
+
+def _pairwise(op: _Op) -> Layout:
+    """``cosine_similarity(x1, x2, dim=1)``, ``pairwise_distance(x1, x2)``: broadcast, then ``dim`` reduced."""
+    bnd = op.out.dim() + (0 if op.name == "pairwise_distance" and op.arg(4, "keepdim", False) else 1)
+    d = _norm(int(op.arg(2, "dim", 1)), bnd) if op.name == "cosine_similarity" else bnd - 1
+    result: set[tuple[int, int]] = set()
+    for _, t, (axis, r) in op.data:
+        pos = axis + bnd - t.dim()
+        out_axis = pos - (d < pos) if bnd > op.out.dim() else pos
+        if pos == d or out_axis < 0 or op.out.shape[out_axis] != t.shape[axis]:
+            return op.unknown()
+        result.add((out_axis, r))
+    return result.pop() if len(result) == 1 else op.unknown()
+
+
 def _gather(op: _Op) -> Layout:
-    """``gather(input, dim, index)`` with constant input and a batch-carrying index."""
-    if len(op.data) != 1 or op.data[0][0] not in (-1, 2):
+    """``gather(input, dim, index)``: per example when the input, the index or both carry the batch.
+
+    Every batch-carrying argument must have the same batch axis, not ``dim``, kept whole in the output.
+    """
+    lays = {lay for _, _, lay in op.data}
+    if len(lays) != 1:
         return op.unknown()
-    d = _norm(int(op.arg(1, "dim")), op.nd)
-    return op.unknown() if d == op.axis or op.out.dim() != op.nd else op.lay
+    axis, _ = lay = lays.pop()
+    d = _norm(int(op.arg(1, "dim")), op.out.dim())
+    sizes = {t.shape[axis] for _, t, _ in op.data}
+    ok = d != axis and op.out.dim() == op.nd and len(sizes) == 1 and op.out.shape[axis] == sizes.pop()
+    return lay if ok else op.unknown()
+
+
+def _take_along_dim(op: _Op) -> Layout:
+    """``take_along_dim(input, indices, dim)``: input and indices broadcast except along ``dim``."""
+    dim = op.arg(2, "dim")
+    if dim is None:
+        return op.unknown()  # flattened
+    d = _norm(int(dim), op.out.dim())
+    lay = _broadcast(op.pairs, op.out, 0, op.name)
+    return op.unknown() if isinstance(lay, Unknown) or lay[0] == d else lay
+
+
+def _einsum(op: _Op) -> Layout:
+    """``einsum(equation, *operands)``: the batch axis is a letter that the output keeps (read from the equation)."""
+    equation = op.arg(0, "equation")
+    operands = op.args[1:] if len(op.args) > 1 else op.arg(1, "tensors", ())
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands = operands[0]
+    if not isinstance(equation, str):
+        return op.unknown()
+    letters = _einsum_letters(equation.replace(" ", ""), [t.dim() for t in operands])
+    if letters is None:
+        return op.unknown()
+    inputs, output = letters
+    result: set[tuple[int, int]] = set()
+    for _, t, (axis, r) in op.data:
+        i = next((i for i, x in enumerate(operands) if x is t), None)
+        if i is None or inputs[i][axis] not in output:
+            return op.unknown()  # contracted over the batch
+        result.add((output.index(inputs[i][axis]), r))
+    return result.pop() if len(result) == 1 else op.unknown()
+
+
+def _einsum_letters(equation: str, ndims: list[int]) -> tuple[list[str], str] | None:
+    """Each operand's axis letters and the output's, with ``...`` spelt out (right-aligned broadcast axes)."""
+    spare = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation)
+    lhs, _, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ndims):
+        return None
+    inputs, widest = [], 0
+    for term, nd in zip(terms, ndims, strict=True):
+        k = nd - len(term.replace("...", ""))
+        widest = max(widest, k)
+        inputs.append(term.replace("...", spare[len(spare) - k :] if k else ""))
+    if "->" not in equation:
+        counts = "".join(inputs)
+        rhs = "..." * ("..." in lhs) + "".join(sorted(c for c in set(counts) if counts.count(c) == 1 and
+                                                       c not in spare))
+    output = rhs.replace("...", spare[len(spare) - widest :] if widest else "")
+    return inputs, output
 
 
 def _concat(op: _Op) -> Layout:
     tensors = op.args[0] if op.args else op.kwargs["tensors"]
     d = int(op.arg(1, "dim", 0))
     ref = tensors[0].dim()
+    if any(isinstance(lay, Row) for _, _, lay in op.data):
+        return _restack(op, tensors, d, ref)
     if op.name == "stack":
         lays = {(a + (_norm(d, ref + 1) <= a), r) for _, _, (a, r) in op.data}
     else:
@@ -502,7 +763,9 @@ def _handlers() -> dict[str, Callable[[_Op], Layout]]:
         (("expand", "expand_as", "broadcast_to", "repeat", "tile"), _expand), (("__getitem__",), _index),
         (_REDUCTIONS, _reduce), (_ALONG_DIM, _along_dim), (("roll",), _roll), (("pad",), _pad),
         (("select",), _select), (_SPLITS, _split), (_LOSSES, _loss), (("gather",), _gather),
-        (("cat", "concat", "concatenate", "stack", "hstack", "vstack"), _concat),
+        (("cat", "concat", "concatenate", "stack", "hstack", "vstack"), _concat), (("normalize",), _normalize),
+        (("cosine_similarity", "pairwise_distance"), _pairwise), (("take_along_dim",), _take_along_dim),
+        (("einsum",), _einsum), (("index_put", "index_put_"), _index_put),
     ]
     for names, handler in groups:
         for name in names:
@@ -515,7 +778,8 @@ _PERMUTATIONS = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t", 
 
 
 def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
-              data: list[tuple[int, torch.Tensor, Layout]], n: int) -> Layout:
+              data: list[tuple[int, torch.Tensor, Layout]], n: int, func: Callable | None = None,
+              position: int = 0) -> Layout:
     """Layout of ``out``, the tensor output of op ``name`` whose batch-carrying inputs are ``data``.
 
     Args:
@@ -526,22 +790,62 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
         data: ``(position, tensor, layout)`` of each batch-carrying input; ``position`` is the index in ``args``
             (−1 for keyword or nested arguments).
         n: Examples in the micro-batch.
+        func: The op itself, to read its arguments by name through its signature (:func:`bind`).
+        position: Which of the op's tensor outputs ``out`` is.
 
     Returns:
-        The output's layout, or :class:`Unknown` naming the op.
+        The output's layout: ``(axis, r)``, :class:`Row`, :class:`Reduced`, or :class:`Unknown` naming the op (the
+        op is outside the table, or it mixes the examples).
     """
+    if name in _SHAPE_ONLY:  # the second argument gives only a shape or a type, never values
+        data = [d for d in data if d[0] == 0]
+        if not data:
+            return Unknown(name)
+    bound = bind(func, args, kwargs)
     extra = _EXTRA.get(name)
     if extra is not None:
-        lay = extra(_Op(name, args, kwargs, out, data, n))
+        lay = extra(_Op(name, args, kwargs, out, data, n, bound, position))
         if lay is not None:
             return lay
-    unknown = next((lay for _, _, lay in data if isinstance(lay, Unknown)), None)
+    lays = [lay for _, _, lay in data]
+    unknown = next((lay for lay in lays if isinstance(lay, Unknown)), None)
+    if unknown is not None and type(unknown) is not Unknown and name in _REDUCTIONS | _LOSSES:
+        # rows still in another order (or packed) reach the loss: the examples are mixed up
+        return Unknown(f"{name}' of rows left in the order of '{unknown.op}")
     if unknown is not None:
         return unknown
+    if name not in _CONCAT and any(isinstance(lay, Reduced | Row) for lay in lays):
+        return _rows_or_reduced(name, data)
     handler = _HANDLERS.get(name)
-    return Unknown(name) if handler is None else handler(_Op(name, args, kwargs, out, data, n))
+    if handler is None:
+        return Unknown(name)
+    return handler(_Op(name, args, kwargs, out, data, n, bound, position))
 
 
+def _rows_or_reduced(name: str, data: list) -> Layout:
+    """Ops on examples' own rows (:class:`Row`) or on losses (:class:`Reduced`)."""
+    lays = [lay for _, _, lay in data]
+    examples = {lay.example if isinstance(lay, Row) else None for lay in lays}
+    if all(isinstance(lay, Row) for lay in lays) and len(examples) == 1:
+        return lays[0]  # one example's data
+    if all(isinstance(lay, Reduced | Row) for lay in lays) and name in _ADDITIVE:
+        return Reduced(name)  # terms of different examples added up: a loss (``sum(losses)``)
+    return _after_reduced(name, data)
+
+
+def _after_reduced(name: str, data: list) -> Layout:
+    """A loss (:class:`Reduced`) stays one through linear ops on it alone; anything else couples the examples."""
+    if not all(isinstance(lay, Reduced) for _, _, lay in data) or name not in _LINEAR:
+        return Unknown(name)
+    if name in _ONE_OPERAND and (len(data) > 1 or ("div" in name and data[0][0] != 0)):
+        return Unknown(name)
+    return data[0][2]
+
+
+_ADDITIVE = frozenset({"add", "sub", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__isub__", "add_",
+                       "sub_"})
+_SHAPE_ONLY = frozenset({"view_as", "reshape_as", "expand_as", "type_as"})
+_CONCAT = frozenset({"cat", "concat", "concatenate", "stack", "hstack", "vstack"})
 _HANDLERS = _handlers()
 _EXTRA: dict[str, Callable[[_Op], Layout | None]] = {}
 

@@ -36,8 +36,15 @@ class Recording:
 
     def loss(self, values: torch.Tensor) -> None:
         """Record per-example losses ``[n]`` of the current micro-batch (call once per forward)."""
-        if self._state is not None:
-            self._state.losses.append(values.detach().reshape(-1).to(torch.float32))
+        state = self._state
+        if state is None:
+            return
+        state.losses.append(values.detach().reshape(-1).to(torch.float32))
+        if values.requires_grad:  # the weights each term carries are read from the backward pass
+            micro = state.micro
+            values.register_hook(lambda g: None if state.uses.verifying else state.observe(micro, g))
+            if state.on_loss is not None:
+                state.on_loss(values)
 
     def examples(self, *, index: Any = None, labels: Any = None, group: Any = None, true_labels: Any = None) -> None:
         """Metadata of the current micro-batch's examples, when it is only known per forward (trainer callbacks).
@@ -87,9 +94,12 @@ class StepRecorder:
         fused: Fused mode (:mod:`gradcoh.logger.fused`) for the eligible Linear layers.
     """
 
-    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool = False) -> None:
+    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool = False,
+                 batch_inputs: tuple = ()) -> None:
         self.model = model
         self.trackers = trackers
+        self.batch_inputs = batch_inputs
+        self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.params = {id(p): p for t in trackers for p in t.params}
         self.fused = fusable_weights([t.plan for t in trackers]) if fused else frozenset()
         self.modules = self._hooked_modules()
@@ -120,7 +130,8 @@ class StepRecorder:
             references: Each layer's part of the reference gradient (per parameter, natural views), or None.
         """
         from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
-        uses = UseTracker(self.params, self._on_use, self._on_use_grad, self.fused)
+        uses = UseTracker(self.params, self._on_use, self._on_use_grad, self.fused, self._on_mixed,
+                          self.batch_inputs)
         device = self.trackers[0].params[0].device
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
                           from_grad=from_grad, keep_forms=keep_forms, device=device, trackers=self.trackers)
@@ -152,26 +163,34 @@ class StepRecorder:
         uses = state.uses
         depth = [0]
 
-        def before(args: tuple, kwargs: dict, owned: frozenset[int] | None) -> None:
+        def before(module: nn.Module, args: tuple, kwargs: dict, owned: frozenset[int] | None) -> None:
             if depth[0] == 0 and not uses.is_paused:
                 n = uses.new_batch(args, kwargs)
                 if n is not None:
                     state.batch_size(n)
             depth[0] += 1
+            uses.where.append(self.names.get(id(module), type(module).__name__))
             if owned is not None:
                 uses.rule_call_started(owned)
 
         def after(owned: frozenset[int] | None) -> None:
             depth[0] = max(depth[0] - 1, 0)
+            if uses.where:
+                uses.where.pop()
             if owned is not None:
                 uses.rule_call_ended()
 
         handles = []
         for module, owned in self.modules.values():
             handles.append(module.register_forward_pre_hook(
-                lambda m, a, k, owned=owned: before(a, k, owned), with_kwargs=True))
+                lambda m, a, k, owned=owned: before(m, a, k, owned), with_kwargs=True))
             handles.append(module.register_forward_hook(lambda m, a, o, owned=owned: after(owned), always_call=True))
         return handles
+
+    def _on_mixed(self, op: str, where: str) -> None:
+        """A gradient flows through an op that mixes the examples: the layers still to be processed are affected."""
+        if self._state is not None and self._state.mixed is None:
+            self._state.mixed = (op, where)
 
     def _on_use(self, use: Use) -> None:
         uses = self._state.uses

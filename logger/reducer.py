@@ -23,6 +23,7 @@ from .reference import ReferenceSet
 from .step import StepState
 from .store import HostRecord
 from .tracker import LayerTracker
+from .verify import compare
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class StepReducer:
         self.trackers = trackers
         self.config = config
         self.world_size = world_size
+        self._mismatch: list[str] = []
 
     def reduce(self, step: int, state: StepState, reference: ReferenceSet | None = None,
                **meta: Any) -> HostRecord | None:
@@ -121,7 +123,9 @@ class StepReducer:
         loss = host.get("loss", np.full(n, np.nan, dtype=np.float32))
         if loss.shape[0] != n:
             raise ValueError(f"rec.loss() received {loss.shape[0]} values for {n} examples")
-        self._guard(step, host["reconciled"])
+        host["reconciled"] = np.array(host["reconciled"], copy=True)
+        self._verified(step, host["reconciled"])
+        self._guard(step, host["reconciled"], host["guard_gap"])
         return HostRecord(
             step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
             group_gram=host["group_gram"], index=metadata["index"], label=metadata["label"],
@@ -141,7 +145,8 @@ class StepReducer:
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         reconciled = torch.stack([t.results.reconciled() for t in self.trackers]) | ~finite
         out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
-               "reconciled": reconciled}
+               "reconciled": reconciled,
+               "guard_gap": torch.stack([t.results.gap.to(sq_norm.device) for t in self.trackers])}
         if state.losses:
             out["loss"] = torch.cat(state.losses)
         if self.config.sketch_dim:
@@ -150,6 +155,9 @@ class StepReducer:
         if totals is not None:  # g_i and the batch sum both carry the loss scale
             out["alignment"] = torch.stack([t.results.alignment(g, sizes) for t, g in zip(self.trackers, totals,
                                                                                   strict=True)], 1) * inv**2
+        self._mismatch = [] if state.truth is None else compare(
+            state.truth, self.trackers, sizes, inv, None if totals is None else
+            ([[m * inv for m in g] for g in totals], out["alignment"].cpu().numpy()))
         if reference is not None:
             out["ref_alignment"] = torch.stack([t.results.ref_alignment(sizes) for t in self.trackers], 1) * inv
             out["ref_sq_norm"] = torch.stack([sum(g.to(torch.float64).square().sum() for g in t.reference)
@@ -171,9 +179,28 @@ class StepReducer:
             return grams, None
         return grams, [t.results.unflatten(s.sum(0)) for t, s in zip(self.trackers, sums, strict=True)]
 
-    def _guard(self, step: int, ok: np.ndarray) -> None:
+    def _verified(self, step: int, ok: np.ndarray) -> None:
+        """The verifier's result (:mod:`gradcoh.logger.verify`): raise, or flag the layers (``on_mismatch``)."""
+        bad, self._mismatch = self._mismatch, []
+        if not bad:
+            return
+        names = [t.name for t in self.trackers]
+        for entry in bad:
+            ok[names.index(entry[1:].split("'", 1)[0])] = False
+        message = (f"step {step}: the verifier recomputed one example's true gradient and the stored values of "
+                   f"layer(s) {', '.join(bad)} differ from it: rows of this layer are attributed to the wrong example "
+                   "(an op that moves or mixes examples between the layer and the loss), or its rule is wrong. Run "
+                   "gradcoh.logger.validate(model, ...) on this model, or exclude the layer with layers=...")
+        if self.config.on_mismatch == "flag":
+            log.warning("%s; flagged", message)
+            return
+        raise RuntimeError(message)
+
+    def _guard(self, step: int, ok: np.ndarray, gap: np.ndarray) -> None:
         """The reconciliation guard: raise (``on_mismatch="raise"``) or keep the flags (``"flag"``)."""
-        bad = [t.name for t, good in zip(self.trackers, ok, strict=True) if not good]
+        bad = [f"'{t.name}' ({g:.3g}x its rounding tolerance)" for t, good, g in zip(self.trackers, ok, gap,
+                                                                                    strict=True)
+               if not good and g > 1]
         if not bad:
             return
         if self.config.on_mismatch == "flag":
@@ -181,10 +208,17 @@ class StepReducer:
                         ", ".join(bad))
             return
         raise RuntimeError(
-            f"step {step}: the per-example gradients of layer(s) {', '.join(repr(b) for b in bad)} do not sum to the "
-            "batch gradient their parameters received. Likely causes: a parameter used outside the modules gradcoh "
-            "sees in a way it cannot split by example (a penalty on the weights inside the loss: apply it in the "
-            "optimizer, e.g. weight_decay), or gradients changed between the backward pass and the end of the "
-            "record block. Run gradcoh.logger.validate(model, ...) to see which layers are exact, exclude the layer "
-            "with layers=..., or pass on_mismatch='flag' to store the step with the layer flagged"
+            f"step {step}: the per-example gradients of layer(s) {', '.join(bad)} do not sum to the batch gradient "
+            "their parameters received (beyond the float rounding of the two sums). Likely causes, most likely "
+            "first, and how to tell them apart:\n"
+            "1. an in-place op on a tensor after the layer that gradcoh cannot follow (only the layers right "
+            "before the op are flagged; gradcoh.logger.validate(model, ...) shows which);\n"
+            "2. a penalty on the weights inside the loss (e.g. λ·‖W‖²): every penalised layer is flagged, the gap "
+            "scales with λ; apply it in the optimizer instead (weight_decay);\n"
+            "3. a second backward pass through the same forward, or gradients already in .grad from outside the "
+            "record block: every layer the pass reaches is flagged; combine the losses and call backward once, and "
+            "zero .grad before the block;\n"
+            "4. .grad modified between the backward pass and the end of the block (clipping, scaling): every "
+            "layer is flagged by a common factor; do it after the block.\n"
+            "Exclude a layer with layers=..., or pass on_mismatch='flag' to store the step with the layer flagged"
         )

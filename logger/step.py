@@ -42,6 +42,13 @@ class StepState:
         losses: Per-example losses passed to ``Recording.loss``.
         meta_parts: Per-micro-batch metadata passed to ``Recording.examples`` (key -> list over micro-batches).
         loss_scale: The factor the backward loss was multiplied by (a loss scaler's), divided out when storing.
+        mixed: ``(op, module)`` of an op that mixes the examples along the batch axis and that the running backward
+            pass went through: the per-example gradients of the layers before it cannot be split by example.
+        observed: Micro-batch -> the weight each example's loss term carries in the backward loss, read from the
+            backward pass when per-example losses are given (``rec.loss``); it replaces ``scale_by_batch``.
+        declared: The ``loss_reduction`` the user declared (None: not declared), checked against ``observed``.
+        on_loss: Called with the per-example losses given to ``rec.loss`` (the verifier).
+        truth: The verifier's captured example gradient (:class:`~gradcoh.logger.verify.Truth`), or None.
     """
 
     n_groups: int
@@ -60,6 +67,11 @@ class StepState:
     losses: list[torch.Tensor] = field(default_factory=list)
     meta_parts: dict[str, list] = field(default_factory=dict)
     loss_scale: float = 1.0
+    mixed: tuple[str, str] | None = None
+    observed: dict[int, float] = field(default_factory=dict)
+    declared: str | None = None
+    on_loss: Any = None
+    truth: Any = None
 
     def batch_size(self, n: int) -> int:
         """Register a forward with ``n`` examples in the current micro-batch; returns the micro-batch size."""
@@ -74,7 +86,34 @@ class StepState:
 
     def scale(self, micro: int | None = None) -> float:
         """Factor from the batch loss's terms to each example's own loss (current micro-batch by default)."""
-        return float(self.sizes[self.micro if micro is None else micro]) if self.scale_by_batch else 1.0
+        micro = self.micro if micro is None else micro
+        if micro in self.observed:
+            return self.loss_scale / self.observed[micro]
+        return float(self.sizes[micro]) if self.scale_by_batch else 1.0
+
+    def observe(self, micro: int, grad: torch.Tensor) -> None:
+        """The gradient reaching the per-example losses of micro-batch ``micro``: each term's weight in the loss.
+
+        Raises:
+            ValueError: The weights differ between examples, or contradict the declared ``loss_reduction``.
+        """
+        w = grad.detach().reshape(-1).to(torch.float64)
+        first = float(w[0])  # one device sync per logged micro-batch with per-example losses
+        if first == 0.0 or not bool(((w - first).abs() <= 1e-5 * abs(first)).all()):
+            raise ValueError(
+                "the examples' loss terms carry different weights in the loss (or zero weight); gradcoh stores each "
+                "example's own term and needs one common weight (a mean or a sum over the examples, any scale)"
+            )
+        self.observed[micro] = first
+        if self.declared is not None:
+            n = w.shape[0]
+            expect = self.loss_scale / n if self.declared == "mean" else self.loss_scale
+            if abs(first - expect) > 1e-5 * abs(expect):
+                raise ValueError(
+                    f"loss_reduction='{self.declared}' was declared but each example's loss term carries the weight "
+                    f"{first:.6g} in the loss ({expect:.6g} expected for {n} examples). With rec.loss(losses) the "
+                    "weights are read from the backward pass: drop loss_reduction, or make the loss match it"
+                )
 
     def weights(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[n, G-1]`` one-hot group weights of the current micro-batch (the last group is implied)."""

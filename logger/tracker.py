@@ -125,6 +125,14 @@ class LayerTracker:
             return
         for call in calls:
             call.check_unmodified(self.name)
+        if self._state.mixed is not None:
+            op, where = self._state.mixed
+            raise ValueError(
+                f"layer '{self.name}': its output reaches the loss through the op '{op}' in '{where}', which mixes "
+                "the examples along the batch axis (or gradcoh cannot follow the batch through it), so its "
+                "per-example gradients cannot be split by example. Keep each example's rows to itself there, name "
+                "the inputs that carry the batch with batch_inputs=..., or exclude the layer with layers=..."
+            )
         with self._state.uses.paused():  # rules may run modules and ops again: none of it is observed
             per_param: list[list[ParamGrad]] = [[] for _ in self.params]
             for p, form in self._from_rules(calls) + self._from_uses(uses):
@@ -141,6 +149,7 @@ class LayerTracker:
             if any(_is_half(x) for c in group for x in (*tensors(c.args, c.kwargs), *c.grads)):
                 self.results.saw_half_precision()
             grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
+            self.results.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
                 grad = fill_slot(grad, group[0].slot)
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
@@ -184,6 +193,7 @@ class LayerTracker:
                         "with layers=..., or register a rule for the module that calls the op (LayerRules.register)"
                     ) from err
             self.results.saw_half_precision(_is_half(use.grads))
+            self.results.terms += use.grads.numel()
             out += [(p, _upcast(form)) for p, form in use.results if id(p) in self.index]
         return out
 

@@ -22,6 +22,7 @@ it is left to the reconciliation guard, which then reports the layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,6 +145,69 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
+PER_EXAMPLE_KEYWORDS = frozenset({"inputs_embeds", "decoder_inputs_embeds", "pixel_values", "input_values",
+                                  "input_features"})
+"""Float keyword inputs that carry the batch by convention (Hugging Face models)."""
+
+
+def batch_leaves(args: tuple, kwargs: dict, names: tuple) -> list[torch.Tensor]:
+    """The tensors of a model call that carry the batch.
+
+    Those of the inputs ``names`` (positions or keyword names) when given. By default: the first tensor argument,
+    every integer or boolean tensor with the same length on dimension 0 (token ids, masks, labels: one row per
+    example), and the float keyword inputs of :data:`PER_EXAMPLE_KEYWORDS`. Any other float tensor is a constant
+    shared by every example (prototypes, a memory bank), whatever its length.
+    """
+    if names:
+        return _named_leaves(args, kwargs, names)
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()]
+    if not leaves:
+        return []
+    n = leaves[0].shape[0]
+    named = {id(t) for key in PER_EXAMPLE_KEYWORDS & set(kwargs) for t in pytree.tree_leaves(kwargs[key])
+             if isinstance(t, torch.Tensor)}
+    out = [leaves[0]]
+    for t in leaves[1:]:
+        if t.shape[0] == n and (not (t.is_floating_point() or t.is_complex()) or id(t) in named):
+            out.append(t)
+        elif t.shape[0] == n and not t.requires_grad:
+            _log_shared(tuple(t.shape))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _log_shared(shape: tuple) -> None:
+    log.info("a float input of shape %s with the batch's length is taken as shared by all examples; pass "
+             "batch_inputs=... if it has one row per example", shape)
+
+
+def _named_leaves(args: tuple, kwargs: dict, names: tuple) -> list[torch.Tensor]:
+    out = []
+    for key in names:
+        if isinstance(key, int) and key < len(args):
+            value = args[key]
+        elif isinstance(key, str) and key in kwargs:
+            value = kwargs[key]
+        else:
+            raise ValueError(f"batch_inputs names {key!r}, which the model call does not have (positions "
+                             f"0..{len(args) - 1}, keywords {sorted(kwargs)}); name the inputs that carry the batch")
+        out += [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor) and t.dim()]
+    return out
+
+
+def _out_of_place(func: Callable) -> Callable:
+    """The out-of-place twin of an in-place op (``add_`` → ``add``, ``__iadd__`` → ``__add__``).
+
+    The same values, differentiable per example (the in-place form cannot write into a batched slice).
+    """
+    name = op_name(func)
+    if name.startswith("__i") and name.endswith("__"):
+        return getattr(torch.Tensor, "__" + name[3:], func)
+    if name.endswith("_") and not name.startswith("_"):
+        return getattr(torch.Tensor, name[:-1], func)
+    return func
+
+
 def op_name(func: Callable) -> str:
     """The name of an op as the layout rules know it (``linear``, ``__add__``, ``T`` for the property ``.T``)."""
     name = getattr(func, "__name__", str(func))
@@ -167,8 +231,13 @@ class UseTracker(TorchFunctionMode):
     """
 
     def __init__(self, params: dict[int, torch.nn.Parameter], on_use: Callable[[Use], None],
-                 on_grad: Callable[[Use], None], fused: frozenset[int] = frozenset()) -> None:
+                 on_grad: Callable[[Use], None], fused: frozenset[int] = frozenset(),
+                 on_mixed: Callable[[str, str], None] | None = None, batch_inputs: tuple = ()) -> None:
         super().__init__()
+        self.on_mixed = on_mixed  # called with (op, module) when a gradient flows through an op that mixes examples
+        self.batch_inputs = batch_inputs  # positions / keyword names of the model inputs that carry the batch
+        self.where: list[str] = []  # names of the hooked modules whose calls are running (innermost last)
+        self.verifying = False  # the verifier's extra backward pass is running: hooks ignore it
         self.params = params
         self.fused = fused  # weights whose F.linear calls run through FusedLinear (fused mode)
         self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output of a fused call -> its Slot
@@ -182,15 +251,24 @@ class UseTracker(TorchFunctionMode):
 
     # --- what the module hooks tell us -------------------------------------------------------------------
     def new_batch(self, args: tuple, kwargs: dict) -> int | None:
-        """An outermost model call: its tensors with the batch size on dimension 0 are the data."""
-        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()]
+        """An outermost model call: the inputs that carry the batch (on dimension 0) are the data.
+
+        Those are the inputs named by ``batch_inputs`` (positions and keyword names), by default the first tensor
+        argument only. Another input is never taken as per-example because its length equals the batch size (a
+        bank of prototypes or negatives): it is a constant, shared by every example.
+        """
+        leaves = batch_leaves(args, kwargs, self.batch_inputs)
         if not leaves:
             return None
         n = leaves[0].shape[0]
+        wrong = [tuple(t.shape) for t in leaves if t.shape[0] != n]
+        if wrong:
+            raise ValueError(f"batch_inputs={self.batch_inputs!r} names inputs of different lengths on dimension 0 "
+                             f"({n} and {wrong[0]}); name only the inputs with one entry per example")
         if self.n is None:
             self.n = n
         for t in leaves:
-            if t.shape[0] == n and t not in self.layouts and not self.is_derived(t):
+            if t not in self.layouts and not self.is_derived(t):
                 self.layouts[t] = (0, 1)
         return n
 
@@ -315,6 +393,7 @@ class UseTracker(TorchFunctionMode):
             log.debug("gradcoh cannot follow %s: %r", op_name(func), err)
             for o in _tensors(out):
                 self.layouts[o] = Unknown(f"{op_name(func)} ({type(err).__name__})")
+                self._watch(o, op_name(func))
 
     def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
@@ -341,14 +420,17 @@ class UseTracker(TorchFunctionMode):
         if name == "__setitem__":  # writing data into a tensor makes it data
             self._setitem(args, data)
             return
-        lays = [propagate(name, args, kwargs, o, data, self.n) for o in outs]
+        lays = [propagate(name, args, kwargs, o, data, self.n, func, i) for i, o in enumerate(outs)]
+        fresh = not any(type(lay) is Unknown for _, _, lay in data)  # (subclasses: layouts a rule follows)
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
+            if fresh and type(lay) is Unknown:
+                self._watch(o, name)
         if self._owned:
             diff = [(pos, t) for pos, t in diff if id(t) not in self._owned[-1]]  # covered by the module's rule
         if not diff or not outs:
             return
-        if len(outs) != 1 or not outs[0].requires_grad or isinstance(lays[0], Unknown):
+        if len(outs) != 1 or not outs[0].requires_grad or not isinstance(lays[0], tuple):
             log.debug("use of a parameter by %s cannot be split by example; left to the reconciliation guard", name)
             return
         self._use(func, args, kwargs, outs[0], lays[0], data, diff)
@@ -380,14 +462,28 @@ class UseTracker(TorchFunctionMode):
         self.derived[base] = Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0)
 
     def _setitem(self, args: tuple, data: list) -> None:
-        target = args[0]
-        if any(t is target for _, t, _ in data):
-            return  # already data; its layout is unchanged by writing into it
-        values = [(t, lay) for pos, t, lay in data if pos == 2]
-        if len(values) == 1 and len(data) == 1:
-            self.layouts[target] = setitem_layout(target, args[1], *values[0])
+        """``target[index] = value``: the target's layout follows the rows written (see ``setitem_layout``)."""
+        target, index = args[0], args[1]
+        value = args[2] if len(args) > 2 else None
+        lays = {id(t): lay for _, t, lay in data}
+        before = lays.get(id(target))
+        value_lay = lays.get(id(value)) if torch.is_tensor(value) else None
+        index_data = [lay for _, t, lay in data if t is not target and t is not value]
+        if index_data and any(t.is_floating_point() or t.requires_grad for _, t, _ in data
+                              if t is not target and t is not value):
+            after: Layout = Unknown("__setitem__")
         else:
-            self.layouts[target] = Unknown("__setitem__")
+            after = setitem_layout(target, index, value, before, value_lay)
+        self.layouts[target] = after
+        if type(after) is Unknown and type(before) is not Unknown and type(value_lay) is not Unknown:
+            self._watch(target, "__setitem__")
+
+    def _watch(self, t: torch.Tensor, op: str) -> None:
+        """``t`` mixes the examples (op ``op``): a gradient through it makes per-example gradients upstream wrong."""
+        if self.on_mixed is None or not t.requires_grad:
+            return
+        where = self.where[-1] if self.where else "the model"
+        t.register_hook(lambda g: None if self.verifying else self.on_mixed(op, where))
 
     def _use(self, func: Callable, args: tuple, kwargs: dict, out: torch.Tensor, lay: tuple[int, int],
              data: list, diff: list) -> None:
@@ -398,11 +494,13 @@ class UseTracker(TorchFunctionMode):
         shapes = {positions[id(t)]: tuple(t.shape) for _, t in diff}
         versions = [(flat[i], flat[i]._version) for i in data_pos]
         detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
-        use = Use(func, detached, spec, data_pos, diff_pos, shapes, lay, versions)
+        use = Use(_out_of_place(func), detached, spec, data_pos, diff_pos, shapes, lay, versions)
         out.register_hook(lambda g: self._grad(use, g))
         self.on_use(use)
 
     def _grad(self, use: Use, g: torch.Tensor) -> None:
+        if self.verifying:
+            return
         use.grads = g.detach()
         self.on_grad(use)
 

@@ -155,7 +155,7 @@ def test_parameter_penalty_in_loss_is_caught_by_the_guard(tmp_path):
     x = torch.randn(1, 3)
     y = target_for(model, x)
     with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="sum") as glog:
-        with pytest.raises(RuntimeError, match=r"layer.*'0'.*do not sum to the batch gradient.*weight_decay"):
+        with pytest.raises(RuntimeError, match=r"(?s)layer.*'0'.*do not sum to the batch gradient.*weight_decay"):
             with glog.record(0):
                 (sq_loss(model(x), y).sum() + 0.5 * model[0].weight.pow(2).sum()).backward()
     model.zero_grad()

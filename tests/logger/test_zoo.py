@@ -27,9 +27,9 @@ from zoo import CASES, hf_classifier, hf_image, image
 N = 3
 R = 4  # reference examples
 SLOW = {"hf-t5", "timm-efficientnet", "tv-mobilenet"}
-# DeBERTa-v2 gathers its relative-position scores with per-example indices (torch.gather on the batch): the layout
-# rule is issue 23's (per-example gather); until it is on main the model is refused with a clear error.
-PENDING = {"hf-deberta-v2": "needs the per-example gather layout of issue 23"}
+# Models expected to be refused with a clear error (none: DeBERTa-v2's per-example gathers of relative-position
+# scores follow the layout's gather rule).
+PENDING: dict[str, str] = {}
 
 
 def _params(names):
