@@ -51,6 +51,24 @@ PROBE_MODE_HELP = ("How probes normalise BatchNorm layers: constant (the probe s
                    "BatchNorm are probed in eval mode either way (train: dropout on).")
 
 
+PROBE_EVERY_HELP = ("Probe cadence in steps, or auto: about 40 probes over the run (every step for runs of up to "
+                    "59 steps, then round(steps / 40)), so a short run gets a curve, not just its first and last "
+                    "step. The last step is always probed.")
+
+
+def probe_every_value(value: str) -> int | str:
+    """``--probe-every``: ``"auto"`` or a positive integer (a usage error otherwise)."""
+    if value == "auto":
+        return value
+    try:
+        every = int(value)
+    except ValueError:
+        every = 0
+    if every < 1:
+        raise typer.BadParameter(f"{value!r} is neither auto nor an integer of at least 1")
+    return every
+
+
 class Optimizer(enum.StrEnum):
     """Optimizers."""
 
@@ -76,7 +94,9 @@ def train(
     momentum: Annotated[float, typer.Option("--momentum", min=0.0, help="SGD momentum.")] = 0.9,
     width: Annotated[int, typer.Option("--width", min=1, help="MLP hidden width (CNN channels: width/8).")] = 256,
     probe_size: Annotated[int, typer.Option("--probe-size", min=0, help="m of the fixed probe sample (0: off).")] = 512,
-    probe_every: Annotated[int, typer.Option("--probe-every", min=1, help="Probe cadence in steps.")] = 50,
+    probe_every: Annotated[
+        str, typer.Option("--probe-every", parser=probe_every_value, metavar="auto|N", help=PROBE_EVERY_HELP)
+    ] = "auto",
     probe_mode: Annotated[ProbeMode, typer.Option("--probe-mode", help=PROBE_MODE_HELP)] = ProbeMode.constant,
     log_every: Annotated[int, typer.Option("--log-every", min=0, help="Batch-stream cadence (0: off).")] = 10,
     sketch_dim: Annotated[int, typer.Option("--sketch-dim", min=0, help="Sketch width per layer (0: none).")] = 0,

@@ -99,7 +99,7 @@ def test_a_mutated_logger_fails_the_zoo_comparison(tmp_path):
     from test_zoo import check_zoo_case
 
     check_zoo_case("hf-gpt2", tmp_path / "ok")
-    with pytest.raises(AssertionError, match="sq_norm: error .* exceeds the derived tolerance"):
+    with pytest.raises(AssertionError, match=r"sq_norm: error .* exceeds the derived tolerance"):
         check_zoo_case("hf-gpt2", tmp_path / "bad", unscale=1 + MUTATION)
 
 

@@ -2,7 +2,8 @@
 
 The run logs two streams into one store: ``batch`` (every ``log_every`` steps, the training mini-batch) and
 ``probe`` (a fixed seeded sample of ``probe_size`` training examples with their training labels, measured without
-disturbing training every ``probe_every`` steps, at each of the first ``probe_early`` steps and at the last step;
+disturbing training every ``probe_every`` steps (``"auto"``: about :data:`AUTO_PROBES` probes over the run, see
+:func:`probe_cadence`), at each of the first ``probe_early`` steps and at the last step;
 BatchNorm layers as ``probe_mode`` says, by default normalised with the sample's statistics held constant).
 Examples are grouped ``("clean", "corrupted")`` from the label-noise mask; per-example losses and true labels are
 stored too.
@@ -37,10 +38,13 @@ from .noise import corrupt_labels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GROUPS", "ExperimentConfig", "ProbeReport", "run_experiment"]
+__all__ = ["AUTO_PROBES", "GROUPS", "ExperimentConfig", "ProbeReport", "probe_cadence", "run_experiment"]
 
 GROUPS = ("clean", "corrupted")
 """Example groups of every experiment store: position 1 marks an example whose label was re-drawn."""
+
+AUTO_PROBES = 40
+"""Probes over a run with ``probe_every="auto"``: a curve for any run length at a cost bounded in probe passes."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class ExperimentConfig:
     optimizer: str = "sgd"  # "sgd" or "adam"
     momentum: float = 0.9  # SGD momentum (paper: 0.9, no weight decay, no augmentation)
     probe_size: int = 512  # m of the probe sample; 0 disables the probe stream
-    probe_every: int = 50
+    probe_every: int | str = "auto"  # probe cadence in steps, or "auto": probe_cadence(), ~AUTO_PROBES over the run
     probe_early: int = 0  # also probe every one of the first probe_early steps (resolves the initial transient)
     probe_batch_size: int = 256  # micro-batch of the probe pass (bounds memory only)
     probe_mode: str = "constant"  # how BatchNorm layers with batch statistics are probed (gradcoh.logger.probe)
@@ -96,7 +100,9 @@ class ExperimentConfig:
             raise ValueError(f"label_noise must lie in [0, 1], got {self.label_noise}")
         if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
             raise ValueError(f"steps/epochs must be positive, got steps={self.steps}, epochs={self.epochs}")
-        at_least = {"batch_size": 1, "probe_every": 1, "probe_batch_size": 1, "width": 1, "probe_size": 0,
+        if self.probe_every != "auto" and (isinstance(self.probe_every, (str, bool)) or self.probe_every < 1):
+            raise ValueError(f'probe_every must be "auto" or an integer of at least 1, got {self.probe_every!r}')
+        at_least = {"batch_size": 1, "probe_batch_size": 1, "width": 1, "probe_size": 0,
                     "probe_early": 0, "log_every": 0, "sketch_dim": 0, "seed": 0, "reference_size": 0,
                     "reference_every": 1}
         if self.threads is not None:
@@ -225,9 +231,9 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
     opt = _optimizer(cfg, model)
     probe = _Probe(data, labels, corrupted, cfg.probe_size, seeds[1], device) if cfg.probe_size else None
     total = _total_steps(cfg, len(data))
-    log.info("%s on %s (%d examples, %d classes, %.0f%% label noise, %d re-drawn): %d steps -> %s",
+    log.info("%s on %s (%d examples, %d classes, %.0f%% label noise, %d re-drawn): %d steps, probes every %d -> %s",
              cfg.model, cfg.dataset, len(data), data.num_classes, 100 * cfg.label_noise, int(corrupted.sum()),
-             total, cfg.out)
+             total, probe_cadence(cfg.probe_every, total), cfg.out)
     glog = GradientLogger(model, cfg.out, every=cfg.log_every or total + 1, sketch_dim=cfg.sketch_dim,
                           seed=cfg.seed, loss_reduction="mean", groups=GROUPS,
                           mode="overwrite" if cfg.overwrite else "create", extra={"experiment": cfg.to_dict()},
@@ -257,8 +263,29 @@ def _reference(cfg: ExperimentConfig, seed: np.random.SeedSequence,
     return test.batch(index).to(device), test.targets[index].to(device), per_example_loss
 
 
+def probe_cadence(probe_every: int | str, total: int) -> int:
+    """Steps between probes: ``probe_every``, or for ``"auto"`` ``max(1, round(total / AUTO_PROBES))``.
+
+    ``"auto"`` probes every step of a run of up to 59 steps and gives a longer run about 30 to 50 probes, so a short run
+    gets a curve rather than its first and last step (a fixed cadence of 50 probes a 48-step run twice), and a long
+    run no more probe passes than a run of a few hundred steps.
+
+    Args:
+        probe_every: An integer cadence (returned as is) or ``"auto"``.
+        total: Optimisation steps of the run.
+
+    Returns:
+        The cadence in steps (at least 1).
+
+    """
+    if probe_every == "auto":
+        return max(1, round(total / AUTO_PROBES))
+    return int(probe_every)
+
+
 def _probe_due(cfg: ExperimentConfig, step: int, total: int) -> bool:
-    return step % cfg.probe_every == 0 or step < cfg.probe_early or step == total - 1
+    every = probe_cadence(cfg.probe_every, total)
+    return step % every == 0 or step < cfg.probe_early or step == total - 1
 
 
 def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, glog: GradientLogger,

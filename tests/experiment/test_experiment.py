@@ -169,6 +169,36 @@ def test_train_rejects_bad_options(tmp_path):
         run_experiment(small_config(tmp_path / "y.zarr", probe_size=1000))
 
 
+@pytest.mark.parametrize(("total", "every", "probes"), [
+    (1, 1, 1), (48, 1, 48), (59, 1, 59), (60, 2, 31), (101, 3, 35), (600, 15, 41), (3000, 75, 41)])
+def test_auto_probe_cadence_gives_a_curve_for_any_run_length(total, every, probes):
+    """"auto": every step up to 59 steps, then round(total / 40); an integer cadence is kept as given."""
+    from gradcoh.logger.experiment.run import AUTO_PROBES, _probe_due, probe_cadence
+
+    assert AUTO_PROBES == 40
+    assert probe_cadence("auto", total) == every and probe_cadence(7, total) == 7
+    cfg = ExperimentConfig(steps=total)  # the default cadence is "auto"
+    assert cfg.probe_every == "auto"
+    assert sum(_probe_due(cfg, step, total) for step in range(total)) == probes
+
+
+def test_train_probes_every_step_of_a_short_run_by_default(tmp_path):
+    """Without --probe-every a 5-step run is probed at every step (a fixed 50 would give steps 0 and 4)."""
+    out = tmp_path / "a.zarr"
+    args = ["train", "--dataset", "synthetic", "--model", "mlp", "--width", "16", "--steps", "5", "--batch-size", "8",
+            "--probe-size", "8", "--log-every", "0", "--threads", "1", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert list(open_store(out, stream="probe").step.values) == [0, 1, 2, 3, 4]
+    assert open_root(out).attrs["gradcoh_config"]["extra"]["experiment"]["probe_every"] == "auto"
+    for bad in ("0", "-3", "often", "2.5"):
+        refused = runner.invoke(app, [*args[:-2], "--probe-every", bad, "--out", str(tmp_path / "b.zarr")])
+        assert refused.exit_code == 2 and "--probe-every" in refused.stderr, bad
+    for bad in (0, "often", True, "5"):
+        with pytest.raises(ValueError, match="probe_every"):
+            small_config(tmp_path / "c.zarr", probe_every=bad)
+
+
 def test_interrupt_keeps_committed_steps(tmp_path, monkeypatch):
     from gradcoh.logger.experiment import run as experiment
 
