@@ -22,6 +22,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -34,7 +35,7 @@ from gradcoh.logger.attributes import layer_table
 from gradcoh.logger.layers import default_rules
 from gradcoh.logger.plan import plan_layers
 from gradcoh.logger.tracker import LayerTracker
-from oracle import assert_layers_exact, log_same_forward
+from oracle import log_same_forward
 
 log = logging.getLogger("zoo_table")
 
@@ -209,7 +210,13 @@ def train_exactness(name: str) -> float | None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ds, grads = log_same_forward(model, losses, f"{tmp}/s.zarr")
-        return assert_layers_exact(ds, grads, rtol=1e-3)
+    worst = 0.0
+    for i, layer in enumerate(ds.attrs["gradcoh_layers"]):
+        g = torch.cat([grads[p].reshape(3, -1) for p in layer["params"]], 1)
+        want = (g**2).sum(1).numpy()
+        got = ds.sq_norm.values[0, :3, i]
+        worst = max(worst, float(np.max(np.abs(got - want) / np.maximum(want, 1e-30))))
+    return worst if bool(ds.reconciled.values.all()) else float("inf")
 
 
 class _Replay(torch.nn.Module):
@@ -319,10 +326,6 @@ What is refused has no per-example gradient gradcoh could compute exactly from o
   `reshape` that merges the batch into another axis) before a tracked layer: an error names the module and the op.
 - A use of a parameter whose result cannot be split by example (a weight penalty added to the loss inside the
   backward): the reconciliation guard raises (or flags the layer with `on_mismatch="flag"`).
-
-Pending, not a limit: DeBERTa-v2 gathers its relative-position scores with indices expanded to the batch; the layout
-rule for per-example `gather` is issue 23's, and the model is refused with the error above until it is on main (its
-zoo tests are strict expected failures that turn into failures when it lands).
 """
 
 
