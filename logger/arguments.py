@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -100,3 +101,56 @@ def op_name(func: Callable) -> str:
     if name == "__get__":  # properties such as .T / .mT
         name = getattr(getattr(func, "__self__", None), "__name__", name)
     return name
+
+
+def bind_op(func: Callable | None, args: Sequence, kwargs: dict) -> dict[str, Any] | None:
+    """The op's arguments by name, positional or keyword alike, or None when its signature is not known.
+
+    Python functions (``F.normalize``, ``F.softmax``) are bound through :func:`inspect.signature`; torch's builtins
+    (``torch.diff``, ``Tensor.sum``) through their ATen schemas, choosing the overload whose positional arguments
+    fit (tensor where the schema takes a tensor). The first argument is named ``input`` either way.
+    """
+    if func is None:
+        return None
+    names = _python_names(func)
+    if names is None:
+        kinds = tuple("t" if torch.is_tensor(a) else "n" if a is None else "o" for a in args)
+        names = _schema_names(getattr(func, "__name__", ""), kinds, frozenset(kwargs))
+    if names is None or len(args) > len(names):
+        return None
+    bound = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        bound["input" if key == "self" else key] = value
+    return bound
+
+
+@functools.lru_cache(maxsize=512)
+def _python_names(func: Callable) -> tuple[str, ...] | None:
+    if not isinstance(func, types.FunctionType):
+        return None
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+@functools.lru_cache(maxsize=2048)
+def _schema_names(name: str, kinds: tuple[str, ...], keys: frozenset[str]) -> tuple[str, ...] | None:
+    name = name.rstrip("_") if name.endswith("_") and not name.startswith("__") else name
+    if not name or name.startswith("__"):
+        return None
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(f"aten::{name}")
+    except RuntimeError:
+        return None
+    for schema in schemas:
+        pos = [a for a in schema.arguments if not a.kwarg_only]
+        if len(pos) < len(kinds) or not keys <= {a.name for a in schema.arguments} | {"input"}:
+            continue
+        if all(kind == "n" or (kind == "t") == str(a.type).startswith(("Tensor", "Optional[Tensor]"))
+               for kind, a in zip(kinds, pos, strict=False)):
+            return tuple("input" if a.name == "self" else a.name for a in pos)
+    return None

@@ -38,7 +38,8 @@ from .arguments import op_name, tensor_args
 from .attention import multi_head_attention_forward
 from .derived import DROPOUTS, Derivations, Origin
 from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, conv_arguments
-from .layout import CONSTANT, Layout, Unknown, propagate, setitem_layout
+from .layout import CONSTANT, Layout, Unknown, propagate
+from .selection import setitem_layout
 
 log = logging.getLogger(__name__)
 
