@@ -98,8 +98,9 @@ class StepState:
             ValueError: The weights differ between examples, or contradict the declared ``loss_reduction``.
         """
         w = grad.detach().reshape(-1).to(torch.float64)
-        first = float(w[0])  # one device sync per logged micro-batch with per-example losses
-        if first == 0.0 or not bool(((w - first).abs() <= 1e-5 * abs(first)).all()):
+        lo, hi = torch.aminmax(w)
+        first, lo, hi = torch.stack([w[0], lo, hi]).tolist()  # one device sync per logged micro-batch with losses
+        if first == 0.0 or max(hi - first, first - lo) > 1e-5 * abs(first):
             raise ValueError(
                 "the examples' loss terms carry different weights in the loss (or zero weight); gradcoh stores each "
                 "example's own term and needs one common weight (a mean or a sum over the examples, any scale)"
