@@ -27,20 +27,11 @@ from zoo import CASES, hf_classifier, hf_image, image
 N = 3
 R = 4  # reference examples
 SLOW = {"hf-t5", "timm-efficientnet", "tv-mobilenet"}
-# Models expected to be refused with a clear error (none: DeBERTa-v2's per-example gathers of relative-position
-# scores follow the layout's gather rule).
-PENDING: dict[str, str] = {}
 
 
 def _params(names):
-    """Zoo names as pytest parameters: slow ones marked, pending ones expected to be refused (strict)."""
-    out = []
-    for n in names:
-        marks = [pytest.mark.slow] if n in SLOW else []
-        if n in PENDING:
-            marks.append(pytest.mark.xfail(raises=ValueError, strict=True, reason=PENDING[n]))
-        out.append(pytest.param(n, marks=marks))
-    return out
+    """Zoo names as pytest parameters, the slow ones marked."""
+    return [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in names]
 
 
 def loop_oracle(model, case, batch, n=N):
