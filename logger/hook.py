@@ -25,6 +25,7 @@ from .attributes import root_attributes
 from .config import PROBE_MODES, LoggerConfig, int_at_least
 from .distributed import rank_and_world
 from .grads import natural_view
+from .guard import GuardSchedule
 from .layers import LayerRules, default_rules
 from .output import RunOutput
 from .plan import plan_layers
@@ -77,7 +78,7 @@ class GradientLogger:
             parameters changed at the same step); in between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``,
-            ``fused``, ``batch_inputs``).
+            ``fused``, ``batch_inputs``, ``verify_every``, ``guard_every``).
 
     Attributes:
         batch_sums_from_grad: Read a step's batch gradient from ``.grad`` when it starts empty (no copy; default).
@@ -118,6 +119,7 @@ class GradientLogger:
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
         self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
+        self._guard = GuardSchedule(cfg.guard_every, [t.size for t in self.trackers])
         self._verifier = Verifier(cfg.verify_every if self.world_size == 1 else 0, cfg.seed)  # (one process)
         self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
@@ -183,6 +185,8 @@ class GradientLogger:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
                                        keep_forms=self.config.alignment, references=references) as state:
+                for tracker, check in zip(self.trackers, self._guard.next_step(stream), strict=True):
+                    tracker.results.checked = check
                 self._verifier.arm(state, self.trackers, self._declared, stream == schema.STREAM_BATCH)
                 rec = Recording(state)
                 yield rec
@@ -190,6 +194,8 @@ class GradientLogger:
         finally:
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
                 tracker.results.drop_forms()
+        if record is not None and record.reconciled is not None and not record.reconciled.all():
+            self._guard.flagged()
         summary = {} if record is None else record_summary(record, self.config.group_names)
         rec.close(summary)
         if record is not None:
