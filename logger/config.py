@@ -87,6 +87,10 @@ class LoggerConfig:
         verify_every: With per-example losses (``rec.loss``), verify the first logged step and then every
             ``verify_every``-th against one random example's true gradient (:mod:`gradcoh.logger.verify`); 0: never.
             The default keeps the cost under 1% of the logged steps' time. One process only (off under DDP).
+        guard_every: The reconciliation guard checks each layer once every ``guard_every`` logged steps (fixed
+            phases balancing the layers' sizes), every layer at the first logged step, at verified steps and, once a
+            layer was flagged, at every step (:mod:`gradcoh.logger.guard`): a persistent fault is detected within
+            ``guard_every`` logged steps for about ``1/guard_every`` of the guard's cost. 1: every layer every step.
         probe_mode: How ``probe`` treats BatchNorm layers that normalise with batch statistics: ``"constant"``
             (default: the probe sample's statistics, held constant; exact per-example gradients of the network as
             it normalises at that step), ``"eval"`` (running statistics) or ``"train"`` (per-micro-batch statistics:
@@ -115,12 +119,13 @@ class LoggerConfig:
     fused: bool = False
     batch_inputs: tuple[int | str, ...] = ()
     verify_every: int = 100
+    guard_every: int = 4
     probe_mode: str = "constant"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, low in (("every", 1), ("sketch_dim", 0), ("seed", 0), ("queue_size", 1), ("reference_size", 0),
-                          ("reference_every", 1), ("verify_every", 0)):
+                          ("reference_every", 1), ("verify_every", 0), ("guard_every", 1)):
             int_at_least(name, getattr(self, name), low)
         for name, allowed in _CHOICES.items():
             _choice(name, getattr(self, name), allowed)

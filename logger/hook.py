@@ -25,6 +25,7 @@ from .attributes import root_attributes
 from .config import PROBE_MODES, LoggerConfig, int_at_least
 from .distributed import rank_and_world
 from .grads import natural_view
+from .guard import GuardSchedule
 from .layers import LayerRules, default_rules
 from .output import RunOutput
 from .plan import plan_layers
@@ -70,14 +71,15 @@ class GradientLogger:
             per layer and keeps each layer's per-example forms until the end of the step.
         reference: ``(inputs, targets, loss_fn)`` of a reference set (e.g. held-out clean examples; inputs may be
             a mapping of tensors passed as keyword arguments). At logged steps the gradient ``R`` of its mean loss
-            is computed first (micro-batches of 256, eval mode, ``.grad``, buffers and RNG untouched) and
-            ``ref_alignment(step, example, layer) = g_{i,l} · R_l`` (computed as each layer is processed; no forms
-            kept), ``ref_sq_norm(step, layer) = ‖R_l‖²`` and ``ref_step(step)`` are stored, in probes too.
+            is computed first (micro-batches of 256, BatchNorm as ``probe_mode`` says, ``.grad``, buffers and RNG
+            untouched) and ``ref_alignment(step, example, layer) = g_{i,l} · R_l`` (computed as each layer is
+            processed; no forms kept), ``ref_sq_norm(step, layer) = ‖R_l‖²`` and ``ref_step(step)`` are stored, in
+            probes too.
         reference_every: Recompute ``R`` when at least this many steps passed since it was last computed (or the
             parameters changed at the same step); in between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
             ``fallback``, ``queue_size``, ``on_full``, ``mode``, ``on_error``, ``on_mismatch``, ``flush_secs``,
-            ``fused``, ``batch_inputs``).
+            ``fused``, ``batch_inputs``, ``verify_every``, ``guard_every``).
 
     Attributes:
         batch_sums_from_grad: Read a step's batch gradient from ``.grad`` when it starts empty (no copy; default).
@@ -118,6 +120,7 @@ class GradientLogger:
                          for plan in plan_layers(model, rules or default_rules(), cfg.layers, cfg.fallback)]
         self._recorder = StepRecorder(model, self.trackers, fused=cfg.fused, batch_inputs=cfg.batch_inputs)
         self._reducer = StepReducer(self.trackers, cfg, self.world_size)
+        self._guard = GuardSchedule(cfg.guard_every, [t.size for t in self.trackers])
         self._verifier = Verifier(cfg.verify_every if self.world_size == 1 else 0, cfg.seed)  # (one process)
         self._output = RunOutput(cfg, self.path, self._projections)
         self._closed = False
@@ -168,7 +171,8 @@ class GradientLogger:
                             index=index, labels=labels, group=group, true_labels=true_labels)
 
     @contextlib.contextmanager
-    def _record(self, step: int, stream: str, scale_by_batch: bool, **meta: Any) -> Iterator[Recording]:
+    def _record(self, step: int, stream: str, scale_by_batch: bool, mode: str | None = None,
+                **meta: Any) -> Iterator[Recording]:
         selected = self.should_log(step) if stream == schema.STREAM_BATCH else self._active
         if selected:
             self._output.check_order(stream, step)
@@ -178,11 +182,13 @@ class GradientLogger:
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
         references = None if self._reference is None else self._reference.for_step(
-            step, self.model, [t.params for t in self.trackers])
+            step, self.model, [t.params for t in self.trackers], mode or self.config.probe_mode)
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
                                        keep_forms=self.config.alignment, references=references) as state:
+                for tracker, check in zip(self.trackers, self._guard.next_step(stream), strict=True):
+                    tracker.results.checked = check
                 self._verifier.arm(state, self.trackers, self._declared, stream == schema.STREAM_BATCH)
                 rec = Recording(state)
                 yield rec
@@ -190,6 +196,8 @@ class GradientLogger:
         finally:
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
                 tracker.results.drop_forms()
+        if record is not None and record.reconciled is not None and not record.reconciled.all():
+            self._guard.flagged()
         summary = {} if record is None else record_summary(record, self.config.group_names)
         rec.close(summary)
         if record is not None:
@@ -250,7 +258,9 @@ class GradientLogger:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
         self._announce(self.model, mode)
-        run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, **m), inputs, targets,
+        if self._reference is not None:  # R first, of the network in this mode (not inside the probe's state)
+            self._reference.for_step(step, self.model, [t.params for t in self.trackers], mode)
+        run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, mode, **m), inputs, targets,
                   loss_fn, mode=mode, batch_size=batch_size, statistics=statistics, meta=meta, rank=self.rank,
                   world_size=self.world_size, device=self.trackers[0].params[0].device)
         return True

@@ -7,7 +7,8 @@ the step's per-example norms and sketches, Gram matrices, alignments and the rec
 The reconciliation guard: each parameter gets a seeded Gaussian rank-one test matrix ``a bᵀ`` (:func:`guard_vectors`);
 every micro-batch stores the per-example values ``aᵀ g_i b`` (``MicroStats.guard``,
 :func:`~gradcoh.logger.grads.bilinear`), and :meth:`LayerResults.reconciled` compares their sum with ``aᵀ (Σ_i g_i) b``
-of the batch gradient the parameters received; the verdict is the store's ``reconciled`` variable.
+of the batch gradient the parameters received; the verdict is the store's ``reconciled`` variable. Which layers are
+checked at a step is :mod:`gradcoh.logger.guard`'s schedule (``checked``); an unchecked layer is reconciled.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ class MicroStats:
 
     Attributes:
         sq: ``[n]`` squared norms of the per-example gradients.
-        guard: ``[n]`` guard values ``Σ_params aᵀ g_i b``.
+        guard: ``[n]`` guard values ``Σ_params aᵀ g_i b``, or None when the guard does not check the layer.
         sketch: ``[n, k]`` sketches, or None without sketches.
         ref_dots: ``[n]`` float64 ``g_i · R`` with the reference gradient, or None without a reference.
         kept: ``(scale, forms per parameter)`` kept for the alignment with the batch sum, or None.
     """
 
     sq: torch.Tensor
-    guard: torch.Tensor
+    guard: torch.Tensor | None
     sketch: torch.Tensor | None = None
     ref_dots: torch.Tensor | None = None
     kept: tuple[float, list[list[ParamGrad]]] | None = None
@@ -66,6 +67,7 @@ class LayerResults:
         self.low_precision = False  # half-precision activations or gradients (autocast): a looser guard
         self.terms = 0  # entries of the output gradients summed into the batch gradient (the guard's rounding)
         self.gap = torch.zeros((), dtype=torch.float64)  # |Σ g_i − .grad| over the guard's tolerance (> 1: flagged)
+        self.checked = True  # the guard checks this layer at this step (set per step by the guard's schedule)
 
     def begin(self, state: StepState) -> None:
         """Forget the previous step's results."""
@@ -156,8 +158,12 @@ class LayerResults:
         Compares ``Σ_i aᵀ g_i b`` with ``aᵀ (Σ_i g_i) b`` for the parameter's rank-one test matrix ``a bᵀ`` (one
         matrix-vector product per parameter, no copy), up to the rounding of the accumulation. A gradient the
         per-example values miss, ``D ≠ 0``, goes unnoticed only if ``|aᵀ D b|`` falls within that rounding: for
-        Gaussian ``a, b`` that has probability of order the tolerance times the ratio of the scales.
+        Gaussian ``a, b`` that has probability of order the tolerance times the ratio of the scales. True without
+        a check when the layer is not checked at this step (:mod:`gradcoh.logger.guard`).
         """
+        if any(s.guard is None for s in self.stats.values()) or (not self.stats and not self.checked):
+            self.gap = torch.zeros((), dtype=torch.float64)
+            return torch.ones((), dtype=torch.bool, device=self.device)
         want = None
         for i, (left, right) in enumerate(self.guard_vectors):
             m, scale = self.batch.natural(i)

@@ -219,16 +219,17 @@ class LayerTracker:
         weights = state.weights(torch.float32)
         sq, guard, sketch = 0, 0, 0
         sums, routed = [], []
+        check = self.results.checked or state.truth is not None  # verified steps check every layer
         for i, forms in enumerate(per_param):
             forms = [choose_route(f, self.projector(i, forms)) for f in forms]
             routed.append(forms)
-            sq_i, guard_i, sketch_i = self._param_stats(i, forms, n)
+            sq_i, guard_i, sketch_i = self._param_stats(i, forms, n, check)
             sq, guard, sketch = sq + sq_i, guard + guard_i, sketch + sketch_i
             if weights is not None:
                 sums.append(self._group_sums(i, forms, weights))
         zeros = torch.zeros(n, device=self.params[0].device)
         stats = MicroStats(
-            sq=(zeros + sq) * scale**2, guard=(zeros + guard) * scale,
+            sq=(zeros + sq) * scale**2, guard=(zeros + guard) * scale if check else None,
             sketch=(torch.zeros(n, self.sketch_dim, device=zeros.device) + sketch) * scale if self.sketch_dim else None,
             ref_dots=None if self.reference is None else dots(routed, self.reference, n, zeros.device) * scale,
             kept=(scale, routed) if state.keep_forms else None,  # for the alignment with the batch sum, known later
@@ -236,8 +237,8 @@ class LayerTracker:
         block = None if weights is None else torch.cat(sums, 1).to(state.acc_dtype) * scale
         self.results.add(state.micro, stats, block)
 
-    def _param_stats(self, i: int, forms: list[ParamGrad], n: int) -> tuple[Any, Any, Any]:
-        """One parameter's ``[n]`` squared norms (with the cross terms between its forms), guard values, sketch."""
+    def _param_stats(self, i: int, forms: list[ParamGrad], n: int, check: bool) -> tuple[Any, Any, Any]:
+        """One parameter's ``[n]`` squared norms (with its forms' cross terms), guard values (``check``), sketch."""
         sq, guard, sketch = 0, 0, 0
         left, right = self.guard_vectors[i]
         for a, fa in enumerate(forms):
@@ -247,7 +248,8 @@ class LayerTracker:
                     "gradients need the batch on dimension 0 of every tracked layer's input"
                 )
             sq = sq + fa.sq_norms().float() + sum(2 * inner(fa, fb).float() for fb in forms[a + 1 :])
-            guard = guard + bilinear(fa, left, right).float()
+            if check:
+                guard = guard + bilinear(fa, left, right).float()
             if self.sketch_dim:
                 sketch = sketch + fa.sketch(self.projectors[i])
         return sq, guard, sketch

@@ -121,7 +121,8 @@ def breakdown(args: argparse.Namespace) -> None:
     model, loss = case["models"]["default"], case["loss"]
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
-        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
+        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite",
+                              guard_every=args.guard_every, fused=args.fused)
         clock_logger(clock, glog)
         rows: dict[str, list[float]] = {p: [] for p in (*PARTS, "plain forward", "plain backward", "logged step")}
         for step in range(args.steps + 1):
@@ -155,6 +156,8 @@ def breakdown(args: argparse.Namespace) -> None:
     print("| " + " | ".join(PARTS) + " |")
     print("|" + "---:|" * len(PARTS))
     print("| " + " | ".join(f"{med[p]:.1f}" for p in PARTS) + " |")
+    guard = statistics.mean(rows["guard"]) * 1e3  # amortised over the guard's schedule (steps: a multiple of R)
+    print(f"guard, mean of the {args.steps} steps: {guard:.1f} ms = {100 * guard / plain_ms:.1f}% of a plain step")
 
 
 def main() -> None:
@@ -167,6 +170,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true", help="wall time per part of a zoo model's logged step")
     ap.add_argument("--model", default="timm-resnet", help="zoo model for --breakdown (bench_overhead.py names)")
+    ap.add_argument("--guard-every", type=int, default=4, help="the logger's guard_every (--breakdown)")
+    ap.add_argument("--fused", action="store_true", help="the logger's fused mode (--breakdown)")
     ap.add_argument("--batch-zoo", type=int, default=0, help="batch for --breakdown (0: bench_overhead's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

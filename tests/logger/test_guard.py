@@ -1,0 +1,116 @@
+"""The reconciliation guard's schedule (gradcoh.logger.guard): each layer checked once every ``guard_every`` steps.
+
+A fault in a layer that a step does not check must be caught within ``guard_every`` logged steps, the checks must
+really be skipped (that is the saving), and verified steps must check every layer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gradcoh.logger import GradientLogger
+from gradcoh.logger import tracker as tracker_module
+from gradcoh.logger.guard import GuardSchedule
+from torch import nn
+
+
+def test_schedule_first_step_all_then_each_layer_once_per_period():
+    sizes = [1000, 10, 500, 500, 20, 7]
+    sched = GuardSchedule(4, sizes)
+    steps = [sched.next_step("batch") for _ in range(13)]
+    assert all(steps[0])
+    for start in range(1, 10):  # any R consecutive steps after the first check every layer exactly once
+        window = steps[start : start + 4]
+        assert [sum(s[i] for s in window) for i in range(len(sizes))] == [1] * len(sizes)
+    loads = [sum(n for n, p in zip(sizes, sched.phase, strict=True) if p == q) for q in range(4)]
+    assert max(loads) == 1000 and min(loads) >= 20  # largest first, each into the lightest phase
+    assert all(sched.next_step("probe"))  # streams count apart: a stream's first step checks everything
+    sched.flagged()
+    assert all(sched.next_step("batch")) and all(sched.next_step("batch"))
+
+
+def test_schedule_caps_the_period_at_the_number_of_layers():
+    sched = GuardSchedule(8, [5, 5])
+    steps = [sched.next_step("batch") for _ in range(5)]
+    assert all(any(s) for s in steps)  # no step without a check
+    assert GuardSchedule(1, [3, 4]).next_step("batch") == [True, True]
+
+
+class Deep(nn.Module):
+    def __init__(self, width=6, depth=5):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.tanh(layer(x))
+        return self.layers[-1](x)
+
+
+def _run(model, tmp_path, steps, penalty_from=None, target=0, verified=False, **kw):
+    """Log ``steps`` steps; from step ``penalty_from`` on, a penalty λ‖W‖² on layer ``target``'s weight."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    records, checks = [], []
+    kw.setdefault("on_mismatch", "flag")
+    with GradientLogger(model, tmp_path / "g.zarr", mode="overwrite", handle_sigterm=False, **kw) as glog:
+        glog._output.put = lambda stream, step, record: records.append(record)
+        for step in range(steps):
+            with glog.record(step) as rec:
+                losses = ((model(x) - y) ** 2).sum(1)
+                if verified:
+                    rec.loss(losses)
+                loss = losses.mean()
+                if penalty_from is not None and step >= penalty_from:
+                    loss = loss + 1e-3 * model.layers[target].weight.square().sum()
+                loss.backward()
+                checks.append([t.results.checked for t in glog.trackers])
+            model.zero_grad(set_to_none=True)
+        names = [t.name for t in glog.trackers]
+    return records, checks, names
+
+
+def test_a_fault_in_a_layer_not_checked_is_caught_within_the_period(tmp_path):
+    torch.manual_seed(1)
+    model = Deep()
+    period = 4
+    target = 2
+    # the penalty starts at step 1, right after the first step (which checks every layer)
+    records, checks, names = _run(model, tmp_path, 1 + 2 * period, penalty_from=1, target=target, guard_every=period)
+    li = names.index(f"layers.{target}")
+    assert all(checks[0])
+    flagged = [not bool(r.reconciled[li]) for r in records]
+    first = flagged.index(True)
+    assert 1 <= first <= period  # caught within the period
+    assert not any(flagged[1:first]) and not any(checks[s][li] for s in range(1, first))  # unchecked until then
+    assert all(flagged[first:])  # after a flag: every layer at every step
+    assert all(all(c) for c in checks[first + 1 :])
+    others = [i for i in range(len(names)) if i != li]
+    assert all(bool(r.reconciled[i]) for r in records for i in others)  # no false flags elsewhere
+
+
+def test_the_full_guard_sees_it_at_once_and_unchecked_steps_skip_the_work(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    records, _, names = _run(Deep(), tmp_path, 3, penalty_from=1, target=2, guard_every=1)
+    assert not bool(records[1].reconciled[names.index("layers.2")])
+    calls = []
+    real = tracker_module.bilinear
+    monkeypatch.setattr(tracker_module, "bilinear", lambda *a: calls.append(1) or real(*a))
+    _, checks, _ = _run(Deep(), tmp_path, 5, guard_every=4)
+    per_step = 2  # weight and bias of each checked layer: one guard value each
+    assert len(calls) == per_step * sum(sum(c) for c in checks)
+    assert sum(sum(c) for c in checks[1:]) == len(checks[0])  # steps 1..4 check each of the 5 layers once
+
+
+@pytest.mark.parametrize("verify_every", [1, 2])
+def test_verified_steps_check_every_layer_and_sampled_steps_raise_nothing(tmp_path, verify_every):
+    torch.manual_seed(2)
+    records, _, _ = _run(Deep(), tmp_path, 5, verified=True, guard_every=4, verify_every=verify_every,
+                         on_mismatch="raise")
+    assert all(bool(r.reconciled.all()) for r in records)
+
+
+def test_guard_every_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="guard_every"):
+        GradientLogger(Deep(), tmp_path / "x.zarr", guard_every=0)
+
