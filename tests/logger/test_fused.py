@@ -86,7 +86,7 @@ def test_fused_falls_back_for_a_module_called_twice(tmp_path):
                  what="shared")  # the module runs twice: its chain counts twice
 
 
-def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
+def test_fused_on_by_default_and_unlogged_steps_untouched(tmp_path):
     torch.manual_seed(2)
     model = nn.Linear(3, 2)
     plain = copy.deepcopy(model)
@@ -97,7 +97,8 @@ def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
         with glog.record(1):  # not logged: plain autograd, bitwise
             sq_loss(model(x), y).mean().backward()
     assert torch.equal(model.weight.grad, plain.weight.grad) and torch.equal(model.bias.grad, plain.bias.grad)
-    assert not GradientLogger(model, tmp_path / "t.zarr", enabled=False).config.fused
+    assert GradientLogger(model, tmp_path / "t.zarr", enabled=False).config.fused
+    assert not GradientLogger(model, tmp_path / "t.zarr", enabled=False, fused=False).config.fused
     with pytest.raises(ValueError, match="fused"):
         GradientLogger(model, tmp_path / "u.zarr", fused="yes")
 
@@ -105,7 +106,7 @@ def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
 def test_second_derivative_through_a_fused_call_raises(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    x = torch.randn(5, 3)
+    x = torch.randn(5, 7, 3)  # 7 positions: the cost model fuses these calls (T = 1 calls keep autograd's op)
     with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
         with pytest.raises(RuntimeError, match=r"once_differentiable|twice"), glog.record(0):
             (g,) = torch.autograd.grad(model(x).sum(), model[0].weight, create_graph=True)
