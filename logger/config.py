@@ -81,8 +81,8 @@ class LoggerConfig:
             the batch weight gradient of a call whose per-example gradients are materialised anyway, or where
             materialising them costs less than the factored route once the weight-gradient GEMM it spares is counted
             (a fixed cost model of the shapes: the same choice on every machine), is summed from them instead of a
-            second GEMM, so ``.grad`` equals the unfused path's to rounding, not bitwise. On by default; False
-            keeps autograd's own kernels (``.grad`` bitwise as without gradcoh).
+            second GEMM, so ``.grad`` equals the unfused path's to rounding, not bitwise. Off by default
+            (``.grad`` then stays bitwise as without gradcoh).
         batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
             dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
             first tensor argument only; any other input is a constant shared by every example (prototypes, a
@@ -119,7 +119,7 @@ class LoggerConfig:
     alignment: bool = False
     reference_size: int = 0
     reference_every: int = 1
-    fused: bool = True
+    fused: bool = False
     batch_inputs: tuple[int | str, ...] = ()
     verify_every: int = 100
     guard_every: int = 4

@@ -51,8 +51,13 @@ class FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slot: Slot) -> torch.Tensor:
-        """``F.linear(x, weight, bias)``; ``slot`` only travels to the backward."""
-        return F.linear(x, weight, bias)
+        """``F.linear(x, weight, bias)``; ``slot`` only travels to the backward.
+
+        On 3-D input ``F.linear`` returns a view of a 2-D product; a custom Function's output may not be a view that
+        the caller then modifies in place (``ReLU(inplace=True)``), so such an output is returned as a copy.
+        """
+        out = F.linear(x, weight, bias)
+        return out if out._base is None else out.clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:

@@ -86,7 +86,7 @@ def test_fused_falls_back_for_a_module_called_twice(tmp_path):
                  what="shared")  # the module runs twice: its chain counts twice
 
 
-def test_fused_on_by_default_and_unlogged_steps_untouched(tmp_path):
+def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
     torch.manual_seed(2)
     model = nn.Linear(3, 2)
     plain = copy.deepcopy(model)
@@ -97,8 +97,7 @@ def test_fused_on_by_default_and_unlogged_steps_untouched(tmp_path):
         with glog.record(1):  # not logged: plain autograd, bitwise
             sq_loss(model(x), y).mean().backward()
     assert torch.equal(model.weight.grad, plain.weight.grad) and torch.equal(model.bias.grad, plain.bias.grad)
-    assert GradientLogger(model, tmp_path / "t.zarr", enabled=False).config.fused
-    assert not GradientLogger(model, tmp_path / "t.zarr", enabled=False, fused=False).config.fused
+    assert not GradientLogger(model, tmp_path / "t.zarr", enabled=False).config.fused
     with pytest.raises(ValueError, match="fused"):
         GradientLogger(model, tmp_path / "u.zarr", fused="yes")
 

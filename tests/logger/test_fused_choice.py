@@ -1,4 +1,4 @@
-"""Fused mode on by default: which calls it takes over is a fixed function of the shapes (gradcoh.logger.fused)."""
+"""Fused mode: which calls it takes over is a fixed function of the shapes (gradcoh.logger.fused)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.fused import call_is_fused, conv_arguments, fused_is_cheaper
+from oracle import assert_stats, open_logged, per_example_grads_loop
+from test_exact import sq_loss
+from tolerance import chain_length
 from torch import nn
 
 
@@ -51,31 +54,47 @@ def test_grouped_convolutions_and_linears_by_positions():
     assert call_is_fused(8, torch.randn(8, 128, 256), lin, None)
 
 
-def test_by_default_one_position_layers_keep_autograds_op_bitwise(tmp_path):
-    """The default MLP (one position per example) is not fused: .grad is bitwise a plain step's."""
+def test_one_position_layers_keep_autograds_op_bitwise(tmp_path):
+    """In fused mode an MLP (one position per example) is not fused: .grad is bitwise a plain step's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
     plain = copy.deepcopy(model)
     x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
     F.cross_entropy(plain(x), y).backward()
-    with GradientLogger(model, tmp_path / "s.zarr") as glog:
-        assert glog.config.fused
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
         with glog.record(0):
             F.cross_entropy(model(x), y).backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
 
 
-def test_by_default_many_position_layers_are_fused(tmp_path):
-    """A Linear over 32 positions per example is fused by default: its .grad is summed from the per-example ones
+def test_many_position_layers_are_fused(tmp_path):
+    """A Linear over 32 positions per example is fused: its .grad is summed from the per-example ones
     (another order of the same sums: not bitwise; test_fused.py bounds the difference)."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 4))
     plain = copy.deepcopy(model)
     x, y = torch.randn(6, 32, 12), torch.randn(6, 32, 4)
     ((plain(x) - y) ** 2).mean().backward()
-    with GradientLogger(model, tmp_path / "s.zarr") as glog:
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
         with glog.record(0):
             ((model(x) - y) ** 2).mean().backward()
     assert not torch.equal(model[0].weight.grad, plain[0].weight.grad) or not torch.equal(
         model[2].weight.grad, plain[2].weight.grad)
+
+
+def test_in_place_op_after_a_fused_linear_on_3d_input(tmp_path):
+    """F.linear on 3-D input returns a view; the fused Function returns a copy, so ReLU(inplace=True) after it works
+    and the statistics stay exact against the per-example oracle."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+    x, y = torch.randn(4, 12, 5), torch.randn(4, 12, 3)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+        fused_ids = glog._recorder.fused
+    assert id(model[0].weight) in fused_ids
+    ds = open_logged(tmp_path / "s.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=x.shape[1]),
+                 what="in-place after fused")
+    assert bool(ds.reconciled.values.all())
