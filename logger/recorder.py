@@ -46,6 +46,25 @@ class Recording:
             if state.on_loss is not None:
                 state.on_loss(values)
 
+    @property
+    def wants_terms(self) -> bool:
+        """Whether loss terms given to :meth:`terms` now would be verified (the first micro-batch of a due step)."""
+        state = self._state
+        return state is not None and state.wants_terms is not None and bool(state.wants_terms())
+
+    def terms(self, terms: torch.Tensor, total: torch.Tensor | None = None) -> None:
+        """Each example's term ``[n]`` of the backward loss, for the verifier, when contributions are stored.
+
+        Trainer callbacks store each example's contribution to the loss the trainer optimises
+        (``loss_reduction="sum"``); the verifier needs the per-example terms attached to the graph and the weight
+        they carry in the backward loss, which is read from the backward pass: from the gradient of ``total``, the
+        scalar loss the terms sum to (a model's own ``loss``: its terms are recomputed from the logits), or, when
+        ``total`` is None, from the terms' own gradient (the loss is computed from them). Nothing is stored.
+        """
+        state = self._state
+        if state is not None and state.on_terms is not None and terms.requires_grad:
+            state.on_terms(terms, total)
+
     def examples(self, *, index: Any = None, labels: Any = None, group: Any = None, true_labels: Any = None) -> None:
         """Metadata of the current micro-batch's examples, when it is only known per forward (trainer callbacks).
 

@@ -48,6 +48,8 @@ class StepState:
             backward pass when per-example losses are given (``rec.loss``); it replaces ``scale_by_batch``.
         declared: The ``loss_reduction`` the user declared (None: not declared), checked against ``observed``.
         on_loss: Called with the per-example losses given to ``rec.loss`` (the verifier).
+        on_terms: Called with the loss terms given to ``rec.terms`` (the verifier, for trainer callbacks).
+        wants_terms: Returns whether terms given now would be verified (callbacks compute them only then).
         truth: The verifier's captured example gradient (:class:`~gradcoh.logger.verify.Truth`), or None.
     """
 
@@ -71,6 +73,8 @@ class StepState:
     observed: dict[int, float] = field(default_factory=dict)
     declared: str | None = None
     on_loss: Any = None
+    on_terms: Any = None
+    wants_terms: Any = None
     truth: Any = None
 
     def batch_size(self, n: int) -> int:

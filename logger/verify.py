@@ -9,6 +9,11 @@ logger's hooks ignore the pass). After the step it compares, for every layer, th
 random rank-one projection ``aᵀ gⱼ b`` (a random projection of the whole gradient), the sketch and the alignment
 with that gradient. A mismatch raises (``on_mismatch="raise"``) or flags the layer (``reconciled`` False).
 
+Trainer callbacks store each example's contribution to the loss the trainer optimises instead of its own term's
+gradient; they give the terms attached to the graph (``rec.terms``), the weight those terms carry in the backward loss
+is read from the backward pass (the gradient reaching the model's loss, or the terms themselves), and the captured
+gradient is compared after multiplying by it (:class:`Truth` ``contribution``).
+
 It checks the first logged step with per-example losses and then every ``verify_every``-th one. The extra pass costs
 about one backward pass of the step (``scripts/bench_verifier.py``: a verified step takes 1.21× an MLP's logged step,
 1.55× a Transformer layer's, on a 2-core CPU); ``verify_every=100`` (the default) keeps that to 0.2–0.6% of the
@@ -46,10 +51,16 @@ class Truth:
     Attributes:
         example: Its position in the step (0-based over the step's examples).
         grads: Per layer, per parameter: the gradient of the example's own loss term (natural views, float64).
+        contribution: The stored values are the example's contribution to the backward loss (trainer callbacks,
+            ``loss_reduction="sum"``): ``weight`` times the gradient of its term, not the term's own gradient.
+        weight: With ``contribution``: the weight its term carries in the backward loss (accumulation, loss scale),
+            read from the backward pass; None until the pass reaches it.
     """
 
     example: int
     grads: list[list[torch.Tensor]]
+    contribution: bool = False
+    weight: float | None = None
 
 
 class Verifier:
@@ -79,7 +90,20 @@ class Verifier:
             if state.truth is None and state.micro == 0 and self.due():
                 state.truth = self.capture(losses, trackers, state.uses, 0)
 
+        def on_terms(terms: torch.Tensor, total: torch.Tensor | None) -> None:
+            if state.truth is None and state.micro == 0 and self.due():
+                state.truth = truth = self.capture(terms, trackers, state.uses, 0)
+                if truth is not None:
+                    truth.contribution = True
+                    read_weight(truth, state.uses, terms if total is None else total, total is None)
+
         state.on_loss = on_loss
+        state.on_terms = on_terms
+        state.wants_terms = lambda: state.truth is None and state.micro == 0 and self.peek()
+
+    def peek(self) -> bool:
+        """Whether the next logged step with per-example losses is verified (without advancing the count)."""
+        return bool(self.every) and self.seen % self.every == 0
 
     def due(self) -> bool:
         """Whether the current logged step (with per-example losses) is verified; advances the count."""
@@ -123,6 +147,34 @@ class Verifier:
         return Truth(offset + j, out)
 
 
+def read_weight(truth: Truth, uses, source: torch.Tensor, own: bool) -> None:
+    """Set ``truth.weight`` from the gradient the backward pass brings to ``source``.
+
+    Args:
+        truth: The captured example (``contribution``).
+        uses: The step's use tracker (the verifier's own pass is ignored).
+        source: The scalar loss the terms sum to (a model's ``loss``), or the terms themselves.
+        own: ``source`` is the terms: the weight is the gradient's entry of the captured example.
+    """
+
+    def hook(grad: torch.Tensor) -> None:
+        if not uses.verifying and truth.weight is None:  # one device sync per verified step
+            truth.weight = float(grad.reshape(-1)[truth.example] if own else grad.sum())
+
+    source.register_hook(hook)
+
+
+def _expected(truth: Truth, inv_scale: float) -> list[list[torch.Tensor]] | None:
+    """Per layer, per parameter: what the stored values of ``truth.example`` must equal (None: cannot be known)."""
+    if not truth.contribution:
+        return truth.grads  # the example's own term
+    if truth.weight is None:
+        log.info("verifier skipped: the backward pass never reached the loss the callback's terms belong to")
+        return None
+    factor = truth.weight * inv_scale  # its contribution to the backward loss, unscaled like the stored values
+    return [[g * factor for g in part] for part in truth.grads]
+
+
 def compare(truth: Truth, trackers: list, sizes: list[int], inv_scale: float,
             alignment: tuple[list, object] | None = None) -> list[str]:
     """Layers whose stored values for ``truth.example`` differ from its true gradient, each with what differs.
@@ -135,8 +187,11 @@ def compare(truth: Truth, trackers: list, sizes: list[int], inv_scale: float,
         alignment: ``(batch sums per layer (natural views), stored alignment [n, L])`` when alignment is stored.
     """
     j = truth.example
+    expected = _expected(truth, inv_scale)
+    if expected is None:
+        return []
     bad = []
-    for li, (t, grads) in enumerate(zip(trackers, truth.grads, strict=True)):
+    for li, (t, grads) in enumerate(zip(trackers, expected, strict=True)):
         results = t.results
         tol = HALF_TOLERANCE if results.half else TOLERANCE
         sq_true = sum(float(g.square().sum()) for g in grads)

@@ -17,6 +17,13 @@ How it fits the Trainer (whose callbacks see neither the batch nor the forward p
   ``num_items_in_batch`` or division by the accumulation steps), so m-coherence is exact for the step;
 * a forward hook stores each example's loss for the standard heads (classification, causal and masked language
   models, token classification: :mod:`~gradcoh.logger.integrations.losses`), recomputed from the logits and labels;
+* the verifier (:mod:`~gradcoh.logger.verify`, ``verify_every``) runs as with ``rec.loss`` in a plain loop: on a due
+  step the forward hook recomputes each example's term of the model's ``loss`` attached to the graph (checked to add
+  up to that loss; the model's loss is the one the Trainer backpropagates), the weight the loss carries in the
+  backward pass (gradient accumulation, a loss scale) is read from the gradient reaching it, and one random example's
+  contribution is recomputed by one extra autograd pass and compared with what is stored. It does not run when the
+  Trainer does not backpropagate the model's own loss (``label_smoothing_factor``, ``compute_loss_func``, a
+  ``compute_loss`` override that ignores ``outputs.loss``) or for heads without standard losses;
 * a training dataset without the index column warns once, naming the column and the fix (indices are then −1);
 * after the step it calls ``Trainer.log`` with ``gradcoh/m_coherence`` (and ``gradcoh/m_coherence/<group>``), so
   ``report_to`` TensorBoard, W&B, MLflow or CSV shows them live.
@@ -36,7 +43,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..hook import GradientLogger
-from .losses import per_example_loss
+from .losses import loss_terms
 from .window import StepWindow
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,7 @@ class GradcohCallback(TrainerCallback):
         self._hook: Any = None
         self._loss_hook: Any = None
         self._labels: Any = None
+        self._unverified = False
         self._window: StepWindow | None = None
 
     # --- set-up ------------------------------------------------------------------------------------------
@@ -123,7 +131,7 @@ class GradcohCallback(TrainerCallback):
             class_labels = labels if torch.is_tensor(labels) and labels.dim() == 1 and labels.shape[0] == n else None
             rec.examples(index=index if index is not None else torch.full((n,), -1), labels=class_labels,
                          group=group)
-            self._labels = (labels, n)
+            self._labels = (labels, n, kwargs.get("num_items_in_batch"))
         return args, kwargs
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -131,9 +139,18 @@ class GradcohCallback(TrainerCallback):
         rec = None if self._window is None else self._window.rec
         if rec is None or pending is None or not rec.active:
             return
-        labels, n = pending
-        losses = per_example_loss(module, output, labels)
+        labels, n, num_items = pending
+        with torch.set_grad_enabled(rec.wants_terms):  # terms attached only for a step the verifier checks
+            found = loss_terms(module, output, labels, num_items)
+        losses, terms = found if found is not None else (None, None)
         rec.loss(losses if losses is not None else torch.full((n,), float("nan")))  # one value per example
+        if terms is not None and terms.requires_grad:
+            loss = output["loss"] if isinstance(output, dict) else output.loss
+            rec.terms(terms, loss)
+        elif rec.wants_terms and not self._unverified:
+            self._unverified = True
+            log.info("GradcohCallback: the verifier does not run: the model's loss is not the standard head's loss "
+                     "of its logits and labels (or there is none), so per-example terms are unknown")
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the step's record block (all micro-batches done, gradients clipped, optimizer not yet stepped)."""

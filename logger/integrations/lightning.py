@@ -12,12 +12,19 @@ Trainer's loggers. Steps are numbered by ``trainer.global_step`` when the window
 
 Per-example losses are stored when ``training_step`` returns them: a dict with the optimised ``"loss"`` and
 ``"losses"`` (``[n]``, one per example of the micro-batch; the key is ``losses_key``), e.g.
-``return {"loss": per.mean(), "losses": per.detach()}``. Otherwise they stay NaN.
+``return {"loss": per.mean(), "losses": per}``. Otherwise they stay NaN.
+
+When those losses are attached to the graph and the optimised loss is computed from them (as above), the verifier
+(:mod:`~gradcoh.logger.verify`, ``verify_every``) runs as with ``rec.loss`` in a plain loop: the weight each example's
+loss carries in the backward loss (``mean``, ``sum``, the division by ``accumulate_grad_batches``, a loss scale) is
+read from the gradient reaching it, and one random example's contribution is recomputed by one extra autograd pass
+and compared with what is stored. Detached losses (``per.detach()``) are stored without verification.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from ..hook import GradientLogger
 from .window import StepWindow
 
 BatchFn = Callable[[Any], Any] | None
+log = logging.getLogger(__name__)
 
 
 class GradcohCallback(L.Callback):
@@ -56,6 +64,7 @@ class GradcohCallback(L.Callback):
         self.logger: GradientLogger | None = None
         self._window: StepWindow | None = None
         self._module: L.LightningModule | None = None
+        self._unverified = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Open the logger on the module (resume: ``mode="append"`` continues the store after its last step)."""
@@ -74,7 +83,14 @@ class GradcohCallback(L.Callback):
             out = step(*args, **kwargs)
             rec = None if self._window is None else self._window.rec
             if rec is not None and rec.active and isinstance(out, dict) and self.losses_key in out:
-                rec.loss(out[self.losses_key])
+                losses = out[self.losses_key]
+                rec.loss(losses.detach())  # stored; contributions are stored whatever their weights
+                if losses.requires_grad:
+                    rec.terms(losses)  # the verifier: their weights are read from their own gradient
+                elif rec.wants_terms and not self._unverified:
+                    self._unverified = True
+                    log.info("GradcohCallback: training_step returns detached losses, so the verifier does not run; "
+                             "return them attached to the graph (the loss computed from them) to verify")
             return out
 
         pl_module.training_step = training_step  # an instance attribute, removed at the end

@@ -210,3 +210,79 @@ def test_missing_index_column_warns_naming_the_fix(columns, tmp_path):
         warnings.simplefilter("error", UserWarning)
         transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
                              callbacks=[GradcohCallback(tmp_path / "t.zarr", index_column=None)])
+
+
+def record_verifications(monkeypatch):
+    """Each verified step's ``(weight read from the backward pass, layers found wrong)``."""
+    from gradcoh.logger import reducer
+
+    seen, original = [], reducer.compare
+
+    def recording(truth, *args, **kwargs):
+        bad = original(truth, *args, **kwargs)
+        seen.append((truth.weight, bad))
+        return bad
+
+    monkeypatch.setattr(reducer, "compare", recording)
+    return seen
+
+
+def _args(tmp_path, batch, accumulation, steps):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+        max_steps=steps, learning_rate=0.0, logging_steps=100, report_to="none", save_strategy="no", use_cpu=True,
+        seed=3, dataloader_num_workers=0, disable_tqdm=True,
+    )
+
+
+@pytest.mark.parametrize("kind", ["lm", "lm-ignored", "classifier"])
+def test_trainer_callback_runs_the_verifier(kind, monkeypatch, tmp_path):
+    """The verifier checks every logged step under the Trainer's own loss paths (token means over ``-100``-masked
+    labels, ``num_items_in_batch``, division by the accumulation steps), with the weight read from the backward
+    pass; at the default rate it checks the first logged step only."""
+    seen = record_verifications(monkeypatch)
+    ds = dataset("lm" if kind.startswith("lm") else kind)
+    if kind == "lm-ignored":  # each example has a different number of labelled tokens
+        labels = ds[:]["labels"].clone()
+        labels[torch.arange(T)[None, :] < (torch.arange(N) % (T - 1))[:, None]] = -100
+        ds = Dataset.from_dict({**{k: v.tolist() for k, v in ds[:].items()}, "labels": labels.tolist()})
+        ds = ds.with_format("torch")
+    model = tiny(kind[:2] if kind.startswith("lm") else kind)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
+                                   callbacks=[GradcohCallback(tmp_path / "s.zarr", every=1, verify_every=1)])
+    trainer.train()
+    scaled_for_accumulation = trainer.model_accepts_loss_kwargs  # the model divides by num_items_in_batch
+    assert seen == [(1.0 if scaled_for_accumulation else 0.5, [])] * 2
+    seen.clear()
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
+                                   callbacks=[GradcohCallback(tmp_path / "d.zarr", every=1)])
+    trainer.train()
+    assert len(seen) == 1 and seen[0][1] == []
+
+
+@pytest.mark.parametrize("on_mismatch", ["raise", "flag"])
+def test_trainer_verifier_sees_two_examples_swapped_inside_a_rule(on_mismatch, tmp_path):
+    """The mutation of the plain verifier test under the Trainer: raised (or flagged) by the verifier only."""
+    from gradcoh.logger.layers import default_rules, linear_rule
+    from mutation import swapping_rule
+
+    rules = default_rules()
+    rules.register(torch.nn.Linear, swapping_rule(linear_rule))
+    ds = dataset("classifier")
+
+    def train(path, **options):
+        callback = GradcohCallback(path, every=1, rules=rules, on_mismatch=on_mismatch, **options)
+        trainer = transformers.Trainer(model=tiny("classifier"), args=_args(tmp_path, 2, 1, 1), train_dataset=ds,
+                                       callbacks=[callback])
+        try:
+            trainer.train()
+        finally:
+            callback.close()
+        return open_store(path).reconciled.values
+
+    if on_mismatch == "raise":
+        with pytest.raises(RuntimeError, match=r"verifier recomputed one example's true gradient"):
+            train(tmp_path / "r.zarr")
+        return
+    assert not train(tmp_path / "f.zarr").all()  # flagged
+    assert train(tmp_path / "n.zarr", verify_every=0).all()  # the mutation is real: the guard alone is silent

@@ -35,15 +35,17 @@ class Indexed(Dataset):
 
 
 class Module(L.LightningModule):
-    def __init__(self):
+    def __init__(self, attached=False):
         super().__init__()
         torch.manual_seed(1)
         self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.attached = attached
 
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         per = F.cross_entropy(self.net(x), y, reduction="none")
-        return {"loss": per.mean(), "losses": per.detach()}  # per-example losses: stored by the callback
+        # per-example losses: stored by the callback; attached to the graph, they are verified too
+        return {"loss": per.mean(), "losses": per if self.attached else per.detach()}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -157,3 +159,64 @@ def test_close_after_training_raised_removes_hooks(tmp_path):
     callback.close()
     assert torch.overrides._get_current_function_mode_stack() == []
     assert not module.net[0]._forward_hooks and not module.net[0]._forward_pre_hooks
+
+
+def record_verifications(monkeypatch):
+    """Each verified step's ``(weight read from the backward pass, layers found wrong)``."""
+    from gradcoh.logger import reducer
+
+    seen, original = [], reducer.compare
+
+    def recording(truth, *args, **kwargs):
+        bad = original(truth, *args, **kwargs)
+        seen.append((truth.weight, bad))
+        return bad
+
+    monkeypatch.setattr(reducer, "compare", recording)
+    return seen
+
+
+def _fit(callback, module, batch, accumulation, steps):
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulation, callbacks=[callback], logger=False,
+                        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    try:
+        trainer.fit(module, DataLoader(Indexed(), batch_size=batch))
+    finally:
+        callback.close()
+
+
+def test_lightning_callback_runs_the_verifier(monkeypatch, tmp_path):
+    """Attached losses: every logged step is verified, each example's weight (mean over 3, accumulation over 2) read
+    from the backward pass; detached losses are not verified; the default rate checks the first logged step."""
+    seen = record_verifications(monkeypatch)
+    _fit(GradcohCallback(tmp_path / "a.zarr", every=1, verify_every=1), Module(attached=True), 3, 2, 2)
+    assert [bad for _, bad in seen] == [[], []]
+    assert [w for w, _ in seen] == pytest.approx([1 / 6, 1 / 6], rel=1e-6)  # d(mean(per) / 2) / d per_j
+    seen.clear()
+    _fit(GradcohCallback(tmp_path / "d.zarr", every=1, verify_every=1), Module(), 3, 2, 2)
+    assert seen == []
+    _fit(GradcohCallback(tmp_path / "e.zarr", every=1), Module(attached=True), 3, 2, 2)
+    assert len(seen) == 1 and seen[0][1] == []
+
+
+@pytest.mark.parametrize("on_mismatch", ["raise", "flag"])
+def test_lightning_verifier_sees_two_examples_swapped_inside_a_rule(on_mismatch, tmp_path):
+    """The mutation of the plain verifier test under Lightning: raised (or flagged) by the verifier only."""
+    from gradcoh.logger.layers import default_rules, linear_rule
+    from mutation import swapping_rule
+
+    rules = default_rules()
+    rules.register(nn.Linear, swapping_rule(linear_rule))
+
+    def fit(path, **options):
+        callback = GradcohCallback(path, every=1, rules=rules, on_mismatch=on_mismatch, **options)
+        _fit(callback, Module(attached=True), 2, 1, 1)
+        return open_store(path).reconciled.values
+
+    if on_mismatch == "raise":
+        with pytest.raises(RuntimeError, match=r"verifier recomputed one example's true gradient"):
+            fit(tmp_path / "r.zarr")
+        return
+    assert not fit(tmp_path / "f.zarr").all()  # flagged
+    assert fit(tmp_path / "n.zarr", verify_every=0).all()  # the mutation is real: the guard alone is silent

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
+from mutation import swapping_rule
 from torch import nn
 
 # float32 per-example values against a float64 oracle: a few hundred roundings of relative size 2^-24 each in the
@@ -422,22 +423,6 @@ def test_different_weights_per_example_are_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The verifier
 # ----------------------------------------------------------------------------------------------------------------
-
-def swapping_rule(rule):
-    """A mutation: the rule sees examples 0 and 1 swapped (inputs and output gradients alike)."""
-
-    def swap(t):
-        if not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] < 2:
-            return t
-        t = t.clone()
-        t[[0, 1]] = t[[1, 0]]
-        return t
-
-    def mutated(module, args, kwargs, grads):
-        return rule(module, tuple(swap(a) for a in args), kwargs, tuple(swap(g) for g in grads))
-
-    return mutated
-
 
 @pytest.mark.parametrize("on_mismatch", ["raise", "flag"])
 def test_verifier_sees_two_examples_swapped_inside_a_rule(on_mismatch, tmp_path):
