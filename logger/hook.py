@@ -72,9 +72,10 @@ class GradientLogger:
             per layer and keeps each layer's per-example forms until the end of the step.
         reference: ``(inputs, targets, loss_fn)`` of a reference set (e.g. held-out clean examples; inputs may be
             a mapping of tensors passed as keyword arguments). At logged steps the gradient ``R`` of its mean loss
-            is computed first (micro-batches of 256, eval mode, ``.grad``, buffers and RNG untouched) and
-            ``ref_alignment(step, example, layer) = g_{i,l} · R_l`` (computed as each layer is processed; no forms
-            kept), ``ref_sq_norm(step, layer) = ‖R_l‖²`` and ``ref_step(step)`` are stored, in probes too.
+            is computed first (micro-batches of 256, BatchNorm as ``probe_mode`` says, ``.grad``, buffers and RNG
+            untouched) and ``ref_alignment(step, example, layer) = g_{i,l} · R_l`` (computed as each layer is
+            processed; no forms kept), ``ref_sq_norm(step, layer) = ‖R_l‖²`` and ``ref_step(step)`` are stored, in
+            probes too.
         reference_every: Recompute ``R`` when at least this many steps passed since it was last computed (or the
             parameters changed at the same step); in between it is reused (``ref_step`` says from which step).
         **options: Further :class:`~gradcoh.logger.config.LoggerConfig` fields (``sketch_dtype``, ``layers``,
@@ -177,7 +178,8 @@ class GradientLogger:
                             index=index, labels=labels, group=group, true_labels=true_labels)
 
     @contextlib.contextmanager
-    def _record(self, step: int, stream: str, scale_by_batch: bool, **meta: Any) -> Iterator[Recording]:
+    def _record(self, step: int, stream: str, scale_by_batch: bool, mode: str | None = None,
+                **meta: Any) -> Iterator[Recording]:
         selected = self.should_log(step) if stream == schema.STREAM_BATCH else self._active
         if selected:
             self._output.check_order(stream, step)
@@ -187,7 +189,7 @@ class GradientLogger:
             return
         local = self.world_size == 1 and self.batch_sums_from_grad
         references = None if self._reference is None else self._reference.for_step(
-            step, self.model, [t.params for t in self.trackers])
+            step, self.model, [t.params for t in self.trackers], mode or self.config.probe_mode)
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
@@ -267,7 +269,9 @@ class GradientLogger:
             return False
         meta = {"index": index, "labels": labels, "group": group, "true_labels": true_labels}
         self._announce(self.model, mode)
-        run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, **m), inputs, targets,
+        if self._reference is not None:  # R first, of the network in this mode (not inside the probe's state)
+            self._reference.for_step(step, self.model, [t.params for t in self.trackers], mode)
+        run_probe(self.model, lambda m: self._record(step, schema.STREAM_PROBE, False, mode, **m), inputs, targets,
                   loss_fn, mode=mode, batch_size=batch_size, statistics=statistics, meta=meta, rank=self.rank,
                   world_size=self.world_size, device=self.trackers[0].params[0].device)
         return True

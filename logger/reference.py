@@ -3,7 +3,10 @@
 ``ref_alignment = g_i · R`` with ``R = ∇ (1/|S|) Σ_{r∈S} ℓ_r`` is the first-order term of In-Run Data Shapley (Wang
 et al., ICLR 2025, §4: the gradient dot-product with a validation batch); with ``R`` the batch's own gradient it is
 the per-example share of the m-coherence numerator. ``R`` is computed without disturbing training, exactly like a
-probe: micro-batches, ``torch.autograd.grad`` (``.grad`` untouched), eval mode, buffers and RNG states restored.
+probe: micro-batches, ``torch.autograd.grad`` (``.grad`` untouched), buffers and RNG states restored, and BatchNorm
+layers with batch statistics treated as the logger's ``probe_mode`` says (:func:`gradcoh.logger.probe.prepare`; by
+default ``"constant"``: the reference sample's own statistics held constant, so ``R`` is the gradient of the network
+as it normalises at that step, not of the eval-mode network with stale running statistics).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 from .config import int_at_least
 from .grads import natural_view
-from .probe import ModelState
+from .probe import ModelState, batch_stat_layers, prepare
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class ReferenceSet:
         self.grads: list[torch.Tensor] | None = None  # one per parameter, natural view, float32
         self.step: int | None = None
         self._versions: list[int] = []  # the parameters' versions when R was computed
+        self._mode: str | None = None  # the BatchNorm treatment R was computed with
 
     def due(self, step: int, params: list[nn.Parameter]) -> bool:
         """Whether the reference gradient must be (re)computed before logging ``step``.
@@ -83,35 +87,48 @@ class ReferenceSet:
             return True
         return step == self.step and [p._version for p in params] != self._versions
 
-    def compute(self, model: nn.Module, params: list[nn.Parameter], step: int) -> None:
+    def compute(self, model: nn.Module, params: list[nn.Parameter], step: int, mode: str = "constant") -> None:
         """The gradient of the reference set's mean loss with respect to ``params``, training left untouched.
 
-        Modes, buffers and RNG states are restored afterwards and ``.grad`` is never touched; forward hooks and
-        tensor hooks the user registered on the model do run (as for probes).
+        ``mode`` treats BatchNorm layers with batch statistics as a probe does (``"constant"``: the reference
+        sample's statistics held constant). Modes, buffers and RNG states are restored afterwards and ``.grad`` is
+        never touched; forward hooks and tensor hooks the user registered on the model do run (as for probes).
+
+        Raises:
+            ValueError: ``"constant"`` mode for a model with batch statistics and reference inputs given as a
+                mapping (whose statistics pass is not defined).
         """
         device = params[0].device  # where the model takes its inputs
+        if mode == "constant" and isinstance(self.inputs, Mapping) and batch_stat_layers(model):
+            raise ValueError("gradcoh.logger.reference: reference inputs given as a mapping cannot set the constant "
+                             "BatchNorm statistics; pass a tensor of inputs or probe_mode='eval'")
         total = [torch.zeros(natural_view(tuple(p.shape)), dtype=torch.float32, device=p.device) for p in params]
         saved = ModelState.save(model)
         try:
-            model.eval()
-            for start in range(0, self.size, self.batch_size):
-                rows = slice(start, start + self.batch_size)
-                x, y = _slice(self.inputs, rows, device), self.targets[rows].to(device)
-                out = model(**x) if isinstance(x, Mapping) else model(x)
-                per = self.loss_fn(out, y)
-                if not torch.is_tensor(per) or per.dim() != 1 or per.shape[0] != y.shape[0]:
-                    shape = tuple(per.shape) if torch.is_tensor(per) else type(per).__name__
-                    raise ValueError(f"the reference loss_fn returned {shape}; it must return one loss per example, "
-                                     f"a tensor [{y.shape[0]}] (use reduction='none')")
-                grads = torch.autograd.grad(per.sum() / self.size, params, allow_unused=True)
-                for acc, g in zip(total, grads, strict=True):
-                    if g is not None:
-                        acc += g.detach().reshape(acc.shape).to(torch.float32)
+            with prepare(model, mode, self.inputs, self.batch_size, device):
+                self._accumulate(model, params, total, device)
         finally:
             saved.restore(model)
-        self.grads, self.step = total, step
+        self.grads, self.step, self._mode = total, step, mode
         self._versions = [p._version for p in params]
-        log.debug("reference gradient recomputed at step %s", step)
+        log.debug("reference gradient recomputed at step %s (%s mode)", step, mode)
+
+    def _accumulate(self, model: nn.Module, params: list[nn.Parameter], total: list[torch.Tensor],
+                    device: torch.device) -> None:
+        """Add the mean-loss gradient of every reference micro-batch into ``total`` (natural views, float32)."""
+        for start in range(0, self.size, self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            x, y = _slice(self.inputs, rows, device), self.targets[rows].to(device)
+            out = model(**x) if isinstance(x, Mapping) else model(x)
+            per = self.loss_fn(out, y)
+            if not torch.is_tensor(per) or per.dim() != 1 or per.shape[0] != y.shape[0]:
+                shape = tuple(per.shape) if torch.is_tensor(per) else type(per).__name__
+                raise ValueError(f"the reference loss_fn returned {shape}; it must return one loss per example, "
+                                 f"a tensor [{y.shape[0]}] (use reduction='none')")
+            grads = torch.autograd.grad(per.sum() / self.size, params, allow_unused=True)
+            for acc, g in zip(total, grads, strict=True):
+                if g is not None:
+                    acc += g.detach().reshape(acc.shape).to(torch.float32)
 
     def split(self, counts: list[int]) -> list[list[torch.Tensor]]:
         """The reference gradient as one list per layer (``counts``: parameters per layer, in order)."""
@@ -121,15 +138,17 @@ class ReferenceSet:
             start += c
         return out
 
-    def for_step(self, step: int, model: nn.Module, layers: list[list[nn.Parameter]]) -> list[list[torch.Tensor]]:
+    def for_step(self, step: int, model: nn.Module, layers: list[list[nn.Parameter]],
+                 mode: str = "constant") -> list[list[torch.Tensor]]:
         """Each layer's part of the reference gradient for logging ``step``, (re)computed first if :meth:`due`.
 
         Args:
             step: The step about to be logged.
             model: The model.
             layers: Each logged layer's parameters, in order.
+            mode: How BatchNorm layers with batch statistics are treated (the logger's ``probe_mode``).
         """
         params = [p for layer in layers for p in layer]
-        if self.due(step, params):
-            self.compute(model, params, step)
+        if self.due(step, params) or mode != self._mode:
+            self.compute(model, params, step, mode)
         return self.split([len(layer) for layer in layers])

@@ -84,7 +84,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / f"{args.model}.zarr"
     cfg = ExperimentConfig(out=str(store), model=args.model, label_noise=args.label_noise, steps=None,
-                           epochs=args.epochs, batch_size=args.batch_size, probe_size=0, log_every=1,
+                           epochs=args.epochs, batch_size=args.batch_size, warmup_epochs=0, lr_decay_epochs=(),
+                           probe_size=0, log_every=1,
                            alignment=True, reference_size=args.reference_size, seed=args.seed, threads=1,
                            overwrite=True)
     start = time.perf_counter()

@@ -2,18 +2,22 @@
 
 ResNet-18 (torchvision, CIFAR stem) and ``resnet18_gn`` (every BatchNorm a GroupNorm(32, C): no batch statistics) on
 scikit-learn digits and on the synthetic set, with 0%, 50% and 100% of the labels re-drawn, several seeds. Each run
-trains once (SGD lr 0.02, momentum 0.9, batch 64, no augmentation: the ``gradcoh train`` defaults) and probes the
+trains once with the ``gradcoh train`` defaults (SGD lr 0.02, momentum 0.9, batch 64, no augmentation, the paper's
+Goyal et al. 2017 schedule: linear warmup over 5 epochs, /10 at epochs 30, 60, 80; ``--warmup-epochs 0`` for a
+constant rate) and probes the
 same fixed sample of m training examples at each probe step under every mode: ``constant`` (the probe sample's
 BatchNorm statistics held constant, the default), ``eval`` (running statistics) and ``train`` (per-micro-batch
 statistics with the gradient through them: contributions). Probes never disturb training, so the modes see the same
 network at the same steps. The GroupNorm twin has one semantics (its probes are exact in any mode).
 
-Writes ``docs/bn_probe_study.json`` (every value, after each run: an interrupted study resumes where it stopped),
-``docs/figures/bn_probe_modes.png`` and prints the markdown table and
-the verdicts used in ``docs/reproduction.md``. Sized for a shared 2-core CPU (about 20 minutes at the defaults):
+Writes ``docs/NAME.json`` (every value, after each run: an interrupted study resumes where it stopped),
+``docs/figures/NAME.png`` and prints the markdown table and the verdicts used in ``docs/reproduction.md``
+(NAME: ``--name``, default ``bn_probe_study_goyal``). The earlier 12-step constant-rate study is
+``--name bn_probe_study --warmup-epochs 0 --steps 12 --datasets digits synthetic`` (its figure was saved as
+``bn_probe_modes.png``). Sized for a shared 2-core CPU:
 
     OMP_NUM_THREADS=1 python scripts/bn_probe_study.py
-    python scripts/bn_probe_study.py --seeds 0 --steps 8 --probe-size 32 --datasets synthetic   # smoke run
+    python scripts/bn_probe_study.py --seeds 0 --steps 8 --probe-size 32 --datasets synthetic --name smoke  # smoke
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from gradcoh.logger.config import PROBE_MODES
 from gradcoh.logger.experiment.datasets import load_dataset
 from gradcoh.logger.experiment.models import build_model
 from gradcoh.logger.experiment.noise import corrupt_labels
+from gradcoh.logger.experiment.schedule import GOYAL_DECAY_EPOCHS, GOYAL_WARMUP_EPOCHS, LRSchedule, steps_per_epoch
 
 log = logging.getLogger("bn_probe_study")
 
@@ -47,14 +52,17 @@ GN = "resnet18_gn"
 class Study:
     out: str = "runs/bn_probe_study"
     docs: str = "docs"
-    datasets: tuple[str, ...] = ("digits", "synthetic")
+    name: str = "bn_probe_study_goyal"
+    datasets: tuple[str, ...] = ("digits",)
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 12
-    probe_steps: tuple[int, ...] = (0, 3, 6, 11)
+    steps: int = 48
+    probe_steps: tuple[int, ...] = (0, 3, 6, 12, 24, 47)
     probe_size: int = 48
     batch_size: int = 64
     lr: float = 0.02
     momentum: float = 0.9
+    warmup_epochs: float = GOYAL_WARMUP_EPOCHS
+    lr_decay_epochs: tuple[float, ...] = GOYAL_DECAY_EPOCHS
 
 
 def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,8 @@ def one_run(study: Study, dataset: str, model_name: str, noise: float, seed: int
     torch.manual_seed(3000 + seed)
     model = build_model(model_name, data.input_shape, data.num_classes).train()
     opt = torch.optim.SGD(model.parameters(), lr=study.lr, momentum=study.momentum)
+    schedule = LRSchedule.from_epochs(study.lr, steps_per_epoch(len(data), study.batch_size), study.warmup_epochs,
+                                      study.lr_decay_epochs)
     modes = PROBE_MODES if model_name != GN else ("constant",)
     name = f"{dataset}-{model_name}-{100 * noise:.0f}-{seed}"
     loggers = {mode: GradientLogger(model, Path(study.out) / name / f"{mode}.zarr", every=10**9, mode="overwrite",
@@ -82,6 +92,8 @@ def one_run(study: Study, dataset: str, model_name: str, noise: float, seed: int
     for step in range(study.steps):
         idx = batches[step % len(batches)]
         F.cross_entropy(model(data.batch(idx)), labels[idx]).backward()
+        for param_group in opt.param_groups:
+            param_group["lr"] = schedule.at(step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step in study.probe_steps:
@@ -205,8 +217,9 @@ def figure(rows: list[dict], study: Study, path: Path) -> None:
             if i == len(study.datasets) - 1:
                 ax.set_xlabel("training step")
     axes[0][0].legend(fontsize="small")
-    fig.suptitle(f"ResNet-18 probes under each BatchNorm probe mode vs a GroupNorm twin (median and range of "
-                 f"{len(study.seeds)} seeds)")
+    rate = f"lr warmup over {study.warmup_epochs:g} epochs" if study.warmup_epochs else "constant lr"
+    fig.suptitle(f"ResNet-18 probes under each BatchNorm probe mode vs a GroupNorm twin ({rate}; median and range "
+                 f"of {len(study.seeds)} seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -221,15 +234,18 @@ def main() -> None:
     ap.add_argument("--probe-size", type=int, default=Study.probe_size)
     ap.add_argument("--out", default=Study.out)
     ap.add_argument("--docs", default=Study.docs)
+    ap.add_argument("--name", default=Study.name, help="results docs/NAME.json, figure docs/figures/NAME.png")
+    ap.add_argument("--warmup-epochs", type=float, default=Study.warmup_epochs)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     probe_steps = (*(s for s in Study.probe_steps if s < args.steps - 1), args.steps - 1)
-    study = Study(out=args.out, docs=args.docs, datasets=tuple(args.datasets), seeds=tuple(args.seeds),
-                  steps=args.steps, probe_steps=probe_steps, probe_size=args.probe_size)
+    study = Study(out=args.out, docs=args.docs, name=args.name, datasets=tuple(args.datasets),
+                  seeds=tuple(args.seeds), steps=args.steps, probe_steps=probe_steps, probe_size=args.probe_size,
+                  warmup_epochs=args.warmup_epochs)
     docs = Path(study.docs)
-    rows, wall = run_all(study, docs / "bn_probe_study.json")
-    figure(rows, study, docs / "figures" / "bn_probe_modes.png")
+    rows, wall = run_all(study, docs / f"{study.name}.json")
+    figure(rows, study, docs / "figures" / f"{study.name}.png")
     print(f"wall time of the runs {wall:.0f} s\n\n{table(rows)}\n\n" + "\n".join(verdicts(rows, study))
           + f"\n\n{layer_table(rows)}")
 

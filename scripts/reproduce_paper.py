@@ -31,6 +31,8 @@ from matplotlib.figure import Figure
 
 log = logging.getLogger("reproduce_paper")
 
+KEEP_MARKER = "<!-- everything below this line is kept when scripts/reproduce_paper.py rewrites the part above -->"
+
 
 @dataclass
 class Config:
@@ -41,6 +43,8 @@ class Config:
     steps: dict = field(default_factory=lambda: {"mlp": 3000, "cnn": 2000})  # random labels fit by ~2000 steps
     batch_size: int = 64
     lr: float = 0.02  # constant; with momentum 0.9 the effective step is 0.2
+    warmup_epochs: float = 0.0  # constant lr (gradcoh train's default is Goyal et al.'s 5-epoch warmup)
+    lr_decay_epochs: tuple = ()  # (gradcoh train's default: /10 at epochs 30, 60, 80)
     momentum: float = 0.9
     probe_size: int = 512  # m: a third of the training set
     probe_every: int = 20
@@ -71,7 +75,8 @@ for model in cfg.models:
         stores[key] = run_experiment(ExperimentConfig(
             out=f"{cfg.out_dir}/{model}_noise{100 * noise:03.0f}.zarr", dataset="digits", model=model,
             label_noise=noise, steps=cfg.steps[model], batch_size=cfg.batch_size, lr=cfg.lr,
-            momentum=cfg.momentum, probe_size=cfg.probe_size, probe_every=cfg.probe_every,
+            momentum=cfg.momentum, warmup_epochs=cfg.warmup_epochs, lr_decay_epochs=cfg.lr_decay_epochs,
+            probe_size=cfg.probe_size, probe_every=cfg.probe_every,
             probe_early=cfg.probe_early, log_every=cfg.log_every, seed=cfg.seed, threads=1, overwrite=True,
         ), on_probe=reports.append)
         wall[key] = time.perf_counter() - t0
@@ -273,6 +278,9 @@ Configuration: `{asdict(cfg)}`.
 
 {notes.read_text() if notes.exists() else "(no notes)"}
 """
-Path(cfg.docs_dir, "reproduction.md").write_text(text)
+# Sections written by hand or by other scripts (alignment, BatchNorm probes) follow the marker and are kept.
+doc = Path(cfg.docs_dir, "reproduction.md")
+kept = doc.read_text().partition(KEEP_MARKER)[2] if doc.exists() else ""
+doc.write_text(f"{text}\n{KEEP_MARKER}{kept}" if kept else text)
 log.info("wrote %s and %d figures in %s (%.0f s)", Path(cfg.docs_dir, "reproduction.md"), 4, figures,
          time.perf_counter() - t_start)

@@ -5,8 +5,9 @@ The run logs two streams into one store: ``batch`` (every ``log_every`` steps, t
 disturbing training every ``probe_every`` steps (``"auto"``: about :data:`AUTO_PROBES` probes over the run, see
 :func:`probe_cadence`), at each of the first ``probe_early`` steps and at the last step;
 BatchNorm layers as ``probe_mode`` says, by default normalised with the sample's statistics held constant).
-Examples are grouped ``("clean", "corrupted")`` from the label-noise mask; per-example losses and true labels are
-stored too.
+Training follows the paper's recipe: SGD with momentum 0.9, no augmentation, no weight decay, and the learning-rate
+schedule of Goyal et al. 2017 (:mod:`.schedule`). Examples are grouped ``("clean", "corrupted")`` from the label-noise
+mask; per-example losses and true labels are stored too.
 
 Interrupting with Ctrl-C closes the logger (every logged step is flushed and committed) and re-raises
 ``KeyboardInterrupt`` after logging where the store is.
@@ -35,6 +36,7 @@ from ..probe import ModelState, prepare
 from .datasets import DATASETS, ImageData, load_dataset
 from .models import MODELS, build_model
 from .noise import corrupt_labels
+from .schedule import GOYAL_DECAY_EPOCHS, GOYAL_WARMUP_EPOCHS, LRSchedule, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,11 @@ class ExperimentConfig:
     steps: int | None = 600  # optimisation steps; None: use epochs
     epochs: float | None = None  # used when steps is None: steps = ceil(epochs * n / batch_size)
     batch_size: int = 64
-    lr: float = 0.02  # with momentum 0.9: fits digits (MLP) in ~200 steps, random labels in ~2000
+    lr: float = 0.02  # peak rate; at a constant 0.02, momentum 0.9 fits digits (MLP) in ~200 steps, random in ~2000
     optimizer: str = "sgd"  # "sgd" or "adam"
     momentum: float = 0.9  # SGD momentum (paper: 0.9, no weight decay, no augmentation)
+    warmup_epochs: float = GOYAL_WARMUP_EPOCHS  # linear lr warmup (the paper's Goyal et al. 2017 schedule); 0: none
+    lr_decay_epochs: tuple[float, ...] = GOYAL_DECAY_EPOCHS  # lr divided by 10 at each (Goyal et al.); (): constant
     probe_size: int = 512  # m of the probe sample; 0 disables the probe stream
     probe_every: int | str = "auto"  # probe cadence in steps, or "auto": probe_cadence(), ~AUTO_PROBES over the run
     probe_early: int = 0  # also probe every one of the first probe_early steps (resolves the initial transient)
@@ -112,6 +116,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_epochs < 0 or any(e < 0 for e in self.lr_decay_epochs):
+            raise ValueError(f"warmup_epochs and lr_decay_epochs must not be negative, got {self.warmup_epochs} and "
+                             f"{self.lr_decay_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -231,9 +238,11 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
     opt = _optimizer(cfg, model)
     probe = _Probe(data, labels, corrupted, cfg.probe_size, seeds[1], device) if cfg.probe_size else None
     total = _total_steps(cfg, len(data))
-    log.info("%s on %s (%d examples, %d classes, %.0f%% label noise, %d re-drawn): %d steps, probes every %d -> %s",
-             cfg.model, cfg.dataset, len(data), data.num_classes, 100 * cfg.label_noise, int(corrupted.sum()),
-             total, probe_cadence(cfg.probe_every, total), cfg.out)
+    schedule = LRSchedule.from_epochs(cfg.lr, steps_per_epoch(len(data), cfg.batch_size), cfg.warmup_epochs,
+                                      tuple(cfg.lr_decay_epochs))
+    log.info("%s on %s (%d examples, %d classes, %.0f%% label noise, %d re-drawn): %d steps, %s, probes every %d "
+             "-> %s", cfg.model, cfg.dataset, len(data), data.num_classes, 100 * cfg.label_noise,
+             int(corrupted.sum()), total, schedule.describe(), probe_cadence(cfg.probe_every, total), cfg.out)
     glog = GradientLogger(model, cfg.out, every=cfg.log_every or total + 1, sketch_dim=cfg.sketch_dim,
                           seed=cfg.seed, loss_reduction="mean", groups=GROUPS,
                           mode="overwrite" if cfg.overwrite else "create", extra={"experiment": cfg.to_dict()},
@@ -241,7 +250,8 @@ def run_experiment(config: ExperimentConfig, on_probe: Callable[[ProbeReport], N
                           reference_every=cfg.reference_every, probe_mode=cfg.probe_mode)
     with glog:
         try:
-            _train(cfg, model, opt, glog, data, labels, corrupted, probe, total, seeds[2], device, on_probe)
+            _train(cfg, model, (opt, schedule), glog, data, labels, corrupted, probe, total, seeds[2], device,
+                   on_probe)
         except KeyboardInterrupt:
             log.warning("interrupted; closing the logger (logged steps are flushed and kept in %s)", cfg.out)
             glog.close()
@@ -288,12 +298,14 @@ def _probe_due(cfg: ExperimentConfig, step: int, total: int) -> bool:
     return step % every == 0 or step < cfg.probe_early or step == total - 1
 
 
-def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, glog: GradientLogger,
+def _train(cfg: ExperimentConfig, model: nn.Module, optim: tuple[torch.optim.Optimizer, LRSchedule],
+           glog: GradientLogger,
            data: ImageData, labels: torch.Tensor, corrupted: torch.Tensor, probe: _Probe | None, total: int,
            seed: np.random.SeedSequence, device: torch.device,
            on_probe: Callable[[ProbeReport], None] | None) -> None:
     from tqdm.auto import tqdm
 
+    opt, schedule = optim
     bar = tqdm(range(total), desc=f"{cfg.model}/{cfg.dataset} {100 * cfg.label_noise:.0f}% noise",
                disable=not cfg.progress, dynamic_ncols=True)
     postfix: dict[str, str] = {}
@@ -308,6 +320,8 @@ def _train(cfg: ExperimentConfig, model: nn.Module, opt: torch.optim.Optimizer, 
             per = per_example_loss(out, y)  # [B]
             rec.loss(per)
             per.mean().backward()
+        for group in opt.param_groups:
+            group["lr"] = schedule.at(step)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if probe is not None and _probe_due(cfg, step, total):

@@ -224,3 +224,54 @@ def test_demo_tiny(tmp_path):
     assert "100% noise" in result.stdout and (tmp_path / "summary.txt").exists()
     assert (tmp_path / "coherence.png").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.glob("*.zarr")) == ["noise_000.zarr", "noise_050.zarr", "noise_100.zarr"]
+
+
+# --- the learning-rate schedule (Goyal et al. 2017, the paper's) ------------------------------------------------
+def test_goyal_schedule_in_steps():
+    """Digits at batch 64: an epoch is 24 steps; warmup over 120 steps from lr/120, then /10 at epochs 30, 60, 80."""
+    from gradcoh.logger.experiment.schedule import LRSchedule, steps_per_epoch
+
+    assert steps_per_epoch(1500, 64) == 24 and steps_per_epoch(256, 64) == 4
+    s = LRSchedule.from_epochs(0.02, 24, 5, (30, 60, 80))
+    assert (s.warmup_steps, s.decay_steps) == (120, (720, 1440, 1920))
+    assert s.at(0) == 0.02 / 120 and s.at(59) == 0.02 * 60 / 120 and s.at(119) == 0.02 and s.at(700) == 0.02
+    assert s.at(719) == 0.02 and s.at(720) == pytest.approx(0.002, rel=1e-15) and s.at(1920) == pytest.approx(2e-5)
+    assert LRSchedule.from_epochs(0.02, 24, 0, ()).at(0) == 0.02  # no warmup: full rate from step 0
+
+
+def test_run_experiment_trains_with_the_schedule(tmp_path, monkeypatch):
+    """The optimizer steps with schedule.at(step): warmup by default, the full rate with warmup_epochs=0."""
+    seen = []
+    original = torch.optim.SGD.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    cfg = small_config(tmp_path / "w.zarr", probe_size=0, steps=8)  # 96 examples / 16: an epoch is 6 steps
+    run_experiment(cfg)
+    assert cfg.warmup_epochs == 5 and tuple(cfg.lr_decay_epochs) == (30, 60, 80)
+    np.testing.assert_array_equal(seen, [0.05 * ((t + 1) / 30) for t in range(8)])
+    seen.clear()
+    run_experiment(small_config(tmp_path / "c.zarr", probe_size=0, steps=8, warmup_epochs=0, lr_decay_epochs=(1,)))
+    np.testing.assert_allclose(seen, [0.05] * 6 + [0.005] * 2, rtol=1e-15)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        small_config(tmp_path / "x.zarr", warmup_epochs=-1)
+
+
+def test_train_schedule_options(tmp_path):
+    """--warmup-epochs and --lr-decay-epochs reach the stored run; defaults are the paper's; bad values exit 2."""
+    out = tmp_path / "s.zarr"
+    args = ["train", "--dataset", "synthetic", "--model", "mlp", "--width", "16", "--steps", "2", "--batch-size", "8",
+            "--probe-size", "8", "--log-every", "0", "--threads", "1", "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    stored = open_root(out).attrs["gradcoh_config"]["extra"]["experiment"]
+    assert stored["warmup_epochs"] == 5 and stored["lr_decay_epochs"] == [30, 60, 80]
+    result = runner.invoke(app, [*args, "--overwrite", "--warmup-epochs", "0", "--lr-decay-epochs", "none"])
+    assert result.exit_code == 0, result.output
+    stored = open_root(out).attrs["gradcoh_config"]["extra"]["experiment"]
+    assert stored["warmup_epochs"] == 0 and stored["lr_decay_epochs"] == []
+    for flag, bad in (("--lr-decay-epochs", "soon"), ("--lr-decay-epochs", "30,-1"), ("--warmup-epochs", "-2")):
+        refused = runner.invoke(app, [*args[:-2], flag, bad, "--out", str(tmp_path / "b.zarr")])
+        assert refused.exit_code == 2 and flag in refused.stderr, (flag, bad)

@@ -169,3 +169,34 @@ def test_batch_norm_called_twice_is_refused(tmp_path):
         assert model.training and model.bn.training and not model.bn._forward_pre_hooks
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("mode", ["constant", "eval"])
+def test_reference_gradient_follows_the_probe_mode(tmp_path, mode):
+    """R of a BatchNorm model is the mean gradient of the network the probe measures: with ``constant``, the
+    reference sample's own statistics held constant (not the running ones); with ``eval``, the running statistics."""
+    from test_alignment import close, oracle_alignment
+
+    model = make_model()
+    gen = torch.Generator().manual_seed(13)
+    x, y = torch.randn(7, 2, 8, 8, generator=gen), torch.randint(0, 3, (7,), generator=gen)
+    rx, ry = torch.randn(10, 2, 8, 8, generator=gen) * 2 - 1, torch.randint(0, 3, (10,), generator=gen)
+    before = copy.deepcopy(model.state_dict())
+    with GradientLogger(model, tmp_path / "r.zarr", alignment=True, reference=(rx, ry, ce), probe_mode=mode) as glog:
+        assert glog.probe(0, x, y, ce, batch_size=4)
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    ds = open_logged(tmp_path / "r.zarr", "probe")
+
+    def network(inputs):
+        if mode == "constant":
+            return oracle_constant_model(model, inputs)
+        return copy.deepcopy(model).double().eval()
+
+    ref_grads = per_example_grads_loop(network(rx), ce, rx, ry)
+    _, ref, _ = oracle_alignment(ds, per_example_grads_loop(network(x), ce, x, y), ref_grads)
+    close(ds.ref_alignment.values[0], ref, model, x)
+    # The test can fail: R from the other statistics (running ones for constant, the sample's for eval) differs.
+    other = (copy.deepcopy(model).double().eval() if mode == "constant" else oracle_constant_model(model, rx))
+    _, wrong, _ = oracle_alignment(ds, per_example_grads_loop(network(x), ce, x, y),
+                                   per_example_grads_loop(other, ce, rx, ry))
+    assert np.abs(np.asarray(wrong) - np.asarray(ref)).max() > 1e-2 * np.abs(np.asarray(ref)).max()
