@@ -15,6 +15,7 @@ weighted group sums ``Σ_n w[n, g] G_n`` (the book-keeping GEMM) and sketches.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -112,7 +113,7 @@ class Dense:
 
     def sq_norms(self) -> torch.Tensor:
         """``[n]`` squared Frobenius norms."""
-        return sum(torch.linalg.vector_norm(b.reshape(self.n, -1), dim=1).square() for b in self.blocks)
+        return added(torch.linalg.vector_norm(b.reshape(self.n, -1), dim=1).square() for b in self.blocks)
 
     def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """``[g, rows, cols]`` sums ``Σ_n weights[n, g] m[n]``."""
@@ -314,7 +315,8 @@ def fits(n: int, rows: int, cols: int, element_size: int) -> bool:
 
 
 def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size: int,
-                           projector: Projection | None = None, costs: KernelCosts = ONE_CPU_CORE) -> bool:
+                           projector: Projection | None = None, costs: KernelCosts = ONE_CPU_CORE,
+                           saved: int = 0) -> bool:
     """Whether to materialise ``[n, rows, cols]`` rather than keep factors: the one place this is decided.
 
     The mixed ghost-norm rule (Bu, Mao, Xu 2022): materialise when that costs less than the factored route and
@@ -326,13 +328,14 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     (:meth:`~gradcoh.logger.sketch.Projection.route_cost`: a CountSketch materialises factors anyway, a
     TensorSketch mean sketches factors without forming them).
     ``costs`` weighs the kernels (:func:`~gradcoh.logger.costs.kernel_costs` of the device in use): both routes
-    give the same values, so measured costs may choose.
+    give the same values, so measured costs may choose. ``saved``: multiply-adds per example that materialising
+    spares elsewhere (fused mode: the weight-gradient GEMM, :func:`~gradcoh.logger.fused.fill_slot`).
     """
     if not fits(n, rows, cols, element_size):
         return False
     t, size = positions, rows * cols
     factored = costs.gemm * (t * t * (rows + cols) if t > 1 else rows + cols)
-    materialised = costs.gemm * (t + 1) * size
+    materialised = costs.gemm * ((t + 1) * size - saved)
     if projector is not None:
         factored += projector.route_cost(("factored", t), costs)
         materialised += projector.route_cost(("dense", 1), costs)
@@ -444,13 +447,27 @@ def bilinear(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.
         start = 0
         for b in form.blocks:  # column blocks: no concatenation
             width = b.shape[2]
-            part = (b @ right[start : start + width].to(b.dtype)) @ left.to(b.dtype)  # [n, rows] → [n]
+            part = (b @ as_dtype(right[start : start + width], b.dtype)) @ as_dtype(left, b.dtype)  # [n]
             out = part if out is None else out + part
             start += width
         return out
-    vb = form.v @ right.to(form.v.dtype)  # [n, T]
-    ua = left.to(form.v.dtype)[form.rows_index] if form.u is None else form.u @ left.to(form.u.dtype)
+    vb = form.v @ as_dtype(right, form.v.dtype)  # [n, T]
+    ua = as_dtype(left, form.v.dtype)[form.rows_index] if form.u is None else form.u @ as_dtype(left, form.u.dtype)
     return (ua * vb).sum(1)
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (no op dispatched when it already is: the logged step's fixed cost is per op)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def added(parts: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """The sum of the tensors in ``parts`` (None entries skipped; None when there are none), with no ``0 +``."""
+    out = None
+    for t in parts:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
 
 
 def dot(form: ParamGrad, m: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .batchgrad import BatchGradient
-from .grads import ParamGrad, dot, natural_view
+from .grads import ParamGrad, as_dtype, dot, natural_view
 
 if TYPE_CHECKING:
     from .step import StepState
@@ -167,10 +167,12 @@ class LayerResults:
         want = None
         for i, (left, right) in enumerate(self.guard_vectors):
             m, scale = self.batch.natural(i)
-            v = torch.dot(torch.mv(m, right.to(m.dtype)), left.to(m.dtype)) * scale
+            v = torch.dot(torch.mv(m, as_dtype(right, m.dtype)), as_dtype(left, m.dtype))
+            v = v * scale if scale != 1.0 else v
             want = v if want is None else want + v
-        want = want.to(torch.float64)
-        got = torch.cat([s.guard for s in self.stats.values()]).double() if self.stats else torch.zeros(0)
+        want = as_dtype(want, torch.float64)
+        got = as_dtype(torch.cat([s.guard for s in self.stats.values()]), torch.float64) if self.stats else \
+            torch.zeros(0)
         total, spread = got.sum(0).to(want), got.abs().sum(0).to(want)
         self.gap = (total - want).abs() / (self.tolerance() * self._magnitude(spread + want.abs()) + 1e-30)
         return (self.gap <= 1).all()

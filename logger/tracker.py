@@ -31,6 +31,8 @@ from .grads import (
     LayerGrad,
     MatrixView,
     ParamGrad,
+    added,
+    as_dtype,
     bilinear,
     choose_route,
     combine,
@@ -151,10 +153,17 @@ class LayerTracker:
             grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
             self.results.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
             if len(group) == 1 and group[0].slot is not None:
-                grad = fill_slot(grad, group[0].slot)
+                grad = fill_slot(grad, group[0].slot, self._weight_projector(source, grad, j))
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
                     if form is not None]
         return out
+
+    def _weight_projector(self, source: Source, grad: LayerGrad, j: int) -> Projection | None:
+        """The sketch projection of a fused module's weight (its first parameter), chosen from this call's form."""
+        if not self.sketch_dim:
+            return None
+        i = self.index[id(source.params[0])]
+        return self.projector(i, [split_params(grad, self.views[j])[0]])
 
     def _run_rule(self, source: Source, call: Call) -> LayerGrad:
         """One call's per-example gradient from its module's rule; a crash inside a rule becomes a clear refusal.
@@ -217,29 +226,38 @@ class LayerTracker:
         state = self._state
         scale, n = state.scale(), state.n
         weights = state.weights(torch.float32)
-        sq, guard, sketch = 0, 0, 0
+        sq, guard, sketch = [], [], []
         sums, routed = [], []
         check = self.results.checked or state.truth is not None  # verified steps check every layer
         for i, forms in enumerate(per_param):
             forms = [choose_route(f, self.projector(i, forms)) for f in forms]
             routed.append(forms)
-            sq_i, guard_i, sketch_i = self._param_stats(i, forms, n, check)
-            sq, guard, sketch = sq + sq_i, guard + guard_i, sketch + sketch_i
+            self._param_stats(i, forms, n, check, (sq, guard, sketch))
             if weights is not None:
                 sums.append(self._group_sums(i, forms, weights))
-        zeros = torch.zeros(n, device=self.params[0].device)
+        device = self.params[0].device
+        sq, guard, sketch = added(sq), added(guard), added(sketch)
+        sq = torch.zeros(n, device=device) if sq is None else sq
+        guard = torch.zeros(n, device=device) if guard is None else guard
+        if self.sketch_dim and sketch is None:
+            sketch = torch.zeros(n, self.sketch_dim, device=device)
         stats = MicroStats(
-            sq=(zeros + sq) * scale**2, guard=(zeros + guard) * scale if check else None,
-            sketch=(torch.zeros(n, self.sketch_dim, device=zeros.device) + sketch) * scale if self.sketch_dim else None,
-            ref_dots=None if self.reference is None else dots(routed, self.reference, n, zeros.device) * scale,
+            sq=_scaled(sq, scale**2), guard=_scaled(guard, scale) if check else None,
+            sketch=_scaled(sketch, scale) if self.sketch_dim else None,
+            ref_dots=None if self.reference is None else dots(routed, self.reference, n, device) * scale,
             kept=(scale, routed) if state.keep_forms else None,  # for the alignment with the batch sum, known later
         )
         block = None if weights is None else torch.cat(sums, 1).to(state.acc_dtype) * scale
         self.results.add(state.micro, stats, block)
 
-    def _param_stats(self, i: int, forms: list[ParamGrad], n: int, check: bool) -> tuple[Any, Any, Any]:
-        """One parameter's ``[n]`` squared norms (with its forms' cross terms), guard values (``check``), sketch."""
-        sq, guard, sketch = 0, 0, 0
+    def _param_stats(self, i: int, forms: list[ParamGrad], n: int, check: bool,
+                     out: tuple[list, list, list]) -> None:
+        """Append one parameter's squared norms, cross terms, guard values (``check``) and sketches to ``out``.
+
+        ``out`` holds three lists the caller sums: ``[n]`` squared norms and ``2⟨A_i, B_i⟩`` cross terms of the
+        parameter's forms, ``[n]`` guard values, ``[n, k]`` sketches.
+        """
+        sq, guard, sketch = out
         left, right = self.guard_vectors[i]
         for a, fa in enumerate(forms):
             if fa.n != n:
@@ -247,12 +265,12 @@ class LayerTracker:
                     f"layer '{self.name}' saw {fa.n} rows but the micro-batch has {n} examples; per-example "
                     "gradients need the batch on dimension 0 of every tracked layer's input"
                 )
-            sq = sq + fa.sq_norms().float() + sum(2 * inner(fa, fb).float() for fb in forms[a + 1 :])
+            sq.append(as_dtype(fa.sq_norms(), torch.float32))
+            sq += [2 * as_dtype(inner(fa, fb), torch.float32) for fb in forms[a + 1 :]]
             if check:
-                guard = guard + bilinear(fa, left, right).float()
+                guard.append(as_dtype(bilinear(fa, left, right), torch.float32))
             if self.sketch_dim:
-                sketch = sketch + fa.sketch(self.projectors[i])
-        return sq, guard, sketch
+                sketch.append(fa.sketch(self.projectors[i]))
 
     def _group_sums(self, i: int, forms: list[ParamGrad], weights: torch.Tensor) -> torch.Tensor:
         """``[G-1, numel]`` weighted sums of one parameter's per-example gradients."""
@@ -270,6 +288,10 @@ class LayerTracker:
             s = proj.dense(g.to(torch.float32).reshape(1, *natural_view(shape)))[0]
             out = s if out is None else out + s
         return out
+
+
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    return t if factor == 1.0 else t * factor
 
 
 def _is_half(x: Any) -> bool:

@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .arguments import op_name, tensor_args
 from .attention import multi_head_attention_forward
 from .derived import DROPOUTS, Derivations, Origin
-from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, conv_arguments
+from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, call_is_fused, conv_arguments
 from .layout import CONSTANT, Layout, Reduced, Unknown, propagate
 from .selection import setitem_layout
 
@@ -148,6 +148,11 @@ def _out_of_place(func: Callable) -> Callable:
 def _apply_fused_linear(slot: Slot, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     return FusedLinear.apply(x, weight, bias, slot)
+
+
+def _linear_arguments(x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return x, weight, bias
 
 
 class UseTracker(TorchFunctionMode):
@@ -295,7 +300,10 @@ class UseTracker(TorchFunctionMode):
         conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
         if func is not F.linear and conv is None:
             return func(*args, **kwargs)
-        slot = Slot(materialise=conv is None)
+        x, weight, bias = conv[:3] if conv is not None else _linear_arguments(*args, **kwargs)
+        if not call_is_fused(self.n or 0, x, weight, bias, conv):
+            return func(*args, **kwargs)
+        slot = Slot()
         with self.paused():  # the Function's own call is not a use
             if conv is None:
                 out = _apply_fused_linear(slot, *args, **kwargs)

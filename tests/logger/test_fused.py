@@ -105,7 +105,7 @@ def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
 def test_second_derivative_through_a_fused_call_raises(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    x = torch.randn(5, 3)
+    x = torch.randn(5, 7, 3)  # 7 positions: the cost model fuses these calls (T = 1 calls keep autograd's op)
     with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
         with pytest.raises(RuntimeError, match=r"once_differentiable|twice"), glog.record(0):
             (g,) = torch.autograd.grad(model(x).sum(), model[0].weight, create_graph=True)

@@ -1,0 +1,100 @@
+"""Fused mode: which calls it takes over is a fixed function of the shapes (gradcoh.logger.fused)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gradcoh.logger import GradientLogger
+from gradcoh.logger.fused import call_is_fused, conv_arguments, fused_is_cheaper
+from oracle import assert_stats, open_logged, per_example_grads_loop
+from test_exact import sq_loss
+from tolerance import chain_length
+from torch import nn
+
+
+@pytest.mark.parametrize(("shape", "want"), [
+    ((8, 128, 256, 256), True),  # Llama q_proj: materialising costs about the ghost norm, and spares the GEMM
+    ((16, 65, 576, 192), True),  # a ViT qkv
+    ((32, 256, 64, 576), True),  # ResNet-18 layer1 conv
+    ((32, 4, 512, 4608), False),  # ResNet-18 layer4 conv: n·rows·cols = 75 M floats to form, against T = 4
+    ((32, 1, 256, 256), False),  # one position: the factored route is two vectors
+])
+def test_the_cost_model_picks_what_the_kernels_measured(shape, want):
+    n, t, rows, cols = shape
+    assert fused_is_cheaper(n, t, rows, cols, 4) is want
+
+
+@pytest.mark.parametrize(("x_shape", "conv"), [
+    ((4, 3, 16, 16), nn.Conv2d(3, 8, 3, padding=1)),
+    ((4, 8, 17, 15), nn.Conv2d(8, 16, (3, 5), stride=(2, 3), padding=(1, 2), dilation=(1, 2))),
+    ((2, 4, 33), nn.Conv1d(4, 6, 5, stride=4)),
+    ((4, 16, 8, 8), nn.Conv2d(16, 512, 3, stride=2, padding=1)),
+])
+def test_a_convolution_is_judged_by_its_output_positions(x_shape, conv):
+    x = torch.randn(x_shape)
+    out = conv(x)
+    n = x.shape[0]
+    positions = out[0, 0].numel()
+    func = {2: F.conv2d, 1: F.conv1d}[x.dim() - 2]
+    args = conv_arguments(func, (x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups), {})
+    want = fused_is_cheaper(n, positions, conv.weight.shape[0], conv.weight[0].numel() + 1, 4)
+    assert call_is_fused(n, x, conv.weight, conv.bias, args) is want
+
+
+def test_grouped_convolutions_and_linears_by_positions():
+    w = torch.randn(8, 1, 3, 3)
+    x = torch.randn(2, 8, 6, 6)
+    args = conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 8), {})
+    assert call_is_fused(2, x, w, None, args)  # depthwise: materialised anyway
+    lin = torch.randn(256, 256)
+    assert not call_is_fused(8, torch.randn(8, 256), lin, None)
+    assert call_is_fused(8, torch.randn(8, 128, 256), lin, None)
+
+
+def test_one_position_layers_keep_autograds_op_bitwise(tmp_path):
+    """In fused mode an MLP (one position per example) is not fused: .grad is bitwise a plain step's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    F.cross_entropy(plain(x), y).backward()
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            F.cross_entropy(model(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_many_position_layers_are_fused(tmp_path):
+    """A Linear over 32 positions per example is fused: its .grad is summed from the per-example ones
+    (another order of the same sums: not bitwise; test_fused.py bounds the difference)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 4))
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(6, 32, 12), torch.randn(6, 32, 4)
+    ((plain(x) - y) ** 2).mean().backward()
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            ((model(x) - y) ** 2).mean().backward()
+    assert not torch.equal(model[0].weight.grad, plain[0].weight.grad) or not torch.equal(
+        model[2].weight.grad, plain[2].weight.grad)
+
+
+def test_in_place_op_after_a_fused_linear_on_3d_input(tmp_path):
+    """F.linear on 3-D input returns a view; the fused Function returns a copy, so ReLU(inplace=True) after it works
+    and the statistics stay exact against the per-example oracle."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(inplace=True), nn.Linear(16, 3))
+    x, y = torch.randn(4, 12, 5), torch.randn(4, 12, 3)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+        fused_ids = glog._recorder.fused
+    assert id(model[0].weight) in fused_ids
+    ds = open_logged(tmp_path / "s.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=x.shape[1]),
+                 what="in-place after fused")
+    assert bool(ds.reconciled.values.all())
