@@ -56,7 +56,7 @@ class Study:
     datasets: tuple[str, ...] = ("digits",)
     seeds: tuple[int, ...] = (0, 1, 2)
     steps: int = 48
-    probe_steps: tuple[int, ...] = (0, 3, 6, 12, 24, 47)
+    probe_steps: tuple[int, ...] = (0, 3, 6, 12, 24, 47, 96, 144, 192)  # those before the last step, and the last
     probe_size: int = 48
     batch_size: int = 64
     lr: float = 0.02
@@ -192,6 +192,7 @@ def figure(rows: list[dict], study: Study, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(len(study.datasets), len(NOISE), figsize=(12, 3.6 * len(study.datasets)), sharex=True,
                              squeeze=False)
@@ -210,6 +211,8 @@ def figure(rows: list[dict], study: Study, path: Path) -> None:
                         label=series_name(model, mode))
                 ax.fill_between(study.probe_steps, v.min(0), v.max(0), color=color, alpha=0.15)
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
             ax.axhline(1.0, color="grey", lw=0.6)
             ax.set_title(f"{dataset}, {LABELS[noise]} labels", fontsize="medium")
             if j == 0:
