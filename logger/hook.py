@@ -33,6 +33,7 @@ from .probe import Announcer
 from .probe import run as run_probe
 from .recorder import Recording, StepRecorder
 from .reducer import StepReducer, record_summary
+from .reduction import warn_unobserved
 from .reference import ReferenceSet
 from .sigterm import SigtermExit
 from .sketch import ProjectionTable
@@ -85,6 +86,10 @@ class GradientLogger:
         batch_sums_from_grad: Read a step's batch gradient from ``.grad`` when it starts empty (no copy; default).
             Set False when ``.grad`` may change between the last backward pass and the end of the block (a trainer
             that clips before its callbacks run): the sums are then accumulated from the gradient hooks.
+        reduction_checks: Observe how the loss combines the examples (:mod:`~gradcoh.logger.reduction`): a declared
+            ``loss_reduction`` that contradicts it raises, an undeclared one follows it, and a loss whose reduction
+            is not seen warns once. Trainer callbacks set it False: they store each example's contribution to the
+            loss the trainer optimises, whatever its reduction.
         summary_writer: Where each logged step's scalars go (see ``summary_writer`` above), or None.
 
     Example:
@@ -127,6 +132,8 @@ class GradientLogger:
         self._sigterm = SigtermExit()
         self.summary_writer = summary_writer
         self.batch_sums_from_grad = True
+        self.reduction_checks = True
+        self._unobserved_told = False
         self._announce = Announcer()  # says once how batch-statistics layers are probed
         if self.enabled:
             self._open(storage_options)
@@ -190,8 +197,12 @@ class GradientLogger:
                 for tracker, check in zip(self.trackers, self._guard.next_step(stream), strict=True):
                     tracker.results.checked = check
                 self._verifier.arm(state, self.trackers, self._declared, stream == schema.STREAM_BATCH)
+                state.check_reduction = stream == schema.STREAM_BATCH and self.reduction_checks
                 rec = Recording(state)
                 yield rec
+            if state.unobserved() and not self._unobserved_told:
+                self._unobserved_told = True
+                warn_unobserved(self._declared)
             record = self._reducer.reduce(step, state, self._reference, **meta)
         finally:
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step

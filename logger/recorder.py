@@ -42,6 +42,7 @@ class Recording:
         state.losses.append(values.detach().reshape(-1).to(torch.float32))
         if values.requires_grad:  # the weights each term carries are read from the backward pass
             micro = state.micro
+            state.given.add(micro)
             values.register_hook(lambda g: None if state.uses.verifying else state.observe(micro, g))
             if state.on_loss is not None:
                 state.on_loss(values)
@@ -156,6 +157,7 @@ class StepRecorder:
                           from_grad=from_grad, keep_forms=keep_forms, device=device, trackers=self.trackers)
         if group is not None:
             state.add_groups(group)
+        uses.on_reduced = state.reduced
         for j, tracker in enumerate(self.trackers):
             tracker.attach(state, None if references is None else references[j])
         handles = self._module_hooks(state)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import reduction
 from .uses import UseTracker
 
 if TYPE_CHECKING:
@@ -50,6 +51,10 @@ class StepState:
         on_loss: Called with the per-example losses given to ``rec.loss`` (the verifier).
         on_terms: Called with the loss terms given to ``rec.terms`` (the verifier, for trainer callbacks).
         wants_terms: Returns whether terms given now would be verified (callbacks compute them only then).
+        check_reduction: Observe how the loss combines the examples (:mod:`~gradcoh.logger.reduction`; batch stream,
+            not under trainer callbacks, which store contributions).
+        reductions: Micro-batch -> ``(op, "mean" | "sum")``: the reduction observed (without ``rec.loss``).
+        given: Micro-batches whose per-example losses were given attached to the graph (``rec.loss``).
         truth: The verifier's captured example gradient (:class:`~gradcoh.logger.verify.Truth`), or None.
     """
 
@@ -76,6 +81,9 @@ class StepState:
     on_terms: Any = None
     wants_terms: Any = None
     truth: Any = None
+    check_reduction: bool = False
+    reductions: dict[int, tuple[str, str]] = field(default_factory=dict)
+    given: set[int] = field(default_factory=set)
 
     def batch_size(self, n: int) -> int:
         """Register a forward with ``n`` examples in the current micro-batch; returns the micro-batch size."""
@@ -93,7 +101,8 @@ class StepState:
         micro = self.micro if micro is None else micro
         if micro in self.observed:
             return self.loss_scale / self.observed[micro]
-        return float(self.sizes[micro]) if self.scale_by_batch else 1.0
+        mean = self.reductions[micro][1] == "mean" if micro in self.reductions else self.scale_by_batch
+        return float(self.sizes[micro]) if mean else 1.0
 
     def observe(self, micro: int, grad: torch.Tensor) -> None:
         """The gradient reaching the per-example losses of micro-batch ``micro``: each term's weight in the loss.
@@ -119,6 +128,32 @@ class StepState:
                     f"{first:.6g} in the loss ({expect:.6g} expected for {n} examples). With rec.loss(losses) the "
                     "weights are read from the backward pass: drop loss_reduction, or make the loss match it"
                 )
+
+    def reduced(self, out: torch.Tensor, op: str, func: Any, args: tuple, kwargs: dict) -> None:
+        """The forward reduced the batch axis to the scalar ``out`` (op ``op``): read its weight in the backward."""
+        kind = reduction.kind(op, func, args, kwargs) if self.check_reduction else None
+        if kind is None:
+            return
+        micro, n = self.micro, self.n
+        out.register_hook(lambda g: None if self.uses.verifying else self._reduced_weight(micro, n, op, kind, g))
+
+    def _reduced_weight(self, micro: int, n: int, op: str, kind: str, grad: torch.Tensor) -> None:
+        """The gradient reaching a reduced loss: the reduction in effect, checked against the declared one.
+
+        Raises:
+            ValueError: A declared ``loss_reduction`` contradicts it.
+        """
+        if micro in self.given:  # rec.loss: the weights are read from the per-example losses themselves
+            return
+        found = reduction.effective(kind, float(grad.sum()) / self.loss_scale, n)  # one device sync per micro-batch
+        self.reductions.setdefault(micro, (op, found))
+        if self.declared is not None and n > 1 and found != self.declared:
+            raise reduction.contradiction(self.declared, found, op, n)
+
+    def unobserved(self) -> bool:
+        """Some micro-batch's loss weights were neither observed nor read from ``rec.loss`` (they are declared)."""
+        return self.check_reduction and any(m not in self.reductions and m not in self.observed
+                                            for m in range(self.micro))
 
     def weights(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[n, G-1]`` one-hot group weights of the current micro-batch (the last group is implied)."""

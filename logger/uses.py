@@ -38,7 +38,7 @@ from .arguments import op_name, tensor_args
 from .attention import multi_head_attention_forward
 from .derived import DROPOUTS, Derivations, Origin
 from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, call_is_fused, conv_arguments
-from .layout import CONSTANT, Layout, Unknown, propagate
+from .layout import CONSTANT, Layout, Reduced, Unknown, propagate
 from .selection import setitem_layout
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class UseTracker(TorchFunctionMode):
         self.batch_inputs = batch_inputs  # positions / keyword names of the model inputs that carry the batch
         self.where: list[str] = []  # names of the hooked modules whose calls are running (innermost last)
         self.verifying = False  # the verifier's extra backward pass is running: hooks ignore it
+        self.on_reduced: Callable | None = None  # called with (scalar, op, func, args, kwargs) of a batch reduction
         self.params = params
         self.fused = fused  # weights whose F.linear calls run through FusedLinear (fused mode)
         self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output of a fused call -> its Slot
@@ -328,6 +329,7 @@ class UseTracker(TorchFunctionMode):
             self.layouts[o] = lay
             if fresh and type(lay) is Unknown:
                 self._watch(o, name)
+        self._reduction(name, func, args, kwargs, outs, lays, data)
         if self._owned:
             diff = [(pos, t) for pos, t in diff if id(t) not in self._owned[-1]]  # covered by the module's rule
         if not diff or not outs:
@@ -336,6 +338,13 @@ class UseTracker(TorchFunctionMode):
             log.debug("use of a parameter by %s cannot be split by example; left to the reconciliation guard", name)
             return
         self._use(func, args, kwargs, outs[0], lays[0], data, diff)
+
+    def _reduction(self, name: str, func: Callable, args: tuple, kwargs: dict, outs: list, lays: list,
+                   data: list) -> None:
+        """An op reducing the batch axis to a scalar (a loss): tell :attr:`on_reduced` (see logger/reduction.py)."""
+        if (self.on_reduced is not None and len(outs) == 1 and type(lays[0]) is Reduced and outs[0].numel() == 1
+                and outs[0].requires_grad and not any(isinstance(lay, Reduced) for _, _, lay in data)):
+            self.on_reduced(outs[0], name, func, args, kwargs)
 
     def _setitem(self, args: tuple, data: list) -> None:
         """``target[index] = value``: the target's layout follows the rows written (see ``setitem_layout``)."""

@@ -1,12 +1,16 @@
 """Step time of a stock Hugging Face Trainer and Lightning Trainer with and without GradcohCallback.
 
     python scripts/bench_integrations.py --steps 20 --threads 1
+    python scripts/bench_integrations.py --verifier   # the verifier's cost under the callbacks
 
 Both runs of a pair use the same model initialisation, data and settings; the time is the Trainer's own
 ``train_runtime`` (HF) or the wall time of ``fit`` (Lightning), divided by the steps. The callback logs every step
 (``every=1``), exact statistics only; logging every N steps costs 1 + (ratio − 1)/N. The two runs of each round are
 interleaved and the ratio reported is the median of the per-round ratios (robust to a busy machine); the first line
 printed names the machine (CPU, cores, threads, torch).
+
+``--verifier`` compares the callback with ``verify_every=0`` (never) and ``verify_every=1`` (every logged step) instead,
+and prints the verifier's overhead at the default rate, ``(ratio − 1) / verify_every``, against logged steps.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 log = logging.getLogger("bench_integrations")
 
 
-def hf_time(steps: int, callback: bool, tmp: str) -> float:
+def hf_time(steps: int, callback: bool, tmp: str, **options: object) -> float:
     import transformers
     from datasets import Dataset
     from gradcoh.logger.integrations.huggingface import GradcohCallback
@@ -40,12 +44,12 @@ def hf_time(steps: int, callback: bool, tmp: str) -> float:
     args = transformers.TrainingArguments(output_dir=f"{tmp}/o", per_device_train_batch_size=8,
                                           gradient_accumulation_steps=2, max_steps=steps, report_to="none",
                                           save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=10**6)
-    cbs = [GradcohCallback(f"{tmp}/hf-{callback}.zarr", every=1, mode="overwrite")] if callback else []
+    cbs = [GradcohCallback(f"{tmp}/hf-{callback}.zarr", every=1, mode="overwrite", **options)] if callback else []
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=cbs)
     return trainer.train().metrics["train_runtime"] / steps
 
 
-def lightning_time(steps: int, callback: bool, tmp: str) -> float:
+def lightning_time(steps: int, callback: bool, tmp: str, **options: object) -> float:
     import lightning as L
     from gradcoh.logger.integrations.lightning import GradcohCallback
     from torch.utils.data import DataLoader, TensorDataset
@@ -61,7 +65,8 @@ def lightning_time(steps: int, callback: bool, tmp: str) -> float:
 
         def training_step(self, batch, batch_idx):
             x, y, _ = batch
-            return F.cross_entropy(self.net(x), y)
+            per = F.cross_entropy(self.net(x), y, reduction="none")
+            return {"loss": per.mean(), "losses": per}  # stored (and verified) by the callback
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -69,7 +74,7 @@ def lightning_time(steps: int, callback: bool, tmp: str) -> float:
     n = steps * 2 * 32
     data = TensorDataset(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), torch.arange(n))
     cbs = [GradcohCallback(f"{tmp}/l-{callback}.zarr", every=1, mode="overwrite", index=lambda b: b[2],
-                           labels=lambda b: b[1])] if callback else []
+                           labels=lambda b: b[1], **options)] if callback else []
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=2, callbacks=cbs, logger=False, accelerator="cpu",
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     start = time.perf_counter()
@@ -88,11 +93,25 @@ def machine(threads: int) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {threads} thread(s), torch {torch.__version__}"
 
 
+def report_verifier(name: str, pairs: list[tuple[float, float]]) -> None:
+    """Logged steps never verified against verified every step: the ratio and the overhead at the default rate."""
+    from gradcoh.logger.config import LoggerConfig
+
+    default = LoggerConfig().verify_every
+    ratios = sorted(v / n for n, v in pairs)
+    ratio = ratios[len(ratios) // 2]
+    log.info("%s: callback %.1f ms/step, verified every step %.1f ms/step: %.3fx (rounds %s); at verify_every=%d: "
+             "+%.2f%% of the logged steps' time", name, 1e3 * sorted(n for n, _ in pairs)[len(pairs) // 2],
+             1e3 * sorted(v for _, v in pairs)[len(pairs) // 2], ratio, " ".join(f"{r:.2f}" for r in ratios),
+             default, 100 * (ratio - 1) / default)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--verifier", action="store_true", help="verify_every=1 against 0 under the callbacks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -101,7 +120,14 @@ def main() -> None:
     for name, fn in (("Hugging Face Trainer, GPT-2 d 128, 2 layers, T 64, batch 8 × 2 accumulation", hf_time),
                      ("Lightning, small CNN 32 px, batch 32 × 2 accumulation", lightning_time)):
         with tempfile.TemporaryDirectory() as tmp:
-            pairs = [(fn(args.steps, False, tmp), fn(args.steps, True, tmp)) for _ in range(args.rounds)]
+            if args.verifier:
+                pairs = [(fn(args.steps, True, tmp, verify_every=0), fn(args.steps, True, tmp, verify_every=1))
+                         for _ in range(args.rounds)]
+            else:
+                pairs = [(fn(args.steps, False, tmp), fn(args.steps, True, tmp)) for _ in range(args.rounds)]
+        if args.verifier:
+            report_verifier(name, pairs)
+            continue
         plain = sorted(p for p, _ in pairs)[len(pairs) // 2]
         logged = sorted(c for _, c in pairs)[len(pairs) // 2]
         ratios = sorted(c / p for p, c in pairs)

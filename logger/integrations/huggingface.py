@@ -109,6 +109,7 @@ class GradcohCallback(TrainerCallback):
             )
         if self.logger is None:
             self.logger = GradientLogger(self._trainer.model, self.store, loss_reduction="sum", **self.options)
+            self.logger.reduction_checks = False  # contributions, whatever the loss's reduction
             self.logger.batch_sums_from_grad = False  # the Trainer clips .grad before our next callback runs
             self._window = StepWindow(self.logger)
             self._hook = self._trainer.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)

@@ -70,6 +70,7 @@ class GradcohCallback(L.Callback):
         """Open the logger on the module (resume: ``mode="append"`` continues the store after its last step)."""
         if self.logger is None:
             self.logger = GradientLogger(pl_module, self.store, loss_reduction="sum", **self.options)
+            self.logger.reduction_checks = False  # contributions, whatever the loss's reduction
             self.logger.batch_sums_from_grad = False  # gradients may be clipped/unscaled before the block ends
             self._window = StepWindow(self.logger)
             self._wrap_training_step(pl_module)

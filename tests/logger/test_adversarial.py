@@ -13,6 +13,7 @@ outcome is
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,6 +75,12 @@ def run(model: nn.Module, forward: Callable, inputs: tuple, tmp_path, *, reduce:
         model.zero_grad()
         return Outcome("error", str(err)), records
     model.zero_grad()
+    return classify(model, forward, inputs, records, names, layer_names), records
+
+
+def classify(model: nn.Module, forward: Callable, inputs: tuple, records: list, names: list,
+             layer_names: list) -> Outcome:
+    """The outcome of a logged step (``records[0]``) against the oracle of ``forward``'s per-example losses."""
     grads = oracle(model, forward, inputs)
     record = records[0]
     errors, bad = {}, []
@@ -88,11 +95,11 @@ def run(model: nn.Module, forward: Callable, inputs: tuple, tmp_path, *, reduce:
             bad.append((layer, bool(record.reconciled[i])))
     if not bad:
         ok = bool(np.all(record.reconciled))
-        return Outcome("exact" if ok else "flagged", "all exact" + ("" if ok else " (flagged anyway)"), errors), records
+        return Outcome("exact" if ok else "flagged", "all exact" + ("" if ok else " (flagged anyway)"), errors)
     silent = [layer for layer, flagged_ok in bad if flagged_ok]
     if silent:
-        return Outcome("silent", f"wrong and reconciled: {silent}", errors), records
-    return Outcome("flagged", f"flagged: {[b for b, _ in bad]}", errors), records
+        return Outcome("silent", f"wrong and reconciled: {silent}", errors)
+    return Outcome("flagged", f"flagged: {[b for b, _ in bad]}", errors)
 
 
 def sq(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -593,11 +600,13 @@ def test_selection_across_examples_is_refused(fwd, tmp_path):
 
 
 def test_python_sum_of_per_example_losses_is_a_loss(tmp_path):
-    """sum(losses) / n adds the examples' terms one by one: a plain loss, exact."""
+    """sum(losses) / n adds the examples' terms one by one: a plain loss, exact (its weights are declared, not seen:
+    it warns so)."""
     torch.manual_seed(12)
     model = MLP(5, 6, 3)
-    outcome, _ = run(model, lambda m, x, y: sq(m.b(torch.tanh(m.a(x))), y), (torch.randn(6, 5), torch.randn(6, 3)),
-                     tmp_path, reduce=lambda losses: sum(losses) / 6, give_losses=False)
+    with pytest.warns(UserWarning, match="could not observe"):
+        outcome, _ = run(model, lambda m, x, y: sq(m.b(torch.tanh(m.a(x))), y), (torch.randn(6, 5),
+                         torch.randn(6, 3)), tmp_path, reduce=lambda losses: sum(losses) / 6, give_losses=False)
     assert outcome.kind == "exact", outcome
 
 
@@ -612,4 +621,183 @@ def test_dropout_on_a_parameter_outside_its_module_is_exact(tmp_path):
         return sq(m.b(torch.tanh(h)).sum(1), y)
 
     outcome, _ = run(model, forward, (torch.randn(5, 4, 3), torch.randn(5, 2)), tmp_path)
+    assert outcome.kind == "exact", outcome
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A declared loss_reduction without rec.loss: the reduction is observed (logger/reduction.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_batch_loss(model: nn.Module, per_example: Callable, batch_loss: Callable, inputs: tuple, tmp_path,
+                   **kw) -> Outcome:
+    """Log one step of ``batch_loss(model, *inputs)`` (no ``rec.loss``); classify it against the oracle of the
+    per-example losses ``per_example`` (written out independently: each example's term of the loss, times n for a
+    mean, as the stored values are defined)."""
+    records: list = []
+    try:
+        with GradientLogger(model, tmp_path / "b.zarr", mode="overwrite", handle_sigterm=False, on_mismatch="flag",
+                            **kw) as glog:
+            glog._output.put = lambda stream, step, record: records.append(record)
+            with glog.record(0):
+                batch_loss(model, *inputs).backward()
+            names, layer_names = [t.plan.param_names for t in glog.trackers], [t.name for t in glog.trackers]
+    except (ValueError, RuntimeError) as err:
+        model.zero_grad()
+        return Outcome("error", str(err))
+    model.zero_grad()
+    return classify(model, per_example, inputs, records, names, layer_names)
+
+
+def _ce(out, y):  # each example's cross-entropy, written out (the oracle does not call F.cross_entropy)
+    return -out.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+class TokenLM(nn.Module):
+    def __init__(self, vocab=7, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _lm_inputs(n=6, t=5, vocab=7):
+    ids = torch.randint(0, vocab, (n, t))
+    labels = torch.randint(0, vocab, (n, t))
+    labels[torch.arange(t)[None, :] < (torch.arange(n) % t)[:, None]] = -100  # 5, 4, 3, 2, 1, 5 labelled tokens
+    return ids, labels
+
+
+def _token_terms(m, ids, labels, weight=None):
+    """n × each example's term of the token mean over labelled tokens (weighted by class weights)."""
+    kept = labels != -100
+    tok = _ce(m(ids), labels.clamp(min=0))
+    w = kept.to(tok.dtype) if weight is None else weight.to(tok.dtype)[labels.clamp(min=0)] * kept
+    return ids.shape[0] * (w * tok).sum(1) / w.sum()
+
+
+CLASS_W = torch.tensor([0.5, 2.0, 1.0])
+
+# name -> (model kind, batch loss, per-example loss of the stored values, reduction in effect)
+LOSSES = {
+    "cross_entropy sum": ("mlp", lambda m, x, y: F.cross_entropy(m(x), y, reduction="sum"),
+                          lambda m, x, y: _ce(m(x), y), "sum"),
+    "cross_entropy mean": ("mlp", lambda m, x, y: F.cross_entropy(m(x), y), lambda m, x, y: _ce(m(x), y), "mean"),
+    "CrossEntropyLoss class weights": (
+        "mlp", lambda m, x, y: nn.CrossEntropyLoss(weight=CLASS_W.to(x.dtype))(m(x), y),
+        lambda m, x, y: x.shape[0] * CLASS_W.to(x.dtype)[y] * _ce(m(x), y) / CLASS_W.to(x.dtype)[y].sum(), "mean"),
+    "nll_loss sum": ("mlp", lambda m, x, y: F.nll_loss(m(x).log_softmax(1), y, reduction="sum"),
+                     lambda m, x, y: _ce(m(x), y), "sum"),
+    "mse_loss mean (n x 3 entries)": ("mlp", lambda m, x, y: F.mse_loss(m(x), F.one_hot(y, 3).to(x.dtype)),
+                                      lambda m, x, y: ((m(x) - F.one_hot(y, 3).to(x.dtype)) ** 2).mean(1), "mean"),
+    "MSELoss sum": ("mlp", lambda m, x, y: nn.MSELoss(reduction="sum")(m(x), F.one_hot(y, 3).to(x.dtype)),
+                    lambda m, x, y: ((m(x) - F.one_hot(y, 3).to(x.dtype)) ** 2).sum(1), "sum"),
+    "l1_loss sum": ("mlp", lambda m, x, y: F.l1_loss(m(x), F.one_hot(y, 3).to(x.dtype), reduction="sum"),
+                    lambda m, x, y: (m(x) - F.one_hot(y, 3).to(x.dtype)).abs().sum(1), "sum"),
+    "huber_loss mean": ("mlp", lambda m, x, y: F.huber_loss(m(x), F.one_hot(y, 3).to(x.dtype), delta=0.5),
+                        lambda m, x, y: _huber(m(x) - F.one_hot(y, 3).to(x.dtype), 0.5).mean(1), "mean"),
+    "smooth_l1_loss sum": ("mlp", lambda m, x, y: F.smooth_l1_loss(m(x), F.one_hot(y, 3).to(x.dtype), beta=0.5,
+                                                                    reduction="sum"),
+                           lambda m, x, y: _huber(m(x) - F.one_hot(y, 3).to(x.dtype), 0.5).sum(1) / 0.5, "sum"),
+    "bce_with_logits mean": ("mlp", lambda m, x, y: F.binary_cross_entropy_with_logits(m(x), F.one_hot(y, 3).to(
+        x.dtype)), lambda m, x, y: _bce(m(x), F.one_hot(y, 3).to(x.dtype)).mean(1), "mean"),
+    "binary_cross_entropy sum": ("mlp", lambda m, x, y: F.binary_cross_entropy(torch.sigmoid(m(x)), F.one_hot(
+        y, 3).to(x.dtype), reduction="sum"), lambda m, x, y: _bce(m(x), F.one_hot(y, 3).to(x.dtype)).sum(1), "sum"),
+    "kl_div batchmean": ("mlp", lambda m, x, y: F.kl_div(m(x).log_softmax(1), _soft(y, x.dtype),
+                                                         reduction="batchmean"),
+                         lambda m, x, y: (_soft(y, x.dtype) * (_soft(y, x.dtype).log() - m(x).log_softmax(1))).sum(1),
+                         "mean"),
+    "losses.sum() / n": ("mlp", lambda m, x, y: _ce(m(x), y).sum() / x.shape[0], lambda m, x, y: _ce(m(x), y),
+                         "mean"),
+    "losses.mean() * n": ("mlp", lambda m, x, y: _ce(m(x), y).mean() * x.shape[0], lambda m, x, y: _ce(m(x), y),
+                          "sum"),
+    "token LM mean over labelled tokens (ignore_index)": (
+        "lm", lambda m, ids, labels: F.cross_entropy(m(ids).flatten(0, 1), labels.flatten()), _token_terms, "mean"),
+    "token LM sum (ignore_index)": (
+        "lm", lambda m, ids, labels: F.cross_entropy(m(ids).flatten(0, 1), labels.flatten(), reduction="sum"),
+        lambda m, ids, labels: _token_terms(m, ids, labels) * (labels != -100).sum() / ids.shape[0], "sum"),
+    "token LM class weights": (
+        "lm", lambda m, ids, labels: F.cross_entropy(m(ids).flatten(0, 1), labels.flatten(),
+                                                     weight=torch.linspace(0.5, 2, 7, dtype=m.head.weight.dtype)),
+        lambda m, ids, labels: _token_terms(m, ids, labels, torch.linspace(0.5, 2, 7)), "mean"),
+}
+
+
+def _huber(d, delta):
+    a = d.abs()
+    return torch.where(a < delta, 0.5 * d**2, delta * (a - 0.5 * delta))
+
+
+def _bce(z, t):
+    return -(t * torch.sigmoid(z).log() + (1 - t) * (1 - torch.sigmoid(z)).log())
+
+
+def _soft(y, dtype):
+    return (F.one_hot(y, 3).to(dtype) + 0.1) / 1.3
+
+
+def _loss_case(name):
+    torch.manual_seed(11)
+    kind, batch_loss, per_example, used = LOSSES[name]
+    if kind == "lm":
+        return TokenLM(), batch_loss, per_example, _lm_inputs(), used
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    return model, batch_loss, per_example, (torch.randn(6, 5), torch.randint(0, 3, (6,))), used
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_declared_reduction_without_rec_loss(name, tmp_path):
+    """Without rec.loss: a declared loss_reduction contradicting the loss raises naming the fix; the right one, or
+    none (the observed one is used), is exact against the oracle of each example's term (n x it for a mean)."""
+    model, batch_loss, per_example, inputs, used = _loss_case(name)
+    wrong = {"mean": "sum", "sum": "mean"}[used]
+    outcome = run_batch_loss(model, per_example, batch_loss, inputs, tmp_path, loss_reduction=wrong)
+    assert outcome.kind == "error" and f"loss_reduction={used!r}" in outcome.detail, outcome
+    for declared in (used, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # observed: no "could not observe" warning
+            outcome = run_batch_loss(model, per_example, batch_loss, inputs, tmp_path, loss_reduction=declared)
+        assert outcome.kind == "exact", (declared, outcome)
+
+
+def test_unobserved_reduction_warns_once(tmp_path):
+    """A reduction gradcoh cannot see (a Python sum over the examples) warns once that the weights are declared, not
+    verified, naming rec.loss; with rec.loss the same loss is exact and silent."""
+    torch.manual_seed(12)
+    model = MLP(5, 6, 3)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+
+    def forward(m, x, y):
+        return _ce(m.b(torch.tanh(m.a(x))), y)
+
+    def python_sum(losses):
+        return sum(losses[i] for i in range(losses.shape[0]))
+
+    with pytest.warns(UserWarning, match=r"could not observe how the loss combines.*declared, not verified.*rec\.loss"):
+        outcome, _ = run(model, forward, (x, y), tmp_path, reduce=python_sum, give_losses=False, loss_reduction="sum")
+    assert outcome.kind == "exact", outcome  # (declared right: exact, but only declared)
+    with GradientLogger(model, tmp_path / "w.zarr", handle_sigterm=False) as glog:
+        with pytest.warns(UserWarning, match="could not observe"):
+            for step in range(2):  # once per logger
+                with glog.record(step):
+                    python_sum(forward(model, x, y)).backward()
+                model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        outcome, _ = run(model, forward, (x, y), tmp_path, reduce=python_sum, loss_reduction=None)
+    assert outcome.kind == "exact", outcome
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_reduction_check_never_refuses_a_right_declaration(n, tmp_path):
+    """A common factor after a mean (accumulation: loss / 4) keeps it a mean; with one example mean = sum."""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
+    outcome = run_batch_loss(model, lambda m, x, y: _ce(m(x), y) / 4, lambda m, x, y: F.cross_entropy(m(x), y) / 4,
+                             (x, y), tmp_path, loss_reduction="mean")
+    assert outcome.kind == "exact", outcome
+    outcome = run_batch_loss(model, lambda m, x, y: _ce(m(x), y), lambda m, x, y: F.cross_entropy(m(x), y,
+                             reduction="sum"), (x, y), tmp_path, loss_reduction="sum" if n > 1 else "mean")
     assert outcome.kind == "exact", outcome
