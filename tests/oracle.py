@@ -6,6 +6,9 @@ import copy
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from gradcoh.logger.sketch import Projection
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 
@@ -186,3 +189,77 @@ def assert_layers_exact(ds, grads, *, n=None) -> None:
         g = torch.cat([grads[p].reshape(m, -1) for p in layer["params"]], 1).numpy()
         assert_close(ds.sq_norm.values[0, :m, i], (g**2).sum(1), n=n, kappa=PRODUCT, err_msg=layer["name"])
     assert bool(ds.reconciled.values.all())
+
+
+def hooked_factors(model, loss_fn, x, y):
+    """Each Linear/Conv2d parameter's per-example gradients as factors, from plain autograd hooks on the same
+    (float32) forward the logger sees (``loss_fn(output, y)``: per-example losses): ``{name: (u [n, T, rows],
+    v [n, T, cols] or None for a bias)}`` in float64, with
+    ``G_n = Σ_t u[n, t] v[n, t]ᵀ`` (a bias: ``Σ_t u[n, t]``, one column)."""
+    seen, handles = {}, []
+
+    def keep(name):
+        def hook(module, inputs, out):
+            seen[name] = [inputs[0].detach()]
+            out.register_hook(lambda g: seen[name].append(g.detach()))
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            handles.append(module.register_forward_hook(keep(name)))
+    loss_fn(model(x), y).sum().backward()  # summed per-example losses: the output gradients are each example's own
+    model.zero_grad()
+    for h in handles:
+        h.remove()
+    forms = {}
+    for name, (inp, out_grad) in seen.items():
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d):
+            v = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+            u = out_grad.flatten(2).transpose(1, 2)
+        else:
+            v, u = inp[:, None], out_grad[:, None]
+        forms[f"{name}.weight"], forms[f"{name}.bias"] = (u.double(), v.double()), (u.double(), None)
+    return forms
+
+
+def projection_kinds(glog) -> dict[str, str]:
+    """``{parameter name: projection kind}`` as an open logger chose them."""
+    return {name: proj.kind for t in glog.trackers for name, proj in zip(t.plan.param_names, t.projectors, strict=True)}
+
+
+def _per_example(u, v):
+    """``[n, rows, cols]`` per-example matrices (a bias: ``[n, rows, 1]``)."""
+    return u.sum(1)[..., None] if v is None else torch.bmm(u.transpose(1, 2), v)
+
+
+class LayerSketches:
+    """One layer's per-example gradients and their exact norms, sketched with any seed as the logger would: the
+    sum over its parameters of each parameter's own projection (kind as the logger chose it, hashed by name)."""
+
+    def __init__(self, forms, names, kinds, k):
+        self.names, self.kinds, self.k = names, kinds, k
+        mats = {name: _per_example(*forms[name]) for name in names}
+        self.views = {name: tuple(m.shape[1:]) for name, m in mats.items()}
+        self.sq = sum(m.square().sum((1, 2)) for m in mats.values())  # ‖gᵢ‖² [n]
+        self.sum_sq = sum(m.sum(0).square().sum() for m in mats.values())  # ‖Σᵢ gᵢ‖²
+        # the cheaper route of each projection (all routes agree to rounding: test_factored_and_dense_paths_agree):
+        # the TensorSketch mean from the factors (the batch gradient: the examples as positions), CountSketch dense
+        self.per, self.batch = {}, {}
+        for name in names:
+            u, v = forms[name]
+            if kinds[name] == "tensorsketch" and v is not None:
+                self.per[name] = ("factored", (u, v))
+                self.batch[name] = ("factored", (u.reshape(1, -1, u.shape[-1]), v.reshape(1, -1, v.shape[-1])))
+            else:
+                self.per[name] = ("dense", (mats[name],))
+                self.batch[name] = ("dense", (mats[name].sum(0, keepdim=True),))
+
+    def sketch(self, seed, batch=False):
+        """``[n, k]`` per-example sketches (``batch``: ``[1, k]``, the sketch of the batch gradient)."""
+        out = 0
+        for name in self.names:
+            p = Projection.create(seed, name, self.views[name], self.k, self.kinds[name])
+            route, args = (self.batch if batch else self.per)[name]
+            out = out + getattr(p, route)(*args)
+        return out

@@ -14,7 +14,7 @@ from gradcoh.logger import GradientLogger
 from gradcoh.logger.grads import Dense, Factored, MatrixView
 from gradcoh.logger.layers import default_rules, functional_rule
 from gradcoh.logger.sketch import KINDS, TENSORSKETCH_BLOCKS, Projection, sketch_hashes
-from oracle import layer_matrix, layer_params, open_logged, per_example_grads_vmap
+from oracle import LayerSketches, hooked_factors, layer_matrix, layer_params, open_logged, per_example_grads_vmap
 from tolerance import PRODUCT, assert_close, assert_sketch_sum, chain_length, dot_scale, model_size
 from torch import nn
 
@@ -71,74 +71,6 @@ def sketch_mlp():
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-def _factors(model, x, y):
-    """Each Linear/Conv2d parameter's per-example gradients as factors, from plain autograd hooks on the float32
-    forward the logger sees: ``{name: (u [n, T, rows], v [n, T, cols] or None for a bias)}`` in float64, with
-    ``G_n = Σ_t u[n, t] v[n, t]ᵀ`` (a bias: ``Σ_t u[n, t]``, one column)."""
-    seen, handles = {}, []
-
-    def keep(name):
-        def hook(module, inputs, out):
-            seen[name] = [inputs[0].detach()]
-            out.register_hook(lambda g: seen[name].append(g.detach()))
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            handles.append(module.register_forward_hook(keep(name)))
-    ce(model(x), y).sum().backward()  # summed losses: the output gradients are each example's own
-    model.zero_grad()
-    for h in handles:
-        h.remove()
-    forms = {}
-    for name, (inp, out_grad) in seen.items():
-        module = model.get_submodule(name)
-        if isinstance(module, nn.Conv2d):
-            v = F.unfold(inp, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
-            u = out_grad.flatten(2).transpose(1, 2)
-        else:
-            v, u = inp[:, None], out_grad[:, None]
-        forms[f"{name}.weight"], forms[f"{name}.bias"] = (u.double(), v.double()), (u.double(), None)
-    return forms
-
-
-def _per_example(u, v):
-    """``[n, rows, cols]`` per-example matrices (a bias: ``[n, rows, 1]``)."""
-    return u.sum(1)[..., None] if v is None else torch.bmm(u.transpose(1, 2), v)
-
-
-class _Layer:
-    """One layer's per-example gradients and their exact norms, sketched with any seed as the logger would: the
-    sum over its parameters of each parameter's own projection (kind as the logger chose it, hashed by name)."""
-
-    def __init__(self, forms, names, kinds, k):
-        self.names, self.kinds, self.k = names, kinds, k
-        mats = {name: _per_example(*forms[name]) for name in names}
-        self.views = {name: tuple(m.shape[1:]) for name, m in mats.items()}
-        self.sq = sum(m.square().sum((1, 2)) for m in mats.values())  # ‖gᵢ‖² [n]
-        self.sum_sq = sum(m.sum(0).square().sum() for m in mats.values())  # ‖Σᵢ gᵢ‖²
-        # the cheaper route of each projection (all routes agree to rounding: test_factored_and_dense_paths_agree):
-        # the TensorSketch mean from the factors (the batch gradient: the examples as positions), CountSketch dense
-        self.per, self.batch = {}, {}
-        for name in names:
-            u, v = forms[name]
-            if kinds[name] == "tensorsketch" and v is not None:
-                self.per[name] = ("factored", (u, v))
-                self.batch[name] = ("factored", (u.reshape(1, -1, u.shape[-1]), v.reshape(1, -1, v.shape[-1])))
-            else:
-                self.per[name] = ("dense", (mats[name],))
-                self.batch[name] = ("dense", (mats[name].sum(0, keepdim=True),))
-
-    def sketch(self, seed, batch=False):
-        """``[n, k]`` per-example sketches (``batch``: ``[1, k]``, the sketch of the batch gradient)."""
-        out = 0
-        for name in self.names:
-            p = Projection.create(seed, name, self.views[name], self.k, self.kinds[name])
-            route, args = (self.batch if batch else self.per)[name]
-            out = out + getattr(p, route)(*args)
-        return out
-
-
 @pytest.mark.parametrize("make,shape", [(sketch_cnn, (3, 32, 32)), (sketch_mlp, (64,))], ids=["cnn", "mlp"])
 def test_per_layer_sd_within_jl_bound_at_k1024(make, shape, tmp_path):
     """Per layer, the root mean square of ‖s‖²/‖g‖² − 1 over seeds is ≤ 1.25·√(2/k), per example and for the
@@ -179,10 +111,10 @@ def test_per_layer_sd_within_jl_bound_at_k1024(make, shape, tmp_path):
                      for name, proj in zip(t.plan.param_names, t.projectors, strict=True)}
         model.zero_grad()
         ds = open_logged(tmp_path / f"s{phase}.zarr", "batch")
-        forms = _factors(model, x, y)
+        forms = hooked_factors(model, ce, x, y)
         n = chain_length(model, positions=int(np.prod(shape[1:]))) + model_size(model)
         for i, (name, params) in enumerate(layer_params(ds).items()):
-            layer = _Layer(forms, params, kinds, k)
+            layer = LayerSketches(forms, params, kinds, k)
             stored = layer.sketch(0).numpy()
             assert_close(ds.sketch.values[0, :, i], stored, n=n, scale=np.linalg.norm(stored, axis=-1, keepdims=True),
                          err_msg=f"stored sketch of {name}")
