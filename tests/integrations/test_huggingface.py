@@ -286,3 +286,15 @@ def test_trainer_verifier_sees_two_examples_swapped_inside_a_rule(on_mismatch, t
         return
     assert not train(tmp_path / "f.zarr").all()  # flagged
     assert train(tmp_path / "n.zarr", verify_every=0).all()  # the mutation is real: the guard alone is silent
+
+
+def test_trainer_verifier_off_when_the_trainer_does_not_backpropagate_the_models_loss(monkeypatch, tmp_path):
+    """label_smoothing_factor: the Trainer computes its own loss (the model gets no labels), so no terms are known:
+    the step is logged, the verifier does not run, nothing is raised."""
+    seen = record_verifications(monkeypatch)
+    args = _args(tmp_path, 3, 1, 1)
+    args.label_smoothing_factor = 0.1
+    callback = GradcohCallback(tmp_path / "s.zarr", every=1, verify_every=1)
+    transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=dataset("classifier"),
+                         callbacks=[callback]).train()
+    assert seen == [] and list(open_store(tmp_path / "s.zarr").step.values) == [1]
