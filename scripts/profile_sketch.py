@@ -14,35 +14,21 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+import gradcoh.logger.sketch as sketch
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gradcoh.logger.sketch as sketch  # noqa: E402
-from bench_overhead import default_batch, make_zoo_case  # noqa: E402
-from gradcoh.logger import GradientLogger  # noqa: E402
+from bench_overhead import default_batch, make_zoo_case
+from gradcoh.logger import GradientLogger
 
 ROUTES = ("dense", "factored", "indexed")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="timm-resnet")
-    ap.add_argument("--sketch-dim", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=0)
-    ap.add_argument("--top", type=int, default=25)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    times: dict[tuple, float] = {}
-    names: dict[int, str] = {}
+def instrument(times: dict, names: dict) -> None:
+    """Time each route of each projection class per call (nested calls charged to the outer one)."""
     current: list[tuple] = []
 
     def wrap(cls: type, route: str) -> None:
@@ -50,15 +36,11 @@ def main() -> None:
 
         @functools.wraps(fn)
         def timed(self, *a, **kw):
-            if current:  # nested (a factored route calling dense): charged to the outer call
+            if current:
                 return fn(self, *a, **kw)
-            if route == "dense":
-                form = ("dense", 1)
-                n = a[0].shape[0]
-            else:
-                form = (route, a[1].shape[1])
-                n = a[1].shape[0]
-            key = (names.get(id(self), "?"), self.kind, form, (self.rows, self.cols), n)
+            x = a[0] if route == "dense" else a[1]
+            form = ("dense", 1) if route == "dense" else (route, x.shape[1])
+            key = (names.get(id(self), "?"), self.kind, form, (self.rows, self.cols), x.shape[0])
             current.append(key)
             start = time.perf_counter()
             try:
@@ -81,11 +63,13 @@ def main() -> None:
 
     sketch.ProjectionTable.get = get
 
+
+def run(args: argparse.Namespace, times: dict) -> tuple[list[dict], float, int]:
+    """Per-step route times of ``args.steps`` logged steps (after one warm-up) and the median plain step (ms)."""
     batch = args.batch or default_batch(args.model)
     case = make_zoo_case(args.model, batch, 0, "cpu")
     model, loss = case["models"]["default"], case["loss"]
-    per_step: list[dict] = []
-    plain: list[float] = []
+    per_step, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
         glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
         for step in range(args.steps + 1):
@@ -101,33 +85,53 @@ def main() -> None:
             if step:
                 per_step.append(dict(times))
         glog.close()
+    return per_step, statistics.median(plain[1:]) * 1e3, batch
+
+
+def modelled_ms(kind: str, view: tuple[int, int], k: int, form: tuple, n: int) -> float:
+    return sketch.PROJECTIONS[kind].cost(view, k, form) * n * 1e-6
+
+
+def report(args: argparse.Namespace, per_step: list[dict], plain_ms: float, batch: int) -> None:
     keys = per_step[-1].keys()
-    med = {k: statistics.median(s.get(k, 0.0) for s in per_step) * 1e3 for k in keys}
-    plain_ms = statistics.median(plain[1:]) * 1e3
+    med = {key: statistics.median(s.get(key, 0.0) for s in per_step) * 1e3 for key in keys}
     rows = sorted(med.items(), key=lambda kv: -kv[1])
-    total = sum(med.values())
-    model_total = 0.0
+    k = args.sketch_dim
     by_kind: dict[tuple, list[float]] = {}
-    for (name, kind, form, view, n), ms in rows:
-        modelled = sketch.PROJECTIONS[kind].cost(view, args.sketch_dim, form) * n * 1e-6
-        model_total += modelled
+    for (_, kind, form, view, n), ms in rows:
         agg = by_kind.setdefault((kind, form[0]), [0, 0.0, 0.0])
         agg[0] += 1
         agg[1] += ms
-        agg[2] += modelled
-    print(f"# {args.model}, batch {batch}, k {args.sketch_dim}: sketch {total:.1f} ms/step (modelled "
-          f"{model_total:.1f}) against a plain step of {plain_ms:.1f} ms ({total / plain_ms:.3f}x)")
+        agg[2] += modelled_ms(kind, view, k, form, n)
+    total, model_total = sum(med.values()), sum(a[2] for a in by_kind.values())
+    print(f"# {args.model}, batch {batch}, k {k}: sketch {total:.1f} ms/step (modelled {model_total:.1f}) against a "
+          f"plain step of {plain_ms:.1f} ms ({total / plain_ms:.3f}x)")
     print("| kind | route | params | measured ms | modelled ms |\n|---|---|---:|---:|---:|")
     for (kind, route), (count, ms, modelled) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"| {kind} | {route} | {count} | {ms:.1f} | {modelled:.1f} |")
     print("\n| parameter | kind | route | T | view | n | measured ms | modelled ms | other kind modelled |")
     print("|---|---|---|---:|---|---:|---:|---:|---:|")
     for (name, kind, form, view, n), ms in rows[: args.top]:
-        modelled = sketch.PROJECTIONS[kind].cost(view, args.sketch_dim, form) * n * 1e-6
-        others = [f"{k}: {c.cost(view, args.sketch_dim, form) * n * 1e-6:.1f}" for k, c in sketch.PROJECTIONS.items()
-                  if k != kind and c.applies(view, args.sketch_dim)]
-        print(f"| {name} | {kind} | {form[0]} | {form[1]} | {view[0]}×{view[1]} | {n} | {ms:.2f} | {modelled:.2f} | "
-              f"{', '.join(others)} |")
+        others = [f"{o}: {modelled_ms(o, view, k, form, n):.1f}" for o, c in sketch.PROJECTIONS.items()
+                  if o != kind and c.applies(view, k)]
+        print(f"| {name} | {kind} | {form[0]} | {form[1]} | {view[0]}×{view[1]} | {n} | {ms:.2f} | "
+              f"{modelled_ms(kind, view, k, form, n):.2f} | {', '.join(others)} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="timm-resnet")
+    ap.add_argument("--sketch-dim", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    times: dict[tuple, float] = {}
+    instrument(times, {})
+    report(args, *run(args, times))
 
 
 if __name__ == "__main__":
