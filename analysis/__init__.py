@@ -18,6 +18,7 @@ from gradcoh.analysis.coherence import (
     m_coherence,
     noise_scale,
 )
+from gradcoh.analysis.finite import guard_coverage
 from gradcoh.analysis.io import (
     MissingMetadataWarning,
     StoreNotFoundError,
@@ -61,6 +62,7 @@ __all__ = [
     "export_tensorboard",
     "gradient_confusion",
     "gradient_diversity",
+    "guard_coverage",
     "layer_weights",
     "list_streams",
     "m_coherence",

@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 from gradcoh.logger import schema
 
-__all__ = ["finite_steps", "mask_nonfinite"]
+__all__ = ["finite_steps", "guard_counts", "guard_coverage", "mask_nonfinite"]
 
 
 _PROBLEMS = (
@@ -84,3 +84,42 @@ def mask_nonfinite(result: xr.DataArray | xr.Dataset, ds: xr.Dataset, *, per_lay
     """``result`` with NaN at non-finite steps (and layers, when ``per_layer`` and ``result`` has a layer dim)."""
     ok = finite_steps(ds, per_layer=per_layer and schema.DIM_LAYER in result.dims)
     return result if ok is None else result.where(ok)
+
+
+def guard_counts(reconciled: np.ndarray | None, checked: np.ndarray | None) -> dict[str, int | None]:
+    """Counts of ``(step, layer)`` flags: layer-steps, checked by the reconciliation guard, flagged.
+
+    ``reconciled`` True is a verdict only where the guard checked the layer at that step (``guard_checked``): its
+    schedule checks each layer once every ``guard_every`` logged steps, and a layer it skips is stored not flagged.
+
+    Args:
+        reconciled: ``(step, layer)`` ``reconciled`` flags (None: a format-1 store, which has none).
+        checked: ``(step, layer)`` ``guard_checked`` flags (None: a store of format 3 or older, which does not say).
+
+    Returns:
+        ``layer_steps`` (total), ``checked`` (None when the store does not say), ``flagged`` (``reconciled``
+        False: by the guard or the verifier; None without ``reconciled``).
+    """
+    flags = reconciled if reconciled is not None else checked
+    total = 0 if flags is None else int(np.asarray(flags).size)
+    return {
+        "layer_steps": total,
+        "checked": None if checked is None else int(np.count_nonzero(checked)),
+        "flagged": None if reconciled is None else int(total - np.count_nonzero(reconciled)),
+    }
+
+
+def guard_coverage(ds: xr.Dataset) -> dict[str, int | None]:
+    """How many layer-steps of a stream the reconciliation guard checked, and how many it flagged.
+
+    Reads the small ``reconciled`` and ``guard_checked`` variables (computes them). A layer-step not checked is
+    stored ``reconciled`` True without a verdict: a fault present at every step is still caught within
+    ``guard_every`` logged steps, a fault at one step in one layer only with probability ``1/guard_every``.
+
+    Returns:
+        As :func:`guard_counts`.
+    """
+    def values(name: str) -> np.ndarray | None:
+        return np.asarray(ds[name].values, dtype=bool) if name in ds.variables else None
+
+    return guard_counts(values(schema.RECONCILED), values(schema.GUARD_CHECKED))

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 import zarr
 import zarr.errors
+from gradcoh.analysis.finite import guard_counts
 from gradcoh.logger import schema
 from zarr.storage import FsspecStore, LocalStore
 
@@ -425,13 +426,15 @@ def _describe_stream(group: zarr.Group, name: str) -> dict[str, Any]:
         "m_max": max(m) if m else None,
         "groups": [str(g) for g in group[schema.GROUP_I][:]],
         "has_sketch": schema.SKETCH in group,
+        "guard": guard_counts(*(np.asarray(group[name][:committed], dtype=bool) if name in group else None
+                                for name in (schema.RECONCILED, schema.GUARD_CHECKED))),
     }
 
 
 def describe_store(path_or_url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A JSON-able summary of a store: format, configuration, layers, sketch and per-stream sizes.
 
-    Reads only attributes and the per-step ``step``/``n_examples`` arrays.
+    Reads only attributes and the small per-step ``step``/``n_examples``/``reconciled``/``guard_checked`` arrays.
 
     Args:
         path_or_url: Store directory or fsspec URL.

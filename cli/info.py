@@ -23,6 +23,15 @@ def _fields(mapping: dict[str, Any]) -> list[str]:
     return out
 
 
+def _guard_line(guard: dict[str, Any]) -> str:
+    """The reconciliation guard's coverage of one stream (layer-steps checked and flagged)."""
+    checked = ("not recorded (format 3 or older)" if guard["checked"] is None
+               else f"{guard['checked']} of {guard['layer_steps']} layer-steps checked")
+    flagged = "no reconciled flags (format 1)" if guard["flagged"] is None else f"{guard['flagged']} flagged"
+    return (f"reconciliation guard: {checked}, {flagged} (reconciled=True at an unchecked layer-step is no "
+            "verdict)")
+
+
 def _text(summary: dict[str, Any]) -> str:
     lines = [
         f"store:   {summary['path']}",
@@ -38,6 +47,7 @@ def _text(summary: dict[str, Any]) -> str:
             f"m {s['m_min']}..{s['m_max']}, groups {', '.join(s['groups'])}, "
             f"sketch {'yes' if s['has_sketch'] else 'no'}"
         )
+        lines.append(f"  {_guard_line(s['guard'])}")
     lines.append(f"layers ({len(summary['layers'])}, depth order):")
     lines += [f"  {layer['name']:<40} {layer['type'] or '':<16} {layer['size']}" for layer in summary["layers"]]
     if summary["error"]:

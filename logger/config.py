@@ -93,7 +93,9 @@ class LoggerConfig:
         guard_every: The reconciliation guard checks each layer once every ``guard_every`` logged steps (fixed
             phases balancing the layers' sizes), every layer at the first logged step, at verified steps and, once a
             layer was flagged, at every step (:mod:`gradcoh.logger.guard`): a persistent fault is detected within
-            ``guard_every`` logged steps for about ``1/guard_every`` of the guard's cost. 1: every layer every step.
+            ``guard_every`` logged steps for about ``1/guard_every`` of the guard's cost; a one-step fault in one
+            layer with probability ``1/guard_every``. A skipped layer-step is stored ``reconciled`` True (not flagged)
+            with ``guard_checked`` False (no verdict). 1: every layer every step.
         probe_mode: How ``probe`` treats BatchNorm layers that normalise with batch statistics: ``"constant"``
             (default: the probe sample's statistics, held constant; exact per-example gradients of the network as
             it normalises at that step), ``"eval"`` (running statistics) or ``"train"`` (per-micro-batch statistics:

@@ -19,9 +19,13 @@ amortised, while keeping these guarantees (``R = guard_every``, counts per strea
 * steps that the verifier checks (:mod:`gradcoh.logger.verify`) check every layer, and once a layer has been
   flagged, every layer is checked at every following step.
 
-A layer not checked at a step stores ``reconciled`` True for that step. ``guard_every=1`` checks every layer at
-every step. Phases balance the layers' sizes (largest first, each into the phase with the fewest parameters so
-far), so each step reads about ``1/R`` of the parameters; the assignment depends only on the layers' sizes.
+A layer not checked at a step is stored not flagged, ``reconciled`` True, with ``guard_checked`` False: no verdict
+was made (the store says which layer-steps were checked; ``gradcoh info`` counts them). Detection over a run is
+therefore as strong as checking every step for persistent faults (after a delay of at most ``R − 1`` logged steps,
+stored unchecked) and for faults in every layer, and weaker by the factor ``R`` for a one-step fault in one layer.
+``guard_every=1`` checks every layer at every step. Phases balance the layers' sizes (largest first, each into the
+phase with the fewest parameters so far), so each step reads about ``1/R`` of the parameters; the assignment
+depends only on the layers' sizes.
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ class StepReducer:
             step=int(step), wall_time=time.time(), sq_norm=host["sq_norm"], sum_sq_norm=host["sum_sq_norm"],
             group_gram=host["group_gram"], index=metadata["index"], label=metadata["label"],
             true_label=metadata["true_label"], group=metadata["group"], loss=loss, finite=host["finite"],
-            reconciled=host["reconciled"], sketch=host.get("sketch"), alignment=host.get("alignment"),
+            reconciled=host["reconciled"], guard_checked=host["guard_checked"], sketch=host.get("sketch"),
+            alignment=host.get("alignment"),
             ref_alignment=host.get("ref_alignment"), ref_sq_norm=host.get("ref_sq_norm"),
             ref_step=None if reference is None else reference.step,
         )
@@ -144,8 +145,10 @@ class StepReducer:
         grams = grams * inv**2  # [L, G, G] float64
         finite = torch.isfinite(sq_norm).all(0) & torch.isfinite(grams).flatten(1).all(1)
         reconciled = torch.stack([t.results.reconciled() for t in self.trackers]) | ~finite
+        # the guard compared the sums (the schedule, verified steps) and they were finite (NaN compares to nothing)
+        checked = torch.tensor([t.results.guard_checked() for t in self.trackers], device=finite.device) & finite
         out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
-               "reconciled": reconciled,
+               "reconciled": reconciled, "guard_checked": checked,
                "guard_gap": torch.stack([t.results.gap.to(sq_norm.device) for t in self.trackers])}
         if state.losses:
             out["loss"] = torch.cat(state.losses)

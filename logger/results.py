@@ -8,7 +8,9 @@ The reconciliation guard: each parameter gets a seeded Gaussian rank-one test ma
 every micro-batch stores the per-example values ``aᵀ g_i b`` (``MicroStats.guard``,
 :func:`~gradcoh.logger.grads.bilinear`), and :meth:`LayerResults.reconciled` compares their sum with ``aᵀ (Σ_i g_i) b``
 of the batch gradient the parameters received; the verdict is the store's ``reconciled`` variable. Which layers are
-checked at a step is :mod:`gradcoh.logger.guard`'s schedule (``checked``); an unchecked layer is reconciled.
+checked at a step is :mod:`gradcoh.logger.guard`'s schedule (``checked``); :meth:`LayerResults.guard_checked` says
+whether the comparison was made (the store's ``guard_checked``). An unchecked layer is not flagged: ``reconciled``
+True there is no verdict.
 """
 
 from __future__ import annotations
@@ -159,9 +161,10 @@ class LayerResults:
         matrix-vector product per parameter, no copy), up to the rounding of the accumulation. A gradient the
         per-example values miss, ``D ≠ 0``, goes unnoticed only if ``|aᵀ D b|`` falls within that rounding: for
         Gaussian ``a, b`` that has probability of order the tolerance times the ratio of the scales. True without
-        a check when the layer is not checked at this step (:mod:`gradcoh.logger.guard`).
+        a check when the layer is not checked at this step (:mod:`gradcoh.logger.guard`): not flagged, no verdict
+        (:meth:`guard_checked` False).
         """
-        if any(s.guard is None for s in self.stats.values()) or (not self.stats and not self.checked):
+        if not self.guard_checked():
             self.gap = torch.zeros((), dtype=torch.float64)
             return torch.ones((), dtype=torch.bool, device=self.device)
         want = None
@@ -176,6 +179,16 @@ class LayerResults:
         total, spread = got.sum(0).to(want), got.abs().sum(0).to(want)
         self.gap = (total - want).abs() / (self.tolerance() * self._magnitude(spread + want.abs()) + 1e-30)
         return (self.gap <= 1).all()
+
+    def guard_checked(self) -> bool:
+        """Whether the guard compares this layer's sums at this step (every micro-batch computed its guard values).
+
+        False when the schedule skipped the layer (:mod:`gradcoh.logger.guard`): :meth:`reconciled` is then True
+        without a check.
+        """
+        if not self.stats:
+            return self.checked
+        return all(s.guard is not None for s in self.stats.values())
 
     @property
     def half(self) -> bool:

@@ -25,7 +25,14 @@ Layout of a store (one Zarr v3 group)::
         group       (step, example)                     int64   position in ``group_i``, −1 when padding
         loss        (step, example)                     float32 per-example loss, NaN when not recorded
         finite      (step, layer)                       bool    all statistics of that layer finite
-        reconciled  (step, layer)                       bool    per-example gradients sum to the batch gradient
+        reconciled  (step, layer)                       bool    False: flagged (the guard or the verifier found the
+                                                                 per-example gradients not summing to the batch
+                                                                 gradient); True: not flagged, which is a verdict
+                                                                 only where guard_checked is True
+        guard_checked (step, layer)                     bool    the reconciliation guard compared the layer's sums at
+                                                                 that step, with finite values (format 4; its
+                                                                 schedule checks each layer once every guard_every
+                                                                 logged steps)
         sketch      (step, example, layer, proj)        float16 (or the configured dtype), only if sketch_dim > 0
         alignment   (step, example, layer)              float64 g_{i,l}·G_l, G_l = Σ_j g_{j,l} of the step (sums over
                                                                  examples to sum_sq_norm); only if alignment=True
@@ -42,17 +49,18 @@ resizes, writes the data chunks, and only then advances the committed count.
 
 from __future__ import annotations
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Incremented on every change of the layout below (2: ``reconciled`` added, per-parameter sketches; 3: every
 per-step array has its own step chunk, sized by its bytes a step, instead of the step chunk of the largest array;
 the per-step sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count``, so that exact m-coherence reads no
-per-example array)."""
+per-example array; 4: ``guard_checked``, which layer-steps the reconciliation guard checked)."""
 
 PER_STEP_SUMS = ("sq_norm_total", "group_sq_norm", "group_count")
 """Format-3 variables the writer derives from ``sq_norm`` and ``group`` (absent from older stores: readers sum)."""
 
-APPENDABLE_FORMATS = (2, 3)
-"""Formats the logger appends to (the writer follows each existing array's own chunks)."""
+APPENDABLE_FORMATS = (2, 3, 4)
+"""Formats the logger appends to (the writer follows each existing array's own chunks). Appending to a stream of
+format 2 or 3 adds ``guard_checked``, False at the steps written before (not known to be checked)."""
 
 OLDEST_READABLE_FORMAT = 1
 """Readers accept stores from this format on (format 1 lacks ``reconciled``)."""
@@ -114,6 +122,7 @@ GROUP = "group"
 LOSS = "loss"
 FINITE = "finite"
 RECONCILED = "reconciled"
+GUARD_CHECKED = "guard_checked"
 SKETCH = "sketch"
 ALIGNMENT = "alignment"
 REF_ALIGNMENT = "ref_alignment"
@@ -141,6 +150,7 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     LOSS: ((DIM_STEP, DIM_EXAMPLE), "float32"),
     FINITE: ((DIM_STEP, DIM_LAYER), "bool"),
     RECONCILED: ((DIM_STEP, DIM_LAYER), "bool"),
+    GUARD_CHECKED: ((DIM_STEP, DIM_LAYER), "bool"),
     SKETCH: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER, DIM_PROJ), "float16"),  # dtype configurable
     ALIGNMENT: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER), "float64"),
     REF_ALIGNMENT: ((DIM_STEP, DIM_EXAMPLE, DIM_LAYER), "float64"),

@@ -205,6 +205,7 @@ class HostRecord:
     finite: np.ndarray  # [L] bool
     sketch: np.ndarray | None  # [n, L, k]
     reconciled: np.ndarray | None = None  # [L] bool; None: every layer reconciled
+    guard_checked: np.ndarray | None = None  # [L] bool; None: no layer checked by the guard
     alignment: np.ndarray | None = None  # [n, L] float64, with alignment=True
     ref_alignment: np.ndarray | None = None  # [n, L] float64, with a reference set
     ref_sq_norm: np.ndarray | None = None  # [L] float64, with a reference set
@@ -255,6 +256,13 @@ class StreamWriter:
         self.committed = committed
         self.dropped = int(attrs.get(schema.DROPPED_KEY, 0))
         self.arrays = arrays
+        if schema.GUARD_CHECKED not in arrays and schema.RECONCILED in arrays:
+            # A stream of format 2 or 3: add the variable; the steps stored before read False (not known checked).
+            like = arrays[schema.RECONCILED]
+            arrays[schema.GUARD_CHECKED] = group.create_array(
+                schema.GUARD_CHECKED, shape=(committed, like.shape[1]), chunks=like.chunks, dtype="bool",
+                dimension_names=schema.VARIABLES[schema.GUARD_CHECKED][0], fill_value=False,
+                compressors=_compressor(), config={"write_empty_chunks": True})
         for arr in self.arrays.values():
             if arr.shape[0] != self.committed:
                 arr.resize((self.committed, *arr.shape[1:]))
@@ -411,7 +419,8 @@ _FIELDS = {
     schema.STEP: "step", schema.WALL_TIME: "wall_time", schema.N_EXAMPLES: "n", schema.SQ_NORM: "sq_norm",
     schema.SUM_SQ_NORM: "sum_sq_norm", schema.GROUP_GRAM: "group_gram", schema.INDEX: "index",
     schema.LABEL: "label", schema.TRUE_LABEL: "true_label", schema.GROUP: "group", schema.LOSS: "loss",
-    schema.FINITE: "finite", schema.RECONCILED: "reconciled", schema.SKETCH: "sketch",
+    schema.FINITE: "finite", schema.RECONCILED: "reconciled", schema.GUARD_CHECKED: "guard_checked",
+    schema.SKETCH: "sketch",
     schema.ALIGNMENT: "alignment", schema.REF_ALIGNMENT: "ref_alignment", schema.REF_SQ_NORM: "ref_sq_norm",
     schema.REF_STEP: "ref_step",
 }
@@ -435,8 +444,9 @@ def _stack(name: str, records: list[HostRecord], width: int, dtype: np.dtype, n_
     """Stack one variable over steps, padding the example axis to ``width``."""
     if name in _SUMS:
         return np.stack([_SUMS[name](r, n_groups) for r in records]).astype(dtype, copy=False)
+    absent = np.zeros_like if name == schema.GUARD_CHECKED else np.ones_like  # never claim a check not made
     values = [np.asarray(getattr(r, _FIELDS[name])) if getattr(r, _FIELDS[name]) is not None
-              else np.ones_like(r.finite) for r in records]
+              else absent(r.finite) for r in records]
     if schema.DIM_EXAMPLE not in schema.VARIABLES[name][0]:
         return np.stack(values).astype(dtype, copy=False)
     fill = schema.FILL_VALUES["float32" if name == schema.SKETCH else schema.VARIABLES[name][1]]

@@ -6,9 +6,11 @@ really be skipped (that is the saving), and verified steps must check every laye
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from gradcoh.logger import GradientLogger
+import zarr
+from gradcoh.logger import GradientLogger, schema
 from gradcoh.logger import tracker as tracker_module
 from gradcoh.logger.guard import GuardSchedule
 from torch import nn
@@ -114,3 +116,71 @@ def test_guard_every_is_validated(tmp_path):
     with pytest.raises(ValueError, match="guard_every"):
         GradientLogger(Deep(), tmp_path / "x.zarr", guard_every=0)
 
+
+
+def _stored_guard(tmp_path, monkeypatch, steps=9, penalty_from=3, target=2, guard_every=4):
+    """Log a run with a weight penalty on one layer from ``penalty_from`` on; return the store's ``guard_checked``
+    and ``reconciled`` next to the oracle: which layers' guard values were really computed at each step."""
+    computed, per_step = set(), []
+    real = tracker_module.bilinear
+
+    def spy(fa, left, right):
+        computed.add(id(left))
+        return real(fa, left, right)
+
+    monkeypatch.setattr(tracker_module, "bilinear", spy)
+    torch.manual_seed(3)
+    model = Deep()
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    path = tmp_path / "stored.zarr"
+    with GradientLogger(model, path, mode="overwrite", handle_sigterm=False, on_mismatch="flag",
+                        guard_every=guard_every) as glog:
+        owner = {id(left): i for i, t in enumerate(glog.trackers) for left, _ in t.guard_vectors}
+        for step in range(steps):
+            computed.clear()
+            with glog.record(step):
+                loss = ((model(x) - y) ** 2).sum(1).mean()
+                if step >= penalty_from:
+                    loss = loss + 1e-3 * model.layers[target].weight.square().sum()
+                loss.backward()
+            per_step.append([i in {owner[k] for k in computed} for i in range(len(glog.trackers))])
+            model.zero_grad(set_to_none=True)
+    stream = zarr.open_group(str(path), mode="r")[schema.STREAM_BATCH]
+    return (np.asarray(stream[schema.GUARD_CHECKED][:]), np.asarray(stream[schema.RECONCILED][:]),
+            np.array(per_step), path)
+
+
+def _check_stored_guard(tmp_path, monkeypatch):
+    checked, reconciled, oracle, path = _stored_guard(tmp_path, monkeypatch)
+    target, onset, period = 2, 3, 4
+    assert checked.shape == oracle.shape == (9, 5)
+    np.testing.assert_array_equal(checked, oracle, err_msg="guard_checked is not what the guard computed")
+    assert oracle[0].all() and not oracle[1:onset].all()  # the schedule really skips layers
+    assert reconciled[~checked].all()  # unchecked layer-steps are not flagged (and say so in guard_checked)
+    hits = [s for s in range(onset, 9) if checked[s, target]]
+    assert hits and hits[0] < onset + period  # the fault is caught at the layer's first check, within the period
+    assert not reconciled[hits[0], target] and reconciled[:hits[0]].all()
+    from gradcoh.analysis import describe_store, guard_coverage, open_store
+    counts = {"layer_steps": 45, "checked": int(oracle.sum()), "flagged": int((~reconciled).sum())}
+    assert guard_coverage(open_store(path)) == counts
+    assert describe_store(path)["streams"][schema.STREAM_BATCH]["guard"] == counts
+
+
+def test_the_store_says_which_layer_steps_the_guard_checked(tmp_path, monkeypatch):
+    _check_stored_guard(tmp_path, monkeypatch)
+
+
+def test_a_logger_claiming_unmade_checks_fails_the_oracle(tmp_path, monkeypatch):
+    """Mutation: every layer stored as checked at every step (what format 3 implied) fails the stored-flag test."""
+    from gradcoh.logger.reducer import StepReducer
+
+    real = StepReducer._device_tensors
+
+    def claims_every_check(self, *args):
+        out = real(self, *args)
+        out["guard_checked"] = torch.ones_like(out["guard_checked"])
+        return out
+
+    monkeypatch.setattr(StepReducer, "_device_tensors", claims_every_check)
+    with pytest.raises(AssertionError, match="guard_checked is not what the guard computed"):
+        _check_stored_guard(tmp_path, monkeypatch)
