@@ -61,6 +61,10 @@ TENSORSKETCH_BLOCKS = 8
 _CHUNK_ELEMENTS = 2**22
 """Elements of the largest temporary a sketch kernel builds at once (examples or positions are chunked)."""
 
+_MATERIALISE_ELEMENTS = 2**20
+"""Elements of the per-example gradients a CountSketch materialises from factors at once (then scatters while they
+are still in cache: 10–30% faster than 2²² on one core at the zoo's shapes)."""
+
 _CACHE_ELEMENTS = 2**18
 """Elements of the temporaries one block of the factored TensorSketch route works on at once: about 1 MB, a core's
 L2 cache (at k = 1024 the whole-chunk temporaries were 2–3 times slower)."""
@@ -219,7 +223,7 @@ class CountSketch(Projection):
     def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
         """Materialises the gradients a few examples at a time (one batched GEMM), then :meth:`dense`."""
         n = v.shape[0]
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.rows * self.cols))
+        step = max(1, min(_MATERIALISE_ELEMENTS, _CHUNK_ELEMENTS) // max(1, self.rows * self.cols))
         parts = []
         for i in range(0, n, step):
             ui, vi = u[i : i + step], v[i : i + step]
