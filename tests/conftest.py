@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+
+def _cap_threads() -> None:
+    """Give each xdist worker its share of the cores: ``max(1, cpus // workers)`` BLAS/OpenMP threads.
+
+    Two workers with two threads each on a 2-core machine oversubscribe it: spinning OpenMP threads tripled the CPU
+    time of the zoo tests (134 s against 44 s). Runs here before numpy/torch start their thread pools, and the value is
+    inherited by the subprocesses tests start (DDP ranks, fork server). An explicit ``OMP_NUM_THREADS`` wins (.ci/run's
+    one-thread pass); outside xdist nothing is capped. Two-thread numerics are still exercised on any machine:
+    tests/logger/test_threads.py runs the exactness checks at two threads explicitly.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or "OMP_NUM_THREADS" in os.environ:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(max(1, cpus // int(workers)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
+    if "torch" in sys.modules:  # a plugin imported it first: its pool is not started yet, so this still applies
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+_cap_threads()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:

@@ -1,0 +1,186 @@
+"""Where a zoo model's sketch time goes, per parameter: projection kind, route, shapes, measured and modelled ms.
+
+Wraps the routes of every :class:`~gradcoh.logger.sketch.Projection` class and the materialisation of factored
+gradients (:meth:`gradcoh.logger.grads.Factored.materialise`, which a CountSketch's factored route and the mixed
+rule's choice pay for), runs a few logged steps of one zoo model and prints per parameter: kind, route, natural view,
+positions ``T``, measured ms per step (median over steps) and the cost model's ms (:meth:`Projection.cost` with
+:data:`~gradcoh.logger.costs.SKETCH_COSTS`, times ``n``).
+
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --steps 3
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --check-choice   # model vs measured
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import gradcoh.logger.sketch as sketch
+import torch
+from bench_overhead import default_batch, make_zoo_case
+from gradcoh.logger import GradientLogger
+
+ROUTES = ("dense", "factored", "indexed")
+
+
+def instrument(times: dict, names: dict) -> None:
+    """Time each route of each projection class per call (nested calls charged to the outer one)."""
+    current: list[tuple] = []
+
+    def wrap(cls: type, route: str) -> None:
+        fn = getattr(cls, route)
+
+        @functools.wraps(fn)
+        def timed(self, *a, **kw):
+            if current:
+                return fn(self, *a, **kw)
+            x = a[0] if route == "dense" else a[1]
+            form = ("dense", 1) if route == "dense" else (route, x.shape[1])
+            key = (names.get(id(self), "?"), self.kind, form, (self.rows, self.cols), x.shape[0])
+            current.append(key)
+            start = time.perf_counter()
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                times[key] = times.get(key, 0.0) + time.perf_counter() - start
+                current.pop()
+
+        setattr(cls, route, timed)
+
+    for cls in sketch.PROJECTIONS.values():
+        for route in ROUTES:
+            wrap(cls, route)
+    real_get = sketch.ProjectionTable.get
+
+    def get(self, name, view, forms, device):
+        proj = real_get(self, name, view, forms, device)
+        names[id(proj)] = name
+        return proj
+
+    sketch.ProjectionTable.get = get
+
+
+def run(args: argparse.Namespace, times: dict) -> tuple[list[dict], float, int]:
+    """Per-step route times of ``args.steps`` logged steps (after one warm-up) and the median plain step (ms)."""
+    batch = args.batch or default_batch(args.model)
+    case = make_zoo_case(args.model, batch, 0, "cpu")
+    model, loss = case["models"]["default"], case["loss"]
+    per_step, plain = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
+        for step in range(args.steps + 1):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss(model, case["batch"]).mean().backward()
+            plain.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+            times.clear()
+            with glog.record(step):
+                loss(model, case["batch"]).mean().backward()
+            glog.flush()
+            if step:
+                per_step.append(dict(times))
+        glog.close()
+    return per_step, statistics.median(plain[1:]) * 1e3, batch
+
+
+def modelled_ms(kind: str, view: tuple[int, int], k: int, form: tuple, n: int) -> float:
+    return sketch.PROJECTIONS[kind].cost(view, k, form) * n * 1e-6
+
+
+def report(args: argparse.Namespace, per_step: list[dict], plain_ms: float, batch: int) -> None:
+    keys = per_step[-1].keys()
+    med = {key: statistics.median(s.get(key, 0.0) for s in per_step) * 1e3 for key in keys}
+    rows = sorted(med.items(), key=lambda kv: -kv[1])
+    k = args.sketch_dim
+    by_kind: dict[tuple, list[float]] = {}
+    for (_, kind, form, view, n), ms in rows:
+        agg = by_kind.setdefault((kind, form[0]), [0, 0.0, 0.0])
+        agg[0] += 1
+        agg[1] += ms
+        agg[2] += modelled_ms(kind, view, k, form, n)
+    total, model_total = sum(med.values()), sum(a[2] for a in by_kind.values())
+    print(f"# {args.model}, batch {batch}, k {k}: sketch {total:.1f} ms/step (modelled {model_total:.1f}) against a "
+          f"plain step of {plain_ms:.1f} ms ({total / plain_ms:.3f}x)")
+    print("| kind | route | params | measured ms | modelled ms |\n|---|---|---:|---:|---:|")
+    for (kind, route), (count, ms, modelled) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {kind} | {route} | {count} | {ms:.1f} | {modelled:.1f} |")
+    print("\n| parameter | kind | route | T | view | n | measured ms | modelled ms | other kind modelled |")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|")
+    for (name, kind, form, view, n), ms in rows[: args.top]:
+        others = [f"{o}: {modelled_ms(o, view, k, form, n):.1f}" for o, c in sketch.PROJECTIONS.items()
+                  if o != kind and c.applies(view, k)]
+        print(f"| {name} | {kind} | {form[0]} | {form[1]} | {view[0]}×{view[1]} | {n} | {ms:.2f} | "
+              f"{modelled_ms(kind, view, k, form, n):.2f} | {', '.join(others)} |")
+
+
+def check_choice(args: argparse.Namespace) -> None:
+    """For every factored per-example gradient of one logged step: both classes' factored routes timed on random
+    factors of its shapes (fastest of ``--reps``, interleaved) against the kind the cost model chose."""
+    forms: dict[tuple, str] = {}
+    real = sketch.choose_projection
+
+    def choose(view, dim, fs):
+        kind = real(view, dim, fs)
+        for route, t in fs:
+            if route == "factored" and min(view) > 1 and view[0] * view[1] > dim:
+                forms[(view, t)] = kind
+        return kind
+
+    sketch.choose_projection = choose
+    batch = args.batch or default_batch(args.model)
+    case = make_zoo_case(args.model, batch, 0, "cpu")
+    model, loss = case["models"]["default"], case["loss"]
+    with tempfile.TemporaryDirectory() as tmp:
+        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
+        with glog.record(0):
+            loss(model, case["batch"]).mean().backward()
+        glog.close()
+    k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
+    print(f"# {args.model}, batch {batch}, k {k}: factored forms, fastest of {args.reps} (ms)")
+    print("| view | T | chosen | countsketch ms (model) | tensorsketch ms (model) | cheaper measured |")
+    print("|---|---:|---|---:|---:|---|")
+    for ((rows, cols), t), kind in sorted(forms.items()):
+        u, v = torch.randn(batch, t, rows, generator=gen), torch.randn(batch, t, cols, generator=gen)
+        projs = {name: cls(0, "w", (rows, cols), k) for name, cls in sketch.PROJECTIONS.items()}
+        best = dict.fromkeys(projs, float("inf"))
+        for _ in range(args.reps):
+            for name, proj in projs.items():
+                start = time.perf_counter()
+                proj.factored(u, v)
+                best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+        model_ms = {name: modelled_ms(name, (rows, cols), k, ("factored", t), batch) for name in projs}
+        fastest = min(best, key=best.get)
+        print(f"| {rows}×{cols} | {t} | {kind} | {best['countsketch']:.2f} ({model_ms['countsketch']:.2f}) | "
+              f"{best['tensorsketch']:.2f} ({model_ms['tensorsketch']:.2f}) | {fastest}"
+              f"{'' if fastest == kind else ' (model chose the other)'} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="timm-resnet")
+    ap.add_argument("--sketch-dim", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--check-choice", action="store_true", help="time both classes on every factored form")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.check_choice:
+        check_choice(args)
+        return
+    times: dict[tuple, float] = {}
+    instrument(times, {})
+    report(args, *run(args, times))
+
+
+if __name__ == "__main__":
+    main()
