@@ -77,14 +77,14 @@ class LoggerConfig:
         reference_every: Recompute the reference gradient at a logged step when at least this many steps have
             passed since it was last computed (1: at every logged step); between, the last one is reused and
             ``ref_step`` says which.
-        fused: Fused mode (:mod:`gradcoh.logger.fused`): on logged steps the batch weight gradient of a call whose
-            per-example gradients are materialised anyway, or where materialising them costs less than the factored
-            route once the weight-gradient GEMM it spares is counted (a fixed cost model of the shapes: the same
-            choice on every machine), is summed from them instead of a second GEMM, so that weight's ``.grad`` equals
-            the unfused path's to the rounding of its ``n·T``-term sum, not bitwise (every other ``.grad`` bitwise).
-            None (default): convolutions only (``nn.Conv1d/2d/3d``; the zoo benchmark shows them faster fused, Linear
-            layers not); True: ``nn.Linear`` layers too; False: nothing, every ``.grad`` bitwise as without gradcoh.
-            Calls under autocast or saved-tensor hooks (non-reentrant checkpointing) are never fused.
+        fused: Fused mode (:mod:`gradcoh.logger.fused`) for ``nn.Linear`` and convolution layers: on logged steps
+            the batch weight gradient of a call whose per-example gradients are materialised anyway, or where
+            materialising them costs less than the factored route once the weight-gradient GEMM it spares is counted
+            (a fixed cost model of the shapes: the same choice on every machine), is summed from them instead of a
+            second GEMM, so that weight's ``.grad`` equals the unfused path's to the rounding of its ``n·T``-term sum,
+            not bitwise (every other ``.grad`` bitwise). Calls under autocast or saved-tensor hooks (non-reentrant
+            checkpointing) are not fused. Off by default (every ``.grad`` bitwise as without gradcoh): the zoo
+            benchmark does not show it faster on every model it fuses (docs/benchmarks.md, 2026-12-03).
         batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
             dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
             first tensor argument only; any other input is a constant shared by every example (prototypes, a
@@ -123,7 +123,7 @@ class LoggerConfig:
     alignment: bool = False
     reference_size: int = 0
     reference_every: int = 1
-    fused: bool | None = None
+    fused: bool = False
     batch_inputs: tuple[int | str, ...] = ()
     verify_every: int = 100
     guard_every: int = 4
@@ -145,10 +145,9 @@ class LoggerConfig:
         if any(isinstance(k, bool) or not isinstance(k, int | str) or (isinstance(k, int) and k < 0) for k in inputs):
             raise ValueError(f"batch_inputs must be positions (int >= 0) or keyword names, got {self.batch_inputs!r}")
         object.__setattr__(self, "batch_inputs", inputs)
-        if not isinstance(self.alignment, bool):
-            raise ValueError(f"alignment must be True or False, got {self.alignment!r}")
-        if self.fused is not None and not isinstance(self.fused, bool):
-            raise ValueError(f"fused must be None (convolutions), True or False, got {self.fused!r}")
+        for name in ("alignment", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.flush_secs <= 0:
             raise ValueError(f"flush_secs must be positive, got {self.flush_secs!r}")
 

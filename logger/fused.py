@@ -148,16 +148,14 @@ def conv_arguments(func: Callable, args: tuple, kwargs: dict) -> tuple | None:
 _FUSABLE = {nn.Linear: linear_rule, nn.Conv1d: conv_rule, nn.Conv2d: conv_rule, nn.Conv3d: conv_rule}
 
 
-def fusable_weights(plans: list[LayerPlan], linear: bool = True) -> frozenset[int]:
-    """Ids of the weights fused mode may take over: convolutions (and Linears, with ``linear``), rule alone."""
+def fusable_weights(plans: list[LayerPlan]) -> frozenset[int]:
+    """Ids of the weights fused mode may take over: Linear and convolution layers covered by their rule alone."""
     out = set()
     for plan in plans:
         if len(plan.sources) != 1 or plan.loose_modules:
             continue
         source = plan.sources[0]
         module = source.module
-        if not linear and type(module) is nn.Linear:
-            continue
         if _FUSABLE.get(type(module)) is source.rule and module.weight.requires_grad:
             out.add(id(module.weight))
     return frozenset(out)

@@ -111,19 +111,17 @@ class StepRecorder:
     Args:
         model: The model (its outermost call defines the batch).
         trackers: The layer trackers.
-        fused: Fused mode (:mod:`gradcoh.logger.fused`): None for the eligible convolutions, True for the eligible
-            convolutions and Linear layers, False for none.
+        fused: Fused mode (:mod:`gradcoh.logger.fused`) for the eligible Linear and convolution layers.
     """
 
-    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool | None = False,
+    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool = False,
                  batch_inputs: tuple = ()) -> None:
         self.model = model
         self.trackers = trackers
         self.batch_inputs = batch_inputs
         self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.params = {id(p): p for t in trackers for p in t.params}
-        self.fused = frozenset() if fused is False else fusable_weights([t.plan for t in trackers],
-                                                                          linear=fused is True)
+        self.fused = fusable_weights([t.plan for t in trackers]) if fused else frozenset()
         self.modules = self._hooked_modules()
 
     def _hooked_modules(self) -> dict[int, tuple[nn.Module, frozenset[int] | None]]:
