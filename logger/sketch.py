@@ -61,6 +61,10 @@ TENSORSKETCH_BLOCKS = 8
 _CHUNK_ELEMENTS = 2**22
 """Elements of the largest temporary a sketch kernel builds at once (examples or positions are chunked)."""
 
+_MATERIALISE_ELEMENTS = 2**20
+"""Elements of the per-example gradients a CountSketch materialises from factors at once (then scatters while they
+are still in cache: 10–30% faster than 2²² on one core at the zoo's shapes)."""
+
 _CACHE_ELEMENTS = 2**18
 """Elements of the temporaries one block of the factored TensorSketch route works on at once: about 1 MB, a core's
 L2 cache (at k = 1024 the whole-chunk temporaries were 2–3 times slower)."""
@@ -219,7 +223,7 @@ class CountSketch(Projection):
     def factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool = False) -> torch.Tensor:
         """Materialises the gradients a few examples at a time (one batched GEMM), then :meth:`dense`."""
         n = v.shape[0]
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.rows * self.cols))
+        step = max(1, min(_MATERIALISE_ELEMENTS, _CHUNK_ELEMENTS) // max(1, self.rows * self.cols))
         parts = []
         for i in range(0, n, step):
             ui, vi = u[i : i + step], v[i : i + step]
@@ -259,6 +263,8 @@ class TensorSketchMean(Projection):
         self.row_sign = torch.from_numpy(hashes["row_sign"]).to(device)
         self.row_signed = torch.from_numpy(_signed(hashes["row_hash"], hashes["row_sign"], k)).to(device)
         self.col_signed = torch.from_numpy(_signed(hashes["col_hash"], hashes["col_sign"], k)).to(device)
+        self.col_hash = torch.from_numpy(hashes["col_hash"]).to(device)
+        self.col_sign = torch.from_numpy(hashes["col_sign"]).to(device)
 
     @classmethod
     def applies(cls, view: tuple[int, int], dim: int) -> bool:
@@ -278,36 +284,59 @@ class TensorSketchMean(Projection):
 
         Blocks are the inner loop and examples (or, for long sequences, positions) the outer one, sized so that one
         block's counts of both factors stay within :data:`_CACHE_ELEMENTS` (the products are accumulated per example
-        in the frequency domain: one inverse FFT per example).
+        in the frequency domain: one inverse FFT per example). When every block's counts fit at once (few positions,
+        e.g. ``T = 1``), all blocks are counted together.
         """
         n, t, c = v.shape
         k = self.dim
         budget = min(_CACHE_ELEMENTS, _CHUNK_ELEMENTS)
         per_example = t * 2 * k
+        if self.blocks * n * per_example <= budget:
+            return self._factored_all_blocks(u, v, bias)
         ne = max(1, budget // per_example)
         tt = t if ne > 1 or per_example <= budget else max(1, budget // (2 * k))
         ones = self._ones_column(c, v.dtype) if bias else None
+        rows = u.shape[2]
         acc = None
         for e0 in range(0, n, ne):
             part = None
             for t0 in range(0, t, tt):
                 ue, ve = u[e0 : e0 + ne, t0 : t0 + tt], v[e0 : e0 + ne, t0 : t0 + tt]
                 m, p = ve.shape[:2]
-                ue, ve = ue.reshape(m * p, -1), ve.reshape(m * p, c)
+                ue, ve = ue.reshape(m * p, rows), ve.reshape(m * p, c)
                 for b in range(self.blocks):
-                    cv = self._count_block(ve, self.col_signed[b])
+                    cv = self._count_block(ve, self.col_hash[b], self.col_sign[b], self.col_signed[b])
                     if ones is not None:  # the implicit ones column: +1 at its signed bucket
                         cv += ones[b]
-                    prod = torch.fft.rfft(self._count_block(ue, self.row_signed[b]), dim=-1)
+                    prod = torch.fft.rfft(self._count_block(ue, self.row_hash[b], self.row_sign[b],
+                                                            self.row_signed[b]), dim=-1)
                     prod *= torch.fft.rfft(cv, dim=-1)
                     prod = prod.view(m, p, -1).sum(1)
                     part = prod if part is None else part.add_(prod)
             acc = part if acc is None else torch.cat([acc, part])
         return torch.fft.irfft(acc, n=k, dim=-1) / math.sqrt(self.blocks)
 
-    def _count_block(self, x: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-        """One block's CountSketch ``[N, w] → [N, k]`` with the signed buckets ``signed [≥ w]``."""
+    def _factored_all_blocks(self, u: torch.Tensor, v: torch.Tensor, bias: bool) -> torch.Tensor:
+        """:meth:`factored` with every block counted at once (its temporaries fit the cache)."""
+        n, t, c = v.shape
+        fu = torch.fft.rfft(self._count(u.reshape(n * t, -1), self.row_signed), dim=-1)  # [B, n·t, k/2+1]
+        cv = self._count(v.reshape(n * t, c), self.col_signed)
+        if bias:
+            cv += self._ones_column(c, cv.dtype).unsqueeze(1)
+        acc = (fu * torch.fft.rfft(cv, dim=-1)).view(self.blocks, n, t, -1).sum((0, 2))
+        return torch.fft.irfft(acc, n=self.dim, dim=-1) / math.sqrt(self.blocks)
+
+    def _count_block(self, x: torch.Tensor, hashes: torch.Tensor, signs: torch.Tensor,
+                     signed: torch.Tensor) -> torch.Tensor:
+        """One block's CountSketch ``[N, w] → [N, k]``.
+
+        Narrower than ``k``: signs multiplied in, ``k`` buckets; otherwise ``2k`` signed buckets folded (reads of
+        the input or of the buckets, whichever are fewer).
+        """
         n, width = x.shape
+        if width < self.dim:
+            out = x.new_zeros((n, self.dim))
+            return out.scatter_add_(1, hashes[:width].expand(n, -1), x * signs[:width].to(x.dtype))
         out = x.new_zeros((n, 2 * self.dim)).scatter_add_(1, signed[:width].expand(n, -1), x)
         return _fold(out, self.dim)
 

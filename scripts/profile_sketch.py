@@ -7,6 +7,7 @@ positions ``T``, measured ms per step (median over steps) and the cost model's m
 :data:`~gradcoh.logger.costs.SKETCH_COSTS`, times ``n``).
 
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --steps 3
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --check-choice   # model vs measured
 """
 
 from __future__ import annotations
@@ -118,6 +119,48 @@ def report(args: argparse.Namespace, per_step: list[dict], plain_ms: float, batc
               f"{modelled_ms(kind, view, k, form, n):.2f} | {', '.join(others)} |")
 
 
+def check_choice(args: argparse.Namespace) -> None:
+    """For every factored per-example gradient of one logged step: both classes' factored routes timed on random
+    factors of its shapes (fastest of ``--reps``, interleaved) against the kind the cost model chose."""
+    forms: dict[tuple, str] = {}
+    real = sketch.choose_projection
+
+    def choose(view, dim, fs):
+        kind = real(view, dim, fs)
+        for route, t in fs:
+            if route == "factored" and min(view) > 1 and view[0] * view[1] > dim:
+                forms[(view, t)] = kind
+        return kind
+
+    sketch.choose_projection = choose
+    batch = args.batch or default_batch(args.model)
+    case = make_zoo_case(args.model, batch, 0, "cpu")
+    model, loss = case["models"]["default"], case["loss"]
+    with tempfile.TemporaryDirectory() as tmp:
+        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
+        with glog.record(0):
+            loss(model, case["batch"]).mean().backward()
+        glog.close()
+    k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
+    print(f"# {args.model}, batch {batch}, k {k}: factored forms, fastest of {args.reps} (ms)")
+    print("| view | T | chosen | countsketch ms (model) | tensorsketch ms (model) | cheaper measured |")
+    print("|---|---:|---|---:|---:|---|")
+    for ((rows, cols), t), kind in sorted(forms.items()):
+        u, v = torch.randn(batch, t, rows, generator=gen), torch.randn(batch, t, cols, generator=gen)
+        projs = {name: cls(0, "w", (rows, cols), k) for name, cls in sketch.PROJECTIONS.items()}
+        best = dict.fromkeys(projs, float("inf"))
+        for _ in range(args.reps):
+            for name, proj in projs.items():
+                start = time.perf_counter()
+                proj.factored(u, v)
+                best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+        model_ms = {name: modelled_ms(name, (rows, cols), k, ("factored", t), batch) for name in projs}
+        fastest = min(best, key=best.get)
+        print(f"| {rows}×{cols} | {t} | {kind} | {best['countsketch']:.2f} ({model_ms['countsketch']:.2f}) | "
+              f"{best['tensorsketch']:.2f} ({model_ms['tensorsketch']:.2f}) | {fastest}"
+              f"{'' if fastest == kind else ' (model chose the other)'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="timm-resnet")
@@ -126,9 +169,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--check-choice", action="store_true", help="time both classes on every factored form")
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if args.check_choice:
+        check_choice(args)
+        return
     times: dict[tuple, float] = {}
     instrument(times, {})
     report(args, *run(args, times))

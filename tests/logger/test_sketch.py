@@ -375,6 +375,29 @@ def test_routes_of_one_projection_agree_on_bias_and_offsets(kind):
     assert_close(p.factored(u, v, bias=True), want, n=2 * (5 + 6 * 8), dtype="float64", scale=size, err_msg="factored")
 
 
+@pytest.mark.parametrize("cache", [2**18, 64], ids=["all_blocks", "block_by_block"])
+@pytest.mark.parametrize("view", [(9, 5), (5, 11), (12, 12)], ids=["rows_folded", "cols_folded", "both_folded"])
+def test_tensorsketch_factored_code_paths_equal_dense(view, cache, monkeypatch):
+    """Every code path of the TensorSketch mean's factored route gives its dense route's sketch: all blocks counted
+    at once or block by block over examples and positions, each side counted into k buckets with its signs
+    multiplied in (narrower than k) or into 2k signed buckets folded (k = 8 here), with and without a bias column."""
+    import gradcoh.logger.sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "_CACHE_ELEMENTS", cache)
+    torch.manual_seed(17)
+    rows, cols = view
+    u, v = torch.randn(4, 5, rows, dtype=torch.float64), torch.randn(4, 5, cols - 1, dtype=torch.float64)
+    p = Projection.create(3, "w", view, 8, "tensorsketch")
+    whole = torch.cat([torch.bmm(u.transpose(1, 2), v), u.sum(1).unsqueeze(2)], dim=2)
+    want = p.dense(whole).numpy()
+    size = np.linalg.norm(want, axis=-1, keepdims=True)  # float64 routes over 5 positions and rows·cols entries
+    assert_close(p.factored(u, v, bias=True), want, n=2 * (5 + rows * cols), dtype="float64", scale=size)
+    full = torch.cat([v, torch.randn(4, 5, 1, dtype=torch.float64)], dim=2)
+    want = p.dense(torch.bmm(u.transpose(1, 2), full)).numpy()
+    assert_close(p.factored(u, full), want, n=2 * (5 + rows * cols), dtype="float64",
+                 scale=np.linalg.norm(want, axis=-1, keepdims=True))
+
+
 def test_choice_from_a_cost_model_of_the_shapes():
     """A TensorSketch mean where the factors are far smaller than the gradient (few positions on a large matrix),
     a CountSketch where the gradient is materialised anyway or has at most k entries; the same shapes, the same
