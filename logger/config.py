@@ -77,12 +77,14 @@ class LoggerConfig:
         reference_every: Recompute the reference gradient at a logged step when at least this many steps have
             passed since it was last computed (1: at every logged step); between, the last one is reused and
             ``ref_step`` says which.
-        fused: Fused mode for ``nn.Linear`` and convolution layers (:mod:`gradcoh.logger.fused`): on logged steps
+        fused: Fused mode (:mod:`gradcoh.logger.fused`) for ``nn.Linear`` and convolution layers: on logged steps
             the batch weight gradient of a call whose per-example gradients are materialised anyway, or where
             materialising them costs less than the factored route once the weight-gradient GEMM it spares is counted
             (a fixed cost model of the shapes: the same choice on every machine), is summed from them instead of a
-            second GEMM, so ``.grad`` equals the unfused path's to rounding, not bitwise. Off by default
-            (``.grad`` then stays bitwise as without gradcoh).
+            second GEMM, so that weight's ``.grad`` equals the unfused path's to the rounding of its ``n·T``-term sum,
+            not bitwise (every other ``.grad`` bitwise). Calls under autocast or saved-tensor hooks (non-reentrant
+            checkpointing) are not fused. Off by default (every ``.grad`` bitwise as without gradcoh): the zoo
+            benchmark does not show it faster on every model it fuses (docs/benchmarks.md, 2026-12-03).
         batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
             dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
             first tensor argument only; any other input is a constant shared by every example (prototypes, a

@@ -11,10 +11,14 @@ A call's slot is filled where the per-example gradients are materialised anyway 
 that materialise), and factored ones are materialised for it where the cost model says that is cheaper once the
 GEMM it spares is counted (:func:`fused_is_cheaper`, fixed constants: the same choice on every machine). Whenever
 they are not there (a module called twice, a weight also used elsewhere, a gradient too large to materialise, the
-factored route cheaper), the backward computes the GEMM as autograd would. ``.grad`` then equals the default path's
-to rounding (a sum of per-example products instead of one GEMM), not bitwise; gradients still reach ``.grad``
-through autograd, so parameter hooks and DDP see them as usual. Second derivatives through a fused call
-(``create_graph=True``) raise instead of being wrong.
+factored route cheaper), the backward computes the GEMM as autograd would. Calls under autocast (the Function would
+save float32 inputs and meet a low-precision output gradient) or under saved-tensor hooks (non-reentrant activation
+checkpointing recomputes the forward outside the record and must save what it saved) keep autograd's op. A fused
+weight's ``.grad`` equals the unfused path's to rounding (a sum of per-example products instead of one GEMM), not
+bitwise; gradients still reach ``.grad`` through autograd, so parameter hooks and DDP see them as usual. The
+reconciliation guard cannot see a wrong per-example sum on a fused weight (it is that weight's ``.grad``), only
+gradients from outside it. Second derivatives through a fused call (``create_graph=True``) raise instead of being
+wrong.
 """
 
 from __future__ import annotations
@@ -192,6 +196,15 @@ def fused_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size:
                                   saved=(positions - 1) * rows * cols)
 
 
+def saved_tensors_hooked() -> bool:
+    """Whether saved-tensor hooks are active (non-reentrant checkpointing, its recomputation, ``save_on_cpu``).
+
+    A fused call is not made there: the recomputation runs outside the record's bookkeeping and would call autograd's
+    own op, whose saved tensors differ from the fused Function's (checkpointing refuses the mismatch).
+    """
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   conv: tuple | None = None) -> bool:
     """Whether a Linear (``conv`` None) or convolution call of ``n`` examples runs through its fused Function.
@@ -200,8 +213,8 @@ def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     would stay empty keeps autograd's own op (no Python Function, no extra cost). Grouped convolutions (their
     per-example gradients are always materialised) are always fused.
     """
-    if n <= 0:
-        return False
+    if n <= 0 or saved_tensors_hooked() or torch.is_autocast_enabled(x.device.type):
+        return False  # (autocast: the op would compute in low precision from inputs the Function saved unconverted)
     rows, extra = weight.shape[0], int(bias is not None)
     if conv is None:
         positions = x.numel() // max(n * weight.shape[-1], 1)

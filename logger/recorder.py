@@ -111,7 +111,7 @@ class StepRecorder:
     Args:
         model: The model (its outermost call defines the batch).
         trackers: The layer trackers.
-        fused: Fused mode (:mod:`gradcoh.logger.fused`) for the eligible Linear layers.
+        fused: Fused mode (:mod:`gradcoh.logger.fused`) for the eligible Linear and convolution layers.
     """
 
     def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool = False,

@@ -13,11 +13,16 @@ def _cap_threads() -> None:
     Two workers with two threads each on a 2-core machine oversubscribe it: spinning OpenMP threads tripled the CPU
     time of the zoo tests (134 s against 44 s). Runs here before numpy/torch start their thread pools, and the value is
     inherited by the subprocesses tests start (DDP ranks, fork server). An explicit ``OMP_NUM_THREADS`` wins (.ci/run's
-    one-thread pass); outside xdist nothing is capped. Two-thread numerics are still exercised on any machine:
+    one-thread pass); outside xdist nothing is changed. Two-thread numerics are still exercised on any machine:
     tests/logger/test_threads.py runs the exactness checks at two threads explicitly.
     """
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if not workers or "OMP_NUM_THREADS" in os.environ:
+    if not workers:
+        return
+    # Idle OpenMP threads sleep instead of spinning: with the machine busy (the other worker, other jobs) a spinning
+    # thread burns a core for nothing. tests/logger/test_threads.py at two threads: 20 s of CPU against 35-45 s.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" in os.environ:
         return
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = str(max(1, cpus // int(workers)))

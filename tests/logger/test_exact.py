@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import xarray as xr
+from fused_grads import assert_training_grads, weight_grad_terms
 from gradcoh.logger import GradientLogger
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -192,7 +193,10 @@ def test_hypothesis_shapes(tmp_path_factory, n, d_in, d_out, t, reduction, kerne
     check_step(ds, 0, model, x, y)
 
 
-def test_grad_bitwise_unchanged_and_no_hooks_left(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_bitwise_unchanged_and_no_hooks_left(tmp_path, fused):
+    """The default (``fused=False``): .grad bitwise a plain step's. Fused mode: the conv weight (T = 16, fused) to the
+    rounding of its n·T-term sum, every other parameter bitwise (the T = 1 Linear keeps autograd's op)."""
     torch.manual_seed(6)
 
     def make():
@@ -203,13 +207,16 @@ def test_grad_bitwise_unchanged_and_no_hooks_left(tmp_path):
     x = torch.randn(5, 3, 6, 6)
     y = torch.randint(0, 3, (5,))
     plain = make()
-    F.cross_entropy(plain(x), y).backward()
+    terms = weight_grad_terms(plain, lambda: F.cross_entropy(plain(x), y).backward())
     logged = make()
-    with GradientLogger(logged, tmp_path / "s.zarr", sketch_dim=32, groups=("a", "b")) as glog:
+    with GradientLogger(logged, tmp_path / "s.zarr", sketch_dim=32, groups=("a", "b"), fused=fused) as glog:
         with glog.record(0, group=torch.tensor([0, 1, 0, 1, 1])):
             F.cross_entropy(logged(x), y).backward()
+        if fused:
+            assert glog._recorder.fused == {id(logged[0].weight), id(logged[4].weight)}
+            assert assert_training_grads(logged, plain, glog._recorder.fused, terms) == 1  # the conv
         for (name, p), q in zip(plain.named_parameters(), logged.parameters(), strict=True):
-            assert torch.equal(p.grad, q.grad), name
+            assert torch.equal(p.grad, q.grad) or (fused and name == "0.weight"), name
     for m in logged.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
     for p in logged.parameters():

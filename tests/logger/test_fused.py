@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_grads import assert_training_grads, weight_grad_terms
 from gradcoh.logger import GradientLogger
 from oracle import assert_stats, open_logged, per_example_grads_loop
 from test_exact import Shared, sq_loss
@@ -90,14 +91,14 @@ def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
     torch.manual_seed(2)
     model = nn.Linear(3, 2)
     plain = copy.deepcopy(model)
-    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    x, y = torch.randn(4, 5, 3), torch.randn(4, 5, 2)  # 5 positions: a fused call on logged steps
     sq_loss(plain(x), y).mean().backward()
+    assert not GradientLogger(model, tmp_path / "d.zarr", enabled=False).config.fused
     with GradientLogger(model, tmp_path / "s.zarr", every=2, fused=True) as glog:
-        assert glog.config.fused
+        assert glog._recorder.fused == {id(model.weight)}
         with glog.record(1):  # not logged: plain autograd, bitwise
             sq_loss(model(x), y).mean().backward()
     assert torch.equal(model.weight.grad, plain.weight.grad) and torch.equal(model.bias.grad, plain.bias.grad)
-    assert not GradientLogger(model, tmp_path / "t.zarr", enabled=False).config.fused
     with pytest.raises(ValueError, match="fused"):
         GradientLogger(model, tmp_path / "u.zarr", fused="yes")
 
@@ -166,3 +167,44 @@ def test_fused_convolutions_grad_equal_to_rounding(tmp_path):
     assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=64),
                  what="fused conv")
     assert bool(ds.reconciled.values.all())
+
+
+def test_the_fused_grad_comparison_fails_a_mutation(tmp_path):
+    """tests/fused_grads.py (the zoo's and test_exact's .grad check) passes a fused step and fails a fused weight's
+    .grad scaled by 1 + 1e-3 (tests/test_tolerance.py's MUTATION), and any change to an unfused parameter's."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 4))
+    plain = copy.deepcopy(model)
+    x, y = torch.randn(6, 32, 12), torch.randn(6, 32, 4)
+    terms = weight_grad_terms(plain, lambda: sq_loss(plain(x), y).mean().backward())
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+        fused = glog._recorder.fused
+    assert assert_training_grads(model, plain, fused, terms) >= 1
+    model[0].weight.grad.mul_(1 + 1e-3)
+    with pytest.raises(AssertionError, match=r"fused \.grad 0\.weight: error .* exceeds the derived tolerance"):
+        assert_training_grads(model, plain, fused, terms)
+    model[0].weight.grad.copy_(plain[0].weight.grad)
+    model[0].bias.grad[0] = torch.nextafter(model[0].bias.grad[0], torch.tensor(1.0))
+    with pytest.raises(AssertionError, match=r"0\.bias: \.grad differs .* not a fused weight"):
+        assert_training_grads(model, plain, fused, terms)
+
+
+def test_the_guard_catches_a_fused_grad_that_is_not_the_per_example_sum(tmp_path, monkeypatch):
+    """A fused weight gradient scaled by 1 + 1e-3 on a zoo model: the reconciliation guard raises (it compares the
+    per-example sums with the .grad the fused backward produced)."""
+    from gradcoh.logger import tracker as tracker_module
+    from test_zoo import check_zoo_case
+
+    real = tracker_module.fill_slot
+
+    def scaled(grad, slot, projector=None):
+        out = real(grad, slot, projector)
+        if slot.weight_grad is not None:
+            slot.weight_grad = slot.weight_grad * (1 + 1e-3)
+        return out
+
+    monkeypatch.setattr(tracker_module, "fill_slot", scaled)
+    with pytest.raises(RuntimeError, match="do not sum to the batch gradient"):
+        check_zoo_case("timm-resnet", tmp_path, fused=True)

@@ -98,3 +98,78 @@ def test_in_place_op_after_a_fused_linear_on_3d_input(tmp_path):
     assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=x.shape[1]),
                  what="in-place after fused")
     assert bool(ds.reconciled.values.all())
+
+
+def _count_fused_calls(monkeypatch):
+    """Weights of the calls that run through a fused Function (spies on gradcoh.logger.uses)."""
+    from gradcoh.logger import uses as uses_module
+
+    seen = []
+    real_linear, real_conv = uses_module._apply_fused_linear, uses_module.FusedConv
+
+    def linear(slot, x, weight, *args, **kwargs):
+        seen.append(id(weight))
+        return real_linear(slot, x, weight, *args, **kwargs)
+
+    class Conv:
+        @staticmethod
+        def apply(x, weight, *args):
+            seen.append(id(weight))
+            return real_conv.apply(x, weight, *args)
+
+    monkeypatch.setattr(uses_module, "_apply_fused_linear", linear)
+    monkeypatch.setattr(uses_module, "FusedConv", Conv)
+    return seen
+
+
+def test_non_reentrant_checkpointing_keeps_autograds_op_inside(tmp_path, monkeypatch):
+    """Inside a non-reentrant checkpoint the recomputation in the backward must save what the forward saved: fused
+    mode leaves those calls to autograd (bitwise .grad) and fuses the calls outside; statistics stay exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(4, 24, 6), torch.randn(4, 24, 3)
+
+    def forward(m, x):
+        h = m[1](m[0](x))
+        h = checkpoint(lambda h: m[3](m[2](h)), h, use_reentrant=False)
+        return m[4](h)
+
+    plain = copy.deepcopy(model)
+    sq_loss(forward(plain, x), y).mean().backward()
+    seen = _count_fused_calls(monkeypatch)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        with glog.record(0):
+            sq_loss(forward(model, x), y).mean().backward()
+    assert id(model[0].weight) in seen and id(model[4].weight) in seen and id(model[2].weight) not in seen
+    assert torch.equal(model[2].weight.grad, plain[2].weight.grad)
+    ds = open_logged(tmp_path / "s.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y),  # (the same function without checkpoint)
+                 n=chain_length(model, positions=x.shape[1]), what="checkpointed")
+    assert bool(ds.reconciled.values.all())
+
+
+def test_autocast_convolution_keeps_autograds_op(tmp_path, monkeypatch):
+    """Under bf16 autocast fused mode leaves convolutions and Linears to autograd (the fused Function would save the
+    float32 inputs and meet a bf16 output gradient): the step runs, .grad is bitwise a plain autocast step's."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 3))
+    x, y = torch.randn(6, 3, 16, 16), torch.randn(6, 3)
+    plain = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = plain(x)
+    sq_loss(out.float(), y).mean().backward()
+    seen = _count_fused_calls(monkeypatch)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
+        assert call_is_fused(6, x, model[0].weight, model[0].bias, conv_arguments(
+            F.conv2d, (x, model[0].weight, model[0].bias, 1, 1, 1, 1), {}))  # fused without autocast
+        with glog.record(0):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            sq_loss(out.float(), y).mean().backward()
+    assert not seen
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    assert bool(open_logged(tmp_path / "s.zarr").finite.values.all())

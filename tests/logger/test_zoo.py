@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_grads import assert_training_grads, weight_grad_terms
 from gradcoh.logger import GradientLogger
 from oracle import assert_layers_exact, log_same_forward, open_logged
 from tolerance import PRODUCT, assert_close, assert_sketch_sum, chain_length, model_size, sum_scale
@@ -62,40 +63,42 @@ def reference_for(case, batch):
     return None
 
 
-def grads_of(model):
-    return {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("name", _params(CASES))
 def test_zoo_model_is_exact_per_layer(name, tmp_path):
     check_zoo_case(name, tmp_path)
 
 
-def check_zoo_case(name, tmp_path, unscale=None):
-    """The checks of :func:`test_zoo_model_is_exact_per_layer`.
+@pytest.mark.parametrize("name", ["hf-llama", "timm-resnet"])
+def test_zoo_model_in_fused_mode(name, tmp_path):
+    """Fused mode (opt-in) on a transformer and a CNN: statistics exact, fused weights' .grad equal to the rounding
+    of their n·T-term sums, every other .grad bitwise (tests/fused_grads.py)."""
+    assert check_zoo_case(name, tmp_path, fused=True) > 0  # some weight was fused and came out in another order
+
+
+def check_zoo_case(name, tmp_path, unscale=None, fused=False):
+    """The checks of :func:`test_zoo_model_is_exact_per_layer`; returns how many fused weights' .grad differ.
 
     ``unscale`` mutates the logger (tests/test_tolerance.py): it is told the loss was multiplied by that factor when
-    it was not, so every statistic is off by its square.
+    it was not, so every statistic is off by its square. ``fused``: the logger's fused mode.
     """
     case = CASES[name]
     torch.manual_seed(0)
     model = case.build().eval()
     batch = case.batch(N)
     plain = copy.deepcopy(model)
-    case.loss(plain, batch).mean().backward()
+    terms = weight_grad_terms(plain, lambda: case.loss(plain, batch).mean().backward())
     group = torch.tensor([0, 1, 0])
     ref_batch = case.batch(R)
     reference = reference_for(case, ref_batch)
     with GradientLogger(model, tmp_path / "s.zarr", loss_reduction="mean", sketch_dim=64, seed=1,
-                        groups=("a", "b"), alignment=True, reference=reference) as glog:
+                        groups=("a", "b"), alignment=True, reference=reference, fused=fused) as glog:
         with glog.record(0, group=group) as rec:
             case.loss(model, batch).mean().backward()
             if unscale is not None:
                 rec.unscale(unscale)
-    logged = grads_of(model)
-    for k, g in grads_of(plain).items():  # training untouched
-        assert (g is None) == (logged[k] is None), k
-        assert g is None or torch.equal(g, logged[k]), k
+        fused_ids = glog._recorder.fused
+    # training untouched: .grad bitwise, except the weights fused mode summed (to the rounding of their n·T sums)
+    changed = assert_training_grads(model, plain, fused_ids, terms, name)
     ds = open_logged(tmp_path / "s.zarr")
     layers = ds.attrs["gradcoh_layers"]
     names = [p for layer in layers for p in layer["params"]]
@@ -143,6 +146,7 @@ def check_zoo_case(name, tmp_path, unscale=None):
                      err_msg="ref_alignment", **kw)
     else:
         assert "ref_alignment" not in ds
+    return changed
 
 
 def _positions(batch) -> int:
