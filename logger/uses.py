@@ -21,10 +21,9 @@ it is left to the reconciliation guard, which then reports the layer.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +154,21 @@ def _linear_arguments(x: torch.Tensor, weight: torch.Tensor,
     return x, weight, bias
 
 
+class _Pause:
+    """The context manager of :meth:`UseTracker.paused` (a counter, so nested blocks work)."""
+
+    __slots__ = ("tracker",)
+
+    def __init__(self, tracker: UseTracker) -> None:
+        self.tracker = tracker
+
+    def __enter__(self) -> None:
+        self.tracker._paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.tracker._paused -= 1
+
+
 class UseTracker(TorchFunctionMode):
     """Classifies the tensors of a recorded forward and reports parameter uses (see the module docstring).
 
@@ -183,6 +197,7 @@ class UseTracker(TorchFunctionMode):
         self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
         self._paused = 0  # > 0 while gradcoh itself runs ops (observing one, a rule, fused mode's own linear)
+        self._pause = _Pause(self)
 
     # --- what the module hooks tell us -------------------------------------------------------------------
     def new_batch(self, args: tuple, kwargs: dict) -> int | None:
@@ -211,14 +226,12 @@ class UseTracker(TorchFunctionMode):
         """The example layout of ``t``, or None when it does not carry the batch."""
         return self.layouts.get(t)
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Ops run inside are not observed (nested: the tracker resumes when the outermost block ends)."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
+    def paused(self) -> _Pause:
+        """Ops run inside are not observed (nested: the tracker resumes when the outermost block ends).
+
+        A plain context-manager object, not a generator: it wraps every observed op (about 14 per layer and step).
+        """
+        return self._pause
 
     @property
     def is_paused(self) -> bool:

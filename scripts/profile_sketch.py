@@ -161,6 +161,53 @@ def check_choice(args: argparse.Namespace) -> None:
               f"{'' if fastest == kind else ' (model chose the other)'} |")
 
 
+def first_step_forms(args: argparse.Namespace) -> tuple[dict, int]:
+    """``{(name, view): (kind, forms)}`` as :func:`~gradcoh.logger.sketch.choose_projection` saw them at the first
+    logged step of a zoo model, and the batch."""
+    seen: dict[tuple, tuple] = {}
+    real = sketch.choose_projection
+    real_get = sketch.ProjectionTable.get
+
+    def get(self, name, view, forms, device):
+        kind = self.kinds.get(name) or real(view, self.dim, forms)
+        seen[(name, view)] = (kind, list(forms))
+        return real_get(self, name, view, forms, device)
+
+    sketch.ProjectionTable.get = get
+    batch = args.batch or default_batch(args.model)
+    case = make_zoo_case(args.model, batch, 0, "cpu")
+    model, loss = case["models"]["default"], case["loss"]
+    with tempfile.TemporaryDirectory() as tmp:
+        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
+        with glog.record(0):
+            loss(model, case["batch"]).mean().backward()
+        glog.close()
+    sketch.ProjectionTable.get = real_get
+    return seen, batch
+
+
+def counts(args: argparse.Namespace) -> None:
+    """The operations that bound a logged step's sketch: scattered adds, real FFTs of size k, and the multiply-adds
+    of materialising factored gradients for a CountSketch (forms as the first step's choice saw them)."""
+    seen, n = first_step_forms(args)
+    k, blocks = args.sketch_dim, sketch.TENSORSKETCH_BLOCKS
+    tally: dict[str, float] = {"countsketch scattered adds": 0.0, "countsketch materialise multiply-adds": 0.0,
+                               "tensorsketch scattered adds": 0.0, "tensorsketch FFTs (size k)": 0.0}
+    for (_, (rows, cols)), (kind, forms) in seen.items():
+        for route, t in forms:
+            if kind == "countsketch":
+                tally["countsketch scattered adds"] += n * (t * cols if route == "indexed" else rows * cols)
+                if route == "factored":
+                    tally["countsketch materialise multiply-adds"] += n * t * rows * cols
+            elif route == "factored":
+                tally["tensorsketch scattered adds"] += blocks * n * t * (rows + cols)
+                tally["tensorsketch FFTs (size k)"] += 2 * blocks * n * t + n
+            else:
+                tally["tensorsketch scattered adds"] += blocks * n * (t * cols if route == "indexed" else rows * cols)
+    parts = "; ".join(f"{key} {value / 1e6:.3g} M" for key, value in tally.items())
+    print(f"# {args.model}, batch {n}, k {k}: {parts}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="timm-resnet")
@@ -171,11 +218,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--check-choice", action="store_true", help="time both classes on every factored form")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--counts", action="store_true", help="operation counts of the first step's sketch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     if args.check_choice:
         check_choice(args)
+        return
+    if args.counts:
+        counts(args)
         return
     times: dict[tuple, float] = {}
     instrument(times, {})

@@ -45,6 +45,7 @@ p.add_argument("--batch", type=int, default=64)
 p.add_argument("--reps", type=int, default=5)
 p.add_argument("--out", default=None)
 p.add_argument("--routes", action="store_true", help="sd per projection class and route (no model)")
+p.add_argument("--view", default="48x96", help="rows x cols of the --routes matrices (cols >= k: folded buckets)")
 p.add_argument("--zoo-costs", default="", help="comma list of zoo models: modelled sketch cost per step")
 args = p.parse_args()
 torch.manual_seed(0)
@@ -130,8 +131,9 @@ if args.zoo_costs:
     raise SystemExit
 
 if args.routes:
-    print(f"# every route, view {(48, 96)}, 32 examples, {args.seeds} seeds")
-    print("\n".join(route_table([int(k) for k in args.ks.split(",")], args.seeds)))
+    view = tuple(int(x) for x in args.view.split("x"))
+    print(f"# every route, view {view}, 32 examples, {args.seeds} seeds")
+    print("\n".join(route_table([int(k) for k in args.ks.split(",")], args.seeds, view=view)))
     raise SystemExit
 
 
