@@ -161,9 +161,38 @@ def _check_format(attrs: Mapping[str, Any], where: str) -> None:
 
 
 def list_streams(root: zarr.Group) -> list[str]:
-    """Names of the streams (subgroups) present in a store, in ``schema.STREAMS`` order first."""
+    """Names of the streams present in a store, in ``schema.STREAMS`` order first.
+
+    A multi-process store keeps its streams in per-rank groups (``schema.rank_group``): its streams are those of
+    rank 0's group, which :func:`open_store` joins with the other ranks'.
+    """
+    if _world_size(root) > 1 and schema.rank_group(0) in root:
+        root = root[schema.rank_group(0)]
     names = sorted(name for name, _ in root.groups())
     return [s for s in schema.STREAMS if s in names] + [s for s in names if s not in schema.STREAMS]
+
+
+def _world_size(root: zarr.Group) -> int:
+    """Processes that wrote the store (1: single-process; its streams are the root's subgroups)."""
+    world = root.attrs.get(schema.WORLD_SIZE_KEY, 1)
+    return world if isinstance(world, int) and not isinstance(world, bool) and world > 1 else 1
+
+
+_RANK_FLAGS = (schema.FINITE, schema.RECONCILED, schema.GUARD_CHECKED)
+"""``(step, layer)`` flags each rank of a multi-process store computes over its own examples: the run's value is True
+only where it is True on every rank (a layer-step non-finite, flagged or unchecked on one rank is so for the run)."""
+
+
+def _all_ranks(values: list[Any], world: int) -> Any:
+    """One of :data:`_RANK_FLAGS` over a run: the AND of the ranks' (NumPy or xarray) values.
+
+    All False when some rank lacks the variable (``guard_checked`` of a rank whose stream a crash left before an
+    append added it): never a check that rank did not claim.
+    """
+    out = values[0]
+    for v in values[1:]:
+        out = out & v
+    return out if len(values) == world else out & False
 
 
 def _committed_steps(group: zarr.Group, stream: str) -> int:
@@ -285,8 +314,8 @@ def open_store(
 
     """
     root = open_root(path_or_url, storage_options)
-    world = root.attrs.get(schema.WORLD_SIZE_KEY, 1)
-    if isinstance(world, int) and world > 1:
+    world = _world_size(root)
+    if world > 1:
         return _open_ranks(root, stream, world, chunks)
     group = _stream_group(root, stream)
     committed = _committed_steps(group, stream)
@@ -308,14 +337,10 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
     The ``example`` axis is the ranks' examples in rank order (each rank's padding stays in its block); per-step
     global values (``sum_sq_norm``, ``group_gram``) come from rank 0, ``n_examples`` is summed over ranks, and only
     the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix); the per-rank
-    sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count`` are summed over ranks like ``n_examples``.
+    sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count`` are summed over ranks like ``n_examples``; the
+    flags ``finite``, ``reconciled`` and ``guard_checked`` are True only where every rank's are (:data:`_RANK_FLAGS`).
     """
-    groups = []
-    for rank in range(world):
-        name = schema.rank_group(rank)
-        if name not in root:
-            raise StreamNotFoundError(f"multi-process store without the group of rank {rank} ({name})")
-        groups.append(_stream_group(root[name], stream))
+    groups = [_stream_group(_rank_group(root, rank), stream) for rank in range(world)]
     committed = min(_committed_steps(g, stream) for g in groups)
     parts = [
         _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", committed,
@@ -330,15 +355,27 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
     # Each rank's padding sits inside its own block, so the rank's own n_examples decides which positions are real.
     valid = xr.concat([_leading_positions(p[schema.N_EXAMPLES], p.sizes[schema.DIM_EXAMPLE]) for p in parts],
                       dim=schema.DIM_EXAMPLE)
+    # Each rank's flags cover its own examples (the concatenation below would keep rank 0's alone).
+    flags = {name: _all_ranks([p[name] for p in parts if name in p], world) for name in _RANK_FLAGS
+             if any(name in p for p in parts)}
+    parts = [p.drop_vars(list(flags), errors="ignore") for p in parts]
     ds = xr.concat(parts, dim=schema.DIM_EXAMPLE, data_vars="minimal", coords="minimal", compat="override",
                    join="override", combine_attrs="override")
     ds[schema.N_EXAMPLES] = n_examples
-    for name, total in totals.items():
+    for name, total in {**totals, **flags}.items():
         ds[name] = total
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds = ds.assign_coords({VALID: valid})
     ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: committed, "stream": stream}
     return ds
+
+
+def _rank_group(root: zarr.Group, rank: int) -> zarr.Group:
+    """The group of one rank's streams in a multi-process store."""
+    name = schema.rank_group(rank)
+    if name not in root:
+        raise StreamNotFoundError(f"multi-process store without the group of rank {rank} ({name})")
+    return root[name]
 
 
 def _leading_positions(n_examples: xr.DataArray, width: int) -> xr.DataArray:
@@ -413,21 +450,31 @@ def warn_missing_metadata(ds: xr.Dataset, name: str, needed_by: str, consequence
     )
 
 
-def _describe_stream(group: zarr.Group, name: str) -> dict[str, Any]:
-    committed = _committed_steps(group, name)
+def _describe_stream(groups: list[zarr.Group], name: str) -> dict[str, Any]:
+    """One stream's summary from its group in each rank (one group in a single-process store).
+
+    As :func:`open_store` joins the ranks: the steps every rank committed, ``m`` summed over ranks, the guard's
+    flags over every rank (:data:`_RANK_FLAGS`).
+    """
+    committed = min(_committed_steps(g, name) for g in groups)
+    group = groups[0]
     steps = group[schema.STEP][:committed].tolist() if committed else []
-    m = group[schema.N_EXAMPLES][:committed].tolist() if committed else []
+    m = np.sum([g[schema.N_EXAMPLES][:committed] for g in groups], axis=0).tolist() if committed else []
+
+    def flags(var: str) -> np.ndarray | None:
+        values = [np.asarray(g[var][:committed], dtype=bool) for g in groups if var in g]
+        return _all_ranks(values, len(groups)) if values else None
+
     return {
         "committed_steps": committed,
-        "dropped_steps": group.attrs.get(schema.DROPPED_KEY, 0),
+        "dropped_steps": max(g.attrs.get(schema.DROPPED_KEY, 0) for g in groups),
         "first_step": steps[0] if steps else None,
         "last_step": steps[-1] if steps else None,
         "m_min": min(m) if m else None,
         "m_max": max(m) if m else None,
         "groups": [str(g) for g in group[schema.GROUP_I][:]],
         "has_sketch": schema.SKETCH in group,
-        "guard": guard_counts(*(np.asarray(group[name][:committed], dtype=bool) if name in group else None
-                                for name in (schema.RECONCILED, schema.GUARD_CHECKED))),
+        "guard": guard_counts(flags(schema.RECONCILED), flags(schema.GUARD_CHECKED)),
     }
 
 
@@ -449,6 +496,8 @@ def describe_store(path_or_url: str | os.PathLike, storage_options: Mapping[str,
     """
     root = open_root(path_or_url, storage_options)
     attrs = root.attrs.asdict()
+    world = _world_size(root)
+    ranks = [root] if world == 1 else [_rank_group(root, rank) for rank in range(world)]
     layers = [
         {"name": layer.get("name"), "type": layer.get("type"), "size": layer.get("size")}
         for layer in attrs.get(schema.LAYERS_KEY) or []
@@ -460,7 +509,8 @@ def describe_store(path_or_url: str | os.PathLike, storage_options: Mapping[str,
         "config": attrs.get(schema.CONFIG_KEY),
         "sketch": attrs.get(schema.SKETCH_KEY),
         "layers": layers,
-        "streams": {name: _describe_stream(root[name], name) for name in list_streams(root)},
+        "streams": {name: _describe_stream([ranks[r][name] for r in range(len(ranks))], name)
+                    for name in list_streams(root)},
         "notes": attrs.get(schema.NOTES_KEY) or [],
         "error": attrs.get(schema.ERROR_KEY),
         "versions": attrs.get(schema.VERSIONS_KEY),
