@@ -375,11 +375,12 @@ def test_routes_of_one_projection_agree_on_bias_and_offsets(kind):
     assert_close(p.factored(u, v, bias=True), want, n=2 * (5 + 6 * 8), dtype="float64", scale=size, err_msg="factored")
 
 
-@pytest.mark.parametrize("cache", [2**18, 64], ids=["all_blocks", "block_by_block"])
+@pytest.mark.parametrize("cache", [2**18, 200, 64], ids=["all_blocks", "examples_by_two", "block_by_block"])
 @pytest.mark.parametrize("view", [(9, 5), (5, 11), (12, 12)], ids=["rows_folded", "cols_folded", "both_folded"])
 def test_tensorsketch_factored_code_paths_equal_dense(view, cache, monkeypatch):
     """Every code path of the TensorSketch mean's factored route gives its dense route's sketch: all blocks counted
-    at once or block by block over examples and positions, each side counted into k buckets with its signs
+    at once, or block by block over two examples at a time (a mix-up of examples within a chunk fails only there) or
+    over one example and a few positions at a time, each side counted into k buckets with its signs
     multiplied in (narrower than k) or into 2k signed buckets folded (k = 8 here), with and without a bias column."""
     import gradcoh.logger.sketch as sketch_module
 
