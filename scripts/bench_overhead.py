@@ -51,8 +51,8 @@ try:
 except ImportError:  # pragma: no cover - psutil is in the bench extra
     psutil = None
 
-ALL_METHODS = ("plain", "gradcoh_exact", "gradcoh_unfused", "gradcoh_k256", "gradcoh_k1024", "gradcoh_unfused_k256",
-               "gradcoh_unfused_k1024", "gradcoh_align",
+ALL_METHODS = ("plain", "gradcoh_exact", "gradcoh_fused", "gradcoh_k256", "gradcoh_k1024", "gradcoh_fused_k256",
+               "gradcoh_fused_k1024", "gradcoh_align",
                "gradcoh_unlogged",
                "opacus_hooks", "opacus_ghost", "backpack_l2", "backpack_grad", "vmap", "naive_loop")
 GRADCOH = {"gradcoh_exact": {}, "gradcoh_unfused": {"fused": False}, "gradcoh_k256": {"sketch_dim": 256},
@@ -60,11 +60,12 @@ GRADCOH = {"gradcoh_exact": {}, "gradcoh_unfused": {"fused": False}, "gradcoh_k2
            "gradcoh_unfused_k1024": {"fused": False, "sketch_dim": 1024},
            "gradcoh_k1024": {"sketch_dim": 1024}, "gradcoh_align": {"alignment": True},
            "gradcoh_unlogged": {"every": 10**9},
-           # fused mode is the default (where its cost model fuses a call); the names of the opt-in days:
+           # fused mode, opt-in (fused=True; where its cost model fuses a call):
            "gradcoh_fused": {"fused": True}, "gradcoh_fused_k256": {"fused": True, "sketch_dim": 256},
            "gradcoh_fused_k1024": {"fused": True, "sketch_dim": 1024}}
-"""gradcoh's variants: exact statistics (default: fused mode where its cost model fuses a call; ``unfused``:
-``fused=False``, bitwise ``.grad``), with sketches, with each example's alignment with the batch gradient, and a step
+"""gradcoh's variants: exact statistics (the default, ``fused=False``: bitwise ``.grad``; ``unfused`` names the
+default explicitly, as in the runs of 2026-12-03 when fused mode was briefly the default; ``fused``: fused mode where
+its cost model fuses a call), with sketches, with each example's alignment with the batch gradient, and a step
 that ``every`` skips (the other steps' cost when logging every N-th: nothing armed)."""
 SLOW = {"opacus_hooks", "backpack_grad", "vmap", "naive_loop"}
 

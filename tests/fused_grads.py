@@ -1,6 +1,6 @@
 """``.grad`` of a logged step against a plain step's: bitwise, except the weights fused mode summed.
 
-Fused mode (gradcoh.logger.fused, on by default) takes a Linear or convolution call's weight gradient from the
+Fused mode (gradcoh.logger.fused, opt-in: ``fused=True``) takes a Linear or convolution call's weight gradient from the
 per-example gradients it materialised: the same ``n·T`` products as autograd's weight-gradient GEMM, summed in
 another order, so both are rounded sums of the same terms and differ by at most ``bound(2·n·T)`` times the sum of the
 terms' magnitudes (``Σ_{n,t} |δ_nt| |x_nt|ᵀ`` per entry, computed here in float64 from the plain step's own inputs and
