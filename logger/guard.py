@@ -58,6 +58,14 @@ class GuardSchedule:
             return [True] * len(self.phase)
         return [p == count % self.every for p in self.phase]
 
+    def unused(self, stream: str) -> None:
+        """The step :meth:`next_step` scheduled stored nothing (no backward pass, an error in the block).
+
+        Its count is given back, so the next stored step gets its checks (a stream's first stored step checks every
+        layer).
+        """
+        self.seen[stream] -= 1
+
     def flagged(self) -> None:
         """A layer failed the guard: check every layer at every following step."""
         self.everywhere = True

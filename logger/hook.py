@@ -190,11 +190,13 @@ class GradientLogger:
         local = self.world_size == 1 and self.batch_sums_from_grad
         references = None if self._reference is None else self._reference.for_step(
             step, self.model, [t.params for t in self.trackers], mode or self.config.probe_mode)
+        record, scheduled = None, False
         try:
             with self._recorder.record(len(self.config.group_names), scale_by_batch,
                                        probe=stream == schema.STREAM_PROBE, group=meta["group"], local_grads=local,
                                        keep_forms=self.config.alignment, references=references) as state:
-                for tracker, check in zip(self.trackers, self._guard.next_step(stream), strict=True):
+                checks, scheduled = self._guard.next_step(stream), True
+                for tracker, check in zip(self.trackers, checks, strict=True):
                     tracker.results.checked = check
                 self._verifier.arm(state, self.trackers, self._declared, stream == schema.STREAM_BATCH)
                 state.check_reduction = stream == schema.STREAM_BATCH and self.reduction_checks
@@ -205,6 +207,8 @@ class GradientLogger:
                 warn_unobserved(self._declared)
             record = self._reducer.reduce(step, state, self._reference, **meta)
         finally:
+            if scheduled and record is None:  # no step stored (no backward pass, an error): its checks come next
+                self._guard.unused(stream)
             for tracker in self.trackers:  # whatever happened: kept activations never outlive the step
                 tracker.results.drop_forms()
         if record is not None and record.reconciled is not None and not record.reconciled.all():

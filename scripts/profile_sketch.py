@@ -122,26 +122,10 @@ def report(args: argparse.Namespace, per_step: list[dict], plain_ms: float, batc
 def check_choice(args: argparse.Namespace) -> None:
     """For every factored per-example gradient of one logged step: both classes' factored routes timed on random
     factors of its shapes (fastest of ``--reps``, interleaved) against the kind the cost model chose."""
-    forms: dict[tuple, str] = {}
-    real = sketch.choose_projection
-
-    def choose(view, dim, fs):
-        kind = real(view, dim, fs)
-        for route, t in fs:
-            if route == "factored" and min(view) > 1 and view[0] * view[1] > dim:
-                forms[(view, t)] = kind
-        return kind
-
-    sketch.choose_projection = choose
-    batch = args.batch or default_batch(args.model)
-    case = make_zoo_case(args.model, batch, 0, "cpu")
-    model, loss = case["models"]["default"], case["loss"]
-    with tempfile.TemporaryDirectory() as tmp:
-        glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
-        with glog.record(0):
-            loss(model, case["batch"]).mean().backward()
-        glog.close()
+    seen, batch = first_step_forms(args)
     k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
+    forms = {(view, t): kind for (_, view), (kind, fs) in seen.items() for route, t in fs
+             if route == "factored" and min(view) > 1 and view[0] * view[1] > k}
     print(f"# {args.model}, batch {batch}, k {k}: factored forms, fastest of {args.reps} (ms)")
     print("| view | T | chosen | countsketch ms (model) | tensorsketch ms (model) | cheaper measured |")
     print("|---|---:|---|---:|---:|---|")

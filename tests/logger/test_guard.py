@@ -184,3 +184,25 @@ def test_a_logger_claiming_unmade_checks_fails_the_oracle(tmp_path, monkeypatch)
     monkeypatch.setattr(StepReducer, "_device_tensors", claims_every_check)
     with pytest.raises(AssertionError, match="guard_checked is not what the guard computed"):
         _check_stored_guard(tmp_path, monkeypatch)
+
+
+def test_a_record_that_stores_nothing_leaves_the_schedule_as_it_was(tmp_path):
+    """A record block without a backward pass, or one whose training code raised, stores no step: the first stored
+    step still checks every layer, and the stored steps keep every layer checked once every ``guard_every``."""
+    torch.manual_seed(7)
+    model = Deep()
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    path = tmp_path / "s.zarr"
+    with GradientLogger(model, path, handle_sigterm=False, guard_every=4) as glog:
+        with glog.record(0):
+            model(x)  # no backward: nothing is stored
+        with pytest.raises(ZeroDivisionError), glog.record(1):
+            model(x)
+            raise ZeroDivisionError  # the training code failed inside the block
+        for step in range(2, 7):
+            with glog.record(step):
+                ((model(x) - y) ** 2).sum(1).mean().backward()
+            model.zero_grad(set_to_none=True)
+    checked = np.asarray(zarr.open_group(str(path), mode="r")[schema.STREAM_BATCH][schema.GUARD_CHECKED][:])
+    assert checked.shape == (5, 5) and checked[0].all()
+    assert (checked[1:5].sum(0) == 1).all()  # then each layer once in the next 4 stored steps
