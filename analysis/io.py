@@ -336,17 +336,19 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
 
     The ``example`` axis is the ranks' examples in rank order (each rank's padding stays in its block); per-step
     global values (``sum_sq_norm``, ``group_gram``) come from rank 0, ``n_examples`` is summed over ranks, and only
-    the steps committed by every rank are shown (a rank killed mid-run shortens the common prefix); the per-rank
-    sums ``sq_norm_total``, ``group_sq_norm`` and ``group_count`` are summed over ranks like ``n_examples``; the
-    flags ``finite``, ``reconciled`` and ``guard_checked`` are True only where every rank's are (:data:`_RANK_FLAGS`).
+    the steps committed by every rank are shown (:func:`_common_rows`: a rank killed mid-run shortens the common
+    prefix, a step one rank dropped is left out); the per-rank sums ``sq_norm_total``, ``group_sq_norm`` and
+    ``group_count`` are summed over ranks like ``n_examples``; the flags ``finite``, ``reconciled`` and
+    ``guard_checked`` are True only where every rank's are (:data:`_RANK_FLAGS`).
     """
     groups = [_stream_group(_rank_group(root, rank), stream) for rank in range(world)]
-    committed = min(_committed_steps(g, stream) for g in groups)
+    rows, committed = _common_rows(groups, stream)
     parts = [
-        _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", committed,
+        _open_trimmed(root.store, g, f"{schema.rank_group(r)}/{stream}", c,
                       consolidated=COMPACTED_KEY in root.attrs, chunks=chunks)
-        for r, g in enumerate(groups)
+        for r, (g, c) in enumerate(zip(groups, committed, strict=True))
     ]
+    parts = [p if len(r) == c else p.isel({schema.DIM_STEP: r}) for p, r, c in zip(parts, rows, committed, strict=True)]
     if chunks is None:
         parts = [_chunk_by_bytes(p, g) for p, g in zip(parts, groups, strict=True)]
     n_examples = sum(p[schema.N_EXAMPLES] for p in parts)
@@ -366,8 +368,25 @@ def _open_ranks(root: zarr.Group, stream: str, world: int, chunks: Mapping[str, 
         ds[name] = total
     ds = ds.set_coords([name for name in schema.NON_INDEX_COORDS if name in ds.data_vars])
     ds = ds.assign_coords({VALID: valid})
-    ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: committed, "stream": stream}
+    ds.attrs = {**root.attrs.asdict(), **groups[0].attrs.asdict(), schema.COMMITTED_KEY: len(rows[0]),
+                "stream": stream}
     return ds
+
+
+def _common_rows(groups: list[zarr.Group], stream: str) -> tuple[list[np.ndarray], list[int]]:
+    """Per rank: the rows of the steps every rank committed, and its committed steps.
+
+    Rows are matched by step number, not position: a rank that dropped a step (``on_full="drop"``) or was killed
+    holds fewer rows, and pairing rows by position would join one rank's examples of a step with another's of a
+    later step. Reads each rank's ``step`` (8 bytes a step).
+    """
+    committed = [_committed_steps(g, stream) for g in groups]
+    steps = [np.asarray(g[schema.STEP][:c]) if c else np.zeros(0, np.int64) for g, c in zip(groups, committed,
+                                                                                               strict=True)]
+    common = steps[0]
+    for s in steps[1:]:
+        common = np.intersect1d(common, s)  # (each rank's steps increase: sorted, unique)
+    return [np.searchsorted(s, common) for s in steps], committed
 
 
 def _rank_group(root: zarr.Group, rank: int) -> zarr.Group:
@@ -456,17 +475,21 @@ def _describe_stream(groups: list[zarr.Group], name: str) -> dict[str, Any]:
     As :func:`open_store` joins the ranks: the steps every rank committed, ``m`` summed over ranks, the guard's
     flags over every rank (:data:`_RANK_FLAGS`).
     """
-    committed = min(_committed_steps(g, name) for g in groups)
-    group = groups[0]
-    steps = group[schema.STEP][:committed].tolist() if committed else []
-    m = np.sum([g[schema.N_EXAMPLES][:committed] for g in groups], axis=0).tolist() if committed else []
+    rows, committed = _common_rows(groups, name)
+
+    def read(var: str, dtype: Any = None) -> list[np.ndarray]:
+        return [np.asarray(g[var][:c], dtype=dtype)[r] for g, r, c in zip(groups, rows, committed, strict=True)
+                if var in g]
 
     def flags(var: str) -> np.ndarray | None:
-        values = [np.asarray(g[var][:committed], dtype=bool) for g in groups if var in g]
+        values = read(var, bool)
         return _all_ranks(values, len(groups)) if values else None
 
+    steps = read(schema.STEP)[0].tolist()
+    m = np.sum(read(schema.N_EXAMPLES), axis=0).tolist() if steps else []
+    group = groups[0]
     return {
-        "committed_steps": committed,
+        "committed_steps": len(steps),
         "dropped_steps": max(g.attrs.get(schema.DROPPED_KEY, 0) for g in groups),
         "first_step": steps[0] if steps else None,
         "last_step": steps[-1] if steps else None,

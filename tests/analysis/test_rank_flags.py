@@ -71,3 +71,27 @@ def test_multi_process_store_streams_info_and_cli_stream_choice(tmp_path):
     coherence = runner.invoke(app, ["coherence", str(path)])
     assert coherence.exit_code == 0, coherence.output
     assert "stream: probe" in coherence.output  # the probe stream, as for a single-process store
+
+
+def test_ranks_are_joined_by_step_number_when_one_dropped_a_step(tmp_path):
+    """Rank 1 dropped step 10 (``on_full="drop"``): the run shows the steps both ranks hold, each rank's rows of
+    that very step (joining rows by position would pair rank 0's step 10 with rank 1's step 20)."""
+    rng = np.random.default_rng(8)
+    path = tmp_path / "ddp.zarr"
+    zarr.open_group(str(path), mode="w", zarr_format=3)
+    grads = [random_gradients(rng, n_steps=3, m=4, sizes=(4, 3)) for _ in range(2)]
+    grads[1] = [grads[1][0], grads[1][2]]
+    for rank, steps in enumerate([[0, 10, 20], [0, 20]]):
+        build_store(path / schema.rank_group(rank), grads[rank], steps=steps)
+    root = zarr.open_group(str(path), mode="a")
+    root.attrs.update({**zarr.open_group(str(path / schema.rank_group(0))).attrs.asdict(),
+                       schema.WORLD_SIZE_KEY: 2})
+    ds = analysis.open_store(path)
+    assert list(ds.step.values) == [0, 20]
+    for row, t in enumerate([0, 2]):  # rank 0's rows, then rank 1's, of the same step
+        want = np.concatenate([(g * g).sum(1)[:, None] for g in grads[0][t]], 1)
+        np.testing.assert_array_equal(ds.sq_norm.values[row, :4], want)
+        want = np.concatenate([(g * g).sum(1)[:, None] for g in grads[1][row]], 1)
+        np.testing.assert_array_equal(ds.sq_norm.values[row, 4:], want)
+    stream = analysis.describe_store(path)["streams"][schema.STREAM_BATCH]
+    assert (stream["committed_steps"], stream["first_step"], stream["last_step"]) == (2, 0, 20)
