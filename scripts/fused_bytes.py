@@ -7,6 +7,7 @@ scripts/bench_overhead.py (one logged step, ``fused=True``, 1 thread).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import tempfile
@@ -50,12 +51,16 @@ def materialised(name: str) -> dict[str, int]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("models", nargs="+", choices=bench_overhead.ZOO, metavar="MODEL",
+                    help=f"zoo models of scripts/bench_overhead.py: {', '.join(bench_overhead.ZOO)}")
+    args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     log.info("| model | materialised for fusing only | materialised anyway |")
     log.info("|---|---:|---:|")
-    for name in sys.argv[1:]:
+    for name in args.models:
         c = materialised(name)
         log.info("| %s | %.1f M floats (%.0f MB) | %.1f M |", name, c["for_fusing"] / 1e6, c["for_fusing"] * 4 / 1e6,
                  c["anyway"] / 1e6)
