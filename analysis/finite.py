@@ -116,6 +116,10 @@ def guard_coverage(ds: xr.Dataset) -> dict[str, int | None]:
     stored ``reconciled`` True without a verdict: a fault present at every step is still caught within
     ``guard_every`` logged steps, a fault at one step in one layer only with probability ``1/guard_every``.
 
+    Args:
+        ds: A store Dataset (:func:`~gradcoh.analysis.open_store`; a multi-process store's flags are already over
+            every rank).
+
     Returns:
         As :func:`guard_counts`.
     """
