@@ -294,10 +294,10 @@ class TensorSketchMean(Projection):
         if self.blocks * n * per_example <= budget:
             return self._factored_all_blocks(u, v, bias)
         ne = max(1, budget // per_example)
-        tt = t if ne > 1 or per_example <= budget else max(1, budget // (2 * k))
+        tt = t if per_example <= budget else max(1, budget // (2 * k))  # (ne > 1 implies per_example <= budget)
         ones = self._ones_column(c, v.dtype) if bias else None
         rows = u.shape[2]
-        acc = None
+        parts = []
         for e0 in range(0, n, ne):
             part = None
             for t0 in range(0, t, tt):
@@ -313,8 +313,8 @@ class TensorSketchMean(Projection):
                     prod *= torch.fft.rfft(cv, dim=-1)
                     prod = prod.view(m, p, -1).sum(1)
                     part = prod if part is None else part.add_(prod)
-            acc = part if acc is None else torch.cat([acc, part])
-        return torch.fft.irfft(acc, n=k, dim=-1) / math.sqrt(self.blocks)
+            parts.append(part)
+        return torch.fft.irfft(torch.cat(parts), n=k, dim=-1) / math.sqrt(self.blocks)
 
     def _factored_all_blocks(self, u: torch.Tensor, v: torch.Tensor, bias: bool) -> torch.Tensor:
         """:meth:`factored` with every block counted at once (its temporaries fit the cache)."""
