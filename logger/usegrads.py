@@ -239,8 +239,9 @@ argument (``a - b``); -2 subtracts the first (``rsub(a, b) = b - a``)."""
 
 
 def _broadcast_use(use: Use, n: int) -> list | None:
-    """``p * x``, ``p + x``, ``x - p`` (and the reflected forms) of one batch tensor ``x`` and one tensor ``p``
-    shared by every example (a parameter or a derivation of parameters) broadcast against it.
+    """``p * x``, ``p + x``, ``x - p``, ``p - x``: one batch tensor ``x``, one tensor ``p`` shared by the examples.
+
+    ``p`` is a parameter or a derivation of parameters, broadcast against ``x``.
 
     The vector-Jacobian product needs no ``vmap``: each example's cotangent of ``p`` is ``δ·x`` (or ``±δ``) summed
     over the axes ``p`` broadcasts along (RMSNorm's ``weight * x``, ``x + pos_embed``), then pulled back through the

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gradcoh.logger import usegrads
 from oracle import per_example_grads_loop
 from test_exact import check_step, run_logged, target_for
 from torch import nn
-
-from gradcoh.logger import usegrads
 
 
 class Broadcasts(nn.Module):
