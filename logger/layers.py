@@ -33,8 +33,6 @@ from torch.utils import _pytree as pytree
 from .embedding_bag import embedding_bag_rule
 from .grads import Composite, Dense, Factored, MatrixView
 from .ops import conv, embedding, linear, norm
-from .ops.conv import depthwise_weight_grad as _depthwise_weight_grad  # noqa: F401  (tests time the two routes)
-from .ops.conv import grouped_weight_grad as _grouped_weight_grad  # noqa: F401
 from .recurrent import recurrent_rule
 
 Rule = Callable[[nn.Module, tuple, dict, tuple], "Dense | Factored | Composite"]
