@@ -58,24 +58,25 @@ def test_materialise_crossover_follows_the_cost_model(positions):
     assert not materialise_is_cheaper(4, t, rows, above, 4, costs=c)  # many: the T×T Grams are
 
 
-CONV_CASES = [  # (dims, C_in, C_out, groups, kernel, stride, dilation, padding)
+CONV_CASES = [  # (dims, C_in, C_out, groups, kernel, stride, dilation, padding[, input size])
     (2, 5, 5, 5, 3, 1, 1, 3), (2, 5, 5, 5, 3, 2, 1, 1), (2, 5, 5, 5, 3, 1, 2, 2), (2, 5, 5, 5, 3, 2, 2, 0),
     (2, 4, 8, 4, 3, 1, 1, 1),  # depthwise with a channel multiplier
     (2, 6, 4, 2, 3, 2, 1, 1),  # grouped, 3 input channels per group
     (2, 3, 4, 1, (2, 3), (2, 1), 1, (1, 0)),  # dense, non-square
     (2, 6, 4, 1, 1, 1, 1, 0), (2, 6, 4, 1, 1, 2, 1, 0),  # pointwise (the batched-GEMM route), strided
     (1, 4, 4, 4, 5, 2, 1, 2), (1, 3, 2, 1, 3, 1, 2, 1), (3, 2, 4, 2, 3, (1, 2, 1), 1, 1),
+    (2, 6, 6, 6, 7, 1, 1, 3, (2, 3)), (2, 4, 8, 2, 5, 2, 1, 2, (3, 2)),  # padding wider than the map: padded first
 ]
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_every_conv_weight_gradient_route_matches_the_vmap_oracle(case):
     """The routes :func:`per_example_weight_grad` chooses between, each against the torch.func oracle."""
-    nd, cin, cout, groups, kernel, stride, dilation, padding = case
+    nd, cin, cout, groups, kernel, stride, dilation, padding, *size = case
     torch.manual_seed(0)
     conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][nd - 1](cin, cout, kernel, stride=stride, dilation=dilation,
                                                      padding=padding, groups=groups, bias=False).double()
-    x = torch.randn(4, cin, *[9, 8, 7][:nd], dtype=torch.float64)
+    x = torch.randn(4, cin, *(size[0] if size else [9, 8, 7][:nd]), dtype=torch.float64)
     go = torch.randn_like(conv(x))
 
     def one(w, xi, gi):
