@@ -104,3 +104,20 @@ def test_pointwise_conv_factors_are_views_of_the_input():
     assert torch.equal(a, torch.nn.functional.unfold(x, 1).transpose(1, 2))
     strided = conv_ops.unfold(x, (1, 1), (1, 1), (0, 0), (2, 3))
     assert torch.equal(strided, torch.nn.functional.unfold(x, 1, stride=(2, 3)).transpose(1, 2))
+
+
+@pytest.mark.parametrize(("cin", "groups", "kernel", "route"), [
+    (6, 6, 3, "correlation_weight_grad"), (4, 2, 3, "grouped_weight_grad"), (3, 1, 3, "grouped_weight_grad"),
+    (6, 1, 1, "pointwise_weight_grad"),
+])
+def test_conv_weight_gradient_route_is_chosen_from_the_shapes(monkeypatch, cin, groups, kernel, route):
+    """Depthwise → correlation, other grouped/dense → the weight-gradient kernel, kernel 1 → bmm; no timing."""
+    conv = nn.Conv2d(cin, 6, kernel, groups=groups, bias=False)
+    x = torch.randn(2, cin, 5, 5)
+    go = torch.randn_like(conv(x))
+    for name in ("correlation_weight_grad", "grouped_weight_grad", "pointwise_weight_grad"):
+        if name != route:
+            monkeypatch.setattr(conv_ops, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} taken"))
+    monkeypatch.setattr(costs, "_timed", lambda *a, **k: pytest.fail("timed"))
+    got = conv_ops.per_example_weight_grad(conv, x, go, tuple(conv.padding))
+    assert got.shape == (2, 6, cin // groups * kernel**2)
