@@ -54,6 +54,8 @@ def use_gradients(use: Use, tracker: UseTracker, n: int) -> list[tuple[torch.nn.
     fast = _linear_use(use, n)
     if fast is None:
         fast = _norm_use(use, n)
+    if fast is None:
+        fast = _broadcast_use(use, n)
     if fast is not None:
         return fast
     memo: dict[int, torch.Tensor] = {}
@@ -228,6 +230,48 @@ def _linear_use(use: Use, n: int) -> list | None:
     if derived_bias is not None:  # each example's Σ_t δ_t, pulled back through the bias's derivation
         out += pull_back(derived_bias, gs.reshape(n, -1, gs.shape[-1]).sum(1), n, {})
     return out
+
+
+_BROADCAST = {"mul": 1, "__mul__": 1, "__rmul__": 1, "add": 0, "__add__": 0, "__radd__": 0, "sub": -1,
+              "__sub__": -1, "rsub": -2, "__rsub__": -2}
+"""Binary ops with a direct per-example route: 1 multiplies by the other argument; 0 adds; -1 subtracts the second
+argument (``a - b``); -2 subtracts the first (``rsub(a, b) = b - a``)."""
+
+
+def _broadcast_use(use: Use, n: int) -> list | None:
+    """``p * x``, ``p + x``, ``x - p``, ``p - x``: one batch tensor ``x``, one tensor ``p`` shared by the examples.
+
+    ``p`` is a parameter or a derivation of parameters, broadcast against ``x``.
+
+    The vector-Jacobian product needs no ``vmap``: each example's cotangent of ``p`` is ``δ·x`` (or ``±δ``) summed
+    over the axes ``p`` broadcasts along (RMSNorm's ``weight * x``, ``x + pos_embed``), then pulled back through the
+    derivation of ``p`` (:func:`pull_back`). None when another route must take the use: keywords (``alpha``), a
+    batch layout other than one row per example on axis 0, or ``p`` with an axis aligned with the batch.
+    """
+    kind = _BROADCAST.get(op_name(use.func))
+    if kind is None or len(use.data) != 1 or len(use.diff) != 1 or use.out_layout != (0, 1):
+        return None
+    args, kwargs = pytree.tree_unflatten(use.flat, use.spec)
+    (d_pos, lay), = use.data.items()
+    (p_pos, src), = use.diff.items()
+    if kwargs or len(args) != 2 or lay != (0, 1) or {d_pos, p_pos} != {0, 1} or not all(
+            isinstance(a, torch.Tensor) for a in args):
+        return None
+    g, x, shape = use.grads, use.flat[d_pos], use.shapes[p_pos]
+    padded = (1,) * (g.dim() - len(shape)) + tuple(shape)
+    if len(shape) > g.dim() or g.shape[0] != n or x.dim() == 0 or x.shape[0] != n or padded[0] != 1:
+        return None
+    if kind == 1:
+        cot = g * x
+    elif kind == 0 or (kind == -1 and p_pos == 0) or (kind == -2 and p_pos == 1):
+        cot = g
+    else:
+        cot = -g
+    if tuple(cot.shape) != tuple(g.shape):
+        return None
+    dims = tuple(i for i in range(1, g.dim()) if padded[i] == 1 and g.shape[i] != 1)
+    cot = (cot.sum(dims) if dims else cot).reshape(n, *shape)
+    return pull_back(src, cot, n, {})
 
 
 def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
