@@ -3,9 +3,9 @@
 Two routes that give the same values (to rounding) can differ several-fold in time, and by how much depends on the
 device: a batched GEMM is cheap on a GPU and relatively dear on one CPU core, a scattered add the other way round.
 :func:`kernel_costs` times three small kernels at first use per ``(device, dtype)`` and gives nanoseconds per
-element; :func:`fastest` times whole alternatives (e.g. two ways to form a depthwise convolution's per-example
-weight gradients) at first use per shape. Both cache in one process-wide :class:`Calibration`; measuring on a GPU
-synchronises the device, once per entry.
+element; :func:`fastest` times whole alternatives at first use per shape (no route uses it today: the convolution
+weight-gradient routes are chosen from the shapes, :func:`~gradcoh.logger.ops.conv.per_example_weight_grad`). Both
+cache in one process-wide :class:`Calibration`; measuring on a GPU synchronises the device, once per entry.
 
 Only choices whose results are equal to rounding use these measurements. Choices that change *what* is stored (the
 kind of a sketch projection) use fixed constants, so that every process and every restart of a run makes the same

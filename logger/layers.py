@@ -7,8 +7,7 @@ result is expressed in the matrix view of the parameters the rule covers
 (:meth:`~gradcoh.logger.grads.MatrixView.of` their shapes, in ``parameters()`` order): a
 :class:`~gradcoh.logger.grads.Composite` when they share no view (HF ``Conv1D``, recurrent layers). The math of each
 op lives in :mod:`gradcoh.logger.ops`, shared with the op-by-op tracker; a rule only reads its module's
-configuration. Rules keep no state, except that the convolution rule picks its kernel by timing the candidates once
-per shape and device (:func:`~gradcoh.logger.costs.fastest`, cached for the process).
+configuration. Rules keep no state.
 
 Rules live in a :class:`LayerRules` instance (no global registry); :func:`default_rules` returns one with the built-in
 rules. The parameters of modules without a rule are observed op by op (:mod:`gradcoh.logger.uses`) unless the
@@ -98,7 +97,7 @@ def linear_rule(module: nn.Linear, args: tuple, kwargs: dict, grad_outputs: tupl
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense | Factored:
-    """``nn.Conv1d/2d/3d`` (:func:`.ops.conv.conv`: factored, or materialised by the fastest kernel)."""
+    """``nn.Conv1d/2d/3d`` (:func:`.ops.conv.conv`: factored, or materialised in one kernel call)."""
     return conv.conv(module, args[0], grad_outputs[0])
 
 

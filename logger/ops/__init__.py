@@ -7,8 +7,8 @@ returns a per-example gradient form (:class:`~gradcoh.logger.grads.Dense`, :clas
 or :class:`~gradcoh.logger.grads.Composite`) in the matrix view of the parameters it covers.
 
 * :mod:`.linear` — ``y = x Wᵀ + b`` and ``y = x W + b`` (any leading dimensions), and the bias gradient ``Σ_t δ_t``;
-* :mod:`.conv` — 1-, 2- and 3-D convolutions (im2col factors, or the per-example weight gradient by the fastest
-  kernel);
+* :mod:`.conv` — 1-, 2- and 3-D convolutions (im2col factors, or the per-example weight gradient in one kernel
+  call);
 * :mod:`.embedding` — lookups ``W[idx]`` (padding index, gradient scaled by frequency);
 * :mod:`.norm` — ``y = x̂·w + b`` of the normalisation ops, with ``x̂`` from each op's own kernel.
 """

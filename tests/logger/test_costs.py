@@ -59,24 +59,25 @@ def test_materialise_crossover_follows_the_cost_model(positions):
     assert not materialise_is_cheaper(4, t, rows, above, 4, costs=c)  # many: the T×T Grams are
 
 
-CONV_CASES = [  # (dims, C_in, C_out, groups, kernel, stride, dilation, padding)
+CONV_CASES = [  # (dims, C_in, C_out, groups, kernel, stride, dilation, padding[, input size])
     (2, 5, 5, 5, 3, 1, 1, 3), (2, 5, 5, 5, 3, 2, 1, 1), (2, 5, 5, 5, 3, 1, 2, 2), (2, 5, 5, 5, 3, 2, 2, 0),
     (2, 4, 8, 4, 3, 1, 1, 1),  # depthwise with a channel multiplier
     (2, 6, 4, 2, 3, 2, 1, 1),  # grouped, 3 input channels per group
     (2, 3, 4, 1, (2, 3), (2, 1), 1, (1, 0)),  # dense, non-square
     (2, 6, 4, 1, 1, 1, 1, 0), (2, 6, 4, 1, 1, 2, 1, 0),  # pointwise (the batched-GEMM route), strided
     (1, 4, 4, 4, 5, 2, 1, 2), (1, 3, 2, 1, 3, 1, 2, 1), (3, 2, 4, 2, 3, (1, 2, 1), 1, 1),
+    (2, 6, 6, 6, 7, 1, 1, 3, (2, 3)), (2, 4, 8, 2, 5, 2, 1, 2, (3, 2)),  # padding wider than the map: padded first
 ]
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_every_conv_weight_gradient_route_matches_the_vmap_oracle(case):
     """The routes :func:`per_example_weight_grad` chooses between, each against the torch.func oracle."""
-    nd, cin, cout, groups, kernel, stride, dilation, padding = case
+    nd, cin, cout, groups, kernel, stride, dilation, padding, *size = case
     torch.manual_seed(0)
     conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][nd - 1](cin, cout, kernel, stride=stride, dilation=dilation,
                                                      padding=padding, groups=groups, bias=False).double()
-    x = torch.randn(4, cin, *[9, 8, 7][:nd], dtype=torch.float64)
+    x = torch.randn(4, cin, *(size[0] if size else [9, 8, 7][:nd]), dtype=torch.float64)
     go = torch.randn_like(conv(x))
 
     def one(w, xi, gi):
@@ -104,3 +105,20 @@ def test_pointwise_conv_factors_are_views_of_the_input():
     assert torch.equal(a, torch.nn.functional.unfold(x, 1).transpose(1, 2))
     strided = conv_ops.unfold(x, (1, 1), (1, 1), (0, 0), (2, 3))
     assert torch.equal(strided, torch.nn.functional.unfold(x, 1, stride=(2, 3)).transpose(1, 2))
+
+
+@pytest.mark.parametrize(("cin", "groups", "kernel", "route"), [
+    (6, 6, 3, "correlation_weight_grad"), (4, 2, 3, "grouped_weight_grad"), (3, 1, 3, "grouped_weight_grad"),
+    (6, 1, 1, "pointwise_weight_grad"),
+])
+def test_conv_weight_gradient_route_is_chosen_from_the_shapes(monkeypatch, cin, groups, kernel, route):
+    """Depthwise → correlation, other grouped/dense → the weight-gradient kernel, kernel 1 → bmm; no timing."""
+    conv = nn.Conv2d(cin, 6, kernel, groups=groups, bias=False)
+    x = torch.randn(2, cin, 5, 5)
+    go = torch.randn_like(conv(x))
+    for name in ("correlation_weight_grad", "grouped_weight_grad", "pointwise_weight_grad"):
+        if name != route:
+            monkeypatch.setattr(conv_ops, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} taken"))
+    monkeypatch.setattr(costs, "_timed", lambda *a, **k: pytest.fail("timed"))
+    got = conv_ops.per_example_weight_grad(conv, x, go, tuple(conv.padding))
+    assert got.shape == (2, 6, cin // groups * kernel**2)
