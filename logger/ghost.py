@@ -15,6 +15,7 @@ and reused by another tensor while the key can still match; any in-place change 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
@@ -35,8 +36,18 @@ def levels(t: int) -> int:
     return out
 
 
+def _tail(t: int) -> bool:
+    """Whether ``t`` positions are split as two halves of at least :data:`MIN_BLOCK` and one last position.
+
+    An odd ``t`` (which :func:`levels` never splits): a ViT's patches and its class token, 64 + 1.
+    """
+    return levels(t) == 0 and t % 2 == 1 and t >= 2 * MIN_BLOCK + 1
+
+
 def gram_fraction(t: int) -> float:
     """Entries of the ``[t, t]`` Gram the blocks compute, as a fraction of ``t²`` (the cost model's factor)."""
+    if _tail(t):
+        return (0.75 * (t - 1) ** 2 + t) / (t * t)
     n_levels = levels(t)
     return 2.0**-n_levels + sum(2.0 ** -(level + 2) for level in range(n_levels))
 
@@ -48,35 +59,65 @@ def ghost_macs(t: int, rows: int, cols: int) -> float:
     return gram_fraction(t) * t * t * (rows + cols)
 
 
-def gram_blocks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The blocks of ``x xᵀ`` per example (``x: [n, T, c]``): one ``[n·2^l, h_l, h_l]`` per level, then the diagonal.
+class Blocks(NamedTuple):
+    """The blocks of one factor's per-example Gram ``x xᵀ`` that :func:`gram_blocks` computes.
 
-    Level ``l`` splits each of the ``2^l`` blocks of the level above into halves of ``h_l = T / 2^(l+1)``
-    positions and keeps their cross products; the last entry holds the ``2^L`` diagonal blocks.
+    Attributes:
+        off: Off-diagonal blocks (each stands for itself and its transpose).
+        diag: Diagonal blocks.
+        strip: ``[n, T - m, T]``: the last positions against all (None when ``m = T``).
+        m: Positions covered by ``off`` and ``diag``.
+    """
+
+    off: tuple[torch.Tensor, ...]
+    diag: tuple[torch.Tensor, ...]
+    strip: torch.Tensor | None
+    m: int
+
+
+def gram_blocks(x: torch.Tensor) -> Blocks:
+    """The blocks of ``x xᵀ`` per example (``x: [n, T, c]``).
+
+    With ``L = levels(T)`` halvings, level ``l`` splits each of the ``2^l`` blocks of the level above into halves of
+    ``h_l = T / 2^(l+1)`` positions and keeps their cross products (one ``[n·2^l, h_l, h_l]`` GEMM on views), then
+    one GEMM gives the ``2^L`` diagonal blocks. An odd ``T`` (:func:`_tail`) gets two halves and a strip for the last
+    position (the halves are views with the example stride of ``T`` positions: one GEMM per block).
     """
     n, t, c = x.shape
+    if _tail(t):
+        h = (t - 1) // 2
+        a0, a1 = x[:, :h], x[:, h : 2 * h]
+        return Blocks((torch.bmm(a0, a1.transpose(1, 2)),),
+                      (torch.bmm(a0, a0.transpose(1, 2)), torch.bmm(a1, a1.transpose(1, 2))),
+                      torch.bmm(x[:, 2 * h :], x.transpose(1, 2)), 2 * h)
     depth = levels(t)
     if depth == 0:
-        return (torch.bmm(x, x.transpose(1, 2)),)
-    out = []
+        return Blocks((), (torch.bmm(x, x.transpose(1, 2)),), None, t)
+    off = []
     for level in range(depth):
         h = t >> (level + 1)
         halves = x.reshape(n << level, 2, h, c)
-        out.append(torch.bmm(halves[:, 0], halves[:, 1].transpose(1, 2)))
+        off.append(torch.bmm(halves[:, 0], halves[:, 1].transpose(1, 2)))
     blocks = x.reshape(n << depth, t >> depth, c)
-    out.append(torch.bmm(blocks, blocks.transpose(1, 2)))
-    return tuple(out)
+    return Blocks(tuple(off), (torch.bmm(blocks, blocks.transpose(1, 2)),), None, t)
 
 
-def contract(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], n: int) -> torch.Tensor:
+def contract(a: Blocks, b: Blocks, n: int) -> torch.Tensor:
     """``[n]`` sums ``Σ_{t,s} (x xᵀ)_{ts} (y yᵀ)_{ts}`` from the blocks of two factors (:func:`gram_blocks`)."""
-    if len(a) == 1:
-        return (a[0] * b[0]).sum((1, 2))
-    off = None
-    for pa, pb in zip(a[:-1], b[:-1], strict=True):
+    out = None
+    for pa, pb in zip(a.diag, b.diag, strict=True):
         part = (pa * pb).reshape(n, -1).sum(1)
-        off = part if off is None else off + part
-    return (a[-1] * b[-1]).reshape(n, -1).sum(1) + 2 * off
+        out = part if out is None else out + part
+    twice = None
+    for pa, pb in zip(a.off, b.off, strict=True):
+        part = (pa * pb).reshape(n, -1).sum(1)
+        twice = part if twice is None else twice + part
+    if a.strip is not None:  # the last positions against the first m (and their transposes), then among themselves
+        prod = a.strip * b.strip
+        part = prod[:, :, : a.m].sum((1, 2))
+        twice = part if twice is None else twice + part
+        out = out + prod[:, :, a.m :].sum((1, 2))
+    return out if twice is None else out + 2 * twice
 
 
 def sq_norms(u: torch.Tensor, v: torch.Tensor, cache: GramCache | None = None) -> torch.Tensor:
@@ -96,7 +137,7 @@ class GramCache:
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, Blocks]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -106,7 +147,7 @@ class GramCache:
         return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x._version, x.dtype,
                 x.device)
 
-    def blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def blocks(self, x: torch.Tensor) -> Blocks:
         """:func:`gram_blocks` of ``x``, computed once while it stays among the recent entries."""
         key = self.key(x)
         entry = self._entries.get(key)

@@ -22,7 +22,7 @@ def test_levels(t, depth):
     assert ghost.levels(t) == depth
 
 
-@pytest.mark.parametrize("t", [3, 64, 96, 128, 256, 512])
+@pytest.mark.parametrize("t", [3, 63, 64, 65, 66, 96, 128, 129, 256, 512])
 def test_blocked_ghost_norm_matches_float64(t):
     torch.manual_seed(t)
     n, rows, cols = 3, 7, 5
@@ -39,9 +39,11 @@ def test_blocked_ghost_norm_matches_float64(t):
 
 def test_blocks_count_the_computed_entries():
     """The cost model's fraction is what the blocks compute."""
-    for t in (64, 128, 256, 96):
+    for t in (64, 128, 256, 96, 65, 129, 63):
         x = torch.randn(2, t, 3)
-        entries = sum(b.numel() for b in ghost.gram_blocks(x)) / 2
+        blocks = ghost.gram_blocks(x)
+        pieces = [*blocks.off, *blocks.diag] + ([] if blocks.strip is None else [blocks.strip])
+        entries = sum(b.numel() for b in pieces) / 2
         assert entries == ghost.gram_fraction(t) * t * t
 
 
@@ -58,7 +60,7 @@ def test_cache_shares_blocks_of_the_same_tensor_only():
     x.mul_(2)  # in place: the version moves on, the old blocks are not reused
     again = cache.blocks(x)
     assert again is not first
-    assert torch.allclose(again[-1], 4 * first[-1])
+    assert torch.allclose(again.diag[0], 4 * first.diag[0])
     y = x.clone()  # equal values, another tensor: computed again
     assert cache.blocks(y) is not again
     cache.clear()
@@ -70,4 +72,4 @@ def test_cache_holds_its_tensors_so_keys_cannot_be_reused():
     for i in range(6):  # freed tensors' storage could be reused by the next one; the cache keeps them alive
         x = torch.full((2, 64, 4), float(i))
         blocks = cache.blocks(x)
-        assert torch.equal(blocks[-1], torch.bmm(x.reshape(4, 32, 4), x.reshape(4, 32, 4).transpose(1, 2)))
+        assert torch.equal(blocks.diag[0], torch.bmm(x.reshape(4, 32, 4), x.reshape(4, 32, 4).transpose(1, 2)))
