@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ import gradcoh.logger.sketch as sketch
 import torch
 from bench_overhead import default_batch, make_zoo_case
 from gradcoh.logger import GradientLogger
+from gradcoh.logger.costs import SKETCH_COSTS
 
 ROUTES = ("dense", "factored", "indexed")
 
@@ -190,6 +192,20 @@ def counts(args: argparse.Namespace) -> None:
                 tally["tensorsketch scattered adds"] += blocks * n * (t * cols if route == "indexed" else rows * cols)
     parts = "; ".join(f"{key} {value / 1e6:.3g} M" for key, value in tally.items())
     print(f"# {args.model}, batch {n}, k {k}: {parts}")
+    # The same counts weighed with the fixed SKETCH_COSTS: the sketch's modelled increment over the exact step. A
+    # CountSketch's factored forms are materialised by the mixed rule where that is cheaper with the sketch, which
+    # spares the ghost norm the exact step computes (T²·(rows + cols) multiply-adds per example, T > 1).
+    c = SKETCH_COSTS
+    saved = sum(n * t * t * (rows + cols) for (_, (rows, cols)), (kind, forms) in seen.items()
+                for route, t in forms if kind == "countsketch" and route == "factored" and t > 1)
+    ms = {"scatter": c.scatter * (tally["countsketch scattered adds"] + tally["tensorsketch scattered adds"]),
+          "materialise": c.gemm * tally["countsketch materialise multiply-adds"],
+          "ghost norms spared": -c.gemm * saved,
+          "FFT": c.fft * k * math.log2(k) * tally["tensorsketch FFTs (size k)"]}
+    total = sum(ms.values()) * 1e-6
+    line = ", ".join(f"{key} {value * 1e-6:+.1f}" for key, value in ms.items())
+    bound = f" = {total / args.plain_ms:.2f}× of a {args.plain_ms:.0f} ms plain step" if args.plain_ms else ""
+    print(f"# modelled increment (SKETCH_COSTS, ms per step): {line}; total {total:.1f}{bound}")
 
 
 def main() -> None:
@@ -203,6 +219,7 @@ def main() -> None:
     ap.add_argument("--check-choice", action="store_true", help="time both classes on every factored form")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--counts", action="store_true", help="operation counts of the first step's sketch")
+    ap.add_argument("--plain-ms", type=float, default=0.0, help="with --counts: a plain step (ms) to divide by")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
