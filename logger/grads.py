@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import ghost
 from .costs import ONE_CPU_CORE, KernelCosts, kernel_costs
 from .sketch import Form, Projection
 
@@ -111,8 +112,8 @@ class Dense:
         """The whole ``[n, rows, cols]`` tensor (concatenates the blocks)."""
         return self.blocks[0] if len(self.blocks) == 1 else torch.cat(self.blocks, dim=2)
 
-    def sq_norms(self) -> torch.Tensor:
-        """``[n]`` squared Frobenius norms."""
+    def sq_norms(self, grams: ghost.GramCache | None = None) -> torch.Tensor:
+        """``[n]`` squared Frobenius norms (``grams``: unused, as :meth:`Factored.sq_norms`)."""
         return added(torch.linalg.vector_norm(b.reshape(self.n, -1), dim=1).square() for b in self.blocks)
 
     def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
@@ -196,14 +197,20 @@ class Factored:
         out.index_add_(0, (self.rows_index + offset).reshape(-1), self.v.reshape(n * t, c))
         return Dense(out.view(n, self.n_rows, c))
 
-    def sq_norms(self) -> torch.Tensor:
-        """``[n]`` exact squared norms by the ghost-norm identity ``‖Σ_t u_t v_tᵀ‖² = ⟨U Uᵀ, V Vᵀ⟩``."""
+    def sq_norms(self, grams: ghost.GramCache | None = None) -> torch.Tensor:
+        """``[n]`` exact squared norms by the ghost-norm identity ``‖Σ_t u_t v_tᵀ‖² = ⟨U Uᵀ, V Vᵀ⟩``.
+
+        Args:
+            grams: The backward pass's Gram blocks, shared with other forms reading the same factors (None: none).
+        """
         factors, bias = self.split_bias()
         if bias is not None:
-            return factors.sq_norms() + bias.sq_norms()
+            return factors.sq_norms(grams) + bias.sq_norms()
         if self.positions == 1:
             vv = self.v.pow(2).sum((1, 2))
             return vv if self.u is None else self.u.pow(2).sum((1, 2)) * vv
+        if self.u is not None:  # symmetric blocks of both Grams (logger/ghost.py)
+            return ghost.sq_norms(self.u, self.v, grams)
         gv = torch.bmm(self.v, self.v.transpose(1, 2))  # [n, T, T]
         return (_gram_u(self, self) * gv).sum((1, 2))
 
@@ -323,7 +330,8 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     :func:`fits`. (Fused mode materialises whatever :func:`fits`, since it needs ``Σ_n G_n``; grouped convolutions
     have no factored route.)
 
-    Costs per example: factored = ghost norm ``T²·(rows + cols)``; materialised = one batched GEMM ``T·rows·cols``.
+    Costs per example: factored = ghost norm ``T²·(rows + cols)`` times the Gram blocks' fraction
+    (:func:`~gradcoh.logger.ghost.ghost_macs`); materialised = one batched GEMM ``T·rows·cols``.
     With a sketch, each route adds the projection's own cost of sketching that form
     (:meth:`~gradcoh.logger.sketch.Projection.route_cost`: a CountSketch materialises factors anyway, a
     TensorSketch mean sketches factors without forming them).
@@ -334,7 +342,7 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     if not fits(n, rows, cols, element_size):
         return False
     t, size = positions, rows * cols
-    factored = costs.gemm * (t * t * (rows + cols) if t > 1 else rows + cols)
+    factored = costs.gemm * ghost.ghost_macs(t, rows, cols)
     materialised = costs.gemm * ((t + 1) * size - saved)
     if projector is not None:
         factored += projector.route_cost(("factored", t), costs)

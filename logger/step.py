@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import reduction
+from .ghost import GramCache
 from .uses import UseTracker
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class StepState:
         reductions: Micro-batch -> ``(op, "mean" | "sum")``: the reduction observed (without ``rec.loss``).
         given: Micro-batches whose per-example losses were given attached to the graph (``rec.loss``).
         truth: The verifier's captured example gradient (:class:`~gradcoh.logger.verify.Truth`), or None.
+        grams: Gram blocks of the factors of the running backward pass, shared by the layers that read the same
+            tensor (cleared at its end).
     """
 
     n_groups: int
@@ -84,6 +87,7 @@ class StepState:
     check_reduction: bool = False
     reductions: dict[int, tuple[str, str]] = field(default_factory=dict)
     given: set[int] = field(default_factory=set)
+    grams: GramCache = field(default_factory=GramCache)
 
     def batch_size(self, n: int) -> int:
         """Register a forward with ``n`` examples in the current micro-batch; returns the micro-batch size."""
@@ -189,6 +193,7 @@ def end_of_backward(state: StepState | None) -> None:
         return
     for tracker in state.trackers:
         tracker.flush_calls()
+    state.grams.clear()
     state.callback_queued = False
     if not state.params_reached:  # gradients of inputs only: nothing of it reaches the parameters
         for tracker in state.trackers:

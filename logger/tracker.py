@@ -265,7 +265,7 @@ class LayerTracker:
                     f"layer '{self.name}' saw {fa.n} rows but the micro-batch has {n} examples; per-example "
                     "gradients need the batch on dimension 0 of every tracked layer's input"
                 )
-            sq.append(as_dtype(fa.sq_norms(), torch.float32))
+            sq.append(as_dtype(fa.sq_norms(self._state.grams), torch.float32))
             sq += [2 * as_dtype(inner(fa, fb), torch.float32) for fb in forms[a + 1 :]]
             if check:
                 guard.append(as_dtype(bilinear(fa, left, right), torch.float32))

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from gradcoh.logger import costs
+from gradcoh.logger import costs, ghost
 from gradcoh.logger.grads import materialise_is_cheaper
 from gradcoh.logger.ops import conv as conv_ops
 from tolerance import assert_close
@@ -44,12 +44,13 @@ def test_fastest_times_each_route_once_then_reuses_the_choice(monkeypatch):
     assert costs.Calibration().fastest("k", torch.device("cpu"), [slow, fast]) == "slow"  # the first route
 
 
-@pytest.mark.parametrize("positions", [2, 16, 64])
+@pytest.mark.parametrize("positions", [2, 16, 64, 128])
 def test_materialise_crossover_follows_the_cost_model(positions):
-    """Factored (ghost norm, T²(r+c)) against materialised ((T+1)·r·c): the choice flips where the costs cross."""
+    """Factored (ghost norm f·T²(r+c), f: the Gram blocks' share) against materialised ((T+1)·r·c): the crossover."""
     c = costs.ONE_CPU_CORE
     t, rows = positions, 64
-    crossover = t * t * rows / ((t + 1) * rows - t * t)  # cols where T²(r+c) = (T+1)·r·c
+    f = ghost.gram_fraction(t)
+    crossover = f * t * t * rows / ((t + 1) * rows - f * t * t)  # cols where f·T²(r+c) = (T+1)·r·c
     below, above = max(1, math.floor(crossover * 0.9)), math.ceil(crossover * 1.1) + 1
     if crossover <= 0:  # T² ≥ (T+1)·r: materialising always wins
         assert materialise_is_cheaper(4, t, rows, 8, 4, costs=c)
