@@ -34,6 +34,33 @@ def affine(xhat: torch.Tensor, delta: torch.Tensor, reduce_dims: tuple[int, ...]
     return Dense(*(g.reshape(n, g.shape[1] if g.dim() > 1 else 1, -1) for g in grads))
 
 
+def running_affine(x: torch.Tensor, delta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, *,
+                   weight: bool, bias: bool) -> Dense:
+    """:func:`affine` of a channel norm with running statistics (eval-mode BatchNorm), ``x̂`` never materialised.
+
+    Each (example, channel) pair is made a channel of one batch-norm backward (``[1, n·C, *spatial]``, the
+    statistics repeated per example): ATen's kernel returns ``Σ (x - mean)·δ · invstd`` and ``Σ δ`` per pair in one
+    fused pass, the same values as ``Σ x̂·δ`` to float32 rounding (``x - mean`` is formed before any sum, so no
+    cancellation), at a fraction of the cost of normalising, multiplying and summing.
+
+    Args:
+        x: The norm's input ``[n, C, ...]`` (batch on 0, channels on 1).
+        delta: The output gradient, same shape.
+        mean: The running mean ``[C]``.
+        var: The running variance ``[C]``.
+        eps: The op's ``eps``.
+        weight: The weight trains.
+        bias: The bias trains.
+    """
+    n, c = x.shape[:2]
+    flat = (1, n * c, *x.shape[2:])
+    _, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+        delta.reshape(flat), x.reshape(flat), None, mean.repeat(n), var.repeat(n), None, None, False, eps,
+        [False, weight, bias])
+    grads = ([g_w] if weight else []) + ([g_b] if bias else [])
+    return Dense(*(g.reshape(n, c, 1) for g in grads))
+
+
 def layer_norm(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
     """``x̂`` of ``F.layer_norm`` over the trailing ``shape``."""
     return F.layer_norm(x, shape, None, None, eps)

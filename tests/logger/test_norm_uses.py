@@ -1,0 +1,91 @@
+"""Normalisation layers seen as parameter uses (timm's ``BatchNormAct2d``): the fused running-statistics route.
+
+``usegrads._norm_use`` takes eval-mode ``F.batch_norm`` calls with enough positions per channel through
+``ops.norm.running_affine`` (one ATen batch-norm backward over (example, channel) pairs); every value is checked
+against the float64 per-example loop, with running statistics far from (0, 1) so that a mix-up of channels, examples
+or ``eps`` shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gradcoh.logger.ops import norm
+from oracle import per_example_grads_loop
+from test_exact import check_step, target_for
+from test_review import log_one
+from torch import nn
+
+timm_layers = pytest.importorskip("timm.layers")
+
+
+class _Rows(nn.Module):
+    """Each example's channels split into two rows of the norm's batch axis (``[B, 2C, ...] -> [2B, C, ...]``)."""
+
+    def __init__(self, norm_layer: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c2, h, w = x.shape
+        return self.norm(x.reshape(2 * b, c2 // 2, h, w)).reshape(b, c2, h, w)
+
+
+def _model(size: int, rows: bool, freeze: str | None) -> nn.Sequential:
+    torch.manual_seed(7 + size)
+    bn = timm_layers.BatchNormAct2d(3, act_layer=nn.Tanh, eps=1e-3)
+    with torch.no_grad():  # running statistics far from (0, 1), different per channel; affine parameters too
+        bn.running_mean.copy_(torch.tensor([2.5, -1.0, 0.3]))
+        bn.running_var.copy_(torch.tensor([0.2, 3.0, 1.7]))
+        bn.weight.copy_(torch.tensor([1.5, -0.7, 0.9]))
+        bn.bias.copy_(torch.tensor([0.1, 0.4, -0.6]))
+    if freeze:
+        getattr(bn, freeze).requires_grad_(False)
+    conv = nn.Conv2d(2, 6 if rows else 3, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.add_(1.0)  # inputs centred away from zero
+    body = _Rows(bn) if rows else bn
+    return nn.Sequential(conv, body, nn.Flatten(), nn.Linear((6 if rows else 3) * size * size, 2)).eval()
+
+
+@pytest.mark.parametrize(("size", "rows", "freeze", "fused"), [
+    (4, False, None, True),  # 16 positions: the fused route
+    (5, False, "weight", True),
+    (6, False, "bias", True),
+    (4, True, None, True),  # two rows of the norm's batch per example
+    (3, False, None, False),  # 9 positions: normalise and sum
+])
+def test_batchnormact_eval_against_loop(tmp_path, monkeypatch, size, rows, freeze, fused):
+    calls = []
+    real = norm.running_affine
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(norm, "running_affine", spy)
+    model = _model(size, rows, freeze)
+    x = torch.randn(5, 2, size, size)
+    y = target_for(model, x)
+    ds = log_one(model, x, y, tmp_path / "s.zarr", reduction="sum")
+    layer = next(entry for entry in ds.attrs["gradcoh_layers"] if entry["name"] in ("1", "1.norm"))
+    assert layer["rule"] == "uses"
+    assert bool(calls) == fused
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+
+
+def test_running_affine_matches_normalise_and_sum():
+    """The fused kernel against ``Σ x̂·δ`` in float64, per (example, channel), with rounding-sized differences."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 3, 7, generator=g) * 3 + 10
+    delta = torch.randn(4, 5, 3, 7, generator=g)
+    mean, var = torch.randn(5, generator=g) + 10, torch.rand(5, generator=g) * 8 + 0.1
+    got = norm.running_affine(x, delta, mean, var, 1e-4, weight=True, bias=True)
+    xhat = (x.double() - mean.double()[:, None, None]) / (var.double()[:, None, None] + 1e-4).sqrt()
+    want_w = (xhat * delta.double()).sum((2, 3))
+    want_b = delta.double().sum((2, 3))
+    torch.testing.assert_close(got.blocks[0].squeeze(-1).double(), want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.blocks[1].squeeze(-1).double(), want_b, rtol=1e-5, atol=1e-5)
+    only_bias = norm.running_affine(x, delta, mean, var, 1e-4, weight=False, bias=True)
+    assert len(only_bias.blocks) == 1
+    torch.testing.assert_close(only_bias.blocks[0].squeeze(-1).double(), want_b, rtol=1e-5, atol=1e-5)
