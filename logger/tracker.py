@@ -268,7 +268,8 @@ class LayerTracker:
             sq.append(as_dtype(fa.sq_norms(self._state.grams), torch.float32))
             sq += [2 * as_dtype(inner(fa, fb), torch.float32) for fb in forms[a + 1 :]]
             if check:
-                guard.append(as_dtype(bilinear(fa, left, right), torch.float32))
+                value = bilinear(fa, left, right)  # float64 parameters keep float64: the tolerance is theirs
+                guard.append(as_dtype(value, torch.promote_types(value.dtype, torch.float32)))
             if self.sketch_dim:
                 sketch.append(fa.sketch(self.projectors[i]))
 

@@ -206,3 +206,28 @@ def test_a_record_that_stores_nothing_leaves_the_schedule_as_it_was(tmp_path):
     checked = np.asarray(zarr.open_group(str(path), mode="r")[schema.STREAM_BATCH][schema.GUARD_CHECKED][:])
     assert checked.shape == (5, 5) and checked[0].all()
     assert (checked[1:5].sum(0) == 1).all()  # then each layer once in the next 4 stored steps
+
+
+@pytest.mark.parametrize("penalty", [0.0, 1e-9])
+def test_float64_models_are_checked_at_float64_precision(tmp_path, penalty):
+    """The guard's per-example values keep the parameters' float64 (its tolerance is float64's rounding).
+
+    Rounding them to float32 made every layer of an exact float64 model fail the check (a gap of 1e6–1e7 times the
+    tolerance); a penalty far below float32's resolution (λ = 1e-9) must still be flagged on its layer only.
+    """
+    torch.manual_seed(3)
+    model = Deep().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    records = []
+    with GradientLogger(model, tmp_path / "g.zarr", mode="overwrite", handle_sigterm=False, guard_every=1,
+                        on_mismatch="flag" if penalty else "raise") as glog:
+        glog._output.put = lambda stream, step, record: records.append(record)
+        for step in range(2):
+            with glog.record(step):
+                loss = ((model(x) - y) ** 2).sum(1).mean() + penalty * model.layers[2].weight.square().sum()
+                loss.backward()
+            model.zero_grad(set_to_none=True)
+        names = [t.name for t in glog.trackers]
+    flagged = [[not bool(v) for v in r.reconciled] for r in records]
+    expected = [name == "layers.2" and penalty > 0 for name in names]
+    assert flagged == [expected, expected]
