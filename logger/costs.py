@@ -3,14 +3,13 @@
 Two routes that give the same values (to rounding) can differ several-fold in time, and by how much depends on the
 device: a batched GEMM is cheap on a GPU and relatively dear on one CPU core, a scattered add the other way round.
 :func:`kernel_costs` times three small kernels at first use per ``(device, dtype)`` and gives nanoseconds per
-element; :func:`fastest` times whole alternatives at first use per shape (no route uses it today: the convolution
-weight-gradient routes are chosen from the shapes, :func:`~gradcoh.logger.ops.conv.per_example_weight_grad`). Both
-cache in one process-wide :class:`Calibration`; measuring on a GPU synchronises the device, once per entry.
+element, cached in one process-wide :class:`Calibration`; measuring on a GPU synchronises the device, once per
+entry. (The convolution weight-gradient routes are chosen from the shapes alone,
+:func:`~gradcoh.logger.ops.conv.per_example_weight_grad`.)
 
 Only choices whose results are equal to rounding use these measurements. Choices that change *what* is stored (the
 kind of a sketch projection) use fixed constants, so that every process and every restart of a run makes the same
-one. ``GRADCOH_CALIBRATE=0`` in the environment turns measuring off: the fixed one-CPU-core constants and the first
-candidate are used.
+one. ``GRADCOH_CALIBRATE=0`` in the environment turns measuring off: the fixed one-CPU-core constants are used.
 """
 
 from __future__ import annotations
@@ -18,16 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class KernelCosts:
@@ -66,29 +61,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], T], device: torch.device, repeats: int = 2) -> tuple[float, T]:
-    """Best time of ``repeats`` calls after one warm-up call, and the last call's result."""
-    out = fn()
+def _seconds(fn: Callable[[], object], device: torch.device, repeats: int = 2) -> float:
+    """Best time of ``repeats`` calls after one warm-up call."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        out = fn()
+        fn()
         _sync(device)
         best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    return _timed(fn, device)[0]
+    return best
 
 
 class Calibration:
-    """Measured kernel costs per ``(device, dtype)`` and the fastest of alternative routes per key."""
+    """Measured kernel costs per ``(device, dtype)``."""
 
     def __init__(self) -> None:
         self._costs: dict[tuple[str, torch.dtype], KernelCosts] = {}
-        self._fastest: dict[Hashable, int] = {}
 
     def kernel_costs(self, device: torch.device, dtype: torch.dtype) -> KernelCosts:
         """Per-element costs on ``device`` for ``dtype`` (measured at first use, a few milliseconds)."""
@@ -99,24 +89,6 @@ class Calibration:
             self._costs[key] = _measure(torch.device(device), dtype)
             log.info("kernel costs on %s (%s): %s", device, dtype, self._costs[key])
         return self._costs[key]
-
-    def fastest(self, key: Hashable, device: torch.device, candidates: Sequence[Callable[[], T]]) -> T:
-        """The result of the candidate that ran fastest for ``key`` (all are timed at its first use).
-
-        Args:
-            key: What identifies the situation (shapes, dtype, device): the choice is cached under it.
-            device: Where the candidates run (synchronised around timings on a GPU).
-            candidates: Callables computing the same result by different routes.
-        """
-        if key not in self._fastest:
-            if not _enabled() or len(candidates) == 1:
-                self._fastest[key] = 0
-            else:  # the measured runs' results are used: the first use costs no extra call
-                runs = [_timed(c, device, repeats=1) for c in candidates]
-                self._fastest[key] = min(range(len(runs)), key=lambda i: runs[i][0])
-                log.debug("fastest route for %s: %d (%s s)", key, self._fastest[key], [t for t, _ in runs])
-                return runs[self._fastest[key]][1]
-        return candidates[self._fastest[key]]()
 
 
 def _measure(device: torch.device, dtype: torch.dtype) -> KernelCosts:
@@ -141,8 +113,3 @@ CALIBRATION = Calibration()
 def kernel_costs(device: torch.device, dtype: torch.dtype) -> KernelCosts:
     """:meth:`Calibration.kernel_costs` of the process-wide :data:`CALIBRATION`."""
     return CALIBRATION.kernel_costs(device, dtype)
-
-
-def fastest(key: Hashable, device: torch.device, candidates: Sequence[Callable[[], T]]) -> T:
-    """:meth:`Calibration.fastest` of the process-wide :data:`CALIBRATION`."""
-    return CALIBRATION.fastest(key, device, candidates)

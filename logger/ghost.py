@@ -102,16 +102,19 @@ def gram_blocks(x: torch.Tensor) -> Blocks:
     return Blocks(tuple(off), (torch.bmm(blocks, blocks.transpose(1, 2)),), None, t)
 
 
-def contract(a: Blocks, b: Blocks, n: int) -> torch.Tensor:
-    """``[n]`` sums ``Σ_{t,s} (x xᵀ)_{ts} (y yᵀ)_{ts}`` from the blocks of two factors (:func:`gram_blocks`)."""
+def _products(xs: tuple[torch.Tensor, ...], ys: tuple[torch.Tensor, ...], n: int) -> torch.Tensor | None:
+    """``[n]`` sums of the elementwise products of paired blocks (None without blocks)."""
     out = None
-    for pa, pb in zip(a.diag, b.diag, strict=True):
+    for pa, pb in zip(xs, ys, strict=True):
         part = (pa * pb).reshape(n, -1).sum(1)
         out = part if out is None else out + part
-    twice = None
-    for pa, pb in zip(a.off, b.off, strict=True):
-        part = (pa * pb).reshape(n, -1).sum(1)
-        twice = part if twice is None else twice + part
+    return out
+
+
+def contract(a: Blocks, b: Blocks, n: int) -> torch.Tensor:
+    """``[n]`` sums ``Σ_{t,s} (x xᵀ)_{ts} (y yᵀ)_{ts}`` from the blocks of two factors (:func:`gram_blocks`)."""
+    out = _products(a.diag, b.diag, n)
+    twice = _products(a.off, b.off, n)
     if a.strip is not None:  # the last positions against the first m (and their transposes), then among themselves
         prod = a.strip * b.strip
         part = prod[:, :, : a.m].sum((1, 2))

@@ -42,7 +42,6 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, delta: torch.Tensor) 
     return Factored(per_position, a, bias=has_bias)
 
 
-
 def _explicit_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Apply non-zero padding modes and 'same' explicitly; return the input and the remaining zero padding."""
     nd = x.dim() - 2
@@ -69,10 +68,7 @@ def unfold(x: torch.Tensor, kernel: tuple, dilation: tuple, padding: tuple, stri
         return _strided(x, stride).reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
     if nd == 2:
         return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
-    pads: list[int] = []
-    for p in reversed(padding):
-        pads += [p, p]
-    x = F.pad(x, pads)
+    x = _zero_pad(x, padding)
     for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride, strict=True)):
         x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]  # appends a window axis
     n = x.shape[0]
@@ -119,10 +115,7 @@ def correlation_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, de
     """
     n, g, nd = x.shape[0], module.groups, x.dim() - 2
     if any(p >= s * (size - 1) + 1 for p, s, size in zip(padding, module.stride, delta.shape[2:], strict=True)):
-        pads: list[int] = []
-        for p in reversed(padding):
-            pads += [p, p]
-        x, padding = F.pad(x, pads), (0,) * nd
+        x, padding = _zero_pad(x, padding), (0,) * nd
     cg, spatial = x.shape[1] // g, x.shape[2:]
     inp = x.reshape(1, n * g, *spatial) if cg == 1 else x.reshape(n * g, cg, *spatial).transpose(0, 1)
     kernel = delta.reshape(delta.shape[0] * delta.shape[1], 1, *delta.shape[2:])
@@ -130,6 +123,14 @@ def correlation_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, de
                     dilation=tuple(module.stride), groups=n * g)  # [C_in/g, n·C_out, ≥k per axis]
     out = out[(slice(None), slice(None), *(slice(0, k) for k in module.kernel_size))]
     return out.reshape(cg, n, module.out_channels, -1).permute(1, 2, 0, 3).reshape(n, module.out_channels, -1)
+
+
+def _zero_pad(x: torch.Tensor, padding: tuple) -> torch.Tensor:
+    """``x`` zero-padded by ``padding[i]`` on both sides of spatial axis ``i``."""
+    pads: list[int] = []
+    for p in reversed(padding):
+        pads += [p, p]
+    return F.pad(x, pads)
 
 
 def _strided(x: torch.Tensor, stride: tuple) -> torch.Tensor:
