@@ -87,13 +87,13 @@ def test_fused_falls_back_for_a_module_called_twice(tmp_path):
                  what="shared")  # the module runs twice: its chain counts twice
 
 
-def test_fused_off_by_default_and_unlogged_steps_untouched(tmp_path):
+def test_fused_auto_by_default_and_unlogged_steps_untouched(tmp_path):
     torch.manual_seed(2)
     model = nn.Linear(3, 2)
     plain = copy.deepcopy(model)
     x, y = torch.randn(4, 5, 3), torch.randn(4, 5, 2)  # 5 positions: a fused call on logged steps
     sq_loss(plain(x), y).mean().backward()
-    assert not GradientLogger(model, tmp_path / "d.zarr", enabled=False).config.fused
+    assert GradientLogger(model, tmp_path / "d.zarr", enabled=False).config.fused == "auto"
     with GradientLogger(model, tmp_path / "s.zarr", every=2, fused=True) as glog:
         assert glog._recorder.fused == {id(model.weight)}
         with glog.record(1):  # not logged: plain autograd, bitwise

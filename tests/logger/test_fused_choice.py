@@ -41,17 +41,17 @@ def test_a_convolution_is_judged_by_its_output_positions(x_shape, conv):
     func = {2: F.conv2d, 1: F.conv1d}[x.dim() - 2]
     args = conv_arguments(func, (x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups), {})
     want = fused_is_cheaper(n, positions, conv.weight.shape[0], conv.weight[0].numel() + 1, 4)
-    assert call_is_fused(n, x, conv.weight, conv.bias, args) is want
+    assert call_is_fused(n, x, conv.weight, conv.bias, args, level=True) is want
 
 
 def test_grouped_convolutions_and_linears_by_positions():
     w = torch.randn(8, 1, 3, 3)
     x = torch.randn(2, 8, 6, 6)
     args = conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 8), {})
-    assert call_is_fused(2, x, w, None, args)  # depthwise: materialised anyway
+    assert call_is_fused(2, x, w, None, args, level=True)  # depthwise: materialised anyway
     lin = torch.randn(256, 256)
-    assert not call_is_fused(8, torch.randn(8, 256), lin, None)
-    assert call_is_fused(8, torch.randn(8, 128, 256), lin, None)
+    assert not call_is_fused(8, torch.randn(8, 256), lin, None, level=True)
+    assert call_is_fused(8, torch.randn(8, 128, 256), lin, None, level=True)
 
 
 def test_one_position_layers_keep_autograds_op_bitwise(tmp_path):
@@ -164,7 +164,7 @@ def test_autocast_convolution_keeps_autograds_op(tmp_path, monkeypatch):
     seen = _count_fused_calls(monkeypatch)
     with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
         assert call_is_fused(6, x, model[0].weight, model[0].bias, conv_arguments(
-            F.conv2d, (x, model[0].weight, model[0].bias, 1, 1, 1, 1), {}))  # fused without autocast
+            F.conv2d, (x, model[0].weight, model[0].bias, 1, 1, 1, 1), {}), level=True)  # fused without autocast
         with glog.record(0):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x)
