@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.fused import call_is_fused, conv_arguments, fused_is_cheaper
+from gradcoh.logger.grads import Dense, Factored
 from oracle import assert_stats, open_logged, per_example_grads_loop
 from test_exact import sq_loss
 from tolerance import chain_length
@@ -173,3 +174,67 @@ def test_autocast_convolution_keeps_autograds_op(tmp_path, monkeypatch):
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
     assert bool(open_logged(tmp_path / "s.zarr").finite.values.all())
+
+
+def _linear_stack():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 160), nn.Tanh(), nn.Linear(160, 160), nn.Tanh(),
+                         nn.Linear(160, 3))
+
+
+@pytest.mark.parametrize("sketch_dim", [0, 16, 64])
+def test_auto_fuses_exactly_what_the_unfused_route_materialises(sketch_dim, tmp_path, monkeypatch):
+    """Level "auto" (the default): the calls fused at the forward are exactly those whose per-example weight
+    gradients the unfused step materialises (the rule's Dense or choose_route's choice with the weight's sketch
+    projection), with the kernel costs both weigh fixed to SKETCH_COSTS and the fixed-cost threshold at 0; every
+    fused slot is filled; the projection kinds are those of an unfused run; .grad equals the plain step's to the
+    rounding of the fused sums, every other .grad bitwise; statistics exact against the float64 loop."""
+    from fused_grads import assert_training_grads, weight_grad_terms
+    from gradcoh.logger import grads as grads_module
+    from gradcoh.logger import tracker as tracker_module
+    from gradcoh.logger.costs import SKETCH_COSTS
+
+    monkeypatch.setattr("gradcoh.logger.fused.FUSED_CALL_NS", 0.0)
+    monkeypatch.setattr(grads_module, "kernel_costs", lambda device, dtype: SKETCH_COSTS)
+    x, y = torch.randn(5, 40, 6), torch.randn(5, 40, 3)
+    real_route, real_fill = grads_module.choose_route, tracker_module.fill_slot
+    runs = {}
+    for level in (False, "auto"):
+        model = _linear_stack()
+        materialised, filled = set(), []
+
+        def route(grad, projector, materialised=materialised):
+            out = real_route(grad, projector)
+            if isinstance(out, Dense) and isinstance(grad, Factored) and grad.u is not None:
+                materialised.add((grad.n_rows, grad.n_cols))
+            return out
+
+        def fill(grad, slot, projector=None, filled=filled):
+            out = real_fill(grad, slot, projector)
+            filled.append(slot.weight_grad is not None)
+            return out
+
+        monkeypatch.setattr(tracker_module, "choose_route", route)
+        monkeypatch.setattr(tracker_module, "fill_slot", fill)
+        with GradientLogger(model, tmp_path / f"{level}.zarr", fused=level, sketch_dim=sketch_dim) as glog:
+            with glog.record(0):
+                sq_loss(model(x), y).mean().backward()
+            kinds = {n: p.kind for t in glog.trackers for n, p in zip(t.plan.param_names, t.projectors,
+                                                                      strict=True) if p is not None}
+        runs[level] = (model, materialised, filled, kinds)
+    unfused_materialised = runs[False][1]
+    model, left, filled, kinds = runs["auto"]
+    assert len(filled) == len(unfused_materialised) and all(filled)  # fused exactly those, every slot filled
+    assert not left  # (the fused ones reach the route materialised already: none left to materialise)
+    assert kinds == runs[False][3]
+    plain = _linear_stack()
+    terms = weight_grad_terms(plain, lambda: sq_loss(plain(x), y).mean().backward())
+    fused_ids = {id(m.weight) for m in model if isinstance(m, nn.Linear)
+                 and (m.out_features, m.in_features) in unfused_materialised}
+    assert_training_grads(model, plain, fused_ids, terms, "auto")
+    assert_training_grads(runs[False][0], plain, set(), terms, "off")  # fused=False: every .grad bitwise
+    if sketch_dim == 0:
+        assert (12, 6) in unfused_materialised and (160, 160) not in unfused_materialised  # ghost norm 8× cheaper
+    ds = open_logged(tmp_path / "auto.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=40),
+                 what="auto")
