@@ -1,24 +1,35 @@
-"""Fused mode: a Linear or convolution layer's batch weight gradient summed from its per-example ones.
+"""Fused mode: a Linear, convolution or ``Conv1D`` layer's batch weight gradient summed from its per-example ones.
 
 Exact per-example statistics of a Linear layer with T positions per example cost either the ghost norm,
 ``n·T²·(rows + cols)`` multiply-adds, or the per-example gradients themselves, ``n·T·rows·cols`` — as much as the
-weight gradient autograd computes anyway. In fused mode the logged forward runs eligible ``nn.Linear`` and
-convolution calls (``nn.Conv1d/2d/3d`` with numeric padding) through :class:`FusedLinear` / :class:`FusedConv`,
-whose backward takes the weight gradient from the layer's materialised per-example gradients (``Σ_n G_n``,
-``rows·cols`` adds per example) instead of computing the GEMM a second time; the per-example gradients are formed by
-the tracker while it processes the layer, which happens in the output's gradient hook, before this backward runs.
-A call's slot is filled where the per-example gradients are materialised anyway (grouped convolutions, the routes
-that materialise), and factored ones are materialised for it where the cost model says that is cheaper once the
-GEMM it spares is counted (:func:`fused_is_cheaper`, fixed constants: the same choice on every machine). Whenever
-they are not there (a module called twice, a weight also used elsewhere, a gradient too large to materialise, the
-factored route cheaper), the backward computes the GEMM as autograd would. Calls under autocast (the Function would
+weight gradient autograd computes anyway. In fused mode the logged forward runs chosen ``nn.Linear``, convolution
+(``nn.Conv1d/2d/3d`` with numeric padding) and Hugging Face ``Conv1D`` (``torch.addmm(bias, x, weight)``) calls
+through :class:`FusedLinear` / :class:`FusedConv` / :class:`FusedAddmm`, whose backward takes the weight gradient
+from the layer's materialised per-example gradients (``Σ_n G_n``, ``rows·cols`` adds per example) instead of
+computing the GEMM a second time; the per-example gradients are formed by the tracker while it processes the layer,
+which happens in the output's gradient hook, before this backward runs.
+
+Which calls (:func:`call_is_fused`, decided at the forward from the shapes with fixed constants: the same calls on
+every machine; :func:`fill_slot` fills the slot of each of them in the backward):
+
+- ``"auto"`` (the default): the calls whose per-example gradients the step materialises anyway — the rule's own
+  materialised form (grouped convolutions, many-position convolutions) or the route chosen for the weight's sketch
+  projection (a CountSketch of a transformer Linear) — where the spared GEMM pays the Function's fixed Python cost
+  (:data:`~gradcoh.logger.costs.FUSED_CALL_NS`). It only removes work: nothing is materialised to fill a slot.
+- True: also factored gradients materialised where the cost model says that is cheaper once the GEMM it spares is
+  counted (:func:`fused_is_cheaper`); in whole steps that lost on the transformers' exact statistics.
+- False: never (every ``.grad`` bitwise).
+
+Whenever the gradients are not there (a module called twice, a weight also used elsewhere, a gradient too large to
+materialise), the backward computes the GEMM as autograd would. Calls under autocast (the Function would
 save float32 inputs and meet a low-precision output gradient) or under saved-tensor hooks (non-reentrant activation
 checkpointing recomputes the forward outside the record and must save what it saved) keep autograd's op. A fused
 weight's ``.grad`` equals the unfused path's to rounding (a sum of per-example products instead of one GEMM), not
 bitwise; gradients still reach ``.grad`` through autograd, so parameter hooks and DDP see them as usual. The
-reconciliation guard cannot see a wrong per-example sum on a fused weight (it is that weight's ``.grad``), only
-gradients from outside it. Second derivatives through a fused call (``create_graph=True``) raise instead of being
-wrong.
+reconciliation guard cannot see a wrong per-example gradient of a fused weight (their sum is that weight's
+``.grad``), only a wrong sum and gradients from outside it; the verifier (``verify_every``) compares one example with
+an independent autograd gradient, and the tests compare with float64 per-example oracles. Second derivatives
+through a fused call (``create_graph=True``) raise instead of being wrong.
 """
 
 from __future__ import annotations

@@ -191,9 +191,11 @@ def test_the_fused_grad_comparison_fails_a_mutation(tmp_path):
         assert_training_grads(model, plain, fused, terms)
 
 
-def test_the_guard_catches_a_fused_grad_that_is_not_the_per_example_sum(tmp_path, monkeypatch):
-    """A fused weight gradient scaled by 1 + 1e-3 on a zoo model: the reconciliation guard raises (it compares the
-    per-example sums with the .grad the fused backward produced)."""
+@pytest.mark.parametrize(("name", "level"), [("timm-resnet", True), ("hf-gpt2", "auto")])
+def test_the_guard_catches_a_fused_grad_that_is_not_the_per_example_sum(name, level, tmp_path, monkeypatch):
+    """A fused weight gradient scaled by 1 + 1e-3 on a zoo model (GPT-2: its Conv1D calls at level "auto", the fixed
+    call cost set to 0 at this small batch): the reconciliation guard raises (it compares the per-example sums with
+    the .grad the fused backward produced)."""
     from gradcoh.logger import tracker as tracker_module
     from test_zoo import check_zoo_case
 
@@ -206,5 +208,6 @@ def test_the_guard_catches_a_fused_grad_that_is_not_the_per_example_sum(tmp_path
         return out
 
     monkeypatch.setattr(tracker_module, "fill_slot", scaled)
+    monkeypatch.setattr("gradcoh.logger.fused.FUSED_CALL_NS", 0.0)
     with pytest.raises(RuntimeError, match="do not sum to the batch gradient"):
-        check_zoo_case("timm-resnet", tmp_path, fused=True)
+        check_zoo_case(name, tmp_path, fused=level)

@@ -238,3 +238,18 @@ def test_auto_fuses_exactly_what_the_unfused_route_materialises(sketch_dim, tmp_
     ds = open_logged(tmp_path / "auto.zarr")
     assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=40),
                  what="auto")
+
+
+def test_auto_skips_calls_whose_gemm_does_not_pay_the_fused_call():
+    """A depthwise convolution is materialised anyway; "auto" fuses it only where the GEMM it spares,
+    n·T·rows·cols multiply-adds at SKETCH_COSTS.gemm, reaches FUSED_CALL_NS (True fuses it regardless)."""
+    from gradcoh.logger.costs import FUSED_CALL_NS, SKETCH_COSTS
+
+    w = torch.randn(64, 1, 3, 3)
+    small, big = torch.randn(2, 64, 8, 8), torch.randn(32, 64, 32, 32)  # 74 k and 19 M multiply-adds
+    assert 2 * 64 * 64 * 9 * SKETCH_COSTS.gemm < FUSED_CALL_NS <= 32 * 1024 * 64 * 9 * SKETCH_COSTS.gemm
+    for x, want in ((small, False), (big, True)):
+        args = conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 64), {})
+        assert call_is_fused(x.shape[0], x, w, None, args) is want
+        assert call_is_fused(x.shape[0], x, w, None, args, level=True)
+        assert not call_is_fused(x.shape[0], x, w, None, args, level=False)
