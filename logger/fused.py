@@ -43,7 +43,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .arguments import bind
-from .costs import FUSED_CALL_NS, SKETCH_COSTS, KernelCosts
+from .costs import FUSED_CALL_NS, FUSED_SUM_NS, SKETCH_COSTS, KernelCosts
 from .grads import Composite, Dense, Factored, LayerGrad, fits, materialise_is_cheaper, natural_view
 from .layers import conv_rule, linear_rule, transposed_linear_rule
 from .plan import LayerPlan
@@ -305,12 +305,15 @@ def materialised_anyway(n: int, positions: int, rows: int, cols: int, element_si
 
 
 def spares_enough(n: int, positions: int, rows: int, cols: int) -> bool:
-    """Whether the weight-gradient GEMM a fused call spares pays the fused Function's fixed cost.
+    """Whether the weight-gradient GEMM a fused call spares pays for the fused call.
 
-    The GEMM: ``n·T·rows·cols`` multiply-adds at ``SKETCH_COSTS.gemm``; the cost:
-    :data:`~gradcoh.logger.costs.FUSED_CALL_NS`.
+    The GEMM: ``n·T·rows·cols`` multiply-adds at ``SKETCH_COSTS.gemm``; the call: the Function's fixed cost
+    :data:`~gradcoh.logger.costs.FUSED_CALL_NS` and the slot's sum over the examples, ``n·rows·cols`` elements at
+    :data:`~gradcoh.logger.costs.FUSED_SUM_NS` (memory-bound: a call with few positions, e.g. ConvNeXt's and
+    ResNet-18's last stages at T = 4–16, spares less than its sum costs).
     """
-    return SKETCH_COSTS.gemm * n * positions * rows * cols >= FUSED_CALL_NS
+    size = n * rows * cols
+    return SKETCH_COSTS.gemm * size * positions >= FUSED_CALL_NS + FUSED_SUM_NS * size
 
 
 def saved_tensors_hooked() -> bool:

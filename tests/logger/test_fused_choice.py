@@ -194,7 +194,7 @@ def test_auto_fuses_exactly_what_the_unfused_route_materialises(sketch_dim, tmp_
     from gradcoh.logger import tracker as tracker_module
     from gradcoh.logger.costs import SKETCH_COSTS
 
-    monkeypatch.setattr("gradcoh.logger.fused.FUSED_CALL_NS", 0.0)
+    monkeypatch.setattr("gradcoh.logger.fused.spares_enough", lambda *shape: True)
     monkeypatch.setattr(grads_module, "kernel_costs", lambda device, dtype: SKETCH_COSTS)
     x, y = torch.randn(5, 40, 6), torch.randn(5, 40, 3)
     real_route, real_fill = grads_module.choose_route, tracker_module.fill_slot
@@ -241,15 +241,32 @@ def test_auto_fuses_exactly_what_the_unfused_route_materialises(sketch_dim, tmp_
 
 
 def test_auto_skips_calls_whose_gemm_does_not_pay_the_fused_call():
-    """A depthwise convolution is materialised anyway; "auto" fuses it only where the GEMM it spares,
-    n·T·rows·cols multiply-adds at SKETCH_COSTS.gemm, reaches FUSED_CALL_NS (True fuses it regardless)."""
-    from gradcoh.logger.costs import FUSED_CALL_NS, SKETCH_COSTS
+    """"auto" fuses a call materialised anyway only where the GEMM it spares, n·T·rows·cols multiply-adds at
+    SKETCH_COSTS.gemm, reaches FUSED_CALL_NS plus the slot's sum, n·rows·cols elements at FUSED_SUM_NS (True and
+    False ignore it): a small depthwise convolution is refused by the fixed cost, a large one fused; a Linear whose
+    CountSketch materialises it is refused at T = 4 (the sum costs more than the GEMM) and fused at T = 64."""
+    from gradcoh.logger.costs import FUSED_CALL_NS, FUSED_SUM_NS, SKETCH_COSTS
+
+    def pays(n, t, rows, cols):
+        return SKETCH_COSTS.gemm * n * t * rows * cols >= FUSED_CALL_NS + FUSED_SUM_NS * n * rows * cols
 
     w = torch.randn(64, 1, 3, 3)
-    small, big = torch.randn(2, 64, 8, 8), torch.randn(32, 64, 32, 32)  # 74 k and 19 M multiply-adds
-    assert 2 * 64 * 64 * 9 * SKETCH_COSTS.gemm < FUSED_CALL_NS <= 32 * 1024 * 64 * 9 * SKETCH_COSTS.gemm
+    small, big = torch.randn(2, 64, 8, 8), torch.randn(32, 64, 32, 32)
+    assert not pays(2, 64, 64, 9) and pays(32, 1024, 64, 9)
     for x, want in ((small, False), (big, True)):
         args = conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 64), {})
         assert call_is_fused(x.shape[0], x, w, None, args) is want
         assert call_is_fused(x.shape[0], x, w, None, args, level=True)
         assert not call_is_fused(x.shape[0], x, w, None, args, level=False)
+    lin, bias = torch.randn(1280, 320), torch.randn(1280)
+    seen = []
+
+    def countsketch(weight, form):
+        seen.append(form)
+        return "countsketch", 256
+
+    assert not pays(32, 4, 1280, 321) and pays(32, 64, 1280, 321)
+    assert not call_is_fused(32, torch.randn(32, 4, 320), lin, bias, sketch=countsketch)
+    assert call_is_fused(32, torch.randn(32, 64, 320), lin, bias, sketch=countsketch)
+    assert seen == [("factored", 64)]  # the sketch's kind asked for with the rule's form (after the cost check)
+    assert not call_is_fused(32, torch.randn(32, 64, 320), lin, bias)  # exact: the ghost norm, not materialised
