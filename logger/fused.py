@@ -360,7 +360,12 @@ def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     - ``"auto"``: exactly the calls whose per-example weight gradients the unfused step materialises anyway
       (:func:`materialised_anyway`, with the weight's sketch projection: ``sketch(id(weight), form)`` gives its
       kind — chosen at the first step from the rule's form, so predicted here from the same form), and only where
-      the spared GEMM pays the Function (:func:`spares_enough`). Only removes work.
+      the spared GEMM pays the Function (:func:`spares_enough`). Only removes work. A convolution whose input needs
+      a gradient is not fused: ``convolution_backward`` forms the weight gradient in the pass that forms the
+      input's, at no measurable extra time (one CPU core, oneDNN, interleaved medians of 25: 3×3 64→64 at 16×16,
+      all 14.9 ms / input and bias only 14.2; 1×1 40→160 5.05 / 5.35; depthwise 7×7 19.8 / 19.4; weight alone
+      2.5–18 ms), so fusing it would add the slot's sum and the Function's cost and spare nothing; a first
+      convolution (its input an image) is fused, its whole weight-gradient kernel spared.
     - True: also where materialising costs less once the spared GEMM is counted (:func:`fused_is_cheaper`, without
       the sketch; :func:`fill_slot` then decides with it). Grouped convolutions are always fused.
     - False: never.
@@ -371,6 +376,8 @@ def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if level is True:
         return (conv is not None and conv[6] > 1) or fused_is_cheaper(n, positions, rows, cols,
                                                                        weight.element_size())
+    if conv is not None and x.requires_grad:
+        return False  # the convolution backward forms the weight gradient with the input's: nothing to spare
     if not spares_enough(n, positions, rows, cols):
         return False
     form = ("dense", 1) if dense else ("factored", positions)

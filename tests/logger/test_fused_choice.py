@@ -258,6 +258,8 @@ def test_auto_skips_calls_whose_gemm_does_not_pay_the_fused_call():
         assert call_is_fused(x.shape[0], x, w, None, args) is want
         assert call_is_fused(x.shape[0], x, w, None, args, level=True)
         assert not call_is_fused(x.shape[0], x, w, None, args, level=False)
+    x = big.requires_grad_()  # its backward forms the weight gradient with the input's: nothing to spare
+    assert not call_is_fused(32, x, w, None, conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 64), {}))
     lin, bias = torch.randn(1280, 320), torch.randn(1280)
     seen = []
 
