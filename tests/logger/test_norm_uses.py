@@ -110,9 +110,9 @@ def _ln_model(kind: str, freeze: str | None) -> tuple[nn.Module, tuple[int, ...]
         ln = timm_layers.LayerNorm2d(d, eps=1e-3)
         body: nn.Module = nn.Sequential(nn.Conv2d(2, d, 3, padding=1), ln, nn.Flatten(), nn.Linear(d * 16, 2))
         shape: tuple[int, ...] = (2, 4, 4)
-    else:
-        ln = timm_layers.LayerNorm(d, eps=1e-3)
-        inner = _SeqFirst(ln) if kind == "seq_first" else ln
+    else:  # timm's LayerNorm calls F.layer_norm itself (a use); nn.LayerNorm has a module rule
+        ln = nn.LayerNorm(d, eps=1e-3) if kind.startswith("nn_") else timm_layers.LayerNorm(d, eps=1e-3)
+        inner = _SeqFirst(ln) if kind.endswith("seq_first") else ln
         body = nn.Sequential(nn.Linear(4, d), inner, nn.Flatten(), nn.Linear(3 * d, 2))
         shape = (3, 4)
     with torch.no_grad():  # affine parameters far from (1, 0), inputs off-centre: a mix-up of x̂ and x shows
@@ -125,10 +125,12 @@ def _ln_model(kind: str, freeze: str | None) -> tuple[nn.Module, tuple[int, ...]
 
 
 @pytest.mark.parametrize(("kind", "freeze"), [("layernorm", None), ("seq_first", None), ("layernorm2d", None),
-                                              ("layernorm", "weight"), ("layernorm", "bias")])
-def test_layer_norm_use_from_forward_stats_against_loop(tmp_path, monkeypatch, kind, freeze):
-    """timm's ``LayerNorm``/``LayerNorm2d`` (``F.layer_norm`` uses): ``x̂`` from the mean and ``1/σ`` the forward kernel
-    saved (:func:`norm.layer_norm_affine`), never a second normalisation, exact against the float64 loop."""
+                                              ("layernorm", "weight"), ("layernorm", "bias"), ("nn_layernorm", None),
+                                              ("nn_seq_first", None), ("nn_layernorm", "weight")])
+def test_layer_norm_from_forward_stats_against_loop(tmp_path, monkeypatch, kind, freeze):
+    """timm's ``LayerNorm``/``LayerNorm2d`` (``F.layer_norm`` uses) and ``nn.LayerNorm`` (its module rule): ``x̂`` from
+    the mean and ``1/σ`` the forward kernel saved (:func:`norm.layer_norm_affine`), never a second normalisation,
+    exact against the float64 loop."""
     calls, recomputed = [], []
     real, real_ln = norm.layer_norm_affine, norm.layer_norm
     monkeypatch.setattr(norm, "layer_norm_affine", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
@@ -138,7 +140,7 @@ def test_layer_norm_use_from_forward_stats_against_loop(tmp_path, monkeypatch, k
     y = target_for(model, x)
     ds = log_one(model, x, y, tmp_path / "s.zarr", reduction="sum")
     layer = next(entry for entry in ds.attrs["gradcoh_layers"] if entry["name"] in ("1", "1.norm"))
-    assert layer["rule"] == "uses"
+    assert (layer["rule"] == "uses") != kind.startswith("nn_")
     assert calls and not recomputed
     check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
 
