@@ -187,6 +187,10 @@ class LayerTracker:
         failure on this model, reported with the module, the rule and the ways around it.
         """
         try:
+            if call.stats is not None:  # what the forward kernel saved, batch axis first like the arguments
+                stats = tuple(s.movedim(call.axis, 0) if call.axis and isinstance(s, torch.Tensor) else s
+                              for s in call.stats)
+                return source.rule(source.module, *_upcast(call.batch_first()), stats=stats)
             return source.rule(source.module, *_upcast(call.batch_first()))
         except ValueError:
             raise
@@ -253,7 +257,7 @@ class LayerTracker:
         device = self.params[0].device
         sq, guard, sketch = added(sq), added(guard), added(sketch)
         sq = torch.zeros(n, device=device) if sq is None else sq
-        guard = torch.zeros(n, device=device) if guard is None else guard
+        guard = torch.zeros(n, device=device) if guard is None and check else guard  # (unchecked: not stored)
         if self.sketch_dim and sketch is None:
             sketch = torch.zeros(n, self.sketch_dim, device=device)
         stats = MicroStats(
