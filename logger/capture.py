@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from .arguments import map_tensors, tensors
-from .fused import Slot
+from .fused import Slot, saved_tensors_hooked
 from .layout import Row
 from .plan import LayerPlan, Source
 from .uses import Use
@@ -40,6 +40,8 @@ class Call:
         axis: The batch axis of the call's inputs and outputs (moved to the front for a position-wise rule).
         grads: The output gradients (None for outputs that received none), once arrived.
         slot: Fused mode: where the batch weight gradient goes.
+        stats: What the forward kernel saved that the rule reads instead of recomputing it (``nn.LayerNorm``'s
+            ``(input position, mean, rstd)``, :func:`.ops.norm.forward_stats`), or None.
     """
 
     source: Source
@@ -50,6 +52,7 @@ class Call:
     axis: int = 0
     grads: tuple | None = None
     slot: Slot | None = None
+    stats: tuple | None = None
 
     def batch_first(self) -> tuple[tuple, dict, tuple]:
         """``(args, kwargs, grads)`` with the batch axis moved to the front (position-wise rules only)."""
@@ -143,6 +146,9 @@ class LayerCapture:
         detached = map_tensors(args, kwargs, torch.Tensor.detach)
         slot = uses.slots.get(output) if isinstance(output, torch.Tensor) else None
         call = Call(source, detached[0], detached[1], [(a, a._version) for a in leaves], r, axis, slot=slot)
+        saver = getattr(source.rule, "forward_stats", None)
+        if saver is not None and len(outs) == 1 and not saved_tensors_hooked():  # (unpacking would run the hooks)
+            call.stats = saver(outs[0], leaves)
         self._calls.append(call)
         if len(outs) == 1:
             with uses.paused():  # reading ._base is not an op of the model

@@ -123,11 +123,27 @@ def _affine(module: nn.Module, xhat: torch.Tensor, go: torch.Tensor, reduce_dims
     return norm.affine(xhat, go, reduce_dims, weight=_trains(module.weight), bias=_trains(bias))
 
 
-def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
-    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example)."""
+def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_outputs: tuple,
+                    stats: tuple | None = None) -> Dense:
+    """``nn.LayerNorm`` over its normalised trailing dimensions (exact per example).
+
+    ``stats``: ``(position of the input among the call's tensors, mean, rstd)`` that the forward's kernel saved
+    (:func:`.ops.norm.forward_stats`, read by the capture): ``x̂`` from them instead of normalising again.
+    """
     x = args[0]
+    k = len(module.normalized_shape)
+    reduce_dims = tuple(range(1, x.dim() - k))
+    go = grad_outputs[0]
+    if stats is not None and stats[0] == 0 and tuple(stats[1].shape) == (*x.shape[:-k], *(1,) * k) and \
+            go.shape == x.shape:
+        bias = module.bias
+        return norm.layer_norm_affine(x, stats[1], stats[2], go, reduce_dims, weight=_trains(module.weight),
+                                      bias=_trains(bias))
     xhat = norm.layer_norm(x, module.normalized_shape, module.eps)
-    return _affine(module, xhat, grad_outputs[0], tuple(range(1, x.dim() - len(module.normalized_shape))))
+    return _affine(module, xhat, go, reduce_dims)
+
+
+layer_norm_rule.forward_stats = norm.forward_stats  # the capture reads them in the forward
 
 
 def rms_norm_rule(module: nn.RMSNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:

@@ -306,8 +306,15 @@ def _norm_use(use: Use, n: int) -> list | None:
         return []
     flags = {"weight": "weight" in trained, "bias": "bias" in trained}
     x, go = bound["input"].float(), use.grads.float()
+    stats = use.stats
     if _running_stats(name, bound, x, go):
         grad = fold(norm.running_affine(x, go, bound["running_mean"], bound["running_var"], bound["eps"], **flags), r)
+    elif name == "layer_norm" and stats is not None and stats[0] == x_pos and x.shape == go.shape:
+        p_dims = next(iter(trained.values())).dim()
+        mean, rstd = (s.movedim(axis, 0) for s in stats[1:])
+        reduce_dims = tuple(range(1, x.dim() - p_dims))
+        grad = fold(norm.layer_norm_affine(x.movedim(axis, 0), mean, rstd, go.movedim(axis, 0), reduce_dims, **flags),
+                    r)
     else:
         xhat = norm.normalised(name, x, bound).movedim(axis, 0)
         go = go.movedim(axis, 0)

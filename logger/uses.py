@@ -36,8 +36,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .arguments import op_name, tensor_args
 from .attention import multi_head_attention_forward
 from .derived import DROPOUTS, Derivations, Origin
-from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, call_is_fused, conv_arguments
+from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, call_is_fused, conv_arguments, saved_tensors_hooked
 from .layout import CONSTANT, Layout, Reduced, Unknown, propagate
+from .ops import norm
 from .selection import setitem_layout
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Use:
         grads: The output gradient, once the backward pass has delivered it.
         results: Its per-example parameter gradients, once computed.
         layers: The layer trackers whose parameters it uses.
+        stats: ``(leaf position of the input, mean, rstd)`` that an ``F.layer_norm`` kernel saved
+            (:func:`.ops.norm.forward_stats`), or None.
     """
 
     func: Callable
@@ -70,6 +73,7 @@ class Use:
     grads: torch.Tensor | None = None
     results: list | None = None
     layers: list = field(default_factory=list)
+    stats: tuple | None = None
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -393,6 +397,8 @@ class UseTracker(TorchFunctionMode):
         versions = [(flat[i], flat[i]._version) for i in data_pos]
         detached = [x.detach() if isinstance(x, torch.Tensor) else x for x in flat]
         use = Use(_out_of_place(func), detached, spec, data_pos, diff_pos, shapes, lay, versions)
+        if op_name(func) == "layer_norm" and not saved_tensors_hooked():  # (unpacking would run the hooks)
+            use.stats = norm.forward_stats(out, flat)
         out.register_hook(lambda g: self._grad(use, g))
         self.on_use(use)
 

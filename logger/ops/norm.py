@@ -29,9 +29,52 @@ def affine(xhat: torch.Tensor, delta: torch.Tensor, reduce_dims: tuple[int, ...]
         The blocks in the stacked view of ``[w | b]``: rows are the parameters' first axis.
     """
     terms = ([xhat * delta] if weight else []) + ([delta] if bias else [])
+    return _blocks(terms, reduce_dims, delta.shape[0])
+
+
+def _blocks(terms: list[torch.Tensor], reduce_dims: tuple[int, ...], n: int) -> Dense:
+    """The terms summed over ``reduce_dims``, as ``[n, rows, ·]`` blocks."""
     grads = [t.sum(reduce_dims) if reduce_dims else t for t in terms]  # [n, *param shape]
-    n = delta.shape[0]
     return Dense(*(g.reshape(n, g.shape[1] if g.dim() > 1 else 1, -1) for g in grads))
+
+
+def layer_norm_affine(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, delta: torch.Tensor,
+                      reduce_dims: tuple[int, ...], *, weight: bool, bias: bool) -> Dense:
+    """:func:`affine` of ``F.layer_norm`` from the mean and ``1/σ`` its forward kernel saved (:func:`forward_stats`).
+
+    ``x̂·δ = (x - mean)·rstd·δ`` in one temporary (the kernel's own ``x̂``, to the last bit on CPU), instead of
+    running the normalisation again: a second ``native_layer_norm`` costs about five times the two multiplies (its
+    row moments), and its ``x̂`` is a second ``[n, ..., d]`` temporary.
+
+    Args:
+        x: The norm's input, batch on dimension 0.
+        mean: The saved mean (the input's leading shape, trailing axes of size 1).
+        rstd: The saved ``1/σ``, same shape.
+        delta: The output gradient, shape of ``x``.
+        reduce_dims: As :func:`affine`.
+        weight: The weight trains.
+        bias: The bias trains.
+    """
+    terms = ([torch.sub(x, mean).mul_(rstd).mul_(delta)] if weight else []) + ([delta] if bias else [])
+    return _blocks(terms, reduce_dims, delta.shape[0])
+
+
+def forward_stats(out: torch.Tensor, inputs: list) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    """``(position in inputs, mean, rstd)`` that the ``F.layer_norm`` kernel which made ``out`` saved for backward.
+
+    None unless ``out`` comes from ATen's ``native_layer_norm`` on one of ``inputs`` itself (not a converted copy,
+    as under autocast) with float32 statistics. Read in the forward (the kernel's node frees them once it has run);
+    the tensors are the ones autograd holds anyway.
+    """
+    node = out.grad_fn
+    if type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    x = node._saved_input
+    pos = next((i for i, t in enumerate(inputs) if t is x), None)
+    mean, rstd = node._saved_result1, node._saved_result2
+    if pos is None or x.dtype != torch.float32 or mean.dtype != torch.float32 or rstd.dtype != torch.float32:
+        return None
+    return pos, mean.detach(), rstd.detach()
 
 
 def running_affine(x: torch.Tensor, delta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, *,

@@ -14,6 +14,7 @@ from gradcoh.logger.ops import norm
 from oracle import per_example_grads_loop
 from test_exact import check_step, target_for
 from test_review import log_one
+from tolerance import assert_close
 from torch import nn
 
 timm_layers = pytest.importorskip("timm.layers")
@@ -89,3 +90,76 @@ def test_running_affine_matches_normalise_and_sum():
     only_bias = norm.running_affine(x, delta, mean, var, 1e-4, weight=False, bias=True)
     assert len(only_bias.blocks) == 1
     torch.testing.assert_close(only_bias.blocks[0].squeeze(-1).double(), want_b, rtol=1e-5, atol=1e-5)
+
+
+class _SeqFirst(nn.Module):
+    """A norm called on ``[T, B, d]`` (the batch on axis 1 of the norm's input)."""
+
+    def __init__(self, norm_layer: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.transpose(0, 1)).transpose(0, 1)
+
+
+def _ln_model(kind: str, freeze: str | None) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(11)
+    d = 6
+    if kind == "layernorm2d":  # ConvNeXt's norm: F.layer_norm over the channels of a permuted map
+        ln = timm_layers.LayerNorm2d(d, eps=1e-3)
+        body: nn.Module = nn.Sequential(nn.Conv2d(2, d, 3, padding=1), ln, nn.Flatten(), nn.Linear(d * 16, 2))
+        shape: tuple[int, ...] = (2, 4, 4)
+    else:  # timm's LayerNorm calls F.layer_norm itself (a use); nn.LayerNorm has a module rule
+        ln = nn.LayerNorm(d, eps=1e-3) if kind.startswith("nn_") else timm_layers.LayerNorm(d, eps=1e-3)
+        inner = _SeqFirst(ln) if kind.endswith("seq_first") else ln
+        body = nn.Sequential(nn.Linear(4, d), inner, nn.Flatten(), nn.Linear(3 * d, 2))
+        shape = (3, 4)
+    with torch.no_grad():  # affine parameters far from (1, 0), inputs off-centre: a mix-up of x̂ and x shows
+        ln.weight.copy_(torch.linspace(-1.5, 2.0, d))
+        ln.bias.copy_(torch.linspace(0.5, -0.8, d))
+        body[0].bias.add_(3.0)
+    if freeze:
+        getattr(ln, freeze).requires_grad_(False)
+    return body, shape
+
+
+@pytest.mark.parametrize(("kind", "freeze"), [("layernorm", None), ("seq_first", None), ("layernorm2d", None),
+                                              ("layernorm", "weight"), ("layernorm", "bias"), ("nn_layernorm", None),
+                                              ("nn_seq_first", None), ("nn_layernorm", "weight")])
+def test_layer_norm_from_forward_stats_against_loop(tmp_path, monkeypatch, kind, freeze):
+    """timm's ``LayerNorm``/``LayerNorm2d`` (``F.layer_norm`` uses) and ``nn.LayerNorm`` (its module rule): ``x̂`` from
+    the mean and ``1/σ`` the forward kernel saved (:func:`norm.layer_norm_affine`), never a second normalisation,
+    exact against the float64 loop."""
+    calls, recomputed = [], []
+    real, real_ln = norm.layer_norm_affine, norm.layer_norm
+    monkeypatch.setattr(norm, "layer_norm_affine", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(norm, "layer_norm", lambda *a, **k: recomputed.append(a[0].shape) or real_ln(*a, **k))
+    model, shape = _ln_model(kind, freeze)
+    x = torch.randn(5, *shape)
+    y = target_for(model, x)
+    ds = log_one(model, x, y, tmp_path / "s.zarr", reduction="sum")
+    layer = next(entry for entry in ds.attrs["gradcoh_layers"] if entry["name"] in ("1", "1.norm"))
+    assert (layer["rule"] == "uses") != kind.startswith("nn_")
+    assert calls and not recomputed
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+
+
+def test_layer_norm_affine_matches_normalise_and_sum():
+    """``layer_norm_affine`` from ATen's saved statistics against ``Σ x̂·δ`` in float64 (inputs far off-centre)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 7, 9, generator=g) * 4 + 20
+    delta = torch.randn(3, 7, 9, generator=g)
+    _, mean, rstd = torch.ops.aten.native_layer_norm(x, [9], None, None, 1e-5)
+    got = norm.layer_norm_affine(x, mean, rstd, delta, (1,), weight=True, bias=True)
+    xd = x.double()
+    xhat = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    # x̂ from 9-term moments of values |x|·rstd times its size (the subtraction's conditioning), summed over 7 rows
+    kappa = float((x.abs() * rstd).max())
+    terms = xhat * delta.double()
+    assert_close(got.blocks[0].squeeze(-1), terms.sum(1), n=9 + 7 + 3, kappa=kappa, scale=terms.abs().sum(1),
+                 err_msg="sum x_hat*delta")
+    assert_close(got.blocks[1].squeeze(-1), delta.double().sum(1), n=7, scale=delta.double().abs().sum(1),
+                 err_msg="sum delta")
+    only_bias = norm.layer_norm_affine(x, mean, rstd, delta, (1,), weight=False, bias=True)
+    assert len(only_bias.blocks) == 1
