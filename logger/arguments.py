@@ -72,8 +72,13 @@ def _builtin_signature(spec: str) -> inspect.Signature:
     return inspect.Signature(params)
 
 
+@functools.lru_cache(maxsize=512)
 def signature(name: str, func: Callable) -> inspect.Signature | None:
-    """The signature of op ``func`` (called ``name``), or None when it has none gradcoh knows."""
+    """The signature of op ``func`` (called ``name``), or None when it has none gradcoh knows.
+
+    Cached: :func:`inspect.signature` of a Python function costs about 20 µs (45 Python calls), and every parameter
+    use is bound once per step.
+    """
     if name in _BUILTIN:
         return _builtin_signature(_BUILTIN[name])
     try:

@@ -239,6 +239,14 @@ class Factored:
             return projector.indexed(self.rows_index, self.v)
         return projector.factored(self.u, self.v)
 
+    def norm_macs(self) -> float:
+        """Multiply-adds per example of :meth:`sq_norms` (the factored route's cost in :func:`choose_route`)."""
+        return ghost.ghost_macs(self.positions, self.n_rows, self.n_cols)
+
+    def columns_dot(self, b: torch.Tensor) -> torch.Tensor:
+        """``[n, T]`` products ``v_t · b`` of the column factors with one vector ``b [c]`` (the guard's)."""
+        return self.v @ as_dtype(b, self.v.dtype)
+
     def concatenates(self, other: Factored) -> bool:
         """Whether ``self + other`` can concatenate the positions (same kind of factors, same columns)."""
         return (self.u is None) == (other.u is None) and self.bias == other.bias and self.n_cols == other.n_cols
@@ -323,7 +331,7 @@ def fits(n: int, rows: int, cols: int, element_size: int) -> bool:
 
 def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element_size: int,
                            projector: Projection | None = None, costs: KernelCosts = ONE_CPU_CORE,
-                           saved: int = 0) -> bool:
+                           saved: int = 0, factored: float | None = None) -> bool:
     """Whether to materialise ``[n, rows, cols]`` rather than keep factors: the one place this is decided.
 
     The mixed ghost-norm rule (Bu, Mao, Xu 2022): materialise when that costs less than the factored route and
@@ -338,11 +346,13 @@ def materialise_is_cheaper(n: int, positions: int, rows: int, cols: int, element
     ``costs`` weighs the kernels (:func:`~gradcoh.logger.costs.kernel_costs` of the device in use): both routes
     give the same values, so measured costs may choose. ``saved``: multiply-adds per example that materialising
     spares elsewhere (fused mode: the weight-gradient GEMM, :func:`~gradcoh.logger.fused.fill_slot`).
+    ``factored``: multiply-adds per example of the factored norm when it is not the ghost norm of the factors
+    (:meth:`Factored.norm_macs`; a convolution's patch Gram from its input map's Gram, :mod:`.ops.conv`).
     """
     if not fits(n, rows, cols, element_size):
         return False
     t, size = positions, rows * cols
-    factored = costs.gemm * ghost.ghost_macs(t, rows, cols)
+    factored = costs.gemm * (ghost.ghost_macs(t, rows, cols) if factored is None else factored)
     materialised = costs.gemm * ((t + 1) * size - saved)
     if projector is not None:
         factored += projector.route_cost(("factored", t), costs)
@@ -356,9 +366,10 @@ def choose_route(grad: LayerGrad, projector: Projection | None) -> LayerGrad:
         return Composite([(choose_route(part, None), view) for part, view in grad.parts])
     if isinstance(grad, Dense):
         return grad
-    costs = kernel_costs(grad.v.device, grad.v.dtype)
-    cheaper = materialise_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, grad.v.element_size(),
-                                     projector, costs)
+    ref = grad.v if grad.u is None else grad.u  # (a convolution's v may be formed only when read)
+    costs = kernel_costs(ref.device, ref.dtype)
+    cheaper = materialise_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, ref.element_size(),
+                                     projector, costs, factored=grad.norm_macs())
     return grad.materialise() if cheaper else grad
 
 
@@ -459,7 +470,7 @@ def bilinear(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.
             out = part if out is None else out + part
             start += width
         return out
-    vb = form.v @ as_dtype(right, form.v.dtype)  # [n, T]
+    vb = form.columns_dot(right)  # [n, T]
     ua = as_dtype(left, form.v.dtype)[form.rows_index] if form.u is None else form.u @ as_dtype(left, form.u.dtype)
     return (ua * vb).sum(1)
 

@@ -173,7 +173,8 @@ class LayerTracker:
         """
         try:
             if call.stats is not None:  # what the forward kernel saved, batch axis first like the arguments
-                stats = tuple(s.movedim(call.axis, 0) if isinstance(s, torch.Tensor) else s for s in call.stats)
+                stats = tuple(s.movedim(call.axis, 0) if call.axis and isinstance(s, torch.Tensor) else s
+                              for s in call.stats)
                 return source.rule(source.module, *_upcast(call.batch_first()), stats=stats)
             return source.rule(source.module, *_upcast(call.batch_first()))
         except ValueError:

@@ -357,6 +357,9 @@ def pull_back(src: Origin, cot: torch.Tensor, n: int, memo: dict) -> list:
     lookup = _constant_lookup(src)
     if lookup is not None:
         return _embedding_pull_back(src, lookup, cot, n)
+    parent = _reshaped(src)
+    if parent is not None:  # a reshape keeps the elements' order: its vector-Jacobian product is the reverse reshape
+        return pull_back(src.parents[0], cot.reshape(n, *parent), n, memo)
     positions = list(src.parents)
     primals = [value(src.parents[i], memo) for i in positions]
 
@@ -369,6 +372,24 @@ def pull_back(src: Origin, cot: torch.Tensor, n: int, memo: dict) -> list:
     for i, c in zip(positions, cots, strict=True):
         out += pull_back(src.parents[i], c, n, memo)
     return out
+
+
+_RESHAPES = frozenset({"reshape", "view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"})
+"""Ops whose output holds the input's elements in the same (row-major) order, only the shape changed."""
+
+
+def _reshaped(src: Node) -> tuple[int, ...] | None:
+    """The shape of the parameter-derived input of ``src`` when ``src`` only reshapes it (None otherwise).
+
+    ``gamma.reshape(1, -1, 1, 1)`` (ConvNeXt's layer scale): the input is the op's first argument, the only one from
+    parameters, with as many elements as the output (a reshape, never an expand or a copy into another layout).
+    """
+    if op_name(src.func) not in _RESHAPES or list(src.parents) != [0] or src.output != 0:
+        return None
+    x = src.flat[0]
+    if not isinstance(x, torch.Tensor):
+        return None
+    return tuple(x.shape)
 
 
 def _embedding_pull_back(node: Node, bound: dict, cot: torch.Tensor, n: int, rows: torch.Tensor | None = None) -> list:

@@ -112,6 +112,8 @@ def clock_logger(clock: Clock, glog: GradientLogger) -> None:
     for owner, name, part in wraps:
         if hasattr(owner, name):
             setattr(owner, name, clock.wrap(getattr(owner, name), part))
+    for t in glog.trackers:  # the capture holds the tracker's bound process from before the wrapping
+        t.capture.on_ready = t.process
 
 
 def breakdown(args: argparse.Namespace) -> None:

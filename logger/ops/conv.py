@@ -2,16 +2,33 @@
 
 ``G_n = Σ_t δ_t [a_t, 1]ᵀ`` with ``a_t`` the im2col patch of output position ``t`` (factored), or the per-example
 weight gradient computed directly in one kernel call (materialised: :func:`per_example_weight_grad`).
+
+The ghost norm needs the Gram of the patches, ``⟨a_t, a_s⟩``. Each patch is the input at the positions its kernel
+taps read, so ``⟨a_t, a_s⟩ = Σ_o M[p_t + o, p_s + o]`` over the taps ``o``, with ``M`` the Gram of the (zero-padded)
+input map's positions: ``S²·C`` multiply-adds for the map's ``S`` positions and ``K·T²`` adds, instead of forming
+the ``[T, C·K]`` patches and their ``T²·C·K`` Gram (:class:`Patches`, :class:`PatchFactored`; a stride-1 3×3
+convolution: 9× fewer multiply-adds and no im2col copy).
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ghost
 from ..costs import kernel_costs
 from ..grads import Dense, Factored, bias_grad, materialise_is_cheaper
+
+ELEMENT_MACS = 20.0
+"""An element read and written by a memory-bound op (the im2col copy, a shifted add of Gram entries) counted as this
+many multiply-adds of a batched GEMM, in the choice between the factored routes (one CPU core: the im2col copy of
+ResNet-18's layer2 patches 1.5 ns per element, a batched GEMM 0.025–0.04 ns per multiply-add; a fixed constant, so
+the route depends on the shapes only; both routes give the same values to rounding)."""
 
 
 def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, delta: torch.Tensor) -> Dense | Factored:
@@ -34,12 +51,179 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, delta: torch.Tensor) 
         return bias_grad(per_position)
     x, padding = _explicit_padding(module, x)
     cols = module.weight[0].numel() + has_bias
+    patches = Patches(x, tuple(module.kernel_size), tuple(module.dilation), tuple(padding), tuple(module.stride),
+                      tuple(delta.shape[2:]))
+    by_map = module.groups == 1 and patches.map_route(rows)
     if module.groups > 1 or materialise_is_cheaper(n, per_position.shape[1], rows, cols, delta.element_size(),
-                                                   costs=kernel_costs(x.device, x.dtype)):
+                                                   costs=kernel_costs(x.device, x.dtype),
+                                                   factored=patches.map_macs(rows) if by_map else None):
         w = per_example_weight_grad(module, x, delta, padding)  # [n, C_out, C_in/g·k]
         return Dense(w, *bias_grad(per_position).blocks) if has_bias else Dense(w)
-    a = unfold(x, module.kernel_size, module.dilation, padding, module.stride)  # [n, T, C_in·k]
-    return Factored(per_position, a, bias=has_bias)
+    if by_map:
+        return PatchFactored(per_position, bias=has_bias, patches=patches)
+    return Factored(per_position, patches.unfold(), bias=has_bias)  # v: [n, T, C_in·k]
+
+
+@dataclass(frozen=True)
+class Patches:
+    """The im2col patches of one convolution call, described by its input and geometry (formed only on demand).
+
+    Attributes:
+        x: The input ``[n, C, *spatial]`` (non-zero padding modes and 'same' already applied).
+        kernel: Kernel size per spatial axis.
+        dilation: Dilation per axis.
+        padding: Remaining zero padding per axis.
+        stride: Stride per axis.
+        out: Output size per axis (``T = prod(out)`` positions).
+    """
+
+    x: torch.Tensor
+    kernel: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: tuple[int, ...]
+    stride: tuple[int, ...]
+    out: tuple[int, ...]
+
+    @property
+    def cols(self) -> int:
+        """Columns of a patch, ``C·prod(kernel)``."""
+        return self.x.shape[1] * math.prod(self.kernel)
+
+    def unfold(self) -> torch.Tensor:
+        """``[n, T, C·prod(kernel)]`` (:func:`unfold`)."""
+        return unfold(self.x, self.kernel, self.dilation, self.padding, self.stride)
+
+    def map_macs(self, rows: int) -> float:
+        """Multiply-adds per example of the ghost norm through the map's Gram (:meth:`gram`).
+
+        The map's Gram and the row factor's full Gram, then (memory-bound elements weighted by
+        :data:`ELEMENT_MACS`) padding the map's Gram, the shifted adds and the product of the two Grams.
+        """
+        s, t = math.prod(self.x.shape[2:]), math.prod(self.out)
+        padded = math.prod(size + 2 * p for size, p in zip(self.x.shape[2:], self.padding, strict=True))
+        gemm = s * s * self.x.shape[1] + t * t * rows
+        elements = (padded * padded if any(self.padding) else 0) + (math.prod(self.kernel) + 1) * t * t
+        return gemm + ELEMENT_MACS * elements
+
+    def patch_macs(self, rows: int) -> float:
+        """Multiply-adds per example of the ghost norm of the formed patches: the Gram blocks, the im2col copy."""
+        t = math.prod(self.out)
+        return ghost.ghost_macs(t, rows, self.cols) + ELEMENT_MACS * t * self.cols
+
+    def map_route(self, rows: int) -> bool:
+        """Whether :meth:`gram` is the cheaper way to the patches' Gram (from the shapes only).
+
+        Never for kernel 1 without padding, whose patches are the input itself.
+        """
+        if math.prod(self.out) < 2 or (all(k == 1 for k in self.kernel) and not any(self.padding)):
+            return False
+        return self.map_macs(rows) < self.patch_macs(rows)
+
+    def gram(self) -> torch.Tensor:
+        """``[n, T, T]`` Gram of the patches, ``⟨a_t, a_s⟩ = Σ_o M[p_t + o, p_s + o]``, never forming them.
+
+        ``M [n, *spatial, *spatial]`` is the Gram of the input's positions (one batched GEMM over the channels),
+        zero-padded like the input; each kernel tap ``o`` adds the entries of the output positions' strided grid
+        shifted by ``o·dilation`` (a view of ``M``).
+        """
+        x = self.x
+        n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        flat = x.reshape(n, c, -1)
+        m = torch.bmm(flat.transpose(1, 2), flat).reshape(n, *spatial, *spatial)
+        if any(self.padding):
+            m = F.pad(m, [q for p in reversed(self.padding) for q in (p, p)] * 2)
+        nd, st = len(self.out), m.stride()
+        size = (n, *self.out, *self.out)
+        steps = (st[0], *(st[1 + i] * s for i, s in enumerate(self.stride)),
+                 *(st[1 + nd + i] * s for i, s in enumerate(self.stride)))
+        acc = None
+        for tap in itertools.product(*(range(k) for k in self.kernel)):  # the output grid shifted by the tap
+            shift = sum(o * d * (st[1 + i] + st[1 + nd + i]) for i, (o, d) in enumerate(zip(tap, self.dilation,
+                                                                                          strict=True)))
+            view = m.as_strided(size, steps, m.storage_offset() + shift)
+            if acc is None:
+                acc = view.clone(memory_format=torch.contiguous_format)
+            else:
+                acc.add_(view)
+        t = math.prod(self.out)
+        return acc.reshape(n, t, t)
+
+    def columns_dot(self, b: torch.Tensor) -> torch.Tensor:
+        """``[n, T]`` products ``a_t · b`` (``b [C·prod(kernel)]``): one convolution with ``b`` as its kernel."""
+        x, n = self.x, self.x.shape[0]
+        kernel = b.to(x.dtype).reshape(1, x.shape[1], *self.kernel)
+        out = _CONV[len(self.out)](x, kernel, None, stride=self.stride, padding=self.padding,
+                                   dilation=self.dilation)
+        return out.reshape(n, -1)
+
+
+class PatchFactored(Factored):
+    """A convolution's factors ``(δ, patches)`` whose patches are formed only when read (``v``, then kept).
+
+    Its ghost norm takes the patches' Gram from the input map's Gram (:meth:`Patches.gram`) and the guard's
+    ``a_t · b`` is a convolution (:meth:`Patches.columns_dot`): neither forms the patches. Sketches, group sums,
+    inner products and materialising read ``v`` as for any :class:`~gradcoh.logger.grads.Factored`. A copy made by
+    ``dataclasses.replace`` (concatenated calls, folded rows) carries ``v`` and no ``patches``: a plain form.
+    """
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor | None = None, rows_index: torch.Tensor | None = None,
+                 n_rows: int = 0, bias: bool = False, *, patches: Patches | None = None) -> None:
+        self.patches = patches
+        super().__init__(u, v, rows_index, n_rows, bias)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """``[n, T, C·prod(kernel)]`` patches (formed at the first read)."""
+        if self._v is None:
+            self._v = self.patches.unfold()
+        return self._v
+
+    @v.setter
+    def v(self, value: torch.Tensor | None) -> None:
+        self._v = value
+
+    @property
+    def n(self) -> int:
+        """Number of examples."""
+        return self.u.shape[0]
+
+    @property
+    def positions(self) -> int:
+        """Number of outer products ``T`` per example."""
+        return self.u.shape[1]
+
+    @property
+    def n_cols(self) -> int:
+        """Columns of the matrix view."""
+        return (self.patches.cols if self.patches is not None else self.v.shape[-1]) + self.bias
+
+    def split_bias(self) -> tuple[Factored, Dense | None]:
+        """The factors without the bias column (still unformed), and that column ``Σ_t δ_t``."""
+        if not self.bias:
+            return self, None
+        return PatchFactored(self.u, self._v, bias=False, patches=self.patches), bias_grad(self.u)
+
+    def norm_macs(self) -> float:
+        """Multiply-adds per example of :meth:`sq_norms`."""
+        if self.patches is None:
+            return super().norm_macs()
+        return self.patches.map_macs(self.n_rows)
+
+    def sq_norms(self, grams: ghost.GramCache | None = None) -> torch.Tensor:
+        """``[n]`` ``⟨δ δᵀ, A Aᵀ⟩`` with the patches' Gram ``A Aᵀ`` from the map's (``grams``: unused)."""
+        factors, bias = self.split_bias()
+        if bias is not None:
+            return factors.sq_norms(grams) + bias.sq_norms()
+        if self.patches is None or self.positions == 1:
+            return super().sq_norms(grams)
+        gu = torch.bmm(self.u, self.u.transpose(1, 2))
+        return (gu * self.patches.gram()).sum((1, 2))
+
+    def columns_dot(self, b: torch.Tensor) -> torch.Tensor:
+        """``[n, T]`` products ``a_t · b``, by a convolution when the patches are not formed."""
+        if self._v is not None or self.patches is None or self.bias:
+            return super().columns_dot(b)
+        return self.patches.columns_dot(b)
 
 
 def _explicit_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:

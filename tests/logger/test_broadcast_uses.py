@@ -91,3 +91,41 @@ def test_broadcast_scale_shapes(shape, tmp_path):
     y = target_for(model, x)
     ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
     check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+
+
+class LayerScales(nn.Module):
+    """ConvNeXt's ``x.mul(gamma.reshape(1, -1, 1, 1))``, a chain of reshapes, and a reshape that reorders axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gamma = nn.Parameter(torch.randn(4))  # reshape(1, -1, 1, 1)
+        self.beta = nn.Parameter(torch.randn(2, 2))  # view(-1).unsqueeze(1).unsqueeze(2): a chain
+        self.grid = nn.Parameter(torch.randn(6, 4))  # its 24 elements in row order as [1, 1, 4, 6] (not a transpose)
+        self.head = nn.Linear(4 * 4 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        h = h.mul(self.gamma.reshape(1, -1, 1, 1))
+        h = torch.tanh(h + self.beta.view(-1).unsqueeze(1).unsqueeze(2))
+        h = h * self.grid.reshape(1, 1, 4, 6)
+        return self.head(h.flatten(1))
+
+
+def test_reshaped_parameters_pulled_back_without_vmap(tmp_path, monkeypatch):
+    torch.manual_seed(44)
+    model = LayerScales()
+    x = torch.randn(5, 3, 4, 6)
+    y = target_for(model, x)
+    vmaps = []
+    vmap = torch.func.vmap
+
+    def counted(*a, **k):
+        vmaps.append(1)
+        return vmap(*a, **k)
+
+    monkeypatch.setattr(torch.func, "vmap", counted)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
+    monkeypatch.setattr(torch.func, "vmap", vmap)
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
+    assert not vmaps  # the reshapes were reversed directly
