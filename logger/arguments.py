@@ -72,15 +72,24 @@ def _builtin_signature(spec: str) -> inspect.Signature:
     return inspect.Signature(params)
 
 
-@functools.lru_cache(maxsize=512)
 def signature(name: str, func: Callable) -> inspect.Signature | None:
     """The signature of op ``func`` (called ``name``), or None when it has none gradcoh knows.
 
-    Cached: :func:`inspect.signature` of a Python function costs about 20 µs (45 Python calls), and every parameter
-    use is bound once per step.
+    Read once per function: :func:`inspect.signature` of a Python function costs 20–150 µs (45 Python calls), and
+    every parameter use is bound once per step (EfficientNet: 49 ``F.batch_norm`` uses). Unhashable callables are
+    read every time.
     """
     if name in _BUILTIN:
         return _builtin_signature(_BUILTIN[name])
+    try:
+        hash(func)
+    except TypeError:
+        return _inspected.__wrapped__(func)
+    return _inspected(func)
+
+
+@functools.lru_cache(maxsize=512)
+def _inspected(func: Callable) -> inspect.Signature | None:
     try:
         return inspect.signature(func)
     except (TypeError, ValueError):

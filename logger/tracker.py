@@ -242,7 +242,7 @@ class LayerTracker:
         device = self.params[0].device
         sq, guard, sketch = added(sq), added(guard), added(sketch)
         sq = torch.zeros(n, device=device) if sq is None else sq
-        guard = torch.zeros(n, device=device) if guard is None else guard
+        guard = torch.zeros(n, device=device) if guard is None and check else guard  # (unchecked: not stored)
         if self.sketch_dim and sketch is None:
             sketch = torch.zeros(n, self.sketch_dim, device=device)
         stats = MicroStats(

@@ -50,7 +50,7 @@ def conv(module: nn.modules.conv._ConvNd, x: torch.Tensor, delta: torch.Tensor) 
     if not module.weight.requires_grad:  # frozen weight: only the bias trains
         return bias_grad(per_position)
     x, padding = _explicit_padding(module, x)
-    cols = module.weight[0].numel() + has_bias
+    cols = math.prod(module.weight.shape[1:]) + has_bias  # (indexing the weight would dispatch an op)
     patches = Patches(x, tuple(module.kernel_size), tuple(module.dilation), tuple(padding), tuple(module.stride),
                       tuple(delta.shape[2:]))
     by_map = module.groups == 1 and patches.map_route(rows)
