@@ -21,8 +21,9 @@ gets may not:
   FFT(C₂ v_t)`` accumulated in the frequency domain over positions and blocks, one inverse FFT per example. For a
   materialised ``M`` the same sketch is applied row-wise (each row's column sketch, rolled by the row's bucket).
   One TensorSketch has up to three times the dense variance for rank-one ``M``; the mean of ``B`` brings it to
-  ``(2/k)(1 + 2/B)`` at worst (``B`` = :data:`TENSORSKETCH_BLOCKS`: sd ``1.12·√(2/k)``) and to ``≈ 2/k`` for
-  high-rank ``M``.
+  ``(2/k)(1 + (2 + 2/k)/B)`` at worst (``B`` = :data:`TENSORSKETCH_BLOCKS` = 4: sd ``1.226·√(2/k)`` at
+  ``k ≥ 256``, within the ``1.25·√(2/k)`` the sketches promise) and to ``≈ 2/k`` for high-rank ``M``; the exact
+  variance for a given ``M`` is in :data:`TENSORSKETCH_BLOCKS`'s note.
 
 Which class a parameter gets is decided once per run by :func:`choose_projection` from a cost model of the shapes
 (FLOPs and bytes weighed with the fixed :data:`~gradcoh.logger.costs.SKETCH_COSTS`, never with timings) at the
@@ -45,18 +46,31 @@ import torch
 
 from . import schema
 from .costs import SKETCH_COSTS, KernelCosts
+from .ghost import ghost_macs
 
 SKETCH_KIND = "countsketch+tensorsketch"
-SKETCH_VERSION = 4
+SKETCH_VERSION = 5
 """1: one TensorSketch per layer matrix view; 2: one TensorSketch per parameter, summed per layer; 3: a CountSketch
 or a block TensorSketch per parameter; 4: the same projections, chosen by a cost model of the shapes and recorded
-per parameter in the store (a version 3 store cannot be continued: its choices were not recorded)."""
+per parameter in the store (a version 3 store cannot be continued: its choices were not recorded); 5: the
+TensorSketch mean of 4 blocks instead of 8 (half its cost), chosen by a cost model that counts the exact
+statistics' route with the sketch (:func:`form_cost`). A version 4 store cannot be appended to with sketches."""
 
 HASH_VERSION = 3
 """Enters the hash seeds: unchanged since version 3, so equal choices give the same projections as version 3."""
 
-TENSORSKETCH_BLOCKS = 8
-"""Independent TensorSketches averaged per parameter: worst-case relative sd √(2/k)·√(1 + 2/B) = 1.12·√(2/k)."""
+TENSORSKETCH_BLOCKS = 4
+"""Independent TensorSketches averaged per parameter (their sum divided by ``√B``); the cost of the TensorSketch
+mean is proportional to ``B``.
+
+The relative variance of ``‖s‖²`` for one matrix ``M`` (entries ``x_e``, ``Q = ‖MᵀM‖_F² − Σ_i ‖M_i·‖⁴ − Σ_j ‖M_·j‖⁴
++ ‖M‖₄⁴``, all over ``‖M‖⁴``) is exactly ``V₁/B + (2/k)(B − 1)/B`` with one TensorSketch's ``V₁ = (2/k)(1 −
+‖M‖₄⁴/‖M‖⁴) + (4/k + c/k²)·Q`` (``c`` = 4 for even ``k``, 2 for odd): ``2/k`` from the pairs of entries that
+collide, as in a CountSketch, and ``4Q/k`` from pairs in one row (or one column) whose signs and collisions the
+product hash shares across rows (columns). ``Q ≤ 1``, with equality only in the limit of a rank-one ``M`` spread
+over many rows and columns, so at worst ``(2/k)(1 + (2 + 2/k)/B)``: ``B = 4`` gives ``1.5·(2/k)`` (sd
+``1.2248·√(2/k)``, at ``k = 256`` ``1.2256``) within the ``1.25·√(2/k)`` bound for every ``k ≥ 16``; ``B = 8`` gave
+``1.12·√(2/k)`` at twice the cost. Averaging blocks, not concatenating them, keeps the bucket count ``k``."""
 
 _CHUNK_ELEMENTS = 2**22
 """Elements of the largest temporary a sketch kernel builds at once (examples or positions are chunked)."""
@@ -414,13 +428,35 @@ PROJECTIONS: dict[str, type[Projection]] = {cls.kind: cls for cls in (CountSketc
 KINDS = tuple(PROJECTIONS)
 
 
+def form_cost(cls: type[Projection], view: tuple[int, int], dim: int, form: Form,
+              costs: KernelCosts = SKETCH_COSTS) -> float:
+    """Nanoseconds per example of the exact statistics' route *and* the sketch of one form with class ``cls``.
+
+    A factored form is sketched either as factors, next to the ghost norm the exact statistics then compute
+    (``T²·(rows + cols)`` multiply-adds, :func:`~gradcoh.logger.ghost.ghost_macs`), or materialised, which costs
+    ``(T + 1)·rows·cols`` multiply-adds (the gradient and its norm) and gives the dense route; the cheaper of the two
+    counts, as :func:`~gradcoh.logger.grads.materialise_is_cheaper` decides per step. (Without the ghost norm a
+    CountSketch's materialising looked dearer than it is: at four TensorSketch blocks every transformer MLP at
+    T = 128 would have been moved to a TensorSketch mean that is no cheaper once the ghost norm is counted.) Dense and
+    indexed forms cost the same exact statistics whichever class sketches them: only the sketch counts.
+    """
+    route, t = form
+    own = cls.cost(view, dim, form, costs)
+    if route != "factored":
+        return own
+    rows, cols = view
+    kept = costs.gemm * ghost_macs(t, rows, cols) + own
+    materialised = costs.gemm * (t + 1) * rows * cols + cls.cost(view, dim, ("dense", 1), costs)
+    return min(kept, materialised)
+
+
 def choose_projection(view: tuple[int, int], dim: int, forms: list[Form]) -> str:
     """The kind of projection a parameter gets: the applicable class that sketches ``forms`` at the lowest cost.
 
-    The costs are a model of the shapes (:meth:`Projection.cost`, FLOPs and scattered bytes weighed with the fixed
-    :data:`~gradcoh.logger.costs.SKETCH_COSTS`), never timings, so the same model and shapes get the same kind on
-    every machine and every rank; ties go to the first class of :data:`PROJECTIONS`. Without forms (a parameter no
-    step has reached yet): a CountSketch.
+    The costs are a model of the shapes (:func:`form_cost`: the sketch with the exact statistics' route it implies,
+    FLOPs and scattered bytes weighed with the fixed :data:`~gradcoh.logger.costs.SKETCH_COSTS`), never timings, so
+    the same model and shapes get the same kind on every machine and every rank; ties go to the first class of
+    :data:`PROJECTIONS`. Without forms (a parameter no step has reached yet): a CountSketch.
 
     Args:
         view: The parameter's natural view ``(rows, cols)``.
@@ -431,7 +467,7 @@ def choose_projection(view: tuple[int, int], dim: int, forms: list[Form]) -> str
     for kind, cls in PROJECTIONS.items():
         if not forms or not cls.applies(view, dim):
             continue
-        total = sum(cls.cost(view, dim, form) for form in forms)
+        total = sum(form_cost(cls, view, dim, form) for form in forms)
         if total < best_cost:
             best, best_cost = kind, total
     return best

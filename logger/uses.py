@@ -40,6 +40,7 @@ from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, call_is_fused, 
 from .layout import CONSTANT, Layout, Reduced, Unknown, propagate
 from .ops import norm
 from .selection import setitem_layout
+from .tensormap import TensorMap
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class UseTracker(TorchFunctionMode):
         self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output of a fused call -> its Slot
         self.on_use = on_use
         self.on_grad = on_grad
-        self.layouts: WeakIdKeyDictionary = WeakIdKeyDictionary()  # data tensor -> Layout
+        self.layouts = TensorMap()  # data tensor -> Layout
         self.derivations = Derivations(params)  # tensors computed from parameters and constants only
         self._owned: list[frozenset[int]] = []  # parameter ids of the rule-module calls in progress
         self.n: int | None = None  # examples of the current micro-batch
@@ -253,7 +254,7 @@ class UseTracker(TorchFunctionMode):
 
     def reset(self) -> None:
         """Forget the tensors of a finished micro-batch."""
-        self.layouts = WeakIdKeyDictionary()
+        self.layouts = TensorMap()
         self.derivations = Derivations(self.params)
         self._owned.clear()
         self.n = None

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gradcoh.logger.sketch import Projection
+from gradcoh.logger.sketch import TENSORSKETCH_BLOCKS, Projection
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -235,6 +235,41 @@ def _per_example(u, v):
     return u.sum(1)[..., None] if v is None else torch.bmm(u.transpose(1, 2), v)
 
 
+def _tensorsketch_q(m, u=None, v=None):
+    """``[n]`` ``Q = ‖MᵀM‖_F² − Σ_i ‖M_i·‖⁴ − Σ_j ‖M_·j‖⁴ + ‖M‖₄⁴`` of each matrix ``m`` ``[n, rows, cols]``; the first
+    term from the factors ``M = Σ_t u_t v_tᵀ`` (``tr((UUᵀ)(VVᵀ)(UUᵀ)(VVᵀ))``) when they have fewer positions than
+    ``M`` has rows and columns."""
+    sq = m.square()
+    rest = sq.square().sum((1, 2)) - sq.sum(2).square().sum(1) - sq.sum(1).square().sum(1)
+    if u is not None and v is not None and u.shape[1] < min(m.shape[1:]):
+        ab = torch.bmm(torch.bmm(u, u.transpose(1, 2)), torch.bmm(v, v.transpose(1, 2)))
+        return (ab * ab.transpose(1, 2)).sum((1, 2)) + rest
+    small = torch.bmm(m, m.transpose(1, 2)) if m.shape[1] <= m.shape[2] else torch.bmm(m.transpose(1, 2), m)
+    return small.square().sum((1, 2)) + rest
+
+
+def sketch_variance(m, k, kind, blocks=TENSORSKETCH_BLOCKS, u=None, v=None):
+    """``[n]`` exact variance over seeds of ‖s‖²/‖M‖² − 1 for each matrix ``m`` ``[n, rows, cols]`` (float64).
+
+    CountSketch (independent bucket and sign per entry): 0 when placed injectively (at most ``k`` entries), otherwise
+    ``(2/k)(‖M‖⁴ − ‖M‖₄⁴)/‖M‖⁴`` (two entries collide with probability 1/k). TensorSketch mean of ``blocks`` blocks
+    (bucket ``(h₁(i) + h₂(j)) mod k``, sign ``σ₁(i)σ₂(j)``, the blocks' sum over √B): one block has the CountSketch
+    term plus ``(4/k + c/k²)·Q/‖M‖⁴`` (:func:`_tensorsketch_q`; c = 4 for even k, 2 for odd) from the quadruples of
+    entries in two rows and two columns whose signs cancel and whose collisions the product hash shares; the cross
+    terms between blocks add ``(2/k)(B − 1)/B``. Derived in :data:`gradcoh.logger.sketch.TENSORSKETCH_BLOCKS`;
+    checked against sampling in tests/logger/test_sketch_variance.py. ``u``, ``v``: the factors of ``m``, if any.
+    """
+    sq = m.square()
+    n2, n4 = sq.sum((1, 2)), sq.square().sum((1, 2))
+    if kind == "countsketch" and m.shape[1] * m.shape[2] <= k:
+        return torch.zeros_like(n2)
+    collide = 2 / k * (n2.square() - n4) / n2.square()
+    if kind == "countsketch":
+        return collide
+    one = collide + (4 / k + (4 if k % 2 == 0 else 2) / k**2) * _tensorsketch_q(m, u, v) / n2.square()
+    return one / blocks + 2 / k * (blocks - 1) / blocks
+
+
 class LayerSketches:
     """One layer's per-example gradients and their exact norms, sketched with any seed as the logger would: the
     sum over its parameters of each parameter's own projection (kind as the logger chose it, hashed by name)."""
@@ -256,6 +291,26 @@ class LayerSketches:
             else:
                 self.per[name] = ("dense", (mats[name],))
                 self.batch[name] = ("dense", (mats[name].sum(0, keepdim=True),))
+        self._mats, self._forms = mats, {name: forms[name] for name in names}
+
+    def variance(self, batch=False):
+        """``[n]`` exact variance over seeds of each example's ‖s‖²/‖g‖² − 1 (``batch``: ``[1]``, the batch sum's).
+
+        The parameters' projections are independent and unbiased with ``E[s sᵀ] = (‖M‖²/k)·I``, so the layer's
+        variance is ``Σ_p V_p‖M_p‖⁴ + (2/k)·((Σ_p ‖M_p‖²)² − Σ_p ‖M_p‖⁴)`` over ``(Σ_p ‖M_p‖²)²``, each
+        parameter's ``V_p`` from :func:`sketch_variance`.
+        """
+        k, own, norms = self.k, 0, []
+        for name in self.names:
+            m, (u, v) = self._mats[name], self._forms[name]
+            if batch:
+                m = m.sum(0, keepdim=True)
+                u, v = u.reshape(1, -1, u.shape[-1]), None if v is None else v.reshape(1, -1, v.shape[-1])
+            n2 = m.square().sum((1, 2))
+            own = own + sketch_variance(m, k, self.kinds[name], u=u, v=v) * n2.square()
+            norms.append(n2)
+        total = sum(norms)
+        return (own + 2 / k * (total.square() - sum(n.square() for n in norms))) / total.square()
 
     def sketch(self, seed, batch=False):
         """``[n, k]`` per-example sketches (``batch``: ``[1, k]``, the sketch of the batch gradient)."""

@@ -50,10 +50,13 @@ def test_coverage_over_400_seeds(tmp_path):
     m-coherence comes from ``group_gram``. The logger runs once (seed 0); its stored sketches are checked to be each
     layer's projections (the kinds it chose, hashed by name) of the per-example gradients that autograd hooks give,
     and seeds 1…399 are those projections of the same gradients, placed as further steps of the logged dataset, so
-    that one analysis call gives 400 independent intervals. Their coverage is binomial: at p = 0.95 its sd is 1.1%,
-    so [0.9, 0.99] is −4.6/+3.7 sd (false failure < 2·10⁻⁴). Measured 0.9225 (whole batch) and 0.9425 (subset):
-    the jackknife undercovers slightly here (100 seeds had shown 0.94), which leaves the lower bound only 1.8 sd
-    away for the whole batch.
+    that one analysis call gives 400 independent intervals. Their coverage is binomial. The jackknife undercovers
+    slightly here: over seeds 0…1199 (three runs of 400) the coverage was 0.925 (whole batch) and 0.933 (subset) with
+    the TensorSketch mean of 8 blocks (sketch version 4), 0.928 and 0.928 with 4 blocks (version 5), the spread of
+    the estimate over seeds 1.00–1.06 times the mean SE. At p = 0.93 the sd of 400 intervals is 1.3%, so
+    [0.88, 0.99] is −3.9/+4.7 sd (false failure < 10⁻⁴); SEs 20% shorter than now would cover about 0.87.
+    Seeds 0…399 gave 0.9225/0.9425 (version 4) and 0.925/0.8975 (version 5: the subset 2.4 sd under 0.93; the
+    former lower bound 0.9 was 2.4 sd under it).
     """
     seeds, k = 400, 256
     torch.manual_seed(0)
@@ -83,7 +86,7 @@ def test_coverage_over_400_seeds(tmp_path):
     covered = [np.abs(est.m_coherence.values - want) <= 1.96 * est.m_coherence_stderr.values
                for est, want in ((whole, exact[0]), (subset, exact[1]))]
     for c in covered:
-        assert c.shape == (seeds,) and 0.9 <= c.mean() <= 0.99, c.mean()
+        assert c.shape == (seeds,) and 0.88 <= c.mean() <= 0.99, c.mean()
 
 
 @pytest.fixture(scope="module")
