@@ -336,7 +336,7 @@ def _running_stats(name: str, bound: dict, x: torch.Tensor, go: torch.Tensor) ->
         return False
     stats = (bound["running_mean"], bound["running_var"])
     return all(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and tuple(s.shape) == (x.shape[1],)
-               for s in stats) and x[0, 0].numel() >= _FUSED_MIN_POSITIONS
+               for s in stats) and x.shape[2:].numel() >= _FUSED_MIN_POSITIONS  # (shape: no select ops)
 
 
 _FUSED_MIN_POSITIONS = 16

@@ -5,7 +5,9 @@ For every ``nn.Conv2d`` call of a zoo model's forward (bench_overhead.py sizes),
 that materialise, :func:`gradcoh.logger.ops.conv.per_example_weight_grad` timed alone (median of 7, interleaved
 with ``--before``'s when given: an older ``logger/ops/conv.py``), with the number of ATen ops each call dispatches.
 Counts per model: per-example multiply-adds done by the chosen routes (materialised ``n·T·rows·cols``, factored
-ghost norm ``n·T²·(rows + cols)``) against the minimum of the two per call, and the calls above that minimum.
+ghost norm ``n·T²·(rows + cols)``) against the minimum of the two per call, and the calls above that minimum; for the
+factored calls, the Gram multiply-adds and im2col bytes of the formed patches against the map-Gram route where it is
+chosen (:class:`gradcoh.logger.ops.conv.Patches`).
 
     git show 348fef5:logger/ops/conv.py > /tmp/conv_before.py
     python scripts/bench_conv_routes.py --models timm-convnext,timm-efficientnet,timm-resnet \\
@@ -28,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_overhead import default_batch, make_zoo_case
 from gradcoh.logger import costs
+from gradcoh.logger import ghost as ghost_norms
 from gradcoh.logger.grads import materialise_is_cheaper
 from gradcoh.logger.ops import conv as conv_ops
 
@@ -75,6 +78,29 @@ def _medians(fns: list[Callable], reps: int = 7) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def _gram_counts(m: nn.Conv2d, x: torch.Tensor, out_shape: tuple) -> tuple[float, int, float, int, bool]:
+    """A factored call's (Gram multiply-adds, im2col bytes) from formed patches, then now, and whether the map's
+    Gram is the route now."""
+    xp, pad = conv_ops._explicit_padding(m, x)
+    p = conv_ops.Patches(xp, tuple(m.kernel_size), tuple(m.dilation), tuple(pad), tuple(m.stride),
+                         tuple(out_shape[2:]))
+    n, rows, t = x.shape[0], m.out_channels, out_shape[2] * out_shape[3]
+    view = all(k == 1 for k in m.kernel_size) and not any(pad)  # the input itself: no copy
+    macs = n * ghost_norms.ghost_macs(t, rows, p.cols + (m.bias is not None))
+    size = 0 if view else n * t * p.cols * x.element_size()
+    if not p.map_route(rows):
+        return macs, size, macs, size, False
+    s_in = xp.shape[2] * xp.shape[3]
+    return macs, size, n * (s_in * s_in * xp.shape[1] + t * t * rows), 0, True
+
+
+def _print_gram(factored: list[tuple[float, int, float, int, bool]]) -> None:
+    total = [sum(c[i] for c in factored) for i in range(5)]
+    print(f"factored calls' Gram multiply-adds: {total[0] / 1e6:.0f} M from formed patches, {total[2] / 1e6:.0f} M "
+          f"now ({total[4]} calls by the map's Gram); im2col {total[1] / 1e6:.1f} MB -> {total[3] / 1e6:.1f} MB "
+          "per step")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="timm-convnext,timm-efficientnet,timm-resnet")
@@ -95,7 +121,7 @@ def main() -> None:
             h.remove()
         done = minimum = 0
         above, ms, ops = [], {"before": 0.0, "now": 0.0}, {"before": 0, "now": 0}
-        materialised = 0
+        materialised, factored = 0, []
         for m, x, out_shape in calls:
             n, rows, t, cols = x.shape[0], m.out_channels, out_shape[2] * out_shape[3], m.weight[0].numel()
             ghost, mat = n * t * t * (rows + cols), n * t * rows * cols
@@ -106,6 +132,7 @@ def main() -> None:
                 above.append(f"{tuple(x.shape)} k{m.kernel_size[0]} g{m.groups}: {min(ghost, mat) / 1e6:.1f} M "
                              f"-> {(mat if chosen else ghost) / 1e6:.1f} M")
             if not chosen:
+                factored.append(_gram_counts(m, x, out_shape))
                 continue
             materialised += 1
             delta = torch.randn(out_shape)
@@ -125,6 +152,7 @@ def main() -> None:
               f"routes per call; above it ({len(above)} calls, grouped convolutions have no factored route):")
         for line in above:
             print("   ", line)
+        _print_gram(factored)
 
 
 if __name__ == "__main__":
