@@ -144,7 +144,7 @@ class LayerCapture:
         axis, r = (0, custom(source.module, args, kwargs, uses.layout, self._state.n)) if custom else \
             self._rows_per_example(source, first, uses.layout(first))
         detached = map_tensors(args, kwargs, torch.Tensor.detach)
-        slot = uses.slots.get(output) if isinstance(output, torch.Tensor) else None
+        slot = uses.slot_of(output, getattr(source.module, "weight", None))
         call = Call(source, detached[0], detached[1], [(a, a._version) for a in leaves], r, axis, slot=slot)
         saver = getattr(source.rule, "forward_stats", None)
         if saver is not None and len(outs) == 1 and not saved_tensors_hooked():  # (unpacking would run the hooks)

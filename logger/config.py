@@ -77,14 +77,19 @@ class LoggerConfig:
         reference_every: Recompute the reference gradient at a logged step when at least this many steps have
             passed since it was last computed (1: at every logged step); between, the last one is reused and
             ``ref_step`` says which.
-        fused: Fused mode (:mod:`gradcoh.logger.fused`) for ``nn.Linear`` and convolution layers: on logged steps
-            the batch weight gradient of a call whose per-example gradients are materialised anyway, or where
-            materialising them costs less than the factored route once the weight-gradient GEMM it spares is counted
-            (a fixed cost model of the shapes: the same choice on every machine), is summed from them instead of a
-            second GEMM, so that weight's ``.grad`` equals the unfused path's to the rounding of its ``n·T``-term sum,
-            not bitwise (every other ``.grad`` bitwise). Calls under autocast or saved-tensor hooks (non-reentrant
-            checkpointing) are not fused. Off by default (every ``.grad`` bitwise as without gradcoh): the zoo
-            benchmark does not show it faster on every model it fuses (docs/benchmarks.md, 2026-12-03).
+        fused: Fused mode (:mod:`gradcoh.logger.fused`) for ``nn.Linear``, convolution and Hugging Face ``Conv1D``
+            layers: on logged steps a fused call's batch weight gradient is summed from its per-example gradients
+            (``Σ_n G_n``) instead of autograd's second GEMM, so that weight's ``.grad`` equals the unfused path's to
+            the rounding of its ``n·T``-term sum, not bitwise (every other ``.grad`` bitwise). ``"auto"`` (default):
+            only the calls whose per-example weight gradients the step materialises anyway (grouped convolutions,
+            many-position convolutions, Linears whose sketch projection needs them), and only where the spared GEMM
+            pays the fused call's fixed cost (a fixed cost model of the shapes: the same calls on every machine) —
+            it only removes work. True: also materialise factored ones where that costs less once the spared GEMM is
+            counted (slower than ``"auto"`` on transformers' exact statistics, docs/benchmarks.md). False: every
+            ``.grad`` bitwise as without gradcoh. Calls under autocast or saved-tensor hooks (non-reentrant
+            checkpointing) are never fused. The reconciliation guard cannot see an error in a fused weight's
+            per-example sum (its ``.grad`` is that sum): ``verify_every`` checks one example against its true
+            gradient, which covers it.
         batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
             dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
             first tensor argument only; any other input is a constant shared by every example (prototypes, a
@@ -123,7 +128,7 @@ class LoggerConfig:
     alignment: bool = False
     reference_size: int = 0
     reference_every: int = 1
-    fused: bool = False
+    fused: bool | str = "auto"
     batch_inputs: tuple[int | str, ...] = ()
     verify_every: int = 100
     guard_every: int = 4
@@ -145,9 +150,10 @@ class LoggerConfig:
         if any(isinstance(k, bool) or not isinstance(k, int | str) or (isinstance(k, int) and k < 0) for k in inputs):
             raise ValueError(f"batch_inputs must be positions (int >= 0) or keyword names, got {self.batch_inputs!r}")
         object.__setattr__(self, "batch_inputs", inputs)
-        for name in ("alignment", "fused"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.alignment, bool):
+            raise ValueError(f"alignment must be True or False, got {self.alignment!r}")
+        if not isinstance(self.fused, bool) and self.fused != "auto":
+            raise ValueError(f"fused must be 'auto', True or False, got {self.fused!r}")
         if self.flush_secs <= 0:
             raise ValueError(f"flush_secs must be positive, got {self.flush_secs!r}")
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .fused import fusable_weights
+from .fused import FusedLevel, fusable_weights
+from .sketch import Form
 from .step import StepState, end_of_backward
 from .tracker import LayerTracker
 from .uses import Use, UseTracker
@@ -111,10 +112,11 @@ class StepRecorder:
     Args:
         model: The model (its outermost call defines the batch).
         trackers: The layer trackers.
-        fused: Fused mode (:mod:`gradcoh.logger.fused`) for the eligible Linear and convolution layers.
+        fused: Fused mode's level (:mod:`gradcoh.logger.fused`: ``"auto"``, True, False) for the eligible Linear,
+            convolution and ``Conv1D`` layers.
     """
 
-    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: bool = False,
+    def __init__(self, model: nn.Module, trackers: list[LayerTracker], fused: FusedLevel = "auto",
                  batch_inputs: tuple = ()) -> None:
         self.model = model
         self.trackers = trackers
@@ -122,7 +124,14 @@ class StepRecorder:
         self.names = {id(m): name or type(m).__name__ for name, m in model.named_modules()}
         self.params = {id(p): p for t in trackers for p in t.params}
         self.fused = fusable_weights([t.plan for t in trackers]) if fused else frozenset()
+        self.fused_level = fused
+        self._owners = {id(p): (t, i) for t in trackers for i, p in enumerate(t.params) if id(p) in self.fused}
         self.modules = self._hooked_modules()
+
+    def _sketch_kind(self, weight: int, form: Form) -> tuple[str, int] | None:
+        """Fused mode: ``(kind, k)`` of a fused weight's sketch projection (:meth:`LayerTracker.sketch_kind`)."""
+        tracker, i = self._owners[weight]
+        return tracker.sketch_kind(i, form)
 
     def _hooked_modules(self) -> dict[int, tuple[nn.Module, frozenset[int] | None]]:
         """The root, every module with a rule (with the parameter ids its rule covers) and every observed module."""
@@ -151,7 +160,7 @@ class StepRecorder:
         """
         from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
         uses = UseTracker(self.params, self._on_use, self._on_use_grad, self.fused, self._on_mixed,
-                          self.batch_inputs)
+                          self.batch_inputs, fused_level=self.fused_level, sketch_kind=self._sketch_kind)
         device = self.trackers[0].params[0].device
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
                           from_grad=from_grad, keep_forms=keep_forms, device=device, trackers=self.trackers)

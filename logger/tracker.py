@@ -44,7 +44,7 @@ from .grads import (
 )
 from .plan import LayerPlan, Source
 from .results import LayerResults, MicroStats, dots, guard_vectors
-from .sketch import Projection, ProjectionTable
+from .sketch import Form, Projection, ProjectionTable, choose_projection
 from .usegrads import use_gradients
 from .uses import Use
 
@@ -152,7 +152,7 @@ class LayerTracker:
                 self.results.saw_half_precision()
             grad = combine([fold(self._run_rule(source, c), c.r) for c in group])
             self.results.terms += sum(g.numel() for c in group for g in c.grads if g is not None)
-            if len(group) == 1 and group[0].slot is not None:
+            if len(group) == 1 and group[0].slot is not None:  # (the projection's kind from the rule's form first)
                 grad = fill_slot(grad, group[0].slot, self._weight_projector(source, grad, j))
             out += [(p, form) for p, form in zip(source.params, split_params(grad, self.views[j]), strict=True)
                     if form is not None]
@@ -164,6 +164,21 @@ class LayerTracker:
             return None
         i = self.index[id(source.params[0])]
         return self.projector(i, [split_params(grad, self.views[j])[0]])
+
+    def sketch_kind(self, i: int, form: Form) -> tuple[str, int] | None:
+        """``(kind, k)`` of parameter ``i``'s sketch projection, for fused mode's forward; None without sketches.
+
+        The kind it has, or, if not chosen yet, the one it will get from ``form`` (its rule's form at the first step:
+        :meth:`_weight_projector`).
+        """
+        if not self.sketch_dim:
+            return None
+        if self.projectors[i] is not None:
+            return self.projectors[i].kind, self.sketch_dim
+        name = self.plan.param_names[i]
+        kind = self.projections.kinds.get(name) or choose_projection(natural_view(self.shapes[i]), self.sketch_dim,
+                                                                     [form])
+        return kind, self.sketch_dim
 
     def _run_rule(self, source: Source, call: Call) -> LayerGrad:
         """One call's per-example gradient from its module's rule; a crash inside a rule becomes a clear refusal.

@@ -36,7 +36,19 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .arguments import op_name, tensor_args
 from .attention import multi_head_attention_forward
 from .derived import DROPOUTS, Derivations, Origin
-from .fused import CONV_FUNCTIONS, FusedConv, FusedLinear, Slot, call_is_fused, conv_arguments, saved_tensors_hooked
+from .fused import (
+    CONV_FUNCTIONS,
+    FusedAddmm,
+    FusedConv,
+    FusedLevel,
+    FusedLinear,
+    SketchKind,
+    Slot,
+    addmm_arguments,
+    call_is_fused,
+    conv_arguments,
+    saved_tensors_hooked,
+)
 from .layout import CONSTANT, Layout, Reduced, Unknown, propagate
 from .ops import norm
 from .selection import setitem_layout
@@ -185,7 +197,8 @@ class UseTracker(TorchFunctionMode):
 
     def __init__(self, params: dict[int, torch.nn.Parameter], on_use: Callable[[Use], None],
                  on_grad: Callable[[Use], None], fused: frozenset[int] = frozenset(),
-                 on_mixed: Callable[[str, str], None] | None = None, batch_inputs: tuple = ()) -> None:
+                 on_mixed: Callable[[str, str], None] | None = None, batch_inputs: tuple = (), *,
+                 fused_level: FusedLevel = "auto", sketch_kind: SketchKind | None = None) -> None:
         super().__init__()
         self.on_mixed = on_mixed  # called with (op, module) when a gradient flows through an op that mixes examples
         self.batch_inputs = batch_inputs  # positions / keyword names of the model inputs that carry the batch
@@ -193,7 +206,8 @@ class UseTracker(TorchFunctionMode):
         self.verifying = False  # the verifier's extra backward pass is running: hooks ignore it
         self.on_reduced: Callable | None = None  # called with (scalar, op, func, args, kwargs) of a batch reduction
         self.params = params
-        self.fused = fused  # weights whose F.linear calls run through FusedLinear (fused mode)
+        self.fused = fused  # weights whose F.linear/conv/addmm calls may run through a fused Function (fused mode)
+        self.fused_level, self.sketch_kind = fused_level, sketch_kind  # which calls (gradcoh.logger.fused)
         self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output of a fused call -> its Slot
         self.on_use = on_use
         self.on_grad = on_grad
@@ -293,7 +307,8 @@ class UseTracker(TorchFunctionMode):
         rng = None
         if not self._paused and op_name(func) in DROPOUTS and args and self.derivations.is_derived(args[0]):
             rng = torch.cuda.get_rng_state(args[0].device) if args[0].is_cuda else torch.get_rng_state()
-        if self.fused and not self._paused and len(args) > 1 and id(args[1]) in self.fused:
+        if self.fused and not self._paused and len(args) > 1 and (
+                id(args[1]) in self.fused or (func is torch.addmm and len(args) > 2 and id(args[2]) in self.fused)):
             return self._fused(func, args, kwargs), rng
         return func(*args, **kwargs), rng
 
@@ -314,21 +329,44 @@ class UseTracker(TorchFunctionMode):
                 self._watch(o, op_name(func))
 
     def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
-        """A Linear or convolution call of a fused weight, through its fused Function (with a new slot)."""
+        """A Linear, convolution or ``Conv1D`` call of a fused weight: through its fused Function (a new slot) if fused.
+
+        Whether: :func:`~gradcoh.logger.fused.call_is_fused`.
+        """
         conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
-        if func is not F.linear and conv is None:
+        addmm = addmm_arguments(args, kwargs) if func is torch.addmm else None
+        if func is not F.linear and conv is None and addmm is None:
             return func(*args, **kwargs)
-        x, weight, bias = conv[:3] if conv is not None else _linear_arguments(*args, **kwargs)
-        if not call_is_fused(self.n or 0, x, weight, bias, conv):
+        if addmm is not None:
+            bias, x, weight = addmm
+        else:
+            x, weight, bias = conv[:3] if conv is not None else _linear_arguments(*args, **kwargs)
+        if not call_is_fused(self.n or 0, x, weight, bias, conv, level=self.fused_level, sketch=self.sketch_kind,
+                             transposed=addmm is not None):
             return func(*args, **kwargs)
-        slot = Slot()
+        slot = Slot(id(weight), planned=self.fused_level == "auto")
         with self.paused():  # the Function's own call is not a use
-            if conv is None:
+            if addmm is not None:
+                out = FusedAddmm.apply(bias, x, weight, slot)
+            elif conv is None:
                 out = _apply_fused_linear(slot, *args, **kwargs)
             else:
                 out = FusedConv.apply(*conv[:3], slot, *conv[3:])
         self.slots[out] = slot
         return out
+
+    def slot_of(self, output: Any, weight: torch.Tensor | None) -> Slot | None:
+        """The :class:`~gradcoh.logger.fused.Slot` of a module call's ``output``, if its fused op used ``weight``.
+
+        Also of the tensor ``output`` views: a ``Conv1D`` returns a view of its ``addmm``.
+        """
+        if not self.slots or not isinstance(output, torch.Tensor) or weight is None:
+            return None
+        with self.paused():  # reading ._base is not an op of the model
+            slot = self.slots.get(output)
+            if slot is None and output._base is not None:
+                slot = self.slots.get(output._base)
+        return slot if slot is not None and slot.weight == id(weight) else None
 
     def _observe(self, func: Callable, args: tuple, kwargs: dict, out: Any, data: list, diff: list) -> None:
         outs = _tensors(out)

@@ -8,6 +8,11 @@ positions ``T``, measured ms per step (median over steps) and the cost model's m
 
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --steps 3
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --check-choice   # model vs measured
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --counts --blocks 8,4   # counts per B
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --ab-blocks 8,4 --reps 7  # whole step
+
+``--blocks`` and ``--ab-blocks`` set :data:`~gradcoh.logger.sketch.TENSORSKETCH_BLOCKS` for a comparison only (a
+store's projections follow the constant of the gradcoh that wrote it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -123,28 +129,36 @@ def report(args: argparse.Namespace, per_step: list[dict], plain_ms: float, batc
 
 def check_choice(args: argparse.Namespace) -> None:
     """For every factored per-example gradient of one logged step: both classes' factored routes timed on random
-    factors of its shapes (fastest of ``--reps``, interleaved) against the kind the cost model chose."""
+    factors of its shapes (fastest of ``--reps``, interleaved, thread CPU time) against the kind the cost model
+    chose; with ``--blocks``, the TensorSketch mean once per number of blocks (the choice at the current count)."""
     seen, batch = first_step_forms(args)
     k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
+    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [sketch.TENSORSKETCH_BLOCKS]
     forms = {(view, t): kind for (_, view), (kind, fs) in seen.items() for route, t in fs
              if route == "factored" and min(view) > 1 and view[0] * view[1] > k}
-    print(f"# {args.model}, batch {batch}, k {k}: factored forms, fastest of {args.reps} (ms)")
-    print("| view | T | chosen | countsketch ms (model) | tensorsketch ms (model) | cheaper measured |")
-    print("|---|---:|---|---:|---:|---|")
+    ts = [f"tensorsketch B={b}" for b in blocks]
+    print(f"# {args.model}, batch {batch}, k {k}: factored forms, fastest of {args.reps} (ms thread CPU; model)")
+    print(f"| view | T | chosen | countsketch | {' | '.join(ts)} | cheaper measured |")
+    print(f"|---|---:|---|---:|{'---:|' * len(ts)}---|")
     for ((rows, cols), t), kind in sorted(forms.items()):
         u, v = torch.randn(batch, t, rows, generator=gen), torch.randn(batch, t, cols, generator=gen)
-        projs = {name: cls(0, "w", (rows, cols), k) for name, cls in sketch.PROJECTIONS.items()}
+        projs, model_ms = {}, {}
+        for name, b in [("countsketch", blocks[0]), *zip(ts, blocks, strict=True)]:
+            set_blocks(b)
+            cls = sketch.CountSketch if name == "countsketch" else sketch.TensorSketchMean
+            projs[name] = (cls(0, "w", (rows, cols), k), b)
+            model_ms[name] = modelled_ms(cls.kind, (rows, cols), k, ("factored", t), batch)
         best = dict.fromkeys(projs, float("inf"))
         for _ in range(args.reps):
-            for name, proj in projs.items():
-                start = time.perf_counter()
+            for name, (proj, b) in projs.items():
+                set_blocks(b)
+                start = time.thread_time()
                 proj.factored(u, v)
-                best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
-        model_ms = {name: modelled_ms(name, (rows, cols), k, ("factored", t), batch) for name in projs}
+                best[name] = min(best[name], (time.thread_time() - start) * 1e3)
+        set_blocks(blocks[0])
         fastest = min(best, key=best.get)
-        print(f"| {rows}×{cols} | {t} | {kind} | {best['countsketch']:.2f} ({model_ms['countsketch']:.2f}) | "
-              f"{best['tensorsketch']:.2f} ({model_ms['tensorsketch']:.2f}) | {fastest}"
-              f"{'' if fastest == kind else ' (model chose the other)'} |")
+        cells = " | ".join(f"{best[name]:.2f} ({model_ms[name]:.2f})" for name in projs)
+        print(f"| {rows}×{cols} | {t} | {kind} | {cells} | {fastest} |")
 
 
 def first_step_forms(args: argparse.Namespace) -> tuple[dict, int]:
@@ -172,11 +186,36 @@ def first_step_forms(args: argparse.Namespace) -> tuple[dict, int]:
     return seen, batch
 
 
+def set_blocks(blocks: int) -> None:
+    """Average ``blocks`` TensorSketches from now on (hashes, routes and the cost model) — for comparisons only."""
+    sketch.TENSORSKETCH_BLOCKS = blocks
+    sketch.TensorSketchMean.blocks = blocks
+
+
 def counts(args: argparse.Namespace) -> None:
     """The operations that bound a logged step's sketch: scattered adds, real FFTs of size k, and the multiply-adds
-    of materialising factored gradients for a CountSketch (forms as the first step's choice saw them)."""
+    of materialising factored gradients for a CountSketch (forms as the first step's choice saw them). With
+    ``--blocks``, for each number of TensorSketch blocks, the kinds re-chosen from the same forms, and the
+    parameters whose kind differs from the first."""
     seen, n = first_step_forms(args)
-    k, blocks = args.sketch_dim, sketch.TENSORSKETCH_BLOCKS
+    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [sketch.TENSORSKETCH_BLOCKS]
+    first = None
+    for b in blocks:
+        set_blocks(b)
+        kinds = {key: sketch.choose_projection(key[1], args.sketch_dim, forms) for key, (_, forms) in seen.items()}
+        count_kinds(args, {key: (kinds[key], forms) for key, (_, forms) in seen.items()}, n, b)
+        if first is None:
+            first = kinds
+            continue
+        changed = [f"{name} {view[0]}×{view[1]} T={','.join(str(t) for _, t in seen[(name, view)][1])}: "
+                   f"{first[(name, view)]} → {kind}"
+                   for (name, view), kind in kinds.items() if kind != first[(name, view)]]
+        print(f"# B = {b}: {len(changed)} parameters change kind" + "".join(f"\n#   {c}" for c in changed))
+
+
+def count_kinds(args: argparse.Namespace, seen: dict, n: int, blocks: int) -> None:
+    """Print the counts of one choice ``{(name, view): (kind, forms)}`` with ``blocks`` TensorSketch blocks."""
+    k = args.sketch_dim
     tally: dict[str, float] = {"countsketch scattered adds": 0.0, "countsketch materialise multiply-adds": 0.0,
                                "tensorsketch scattered adds": 0.0, "tensorsketch FFTs (size k)": 0.0}
     for (_, (rows, cols)), (kind, forms) in seen.items():
@@ -188,10 +227,13 @@ def counts(args: argparse.Namespace) -> None:
             elif route == "factored":
                 tally["tensorsketch scattered adds"] += blocks * n * t * (rows + cols)
                 tally["tensorsketch FFTs (size k)"] += 2 * blocks * n * t + n
+            elif route == "indexed":
+                tally["tensorsketch scattered adds"] += blocks * n * t * (cols + k)
+                tally["tensorsketch FFTs (size k)"] += blocks * n * t
             else:
-                tally["tensorsketch scattered adds"] += blocks * n * (t * cols if route == "indexed" else rows * cols)
+                tally["tensorsketch scattered adds"] += blocks * n * (rows * cols + 3 * rows * k)
     parts = "; ".join(f"{key} {value / 1e6:.3g} M" for key, value in tally.items())
-    print(f"# {args.model}, batch {n}, k {k}: {parts}")
+    print(f"# {args.model}, batch {n}, k {k}, B {blocks}: {parts}")
     # The same counts weighed with the fixed SKETCH_COSTS: the sketch's modelled increment over the exact step. A
     # CountSketch's factored forms are materialised by the mixed rule where that is cheaper with the sketch, which
     # spares the ghost norm the exact step computes (T²·(rows + cols) multiply-adds per example, T > 1).
@@ -208,6 +250,51 @@ def counts(args: argparse.Namespace) -> None:
     print(f"# modelled increment (SKETCH_COSTS, ms per step): {line}; total {total:.1f}{bound}")
 
 
+def ab_blocks(args: argparse.Namespace) -> None:
+    """Whole logged steps, interleaved in one process: plain, exact, and one logger per number of TensorSketch
+    blocks in ``--ab-blocks`` (each makes its choices and hashes with its own count at its first step). Medians over
+    ``--reps`` steps after a warm-up, as × the plain step, in the main thread's CPU time (``time.thread_time``:
+    other processes on a shared machine disturb it far less than wall time) and in wall time."""
+    batch = args.batch or default_batch(args.model)
+    case = make_zoo_case(args.model, batch, 0, "cpu")
+    model, loss = case["models"]["default"], case["loss"]
+    blocks = [int(b) for b in args.ab_blocks.split(",")]
+    methods: dict[str, int | None] = {"plain": None, "exact": 0, **{f"k{args.sketch_dim} B={b}": b for b in blocks}}
+    times: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = {m: GradientLogger(model, Path(tmp) / f"{i}.zarr", sketch_dim=args.sketch_dim if b else 0,
+                                  mode="overwrite") for i, (m, b) in enumerate(methods.items()) if b is not None}
+        for rep in range(args.reps + 1):
+            for m, b in methods.items():
+                model.zero_grad(set_to_none=True)
+                if b:
+                    set_blocks(b)
+                wall, cpu = time.perf_counter(), time.thread_time()
+                if b is None:
+                    loss(model, case["batch"]).mean().backward()
+                else:
+                    with logs[m].record(rep):
+                        loss(model, case["batch"]).mean().backward()
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+                if b is not None:
+                    logs[m].flush()  # the writer finishes outside the timed region
+                if rep:
+                    times[m][0].append(cpu)
+                    times[m][1].append(wall)
+        tensorsketches = {m: sum(p is not None and p.kind == "tensorsketch" for t in g.trackers for p in t.projectors)
+                          for m, g in logs.items()}
+        for g in logs.values():
+            g.close()
+    plain = [statistics.median(x) for x in times["plain"]]
+    print(f"# {args.model}, batch {batch}, {args.reps} steps each, interleaved; plain {plain[0] * 1e3:.0f} ms thread "
+          f"CPU, {plain[1] * 1e3:.0f} ms wall; load {os.getloadavg()[0]:.2f}")
+    print("| method | thread CPU × plain | wall × plain | TensorSketch parameters |\n|---|---:|---:|---:|")
+    for m in methods:
+        if m != "plain":
+            cpu, wall = (statistics.median(x) / p for x, p in zip(times[m], plain, strict=True))
+            print(f"| {m} | {cpu:.2f} | {wall:.2f} | {tensorsketches[m]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="timm-resnet")
@@ -220,6 +307,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--counts", action="store_true", help="operation counts of the first step's sketch")
     ap.add_argument("--plain-ms", type=float, default=0.0, help="with --counts: a plain step (ms) to divide by")
+    ap.add_argument("--blocks", default="",
+                    help="with --counts or --check-choice: comma list of TensorSketch block counts to compare")
+    ap.add_argument("--ab-blocks", default="", help="whole-step A/B of these TensorSketch block counts, e.g. 8,4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -228,6 +318,9 @@ def main() -> None:
         return
     if args.counts:
         counts(args)
+        return
+    if args.ab_blocks:
+        ab_blocks(args)
         return
     times: dict[tuple, float] = {}
     instrument(times, {})

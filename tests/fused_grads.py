@@ -1,10 +1,11 @@
 """``.grad`` of a logged step against a plain step's: bitwise, except the weights fused mode summed.
 
-Fused mode (gradcoh.logger.fused, opt-in: ``fused=True``) takes a Linear or convolution call's weight gradient from the
-per-example gradients it materialised: the same ``n·T`` products as autograd's weight-gradient GEMM, summed in
-another order, so both are rounded sums of the same terms and differ by at most ``bound(2·n·T)`` times the sum of the
-terms' magnitudes (``Σ_{n,t} |δ_nt| |x_nt|ᵀ`` per entry, computed here in float64 from the plain step's own inputs and
-output gradients). Every other parameter, and a fused weight whose call kept autograd's op, must be bitwise equal.
+Fused mode (gradcoh.logger.fused: ``fused="auto"``, the default, or ``fused=True``) takes a Linear, convolution or
+Hugging Face ``Conv1D`` call's weight gradient from the per-example gradients it materialised: the same ``n·T``
+products as autograd's weight-gradient GEMM, summed in another order, so both are rounded sums of the same terms and
+differ by at most ``bound(2·n·T)`` times the sum of the terms' magnitudes (``Σ_{n,t} |δ_nt| |x_nt|ᵀ`` per entry,
+computed here in float64 from the plain step's own inputs and output gradients). Every other parameter, and a fused
+weight whose call kept autograd's op, must be bitwise equal.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 
 _FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _fusable(mod: nn.Module) -> bool:
+    """Linear, convolution, or Hugging Face ``Conv1D`` (GPT-2: ``addmm(bias, x, weight)``, weight ``[in, out]``)."""
+    return type(mod) in _FUSABLE or type(mod).__name__ == "Conv1D"
+
+
 def weight_grad_terms(model: nn.Module, run: Callable[[], None],
                       names: set[str] | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """Run ``run`` (a plain forward and backward of ``model``) and return, for each Linear/convolution weight (those
@@ -27,7 +33,7 @@ def weight_grad_terms(model: nn.Module, run: Callable[[], None],
     seen: dict[str, list] = {}
     hooks = []
     for name, mod in model.named_modules():
-        if type(mod) not in _FUSABLE or (names is not None and f"{name}.weight" not in names):
+        if not _fusable(mod) or (names is not None and f"{name}.weight" not in names):
             continue
 
         def keep(m, args, out, name=name):
@@ -60,6 +66,9 @@ def _terms(m: nn.Module, x: torch.Tensor, go: torch.Tensor) -> tuple[torch.Tenso
     """``(Σ_{n,t} |δ_nt| |x_nt|ᵀ, n·T)`` of one call (None: a call fused mode never fuses)."""
     if isinstance(m, nn.Linear):
         return (torch.einsum("...o,...f->of", go.abs().double(), x.abs().double()),
+                x.numel() // x.shape[-1])
+    if type(m).__name__ == "Conv1D":  # weight [in, out]
+        return (torch.einsum("...f,...o->fo", x.abs().double(), go.abs().double()),
                 x.numel() // x.shape[-1])
     nd = x.dim() - 2
     pad = m.padding

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.fused import call_is_fused, conv_arguments, fused_is_cheaper
+from gradcoh.logger.grads import Dense, Factored
 from oracle import assert_stats, open_logged, per_example_grads_loop
 from test_exact import sq_loss
 from tolerance import chain_length
@@ -41,17 +42,17 @@ def test_a_convolution_is_judged_by_its_output_positions(x_shape, conv):
     func = {2: F.conv2d, 1: F.conv1d}[x.dim() - 2]
     args = conv_arguments(func, (x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups), {})
     want = fused_is_cheaper(n, positions, conv.weight.shape[0], conv.weight[0].numel() + 1, 4)
-    assert call_is_fused(n, x, conv.weight, conv.bias, args) is want
+    assert call_is_fused(n, x, conv.weight, conv.bias, args, level=True) is want
 
 
 def test_grouped_convolutions_and_linears_by_positions():
     w = torch.randn(8, 1, 3, 3)
     x = torch.randn(2, 8, 6, 6)
     args = conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 8), {})
-    assert call_is_fused(2, x, w, None, args)  # depthwise: materialised anyway
+    assert call_is_fused(2, x, w, None, args, level=True)  # depthwise: materialised anyway
     lin = torch.randn(256, 256)
-    assert not call_is_fused(8, torch.randn(8, 256), lin, None)
-    assert call_is_fused(8, torch.randn(8, 128, 256), lin, None)
+    assert not call_is_fused(8, torch.randn(8, 256), lin, None, level=True)
+    assert call_is_fused(8, torch.randn(8, 128, 256), lin, None, level=True)
 
 
 def test_one_position_layers_keep_autograds_op_bitwise(tmp_path):
@@ -164,7 +165,7 @@ def test_autocast_convolution_keeps_autograds_op(tmp_path, monkeypatch):
     seen = _count_fused_calls(monkeypatch)
     with GradientLogger(model, tmp_path / "s.zarr", fused=True) as glog:
         assert call_is_fused(6, x, model[0].weight, model[0].bias, conv_arguments(
-            F.conv2d, (x, model[0].weight, model[0].bias, 1, 1, 1, 1), {}))  # fused without autocast
+            F.conv2d, (x, model[0].weight, model[0].bias, 1, 1, 1, 1), {}), level=True)  # fused without autocast
         with glog.record(0):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x)
@@ -173,3 +174,101 @@ def test_autocast_convolution_keeps_autograds_op(tmp_path, monkeypatch):
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
     assert bool(open_logged(tmp_path / "s.zarr").finite.values.all())
+
+
+def _linear_stack():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 160), nn.Tanh(), nn.Linear(160, 160), nn.Tanh(),
+                         nn.Linear(160, 3))
+
+
+@pytest.mark.parametrize("sketch_dim", [0, 16, 64])
+def test_auto_fuses_exactly_what_the_unfused_route_materialises(sketch_dim, tmp_path, monkeypatch):
+    """Level "auto" (the default): the calls fused at the forward are exactly those whose per-example weight
+    gradients the unfused step materialises (the rule's Dense or choose_route's choice with the weight's sketch
+    projection), with the kernel costs both weigh fixed to SKETCH_COSTS and the fixed-cost threshold at 0; every
+    fused slot is filled; the projection kinds are those of an unfused run; .grad equals the plain step's to the
+    rounding of the fused sums, every other .grad bitwise; statistics exact against the float64 loop."""
+    from fused_grads import assert_training_grads, weight_grad_terms
+    from gradcoh.logger import grads as grads_module
+    from gradcoh.logger import tracker as tracker_module
+    from gradcoh.logger.costs import SKETCH_COSTS
+
+    monkeypatch.setattr("gradcoh.logger.fused.spares_enough", lambda *shape: True)
+    monkeypatch.setattr(grads_module, "kernel_costs", lambda device, dtype: SKETCH_COSTS)
+    x, y = torch.randn(5, 40, 6), torch.randn(5, 40, 3)
+    real_route, real_fill = grads_module.choose_route, tracker_module.fill_slot
+    runs = {}
+    for level in (False, "auto"):
+        model = _linear_stack()
+        materialised, filled = set(), []
+
+        def route(grad, projector, materialised=materialised):
+            out = real_route(grad, projector)
+            if isinstance(out, Dense) and isinstance(grad, Factored) and grad.u is not None:
+                materialised.add((grad.n_rows, grad.n_cols))
+            return out
+
+        def fill(grad, slot, projector=None, filled=filled):
+            out = real_fill(grad, slot, projector)
+            filled.append(slot.weight_grad is not None)
+            return out
+
+        monkeypatch.setattr(tracker_module, "choose_route", route)
+        monkeypatch.setattr(tracker_module, "fill_slot", fill)
+        with GradientLogger(model, tmp_path / f"{level}.zarr", fused=level, sketch_dim=sketch_dim) as glog:
+            with glog.record(0):
+                sq_loss(model(x), y).mean().backward()
+            kinds = {n: p.kind for t in glog.trackers for n, p in zip(t.plan.param_names, t.projectors,
+                                                                      strict=True) if p is not None}
+        runs[level] = (model, materialised, filled, kinds)
+    unfused_materialised = runs[False][1]
+    model, left, filled, kinds = runs["auto"]
+    assert len(filled) == len(unfused_materialised) and all(filled)  # fused exactly those, every slot filled
+    assert not left  # (the fused ones reach the route materialised already: none left to materialise)
+    assert kinds == runs[False][3]
+    plain = _linear_stack()
+    terms = weight_grad_terms(plain, lambda: sq_loss(plain(x), y).mean().backward())
+    fused_ids = {id(m.weight) for m in model if isinstance(m, nn.Linear)
+                 and (m.out_features, m.in_features) in unfused_materialised}
+    assert_training_grads(model, plain, fused_ids, terms, "auto")
+    assert_training_grads(runs[False][0], plain, set(), terms, "off")  # fused=False: every .grad bitwise
+    if sketch_dim == 0:
+        assert (12, 6) in unfused_materialised and (160, 160) not in unfused_materialised  # ghost norm 8× cheaper
+    ds = open_logged(tmp_path / "auto.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=40),
+                 what="auto")
+
+
+def test_auto_skips_calls_whose_gemm_does_not_pay_the_fused_call():
+    """"auto" fuses a call materialised anyway only where the GEMM it spares, n·T·rows·cols multiply-adds at
+    SKETCH_COSTS.gemm, reaches FUSED_CALL_NS plus the slot's sum, n·rows·cols elements at FUSED_SUM_NS (True and
+    False ignore it): a small depthwise convolution is refused by the fixed cost, a large one fused; a Linear whose
+    CountSketch materialises it is refused at T = 4 (the sum costs more than the GEMM) and fused at T = 64."""
+    from gradcoh.logger.costs import FUSED_CALL_NS, FUSED_SUM_NS, SKETCH_COSTS
+
+    def pays(n, t, rows, cols):
+        return SKETCH_COSTS.gemm * n * t * rows * cols >= FUSED_CALL_NS + FUSED_SUM_NS * n * rows * cols
+
+    w = torch.randn(64, 1, 3, 3)
+    small, big = torch.randn(2, 64, 8, 8), torch.randn(32, 64, 32, 32)
+    assert not pays(2, 64, 64, 9) and pays(32, 1024, 64, 9)
+    for x, want in ((small, False), (big, True)):
+        args = conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 64), {})
+        assert call_is_fused(x.shape[0], x, w, None, args) is want
+        assert call_is_fused(x.shape[0], x, w, None, args, level=True)
+        assert not call_is_fused(x.shape[0], x, w, None, args, level=False)
+    x = big.requires_grad_()  # its backward forms the weight gradient with the input's: nothing to spare
+    assert not call_is_fused(32, x, w, None, conv_arguments(F.conv2d, (x, w, None, 1, 1, 1, 64), {}))
+    lin, bias = torch.randn(1280, 320), torch.randn(1280)
+    seen = []
+
+    def countsketch(weight, form):
+        seen.append(form)
+        return "countsketch", 256
+
+    assert not pays(32, 4, 1280, 321) and pays(32, 64, 1280, 321)
+    assert not call_is_fused(32, torch.randn(32, 4, 320), lin, bias, sketch=countsketch)
+    assert call_is_fused(32, torch.randn(32, 64, 320), lin, bias, sketch=countsketch)
+    assert seen == [("factored", 64)]  # the sketch's kind asked for with the rule's form (after the cost check)
+    assert not call_is_fused(32, torch.randn(32, 64, 320), lin, bias)  # exact: the ghost norm, not materialised
