@@ -161,10 +161,17 @@ def group_norm_rule(module: nn.GroupNorm, args: tuple, kwargs: dict, grad_output
 
 
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, args: tuple, kwargs: dict, grad_outputs: tuple) -> Dense:
-    """``nn.BatchNorm1d/2d/3d``: exact with running statistics; per-example contributions with batch statistics."""
-    x = args[0]
+    """``nn.BatchNorm1d/2d/3d``: exact with running statistics; per-example contributions with batch statistics.
+
+    In eval mode with enough positions per channel, one batch-norm backward over (example, channel) pairs
+    (:func:`.ops.norm.running_affine`) instead of normalising, multiplying and summing.
+    """
+    x, go = args[0], grad_outputs[0]
+    if not uses_batch_stats(module) and norm.runs_fused(x, go, module.running_mean, module.running_var):
+        return norm.running_affine(x, go, module.running_mean, module.running_var, module.eps,
+                                   weight=_trains(module.weight), bias=_trains(module.bias))
     xhat = norm.batch_norm(x, module.running_mean, module.running_var, uses_batch_stats(module), module.eps)
-    return _affine(module, xhat, grad_outputs[0], tuple(range(2, x.dim())))
+    return _affine(module, xhat, go, tuple(range(2, x.dim())))
 
 
 def _trains(p: torch.Tensor | None) -> bool:

@@ -327,22 +327,13 @@ def _norm_use(use: Use, n: int) -> list | None:
 
 
 def _running_stats(name: str, bound: dict, x: torch.Tensor, go: torch.Tensor) -> bool:
-    """Whether the fused route (:func:`.ops.norm.running_affine`) takes this call.
+    """Whether the fused route (:func:`.ops.norm.running_affine`) takes this call (:func:`.ops.norm.runs_fused`).
 
-    It does for ``F.batch_norm`` with float32 running statistics of its channels (eval mode) and at least
-    :data:`_FUSED_MIN_POSITIONS` positions per channel.
+    It does for ``F.batch_norm`` in eval mode when :func:`.ops.norm.runs_fused` says so.
     """
-    if name != "batch_norm" or bound["training"] or x.dim() < 2 or x.shape != go.shape:
+    if name != "batch_norm" or bound["training"]:
         return False
-    stats = (bound["running_mean"], bound["running_var"])
-    return all(isinstance(s, torch.Tensor) and s.dtype == torch.float32 and tuple(s.shape) == (x.shape[1],)
-               for s in stats) and x.shape[2:].numel() >= _FUSED_MIN_POSITIONS  # (shape: no select ops)
-
-
-_FUSED_MIN_POSITIONS = 16
-"""Positions per channel from which :func:`.ops.norm.running_affine` is the cheaper route (its kernel costs about
-50 ns per (example, channel) pair; below 16 positions, EfficientNet-B0's 2×2 maps, normalising and summing is
-cheaper). A function of the shapes only, so the route is the same on every machine."""
+    return norm.runs_fused(x, go, bound["running_mean"], bound["running_var"])
 
 
 def pull_back(src: Origin, cot: torch.Tensor, n: int, memo: dict) -> list:

@@ -129,3 +129,31 @@ def test_map_route_is_chosen_from_the_shapes():
     assert not route(3, 8, 8, 1)  # few channels: forming the patches is cheaper
     one = conv_ops.Patches(torch.empty(2, 64, 4, 4), (1, 1), (1, 1), (0, 0), (1, 1), (4, 4))
     assert not one.map_route(64)  # kernel 1: the patches are the input itself
+
+
+@pytest.mark.parametrize(("size", "freeze", "fused"), [
+    (4, None, True), (4, "weight", True), (4, "bias", True), (3, None, False),  # 9 positions: normalise and sum
+])
+def test_eval_batchnorm_module_rule_against_loop(tmp_path, monkeypatch, size, freeze, fused):
+    """``nn.BatchNorm2d`` in eval mode (ResNet's): one batch-norm backward over (example, channel) pairs."""
+    from gradcoh.logger.ops import norm
+
+    calls = []
+    real = norm.running_affine
+    monkeypatch.setattr(norm, "running_affine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(5)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():  # running statistics far from 0/1, and a mean offset larger than the spread
+        bn.running_mean.copy_(torch.randn(6) * 3)
+        bn.running_var.copy_(torch.rand(6) + 0.5)
+        bn.weight.copy_(torch.randn(6))
+        bn.bias.copy_(torch.randn(6))
+    if freeze:
+        getattr(bn, freeze).requires_grad_(False)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), bn, nn.Tanh(), nn.Flatten(), nn.Linear(6 * size * size, 2))
+    model.eval()
+    x = torch.randn(5, 2, size, size)
+    y = target_for(model, x)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr", guard_every=1)
+    assert bool(calls) == fused
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
