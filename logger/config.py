@@ -81,15 +81,15 @@ class LoggerConfig:
             layers: on logged steps a fused call's batch weight gradient is summed from its per-example gradients
             (``Σ_n G_n``) instead of autograd's second GEMM, so that weight's ``.grad`` equals the unfused path's to
             the rounding of its ``n·T``-term sum, not bitwise (every other ``.grad`` bitwise). ``"auto"`` (default):
-            only the calls whose per-example weight gradients the step materialises anyway (grouped convolutions,
-            many-position convolutions, Linears whose sketch projection needs them), and only where the spared GEMM
-            pays the fused call's fixed cost (a fixed cost model of the shapes: the same calls on every machine) —
-            it only removes work. True: also materialise factored ones where that costs less once the spared GEMM is
-            counted (slower than ``"auto"`` on transformers' exact statistics, docs/benchmarks.md). False: every
-            ``.grad`` bitwise as without gradcoh. Calls under autocast or saved-tensor hooks (non-reentrant
-            checkpointing) are never fused. The reconciliation guard cannot see an error in a fused weight's
-            per-example sum (its ``.grad`` is that sum): ``verify_every`` checks one example against its true
-            gradient, which covers it.
+            only the calls whose per-example weight gradients the step materialises anyway (Linears whose sketch
+            projection needs them, a first convolution: convolutions whose input needs a gradient spare nothing on
+            CPU), and only where the spared GEMM pays the fused call's fixed cost and its sum (a fixed cost model of
+            the shapes: the same calls on every machine) — it only removes work. True: also materialise factored
+            ones where that costs less once the spared GEMM is counted (slower than ``"auto"`` on transformers'
+            exact statistics, docs/benchmarks.md). False: every ``.grad`` bitwise as without gradcoh. Calls under
+            autocast or saved-tensor hooks (non-reentrant checkpointing) are never fused. The reconciliation guard
+            cannot see an error in a fused weight's per-example gradients (its ``.grad`` is their sum): the
+            verifier (``verify_every``) checks one example against its true gradient, which covers it.
         batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
             dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
             first tensor argument only; any other input is a constant shared by every example (prototypes, a

@@ -13,9 +13,11 @@ Which calls (:func:`call_is_fused`, decided at the forward from the shapes with 
 every machine; :func:`fill_slot` fills the slot of each of them in the backward):
 
 - ``"auto"`` (the default): the calls whose per-example gradients the step materialises anyway — the rule's own
-  materialised form (grouped convolutions, many-position convolutions) or the route chosen for the weight's sketch
-  projection (a CountSketch of a transformer Linear) — where the spared GEMM pays the Function's fixed Python cost
-  (:data:`~gradcoh.logger.costs.FUSED_CALL_NS`). It only removes work: nothing is materialised to fill a slot.
+  materialised form or the route chosen for the weight's sketch projection (a CountSketch of a transformer Linear)
+  — where the spared GEMM pays the Function's fixed Python cost and the slot's sum
+  (:data:`~gradcoh.logger.costs.FUSED_CALL_NS`, :data:`~gradcoh.logger.costs.FUSED_SUM_NS`), except convolutions
+  whose input needs a gradient (their backward forms the weight gradient at no extra time: :func:`call_is_fused`).
+  It only removes work: nothing is materialised to fill a slot.
 - True: also factored gradients materialised where the cost model says that is cheaper once the GEMM it spares is
   counted (:func:`fused_is_cheaper`); in whole steps that lost on the transformers' exact statistics.
 - False: never (every ``.grad`` bitwise).
