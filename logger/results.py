@@ -16,7 +16,7 @@ True there is no verdict.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +38,8 @@ class MicroStats:
         sketch: ``[n, k]`` sketches, or None without sketches.
         ref_dots: ``[n]`` float64 ``g_i · R`` with the reference gradient, or None without a reference.
         kept: ``(scale, forms per parameter)`` kept for the alignment with the batch sum, or None.
+        kept_inputs: ``(tensor, version)`` of the inputs the kept forms may read (factors are views of the layer's
+            inputs, not copies): checked unmodified when the alignment reads them, at the end of the step.
     """
 
     sq: torch.Tensor
@@ -45,6 +47,7 @@ class MicroStats:
     sketch: torch.Tensor | None = None
     ref_dots: torch.Tensor | None = None
     kept: tuple[float, list[list[ParamGrad]]] | None = None
+    kept_inputs: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
 
 class LayerResults:
@@ -117,6 +120,11 @@ class LayerResults:
         parts = []
         for j, n in enumerate(sizes):
             stats = self.stats.get(j)
+            if stats is not None and any(t._version != v for t, v in stats.kept_inputs):
+                raise RuntimeError(
+                    f"an input of layer '{self.batch.name}' was modified in place after the backward pass, before "
+                    "the end of the record block; alignment=True reads each layer's inputs then (gradcoh keeps them "
+                    "uncopied). Move the in-place op after the record block, or make it out of place")
             scale, per_param = stats.kept if stats is not None and stats.kept else (1.0, [[] for _ in self.params])
             parts.append(dots(per_param, total, n, self.device) * scale)
         self.drop_forms()

@@ -139,7 +139,8 @@ class LayerTracker:
             per_param: list[list[ParamGrad]] = [[] for _ in self.params]
             for p, form in self._from_rules(calls) + self._from_uses(uses):
                 per_param[self.index[id(p)]].append(form)
-            self._add_stats(per_param)
+            inputs = [pair for c in calls for pair in c.versions] + [pair for u in uses for pair in u.versions]
+            self._add_stats(per_param, inputs)
 
     def _from_rules(self, calls: list[Call]) -> list[tuple[nn.Parameter, ParamGrad]]:
         """Per-parameter forms from the module rules, one combined gradient per module (over its calls)."""
@@ -240,8 +241,11 @@ class LayerTracker:
             _log.info("sketch of %s: %s", name, self.projectors[i].kind)
         return self.projectors[i]
 
-    def _add_stats(self, per_param: list[list[ParamGrad]]) -> None:
-        """The micro-batch's statistics from each parameter's forms, scaled to per-example values."""
+    def _add_stats(self, per_param: list[list[ParamGrad]], inputs: list[tuple[torch.Tensor, int]]) -> None:
+        """The micro-batch's statistics from each parameter's forms, scaled to per-example values.
+
+        ``inputs``: ``(tensor, version)`` of the layer's inputs, checked again if the forms are kept (alignment).
+        """
         state = self._state
         scale, n = state.scale(), state.n
         weights = state.weights(torch.float32)
@@ -265,6 +269,7 @@ class LayerTracker:
             sketch=_scaled(sketch, scale) if self.sketch_dim else None,
             ref_dots=None if self.reference is None else dots(routed, self.reference, n, device) * scale,
             kept=(scale, routed) if state.keep_forms else None,  # for the alignment with the batch sum, known later
+            kept_inputs=inputs if state.keep_forms else [],
         )
         block = None if weights is None else torch.cat(sums, 1).to(state.acc_dtype) * scale
         self.results.add(state.micro, stats, block)

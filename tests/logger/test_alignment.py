@@ -261,3 +261,25 @@ def test_kept_forms_are_released_when_the_block_raises(tmp_path):
         with glog.record(0):
             sq_loss(model(x), y).mean().backward()
             assert all(not t.kept for t in glog.trackers)  # a reference alone keeps no forms
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_alignment_refuses_an_input_modified_after_the_backward(kind, tmp_path):
+    """The forms kept for the alignment read the layers' inputs at the end of the record block (no copies): an input
+    modified in place between the backward pass and then raises, naming the layer, instead of a wrong alignment."""
+    torch.manual_seed(3)
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 4)
+    else:  # a 3x3 stride-1 convolution: its kept form is built from the input map (patches formed when read)
+        model, x = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten()), torch.randn(5, 2, 6, 6)
+    y = target_for(model, x)
+    with GradientLogger(model, tmp_path / "s.zarr", alignment=True) as glog:
+        with pytest.raises(RuntimeError, match=r"layer '0'.*modified in place after the backward"):
+            with glog.record(0):
+                sq_loss(model(x), y).mean().backward()
+                x.mul_(2.0)
+        model.zero_grad()
+        with glog.record(1):  # the logger carries on with the next step
+            sq_loss(model(x), y).mean().backward()
+    ds = open_logged(tmp_path / "s.zarr")
+    assert ds.sizes["step"] >= 1 and np.isfinite(ds.alignment.values[-1]).all()
