@@ -87,9 +87,9 @@ class LoggerConfig:
             the shapes: the same calls on every machine) — it only removes work. True: also materialise factored
             ones where that costs less once the spared GEMM is counted (slower than ``"auto"`` on transformers'
             exact statistics, docs/benchmarks.md). False: every ``.grad`` bitwise as without gradcoh. Calls under
-            autocast or saved-tensor hooks (non-reentrant checkpointing) are never fused. The reconciliation guard
-            cannot see an error in a fused weight's per-example gradients (its ``.grad`` is their sum): the
-            verifier (``verify_every``) checks one example against its true gradient, which covers it.
+            autocast or saved-tensor hooks (non-reentrant checkpointing) are never fused, nor a layer at a step
+            where the reconciliation guard checks it (its ``.grad`` then comes from autograd's GEMM, so the guard
+            flags wrong per-example gradients as without fused mode, within ``guard_every`` logged steps).
         batch_inputs: Which inputs of the model's outermost call carry the batch (one entry per example on
             dimension 0): positions of positional arguments and names of keyword arguments. Empty (default): the
             first tensor argument only; any other input is a constant shared by every example (prototypes, a

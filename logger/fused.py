@@ -27,15 +27,17 @@ materialise), the backward computes the GEMM as autograd would. Calls under auto
 save float32 inputs and meet a low-precision output gradient) or under saved-tensor hooks (non-reentrant activation
 checkpointing recomputes the forward outside the record and must save what it saved) keep autograd's op. A fused
 weight's ``.grad`` equals the unfused path's to rounding (a sum of per-example products instead of one GEMM), not
-bitwise; gradients still reach ``.grad`` through autograd, so parameter hooks and DDP see them as usual. The
-reconciliation guard cannot see a wrong per-example gradient of a fused weight (their sum is that weight's
-``.grad``), only a wrong sum and gradients from outside it; the verifier (``verify_every``) compares one example with
-an independent autograd gradient, and the tests compare with float64 per-example oracles. Second derivatives
-through a fused call (``create_graph=True``) raise instead of being wrong.
+bitwise; gradients still reach ``.grad`` through autograd, so parameter hooks and DDP see them as usual. A layer
+the reconciliation guard checks at a step (every layer once every ``guard_every`` logged steps, :mod:`.guard`) is not
+fused at that step: its ``.grad`` comes from autograd's GEMM, independent of the per-example gradients, so the guard
+flags a wrong per-example gradient there exactly as without fused mode (a persistent error within ``guard_every``
+logged steps); on the other steps a fused weight's ``.grad`` is the per-example sum and the guard cannot see such an
+error there. Second derivatives through a fused call (``create_graph=True``) raise instead of being wrong.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +52,27 @@ from .grads import Composite, Dense, Factored, LayerGrad, fits, materialise_is_c
 from .layers import conv_rule, linear_rule, transposed_linear_rule
 from .plan import LayerPlan
 from .sketch import PROJECTIONS, Form, Projection
+
+
+def _first_order(backward: Callable) -> Callable:
+    """``once_differentiable``, raising a clear error when the backward pass builds a graph (``create_graph=True``).
+
+    The fused weight gradient is a sum of per-example gradients, not a function of the graph: a second derivative
+    through it cannot be formed (``once_differentiable`` alone would fail later, with torch's own message).
+    """
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: torch.Tensor) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "gradcoh fused mode: a backward pass with create_graph=True (a second derivative, a gradient "
+                "penalty) went through a fused Linear/convolution call, whose weight gradient is summed from the "
+                "per-example gradients and cannot be differentiated again; log such a model with "
+                "GradientLogger(..., fused=False)")
+        return inner(ctx, *grads)
+
+    return wrapper
 
 
 class Slot:
@@ -88,7 +111,7 @@ class FusedLinear(torch.autograd.Function):
         ctx.slot, ctx.has_bias = slot, bias is not None
 
     @staticmethod
-    @once_differentiable  # the slot's sum is not a function of the graph: a second derivative raises, never wrong
+    @_first_order  # the slot's sum is not a function of the graph: a second derivative raises, never wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         """Input and bias gradients as autograd's; the weight gradient from the slot when it is filled."""
         x, weight = ctx.saved_tensors
@@ -124,7 +147,7 @@ class FusedConv(torch.autograd.Function):
         ctx.slot, ctx.has_bias, ctx.conv = slot, bias is not None, (stride, padding, dilation, groups)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         """Input and bias gradients by ``convolution_backward``; the weight gradient from the slot when filled."""
         x, weight = ctx.saved_tensors
@@ -159,7 +182,7 @@ class FusedAddmm(torch.autograd.Function):
         ctx.slot = slot
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         """Input and bias gradients as autograd's; the weight gradient from the slot when it is filled."""
         x, weight = ctx.saved_tensors
@@ -372,7 +395,8 @@ def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
       the sketch; :func:`fill_slot` then decides with it). Grouped convolutions are always fused.
     - False: never.
     """
-    if not level or n <= 0 or saved_tensors_hooked() or torch.is_autocast_enabled(x.device.type):
+    if not level or n <= 0 or not torch.is_grad_enabled() or saved_tensors_hooked() or torch.is_autocast_enabled(
+            x.device.type):  # (no grad: the no-grad forward of reentrant checkpointing has no backward to spare)
         return False  # (autocast: the op would compute in low precision from inputs the Function saved unconverted)
     positions, rows, cols, dense = call_shape(n, x, weight, bias, conv, transposed)
     if level is True:

@@ -133,6 +133,15 @@ class StepRecorder:
         tracker, i = self._owners[weight]
         return tracker.sketch_kind(i, form)
 
+    def _guarded(self, weight: int) -> bool:
+        """Fused mode: whether the reconciliation guard checks the layer of a fused weight at this step.
+
+        Its calls are then not fused: the guard compares the per-example gradients' sum with a ``.grad`` that
+        autograd's GEMM formed independently, so a wrong per-example gradient is flagged instead of being summed
+        into ``.grad`` (on a fused call the two are the same sum and cannot disagree).
+        """
+        return self._owners[weight][0].results.checked
+
     def _hooked_modules(self) -> dict[int, tuple[nn.Module, frozenset[int] | None]]:
         """The root, every module with a rule (with the parameter ids its rule covers) and every observed module."""
         out: dict[int, tuple[nn.Module, frozenset[int] | None]] = {id(self.model): (self.model, None)}
@@ -160,7 +169,8 @@ class StepRecorder:
         """
         from_grad = local_grads and not probe and all(p.grad is None for p in self.params.values())
         uses = UseTracker(self.params, self._on_use, self._on_use_grad, self.fused, self._on_mixed,
-                          self.batch_inputs, fused_level=self.fused_level, sketch_kind=self._sketch_kind)
+                          self.batch_inputs, fused_level=self.fused_level, sketch_kind=self._sketch_kind,
+                          guarded=self._guarded)
         device = self.trackers[0].params[0].device
         state = StepState(n_groups, scale_by_batch, uses, acc_dtype=torch.float64 if probe else torch.float32,
                           from_grad=from_grad, keep_forms=keep_forms, device=device, trackers=self.trackers)

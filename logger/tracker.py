@@ -269,7 +269,8 @@ class LayerTracker:
             sketch=_scaled(sketch, scale) if self.sketch_dim else None,
             ref_dots=None if self.reference is None else dots(routed, self.reference, n, device) * scale,
             kept=(scale, routed) if state.keep_forms else None,  # for the alignment with the batch sum, known later
-            kept_inputs=inputs if state.keep_forms else [],
+            kept_inputs=inputs if state.keep_forms and not all(isinstance(f, Dense) for fs in routed for f in fs)
+            else [],  # (materialised forms are copies: they read no input)
         )
         block = None if weights is None else torch.cat(sums, 1).to(state.acc_dtype) * scale
         self.results.add(state.micro, stats, block)

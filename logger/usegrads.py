@@ -278,6 +278,11 @@ def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
     return tuple(p.shape) if p is not None and p.requires_grad else None
 
 
+def _p_dims(trained: dict) -> int:
+    """Dimensions of a norm's trained affine parameters (its normalised shape's)."""
+    return next(iter(trained.values())).dim()
+
+
 def _norm_use(use: Use, n: int) -> list | None:
     """Normalisation ops with parameter weight and bias outside a module rule: ``g_w = Σ x̂·δ``, ``g_b = Σ δ``.
 
@@ -309,8 +314,9 @@ def _norm_use(use: Use, n: int) -> list | None:
     stats = use.stats
     if _running_stats(name, bound, x, go):
         grad = fold(norm.running_affine(x, go, bound["running_mean"], bound["running_var"], bound["eps"], **flags), r)
-    elif name == "layer_norm" and stats is not None and stats[0] == x_pos and x.shape == go.shape:
-        p_dims = next(iter(trained.values())).dim()
+    elif name == "layer_norm" and stats is not None and stats[0] == x_pos and x.shape == go.shape and tuple(
+            stats[1].shape) == (*x.shape[:x.dim() - _p_dims(trained)], *(1,) * _p_dims(trained)):
+        p_dims = _p_dims(trained)  # (the statistics' shape checked as the module rule does: else recomputed)
         mean, rstd = (s.movedim(axis, 0) for s in stats[1:])
         reduce_dims = tuple(range(1, x.dim() - p_dims))
         grad = fold(norm.layer_norm_affine(x.movedim(axis, 0), mean, rstd, go.movedim(axis, 0), reduce_dims, **flags),

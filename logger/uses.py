@@ -198,7 +198,8 @@ class UseTracker(TorchFunctionMode):
     def __init__(self, params: dict[int, torch.nn.Parameter], on_use: Callable[[Use], None],
                  on_grad: Callable[[Use], None], fused: frozenset[int] = frozenset(),
                  on_mixed: Callable[[str, str], None] | None = None, batch_inputs: tuple = (), *,
-                 fused_level: FusedLevel = "auto", sketch_kind: SketchKind | None = None) -> None:
+                 fused_level: FusedLevel = "auto", sketch_kind: SketchKind | None = None,
+                 guarded: Callable[[int], bool] | None = None) -> None:
         super().__init__()
         self.on_mixed = on_mixed  # called with (op, module) when a gradient flows through an op that mixes examples
         self.batch_inputs = batch_inputs  # positions / keyword names of the model inputs that carry the batch
@@ -208,6 +209,7 @@ class UseTracker(TorchFunctionMode):
         self.params = params
         self.fused = fused  # weights whose F.linear/conv/addmm calls may run through a fused Function (fused mode)
         self.fused_level, self.sketch_kind = fused_level, sketch_kind  # which calls (gradcoh.logger.fused)
+        self.guarded = guarded  # weight id -> the guard checks its layer at this step (its calls are not fused then)
         self.slots: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output of a fused call -> its Slot
         self.on_use = on_use
         self.on_grad = on_grad
@@ -341,9 +343,10 @@ class UseTracker(TorchFunctionMode):
             bias, x, weight = addmm
         else:
             x, weight, bias = conv[:3] if conv is not None else _linear_arguments(*args, **kwargs)
-        if not call_is_fused(self.n or 0, x, weight, bias, conv, level=self.fused_level, sketch=self.sketch_kind,
-                             transposed=addmm is not None):
-            return func(*args, **kwargs)
+        if (self.guarded is not None and self.guarded(id(weight))) or not call_is_fused(
+                self.n or 0, x, weight, bias, conv, level=self.fused_level, sketch=self.sketch_kind,
+                transposed=addmm is not None):
+            return func(*args, **kwargs)  # (a guard-checked layer keeps autograd's GEMM: an independent batch sum)
         slot = Slot(id(weight), planned=self.fused_level == "auto")
         with self.paused():  # the Function's own call is not a use
             if addmm is not None:

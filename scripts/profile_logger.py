@@ -124,7 +124,8 @@ def breakdown(args: argparse.Namespace) -> None:
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite",
-                              guard_every=args.guard_every, fused=args.fused)
+                              guard_every=args.guard_every,
+                              fused={"auto": "auto", "on": True, "off": False}[args.fused])
         clock_logger(clock, glog)
         rows: dict[str, list[float]] = {p: [] for p in (*PARTS, "plain forward", "plain backward", "logged step")}
         for step in range(args.steps + 1):
@@ -173,7 +174,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="wall time per part of a zoo model's logged step")
     ap.add_argument("--model", default="timm-resnet", help="zoo model for --breakdown (bench_overhead.py names)")
     ap.add_argument("--guard-every", type=int, default=4, help="the logger's guard_every (--breakdown)")
-    ap.add_argument("--fused", action="store_true", help="the logger's fused mode (--breakdown)")
+    ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
+                    help="the logger's fused mode (--breakdown): 'auto' (its default), 'on' (True), 'off' (False)")
     ap.add_argument("--batch-zoo", type=int, default=0, help="batch for --breakdown (0: bench_overhead's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -77,3 +77,17 @@ def pytest_collection_finish(session) -> None:
     (2.4 s less per worker at the end alone). Objects made by tests are collected as before."""
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture
+def unguarded(monkeypatch):
+    """The reconciliation guard's schedule checks no layer (it still advances).
+
+    For fused-mode tests: a layer the guard checks at a step is not fused at that step (gradcoh.logger.fused), and a
+    run's first logged step checks every layer; these tests compare the fused ``.grad`` and the statistics with the
+    float64 oracles instead.
+    """
+    from gradcoh.logger.guard import GuardSchedule
+
+    real = GuardSchedule.next_step
+    monkeypatch.setattr(GuardSchedule, "next_step", lambda self, stream: [False for _ in real(self, stream)])

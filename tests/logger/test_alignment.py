@@ -270,8 +270,9 @@ def test_alignment_refuses_an_input_modified_after_the_backward(kind, tmp_path):
     torch.manual_seed(3)
     if kind == "linear":
         model, x = nn.Sequential(nn.Linear(4, 3)), torch.randn(5, 4)
-    else:  # a 3x3 stride-1 convolution: its kept form is built from the input map (patches formed when read)
-        model, x = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten()), torch.randn(5, 2, 6, 6)
+    else:  # a 3x3 stride-1 convolution, many channels on a small map: the ghost norm from the input map's Gram, its
+        # kept form reads the input (patches formed when the alignment reads them)
+        model, x = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.Flatten()), torch.randn(5, 32, 4, 4)
     y = target_for(model, x)
     with GradientLogger(model, tmp_path / "s.zarr", alignment=True) as glog:
         with pytest.raises(RuntimeError, match=r"layer '0'.*modified in place after the backward"):
@@ -283,3 +284,22 @@ def test_alignment_refuses_an_input_modified_after_the_backward(kind, tmp_path):
             sq_loss(model(x), y).mean().backward()
     ds = open_logged(tmp_path / "s.zarr")
     assert ds.sizes["step"] >= 1 and np.isfinite(ds.alignment.values[-1]).all()
+
+
+def test_alignment_ignores_inputs_its_kept_forms_do_not_read(tmp_path):
+    """A LayerNorm first layer keeps a materialised form (a copy): its input modified in place after the backward
+    changes nothing, and nothing is raised; the stored alignment equals a run without the in-place op."""
+    torch.manual_seed(4)
+    model, x = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 3)), torch.randn(5, 8)
+    y = target_for(model, x)
+    stored = []
+    for modify in (False, True):
+        xi = x.clone()
+        with GradientLogger(model, tmp_path / f"{modify}.zarr", alignment=True) as glog:
+            with glog.record(0):
+                sq_loss(model(xi), y).mean().backward()
+                if modify:
+                    xi.mul_(0.0)
+        model.zero_grad()
+        stored.append(open_logged(tmp_path / f"{modify}.zarr").alignment.values)
+    assert np.array_equal(stored[0], stored[1])

@@ -70,7 +70,7 @@ def test_zoo_model_is_exact_per_layer(name, tmp_path):
 
 @pytest.mark.parametrize(("name", "level"), [("hf-llama", True), ("timm-resnet", True), ("hf-gpt2", "auto"),
                                            ("timm-convnext", "auto")])
-def test_zoo_model_in_fused_mode(name, level, tmp_path, monkeypatch):
+def test_zoo_model_in_fused_mode(name, level, tmp_path, monkeypatch, unguarded):
     """Fused mode on transformers (GPT-2: HF Conv1D) and CNNs: statistics exact, fused weights' .grad equal to the
     rounding of their n·T-term sums, every other .grad bitwise (tests/fused_grads.py). Level "auto" with k = 64
     sketches fuses the calls the sketch route materialises; at this test's batch of 3 every GEMM is below the fused
