@@ -194,7 +194,7 @@ def test_hypothesis_shapes(tmp_path_factory, n, d_in, d_out, t, reduction, kerne
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_grad_bitwise_unchanged_and_no_hooks_left(tmp_path, fused):
+def test_grad_bitwise_unchanged_and_no_hooks_left(tmp_path, fused, unguarded):
     """The default (``fused=False``): .grad bitwise a plain step's. Fused mode: the conv weight (T = 16, fused) to the
     rounding of its n·T-term sum, every other parameter bitwise (the T = 1 Linear keeps autograd's op)."""
     torch.manual_seed(6)

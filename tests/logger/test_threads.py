@@ -31,7 +31,7 @@ def test_zoo_exact_at_two_threads(name, two_threads, tmp_path):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_exact_at_two_threads(reduction, two_threads, tmp_path):
+def test_fused_exact_at_two_threads(reduction, two_threads, tmp_path, unguarded):
     check_fused(reduction, tmp_path)
 
 
