@@ -38,7 +38,8 @@ def _weight_grad_terms(model, run):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_statistics_exact_and_grad_equal_to_rounding(reduction, tmp_path, unguarded):
+@pytest.mark.usefixtures("unguarded")
+def test_fused_statistics_exact_and_grad_equal_to_rounding(reduction, tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.LayerNorm(20), nn.Linear(20, 6))
     x, y = torch.randn(5, 7, 12), torch.randn(5, 7, 6)
@@ -103,7 +104,8 @@ def test_fused_auto_by_default_and_unlogged_steps_untouched(tmp_path):
         GradientLogger(model, tmp_path / "u.zarr", fused="yes")
 
 
-def test_second_derivative_through_a_fused_call_raises(tmp_path, unguarded):
+@pytest.mark.usefixtures("unguarded")
+def test_second_derivative_through_a_fused_call_raises(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     x = torch.randn(5, 7, 3)  # 7 positions: the cost model fuses these calls (T = 1 calls keep autograd's op)
@@ -137,7 +139,8 @@ def _conv_weight_grad_terms(model, run):
     return out
 
 
-def test_fused_convolutions_grad_equal_to_rounding(tmp_path, unguarded):
+@pytest.mark.usefixtures("unguarded")
+def test_fused_convolutions_grad_equal_to_rounding(tmp_path):
     """Convolutions whose per-example gradients are materialised supply their weight gradient: .grad equals plain
     autograd's to the rounding of n·T-term sums (the same terms in another order), statistics stay exact, the guard
     reconciles; a convolution with string padding ('same') is not fused and stays bitwise."""
@@ -169,7 +172,8 @@ def test_fused_convolutions_grad_equal_to_rounding(tmp_path, unguarded):
     assert bool(ds.reconciled.values.all())
 
 
-def test_the_fused_grad_comparison_fails_a_mutation(tmp_path, unguarded):
+@pytest.mark.usefixtures("unguarded")
+def test_the_fused_grad_comparison_fails_a_mutation(tmp_path):
     """tests/fused_grads.py (the zoo's and test_exact's .grad check) passes a fused step and fails a fused weight's
     .grad scaled by 1 + 1e-3 (tests/test_tolerance.py's MUTATION), and any change to an unfused parameter's."""
     torch.manual_seed(5)
