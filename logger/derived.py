@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .arguments import op_name
+from .tensormap import TensorMap
 
 
 @dataclass(eq=False)
@@ -93,22 +93,17 @@ class Derivations:
 
     def __init__(self, params: dict[int, torch.nn.Parameter]) -> None:
         self.params = params
-        self.nodes: WeakIdKeyDictionary = WeakIdKeyDictionary()  # derived tensor -> Node
-        self._ids: set[int] = set()  # id of every tensor ever put in nodes: most lookups miss, and miss here cheaply
+        self.nodes = TensorMap()  # derived tensor -> Node (most lookups miss: one dict access each)
 
     def origin(self, t: torch.Tensor) -> Origin | None:
         """The parameter or derivation node behind ``t``, or None for data and constants."""
         if id(t) in self.params:
             return self.params[id(t)]
-        return self.nodes.get(t) if id(t) in self._ids else None
-
-    def _set(self, t: torch.Tensor, node: Node) -> None:
-        self.nodes[t] = node
-        self._ids.add(id(t))
+        return self.nodes.get(t)
 
     def is_derived(self, t: torch.Tensor) -> bool:
         """Whether ``t`` was computed from parameters and constants only (or is a parameter)."""
-        return id(t) in self.params or (id(t) in self._ids and t in self.nodes)
+        return id(t) in self.params or t in self.nodes
 
     def derive(self, func: Callable, args: tuple, kwargs: dict, outs: list[torch.Tensor]) -> None:
         """Remember how tensors computed from parameters and constants only were made."""
@@ -118,7 +113,7 @@ class Derivations:
         parents = {i: self.origin(x) for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and self.is_derived(x)}
         for i, o in enumerate(outs):
             if o.requires_grad:
-                self._set(o, Node(func, flat, spec, parents, i))
+                self.nodes[o] = Node(func, flat, spec, parents, i)
         if outs and flat and outs[0] is flat[0] and _inplace(func, kwargs):
             self._write_through(outs[0])
 
@@ -134,7 +129,7 @@ class Derivations:
         if len(positions) != 1:
             return
         flat, spec = pytree.tree_flatten(((base,), {}))
-        self._set(base, Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0))
+        self.nodes[base] = Node(_WriteThrough(before, positions[0], op), flat, spec, {0: old}, 0)
 
     def freeze_dropout(self, args: tuple, kwargs: dict, out: Any, rng: torch.Tensor) -> None:
         """A dropout of a parameter-derived tensor (DeBERTa's relative embeddings) becomes ``x · noise``.
@@ -160,7 +155,7 @@ class Derivations:
             if bool((x == 0).any()) or not torch.equal(x * noise, out):
                 return
         flat, spec = pytree.tree_flatten(((x, noise.detach()), {}))
-        self._set(out, Node(torch.mul, flat, spec, {0: self.origin(x)}, 0))
+        self.nodes[out] = Node(torch.mul, flat, spec, {0: self.origin(x)}, 0)
 
     def roots(self, source: Origin) -> list[torch.nn.Parameter]:
         """The tracked parameters a parameter or derivation node comes from."""

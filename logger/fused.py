@@ -38,6 +38,7 @@ error there. Second derivatives through a fused call (``create_graph=True``) rai
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -310,6 +311,7 @@ class _Planned:
         self.cls, self.view, self.dim = PROJECTIONS[kind], view, dim
 
     def route_cost(self, form: Form, costs: KernelCosts) -> float:
+        """:meth:`~gradcoh.logger.sketch.Projection.route_cost` of the planned projection."""
         return self.cls.cost(self.view, self.dim, form, costs)
 
 
@@ -369,7 +371,7 @@ def call_shape(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     positions = x.numel() // max(n * x.shape[1], 1)  # the input's positions per example, then the output's
     for size, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation, strict=True):
         positions = positions // size * ((size + 2 * p - d * (k - 1) - 1) // s + 1)
-    positions, cols = max(positions, 1), weight[0].numel() + extra
+    positions, cols = max(positions, 1), math.prod(weight.shape[1:]) + extra  # (indexing would dispatch an op)
     dense = groups > 1 or materialise_is_cheaper(n, positions, rows, cols, weight.element_size())
     return positions, rows, cols, dense
 
@@ -398,12 +400,12 @@ def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if not level or n <= 0 or not torch.is_grad_enabled() or saved_tensors_hooked() or torch.is_autocast_enabled(
             x.device.type):  # (no grad: the no-grad forward of reentrant checkpointing has no backward to spare)
         return False  # (autocast: the op would compute in low precision from inputs the Function saved unconverted)
+    if level is not True and conv is not None and x.requires_grad:
+        return False  # the convolution backward forms the weight gradient with the input's: nothing to spare
     positions, rows, cols, dense = call_shape(n, x, weight, bias, conv, transposed)
     if level is True:
         return (conv is not None and conv[6] > 1) or fused_is_cheaper(n, positions, rows, cols,
                                                                        weight.element_size())
-    if conv is not None and x.requires_grad:
-        return False  # the convolution backward forms the weight gradient with the input's: nothing to spare
     if not spares_enough(n, positions, rows, cols):
         return False
     form = ("dense", 1) if dense else ("factored", positions)

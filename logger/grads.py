@@ -162,12 +162,12 @@ class Factored:
     @property
     def n(self) -> int:
         """Number of examples."""
-        return self.v.shape[0]
+        return (self.v if self.u is None else self.u).shape[0]  # (u when there: a subclass may form v on demand)
 
     @property
     def positions(self) -> int:
         """Number of outer products ``T`` per example."""
-        return self.v.shape[1]
+        return (self.v if self.u is None else self.u).shape[1]
 
     @property
     def n_cols(self) -> int:

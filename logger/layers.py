@@ -134,11 +134,9 @@ def layer_norm_rule(module: nn.LayerNorm, args: tuple, kwargs: dict, grad_output
     k = len(module.normalized_shape)
     reduce_dims = tuple(range(1, x.dim() - k))
     go = grad_outputs[0]
-    if stats is not None and stats[0] == 0 and tuple(stats[1].shape) == (*x.shape[:-k], *(1,) * k) and \
-            go.shape == x.shape:
-        bias = module.bias
+    if stats is not None and stats[0] == 0 and norm.stats_fit(x, go, stats[1], k):
         return norm.layer_norm_affine(x, stats[1], stats[2], go, reduce_dims, weight=_trains(module.weight),
-                                      bias=_trains(bias))
+                                      bias=_trains(module.bias))
     xhat = norm.layer_norm(x, module.normalized_shape, module.eps)
     return _affine(module, xhat, go, reduce_dims)
 

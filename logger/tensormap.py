@@ -1,8 +1,9 @@
 """A map keyed by tensor identity that never keeps its keys alive, cheap enough for every op of a forward.
 
-The use tracker looks up the example layout of every tensor argument of every op it observes (Llama: about 500 ops
-and 1000 lookups per step). torch's ``WeakIdKeyDictionary`` builds a Python key object per lookup (about 1.5 µs);
-here a lookup is one dict access by ``id`` and one call of a weak reference.
+The use tracker looks up the example layout of every tensor argument of every op it observes, and whether it was
+derived from parameters (Llama: about 500 ops and 1000 lookups per step). torch's ``WeakIdKeyDictionary`` builds a
+Python key object per lookup (about 1.5 µs); here a lookup is one dict access by ``id`` and one call of a weak
+reference.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class TensorMap:
 
     An entry whose tensor died is never returned (its reference must still point at the very tensor asked for, so a
     new tensor that reuses the ``id`` is not mistaken for it); it stays, a few dozen bytes, until the map is dropped:
-    the use tracker drops its maps at the end of each micro-batch.
+    the use tracker drops its maps (layouts, derivations) at the end of each micro-batch.
     """
 
     __slots__ = ("_entries",)

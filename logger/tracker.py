@@ -139,7 +139,8 @@ class LayerTracker:
             per_param: list[list[ParamGrad]] = [[] for _ in self.params]
             for p, form in self._from_rules(calls) + self._from_uses(uses):
                 per_param[self.index[id(p)]].append(form)
-            inputs = [pair for c in calls for pair in c.versions] + [pair for u in uses for pair in u.versions]
+            inputs = [pair for c in calls for pair in c.versions] + [pair for u in uses for pair in u.versions] \
+                if self._state.keep_forms else []  # (only the alignment reads the inputs again)
             self._add_stats(per_param, inputs)
 
     def _from_rules(self, calls: list[Call]) -> list[tuple[nn.Parameter, ParamGrad]]:
@@ -244,7 +245,7 @@ class LayerTracker:
     def _add_stats(self, per_param: list[list[ParamGrad]], inputs: list[tuple[torch.Tensor, int]]) -> None:
         """The micro-batch's statistics from each parameter's forms, scaled to per-example values.
 
-        ``inputs``: ``(tensor, version)`` of the layer's inputs, checked again if the forms are kept (alignment).
+        ``inputs``: ``(tensor, version)`` of the layer's inputs when the forms are kept (alignment): checked again then.
         """
         state = self._state
         scale, n = state.scale(), state.n
@@ -269,8 +270,7 @@ class LayerTracker:
             sketch=_scaled(sketch, scale) if self.sketch_dim else None,
             ref_dots=None if self.reference is None else dots(routed, self.reference, n, device) * scale,
             kept=(scale, routed) if state.keep_forms else None,  # for the alignment with the batch sum, known later
-            kept_inputs=inputs if state.keep_forms and not all(isinstance(f, Dense) for fs in routed for f in fs)
-            else [],  # (materialised forms are copies: they read no input)
+            kept_inputs=[] if all(isinstance(f, Dense) for fs in routed for f in fs) else inputs,  # (copies read none)
         )
         block = None if weights is None else torch.cat(sums, 1).to(state.acc_dtype) * scale
         self.results.add(state.micro, stats, block)

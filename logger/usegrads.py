@@ -278,11 +278,6 @@ def _shape_if_trains(p: torch.Tensor | None) -> tuple[int, ...] | None:
     return tuple(p.shape) if p is not None and p.requires_grad else None
 
 
-def _p_dims(trained: dict) -> int:
-    """Dimensions of a norm's trained affine parameters (its normalised shape's)."""
-    return next(iter(trained.values())).dim()
-
-
 def _norm_use(use: Use, n: int) -> list | None:
     """Normalisation ops with parameter weight and bias outside a module rule: ``g_w = Σ x̂·δ``, ``g_b = Σ δ``.
 
@@ -311,12 +306,10 @@ def _norm_use(use: Use, n: int) -> list | None:
         return []
     flags = {"weight": "weight" in trained, "bias": "bias" in trained}
     x, go = bound["input"].float(), use.grads.float()
-    stats = use.stats
+    stats, p_dims = use.stats, next(iter(trained.values())).dim()  # (the normalised shape's dimensions)
     if _running_stats(name, bound, x, go):
         grad = fold(norm.running_affine(x, go, bound["running_mean"], bound["running_var"], bound["eps"], **flags), r)
-    elif name == "layer_norm" and stats is not None and stats[0] == x_pos and x.shape == go.shape and tuple(
-            stats[1].shape) == (*x.shape[:x.dim() - _p_dims(trained)], *(1,) * _p_dims(trained)):
-        p_dims = _p_dims(trained)  # (the statistics' shape checked as the module rule does: else recomputed)
+    elif name == "layer_norm" and stats is not None and stats[0] == x_pos and norm.stats_fit(x, go, stats[1], p_dims):
         mean, rstd = (s.movedim(axis, 0) for s in stats[1:])
         reduce_dims = tuple(range(1, x.dim() - p_dims))
         grad = fold(norm.layer_norm_affine(x.movedim(axis, 0), mean, rstd, go.movedim(axis, 0), reduce_dims, **flags),
@@ -324,7 +317,6 @@ def _norm_use(use: Use, n: int) -> list | None:
     else:
         xhat = norm.normalised(name, x, bound).movedim(axis, 0)
         go = go.movedim(axis, 0)
-        p_dims = next(iter(trained.values())).dim()
         reduce_dims = tuple(range(1, xhat.dim() - p_dims)) if name in norm.TRAILING else tuple(range(2, xhat.dim()))
         grad = fold(norm.affine(xhat, go, reduce_dims, **flags), r)
     forms = split_params(grad, MatrixView.of([tuple(p.shape) for p in trained.values()]))
@@ -333,10 +325,7 @@ def _norm_use(use: Use, n: int) -> list | None:
 
 
 def _running_stats(name: str, bound: dict, x: torch.Tensor, go: torch.Tensor) -> bool:
-    """Whether the fused route (:func:`.ops.norm.running_affine`) takes this call (:func:`.ops.norm.runs_fused`).
-
-    It does for ``F.batch_norm`` in eval mode when :func:`.ops.norm.runs_fused` says so.
-    """
+    """Whether :func:`.ops.norm.running_affine` takes this call (eval-mode batch norm, :func:`.ops.norm.runs_fused`)."""
     if name != "batch_norm" or bound["training"]:
         return False
     return norm.runs_fused(x, go, bound["running_mean"], bound["running_var"])

@@ -131,7 +131,7 @@ class Patches:
         flat = x.reshape(n, c, -1)
         m = torch.bmm(flat.transpose(1, 2), flat).reshape(n, *spatial, *spatial)
         if any(self.padding):
-            m = F.pad(m, [q for p in reversed(self.padding) for q in (p, p)] * 2)
+            m = _zero_pad(m, self.padding * 2)  # both position axes of the Gram, like the input's
         nd, st = len(self.out), m.stride()
         size = (n, *self.out, *self.out)
         steps = (st[0], *(st[1 + i] * s for i, s in enumerate(self.stride)),
@@ -181,16 +181,6 @@ class PatchFactored(Factored):
     @v.setter
     def v(self, value: torch.Tensor | None) -> None:
         self._v = value
-
-    @property
-    def n(self) -> int:
-        """Number of examples."""
-        return self.u.shape[0]
-
-    @property
-    def positions(self) -> int:
-        """Number of outer products ``T`` per example."""
-        return self.u.shape[1]
 
     @property
     def n_cols(self) -> int:
@@ -310,7 +300,7 @@ def correlation_weight_grad(module: nn.modules.conv._ConvNd, x: torch.Tensor, de
 
 
 def _zero_pad(x: torch.Tensor, padding: tuple) -> torch.Tensor:
-    """``x`` zero-padded by ``padding[i]`` on both sides of spatial axis ``i``."""
+    """``x`` zero-padded by ``padding[i]`` on both sides of the ``i``-th of its last ``len(padding)`` axes."""
     pads: list[int] = []
     for p in reversed(padding):
         pads += [p, p]

@@ -77,6 +77,15 @@ def forward_stats(out: torch.Tensor, inputs: list) -> tuple[int, torch.Tensor, t
     return pos, mean.detach(), rstd.detach()
 
 
+def stats_fit(x: torch.Tensor, delta: torch.Tensor, mean: torch.Tensor, dims: int) -> bool:
+    """Whether statistics from :func:`forward_stats` belong to ``x`` normalised over its last ``dims`` axes.
+
+    The saved mean has the input's leading shape and ``dims`` trailing axes of size 1, and ``delta`` is shaped like
+    ``x``; otherwise the caller normalises again.
+    """
+    return delta.shape == x.shape and tuple(mean.shape) == (*x.shape[:x.dim() - dims], *(1,) * dims)
+
+
 def running_affine(x: torch.Tensor, delta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float, *,
                    weight: bool, bias: bool) -> Dense:
     """:func:`affine` of a channel norm with running statistics (eval-mode BatchNorm), ``x̂`` never materialised.
