@@ -175,6 +175,14 @@ class Reduced(Dense):
         """Number of examples."""
         return self.factors.n
 
+    def unreduced(self) -> Factored:
+        """The factors these gradients were formed from (with the bias column): for the reductions not taken."""
+        return self.factors if self.bias is None else replace(self.factors, bias=True)
+
+    def group_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """``[g, rows, cols]`` sums ``Σ_n weights[n, g] G_n`` from the factors (one GEMM per group)."""
+        return self.unreduced().group_sums(weights)
+
     def parts(self) -> list[Dense]:
         """The weight's part (its reductions kept) and the bias column's, or ``[self]`` without a bias."""
         if self.bias is None:
@@ -556,8 +564,14 @@ def _gram_u(a: Factored, b: Factored) -> torch.Tensor:
     return a.u.gather(2, idx)
 
 
+def _factors_of(form: ParamGrad) -> ParamGrad:
+    """A :class:`Reduced` form's factors (what a reduction it did not take reads instead of materialising)."""
+    return form.factors if isinstance(form, Reduced) and form.bias is None else form
+
+
 def inner(a: ParamGrad, b: ParamGrad) -> torch.Tensor:
     """``[n]`` per-example inner products ``⟨A_i, B_i⟩`` of two forms of the same parameter (natural view)."""
+    a, b = _factors_of(a), _factors_of(b)
     if isinstance(a, Dense) and isinstance(b, Dense):
         return (a.m * b.m).flatten(1).sum(1)
     if isinstance(a, Dense):
@@ -574,6 +588,7 @@ def inner(a: ParamGrad, b: ParamGrad) -> torch.Tensor:
 
 def bilinear(form: ParamGrad, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``[n]`` values ``aᵀ G_i b`` (``left [rows]``, ``right [cols]``): the reconciliation guard's values."""
+    form = _factors_of(form)
     if isinstance(form, Dense):
         out = None
         start = 0
@@ -608,6 +623,7 @@ def dot(form: ParamGrad, m: torch.Tensor) -> torch.Tensor:
     Factored gradients are never materialised: ``Σ_t u_tᵀ M v_t`` is one GEMM of the smaller factor with ``M``
     (the cost of the layer's own weight gradient); embedding lookups gather the rows of ``M``.
     """
+    form = _factors_of(form)
     if isinstance(form, Dense):
         out, start = None, 0
         for b in form.blocks:  # column blocks: no concatenation

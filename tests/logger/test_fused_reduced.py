@@ -82,3 +82,25 @@ def test_choose_route_reduces_where_materialising_is_cheaper(monkeypatch):
     routed = choose_route(f, proj)
     assert isinstance(routed, Reduced) and isinstance(routed, Dense)
     np.testing.assert_allclose(routed.sketch(proj).numpy(), proj.dense(as_dense(f).m).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("chunks_of_three")
+def test_reductions_not_taken_read_the_factors_not_a_materialised_copy():
+    from gradcoh.logger.grads import bilinear, dot, inner
+
+    f = _factors(4)
+    red, _ = f.reduced(None)
+    g = torch.Generator().manual_seed(5)
+    left, right, m = torch.randn(R, generator=g), torch.randn(C, generator=g), torch.randn(R, C, generator=g)
+    want = _oracle(f)
+    scale = (f.u.double().abs().transpose(1, 2) @ f.v.double().abs())  # Σ_t |u||v| per entry
+    assert_close(bilinear(red, left, right), torch.einsum("nrc,r,c->n", want, left.double(), right.double()),
+                 n=T + R + C, scale=torch.einsum("nrc,r,c->n", scale, left.double().abs(), right.double().abs()),
+                 err_msg="guard values")
+    assert_close(dot(red, m), (want * m.double()).sum((1, 2)), n=T + R * C,
+                 scale=(scale * m.double().abs()).sum((1, 2)), err_msg="dot")
+    assert_close(inner(red, red), want.square().sum((1, 2)), n=2 * T + R * C, kappa=PRODUCT, err_msg="inner")
+    w = torch.rand(N, 2, generator=g)
+    assert_close(red.group_sums(w), torch.einsum("ng,nrc->grc", w.double(), want), n=T + N,
+                 scale=torch.einsum("ng,nrc->grc", w.double(), scale), err_msg="group sums")
+    assert red._blocks is None  # none of them materialised the gradients again
