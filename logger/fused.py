@@ -264,8 +264,10 @@ def fill_slot(grad: LayerGrad, slot: Slot, projector: Projection | None = None) 
     Materialised gradients fill it as they are. Factored ones: at level ``"auto"`` the forward fused the call
     because the route materialises them anyway (:func:`call_is_fused`), so they are materialised here (if they
     :func:`fits`); at level True when :func:`fused_is_cheaper` with the weight's sketch ``projector`` (None without
-    sketches). Otherwise the slot stays empty and the backward computes autograd's GEMM. A Hugging Face ``Conv1D``'s
-    :class:`~gradcoh.logger.grads.Composite` has its weight part first.
+    sketches). They are formed a few examples at a time, their norms, sum and sketch (``projector``) taken from
+    each chunk (:meth:`~gradcoh.logger.grads.Factored.reduced`). Otherwise the slot stays empty and the backward
+    computes autograd's GEMM. A Hugging Face ``Conv1D``'s :class:`~gradcoh.logger.grads.Composite` has its
+    weight part first.
     """
     if isinstance(grad, Composite):
         (part, view), *rest = grad.parts
@@ -280,8 +282,7 @@ def fill_slot(grad: LayerGrad, slot: Slot, projector: Projection | None = None) 
             return grad
     elif not fused_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, grad.v.element_size(), projector):
         return grad
-    dense = grad.materialise()
-    slot.weight_grad = dense.blocks[0].sum(0)  # [rows, cols]: Σ_n G_n, the batch weight gradient
+    dense, slot.weight_grad = grad.reduced(projector, summed=True)  # [rows, cols]: Σ_n G_n, the weight gradient
     return dense
 
 

@@ -31,6 +31,7 @@ from .grads import (
     LayerGrad,
     MatrixView,
     ParamGrad,
+    Reduced,
     added,
     as_dtype,
     bilinear,
@@ -265,6 +266,8 @@ class LayerTracker:
         guard = torch.zeros(n, device=device) if guard is None and check else guard  # (unchecked: not stored)
         if self.sketch_dim and sketch is None:
             sketch = torch.zeros(n, self.sketch_dim, device=device)
+        if state.keep_forms:  # (the alignment reads kept forms later: materialise what was only reduced)
+            routed = [[Dense(*f.blocks) if isinstance(f, Reduced) else f for f in fs] for fs in routed]
         stats = MicroStats(
             sq=_scaled(sq, scale**2), guard=_scaled(guard, scale) if check else None,
             sketch=_scaled(sketch, scale) if self.sketch_dim else None,
