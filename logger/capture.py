@@ -131,6 +131,11 @@ class LayerCapture:
         uses = self._state.uses
         if uses.is_paused:  # a rule running the module's forward again, or an op the use tracker is observing
             return
+        with uses.paused():  # the hook's own ops (detach, _version) are not the model's: not observed
+            self._capture(source, args, kwargs, output, uses)
+
+    def _capture(self, source: Source, args: tuple, kwargs: dict, output: Any, uses: Any) -> None:
+        """:meth:`_forward_hook`'s work, with the use tracker paused."""
         outs = [output] if isinstance(output, torch.Tensor) else \
             [o for o in pytree.tree_leaves(output) if torch.is_tensor(o)]
         needs = [o for o in outs if o.requires_grad]
@@ -151,8 +156,7 @@ class LayerCapture:
             call.stats = saver(outs[0], leaves)
         self._calls.append(call)
         if len(outs) == 1:
-            with uses.paused():  # reading ._base is not an op of the model
-                _on_output_grad(outs[0], leaves, lambda g: self._on_grads(call, (g,)))
+            _on_output_grad(outs[0], leaves, lambda g: self._on_grads(call, (g,)))
             return
         positions = [i for i, o in enumerate(outs) if o.requires_grad]
 

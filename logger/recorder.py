@@ -126,6 +126,10 @@ class StepRecorder:
         self.fused = fusable_weights([t.plan for t in trackers]) if fused else frozenset()
         self.fused_level = fused
         self._owners = {id(p): (t, i) for t in trackers for i, p in enumerate(t.params) if id(p) in self.fused}
+        self._layers_of: dict[int, list[int]] = {}  # id(parameter) -> positions of the trackers holding it
+        for j, t in enumerate(trackers):
+            for p in t.params:
+                self._layers_of.setdefault(id(p), []).append(j)
         self.modules = self._hooked_modules()
 
     def _sketch_kind(self, weight: int, form: Form) -> tuple[str, int] | None:
@@ -233,9 +237,14 @@ class StepRecorder:
             self._state.mixed = (op, where)
 
     def _on_use(self, use: Use) -> None:
-        uses = self._state.uses
-        params = {id(p) for src in use.diff.values() for p in uses.derivations.roots(src)}
-        use.layers = [t for t in self.trackers if any(id(p) in params for p in t.params)]
+        """A use of tracked parameters: the layers holding them (in tracker order) capture it.
+
+        A dict lookup per parameter the use reaches (was a scan of every tracker's parameters per use: EfficientNet
+        131 layers × 65 uses per step).
+        """
+        roots = self._state.uses.derivations.roots
+        found = {j for src in use.diff.values() for p in roots(src) for j in self._layers_of.get(id(p), ())}
+        use.layers = [self.trackers[j] for j in sorted(found)]
         for t in use.layers:
             t.capture.add_use(use)
 

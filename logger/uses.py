@@ -166,6 +166,12 @@ def _apply_fused_linear(slot: Slot, x: torch.Tensor, weight: torch.Tensor,
     return FusedLinear.apply(x, weight, bias, slot)
 
 
+def _input_requires_grad(args: tuple, kwargs: dict) -> bool:
+    """Whether a convolution call's input (first positional argument, or ``input=``) needs a gradient."""
+    x = args[0] if args else kwargs.get("input")
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
 def _linear_arguments(x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return x, weight, bias
@@ -333,8 +339,11 @@ class UseTracker(TorchFunctionMode):
     def _fused(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """A Linear, convolution or ``Conv1D`` call of a fused weight: through its fused Function (a new slot) if fused.
 
-        Whether: :func:`~gradcoh.logger.fused.call_is_fused`.
+        Whether: :func:`~gradcoh.logger.fused.call_is_fused`. A convolution whose input needs a gradient is never
+        fused below level True: it is run as it is before its arguments are bound (every interior convolution).
         """
+        if func in CONV_FUNCTIONS and self.fused_level is not True and _input_requires_grad(args, kwargs):
+            return func(*args, **kwargs)
         conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
         addmm = addmm_arguments(args, kwargs) if func is torch.addmm else None
         if func is not F.linear and conv is None and addmm is None:

@@ -91,3 +91,41 @@ def unguarded(monkeypatch):
 
     real = GuardSchedule.next_step
     monkeypatch.setattr(GuardSchedule, "next_step", lambda self, stream: [False for _ in real(self, stream)])
+
+
+FILE_SECONDS = {
+    "reliability/test_crash.py": 67, "integrations/test_lightning.py": 57, "integrations/test_huggingface.py": 46,
+    "distributed/test_ddp.py": 46, "scale/test_remote.py": 39, "logger/test_sketch.py": 38, "logger/test_zoo.py": 37,
+    "scale/test_cluster_equivalence.py": 36, "test_bench_smoke.py": 35, "logger/test_review.py": 29,
+    "logger/test_exact.py": 27, "reliability/test_failures.py": 25, "scale/test_compact.py": 23,
+    "analysis/test_plots.py": 22, "experiment/test_experiment.py": 21, "cli/test_cli.py": 20,
+    "analysis/test_stderr.py": 19, "logger/test_alignment.py": 19, "scale/test_cluster_example.py": 17,
+    "scale/test_long_runs.py": 16, "analysis/test_missing_metadata.py": 15, "logger/test_logger_boundaries.py": 14,
+    "reliability/test_concurrent.py": 13, "cli/test_plot.py": 12,
+}
+"""Seconds each of the longest test files took (``--durations``, README test command, 2026-12-03, load 1-5); any
+other file counts 0.3 s per test. Only the order of the files depends on these numbers, never a result."""
+
+
+def pytest_configure(config) -> None:
+    """``--dist loadfile``: hand the files to the two workers longest first (the order of the collection, see
+    :func:`pytest_collection_modifyitems`) instead of xdist's default, most tests first, which left the few-test,
+    long subprocess files (crash, DDP, Lightning, bench smoke) for the end, one worker finishing them alone."""
+    if getattr(config.option, "dist", "no") == "loadfile" and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Order the files longest first (:data:`FILE_SECONDS`), keeping the order of the tests inside each file."""
+    weight: dict[str, float] = {}
+    for item in items:
+        name = item.path.relative_to(TESTS_DIR).as_posix() if item.path.is_relative_to(TESTS_DIR) else str(item.path)
+        weight[name] = weight.get(name, 0.0) + 0.3
+    for name in weight:
+        weight[name] = FILE_SECONDS.get(name, weight[name])
+
+    def key(item):
+        return -weight.get(item.path.relative_to(TESTS_DIR).as_posix() if item.path.is_relative_to(TESTS_DIR)
+                           else str(item.path), 0.0)
+
+    items.sort(key=key)

@@ -107,3 +107,41 @@ def test_sum_scale_is_the_size_of_the_terms():
     norms = np.array([[3.0], [4.0]])
     assert sum_scale(norms, axis=0) == pytest.approx([49.0])
     assert math.isclose(bound(1e6) / bound(1e4), 10.0)
+
+
+def test_gradient_terms_closed_forms_equal_the_dense_jacobians(monkeypatch):
+    """tests/gradient_terms.py: its Linear/convolution and elementwise closed forms give the generic (dense
+    torch.func Jacobian) path's sizes, and every size bounds its gradient entry (g̃ ≥ |g|)."""
+    import gradient_terms as terms_module
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3),
+                          nn.ReLU(), nn.Linear(3, 2, bias=False))
+    x = torch.randn(2, 4, 6, 5)
+    y = target_for(model, x)
+    fast = terms_module.gradient_terms(model, sq_loss, x, y)
+    monkeypatch.setattr(terms_module, "_BILINEAR", ())
+    monkeypatch.setattr(terms_module, "_ELEMENTWISE", ())
+    dense = terms_module.gradient_terms(model, sq_loss, x, y)
+    grads = per_example_grads_loop(model, sq_loss, x, y)
+    assert fast.keys() == dense.keys() == grads.keys()
+    for k, g in grads.items():
+        assert_close(fast[k], dense[k], n=64, dtype="float64", err_msg=k)
+        assert bool((fast[k] >= g.abs() * (1 - 1e-12)).all()), k
+
+
+def test_gradient_terms_cover_a_cancelling_backward_sum():
+    """W2ᵀδ cancels (two outputs pulling opposite ways): the first layer's gradient is 1e-4 of its terms, and the
+    sizes the statistics are measured against (not the value) keep that rounding within the bound."""
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[1].weight.copy_(torch.tensor([[1.0], [1.0]]))
+    x = torch.ones(1, 1)
+    y = torch.tensor([[0.0, 2.0 - 1e-4]])  # δ = 2(out − y) = (2, −2 + 2e-4): W2ᵀδ = 2e-4 from terms of size 2
+    from gradient_terms import gradient_terms
+
+    g = per_example_grads_loop(model, sq_loss, x, y)["0.weight"].abs()
+    size = gradient_terms(model, sq_loss, x, y)["0.weight"]
+    assert float(g) == pytest.approx(2e-4, rel=1e-3)  # (y in float32)
+    assert float(size) >= 4.0  # |W2|ᵀ|δ|·|x| at least (plus the forward's share)

@@ -25,6 +25,9 @@ depends on. For a single reduction it is its length (features × positions of a 
 number of examples of a batch sum). For a whole network (the logger's statistics against a float64 oracle through
 float32 forward and backward passes) it is :func:`chain_length`: every weight's fan-in (forward) plus fan-out
 (backward) plus the positions its gradient sums over, added along the network. No safety factor is applied on top.
+Those roundings are relative to the terms each sum adds, so a per-example gradient compared against *its own value*
+assumes its forward and backward sums do not cancel; where they may (random small models), the scale is the size of
+its terms, propagated through the network as |W|ᵀ|δ| (tests/gradient_terms.py; ``assert_stats(..., terms=...)``).
 
 **Mutation check**: every tolerance used in tests/ is far below 1e-3, so a logger that is off by a relative 1e-3
 (a scale, a swapped example) fails; tests/test_tolerance.py perturbs the code under test and checks that.

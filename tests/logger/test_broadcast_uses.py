@@ -129,3 +129,28 @@ def test_reshaped_parameters_pulled_back_without_vmap(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.func, "vmap", vmap)
     check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)
     assert not vmaps  # the reshapes were reversed directly
+
+
+class TwoOwners(nn.Module):
+    """One use of a tensor derived from two layers' parameters (``b.scale + 2 * a.scale``): each gets its part."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.a, self.b = nn.Module(), nn.Module()
+        self.a.scale = nn.Parameter(torch.randn(d))
+        self.b.scale = nn.Parameter(torch.randn(d))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.inp(x) * (self.b.scale + 2 * self.a.scale))).sum(1)
+
+
+def test_a_use_reaches_every_layer_whose_parameters_it_derives_from(tmp_path):
+    torch.manual_seed(43)
+    model = TwoOwners()
+    x = torch.randn(5, 3, 3)
+    y = target_for(model, x)
+    ds = run_logged(model, [[(x, y)]], tmp_path / "s.zarr")
+    assert {"a", "b"} <= set(ds.layer.values)
+    check_step(ds, 0, model, x, y, oracle=per_example_grads_loop)

@@ -274,3 +274,40 @@ def test_auto_skips_calls_whose_gemm_does_not_pay_the_fused_call():
     assert call_is_fused(32, torch.randn(32, 64, 320), lin, bias, sketch=countsketch)
     assert seen == [("factored", 64)]  # the sketch's kind asked for with the rule's form (after the cost check)
     assert not call_is_fused(32, torch.randn(32, 64, 320), lin, bias)  # exact: the ghost norm, not materialised
+
+
+def test_auto_fuses_a_first_convolution_and_runs_interior_ones_as_they_are(tmp_path, monkeypatch):
+    """Through the logger at level "auto": a first convolution (its input an image, no gradient) whose per-example
+    gradients its rule materialises runs through FusedConv; the convolutions whose input needs a gradient run as
+    the model calls them (never bound nor weighed: gradcoh.logger.uses). .grad of the fused stem equals the plain
+    step's to rounding, the others bitwise; statistics exact against the float64 loop."""
+    from fused_grads import assert_training_grads, weight_grad_terms
+    from gradcoh.logger import fused as fused_module
+    from gradcoh.logger import uses as uses_module
+
+    monkeypatch.setattr(fused_module, "spares_enough", lambda *shape: True)
+
+    def make():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),
+                             nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 12 * 12, 5))
+
+    x, y = torch.randn(4, 3, 12, 12), torch.randn(4, 5)
+    model, plain = make(), make()
+    applied = []
+    real_apply = fused_module.FusedConv.apply
+    monkeypatch.setattr(fused_module.FusedConv, "apply",
+                        lambda *a: applied.append(a[1]) or real_apply(*a))
+    bound = []
+    real_bind = uses_module.conv_arguments
+    monkeypatch.setattr(uses_module, "conv_arguments", lambda f, a, k: bound.append(a[1]) or real_bind(f, a, k))
+    with GradientLogger(model, tmp_path / "s.zarr") as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+    assert [id(w) for w in applied] == [id(model[0].weight)]
+    assert [id(w) for w in bound] == [id(model[0].weight)]  # interior convolutions: not even bound
+    terms = weight_grad_terms(plain, lambda: sq_loss(plain(x), y).mean().backward())
+    assert_training_grads(model, plain, {id(model[0].weight)}, terms, "auto")
+    ds = open_logged(tmp_path / "s.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=144),
+                 what="auto conv")
