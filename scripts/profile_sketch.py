@@ -321,7 +321,8 @@ def main() -> None:
     ap.add_argument("--counts", action="store_true", help="operation counts of the first step's sketch")
     ap.add_argument("--plain-ms", type=float, default=0.0, help="with --counts: a plain step (ms) to divide by")
     ap.add_argument("--blocks", default="",
-                    help="with --counts or --check-choice: comma list of block rules to compare ('shape' or B)")
+                    help="with --counts or --check-choice: comma list of block rules to compare ('shape', 'v5' or "
+                         "B); alone: the rule of the per-parameter report")
     ap.add_argument("--ab-blocks", default="", help="whole-step A/B of these block rules, e.g. shape,4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -335,6 +336,8 @@ def main() -> None:
     if args.ab_blocks:
         ab_blocks(args)
         return
+    if args.blocks:  # the per-parameter report under one block rule
+        set_blocks(args.blocks)
     times: dict[tuple, float] = {}
     instrument(times, {})
     report(args, *run(args, times))
