@@ -20,10 +20,14 @@ gets may not:
   ``O(rows + cols)`` hashes and is computed from the factors without forming ``M``: ``Σ_t FFT(C₁ u_t) ⊙
   FFT(C₂ v_t)`` accumulated in the frequency domain over positions and blocks, one inverse FFT per example. For a
   materialised ``M`` the same sketch is applied row-wise (each row's column sketch, rolled by the row's bucket).
-  One TensorSketch has up to three times the dense variance for rank-one ``M``; the mean of ``B`` brings it to
-  ``(2/k)(1 + (2 + 2/k)/B)`` at worst (``B`` = :data:`TENSORSKETCH_BLOCKS` = 4: sd ``1.226·√(2/k)`` at
-  ``k ≥ 256``, within the ``1.25·√(2/k)`` the sketches promise) and to ``≈ 2/k`` for high-rank ``M``; the exact
-  variance for a given ``M`` is in :data:`TENSORSKETCH_BLOCKS`'s note.
+  With independent row and column hashes one TensorSketch has up to three times the dense variance for rank-one
+  ``M``: two rows that collide bring every pair of their columns into collision at once (and two columns every
+  pair of rows). A side of at most ``k`` entries is therefore hashed injectively (its own collisions vanish), and
+  the number of blocks follows from the shape alone (:func:`tensorsketch_blocks`): ``B = 4`` when both sides are
+  longer than ``k``, 2 when one is not, 1 when neither is. The worst case is then ``≈ 1.5·(2/k)`` with ``B = 4``
+  or 2 (sd ``1.2256·√(2/k)`` at ``k = 256``) and ``(2/k)·k²/(k − 1)²`` with ``B = 1``, within the
+  ``1.25·√(2/k)`` the sketches promise, and ``≈ 2/k`` for high-rank ``M``; the exact variance for a given ``M`` is
+  in :data:`TENSORSKETCH_BLOCKS`'s note.
 
 Which class a parameter gets is decided once per run by :func:`choose_projection` from a cost model of the shapes
 (FLOPs and bytes weighed with the fixed :data:`~gradcoh.logger.costs.SKETCH_COSTS`, never with timings) at the
@@ -45,32 +49,68 @@ import numpy as np
 import torch
 
 from . import schema
-from .costs import SKETCH_COSTS, KernelCosts
+from .costs import FUSED_SUM_NS, SKETCH_COSTS, KernelCosts
 from .ghost import ghost_macs
 
 SKETCH_KIND = "countsketch+tensorsketch"
-SKETCH_VERSION = 5
+SKETCH_VERSION = 6
 """1: one TensorSketch per layer matrix view; 2: one TensorSketch per parameter, summed per layer; 3: a CountSketch
 or a block TensorSketch per parameter; 4: the same projections, chosen by a cost model of the shapes and recorded
 per parameter in the store (a version 3 store cannot be continued: its choices were not recorded); 5: the
 TensorSketch mean of 4 blocks instead of 8 (half its cost), chosen by a cost model that counts the exact
-statistics' route with the sketch (:func:`form_cost`). A version 4 store cannot be appended to with sketches."""
+statistics' route with the sketch (:func:`form_cost`); 6: the TensorSketch mean hashes a side of at most ``k``
+entries injectively and averages 1, 2 or 4 blocks by the number of such sides (:func:`tensorsketch_blocks`), its
+cost model proportional to the blocks. A version 4 or 5 store cannot be appended to with sketches."""
 
 HASH_VERSION = 3
-"""Enters the hash seeds: unchanged since version 3, so equal choices give the same projections as version 3."""
+"""Enters the hash seeds: unchanged since version 3, so a CountSketch (whose hashes version 6 leaves as they were)
+gives the same projection as in version 3; the TensorSketch mean's hashes are drawn differently since version 6."""
 
 TENSORSKETCH_BLOCKS = 4
-"""Independent TensorSketches averaged per parameter (their sum divided by ``√B``); the cost of the TensorSketch
-mean is proportional to ``B``.
+"""Independent TensorSketches averaged per parameter (their sum divided by ``√B``) when neither side of the view is
+hashed injectively; :func:`tensorsketch_blocks` gives 2 with one such side and 1 with two. The cost of the
+TensorSketch mean is proportional to ``B``.
 
-The relative variance of ``‖s‖²`` for one matrix ``M`` (entries ``x_e``, ``Q = ‖MᵀM‖_F² − Σ_i ‖M_i·‖⁴ − Σ_j ‖M_·j‖⁴
-+ ‖M‖₄⁴``, all over ``‖M‖⁴``) is exactly ``V₁/B + (2/k)(B − 1)/B`` with one TensorSketch's ``V₁ = (2/k)(1 −
-‖M‖₄⁴/‖M‖⁴) + (4/k + c/k²)·Q`` (``c`` = 4 for even ``k``, 2 for odd): ``2/k`` from the pairs of entries that
-collide, as in a CountSketch, and ``4Q/k`` from pairs in one row (or one column) whose signs and collisions the
-product hash shares across rows (columns). ``Q ≤ 1``, with equality only in the limit of a rank-one ``M`` spread
-over many rows and columns, so at worst ``(2/k)(1 + (2 + 2/k)/B)``: ``B = 4`` gives ``1.5·(2/k)`` (sd
-``1.2248·√(2/k)``, at ``k = 256`` ``1.2256``) within the ``1.25·√(2/k)`` bound for every ``k ≥ 16``; ``B = 8`` gave
-``1.12·√(2/k)`` at twice the cost. Averaging blocks, not concatenating them, keeps the bucket count ``k``."""
+One TensorSketch puts entry ``(i, j)`` of ``M`` (``x_e``, ``‖M‖ = 1`` below) in bucket ``(h₁(i) + h₂(j)) mod k``
+with sign ``s₁(i)s₂(j)``. A side of at most ``k`` entries is hashed injectively (distinct buckets, uniformly placed:
+a random permutation's first entries), a longer side with independent uniform buckets; signs are independent.
+With ``π_side(x)`` the distribution of the difference ``h(a) − h(b) mod k`` of two distinct entries of a side
+(``1/k`` each for an independent hash; ``0`` at ``x = 0`` and ``1/(k − 1)`` elsewhere for an injective one), the
+relative variance of ``‖s‖²`` is exactly ``V₁/B + (2/k)(B − 1)/B`` (the cross terms between independent blocks,
+as every bucket is uniform: ``E[ssᵀ] = I/k``) with one TensorSketch's
+
+    V₁ = 2·(π₂(0)·R + π₁(0)·C + p·D) + 2·(π₂(0) + π₁(0) + q)·Q
+
+where ``R = Σ_i ‖M_i·‖⁴ − ‖M‖₄⁴`` (pairs of entries in one row: they collide when their columns do), ``C = Σ_j
+‖M_·j‖⁴ − ‖M‖₄⁴`` (in one column), ``D = 1 − ‖M‖₄⁴ − R − C`` (pairs in different rows and columns: they collide
+with probability ``p = Σ_x π₁(x)π₂(−x)``, ``1/k`` when a side is independent, ``1/(k − 1)`` when both are
+injective), and ``Q = ‖MᵀM‖_F² − Σ_i ‖M_i·‖⁴ − Σ_j ‖M_·j‖⁴ + ‖M‖₄⁴ ≤ D`` weighs the quadruples of entries in two
+rows and two columns whose four signs cancel: a pair in one row collides together with the same pair of columns in
+every other row (probability ``π₂(0)``), symmetrically for columns (``π₁(0)``), and the two diagonals of a 2×2
+sub-matrix collide together when ``2·(h₁(i) − h₁(i')) ≡ 0`` and ``h₁(i) − h₁(i') ≡ h₂(j) − h₂(j')`` (``q =
+Σ_{2x ≡ 0} π₁(x)π₂(x)``: ``O(1/k²)``). At worst (``Q``, ``R + C + D`` → 1: rank one, spread over many rows and
+columns), for even ``k`` (odd ``k``: less):
+
+* neither side injective, ``B = 4``: ``V₁ ≤ (2/k)(3 + 2/k)``, ``V ≤ (2/k)(1.5 + 1/(2k))``: sd ``1.2248·√(2/k)``
+  (``k = 256``: ``1.2256``);
+* one side injective, ``B = 2``: its own collisions vanish, ``V₁ ≤ (2/k)(2 + 1/(k − 1))``, ``V ≤ (2/k)(1.5 +
+  1/(2(k − 1)))``: sd ``1.2255·√(2/k)`` at ``k = 256`` (one block alone would be ``1.41``);
+* both injective, ``B = 1``: ``V ≤ (2/(k − 1))(1 + 1/(k − 1)) = (2/k)·k²/(k − 1)²``: sd ``k/(k − 1)·√(2/k)``
+  (``1.004`` at ``k = 256``), about a CountSketch's.
+
+All three are within the ``1.25·√(2/k)`` the sketches promise for every ``k ≥ 9``, per example and for the batch
+sum (the same formula for the summed matrix). High-rank ``M`` (``Q ≪ 1``) get ``≈ 2/k`` in every case."""
+
+
+def tensorsketch_blocks(view: tuple[int, int], dim: int) -> int:
+    """TensorSketches the mean averages for a natural view ``(rows, cols)`` at sketch dimension ``dim``.
+
+    4 (:data:`TENSORSKETCH_BLOCKS`) when both sides are longer than ``dim``, 2 when one side has at most ``dim``
+    entries (hashed injectively), 1 when both have: a function of the shapes only, so every process, rank and
+    resumed run averages the same blocks. The worst-case variance of each case is in :data:`TENSORSKETCH_BLOCKS`.
+    """
+    injective = (view[0] <= dim) + (view[1] <= dim)
+    return (TENSORSKETCH_BLOCKS, 2, 1)[injective]
 
 _CHUNK_ELEMENTS = 2**22
 """Elements of the largest temporary a sketch kernel builds at once (examples or positions are chunked)."""
@@ -109,24 +149,30 @@ def sketch_hashes(seed: int, name: str, view: tuple[int, int], dim: int, kind: s
 
     Returns:
         CountSketch: ``{"hash", "sign"}`` of shape ``[rows, cols]`` (int64 buckets in ``[0, dim)``, distinct when
-        ``rows·cols ≤ dim``; float32 ±1). Block TensorSketch: ``{"row_hash", "row_sign"}`` ``[B, rows]`` and
-        ``{"col_hash", "col_sign"}`` ``[B, cols]``.
+        ``rows·cols ≤ dim``; float32 ±1). TensorSketch mean: ``{"row_hash", "row_sign"}`` ``[B, rows]`` and
+        ``{"col_hash", "col_sign"}`` ``[B, cols]`` with ``B =`` :func:`tensorsketch_blocks` ``(view, dim)``; a
+        side of at most ``dim`` entries gets distinct buckets in every block (the first entries of a random
+        permutation of ``range(dim)``), a longer side independent uniform ones.
     """
     if kind not in PROJECTIONS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rows, cols = view
     numel = rows * cols
-    blocks = TENSORSKETCH_BLOCKS
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(_entropy(seed, kind, name, rows, cols, dim))))
     if kind == CountSketch.kind:
         buckets = rng.permutation(dim)[:numel] if numel <= dim else rng.integers(0, dim, size=numel)
         return {"hash": buckets.astype(np.int64).reshape(rows, cols), "sign": _signs(rng, (rows, cols))}
-    return {
-        "row_hash": rng.integers(0, dim, size=(blocks, rows), dtype=np.int64),
-        "row_sign": _signs(rng, (blocks, rows)),
-        "col_hash": rng.integers(0, dim, size=(blocks, cols), dtype=np.int64),
-        "col_sign": _signs(rng, (blocks, cols)),
-    }
+    blocks = tensorsketch_blocks(view, dim)
+
+    def side(width: int) -> np.ndarray:
+        """``[B, width]`` buckets of one side: injective (a permutation's first entries) when ``width ≤ dim``."""
+        if width <= dim:
+            return np.stack([rng.permutation(dim)[:width] for _ in range(blocks)]).astype(np.int64)
+        return rng.integers(0, dim, size=(blocks, width), dtype=np.int64)
+
+    row_hash, row_sign = side(rows), _signs(rng, (blocks, rows))
+    col_hash, col_sign = side(cols), _signs(rng, (blocks, cols))
+    return {"row_hash": row_hash, "row_sign": row_sign, "col_hash": col_hash, "col_sign": col_sign}
 
 
 def _signed(hashes: np.ndarray, signs: np.ndarray, dim: int) -> np.ndarray:
@@ -266,13 +312,13 @@ class CountSketch(Projection):
 
 
 class TensorSketchMean(Projection):
-    """The mean of :data:`TENSORSKETCH_BLOCKS` TensorSketches with combined row/column hashes (module docstring)."""
+    """The mean of :func:`tensorsketch_blocks` TensorSketches with combined row/column hashes (module docstring)."""
 
     kind = "tensorsketch"
-    blocks = TENSORSKETCH_BLOCKS
 
     def _build(self, hashes: dict[str, np.ndarray], device: torch.device) -> None:
         k = self.dim
+        self.blocks = hashes["row_hash"].shape[0]
         self.row_hash = torch.from_numpy(hashes["row_hash"]).to(device)  # [B, rows]
         self.row_sign = torch.from_numpy(hashes["row_sign"]).to(device)
         self.row_signed = torch.from_numpy(_signed(hashes["row_hash"], hashes["row_sign"], k)).to(device)
@@ -414,7 +460,7 @@ class TensorSketchMean(Projection):
         route, t = form
         rows, cols = view
         fft = costs.fft * dim * math.log2(max(dim, 2))
-        b = cls.blocks
+        b = tensorsketch_blocks(view, dim)
         if route == "factored":
             return b * t * (costs.scatter * (rows + cols) + 2 * fft) + fft
         if route == "indexed":
@@ -437,8 +483,17 @@ def form_cost(cls: type[Projection], view: tuple[int, int], dim: int, form: Form
     ``(T + 1)·rows·cols`` multiply-adds (the gradient and its norm) and gives the dense route; the cheaper of the two
     counts, as :func:`~gradcoh.logger.grads.materialise_is_cheaper` decides per step. (Without the ghost norm a
     CountSketch's materialising looked dearer than it is: at four TensorSketch blocks every transformer MLP at
-    T = 128 would have been moved to a TensorSketch mean that is no cheaper once the ghost norm is counted.) Dense and
-    indexed forms cost the same exact statistics whichever class sketches them: only the sketch counts.
+    T = 128 would have been moved to a TensorSketch mean that is no cheaper once the ghost norm is counted.)
+    Materialised gradients also supply the layer's ``.grad`` in fused mode ``"auto"`` (:mod:`~gradcoh.logger.fused`),
+    sparing autograd's weight-gradient GEMM, ``T·rows·cols`` multiply-adds, for the slot's sum, ``rows·cols`` at
+    :data:`~gradcoh.logger.costs.FUSED_SUM_NS`: the materialised route is credited with the difference where it is
+    positive (``T ≥ 20``; the call's fixed cost, ``FUSED_CALL_NS / n``, is left out: the model sees no batch size).
+    Measured in whole steps, session 35: without this credit one- and two-block TensorSketch means took the
+    transformers' Linear layers at T = 65–128 and their logged steps got 0.03–0.14× of a plain step slower. The
+    credit is counted whatever the fused mode (the choice must not depend on options a resumed run may change), and
+    also for convolutions, which fuse only as a first layer: at worst a CountSketch where a TensorSketch mean would be
+    slightly cheaper. Dense and indexed forms cost the same exact statistics whichever class sketches them: only the
+    sketch counts.
     """
     route, t = form
     own = cls.cost(view, dim, form, costs)
@@ -446,7 +501,8 @@ def form_cost(cls: type[Projection], view: tuple[int, int], dim: int, form: Form
         return own
     rows, cols = view
     kept = costs.gemm * ghost_macs(t, rows, cols) + own
-    materialised = costs.gemm * (t + 1) * rows * cols + cls.cost(view, dim, ("dense", 1), costs)
+    fused = max(0.0, costs.gemm * t - FUSED_SUM_NS) * rows * cols
+    materialised = costs.gemm * (t + 1) * rows * cols - fused + cls.cost(view, dim, ("dense", 1), costs)
     return min(kept, materialised)
 
 

@@ -8,11 +8,14 @@ positions ``T``, measured ms per step (median over steps) and the cost model's m
 
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --steps 3
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --check-choice   # model vs measured
-    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --counts --blocks 8,4   # counts per B
-    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --ab-blocks 8,4 --reps 7  # whole step
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --counts --blocks v5,shape  # per rule
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --ab-blocks v5,shape --reps 7  # whole step
 
-``--blocks`` and ``--ab-blocks`` set :data:`~gradcoh.logger.sketch.TENSORSKETCH_BLOCKS` for a comparison only (a
-store's projections follow the constant of the gradcoh that wrote it).
+``--blocks`` and ``--ab-blocks`` take a comma list of block rules: ``shape`` is the logger's own
+(:func:`~gradcoh.logger.sketch.tensorsketch_blocks`: 1, 2 or 4 by the sides of at most k entries), a number ``B``
+averages ``B`` blocks for every view, ``v5`` the version-5 rule (4 blocks, its costs and choices: no fused-mode
+credit in :func:`~gradcoh.logger.sketch.form_cost`; the hashes' injectivity does not change a route's cost). For a
+comparison only: a store's projections follow the rule of the gradcoh that wrote it.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def check_choice(args: argparse.Namespace) -> None:
     chose; with ``--blocks``, the TensorSketch mean once per number of blocks (the choice at the current count)."""
     seen, batch = first_step_forms(args)
     k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
-    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [sketch.TENSORSKETCH_BLOCKS]
+    blocks = args.blocks.split(",") if args.blocks else ["shape"]
     forms = {(view, t): kind for (_, view), (kind, fs) in seen.items() for route, t in fs
              if route == "factored" and min(view) > 1 and view[0] * view[1] > k}
     ts = [f"tensorsketch B={b}" for b in blocks]
@@ -186,10 +189,17 @@ def first_step_forms(args: argparse.Namespace) -> tuple[dict, int]:
     return seen, batch
 
 
-def set_blocks(blocks: int) -> None:
-    """Average ``blocks`` TensorSketches from now on (hashes, routes and the cost model) — for comparisons only."""
-    sketch.TENSORSKETCH_BLOCKS = blocks
-    sketch.TensorSketchMean.blocks = blocks
+_SHAPE_RULE = sketch.tensorsketch_blocks
+_FUSED_SUM_NS = sketch.FUSED_SUM_NS
+
+
+def set_blocks(blocks: str) -> None:
+    """Average TensorSketches by the rule ``blocks`` from now on (hashes, routes and the cost model): ``"shape"``,
+    the logger's own, a number ``B`` for every view, or ``"v5"``: 4 for every view and no fused-mode credit in
+    :func:`~gradcoh.logger.sketch.form_cost` (the choices of sketch version 5) — for comparisons only."""
+    sketch.FUSED_SUM_NS = math.inf if blocks == "v5" else _FUSED_SUM_NS
+    fixed = 4 if blocks == "v5" else (0 if blocks == "shape" else int(blocks))
+    sketch.tensorsketch_blocks = _SHAPE_RULE if not fixed else (lambda view, dim: fixed)
 
 
 def counts(args: argparse.Namespace) -> None:
@@ -198,7 +208,7 @@ def counts(args: argparse.Namespace) -> None:
     ``--blocks``, for each number of TensorSketch blocks, the kinds re-chosen from the same forms, and the
     parameters whose kind differs from the first."""
     seen, n = first_step_forms(args)
-    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else [sketch.TENSORSKETCH_BLOCKS]
+    blocks = args.blocks.split(",") if args.blocks else ["shape"]
     first = None
     for b in blocks:
         set_blocks(b)
@@ -213,8 +223,8 @@ def counts(args: argparse.Namespace) -> None:
         print(f"# B = {b}: {len(changed)} parameters change kind" + "".join(f"\n#   {c}" for c in changed))
 
 
-def count_kinds(args: argparse.Namespace, seen: dict, n: int, blocks: int) -> None:
-    """Print the counts of one choice ``{(name, view): (kind, forms)}`` with ``blocks`` TensorSketch blocks."""
+def count_kinds(args: argparse.Namespace, seen: dict, n: int, blocks: str) -> None:
+    """Print the counts of one choice ``{(name, view): (kind, forms)}`` with the block rule ``blocks`` in force."""
     k = args.sketch_dim
     tally: dict[str, float] = {"countsketch scattered adds": 0.0, "countsketch materialise multiply-adds": 0.0,
                                "tensorsketch scattered adds": 0.0, "tensorsketch FFTs (size k)": 0.0}
@@ -224,14 +234,16 @@ def count_kinds(args: argparse.Namespace, seen: dict, n: int, blocks: int) -> No
                 tally["countsketch scattered adds"] += n * (t * cols if route == "indexed" else rows * cols)
                 if route == "factored":
                     tally["countsketch materialise multiply-adds"] += n * t * rows * cols
-            elif route == "factored":
-                tally["tensorsketch scattered adds"] += blocks * n * t * (rows + cols)
-                tally["tensorsketch FFTs (size k)"] += 2 * blocks * n * t + n
+                continue
+            b = sketch.tensorsketch_blocks((rows, cols), k)
+            if route == "factored":
+                tally["tensorsketch scattered adds"] += b * n * t * (rows + cols)
+                tally["tensorsketch FFTs (size k)"] += 2 * b * n * t + n
             elif route == "indexed":
-                tally["tensorsketch scattered adds"] += blocks * n * t * (cols + k)
-                tally["tensorsketch FFTs (size k)"] += blocks * n * t
+                tally["tensorsketch scattered adds"] += b * n * t * (cols + k)
+                tally["tensorsketch FFTs (size k)"] += b * n * t
             else:
-                tally["tensorsketch scattered adds"] += blocks * n * (rows * cols + 3 * rows * k)
+                tally["tensorsketch scattered adds"] += b * n * (rows * cols + 3 * rows * k)
     parts = "; ".join(f"{key} {value / 1e6:.3g} M" for key, value in tally.items())
     print(f"# {args.model}, batch {n}, k {k}, B {blocks}: {parts}")
     # The same counts weighed with the fixed SKETCH_COSTS: the sketch's modelled increment over the exact step. A
@@ -258,8 +270,9 @@ def ab_blocks(args: argparse.Namespace) -> None:
     batch = args.batch or default_batch(args.model)
     case = make_zoo_case(args.model, batch, 0, "cpu")
     model, loss = case["models"]["default"], case["loss"]
-    blocks = [int(b) for b in args.ab_blocks.split(",")]
-    methods: dict[str, int | None] = {"plain": None, "exact": 0, **{f"k{args.sketch_dim} B={b}": b for b in blocks}}
+    blocks = args.ab_blocks.split(",")
+    methods: dict[str, str | int | None] = {"plain": None, "exact": 0,
+                                            **{f"k{args.sketch_dim} B={b}": b for b in blocks}}
     times: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         logs = {m: GradientLogger(model, Path(tmp) / f"{i}.zarr", sketch_dim=args.sketch_dim if b else 0,
@@ -308,8 +321,9 @@ def main() -> None:
     ap.add_argument("--counts", action="store_true", help="operation counts of the first step's sketch")
     ap.add_argument("--plain-ms", type=float, default=0.0, help="with --counts: a plain step (ms) to divide by")
     ap.add_argument("--blocks", default="",
-                    help="with --counts or --check-choice: comma list of TensorSketch block counts to compare")
-    ap.add_argument("--ab-blocks", default="", help="whole-step A/B of these TensorSketch block counts, e.g. 8,4")
+                    help="with --counts or --check-choice: comma list of block rules to compare ('shape', 'v5' or "
+                         "B); alone: the rule of the per-parameter report")
+    ap.add_argument("--ab-blocks", default="", help="whole-step A/B of these block rules, e.g. shape,4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -322,6 +336,8 @@ def main() -> None:
     if args.ab_blocks:
         ab_blocks(args)
         return
+    if args.blocks:  # the per-parameter report under one block rule
+        set_blocks(args.blocks)
     times: dict[tuple, float] = {}
     instrument(times, {})
     report(args, *run(args, times))

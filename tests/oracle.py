@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gradcoh.logger.sketch import TENSORSKETCH_BLOCKS, Projection
+from gradcoh.logger.sketch import Projection, tensorsketch_blocks
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -257,25 +257,65 @@ def _tensorsketch_q(m, u=None, v=None):
     return small.square().sum((1, 2)) + rest
 
 
-def sketch_variance(m, k, kind, blocks=TENSORSKETCH_BLOCKS, u=None, v=None):
+def _difference_distribution(width, k):
+    """``[k]`` distribution of ``h(a) − h(b) mod k`` for two distinct entries of a side of ``width`` entries: uniform
+    for independent buckets (``width > k``); for distinct buckets placed uniformly (a random permutation's first
+    ``width``, ``width ≤ k``) never 0 and uniform over the other ``k − 1`` residues."""
+    if width > k:
+        return np.full(k, 1 / k)
+    pi = np.full(k, 1 / (k - 1))
+    pi[0] = 0.0
+    return pi
+
+
+def tensorsketch_pair_probabilities(rows, cols, k):
+    """Collision probabilities of one TensorSketch (bucket ``(h₁(i) + h₂(j)) mod k``) of a ``rows × cols`` matrix,
+    from the two sides' difference distributions ``π₁``, ``π₂`` (:func:`_difference_distribution`):
+
+    * ``same_row``: two entries of one row collide iff their column buckets are equal, ``π₂(0)``;
+    * ``same_col``: ``π₁(0)``;
+    * ``apart``: entries in different rows and columns collide iff ``d₁ + d₂ ≡ 0``, ``Σ_x π₁(x)π₂(−x)``;
+    * ``diagonals``: both diagonals of a 2×2 sub-matrix collide iff ``d₁ ≡ −d₂`` and ``d₁ ≡ d₂``, i.e.
+      ``d₁ ≡ d₂`` with ``2d₁ ≡ 0``: ``Σ_{2x ≡ 0} π₁(x)π₂(x)``.
+    """
+    p1, p2 = _difference_distribution(rows, k), _difference_distribution(cols, k)
+    x = np.arange(k)
+    half = (2 * x) % k == 0
+    return {"same_row": p2[0], "same_col": p1[0], "apart": float(p1 @ p2[(-x) % k]),
+            "diagonals": float((p1 * p2)[half].sum())}
+
+
+def sketch_variance(m, k, kind, blocks=None, u=None, v=None):
     """``[n]`` exact variance over seeds of ‖s‖²/‖M‖² − 1 for each matrix ``m`` ``[n, rows, cols]`` (float64).
 
     CountSketch (independent bucket and sign per entry): 0 when placed injectively (at most ``k`` entries), otherwise
     ``(2/k)(‖M‖⁴ − ‖M‖₄⁴)/‖M‖⁴`` (two entries collide with probability 1/k). TensorSketch mean of ``blocks`` blocks
-    (bucket ``(h₁(i) + h₂(j)) mod k``, sign ``σ₁(i)σ₂(j)``, the blocks' sum over √B): one block has the CountSketch
-    term plus ``(4/k + c/k²)·Q/‖M‖⁴`` (:func:`_tensorsketch_q`; c = 4 for even k, 2 for odd) from the quadruples of
-    entries in two rows and two columns whose signs cancel and whose collisions the product hash shares; the cross
-    terms between blocks add ``(2/k)(B − 1)/B``. Derived in :data:`gradcoh.logger.sketch.TENSORSKETCH_BLOCKS`;
-    checked against sampling in tests/logger/test_sketch_variance.py. ``u``, ``v``: the factors of ``m``, if any.
+    (default: as the logger averages for the shape, :func:`~gradcoh.logger.sketch.tensorsketch_blocks`; bucket
+    ``(h₁(i) + h₂(j)) mod k``, sign ``σ₁(i)σ₂(j)``, a side of at most ``k`` entries hashed injectively, the blocks'
+    sum over √B): ``‖s‖² − ‖M‖² = Σ_{e≠e'} σσ' x x' [e, e' collide]``, whose square's expectation keeps the
+    products of four entries whose signs cancel (every row and every column an even number of times): a pair with
+    itself, ``2·Σ_{e≠e'} x²x'²·P(collide)`` split by :func:`tensorsketch_pair_probabilities` into one row (``R``),
+    one column (``C``) and apart (``D``); the same pair of columns in another row (both pairs collide iff the
+    columns do), likewise of rows; and the two diagonals of a 2×2 sub-matrix; these three weigh the same ``Q``
+    (:func:`_tensorsketch_q`). The cross terms between blocks add ``(2/k)(B − 1)/B`` (every bucket uniform).
+    Derived in :data:`gradcoh.logger.sketch.TENSORSKETCH_BLOCKS`; checked against sampling in
+    tests/logger/test_sketch_variance.py. ``u``, ``v``: the factors of ``m``, if any.
     """
     sq = m.square()
     n2, n4 = sq.sum((1, 2)), sq.square().sum((1, 2))
-    if kind == "countsketch" and m.shape[1] * m.shape[2] <= k:
+    rows, cols = m.shape[1:]
+    if kind == "countsketch" and rows * cols <= k:
         return torch.zeros_like(n2)
-    collide = 2 / k * (n2.square() - n4) / n2.square()
     if kind == "countsketch":
-        return collide
-    one = collide + (4 / k + (4 if k % 2 == 0 else 2) / k**2) * _tensorsketch_q(m, u, v) / n2.square()
+        return 2 / k * (n2.square() - n4) / n2.square()
+    blocks = tensorsketch_blocks((rows, cols), k) if blocks is None else blocks
+    p = tensorsketch_pair_probabilities(rows, cols, k)
+    in_rows = sq.sum(2).square().sum(1) - n4  # R
+    in_cols = sq.sum(1).square().sum(1) - n4  # C
+    apart = n2.square() - n4 - in_rows - in_cols  # D
+    pairs = p["same_row"] * in_rows + p["same_col"] * in_cols + p["apart"] * apart
+    quads = (p["same_row"] + p["same_col"] + p["diagonals"]) * _tensorsketch_q(m, u, v)
+    one = 2 * (pairs + quads) / n2.square()
     return one / blocks + 2 / k * (blocks - 1) / blocks
 
 
