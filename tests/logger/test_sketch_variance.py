@@ -102,3 +102,49 @@ def test_worst_case_variance_within_the_bound(k, case):
     near = relative_variance(flat, k, "tensorsketch", u, v)
     assert (1 - 4 / k) * sup <= near <= sup and relative_variance(flat, k, "countsketch") <= 2 / k, (
         near / (2 / k), sup / (2 / k))
+
+
+def _enumerated_variance(m: np.ndarray, k: int) -> tuple[float, float]:
+    """``(mean, variance)`` of ‖s‖²/‖M‖² for one TensorSketch of ``m`` over *every* value of its hashes and signs.
+
+    Bucket ``(h₁(i) + h₂(j)) mod k``, sign ``σ₁(i)σ₂(j)``; a side of at most ``k`` entries runs over every injective
+    placement (each equally likely, as the first entries of a uniform permutation), a longer side over every
+    independent one; every sign pattern. No sampling: the mean is 1 and the variance the formula's to rounding.
+    """
+    import itertools
+
+    rows, cols = m.shape
+
+    def side(width):
+        if width <= k:
+            return np.array(list(itertools.permutations(range(k), width)))
+        return np.array(list(itertools.product(range(k), repeat=width)))
+
+    h1, h2 = side(rows), side(cols)
+    s1 = np.array(list(itertools.product([-1.0, 1.0], repeat=rows)))
+    s2 = np.array(list(itertools.product([-1.0, 1.0], repeat=cols)))
+    signed = (s1[:, None, :, None] * s2[None, :, None, :]).reshape(-1, rows * cols) * m.reshape(-1)  # [S, e]
+    values = []
+    for a in h1:
+        onehot = np.eye(k)[((a[None, :, None] + h2[:, None, :]) % k).reshape(len(h2), -1)]  # [H₂, e, k]
+        values.append(np.square(np.einsum("se,hek->hsk", signed, onehot)).sum(-1).ravel())
+    ratio = np.concatenate(values) / np.square(m).sum()
+    return float(ratio.mean()), float(ratio.var())
+
+
+# (rows, cols, k): both sides injective; the rows only; the columns only (odd k); neither side (even k: the
+# diagonals' term 2/k² is largest, 0.5 at k = 2); neither side, odd k
+ENUMERATED = [(3, 3, 4), (2, 5, 4), (4, 3, 3), (3, 3, 2), (4, 4, 3)]
+
+
+@pytest.mark.parametrize("rows,cols,k", ENUMERATED, ids=["both", "rows", "cols", "neither_even", "neither_odd"])
+@pytest.mark.parametrize("which", ["rank_one", "full"])
+def test_formula_is_exact_by_enumerating_every_hash(rows, cols, k, which):
+    """One TensorSketch's variance (``blocks=1``) equals :func:`oracle.sketch_variance` to rounding for tiny
+    matrices, over every hash and sign value: the terms sampling cannot resolve (the 2×2 diagonals' ``O(1/k²)``,
+    dropping which passes the sampled test above) are checked exactly. Unbiased: the mean is exactly 1."""
+    m = _matrices(which, 1, rows, cols)[0]
+    mean, var = _enumerated_variance(m.numpy(), k)
+    assert abs(mean - 1) <= 1e-12
+    want = float(sketch_variance(m[None], k, "tensorsketch", blocks=1)[0])
+    assert abs(var - want) <= 1e-12 * max(var, 1.0), (var, want)
