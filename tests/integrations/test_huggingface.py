@@ -11,13 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from datasets import Dataset
 from gradcoh.analysis import open_store
-from gradcoh.logger.integrations.huggingface import GradcohCallback
 from launch import run_two_ranks
 from tolerance import PER_MODULE, PRODUCT, assert_close, chain_length
 
 V, T, N = 40, 6, 12
+
+
+def GradcohCallback(*args, **kwargs):
+    """gradcoh's Trainer callback, imported when a test of this file first makes one: the import pulls in the whole
+    Trainer stack (2.6 s), which an xdist worker collecting this file but running none of its tests need not pay."""
+    from gradcoh.logger.integrations.huggingface import GradcohCallback as callback
+
+    return callback(*args, **kwargs)
+
+
+def _from_dict(data):
+    from datasets import Dataset  # (imported on first use, as above)
+
+    return Dataset.from_dict(data)
 
 
 def tiny(kind):
@@ -38,7 +50,7 @@ def dataset(kind):
     data = {"input_ids": ids.tolist(), "attention_mask": torch.ones(N, T, dtype=torch.long).tolist(),
             "idx": list(range(100, 100 + N))}
     data["labels"] = ids.tolist() if kind == "lm" else torch.randint(0, 3, (N,), generator=g).tolist()
-    return Dataset.from_dict(data).with_format("torch")
+    return _from_dict(data).with_format("torch")
 
 
 def per_example_losses(model, batch, kind):
@@ -245,7 +257,7 @@ def test_trainer_callback_runs_the_verifier(kind, monkeypatch, tmp_path):
     if kind == "lm-ignored":  # each example has a different number of labelled tokens
         labels = ds[:]["labels"].clone()
         labels[torch.arange(T)[None, :] < (torch.arange(N) % (T - 1))[:, None]] = -100
-        ds = Dataset.from_dict({**{k: v.tolist() for k, v in ds[:].items()}, "labels": labels.tolist()})
+        ds = _from_dict({**{k: v.tolist() for k, v in ds[:].items()}, "labels": labels.tolist()})
         ds = ds.with_format("torch")
     model = tiny(kind[:2] if kind.startswith("lm") else kind)
     trainer = transformers.Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
