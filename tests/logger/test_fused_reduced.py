@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from gradcoh.logger import grads
-from gradcoh.logger.grads import Dense, Factored, MatrixView, Reduced, as_dense, choose_route, split_params
+from gradcoh.logger.grads import Dense, Factored, MatrixView, Reduced, choose_route, split_params
 from gradcoh.logger.sketch import KINDS, Projection
 from tolerance import PRODUCT, assert_close
 
@@ -64,15 +63,18 @@ def test_reduced_with_bias_splits_without_materialising_and_other_projections_re
     proj = Projection.create(0, "w", (R, C), 16, "countsketch")
     red, total = f.reduced(proj, summed=True)
     assert total.shape == (R, C)
-    full = as_dense(f).m.double()  # [n, R, C + 1]
-    torch.testing.assert_close(red.sq_norms().double(), full.square().sum((1, 2)), rtol=1e-5, atol=0)
+    full = torch.cat([_oracle(f), f.u.double().sum(1).unsqueeze(2)], 2)  # [n, R, C + 1] float64: weight | bias
+    terms = torch.cat([f.u.double().abs().transpose(1, 2) @ f.v.double().abs(),
+                       f.u.double().abs().sum(1).unsqueeze(2)], 2)  # Σ_t |u||v| per entry (the bias: Σ_t |u|)
+    assert_close(red.sq_norms(), full.square().sum((1, 2)), n=T + R * (C + 1), kappa=PRODUCT, err_msg="sq norms")
     weight, bias = split_params(red, MatrixView.of([(R, C), (R,)]))
     assert isinstance(weight, Reduced) and weight._blocks is None and red._blocks is None
-    torch.testing.assert_close(bias.m.double(), full[:, :, C:])
+    assert_close(bias.m, full[:, :, C:], n=T, scale=terms[:, :, C:].numpy(), err_msg="bias column")
     assert weight.sketch(proj) is red._sketch  # the weight's sketch taken while forming it
     other = Projection.create(1, "w", (R, C), 16, "countsketch")
-    torch.testing.assert_close(weight.sketch(other), other.dense(full[:, :, :C].float()), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(red.m.double(), full, rtol=1e-6, atol=1e-6)  # the lazy blocks: weight | bias
+    assert_close(weight.sketch(other), other.dense(full[:, :, :C].float()).double(), n=T + R * C,
+                 scale=terms[:, :, :C].flatten(1).sum(1, keepdim=True).numpy(), err_msg="another projection")
+    assert_close(red.m, full, n=T, scale=terms.numpy(), err_msg="the lazy blocks: weight | bias")
 
 
 def test_choose_route_reduces_where_materialising_is_cheaper(monkeypatch):
@@ -81,7 +83,9 @@ def test_choose_route_reduces_where_materialising_is_cheaper(monkeypatch):
     proj = Projection.create(0, "w", (R, C), 16, "countsketch")
     routed = choose_route(f, proj)
     assert isinstance(routed, Reduced) and isinstance(routed, Dense)
-    np.testing.assert_allclose(routed.sketch(proj).numpy(), proj.dense(as_dense(f).m).numpy(), rtol=1e-5, atol=1e-5)
+    want = proj.dense(_oracle(f).float()).double()  # the projection of the float64 gradients (rounded once)
+    assert_close(routed.sketch(proj), want, n=T + R * C, err_msg="sketch",
+                 scale=(f.u.double().abs().transpose(1, 2) @ f.v.double().abs()).flatten(1).sum(1, keepdim=True))
 
 
 @pytest.mark.usefixtures("chunks_of_three")
