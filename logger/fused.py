@@ -377,6 +377,16 @@ def call_shape(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return positions, rows, cols, dense
 
 
+def conv_spares_nothing(level: FusedLevel, x: Any) -> bool:
+    """Whether a convolution call on input ``x`` is left unfused below level True: its input needs a gradient.
+
+    ``convolution_backward`` then forms the weight gradient in the pass that forms the input's, at no measurable
+    extra time (:func:`call_is_fused`), so fusing would spare nothing. The use tracker asks before binding the call's
+    arguments (every interior convolution), :func:`call_is_fused` for any caller.
+    """
+    return level is not True and isinstance(x, torch.Tensor) and x.requires_grad
+
+
 def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   conv: tuple | None = None, *, level: FusedLevel = "auto", sketch: SketchKind | None = None,
                   transposed: bool = False) -> bool:
@@ -401,8 +411,8 @@ def call_is_fused(n: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     if not level or n <= 0 or not torch.is_grad_enabled() or saved_tensors_hooked() or torch.is_autocast_enabled(
             x.device.type):  # (no grad: the no-grad forward of reentrant checkpointing has no backward to spare)
         return False  # (autocast: the op would compute in low precision from inputs the Function saved unconverted)
-    if level is not True and conv is not None and x.requires_grad:
-        return False  # the convolution backward forms the weight gradient with the input's: nothing to spare
+    if conv is not None and conv_spares_nothing(level, x):
+        return False
     positions, rows, cols, dense = call_shape(n, x, weight, bias, conv, transposed)
     if level is True:
         return (conv is not None and conv[6] > 1) or fused_is_cheaper(n, positions, rows, cols,

@@ -23,16 +23,10 @@ import torch
 
 from . import ghost
 from .costs import ONE_CPU_CORE, KernelCosts, kernel_costs
-from .sketch import Form, Projection
+from .sketch import MATERIALISE_ELEMENTS, Form, Projection
 
 MATERIALISE_BYTES = 64 * 2**20
 """Largest per-example gradient block ``[n, rows, cols]`` the mixed rule may materialise for one layer."""
-
-REDUCE_ELEMENTS = 2**20
-"""Elements of the per-example gradients :meth:`Factored.reduced` forms at once on a CPU (a few examples, 4 MB in
-float32), into a workspace kept across calls: every reduction of the chunk runs while it is in cache, and no
-``[n, rows, cols]`` block is allocated per step (freshly allocated, one was page-faulted in on every step: 13.9 k
-minor faults per timm ViT step at k = 256)."""
 
 
 @dataclass(frozen=True)
@@ -281,21 +275,22 @@ class Factored:
     def reduced(self, projector: Projection | None = None, summed: bool = False) -> tuple[Reduced, torch.Tensor | None]:
         """The materialised gradients' squared norms, sketch (``projector``) and sum over examples (``summed``).
 
-        Forms ``G_n = u_nᵀ v_n`` (one batched GEMM) :data:`REDUCE_ELEMENTS` at a time on a CPU (every example at
-        once elsewhere) and reduces each chunk while it is in cache. The values are :meth:`materialise`'s, reduced
-        the same way per example; the sum over examples is summed chunk by chunk (fused mode's ``.grad``: rounding).
+        Forms ``G_n = u_nᵀ v_n`` (one batched GEMM) :data:`~gradcoh.logger.sketch.MATERIALISE_ELEMENTS` at a time
+        on a CPU (every example at once elsewhere), in a workspace kept across calls, and reduces each chunk while
+        it is in cache. The values are :meth:`materialise`'s, reduced the same way per example; the sum over
+        examples is summed chunk by chunk (fused mode's ``.grad``: rounding).
 
         Returns:
             ``(gradients, Σ_n G_n [rows, cols] or None)``; a bias column is kept as its own block, not summed.
         """
-        factors, bias = self.split_bias()
         if self.u is None:
             raise TypeError("Factored.reduced needs row factors (an embedding's indexed form is not materialised so)")
+        factors, bias = self.split_bias()
         u, v = factors.u, factors.v
         n, rows, cols = factors.n, factors.n_rows, v.shape[-1]
         size = rows * cols
         cpu = v.device.type == "cpu"
-        step = max(1, min(n, REDUCE_ELEMENTS // max(size, 1))) if cpu else max(n, 1)
+        step = max(1, min(n, MATERIALISE_ELEMENTS // max(size, 1))) if cpu else max(n, 1)
         sq = torch.empty(n, dtype=v.dtype, device=v.device)
         sketches, total = [], None
         with torch.no_grad():

@@ -47,6 +47,7 @@ from .fused import (
     addmm_arguments,
     call_is_fused,
     conv_arguments,
+    conv_spares_nothing,
     saved_tensors_hooked,
 )
 from .layout import CONSTANT, Layout, Reduced, Unknown, propagate
@@ -164,12 +165,6 @@ def _out_of_place(func: Callable) -> Callable:
 def _apply_fused_linear(slot: Slot, x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     return FusedLinear.apply(x, weight, bias, slot)
-
-
-def _input_requires_grad(args: tuple, kwargs: dict) -> bool:
-    """Whether a convolution call's input (first positional argument, or ``input=``) needs a gradient."""
-    x = args[0] if args else kwargs.get("input")
-    return isinstance(x, torch.Tensor) and x.requires_grad
 
 
 def _linear_arguments(x: torch.Tensor, weight: torch.Tensor,
@@ -342,7 +337,7 @@ class UseTracker(TorchFunctionMode):
         Whether: :func:`~gradcoh.logger.fused.call_is_fused`. A convolution whose input needs a gradient is never
         fused below level True: it is run as it is before its arguments are bound (every interior convolution).
         """
-        if func in CONV_FUNCTIONS and self.fused_level is not True and _input_requires_grad(args, kwargs):
+        if func in CONV_FUNCTIONS and conv_spares_nothing(self.fused_level, args[0] if args else kwargs.get("input")):
             return func(*args, **kwargs)
         conv = conv_arguments(func, args, kwargs) if func in CONV_FUNCTIONS else None
         addmm = addmm_arguments(args, kwargs) if func is torch.addmm else None

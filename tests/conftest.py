@@ -115,17 +115,17 @@ def pytest_configure(config) -> None:
         config.option.loadscopereorder = False
 
 
+def _file_name(item) -> str:
+    """A test item's file, relative to tests/ (the keys of :data:`FILE_SECONDS`)."""
+    return item.path.relative_to(TESTS_DIR).as_posix() if item.path.is_relative_to(TESTS_DIR) else str(item.path)
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Order the files longest first (:data:`FILE_SECONDS`), keeping the order of the tests inside each file."""
     weight: dict[str, float] = {}
     for item in items:
-        name = item.path.relative_to(TESTS_DIR).as_posix() if item.path.is_relative_to(TESTS_DIR) else str(item.path)
+        name = _file_name(item)
         weight[name] = weight.get(name, 0.0) + 0.3
     for name in weight:
         weight[name] = FILE_SECONDS.get(name, weight[name])
-
-    def key(item):
-        return -weight.get(item.path.relative_to(TESTS_DIR).as_posix() if item.path.is_relative_to(TESTS_DIR)
-                           else str(item.path), 0.0)
-
-    items.sort(key=key)
+    items.sort(key=lambda item: -weight[_file_name(item)])

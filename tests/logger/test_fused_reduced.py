@@ -9,12 +9,12 @@ from gradcoh.logger.grads import Dense, Factored, MatrixView, Reduced, choose_ro
 from gradcoh.logger.sketch import KINDS, Projection
 from tolerance import PRODUCT, assert_close
 
-N, T, R, C = 7, 5, 6, 4  # 7 examples in chunks of 3 (REDUCE_ELEMENTS below): two whole chunks and one of 1
+N, T, R, C = 7, 5, 6, 4  # 7 examples in chunks of 3 (MATERIALISE_ELEMENTS below): two whole chunks and one of 1
 
 
 @pytest.fixture
 def chunks_of_three(monkeypatch):
-    monkeypatch.setattr(grads, "REDUCE_ELEMENTS", 3 * R * C)
+    monkeypatch.setattr(grads, "MATERIALISE_ELEMENTS", 3 * R * C)
 
 
 def _factors(seed: int = 0, bias: bool = False) -> Factored:
