@@ -10,12 +10,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from gradcoh.analysis import open_store
 from launch import run_two_ranks
 from tolerance import PER_MODULE, PRODUCT, assert_close, chain_length
 
 V, T, N = 40, 6, 12
+
+
+class _Transformers:
+    """``transformers``, imported on first use: its import (≈ 1 s of CPU, with torchvision and timm) is paid by the
+    xdist worker that runs this file's tests, not by every worker that collects it."""
+
+    def __getattr__(self, name):
+        import transformers
+
+        return getattr(transformers, name)
+
+
+transformers = _Transformers()
 
 
 def GradcohCallback(*args, **kwargs):
