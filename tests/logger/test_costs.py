@@ -46,6 +46,11 @@ CONV_CASES = [  # (dims, C_in, C_out, groups, kernel, stride, dilation, padding[
     (2, 6, 4, 1, 1, 1, 1, 0), (2, 6, 4, 1, 1, 2, 1, 0),  # pointwise (the batched-GEMM route), strided
     (1, 4, 4, 4, 5, 2, 1, 2), (1, 3, 2, 1, 3, 1, 2, 1), (3, 2, 4, 2, 3, (1, 2, 1), 1, 1),
     (2, 6, 6, 6, 7, 1, 1, 3, (2, 3)), (2, 4, 8, 2, 5, 2, 1, 2, (3, 2)),  # padding wider than the map: padded first
+    # depthwise on small maps (small_map_weight_grad): 2×2 under 5×5, strided 4×4 → 2×2, no padding, dilated 1-D,
+    # 3-D, non-square kernel / stride / dilation, and one just above the pair limit
+    (2, 6, 6, 6, 5, 1, 1, 2, (2, 2)), (2, 4, 4, 4, 5, 2, 1, 2, (4, 4)), (2, 5, 5, 5, 3, 1, 1, 0, (3, 3)),
+    (1, 3, 3, 3, 3, 1, 2, 2, (4,)), (3, 2, 2, 2, 3, 1, 1, 1, (2, 2, 2)),
+    (2, 4, 4, 4, (3, 2), (2, 1), (1, 2), (1, 1), (3, 4)), (2, 3, 3, 3, 3, 1, 1, 1, (3, 3)),
 ]
 
 
@@ -72,6 +77,8 @@ def test_every_conv_weight_gradient_route_matches_the_vmap_oracle(case):
               "chosen": lambda: conv_ops.per_example_weight_grad(conv, x, go, pads)}
     if all(k == 1 for k in conv.kernel_size) and not any(pads):
         routes["pointwise"] = lambda: conv_ops.pointwise_weight_grad(x, go, conv.stride)
+    if groups == cin == cout and math.prod(x.shape[2:]) * math.prod(go.shape[2:]) <= conv_ops.SMALL_MAP_PAIRS:
+        routes["small map"] = lambda: conv_ops.small_map_weight_grad(conv, x, go, pads)
     for name, route in routes.items():
         assert_close(route(), want, n=n, dtype="float64", scale=terms, err_msg=name)
 
@@ -95,9 +102,29 @@ def test_conv_weight_gradient_route_is_chosen_from_the_shapes(monkeypatch, cin, 
     conv = nn.Conv2d(cin, 6, kernel, groups=groups, bias=False)
     x = torch.randn(2, cin, 5, 5)
     go = torch.randn_like(conv(x))
-    for name in ("correlation_weight_grad", "grouped_weight_grad", "pointwise_weight_grad"):
+    _only(monkeypatch, route)
+    got = conv_ops.per_example_weight_grad(conv, x, go, tuple(conv.padding))
+    assert got.shape == (2, 6, cin // groups * kernel**2)
+
+
+@pytest.mark.parametrize(("size", "kernel", "stride", "route"), [
+    (2, 5, 1, "small_map_weight_grad"), (2, 7, 1, "small_map_weight_grad"), (4, 5, 2, "correlation_weight_grad"),
+    (2, 3, 1, "correlation_weight_grad"), (4, 7, 1, "correlation_weight_grad"),
+])
+def test_depthwise_on_small_maps_takes_the_small_map_route_where_the_correlation_pads_first(monkeypatch, size, kernel,
+                                                                                             stride, route):
+    """Padding wider than the map and at most SMALL_MAP_PAIRS position pairs: the small-map route; no timing."""
+    conv = nn.Conv2d(6, 6, kernel, stride=stride, padding=kernel // 2, groups=6, bias=False)
+    x = torch.randn(2, 6, size, size)
+    go = torch.randn_like(conv(x))
+    _only(monkeypatch, route)
+    got = conv_ops.per_example_weight_grad(conv, x, go, tuple(conv.padding))
+    assert got.shape == (2, 6, kernel**2)
+
+
+def _only(monkeypatch, route: str) -> None:
+    """Every weight-gradient route but ``route`` fails the test when taken; so does timing."""
+    for name in ("correlation_weight_grad", "grouped_weight_grad", "pointwise_weight_grad", "small_map_weight_grad"):
         if name != route:
             monkeypatch.setattr(conv_ops, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} taken"))
     monkeypatch.setattr(costs, "_seconds", lambda *a, **k: pytest.fail("timed"))
-    got = conv_ops.per_example_weight_grad(conv, x, go, tuple(conv.padding))
-    assert got.shape == (2, 6, cin // groups * kernel**2)
