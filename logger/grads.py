@@ -272,6 +272,29 @@ class Factored:
         out.index_add_(0, (self.rows_index + offset).reshape(-1), self.v.reshape(n * t, c))
         return Dense(out.view(n, self.n_rows, c))
 
+    def live(self) -> Factored:
+        """The same gradients without the positions whose row factor is zero for every example (on a CPU).
+
+        ``u_t v_tᵀ = 0`` there, so dropping them changes no value, only the work of every reduction (a ViT's or
+        BERT's last block: the output gradients are zero except at the class token). Unless a column factor is not
+        finite: ``0·inf`` is nan, and the gradient with it (autograd's too), so nothing is dropped then. Looked
+        for only when the last position's row factor is zero for every example (``n·rows`` values read; the class
+        token pattern, where every position after the first few is dead): then one ``abs().amax`` pass over ``u``
+        finds them. Dead positions before a live last one are kept (a cost, never a value), and so are
+        convolutions' patch factors. Which projection a parameter gets is chosen from the forms before this
+        (their nominal positions).
+        """
+        u = self.u
+        if u is None or type(self) is not Factored or u.shape[1] <= 1 or u.device.type != "cpu":
+            return self
+        if bool(u[:, -1].abs().amax().ne(0)):  # (the last position carries a gradient: nothing looked for)
+            return self
+        keep = u.abs().amax(2).amax(0).ne(0)  # [T]; nan ≠ 0: kept
+        if bool(keep.all()) or not bool(torch.isfinite(self.v).all()):
+            return self
+        index = keep.nonzero().squeeze(1) if bool(keep.any()) else keep.new_zeros(1, dtype=torch.int64)
+        return replace(self, u=u.index_select(1, index), v=self.v.index_select(1, index))
+
     def reduced(self, projector: Projection | None = None, summed: bool = False) -> tuple[Reduced, torch.Tensor | None]:
         """The materialised gradients' squared norms, sketch (``projector``) and sum over examples (``summed``).
 
@@ -286,6 +309,7 @@ class Factored:
         if self.u is None:
             raise TypeError("Factored.reduced needs row factors (an embedding's indexed form is not materialised so)")
         factors, bias = self.split_bias()
+        factors = factors.live()
         u, v = factors.u, factors.v
         n, rows, cols = factors.n, factors.n_rows, v.shape[-1]
         size = rows * cols
@@ -477,6 +501,7 @@ def choose_route(grad: LayerGrad, projector: Projection | None) -> LayerGrad:
         return Composite([(choose_route(part, None), view) for part, view in grad.parts])
     if isinstance(grad, Dense):
         return grad
+    grad = grad.live()
     ref = grad.v if grad.u is None else grad.u  # (a convolution's v may be formed only when read)
     costs = kernel_costs(ref.device, ref.dtype)
     cheaper = materialise_is_cheaper(grad.n, grad.positions, grad.n_rows, grad.n_cols, ref.element_size(),

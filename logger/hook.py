@@ -31,7 +31,7 @@ from .output import RunOutput
 from .plan import plan_layers
 from .probe import Announcer
 from .probe import run as run_probe
-from .recorder import Recording, StepRecorder
+from .recorder import Recording, StepRecorder, collector_paused
 from .reducer import StepReducer, record_summary
 from .reduction import warn_unobserved
 from .reference import ReferenceSet
@@ -187,6 +187,12 @@ class GradientLogger:
         if not selected or self._output.stopped:
             yield Recording(None)
             return
+        with collector_paused():
+            yield from self._recorded(step, stream, scale_by_batch, mode, meta)
+
+    def _recorded(self, step: int, stream: str, scale_by_batch: bool, mode: str | None,
+                  meta: dict[str, Any]) -> Iterator[Recording]:
+        """The body of a selected :meth:`_record` (the generator its context manager runs), collector paused."""
         local = self.world_size == 1 and self.batch_sums_from_grad
         references = None if self._reference is None else self._reference.for_step(
             step, self.model, [t.params for t in self.trackers], mode or self.config.probe_mode)

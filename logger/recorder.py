@@ -9,6 +9,7 @@ and removes everything when the block ends.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,6 +105,27 @@ class Recording:
         if self._summary is None and self._state is not None:
             raise RuntimeError("summary() is available after the record block has ended")
         return dict(self._summary or {})
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for a logged step, resumed (if it ran before) when the step ends.
+
+    A logged step holds thousands of short-lived Python objects (calls, uses, forms, hooks' closures) while its
+    forward and backward run; a collection that runs then scans them and moves the survivors to older generations,
+    whose growth triggers full collections of the whole heap (ConvNeXt-atto at the bench size: one every ≈ 10 logged
+    steps, ≈ 400 ms each, 40 ms per step on average; plain steps none). Paused, the step's objects are freed by
+    their reference counts when it ends, and the collector's next run after the block finds only what is left in
+    cycles (≈ 800 objects per step). Values are unchanged; a collector disabled before stays disabled.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 class StepRecorder:

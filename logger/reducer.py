@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batchgrad import BatchGradient
 from .config import LoggerConfig
 from .distributed import global_sums
 from .metadata import step_metadata
@@ -149,7 +150,7 @@ class StepReducer:
         checked = torch.tensor([t.results.guard_checked() for t in self.trackers], device=finite.device) & finite
         out = {"sq_norm": sq_norm, "sum_sq_norm": grams.sum((1, 2)), "group_gram": grams, "finite": finite,
                "reconciled": reconciled, "guard_checked": checked,
-               "guard_gap": torch.stack([t.results.gap.to(sq_norm.device) for t in self.trackers])}
+               "guard_gap": torch.stack([_on(t.results.gap, sq_norm.device) for t in self.trackers])}
         if state.losses:
             out["loss"] = torch.cat(state.losses)
         if self.config.sketch_dim:
@@ -174,7 +175,10 @@ class StepReducer:
         views), global under DDP.
         """
         if self.world_size == 1:
-            grams = torch.stack([t.results.gram(n_groups) for t in self.trackers])
+            if n_groups == 1:  # (the common case: one squared norm per layer, all layers at once)
+                grams = batch_sq_norms([t.batch for t in self.trackers]).reshape(-1, 1, 1)
+            else:
+                grams = torch.stack([t.results.gram(n_groups) for t in self.trackers])
             return grams, [t.batch.per_param() for t in self.trackers] if totals else None
         sums = global_sums([t.results.group_sum_matrix(n_groups) for t in self.trackers])
         grams = torch.stack([s @ s.T for s in sums])
@@ -225,3 +229,34 @@ class StepReducer:
             "layer is flagged by a common factor; do it after the block.\n"
             "Exclude a layer with layers=..., or pass on_mismatch='flag' to store the step with the layer flagged"
         )
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` (no op dispatched when it is there already)."""
+    return t if t.device == device else t.to(device)
+
+
+def batch_sq_norms(batches: list[BatchGradient]) -> torch.Tensor:
+    """``[L]`` float64 ``‖Σ_i g_i‖²`` of each layer's batch gradient, all layers at once.
+
+    One dot product per parameter, then one op each for the scales and the per-layer sums: the values of each
+    layer's :meth:`~gradcoh.logger.batchgrad.BatchGradient.sq_norm` (the same float32 dot products, scaled and
+    summed in float64 in the same order) with two ops per parameter instead of six. Parameters on several devices
+    or of several dtypes: per layer, as that method.
+    """
+    dots, scales, owner = [], [], []
+    for j, batch in enumerate(batches):
+        for i in range(len(batch.params)):
+            t, scale = batch.param_sum(i)
+            flat = t.reshape(-1)
+            dots.append(torch.dot(flat, flat))
+            scales.append(scale * scale)
+            owner.append(j)
+    device = dots[0].device if dots else torch.device("cpu")
+    if not dots or any(d.device != device or d.dtype != dots[0].dtype for d in dots):
+        return torch.stack([b.sq_norm().to(device) for b in batches])
+    sq = torch.stack(dots).to(torch.float64)
+    if any(s != 1.0 for s in scales):
+        sq = sq * torch.tensor(scales, dtype=torch.float64, device=device)
+    out = torch.zeros(len(batches), dtype=torch.float64, device=device)
+    return out.index_add_(0, torch.tensor(owner, device=device), sq)

@@ -5,10 +5,6 @@ Each example's alignment is with the *global* batch gradient (all ranks' example
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,27 +13,11 @@ import numpy as np
 import pytest
 import torch
 from gradcoh.analysis import m_coherence, open_store
+from launch import start_ranks
 from tolerance import PRODUCT, assert_close, chain_length, sum_scale
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(path, steps, mode="", world=2, extra_env=None):
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **(extra_env or {})}
-        args = [sys.executable, str(WORKER), str(path), str(steps)] + ([mode] if mode else [])
-        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
 
 
 def _allowed(one):
@@ -75,14 +55,13 @@ def test_ddp_global_statistics_equal_single_process(tmp_path, monkeypatch):
     import ddp_worker
 
     frozen = {"DDP_WORKER_LR": "0"}
-    procs = _launch(tmp_path / "ddp.zarr", 4, extra_env=frozen)
+    ranks = start_ranks(WORKER, str(tmp_path / "ddp.zarr"), "4", extra_env=frozen)
     # the single-process reference runs here while the ranks run (no third interpreter to start)
     monkeypatch.setenv("DDP_WORKER_LR", "0")
     monkeypatch.setattr(sys, "argv", [str(WORKER), str(tmp_path / "one.zarr"), "4", "single"])
     ddp_worker.main()
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err
+    code, err = ranks.wait(timeout=600)
+    assert code == 0, err
     for stream in ("batch", "probe"):
         ddp = open_store(tmp_path / "ddp.zarr", stream=stream).load()
         one = open_store(tmp_path / "one.zarr", stream=stream).load()
@@ -105,7 +84,7 @@ def test_ddp_global_statistics_equal_single_process(tmp_path, monkeypatch):
 
 def test_store_consistent_after_one_rank_is_killed(tmp_path):
     path = tmp_path / "killed.zarr"
-    procs = _launch(path, 40, mode="slow")
+    ranks = start_ranks(WORKER, str(path), "40", "slow")
     deadline = time.time() + 240  # a busy machine can take minutes to start two ranks
     while time.time() < deadline:  # wait until both ranks have committed a few steps
         try:
@@ -114,10 +93,9 @@ def test_store_consistent_after_one_rank_is_killed(tmp_path):
         except Exception:
             pass
         time.sleep(0.2)
-    procs[1].send_signal(signal.SIGKILL)
-    procs[1].wait(timeout=30)
-    procs[0].kill()  # rank 0 would block forever in the next all-reduce
-    procs[0].wait(timeout=30)
+    ranks.kill_rank(1)  # (the launcher then kills rank 0: it would block forever in the next all-reduce)
+    code, err = ranks.wait(timeout=30)
+    assert code != 0 and "rank 1 exited with -9" in err, err
     ds = open_store(path).load()
     steps = list(ds.step.values)
     assert len(steps) >= 3 and steps == list(range(len(steps)))

@@ -16,7 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 sys.path.insert(0, str(Path(__file__).parent.parent))  # tests/ (tolerance)
 sys.path.insert(0, str(Path(__file__).parent))
 from gradcoh.logger.integrations.lightning import GradcohCallback
-from test_lightning import Indexed, Module
+from lightning_models import Indexed, Module
 
 
 def main() -> None:

@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from gradcoh.analysis import open_store
 from launch import run_two_ranks
 from tolerance import PER_MODULE, PRODUCT, assert_close, chain_length
 
 V, T, N = 40, 6, 12
+
+
+def _transformers():
+    """``transformers``, imported on first use: its import (≈ 1 s of CPU, with torchvision and timm) is paid by the
+    xdist worker that runs this file's tests, not by every worker that collects it."""
+    import transformers
+
+    return transformers
 
 
 def GradcohCallback(*args, **kwargs):
@@ -37,11 +44,11 @@ def tiny(kind):
     common = dict(vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                   max_position_embeddings=16)
     if kind == "lm":
-        cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
+        cfg = _transformers().GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=V, n_positions=16, resid_pdrop=0.0,
                                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-        return transformers.GPT2LMHeadModel(cfg)
-    cfg = transformers.BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
-    return transformers.BertForSequenceClassification(cfg)
+        return _transformers().GPT2LMHeadModel(cfg)
+    cfg = _transformers().BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    return _transformers().BertForSequenceClassification(cfg)
 
 
 def dataset(kind):
@@ -103,13 +110,13 @@ def oracle_coherence(model, ds, rows, kind):
 def test_trainer_callback_exact_per_step(kind, bf16, tmp_path):
     model = tiny(kind)
     ds = dataset(kind)
-    args = transformers.TrainingArguments(
+    args = _transformers().TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=2,
         learning_rate=0.0, logging_steps=100, report_to="none", save_strategy="no", use_cpu=True, seed=3,
         dataloader_num_workers=0, disable_tqdm=True, bf16=bf16,
     )
     callback = GradcohCallback(tmp_path / "s.zarr", every=1, alignment=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
+    trainer = _transformers().Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()
     store = open_store(tmp_path / "s.zarr")
     assert list(store.step.values) == [1, 2]
@@ -163,12 +170,12 @@ def test_trainer_callback_resume_appends(tmp_path):
     ds = dataset("classifier")
 
     def run(max_steps, mode, resume):
-        args = transformers.TrainingArguments(
+        args = _transformers().TrainingArguments(
             output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, max_steps=max_steps, save_steps=2,
             save_strategy="steps", learning_rate=1e-3, report_to="none", use_cpu=True, seed=3, disable_tqdm=True,
             logging_steps=100,
         )
-        trainer = transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
+        trainer = _transformers().Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
                                        callbacks=[GradcohCallback(tmp_path / "s.zarr", every=1, mode=mode)])
         trainer.train(resume_from_checkpoint=resume)
 
@@ -183,12 +190,12 @@ def test_trainer_callback_groups_and_refusals(tmp_path):
     """group_column gives per-group scalars in the log history; gradient checkpointing is refused clearly."""
     ds = dataset("classifier").add_column("noisy", [i % 2 for i in range(N)])
     ds = ds.with_format("torch")
-    args = transformers.TrainingArguments(
+    args = _transformers().TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, learning_rate=0.0,
         report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=100,
     )
     callback = GradcohCallback(tmp_path / "g.zarr", every=1, groups=("clean", "noisy"), group_column="noisy")
-    trainer = transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds, callbacks=[callback])
+    trainer = _transformers().Trainer(model=tiny("classifier"), args=args, train_dataset=ds, callbacks=[callback])
     trainer.train()
     store = open_store(tmp_path / "g.zarr")
     np.testing.assert_array_equal(store.group.values, (store.index.values - 100) % 2)
@@ -197,7 +204,7 @@ def test_trainer_callback_groups_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="sets loss_reduction itself"):
         GradcohCallback(tmp_path / "x.zarr", loss_reduction="mean")
     args.gradient_checkpointing = True
-    trainer = transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
+    trainer = _transformers().Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
                                    callbacks=[GradcohCallback(tmp_path / "c.zarr")])
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         trainer.train()
@@ -210,17 +217,17 @@ def test_missing_index_column_warns_naming_the_fix(columns, tmp_path):
     if columns == "id":
         ds = ds.add_column("id", list(range(N)))
     ds = ds.with_format("torch")
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
+    args = _transformers().TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True,
                                           disable_tqdm=True)
     fix = "index_column='id'" if columns == "id" else r"add_column\('idx'"
     with pytest.warns(UserWarning, match=rf"no index column 'idx'.*-1.*Fix: .*{fix}"):
-        transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
+        _transformers().Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
                              callbacks=[GradcohCallback(tmp_path / "s.zarr")])
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
+        _transformers().Trainer(model=tiny("classifier"), args=args, train_dataset=ds,
                              callbacks=[GradcohCallback(tmp_path / "t.zarr", index_column=None)])
 
 
@@ -240,7 +247,7 @@ def record_verifications(monkeypatch):
 
 
 def _args(tmp_path, batch, accumulation, steps):
-    return transformers.TrainingArguments(
+    return _transformers().TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
         max_steps=steps, learning_rate=0.0, logging_steps=100, report_to="none", save_strategy="no", use_cpu=True,
         seed=3, dataloader_num_workers=0, disable_tqdm=True,
@@ -260,13 +267,13 @@ def test_trainer_callback_runs_the_verifier(kind, monkeypatch, tmp_path):
         ds = _from_dict({**{k: v.tolist() for k, v in ds[:].items()}, "labels": labels.tolist()})
         ds = ds.with_format("torch")
     model = tiny(kind[:2] if kind.startswith("lm") else kind)
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
+    trainer = _transformers().Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
                                    callbacks=[GradcohCallback(tmp_path / "s.zarr", every=1, verify_every=1)])
     trainer.train()
     scaled_for_accumulation = trainer.model_accepts_loss_kwargs  # the model divides by num_items_in_batch
     assert seen == [(1.0 if scaled_for_accumulation else 0.5, [])] * 2
     seen.clear()
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
+    trainer = _transformers().Trainer(model=model, args=_args(tmp_path, 3, 2, 2), train_dataset=ds,
                                    callbacks=[GradcohCallback(tmp_path / "d.zarr", every=1)])
     trainer.train()
     assert len(seen) == 1 and seen[0][1] == []
@@ -284,7 +291,7 @@ def test_trainer_verifier_sees_two_examples_swapped_inside_a_rule(on_mismatch, t
 
     def train(path, **options):
         callback = GradcohCallback(path, every=1, rules=rules, on_mismatch=on_mismatch, **options)
-        trainer = transformers.Trainer(model=tiny("classifier"), args=_args(tmp_path, 2, 1, 1), train_dataset=ds,
+        trainer = _transformers().Trainer(model=tiny("classifier"), args=_args(tmp_path, 2, 1, 1), train_dataset=ds,
                                        callbacks=[callback])
         try:
             trainer.train()
@@ -307,6 +314,6 @@ def test_trainer_verifier_off_when_the_trainer_does_not_backpropagate_the_models
     args = _args(tmp_path, 3, 1, 1)
     args.label_smoothing_factor = 0.1
     callback = GradcohCallback(tmp_path / "s.zarr", every=1, verify_every=1)
-    transformers.Trainer(model=tiny("classifier"), args=args, train_dataset=dataset("classifier"),
+    _transformers().Trainer(model=tiny("classifier"), args=args, train_dataset=dataset("classifier"),
                          callbacks=[callback]).train()
     assert seen == [] and list(open_store(tmp_path / "s.zarr").step.values) == [1]

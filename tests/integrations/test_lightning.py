@@ -6,49 +6,18 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from gradcoh.analysis import open_store
-from gradcoh.logger.integrations.lightning import GradcohCallback
 from launch import run_two_ranks
 from tolerance import PER_MODULE, PRODUCT, assert_close, chain_length
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-N = 16
-
-
-class Indexed(Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(N, 5, generator=g)
-        self.y = torch.randint(0, 3, (N,), generator=g)
-
-    def __len__(self):
-        return N
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], i
-
-
-class Module(L.LightningModule):
-    def __init__(self, attached=False):
-        super().__init__()
-        torch.manual_seed(1)
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-        self.attached = attached
-
-    def training_step(self, batch, batch_idx):
-        x, y, _ = batch
-        per = F.cross_entropy(self.net(x), y, reduction="none")
-        # per-example losses: stored by the callback; attached to the graph, they are verified too
-        return {"loss": per.mean(), "losses": per if self.attached else per.detach()}
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
+# Lightning itself (≈ 3 s of CPU to import) is imported by the tests that use it, not at collection: under
+# ``--dist loadfile`` every xdist worker imports every test module, and only one of them runs this file.
 
 
 def _allowed(net, precision):
@@ -77,6 +46,9 @@ def oracle(net, data, rows):
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_lightning_callback_exact_per_step(precision, tmp_path):
+    import lightning as L
+    from lightning_models import GradcohCallback, Indexed, Module
+
     data, module = Indexed(), Module()
     loader = DataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(2))
     callback = GradcohCallback(tmp_path / "s.zarr", every=1, index=lambda b: b[2], labels=lambda b: b[1],
@@ -111,6 +83,8 @@ def test_lightning_callback_exact_per_step(precision, tmp_path):
 
 def test_lightning_callback_ddp_two_processes(tmp_path):
     """torchrun-style gloo DDP: the global m-coherence of each step equals the oracle over both ranks' examples."""
+    from lightning_models import Indexed, Module
+
     run_two_ranks(Path(__file__).with_name("lightning_ddp_worker.py"), str(tmp_path / "s.zarr"))
     store = open_store(tmp_path / "s.zarr")
     data, module = Indexed(), Module()
@@ -127,6 +101,9 @@ def test_lightning_callback_ddp_two_processes(tmp_path):
 
 def test_lightning_callback_resume_appends(tmp_path):
     """fit(ckpt_path=...) with mode="append" continues the store after its last committed step."""
+    import lightning as L
+    from lightning_models import GradcohCallback, Indexed, Module
+
     data = Indexed()
 
     def run(max_steps, mode, ckpt):
@@ -143,6 +120,8 @@ def test_lightning_callback_resume_appends(tmp_path):
 
 def test_close_after_training_raised_removes_hooks(tmp_path):
     """An exception inside a logged step leaves its hooks installed until callback.close()."""
+    import lightning as L
+    from lightning_models import GradcohCallback, Indexed, Module
 
     class Failing(Module):
         def training_step(self, batch, batch_idx):
@@ -177,6 +156,9 @@ def record_verifications(monkeypatch):
 
 
 def _fit(callback, module, batch, accumulation, steps):
+    import lightning as L
+    from lightning_models import Indexed
+
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulation, callbacks=[callback], logger=False,
                         accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)
@@ -189,6 +171,8 @@ def _fit(callback, module, batch, accumulation, steps):
 def test_lightning_callback_runs_the_verifier(monkeypatch, tmp_path):
     """Attached losses: every logged step is verified, each example's weight (mean over 3, accumulation over 2) read
     from the backward pass; detached losses are not verified; the default rate checks the first logged step."""
+    from lightning_models import GradcohCallback, Module
+
     seen = record_verifications(monkeypatch)
     _fit(GradcohCallback(tmp_path / "a.zarr", every=1, verify_every=1), Module(attached=True), 3, 2, 2)
     assert [bad for _, bad in seen] == [[], []]
@@ -204,6 +188,7 @@ def test_lightning_callback_runs_the_verifier(monkeypatch, tmp_path):
 def test_lightning_verifier_sees_two_examples_swapped_inside_a_rule(on_mismatch, tmp_path):
     """The mutation of the plain verifier test under Lightning: raised (or flagged) by the verifier only."""
     from gradcoh.logger.layers import default_rules, linear_rule
+    from lightning_models import GradcohCallback, Module
     from mutation import swapping_rule
 
     rules = default_rules()

@@ -10,14 +10,16 @@ import torch.nn.functional as F
 from gradcoh.analysis import m_coherence, open_store
 from gradcoh.cli.main import app
 from gradcoh.logger import GradientLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tolerance import assert_close
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 from typer.testing import CliRunner
+
+# TensorBoard (≈ 1 s of CPU to import) is imported where it is used, not when every xdist worker collects this file.
 
 
 def scalars(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(logdir))
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
@@ -26,6 +28,8 @@ def scalars(logdir, tag):
 def test_summary_writer_and_summary_and_cli_export(tmp_path):
     torch.manual_seed(60)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    from torch.utils.tensorboard import SummaryWriter
+
     writer = SummaryWriter(str(tmp_path / "live"))
     summaries = []
     with GradientLogger(model, tmp_path / "s.zarr", groups=("a", "b"), summary_writer=writer) as glog:

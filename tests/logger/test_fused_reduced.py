@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from gradcoh.logger import grads
@@ -108,3 +110,61 @@ def test_reductions_not_taken_read_the_factors_not_a_materialised_copy():
     assert_close(red.group_sums(w), torch.einsum("ng,nrc->grc", w.double(), want), n=T + N,
                  scale=torch.einsum("ng,nrc->grc", w.double(), scale), err_msg="group sums")
     assert red._blocks is None  # none of them materialised the gradients again
+
+
+def _with_dead_positions(seed: int, bias: bool = False) -> Factored:
+    """Factors whose row factor is zero for every example at positions 1 and 4, for examples 0–2 only at 3."""
+    f = _factors(seed, bias)
+    u = f.u.clone()
+    u[:, [1, 4]] = 0
+    u[:3, 3] = 0  # (zero for some examples only: kept)
+    u[:, 2] = -u[:, 2].abs()  # (no positive entry, not zero: kept)
+    return replace(f, u=u)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.usefixtures("chunks_of_three")
+def test_positions_zero_for_every_example_are_dropped_and_change_no_value(bias):
+    f = _with_dead_positions(6, bias)
+    live = f.live()
+    assert live.positions == T - 2 and torch.equal(live.u, f.u[:, [0, 2, 3]]) and torch.equal(live.v, f.v[:, [0, 2, 3]])
+    proj = Projection.create(0, "w", (R, C + bias), 16, "countsketch")
+    red, total = f.reduced(proj, summed=True)
+    assert red.factors.positions == T - 2  # (the GEMM formed 3 of 5 positions)
+    want = _oracle(f)
+    if bias:
+        want = torch.cat([want, f.u.double().sum(1).unsqueeze(2)], 2)
+    scale = (f.u.double().abs().transpose(1, 2) @ f.v.double().abs())
+    assert_close(red.sq_norms(), want.square().sum((1, 2)), n=T + R * (C + 1), kappa=PRODUCT, err_msg="sq norms")
+    assert_close(total, want[:, :, :C].sum(0), n=T + N, scale=scale.sum(0), err_msg="Σ_n G_n")
+    assert_close(red.sketch(proj), proj.dense(want.float()).double(), n=T + R * (C + 1),
+                 scale=want.abs().flatten(1).sum(1, keepdim=True), err_msg="sketch")
+    for projector in (None, proj):  # the route chosen for the live positions: the same values
+        routed = choose_route(f, projector)
+        assert routed.n == N and (routed.factors if isinstance(routed, Reduced) else routed).positions == T - 2
+        assert_close(routed.sq_norms(), want.square().sum((1, 2)), n=T + R * (C + 1), kappa=PRODUCT,
+                     err_msg="sq norms (routed)")
+
+
+def test_a_non_finite_column_factor_at_a_dropped_position_keeps_its_nan():
+    f = _with_dead_positions(7)
+    f.v[2, 4, 1] = float("inf")  # 0·inf = nan: example 2's true gradient (and autograd's) is nan
+    assert f.live() is f
+    red, total = f.reduced(None, summed=True)
+    sq = red.sq_norms()
+    assert torch.isnan(sq[2]) and torch.isfinite(sq[[0, 1, 3, 4, 5, 6]]).all() and torch.isnan(total).any()
+    assert torch.isnan(choose_route(f, None).sq_norms()[2])
+    g = _with_dead_positions(7)
+    g.u[5, 1, 2] = float("nan")  # a nan row factor is not zero: its position stays
+    assert g.live().positions == T - 1 and torch.isnan(g.live().sq_norms()[5])
+    g.u[5, 4, 0] = float("nan")  # (at the last position: nothing dropped)
+    assert g.live() is g
+
+
+def test_all_positions_zero_keeps_one_and_gives_zero_gradients():
+    f = _factors(8)
+    f = replace(f, u=torch.zeros_like(f.u))
+    live = f.live()
+    assert live.positions == 1
+    red, total = f.reduced(Projection.create(0, "w", (R, C), 16, "countsketch"), summed=True)
+    assert torch.equal(red.sq_norms(), torch.zeros(N)) and torch.equal(total, torch.zeros(R, C))

@@ -9,7 +9,6 @@ from gradcoh.logger import GradientLogger
 from oracle import assert_stats, open_logged, per_example_grads_vmap
 from tolerance import chain_length
 from torch import nn
-from torchvision.models import resnet18
 
 
 def ce(out, y):
@@ -17,6 +16,8 @@ def ce(out, y):
 
 
 def test_resnet18_eval_bn_matches_oracle(tmp_path):
+    from torchvision.models import resnet18  # (≈ 1.5 s to import: here, not in every xdist worker's collection)
+
     torch.manual_seed(0)
     model = resnet18(num_classes=5).eval()  # eval-mode BatchNorm: exact per-example
     x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 5, (3,))

@@ -17,7 +17,11 @@ from test_review import log_one
 from tolerance import assert_close
 from torch import nn
 
-timm_layers = pytest.importorskip("timm.layers")
+
+def _timm_layers():
+    """``timm.layers`` (skipped without timm), imported by the tests that build its layers: with torchvision and
+    torch._dynamo it costs ≈ 2 s of CPU, which every xdist worker would pay collecting this file."""
+    return pytest.importorskip("timm.layers")
 
 
 class _Rows(nn.Module):
@@ -34,7 +38,7 @@ class _Rows(nn.Module):
 
 def _model(size: int, rows: bool, freeze: str | None) -> nn.Sequential:
     torch.manual_seed(7 + size)
-    bn = timm_layers.BatchNormAct2d(3, act_layer=nn.Tanh, eps=1e-3)
+    bn = _timm_layers().BatchNormAct2d(3, act_layer=nn.Tanh, eps=1e-3)
     with torch.no_grad():  # running statistics far from (0, 1), different per channel; affine parameters too
         bn.running_mean.copy_(torch.tensor([2.5, -1.0, 0.3]))
         bn.running_var.copy_(torch.tensor([0.2, 3.0, 1.7]))
@@ -111,11 +115,11 @@ def _ln_model(kind: str, freeze: str | None) -> tuple[nn.Module, tuple[int, ...]
     torch.manual_seed(11)
     d = 6
     if kind == "layernorm2d":  # ConvNeXt's norm: F.layer_norm over the channels of a permuted map
-        ln = timm_layers.LayerNorm2d(d, eps=1e-3)
+        ln = _timm_layers().LayerNorm2d(d, eps=1e-3)
         body: nn.Module = nn.Sequential(nn.Conv2d(2, d, 3, padding=1), ln, nn.Flatten(), nn.Linear(d * 16, 2))
         shape: tuple[int, ...] = (2, 4, 4)
     else:  # timm's LayerNorm calls F.layer_norm itself (a use); nn.LayerNorm has a module rule
-        ln = nn.LayerNorm(d, eps=1e-3) if kind.startswith("nn_") else timm_layers.LayerNorm(d, eps=1e-3)
+        ln = nn.LayerNorm(d, eps=1e-3) if kind.startswith("nn_") else _timm_layers().LayerNorm(d, eps=1e-3)
         inner = _SeqFirst(ln) if kind.endswith("seq_first") else ln
         body = nn.Sequential(nn.Linear(4, d), inner, nn.Flatten(), nn.Linear(3 * d, 2))
         shape = (3, 4)

@@ -91,6 +91,35 @@ def test_write_failure_with_on_error_warn_keeps_training(tmp_path, monkeypatch, 
     assert text in zarr.open_group(str(path), mode="r").attrs[schema.ERROR_KEY]
 
 
+@pytest.mark.parametrize("when", ["creating", "resizing"])
+def test_array_metadata_failure_raises_and_commits_nothing(tmp_path, monkeypatch, when):
+    """One array's metadata write fails (its creation, or its resize at the second commit) while the stream's
+    arrays are created or resized together (gradcoh.logger.store._run_all): the writer raises in the training
+    thread, naming the cause, and the commit marker does not advance past what was committed before."""
+    path = tmp_path / "run.zarr"
+    model = mlp()
+    glog = GradientLogger(model, path, flush_secs=0.01)
+    if when == "resizing":
+        step(glog, model, 0)
+        glog.flush()
+    original = LocalStore.set
+
+    async def broken(self, key, value):
+        if key == f"{schema.STREAM_BATCH}/{schema.LOSS}/zarr.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", broken)
+    with pytest.raises(WriterError, match="No space left on device"):
+        step(glog, model, 1)
+        glog.flush()
+    glog.close()
+    monkeypatch.undo()
+    stream = zarr.open_group(str(path), mode="r").get(schema.STREAM_BATCH)
+    committed = 0 if stream is None else stream.attrs[schema.COMMITTED_KEY]
+    assert committed == (1 if when == "resizing" else 0)
+
+
 def test_vanished_store_directory(tmp_path):
     path = tmp_path / "run.zarr"
     model = mlp()
