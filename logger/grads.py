@@ -277,15 +277,17 @@ class Factored:
 
         ``u_t v_tᵀ = 0`` there, so dropping them changes no value, only the work of every reduction (a ViT's or
         BERT's last block: the output gradients are zero except at the class token). Unless a column factor is not
-        finite: ``0·inf`` is nan, and the gradient with it (autograd's too), so nothing is dropped then. One
-        ``amax`` pass over ``u`` (``n·T·rows`` values) finds the candidates (no positive entry), an ``abs().amax``
-        pass checks them where there are any; convolutions' patch factors are kept as they are. Which projection
-        a parameter gets is chosen from the forms before this (their nominal positions).
+        finite: ``0·inf`` is nan, and the gradient with it (autograd's too), so nothing is dropped then. Looked
+        for only when the last position's row factor is zero for every example (``n·rows`` values read; the class
+        token pattern, where every position after the first few is dead): then one ``abs().amax`` pass over ``u``
+        finds them. Dead positions before a live last one are kept (a cost, never a value), and so are
+        convolutions' patch factors. Which projection a parameter gets is chosen from the forms before this
+        (their nominal positions).
         """
         u = self.u
         if u is None or type(self) is not Factored or u.shape[1] <= 1 or u.device.type != "cpu":
             return self
-        if not bool(u.amax(2).amax(0).le(0).any()):  # (no position without a positive entry: none dead; nan: kept)
+        if bool(u[:, -1].abs().amax().ne(0)):  # (the last position carries a gradient: nothing looked for)
             return self
         keep = u.abs().amax(2).amax(0).ne(0)  # [T]; nan ≠ 0: kept
         if bool(keep.all()) or not bool(torch.isfinite(self.v).all()):

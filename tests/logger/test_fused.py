@@ -242,3 +242,63 @@ def test_the_guard_flags_a_wrong_per_example_gradient_of_a_fused_weight(fused, t
     ds = xr.open_zarr(tmp_path / "s.zarr", group="batch", consolidated=False)
     assert ds.guard_checked.values[0].all() and not ds.reconciled.values[0][0]
     assert torch.equal(model[0].weight.grad, plain[0].weight.grad)
+
+
+class _ClassToken(nn.Module):
+    """Two Linears over every position and a loss that reads position 0 only (a ViT's last block and its head): the
+    output gradients are zero at every other position, which Factored.live drops before the materialising GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 20), nn.Linear(20, 6)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))[:, 0]
+
+
+@pytest.mark.parametrize("sketch_dim", [0, 64])
+@pytest.mark.usefixtures("unguarded")
+def test_fused_grad_and_statistics_exact_where_positions_carry_no_gradient(sketch_dim, tmp_path, monkeypatch):
+    from gradcoh.logger import grads
+
+    torch.manual_seed(1)
+    model = _ClassToken()
+    x, y = torch.randn(5, 7, 12), torch.randn(5, 6)
+    plain = copy.deepcopy(model)
+
+    def step():
+        sq_loss(plain(x), y).mean().backward()
+
+    terms = _weight_grad_terms(plain, step)
+    live, dropped = grads.Factored.live, []
+    monkeypatch.setattr(grads.Factored, "live", lambda f: dropped.append(f.positions - live(f).positions) or live(f))
+    with GradientLogger(model, tmp_path / "s.zarr", fused=True, sketch_dim=sketch_dim) as glog:
+        with glog.record(0):
+            sq_loss(model(x), y).mean().backward()
+        fused_ids = glog._recorder.fused
+    assert max(dropped) == x.shape[1] - 1  # (six of the seven positions formed no gradient)
+    assert {id(model.a.weight), id(model.b.weight)} == set(fused_ids)
+    assert_training_grads(model, plain, fused_ids, {k: (v, x.shape[0] * x.shape[1]) for k, v in terms.items()},
+                          "class token")  # (fused weights to the rounding of their sums, the rest bitwise)
+    ds = open_logged(tmp_path / "s.zarr")
+    assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=x.shape[1]),
+                 what="class token")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_projection_class_comes_from_the_nominal_positions_not_the_live_ones(fused, tmp_path):
+    """A weight (64 × 32) over 16 positions of which one carries a gradient: the cost model gives a CountSketch to
+    T = 16 and a TensorSketch mean to T = 1; the store records the former (the same kind on every rank and resume
+    whatever the data), while the gradients are formed from the live position only."""
+    import zarr
+    from gradcoh.logger.sketch import choose_projection
+
+    assert choose_projection((64, 32), 64, [("factored", 16)]) != choose_projection((64, 32), 64, [("factored", 1)])
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(32, 64, bias=False))
+    x, y = torch.randn(4, 16, 32), torch.randn(4, 64)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=fused, sketch_dim=64) as glog:
+        with glog.record(0):
+            sq_loss(model(x)[:, 0], y).mean().backward()
+    stored = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["gradcoh_projections"]
+    assert stored["params"]["0.weight"]["kind"] == choose_projection((64, 32), 64, [("factored", 16)])

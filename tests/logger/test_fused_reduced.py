@@ -113,11 +113,11 @@ def test_reductions_not_taken_read_the_factors_not_a_materialised_copy():
 
 
 def _with_dead_positions(seed: int, bias: bool = False) -> Factored:
-    """Factors whose row factor is zero for every example at positions 1 and 3, for examples 0–2 only at 4."""
+    """Factors whose row factor is zero for every example at positions 1 and 4, for examples 0–2 only at 3."""
     f = _factors(seed, bias)
     u = f.u.clone()
-    u[:, [1, 3]] = 0
-    u[:3, 4] = 0  # (zero for some examples only: kept)
+    u[:, [1, 4]] = 0
+    u[:3, 3] = 0  # (zero for some examples only: kept)
     u[:, 2] = -u[:, 2].abs()  # (no positive entry, not zero: kept)
     return replace(f, u=u)
 
@@ -127,7 +127,7 @@ def _with_dead_positions(seed: int, bias: bool = False) -> Factored:
 def test_positions_zero_for_every_example_are_dropped_and_change_no_value(bias):
     f = _with_dead_positions(6, bias)
     live = f.live()
-    assert live.positions == T - 2 and torch.equal(live.u, f.u[:, [0, 2, 4]]) and torch.equal(live.v, f.v[:, [0, 2, 4]])
+    assert live.positions == T - 2 and torch.equal(live.u, f.u[:, [0, 2, 3]]) and torch.equal(live.v, f.v[:, [0, 2, 3]])
     proj = Projection.create(0, "w", (R, C + bias), 16, "countsketch")
     red, total = f.reduced(proj, summed=True)
     assert red.factors.positions == T - 2  # (the GEMM formed 3 of 5 positions)
@@ -148,7 +148,7 @@ def test_positions_zero_for_every_example_are_dropped_and_change_no_value(bias):
 
 def test_a_non_finite_column_factor_at_a_dropped_position_keeps_its_nan():
     f = _with_dead_positions(7)
-    f.v[2, 3, 1] = float("inf")  # 0·inf = nan: example 2's true gradient (and autograd's) is nan
+    f.v[2, 4, 1] = float("inf")  # 0·inf = nan: example 2's true gradient (and autograd's) is nan
     assert f.live() is f
     red, total = f.reduced(None, summed=True)
     sq = red.sq_norms()
@@ -157,6 +157,8 @@ def test_a_non_finite_column_factor_at_a_dropped_position_keeps_its_nan():
     g = _with_dead_positions(7)
     g.u[5, 1, 2] = float("nan")  # a nan row factor is not zero: its position stays
     assert g.live().positions == T - 1 and torch.isnan(g.live().sq_norms()[5])
+    g.u[5, 4, 0] = float("nan")  # (at the last position: nothing dropped)
+    assert g.live() is g
 
 
 def test_all_positions_zero_keeps_one_and_gives_zero_gradients():
