@@ -22,12 +22,13 @@ gets may not:
   materialised ``M`` the same sketch is applied row-wise (each row's column sketch, rolled by the row's bucket).
   With independent row and column hashes one TensorSketch has up to three times the dense variance for rank-one
   ``M``: two rows that collide bring every pair of their columns into collision at once (and two columns every
-  pair of rows). A side of at most ``k`` entries is therefore hashed injectively (its own collisions vanish), and
-  the number of blocks follows from the shape alone (:func:`tensorsketch_blocks`): ``B = 4`` when both sides are
-  longer than ``k``, 2 when one is not, 1 when neither is. The worst case is then ``≈ 1.5·(2/k)`` with ``B = 4``
-  or 2 (sd ``1.2256·√(2/k)`` at ``k = 256``) and ``(2/k)·k²/(k − 1)²`` with ``B = 1``, within the
-  ``1.25·√(2/k)`` the sketches promise, and ``≈ 2/k`` for high-rank ``M``; the exact variance for a given ``M`` is
-  in :data:`TENSORSKETCH_BLOCKS`'s note.
+  pair of rows). A side of at most ``k`` entries is therefore hashed injectively (its own collisions vanish), a
+  longer one balanced (each bucket holds ``⌊w/k⌋`` or ``⌈w/k⌉`` of its ``w`` entries: fewer collisions than
+  independent buckets, :func:`side_collision`), and the number of blocks follows from the shape alone
+  (:func:`tensorsketch_blocks`): the fewest of 1, 2 and 4 whose worst case is within ``≈ 1.5·(2/k)`` (sd
+  ``1.2256·√(2/k)`` at ``k = 256``) — 1 when both sides have at most ``k`` entries, or one has and the other at
+  most about ``2k``; within the ``1.25·√(2/k)`` the sketches promise, and ``≈ 2/k`` for high-rank ``M``; the exact
+  variance for a given ``M`` is in :data:`TENSORSKETCH_BLOCKS`'s note.
 
 Which class a parameter gets is decided once per run by :func:`choose_projection` from a cost model of the shapes
 (FLOPs and bytes weighed with the fixed :data:`~gradcoh.logger.costs.SKETCH_COSTS`, never with timings) at the
@@ -40,6 +41,7 @@ unbiased for inner products. The hashes depend only on ``(seed, kind, parameter 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -53,29 +55,35 @@ from .costs import FUSED_SUM_NS, SKETCH_COSTS, KernelCosts
 from .ghost import ghost_macs
 
 SKETCH_KIND = "countsketch+tensorsketch"
-SKETCH_VERSION = 6
+SKETCH_VERSION = 7
 """1: one TensorSketch per layer matrix view; 2: one TensorSketch per parameter, summed per layer; 3: a CountSketch
 or a block TensorSketch per parameter; 4: the same projections, chosen by a cost model of the shapes and recorded
 per parameter in the store (a version 3 store cannot be continued: its choices were not recorded); 5: the
 TensorSketch mean of 4 blocks instead of 8 (half its cost), chosen by a cost model that counts the exact
 statistics' route with the sketch (:func:`form_cost`); 6: the TensorSketch mean hashes a side of at most ``k``
 entries injectively and averages 1, 2 or 4 blocks by the number of such sides (:func:`tensorsketch_blocks`), its
-cost model proportional to the blocks. A version 4 or 5 store cannot be appended to with sketches."""
+cost model proportional to the blocks; 7: a side longer than ``k`` is hashed balanced instead of independently
+(:func:`side_collision`) and the blocks are the fewest whose worst-case variance is within that of version 6
+(:func:`tensorsketch_blocks`: 1 instead of 2 for e.g. 1152 × 192 at ``k = 1024``, 2 instead of 4 for 320 × 640 at
+``k = 256``; projections of views with both sides at most ``k`` are those of version 6). A store of an earlier
+version cannot be appended to with sketches."""
 
 HASH_VERSION = 3
 """Enters the hash seeds: unchanged since version 3, so a CountSketch (whose hashes version 6 leaves as they were)
-gives the same projection as in version 3; the TensorSketch mean's hashes are drawn differently since version 6."""
+gives the same projection as in version 3; the TensorSketch mean's hashes are drawn differently since version 6
+(version 7: its sides longer than ``k`` differently again)."""
 
 TENSORSKETCH_BLOCKS = 4
-"""Independent TensorSketches averaged per parameter (their sum divided by ``√B``) when neither side of the view is
-hashed injectively; :func:`tensorsketch_blocks` gives 2 with one such side and 1 with two. The cost of the
-TensorSketch mean is proportional to ``B``.
+"""The most independent TensorSketches averaged per parameter (their sum divided by ``√B``); :func:`tensorsketch_blocks`
+gives fewer (2 or 1) where the sides' collisions allow. The cost of the TensorSketch mean is proportional to ``B``.
 
 One TensorSketch puts entry ``(i, j)`` of ``M`` (``x_e``, ``‖M‖ = 1`` below) in bucket ``(h₁(i) + h₂(j)) mod k``
 with sign ``s₁(i)s₂(j)``. A side of at most ``k`` entries is hashed injectively (distinct buckets, uniformly placed:
-a random permutation's first entries), a longer side with independent uniform buckets; signs are independent.
-With ``π_side(x)`` the distribution of the difference ``h(a) − h(b) mod k`` of two distinct entries of a side
-(``1/k`` each for an independent hash; ``0`` at ``x = 0`` and ``1/(k − 1)`` elsewhere for an injective one), the
+a random permutation's first entries), a longer side of ``w`` entries balanced (every bucket holds ``⌊w/k⌋`` or
+``⌈w/k⌉`` entries, uniformly assigned; version 6: independent uniform buckets); signs are independent. With
+``π_side(x)`` the distribution of the difference ``h(a) − h(b) mod k`` of two distinct entries of a side (``π(0)``
+from :func:`side_collision` — 0 for an injective side, ``< 1/k`` for a balanced one, ``1/k`` for an independent
+one — and ``(1 − π(0))/(k − 1)`` at every other ``x``, the buckets' labels being uniformly permuted), the
 relative variance of ``‖s‖²`` is exactly ``V₁/B + (2/k)(B − 1)/B`` (the cross terms between independent blocks,
 as every bucket is uniform: ``E[ssᵀ] = I/k``) with one TensorSketch's
 
@@ -89,7 +97,8 @@ rows and two columns whose four signs cancel: a pair in one row collides togethe
 every other row (probability ``π₂(0)``), symmetrically for columns (``π₁(0)``), and the two diagonals of a 2×2
 sub-matrix collide together when ``2·(h₁(i) − h₁(i')) ≡ 0`` and ``h₁(i) − h₁(i') ≡ h₂(j) − h₂(j')`` (``q =
 Σ_{2x ≡ 0} π₁(x)π₂(x)``: ``O(1/k²)``). At worst (``Q``, ``R + C + D`` → 1: rank one, spread over many rows and
-columns), for even ``k`` (odd ``k``: less):
+columns), :func:`tensorsketch_worst_variance`; for even ``k`` (odd ``k``: less) with independent long sides
+(version 6; balanced ones have less, which :func:`tensorsketch_blocks` turns into fewer blocks):
 
 * neither side injective, ``B = 4``: ``V₁ ≤ (2/k)(3 + 2/k)``, ``V ≤ (2/k)(1.5 + 1/(2k))``: sd ``1.2248·√(2/k)``
   (``k = 256``: ``1.2256``);
@@ -99,18 +108,60 @@ columns), for even ``k`` (odd ``k``: less):
   (``1.004`` at ``k = 256``), about a CountSketch's.
 
 All three are within the ``1.25·√(2/k)`` the sketches promise for every ``k ≥ 9``, per example and for the batch
-sum (the same formula for the summed matrix). High-rank ``M`` (``Q ≪ 1``) get ``≈ 2/k`` in every case."""
+sum (the same formula for the summed matrix). High-rank ``M`` (``Q ≪ 1``) get ``≈ 2/k`` in every case. A balanced
+side of ``w ≤ 2k`` entries has ``k·π(0) ≤ 2(w − k)/w·k/(w − 1) ≤ ≈ 0.5``, so with an injective other side one block
+stays within ``≈ 1.5·(2/k)``; two balanced sides with ``k·(π₁(0) + π₂(0)) ≤ ≈ 1`` need 2 blocks, not 4."""
 
 
+def side_collision(width: int, dim: int) -> float:
+    """``π(0)``: probability that two distinct entries of a side of ``width`` entries share a bucket out of ``dim``.
+
+    Every side is hashed *balanced* (:func:`sketch_hashes`): its buckets hold ``⌊width/dim⌋`` or ``⌈width/dim⌉``
+    entries each, uniformly assigned, so ``π(0) = Σ_b c_b(c_b − 1) / (width·(width − 1))``: 0 when ``width ≤ dim``
+    (injective), below the ``1/dim`` of independent buckets otherwise (``1/(2·dim − 1)`` at ``width = 2·dim``).
+    """
+    if width < 2:
+        return 0.0
+    q, r = divmod(width, dim)
+    return (r * (q + 1) * q + (dim - r) * q * (q - 1)) / (width * (width - 1))
+
+
+def tensorsketch_worst_variance(view: tuple[int, int], dim: int, blocks: int) -> float:
+    """Supremum over matrices of the relative variance of ``‖s‖²`` of a TensorSketch mean, in units of ``2/dim``.
+
+    The mean of ``blocks`` TensorSketches of a ``rows × cols`` view: the formula of :data:`TENSORSKETCH_BLOCKS` at
+    ``Q = R + C + D = 1`` (approached by rank-one matrices spread over many rows and columns).
+    """
+    k = dim
+    a, b = side_collision(view[0], k), side_collision(view[1], k)
+    apart = a * b + (1 - a) * (1 - b) / (k - 1)  # p = Σ_x π₁(x)π₂(−x), a difference ≠ 0 uniform over k − 1 values
+    diagonals = a * b + (1 - a) * (1 - b) / (k - 1) ** 2 * (k % 2 == 0)  # q = Σ_{2x ≡ 0} π₁(x)π₂(x)
+    one = 2 * max(a, b, apart) + 2 * (a + b + diagonals)
+    return (one / blocks + 2 / k * (blocks - 1) / blocks) / (2 / k)
+
+
+WORST_VARIANCE = 1.5
+"""The largest worst-case relative variance of ``‖s‖²``, in units of ``2/k`` and up to ``O(1/k)``, the TensorSketch
+mean may have (:func:`tensorsketch_blocks` allows ``WORST_VARIANCE + 1/(2(k − 1))``): sd ``1.2256·√(2/k)`` at
+``k = 256``, within the ``1.25·√(2/k)`` the sketches promise for every ``k ≥ 9`` (sketch version 6's own worst
+case, with 4 blocks or 2 and an injective side)."""
+
+
+@functools.lru_cache(maxsize=4096)
 def tensorsketch_blocks(view: tuple[int, int], dim: int) -> int:
     """TensorSketches the mean averages for a natural view ``(rows, cols)`` at sketch dimension ``dim``.
 
-    4 (:data:`TENSORSKETCH_BLOCKS`) when both sides are longer than ``dim``, 2 when one side has at most ``dim``
-    entries (hashed injectively), 1 when both have: a function of the shapes only, so every process, rank and
-    resumed run averages the same blocks. The worst-case variance of each case is in :data:`TENSORSKETCH_BLOCKS`.
+    The fewest of 1, 2 and 4 (:data:`TENSORSKETCH_BLOCKS`) whose worst-case variance
+    (:func:`tensorsketch_worst_variance`) is within :data:`WORST_VARIANCE` ``+ 1/(2(k − 1))`` (4 otherwise): 1 when
+    both sides have at most ``dim`` entries (injective) or one has and the other at most about ``2·dim`` (balanced:
+    few collisions), 2 or 4 for longer sides. A function of the shapes only, so every process, rank and resumed run
+    averages the same blocks.
     """
-    injective = (view[0] <= dim) + (view[1] <= dim)
-    return (TENSORSKETCH_BLOCKS, 2, 1)[injective]
+    limit = WORST_VARIANCE + 1 / (2 * (dim - 1))
+    for blocks in (1, 2):
+        if tensorsketch_worst_variance(view, dim, blocks) <= limit:
+            return blocks
+    return TENSORSKETCH_BLOCKS
 
 _CHUNK_ELEMENTS = 2**22
 """Elements of the largest temporary a sketch kernel builds at once (examples or positions are chunked)."""
@@ -155,7 +206,8 @@ def sketch_hashes(seed: int, name: str, view: tuple[int, int], dim: int, kind: s
         ``rows·cols ≤ dim``; float32 ±1). TensorSketch mean: ``{"row_hash", "row_sign"}`` ``[B, rows]`` and
         ``{"col_hash", "col_sign"}`` ``[B, cols]`` with ``B =`` :func:`tensorsketch_blocks` ``(view, dim)``; a
         side of at most ``dim`` entries gets distinct buckets in every block (the first entries of a random
-        permutation of ``range(dim)``), a longer side independent uniform ones.
+        permutation of ``range(dim)``), a longer side balanced ones (a permutation of its entries taken ``mod dim``,
+        the buckets relabelled by a permutation of ``range(dim)``).
     """
     if kind not in PROJECTIONS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -168,10 +220,15 @@ def sketch_hashes(seed: int, name: str, view: tuple[int, int], dim: int, kind: s
     blocks = tensorsketch_blocks(view, dim)
 
     def side(width: int) -> np.ndarray:
-        """``[B, width]`` buckets of one side: injective (a permutation's first entries) when ``width ≤ dim``."""
+        """``[B, width]`` buckets of one side, injective when ``width ≤ dim``, otherwise balanced.
+
+        Injective: a permutation's first entries. Balanced: a permutation of the entries taken ``mod dim``, the
+        buckets relabelled by a permutation of ``range(dim)`` (each holds ``⌊width/dim⌋`` or ``⌈width/dim⌉``
+        entries, uniformly assigned).
+        """
         if width <= dim:
             return np.stack([rng.permutation(dim)[:width] for _ in range(blocks)]).astype(np.int64)
-        return rng.integers(0, dim, size=(blocks, width), dtype=np.int64)
+        return np.stack([rng.permutation(dim)[rng.permutation(width) % dim] for _ in range(blocks)]).astype(np.int64)
 
     row_hash, row_sign = side(rows), _signs(rng, (blocks, rows))
     col_hash, col_sign = side(cols), _signs(rng, (blocks, cols))

@@ -3,7 +3,8 @@
 Wraps the routes of every :class:`~gradcoh.logger.sketch.Projection` class and the materialisation of factored
 gradients (:meth:`gradcoh.logger.grads.Factored.materialise`, which a CountSketch's factored route and the mixed
 rule's choice pay for), runs a few logged steps of one zoo model and prints per parameter: kind, route, natural view,
-positions ``T``, measured ms per step (median over steps) and the cost model's ms (:meth:`Projection.cost` with
+positions ``T``, measured ms per step (median over steps, the main thread's CPU time: other processes on a shared
+machine inflate it far less than wall time) and the cost model's ms (:meth:`Projection.cost` with
 :data:`~gradcoh.logger.costs.SKETCH_COSTS`, times ``n``).
 
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --steps 3
@@ -54,11 +55,11 @@ def instrument(times: dict, names: dict) -> None:
             form = ("dense", 1) if route == "dense" else (route, x.shape[1])
             key = (names.get(id(self), "?"), self.kind, form, (self.rows, self.cols), x.shape[0])
             current.append(key)
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 return fn(self, *a, **kw)
             finally:
-                times[key] = times.get(key, 0.0) + time.perf_counter() - start
+                times[key] = times.get(key, 0.0) + time.thread_time() - start
                 current.pop()
 
         setattr(cls, route, timed)
@@ -86,9 +87,9 @@ def run(args: argparse.Namespace, times: dict) -> tuple[list[dict], float, int]:
         glog = GradientLogger(model, Path(tmp) / "p.zarr", sketch_dim=args.sketch_dim, mode="overwrite")
         for step in range(args.steps + 1):
             model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
+            start = time.thread_time()
             loss(model, case["batch"]).mean().backward()
-            plain.append(time.perf_counter() - start)
+            plain.append(time.thread_time() - start)
             model.zero_grad(set_to_none=True)
             times.clear()
             with glog.record(step):
@@ -117,7 +118,7 @@ def report(args: argparse.Namespace, per_step: list[dict], plain_ms: float, batc
         agg[2] += modelled_ms(kind, view, k, form, n)
     total, model_total = sum(med.values()), sum(a[2] for a in by_kind.values())
     print(f"# {args.model}, batch {batch}, k {k}: sketch {total:.1f} ms/step (modelled {model_total:.1f}) against a "
-          f"plain step of {plain_ms:.1f} ms ({total / plain_ms:.3f}x)")
+          f"plain step of {plain_ms:.1f} ms ({total / plain_ms:.3f}x); thread CPU, load {os.getloadavg()[0]:.2f}")
     print("| kind | route | params | measured ms | modelled ms |\n|---|---|---:|---:|---:|")
     for (kind, route), (count, ms, modelled) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"| {kind} | {route} | {count} | {ms:.1f} | {modelled:.1f} |")

@@ -258,13 +258,17 @@ def _tensorsketch_q(m, u=None, v=None):
 
 
 def _difference_distribution(width, k):
-    """``[k]`` distribution of ``h(a) − h(b) mod k`` for two distinct entries of a side of ``width`` entries: uniform
-    for independent buckets (``width > k``); for distinct buckets placed uniformly (a random permutation's first
-    ``width``, ``width ≤ k``) never 0 and uniform over the other ``k − 1`` residues."""
-    if width > k:
-        return np.full(k, 1 / k)
-    pi = np.full(k, 1 / (k - 1))
-    pi[0] = 0.0
+    """``[k]`` distribution of ``h(a) − h(b) mod k`` for two distinct entries of a side of ``width`` entries.
+
+    The buckets are balanced (sketch version 7): bucket ``b`` holds ``c_b`` entries, the counts of ``range(width)``
+    taken ``mod k`` (at most one each when ``width ≤ k``: injective), the entries assigned uniformly and the buckets'
+    labels uniformly permuted. Two distinct entries share a bucket with probability ``Σ_b c_b(c_b − 1) /
+    (width·(width − 1))``; otherwise their difference is uniform over the ``k − 1`` other residues.
+    """
+    counts = np.bincount(np.arange(width) % k, minlength=k).astype(np.float64)
+    same = float((counts * (counts - 1)).sum() / (width * (width - 1))) if width > 1 else 0.0
+    pi = np.full(k, (1 - same) / (k - 1))
+    pi[0] = same
     return pi
 
 
@@ -291,7 +295,8 @@ def sketch_variance(m, k, kind, blocks=None, u=None, v=None):
     CountSketch (independent bucket and sign per entry): 0 when placed injectively (at most ``k`` entries), otherwise
     ``(2/k)(‖M‖⁴ − ‖M‖₄⁴)/‖M‖⁴`` (two entries collide with probability 1/k). TensorSketch mean of ``blocks`` blocks
     (default: as the logger averages for the shape, :func:`~gradcoh.logger.sketch.tensorsketch_blocks`; bucket
-    ``(h₁(i) + h₂(j)) mod k``, sign ``σ₁(i)σ₂(j)``, a side of at most ``k`` entries hashed injectively, the blocks'
+    ``(h₁(i) + h₂(j)) mod k``, sign ``σ₁(i)σ₂(j)``, a side of at most ``k`` entries hashed injectively, a longer
+    one balanced, the blocks'
     sum over √B): ``‖s‖² − ‖M‖² = Σ_{e≠e'} σσ' x x' [e, e' collide]``, whose square's expectation keeps the
     products of four entries whose signs cancel (every row and every column an even number of times): a pair with
     itself, ``2·Σ_{e≠e'} x²x'²·P(collide)`` split by :func:`tensorsketch_pair_probabilities` into one row (``R``),

@@ -283,3 +283,22 @@ def test_fused_grad_and_statistics_exact_where_positions_carry_no_gradient(sketc
     ds = open_logged(tmp_path / "s.zarr")
     assert_stats(ds, 0, per_example_grads_loop(model, sq_loss, x, y), n=chain_length(model, positions=x.shape[1]),
                  what="class token")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_projection_class_comes_from_the_nominal_positions_not_the_live_ones(fused, tmp_path):
+    """A weight (64 × 32) over 16 positions of which one carries a gradient: the cost model gives a CountSketch to
+    T = 16 and a TensorSketch mean to T = 1; the store records the former (the same kind on every rank and resume
+    whatever the data), while the gradients are formed from the live position only."""
+    import zarr
+    from gradcoh.logger.sketch import choose_projection
+
+    assert choose_projection((64, 32), 64, [("factored", 16)]) != choose_projection((64, 32), 64, [("factored", 1)])
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(32, 64, bias=False))
+    x, y = torch.randn(4, 16, 32), torch.randn(4, 64)
+    with GradientLogger(model, tmp_path / "s.zarr", fused=fused, sketch_dim=64) as glog:
+        with glog.record(0):
+            sq_loss(model(x)[:, 0], y).mean().backward()
+    stored = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["gradcoh_projections"]
+    assert stored["params"]["0.weight"]["kind"] == choose_projection((64, 32), 64, [("factored", 16)])
