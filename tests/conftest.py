@@ -94,17 +94,18 @@ def unguarded(monkeypatch):
 
 
 FILE_SECONDS = {
-    "reliability/test_crash.py": 67, "integrations/test_lightning.py": 57, "integrations/test_huggingface.py": 46,
-    "distributed/test_ddp.py": 46, "scale/test_remote.py": 39, "logger/test_sketch.py": 38, "logger/test_zoo.py": 37,
-    "scale/test_cluster_equivalence.py": 36, "test_bench_smoke.py": 35, "logger/test_review.py": 29,
-    "logger/test_exact.py": 27, "reliability/test_failures.py": 25, "scale/test_compact.py": 23,
-    "analysis/test_plots.py": 22, "experiment/test_experiment.py": 21, "cli/test_cli.py": 20,
-    "analysis/test_stderr.py": 19, "logger/test_alignment.py": 19, "scale/test_cluster_example.py": 17,
-    "scale/test_long_runs.py": 16, "analysis/test_missing_metadata.py": 15, "logger/test_logger_boundaries.py": 14,
-    "reliability/test_concurrent.py": 13, "cli/test_plot.py": 12,
+    "integrations/test_huggingface.py": 34, "cli/test_cli.py": 32, "reliability/test_crash.py": 31,
+    "logger/test_sketch.py": 29, "logger/test_zoo.py": 29, "logger/test_review.py": 28,
+    "reliability/test_concurrent.py": 27, "integrations/test_lightning.py": 25, "logger/test_exact.py": 25,
+    "distributed/test_ddp.py": 24, "test_bench_smoke.py": 22, "scale/test_remote.py": 22,
+    "logger/test_alignment.py": 22, "experiment/test_experiment.py": 20, "analysis/test_stderr.py": 16,
+    "logger/test_logger_boundaries.py": 15, "scale/test_cluster_equivalence.py": 14, "analysis/test_plots.py": 14,
+    "scale/test_long_runs.py": 14, "logger/test_sketch_variance.py": 14, "scale/test_cluster_example.py": 12,
+    "scale/test_compact.py": 12, "analysis/test_missing_metadata.py": 12, "cli/test_plot.py": 10,
 }
-"""Seconds each of the longest test files took (``--durations``, README test command, 2026-12-03, load 1-5); any
-other file counts 0.3 s per test. Only the order of the files depends on these numbers, never a result."""
+"""Seconds each of the longest test files took (setup, call and teardown of its tests; README test command at
+cec7600, 2026-12-03, load 4-8); any other file counts 0.3 s per test. Only the order of the files depends on these
+numbers, never a result."""
 
 
 def pytest_configure(config) -> None:
