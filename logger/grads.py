@@ -285,7 +285,7 @@ class Factored:
         (their nominal positions).
         """
         u = self.u
-        if u is None or type(self) is not Factored or u.shape[1] <= 1 or u.device.type != "cpu":
+        if u is None or type(self) is not Factored or u.shape[1] <= 1 or u.device.type != "cpu" or not u.numel():
             return self
         if bool(u[:, -1].abs().amax().ne(0)):  # (the last position carries a gradient: nothing looked for)
             return self

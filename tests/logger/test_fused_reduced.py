@@ -168,3 +168,9 @@ def test_all_positions_zero_keeps_one_and_gives_zero_gradients():
     assert live.positions == 1
     red, total = f.reduced(Projection.create(0, "w", (R, C), 16, "countsketch"), summed=True)
     assert torch.equal(red.sq_norms(), torch.zeros(N)) and torch.equal(total, torch.zeros(R, C))
+
+
+def test_no_examples_or_no_rows_drop_nothing():
+    for n, rows in ((0, R), (N, 0)):
+        f = Factored(torch.zeros(n, T, rows), torch.randn(n, T, C))
+        assert f.live() is f and choose_route(f, None).sq_norms().shape == (n,)
