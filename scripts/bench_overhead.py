@@ -17,6 +17,7 @@ squared norms are compared with gradcoh_exact's ("Δ vs gradcoh_exact"); peers t
 
     python scripts/bench_overhead.py --models cnn --batch 64 --json out.json   # overhead table
     python scripts/bench_overhead.py --zoo --threads 1 --reps 5 --warmup 1     # the zoo, summary table at the end
+    python scripts/bench_overhead.py --zoo --isolate --threads 1 --reps 7      # each zoo model in its own process
     python scripts/bench_overhead.py --writer                                    # writer throughput
     python scripts/bench_overhead.py --probe                                     # exact m-coherence, m=4096
     python scripts/bench_overhead.py --tiny                                      # smoke run (seconds)
@@ -950,6 +951,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--writer-steps", type=int, default=30)
     ap.add_argument("--probe", action="store_true", help="probe-mode m-coherence comparison")
     ap.add_argument("--probe-m", type=int, default=4096)
+    ap.add_argument("--isolate", action="store_true",
+                    help="each model in its own Python process, as a training job holds one model: the allocator "
+                         "state left by earlier models does not enter later models' steps (same methods, reps and "
+                         "interleaving inside each process)")
     ap.add_argument("--tiny", action="store_true",
                     help="smoke run: batch 4, one rep; cnn unless --models/--zoo (zoo models at a tiny size: 2 "
                          f"layers, d 32, T {TINY_SEQ})")
@@ -1005,9 +1010,13 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmpdir)
         if args.overhead:
             report["overhead"] = []
+            report["isolated"] = bool(args.isolate and len(args.models) > 1)
             for model_name in args.models:
                 t0 = time.perf_counter()
-                res = bench_model(model_name, methods, args, tmp)
+                if report["isolated"]:
+                    res = bench_model_in_process(model_name, argv if argv is not None else sys.argv[1:], tmp)
+                else:
+                    res = bench_model(model_name, methods, args, tmp)
                 res["wall_s"] = time.perf_counter() - t0
                 report["overhead"].append(res)
                 print(markdown({"overhead": [res]}), flush=True)
@@ -1023,6 +1032,31 @@ def main(argv: list[str] | None = None) -> dict:
     report["loadavg_end"] = os.getloadavg()
     write_outputs(report, args)
     return report
+
+
+def bench_model_in_process(model_name: str, argv: list[str], tmp: Path) -> dict:
+    """:func:`bench_model` of one model in a fresh interpreter running this script with the same options."""
+    import subprocess
+
+    drop = {"--zoo", "--isolate", "--writer", "--probe"}
+    valued = {"--models", "--json", "--markdown"}
+    rest: list[str] = []
+    skip = False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in valued:
+            skip = "=" not in arg
+        elif name not in drop:
+            rest.append(arg)
+    out = tmp / f"{model_name}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *rest, "--models", model_name, "--overhead",
+           "--json", str(out)]
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
+    if done.returncode != 0 or not out.exists():
+        raise SystemExit(f"bench of {model_name} in its own process failed (exit {done.returncode}): {cmd}")
+    return json.loads(out.read_text())["overhead"][0]
 
 
 def write_outputs(report: dict, args: argparse.Namespace) -> None:
