@@ -133,6 +133,8 @@ def tensorsketch_worst_variance(view: tuple[int, int], dim: int, blocks: int) ->
     ``Q = R + C + D = 1`` (approached by rank-one matrices spread over many rows and columns).
     """
     k = dim
+    if k < 2:  # one bucket: every pair collides, no bound to keep
+        return math.inf
     a, b = side_collision(view[0], k), side_collision(view[1], k)
     apart = a * b + (1 - a) * (1 - b) / (k - 1)  # p = Σ_x π₁(x)π₂(−x), a difference ≠ 0 uniform over k − 1 values
     diagonals = a * b + (1 - a) * (1 - b) / (k - 1) ** 2 * (k % 2 == 0)  # q = Σ_{2x ≡ 0} π₁(x)π₂(x)
@@ -157,7 +159,7 @@ def tensorsketch_blocks(view: tuple[int, int], dim: int) -> int:
     few collisions), 2 or 4 for longer sides. A function of the shapes only, so every process, rank and resumed run
     averages the same blocks.
     """
-    limit = WORST_VARIANCE + 1 / (2 * (dim - 1))
+    limit = WORST_VARIANCE + 1 / (2 * max(dim - 1, 1))
     for blocks in (1, 2):
         if tensorsketch_worst_variance(view, dim, blocks) <= limit:
             return blocks

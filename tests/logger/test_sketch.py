@@ -480,6 +480,9 @@ def test_blocks_from_the_shape_and_the_cost_proportional_to_them(monkeypatch):
 
     views = [(1280, 320), (320, 640), (640, 160), (300, 257), (256, 300), (300, 2), (256, 256), (2, 2)]
     assert [tensorsketch_blocks(v, 256) for v in views] == [4, 2, 2, 1, 1, 1, 1, 1]  # version 6: 4, 4, 2, 4, 2, 2, 1, 1
+    assert tensorsketch_blocks((4, 4), 1) == 4 and tensorsketch_blocks((4, 4), 2) == 4  # one or two buckets
+    u, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    assert Projection.create(0, "w", (4, 4), 1, "tensorsketch").factored(u, v).shape == (3, 1)
     dense = sk.TensorSketchMean.cost((640, 160), 256, ("dense", 1))
     factored = sk.TensorSketchMean.cost((640, 160), 256, ("factored", 16))
     inverse = sk.SKETCH_COSTS.fft * 256 * 8
