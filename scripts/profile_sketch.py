@@ -13,7 +13,7 @@ machine inflate it far less than wall time) and the cost model's ms (:meth:`Proj
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --ab-blocks v5,shape --reps 7  # whole step
 
 ``--blocks`` and ``--ab-blocks`` take a comma list of block rules: ``shape`` is the logger's own
-(:func:`~gradcoh.logger.sketch.tensorsketch_blocks`: 1, 2 or 4 by the sides of at most k entries), a number ``B``
+(:func:`~gradcoh.logger.sketch.tensorsketch_blocks`: the fewest of 1, 2, 4 within the worst case), a number ``B``
 averages ``B`` blocks for every view, ``v5`` the version-5 rule (4 blocks, its costs and choices: no fused-mode
 credit in :func:`~gradcoh.logger.sketch.form_cost`; the hashes' injectivity does not change a route's cost). For a
 comparison only: a store's projections follow the rule of the gradcoh that wrote it.
