@@ -113,12 +113,14 @@ def test_reductions_not_taken_read_the_factors_not_a_materialised_copy():
 
 
 def _with_dead_positions(seed: int, bias: bool = False) -> Factored:
-    """Factors whose row factor is zero for every example at positions 1 and 4, for examples 0–2 only at 3."""
+    """Factors whose row factor is zero for every example at positions 1 and 4, for examples 0–2 only at 3, and
+    at 2 not positive anywhere, zero in places (its largest entry 0: a test for zero without ``abs`` drops it)."""
     f = _factors(seed, bias)
     u = f.u.clone()
     u[:, [1, 4]] = 0
     u[:3, 3] = 0  # (zero for some examples only: kept)
     u[:, 2] = -u[:, 2].abs()  # (no positive entry, not zero: kept)
+    u[:, 2, ::2] = 0  # (e.g. an output gradient masked by a ReLU: zero in places, negative elsewhere)
     return replace(f, u=u)
 
 
