@@ -113,14 +113,14 @@ def test_reductions_not_taken_read_the_factors_not_a_materialised_copy():
 
 
 def _with_dead_positions(seed: int, bias: bool = False) -> Factored:
-    """Factors whose row factor is zero for every example at positions 1 and 4, for examples 0–2 only at 3, and
-    at 2 not positive anywhere, zero in places (its largest entry 0: a test for zero without ``abs`` drops it)."""
+    """Factors whose row factor is zero for every example at positions 1, 2 and 4, for examples 0–2 only at 3, and
+    at 0 not positive anywhere, zero in places (its largest entry 0: a test for zero without ``abs`` drops it)."""
     f = _factors(seed, bias)
     u = f.u.clone()
-    u[:, [1, 4]] = 0
+    u[:, [1, 2, 4]] = 0
     u[:3, 3] = 0  # (zero for some examples only: kept)
-    u[:, 2] = -u[:, 2].abs()  # (no positive entry, not zero: kept)
-    u[:, 2, ::2] = 0  # (e.g. an output gradient masked by a ReLU: zero in places, negative elsewhere)
+    u[:, 0] = -u[:, 0].abs()  # (no positive entry, not zero: kept)
+    u[:, 0, ::2] = 0  # (e.g. an output gradient masked by a ReLU: zero in places, negative elsewhere)
     return replace(f, u=u)
 
 
@@ -129,10 +129,10 @@ def _with_dead_positions(seed: int, bias: bool = False) -> Factored:
 def test_positions_zero_for_every_example_are_dropped_and_change_no_value(bias):
     f = _with_dead_positions(6, bias)
     live = f.live()
-    assert live.positions == T - 2 and torch.equal(live.u, f.u[:, [0, 2, 3]]) and torch.equal(live.v, f.v[:, [0, 2, 3]])
+    assert live.positions == T - 3 and torch.equal(live.u, f.u[:, [0, 3]]) and torch.equal(live.v, f.v[:, [0, 3]])
     proj = Projection.create(0, "w", (R, C + bias), 16, "countsketch")
     red, total = f.reduced(proj, summed=True)
-    assert red.factors.positions == T - 2  # (the GEMM formed 3 of 5 positions)
+    assert red.factors.positions == T - 3  # (the GEMM formed 2 of 5 positions)
     want = _oracle(f)
     if bias:
         want = torch.cat([want, f.u.double().sum(1).unsqueeze(2)], 2)
@@ -143,7 +143,7 @@ def test_positions_zero_for_every_example_are_dropped_and_change_no_value(bias):
                  scale=want.abs().flatten(1).sum(1, keepdim=True), err_msg="sketch")
     for projector in (None, proj):  # the route chosen for the live positions: the same values
         routed = choose_route(f, projector)
-        assert routed.n == N and (routed.factors if isinstance(routed, Reduced) else routed).positions == T - 2
+        assert routed.n == N and (routed.factors if isinstance(routed, Reduced) else routed).positions == T - 3
         assert_close(routed.sq_norms(), want.square().sum((1, 2)), n=T + R * (C + 1), kappa=PRODUCT,
                      err_msg="sq norms (routed)")
 
@@ -157,10 +157,27 @@ def test_a_non_finite_column_factor_at_a_dropped_position_keeps_its_nan():
     assert torch.isnan(sq[2]) and torch.isfinite(sq[[0, 1, 3, 4, 5, 6]]).all() and torch.isnan(total).any()
     assert torch.isnan(choose_route(f, None).sq_norms()[2])
     g = _with_dead_positions(7)
+    g.u[:, 3] = 0  # (positions 1–4 dead)
     g.u[5, 1, 2] = float("nan")  # a nan row factor is not zero: its position stays
-    assert g.live().positions == T - 1 and torch.isnan(g.live().sq_norms()[5])
+    assert g.live().positions == 2 and torch.isnan(g.live().sq_norms()[5])
     g.u[5, 4, 0] = float("nan")  # (at the last position: nothing dropped)
     assert g.live() is g
+
+
+def test_dead_positions_are_kept_unless_the_middle_and_last_are_dead_and_they_are_at_least_half():
+    """A causal LM's last position carries no gradient in any layer (its logits predict no label): one of T
+    positions, too few to pay for copying the factors, so nothing is dropped; nor when the middle one is live."""
+    f = _factors(9)
+    u = f.u.clone()
+    u[:, -1] = 0
+    assert replace(f, u=u).live().u is u  # (the last position dead only: a causal LM)
+    u[:, 2] = 0
+    assert replace(f, u=u).live().u is u  # (the middle and the last dead, 2 of 5: fewer than half)
+    u[:, 3] = 0
+    assert replace(f, u=u).live().positions == 2  # (2, 3 and 4 dead: at least half)
+    w = torch.zeros_like(f.u)
+    w[:, 2] = f.u[:, 2]
+    assert replace(f, u=w).live().u is w  # (all dead but the middle one: not looked for — a cost, never a value)
 
 
 def test_all_positions_zero_keeps_one_and_gives_zero_gradients():
