@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gradcoh.logger import GradientLogger
 from gradcoh.logger.grads import Dense, Factored, MatrixView
 from gradcoh.logger.layers import default_rules, functional_rule
-from gradcoh.logger.sketch import KINDS, Projection, sketch_hashes, tensorsketch_blocks
+from gradcoh.logger.sketch import KINDS, SKETCH_VERSION, Projection, sketch_hashes, tensorsketch_blocks
 from oracle import (
     LayerSketches,
     hooked_factors,
@@ -236,7 +236,9 @@ def test_determinism_across_processes_and_seeds(tmp_path):
     h = sketch_hashes(7, "features.0", (12, 28), 256, "tensorsketch")
     local = int(np.abs(h["row_hash"]).sum() * 7 + (h["col_hash"] @ np.arange(28)).sum() + h["row_sign"].sum())
     assert int(a) == local
-    # pinned: a change of the hashing would silently change the projection of existing stores (bump the version)
+    # pinned: a change of the hashing would silently change the projection of existing stores (bump the version:
+    # these pins are version 7's, and an append to a store of another version is refused)
+    assert SKETCH_VERSION == 7
     assert h["row_hash"][0, :6].tolist() == PINNED_ROW_HASH and h["col_sign"][0, :6].tolist() == PINNED_COL_SIGN
     assert h["row_hash"].shape == (1, 12) and h["col_hash"].shape == (1, 28)
     assert len(np.unique(h["row_hash"])) == 12 and len(np.unique(h["col_hash"])) == 28  # injective sides (≤ k)
@@ -535,7 +537,9 @@ def test_store_records_projections_and_append_adopts_them(tmp_path):
 
     root = zarr.open_group(str(path), mode="r+")
     old = dict(root.attrs["gradcoh_projections"])
-    for version in (3, 4, 5):  # 4: 8 TensorSketch blocks; 5: 4 blocks with independent hashes on every side
+    # 4: 8 TensorSketch blocks; 5: 4 blocks with independent hashes on every side; 6: long sides independent, not
+    # balanced (and more blocks)
+    for version in (3, 4, 5, 6):
         root.attrs["gradcoh_projections"] = {**old, "version": version}
         with pytest.raises(ValueError, match=f"sketch version {version}"):
             log_seq(seq_model(), path, t=1, mode="append", steps=(2,))
