@@ -65,8 +65,9 @@ entries injectively and averages 1, 2 or 4 blocks by the number of such sides (:
 cost model proportional to the blocks; 7: a side longer than ``k`` is hashed balanced instead of independently
 (:func:`side_collision`) and the blocks are the fewest whose worst-case variance is within that of version 6
 (:func:`tensorsketch_blocks`: 1 instead of 2 for e.g. 1152 × 192 at ``k = 1024``, 2 instead of 4 for 320 × 640 at
-``k = 256``; projections of views with both sides at most ``k`` are those of version 6). A store of an earlier
-version cannot be appended to with sketches."""
+``k = 256``; projections of views with both sides at most ``k`` are those of version 6 for ``k = 3`` and
+``k ≥ 5``: at ``k`` = 1, 2 and 4 one block's worst case exceeds the limit, so such views get 4, 4 and 2 blocks
+instead of 1). A store of an earlier version cannot be appended to with sketches."""
 
 HASH_VERSION = 3
 """Enters the hash seeds: unchanged since version 3, so a CountSketch (whose hashes version 6 leaves as they were)
@@ -155,8 +156,9 @@ def tensorsketch_blocks(view: tuple[int, int], dim: int) -> int:
 
     The fewest of 1, 2 and 4 (:data:`TENSORSKETCH_BLOCKS`) whose worst-case variance
     (:func:`tensorsketch_worst_variance`) is within :data:`WORST_VARIANCE` ``+ 1/(2(k − 1))`` (4 otherwise): 1 when
-    both sides have at most ``dim`` entries (injective) or one has and the other at most about ``2·dim`` (balanced:
-    few collisions), 2 or 4 for longer sides. A function of the shapes only, so every process, rank and resumed run
+    both sides have at most ``dim`` entries (injective; for ``dim`` = 3 or ≥ 5: at 1, 2 and 4 one block's worst
+    case is above the limit) or one has and the other at most about ``2·dim`` (balanced: few collisions), 2 or 4
+    for longer sides. A function of the shapes only, so every process, rank and resumed run
     averages the same blocks.
     """
     limit = WORST_VARIANCE + 1 / (2 * max(dim - 1, 1))
