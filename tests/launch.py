@@ -26,11 +26,19 @@ class Ranks:
 
     def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
-        self.pids: list[int] = []
-        for line in proc.stdout:  # the launcher's first line, once it has forked every rank
-            if line.startswith(_PIDS):
-                self.pids = json.loads(line[len(_PIDS):])
-                break
+        self._pids: list[int] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        """The ranks' process ids: the launcher's first line, once it has forked every rank (read when first asked
+        for, not when started: a launcher stuck in its imports fails :meth:`wait`'s timeout, it does not hang)."""
+        if self._pids is None:
+            self._pids = []
+            for line in self.proc.stdout:
+                if line.startswith(_PIDS):
+                    self._pids = json.loads(line[len(_PIDS):])
+                    break
+        return self._pids
 
     def kill_rank(self, rank: int) -> None:
         """SIGKILL one rank (the launcher then kills the others: they would wait for it forever)."""
@@ -48,7 +56,7 @@ class Ranks:
 
 
 def start_ranks(worker: Path, *args: str, world: int = 2, extra_env: dict[str, str] | None = None) -> Ranks:
-    """Start ``world`` ranks of ``worker``'s ``main()`` with ``args``; returns once they are forked."""
+    """Start ``world`` ranks of ``worker``'s ``main()`` with ``args`` (the launcher imports it, then forks them)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
