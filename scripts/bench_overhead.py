@@ -1018,7 +1018,7 @@ def main(argv: list[str] | None = None) -> dict:
             for model_name in args.models:
                 t0 = time.perf_counter()
                 if report["isolated"]:
-                    res = bench_model_in_process(model_name, argv if argv is not None else sys.argv[1:], tmp)
+                    res = bench_model_isolated(model_name, argv if argv is not None else sys.argv[1:], tmp)
                 else:
                     res = bench_model(model_name, methods, args, tmp)
                 res["wall_s"] = time.perf_counter() - t0
@@ -1038,7 +1038,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def bench_model_in_process(model_name: str, argv: list[str], tmp: Path) -> dict:
+def bench_model_isolated(model_name: str, argv: list[str], tmp: Path) -> dict:
     """:func:`bench_model` of one model in a fresh interpreter running this script with the same options."""
     import subprocess
 
