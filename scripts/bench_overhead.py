@@ -628,7 +628,15 @@ def default_batch(model_name: str) -> int:
     return ZOO_BATCH.get(model_name) or {"cnn": 64, "resnet18": 32, "transformer": 32}[model_name]
 
 
-def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, tmp: Path) -> dict:
+def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, tmp: Path,
+                memory: bool = True) -> dict:
+    """Interleaved step times of every method on one model, then (``memory``) each method's peak extra memory.
+
+    The memory pass pins glibc's mmap threshold for the rest of the process (see :func:`pin_malloc`), which makes
+    every later step of the process page-fault on its large blocks (ConvNeXt's plain step 262 -> 354 ms). A run of
+    several models in one process therefore times them all first and measures memory afterwards
+    (:func:`add_memory`).
+    """
     batch = args.batch or default_batch(model_name)
     case = make_case(model_name, batch, args.seq, args.device, tiny=args.tiny)
     names = list(methods)
@@ -636,15 +644,12 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
         names.insert(1, "plain_peer")
     steps, closers, results, checks = build_steps(model_name, names, case, args, tmp)
     times = time_steps(steps, args)
-    if args.device == "cpu" and sys.platform.startswith("linux"):
-        pin_malloc()
-    for name, step in steps.items():  # memory: one extra call per method, after timing
-        step()  # settle allocations under the pinned allocator settings
-        mem = peak_memory_mb(step, args.device)
+    mems = measure_memory(steps, args) if memory else {}
+    for name in steps:
         ts = times[name]
         results[name] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "reps": len(ts),
                          "times_s": ts,
-                         "peak_extra_mb": mem, "note": getattr(step, "note", "")}
+                         "peak_extra_mb": mems.get(name), "note": getattr(steps[name], "note", "")}
     for close in closers:
         close()
     add_ratios(names, results)
@@ -653,6 +658,31 @@ def bench_model(model_name: str, methods: list[str], args: argparse.Namespace, t
     n_params = sum(p.numel() for p in case["models"]["default"].parameters())
     return {"model": model_name, "batch": batch, "params": n_params, "size": case["size"], "note": case["note"],
             "methods": results}
+
+
+def measure_memory(steps: dict[str, Step], args: argparse.Namespace) -> dict[str, float | None]:
+    """Peak extra memory (MiB) of one call of each method; pins the allocator for the rest of the process."""
+    if args.device == "cpu" and sys.platform.startswith("linux"):
+        pin_malloc()
+    mems = {}
+    for name, step in steps.items():  # one extra call per method, after timing
+        step()  # settle allocations under the pinned allocator settings
+        mems[name] = peak_memory_mb(step, args.device)
+    return mems
+
+
+def add_memory(res: dict, methods: list[str], args: argparse.Namespace, tmp: Path) -> None:
+    """Fill a timed model's ``peak_extra_mb`` (and memory ratios) from a fresh build of its methods."""
+    batch = args.batch or default_batch(res["model"])
+    case = make_case(res["model"], batch, args.seq, args.device, tiny=args.tiny)
+    names = [n for n, r in res["methods"].items() if r.get("status") == "ok"]
+    steps, closers, _, _ = build_steps(res["model"], names, case, args, tmp)
+    mems = measure_memory(steps, args)
+    for close in closers:
+        close()
+    for name, mb in mems.items():
+        res["methods"][name]["peak_extra_mb"] = mb
+    add_ratios(list(res["methods"]), res["methods"])
 
 
 def build_steps(model_name: str, names: list[str], case: dict, args: argparse.Namespace,
@@ -1013,20 +1043,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gradcoh-bench-") as tmpdir:
         tmp = Path(tmpdir)
         if args.overhead:
-            report["overhead"] = []
-            report["isolated"] = bool(args.isolate and len(args.models) > 1)
-            for model_name in args.models:
-                t0 = time.perf_counter()
-                if report["isolated"]:
-                    res = bench_model_isolated(model_name, argv if argv is not None else sys.argv[1:], tmp)
-                else:
-                    res = bench_model(model_name, methods, args, tmp)
-                res["wall_s"] = time.perf_counter() - t0
-                report["overhead"].append(res)
-                print(markdown({"overhead": [res]}), flush=True)
-                write_outputs(report, args)  # a run cut short (timeout) keeps the models done so far
-            if len(report["overhead"]) > 1:
-                print("\n".join(summary_table(report["overhead"])), flush=True)
+            bench_zoo(report, methods, args, argv, tmp)
         if args.writer:
             report["writer"] = bench_writer(args, tmp)
             print(markdown({"writer": report["writer"]}), flush=True)
@@ -1036,6 +1053,29 @@ def main(argv: list[str] | None = None) -> dict:
     report["loadavg_end"] = os.getloadavg()
     write_outputs(report, args)
     return report
+
+
+def bench_zoo(report: dict, methods: list[str], args: argparse.Namespace, argv: list[str] | None,
+              tmp: Path) -> None:
+    """Every model of ``args.models``, each in this process or (``--isolate``) its own; fills ``report``."""
+    report["overhead"] = []
+    report["isolated"] = bool(args.isolate and len(args.models) > 1)
+    for model_name in args.models:
+        t0 = time.perf_counter()
+        if report["isolated"]:
+            res = bench_model_isolated(model_name, argv if argv is not None else sys.argv[1:], tmp)
+        else:  # several models in one process: memory after every model's timing (see bench_model)
+            res = bench_model(model_name, methods, args, tmp, memory=len(args.models) == 1)
+        res["wall_s"] = time.perf_counter() - t0
+        report["overhead"].append(res)
+        print(markdown({"overhead": [res]}), flush=True)
+        write_outputs(report, args)  # a run cut short (timeout) keeps the models done so far
+    if not report["isolated"] and len(args.models) > 1:
+        for res in report["overhead"]:
+            add_memory(res, methods, args, tmp)
+        write_outputs(report, args)
+    if len(report["overhead"]) > 1:
+        print("\n".join(summary_table(report["overhead"])), flush=True)
 
 
 def bench_model_isolated(model_name: str, argv: list[str], tmp: Path) -> dict:
