@@ -12,6 +12,7 @@ alone is silently wrong when, say, the sequence length equals the batch size).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -245,8 +246,16 @@ class _Op:
     out: torch.Tensor
     data: list[tuple[int, torch.Tensor, tuple[int, int]]]
     n: int
-    bound: dict[str, Any] | None = None
+    func: Callable | None = None  # the op, to read its arguments by name (:attr:`bound`)
     position: int = 0  # which of the op's tensor outputs ``out`` is
+
+    @functools.cached_property
+    def bound(self) -> dict[str, Any] | None:
+        """The arguments by name (:func:`~gradcoh.logger.arguments.bind_op`), bound when a rule first reads one.
+
+        Most ops' rules (elementwise, unary) read none: binding every observed op cost about 20 Python calls each.
+        """
+        return bind_op(self.func, self.args, self.kwargs)
 
     @property
     def pairs(self) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -541,25 +550,38 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor,
         data = [d for d in data if d[0] == 0]
         if not data:
             return Unknown(name)
-    bound = bind_op(func, args, kwargs)
     extra = _EXTRA.get(name)
     if extra is not None:
-        lay = extra(_Op(name, args, kwargs, out, data, n, bound, position))
+        lay = extra(_Op(name, args, kwargs, out, data, n, func, position))
         if lay is not None:
             return lay
-    lays = [lay for _, _, lay in data]
-    unknown = next((lay for lay in lays if isinstance(lay, Unknown)), None)
+    unknown, rows = _scan(data)
     if unknown is not None and type(unknown) is not Unknown and name in _REDUCTIONS | _LOSSES:
         # rows still in another order (or packed) reach the loss: the examples are mixed up
         return Unknown(f"{name}' of rows left in the order of '{unknown.op}")
     if unknown is not None:
         return unknown
-    if name not in _CONCAT and any(isinstance(lay, Reduced | Row) for lay in lays):
+    if rows and name not in _CONCAT:
         return _rows_or_reduced(name, data)
     handler = _HANDLERS.get(name)
     if handler is None:
         return Unknown(name)
-    return handler(_Op(name, args, kwargs, out, data, n, bound, position))
+    return handler(_Op(name, args, kwargs, out, data, n, func, position))
+
+
+def _scan(data: list) -> tuple[Unknown | None, bool]:
+    """The first :class:`Unknown` input layout, and whether a :class:`Reduced` or :class:`Row` one came before it.
+
+    A loop, not generator expressions: it runs for every observed op.
+    """
+    rows = False
+    for _, _, lay in data:
+        if type(lay) is tuple:
+            continue
+        if isinstance(lay, Unknown):
+            return lay, rows
+        rows = rows or isinstance(lay, Reduced | Row)
+    return None, rows
 
 
 def _rows_or_reduced(name: str, data: list) -> Layout:

@@ -387,12 +387,12 @@ class UseTracker(TorchFunctionMode):
             self._setitem(args, data)
             return
         lays = [propagate(name, args, kwargs, o, data, self.n, func, i) for i, o in enumerate(outs)]
-        fresh = not any(type(lay) is Unknown for _, _, lay in data)  # (subclasses: layouts a rule follows)
         for o, lay in zip(outs, lays, strict=True):
             self.layouts[o] = lay
-            if fresh and type(lay) is Unknown:
-                self._watch(o, name)
-        self._reduction(name, func, args, kwargs, outs, lays, data)
+            if type(lay) is Unknown and not any(type(d) is Unknown for _, _, d in data):  # (not subclasses:
+                self._watch(o, name)  # layouts a rule follows; the inputs checked only when an output is unknown)
+        if len(lays) == 1 and type(lays[0]) is Reduced:
+            self._reduction(name, func, args, kwargs, outs, lays, data)
         if self._owned:
             diff = [(pos, t) for pos, t in diff if id(t) not in self._owned[-1]]  # covered by the module's rule
         if not diff or not outs:
