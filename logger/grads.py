@@ -195,9 +195,11 @@ class Reduced(Dense):
 
 
 def _outer_sums(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[n, rows, cols]`` ``Σ_t u[n, t] v[n, t]ᵀ`` (into ``out``): a batched GEMM, or one broadcast product for a
-    single position (the same values: one rounded product per entry; the GEMM with an inner size of 1 ran 3–5 times
-    slower per entry on one core)."""
+    """``[n, rows, cols]`` ``Σ_t u[n, t] v[n, t]ᵀ`` (into ``out``): a batched GEMM, or a product for one position.
+
+    One position: a broadcast product, the same values (one rounded product per entry); the GEMM with an inner size
+    of 1 ran 3–5 times slower per entry on one core.
+    """
     if u.shape[1] == 1:
         return torch.mul(u.transpose(1, 2), v, out=out)
     return torch.bmm(u.transpose(1, 2), v, out=out)
