@@ -34,6 +34,11 @@ def _cap_threads() -> None:
 
 
 _cap_threads()
+# 64 KiB chunks instead of the product's 4 MiB (gradcoh.logger.schema.CHUNK_BYTES_ENV; inherited by the subprocesses
+# tests start): each commit rewrites every array's partly filled chunk whole, ~20 MiB encoded for a 2-layer model at
+# 4 MiB, the first cost of every store a test logs. Same code paths; runs of more steps cross chunk boundaries sooner.
+# tests/scale/test_long_runs.py checks the chunk rule at the 4 MiB default.
+os.environ.setdefault("GRADCOH_CHUNK_BYTES", str(64 * 2**10))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
