@@ -61,7 +61,7 @@ class BatchGradient:
             if state.micro == 0:
                 # .grad will hold exactly this backward's gradient; keep a reference (no copy) in case the pass
                 # was torch.autograd.grad, which leaves .grad alone
-                self._seen[i] = grad.detach()
+                self._seen[i] = grad.detach()  # (a new tensor: holding autograd's own would make .grad a copy)
                 return
             if self._sums[i] is None:  # a second backward: .grad holds micro-batch 0's gradient (so far)
                 held = self._first_grad(i)
@@ -77,7 +77,7 @@ class BatchGradient:
 
     def _first_grad(self, i: int) -> torch.Tensor | None:
         p = self.params[i]
-        return p.grad.detach() if p.grad is not None else self._seen[i]
+        return _graph_free(p.grad) if p.grad is not None else self._seen[i]
 
     def end_of_backward(self) -> None:
         """Note the versions of ``.grad``, to detect in-place changes of it before the step ends."""
@@ -89,13 +89,14 @@ class BatchGradient:
         p, acc, state = self.params[i], self._sums[i], self._state
         if acc is not None:
             return acc, 1.0
-        if state.from_grad and p.grad is not None:
-            if p.grad._version != self._grad_versions[i]:
+        grad = p.grad if state.from_grad else None
+        if grad is not None:
+            if grad._version != self._grad_versions[i]:
                 raise RuntimeError(
                     f"the .grad of layer '{self.name}' was modified in place inside the record block (e.g. gradient "
                     "clipping); do that after the block, which should hold only the forward and backward passes"
                 )
-            return p.grad.detach(), state.scale(0)
+            return _graph_free(grad), state.scale(0)
         if state.from_grad and self._seen[i] is not None:  # torch.autograd.grad: .grad stayed None
             return self._seen[i], state.scale(0)
         return torch.zeros(p.shape, dtype=state.acc_dtype, device=p.device), 1.0
@@ -125,3 +126,8 @@ class BatchGradient:
         """``‖Σ_i g_i‖²`` in float64, parameter by parameter (no scaled copy)."""
         return sum(scale**2 * torch.dot(t.reshape(-1), t.reshape(-1)).to(torch.float64)
                    for t, scale in map(self.param_sum, range(len(self.params))))
+
+
+def _graph_free(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without autograd history: ``t`` itself when it has none (``.detach()`` would add an op per parameter)."""
+    return t.detach() if t.requires_grad else t

@@ -201,7 +201,7 @@ class LayerCapture:
                 "(retain_graph=True) is not supported; combine the losses and call backward once"
             )
         self._state.in_backward()
-        call.grads = tuple(None if g is None else g.detach() for g in grads)
+        call.grads = tuple(g.detach() if g is not None and g.requires_grad else g for g in grads)  # (no op if none)
         self._maybe_ready()
 
 

@@ -248,7 +248,7 @@ def batch_sq_norms(batches: list[BatchGradient]) -> torch.Tensor:
     for j, batch in enumerate(batches):
         for i in range(len(batch.params)):
             t, scale = batch.param_sum(i)
-            flat = t.reshape(-1)
+            flat = t if t.dim() == 1 else t.reshape(-1)
             dots.append(torch.dot(flat, flat))
             scales.append(scale * scale)
             owner.append(j)

@@ -73,6 +73,7 @@ class LayerResults:
         self.terms = 0  # entries of the output gradients summed into the batch gradient (the guard's rounding)
         self.gap = torch.zeros((), dtype=torch.float64)  # |Σ g_i − .grad| over the guard's tolerance (> 1: flagged)
         self.checked = True  # the guard checks this layer at this step (set per step by the guard's schedule)
+        self._unchecked: tuple[torch.Tensor, torch.Tensor] | None = None  # (gap, verdict) of an unchecked step
 
     def begin(self, state: StepState) -> None:
         """Forget the previous step's results."""
@@ -102,7 +103,12 @@ class LayerResults:
             stats.kept = None
 
     def per_example(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused)."""
+        """``[n]`` squared norms and ``[n, k]`` sketches over all micro-batches (zeros where the layer was unused).
+
+        One micro-batch that used the layer: its own tensors (no copy; the caller stacks the layers).
+        """
+        if len(sizes) == 1 and 0 in self.stats:
+            return self.stats[0].sq, self.stats[0].sketch if self.sketch_dim else None
         sq = torch.cat([self.stats[j].sq if j in self.stats else torch.zeros(n, device=self.device)
                         for j, n in enumerate(sizes)])
         if not self.sketch_dim:
@@ -173,8 +179,11 @@ class LayerResults:
         (:meth:`guard_checked` False).
         """
         if not self.guard_checked():
-            self.gap = torch.zeros((), dtype=torch.float64)
-            return torch.ones((), dtype=torch.bool, device=self.device)
+            if self._unchecked is None:  # (made once: read, never written, by the step's reduction)
+                self._unchecked = (torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.bool,
+                                                                                   device=self.device))
+            self.gap = self._unchecked[0]
+            return self._unchecked[1]
         want = None
         for i, (left, right) in enumerate(self.guard_vectors):
             m, scale = self.batch.natural(i)

@@ -328,19 +328,33 @@ class CountSketch(Projection):
         self.signed = torch.from_numpy(_signed(hashes["hash"], hashes["sign"], self.dim)).to(device)  # [rows, cols]
         self._flat: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _columns(self, col_offset: int, cols: int) -> torch.Tensor:
-        """``[1, rows·c]`` signed buckets of columns ``col_offset…`` (contiguous, cached)."""
-        key = (col_offset, cols)
+    def _columns(self, col_offset: int, cols: int, transposed: bool = False) -> torch.Tensor:
+        """``[1, rows·c]`` signed buckets of columns ``col_offset…`` (contiguous, cached).
+
+        In the order of the block's entries, or of its transpose's (``transposed``).
+        """
+        key = (col_offset, cols, transposed)
         if key not in self._flat:
             block = self.signed if (col_offset, cols) == (0, self.cols) else \
                 self.signed[:, col_offset : col_offset + cols]
-            self._flat[key] = block.reshape(1, -1).contiguous()
+            self._flat[key] = (block.T if transposed else block).reshape(1, -1).contiguous()
         return self._flat[key]
 
     def dense(self, m: torch.Tensor, col_offset: int = 0) -> torch.Tensor:
         """One ``scatter_add_`` of every entry into ``2k`` signed buckets, the hash broadcast over examples."""
-        n, _, cols = m.shape
-        idx = self._columns(col_offset, cols)
+        return self._scatter(m, self._columns(col_offset, m.shape[2]))
+
+    def dense_transposed(self, mt: torch.Tensor) -> torch.Tensor:
+        """:meth:`dense` of ``mt.transpose(1, 2)``, given the contiguous transposes ``mt`` ``[n, cols, rows]``.
+
+        ``mt`` covers the whole view; each entry goes into its bucket, the sums' order differs (the same sketch to
+        rounding).
+        """
+        return self._scatter(mt, self._columns(0, mt.shape[1], transposed=True))
+
+    def _scatter(self, m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``[n, k]``: every entry of ``m`` ``[n, …]`` added into its signed bucket ``idx`` ``[1, m[0].numel()]``."""
+        n = m.shape[0]
         out = m.new_zeros((n, 2 * self.dim))
         return _fold(out.scatter_add_(1, idx.expand(n, -1), m.reshape(n, -1)), self.dim)
 

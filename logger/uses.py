@@ -451,5 +451,5 @@ class UseTracker(TorchFunctionMode):
     def _grad(self, use: Use, g: torch.Tensor) -> None:
         if self.verifying:
             return
-        use.grads = g.detach()
+        use.grads = g.detach() if g.requires_grad else g  # (create_graph=True only: no op otherwise)
         self.on_grad(use)

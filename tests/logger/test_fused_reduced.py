@@ -162,6 +162,13 @@ def test_a_non_finite_column_factor_at_a_dropped_position_keeps_its_nan():
     assert g.live().positions == 2 and torch.isnan(g.live().sq_norms()[5])
     g.u[5, 4, 0] = float("nan")  # (at the last position: nothing dropped)
     assert g.live() is g
+    for values in ([float("nan")], [float("-inf")], [float("inf"), float("-inf")]):  # (a sum of ±inf is nan)
+        h = _with_dead_positions(7)
+        h.v[1, 2, : len(values)] = torch.tensor(values)
+        assert h.live() is h
+    h = _with_dead_positions(7)
+    h.v[:, 1] = 3e38  # finite entries whose sum overflows: kept (a cost), and the gradients stay finite
+    assert h.live() is h and torch.isfinite(h.reduced(None)[0].sq_norms()).all()
 
 
 def test_dead_positions_are_kept_unless_the_middle_and_last_are_dead_and_they_are_at_least_half():
@@ -193,3 +200,33 @@ def test_no_examples_or_no_rows_drop_nothing():
     for n, rows in ((0, R), (N, 0)):
         f = Factored(torch.zeros(n, T, rows), torch.randn(n, T, C))
         assert f.live() is f and choose_route(f, None).sq_norms().shape == (n,)
+
+
+@pytest.mark.parametrize(("rows", "cols", "t"), [(R, C, T), (C, R, T), (R, C, 1), (C, R, 1), (R, C, 3), (C, R, 2)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_orientations_and_one_position_match_the_oracle(monkeypatch, rows, cols, t, kind):
+    """More rows than columns: the transposes are formed and a CountSketch scatters them with its transposed hash;
+    one position: a broadcast product instead of the GEMM (bitwise the same values); up to
+    FACTOR_REDUCTION_POSITIONS positions (T = 5 is above): the norms and the sum over examples from the factors."""
+    monkeypatch.setattr(grads, "MATERIALISE_ELEMENTS", 3 * rows * cols)
+    g = torch.Generator().manual_seed(11)
+    f = Factored(torch.randn(N, t, rows, generator=g), torch.randn(N, t, cols, generator=g))
+    proj = Projection.create(0, "w", (rows, cols), 16, kind)
+    red, total = f.reduced(proj, summed=True)
+    want = _oracle(f)
+    scale = f.u.double().abs().transpose(1, 2) @ f.v.double().abs()  # Σ_t |u||v| per entry
+    assert total.shape == (rows, cols) and total.is_contiguous()
+    assert_close(red.sq_norms(), want.square().sum((1, 2)), n=t + rows * cols, kappa=PRODUCT, err_msg="sq norms")
+    assert_close(total, want.sum(0), n=t + N, scale=scale.sum(0), err_msg="Σ_n G_n")
+    assert_close(red.sketch(proj), proj.dense(want.float()).double(), n=t + rows * cols,
+                 scale=scale.flatten(1).sum(1, keepdim=True).numpy(), err_msg="sketch")
+    assert T > grads.FACTOR_REDUCTION_POSITIONS >= 3  # (the cases cover both sides of it)
+    if t <= grads.FACTOR_REDUCTION_POSITIONS:  # (from the factors: the same with or without a sketch)
+        without = f.reduced(None, summed=True)
+        assert torch.equal(without[0].sq_norms(), red.sq_norms()) and torch.equal(without[1], total)
+    dense = f.materialise().blocks[0]
+    assert torch.equal(dense, torch.bmm(f.u.transpose(1, 2), f.v))  # (t = 1: one rounded product either way)
+    if kind == "countsketch":
+        mt = dense.transpose(1, 2).contiguous()
+        assert_close(proj.dense_transposed(mt), proj.dense(dense).double(), n=rows * cols,
+                     scale=dense.abs().flatten(1).sum(1, keepdim=True).double().numpy(), err_msg="transposed hash")
