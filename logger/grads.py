@@ -205,6 +205,9 @@ def _outer_sums(u: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = Non
     return torch.bmm(u.transpose(1, 2), v, out=out)
 
 
+FACTOR_REDUCTION_POSITIONS = 4
+"""Up to this many positions :meth:`Factored.reduced` takes the norms and the sum over examples from the factors."""
+
 _workspace = threading.local()
 
 
@@ -338,24 +341,35 @@ class Factored:
         # scatters them with its transposed hash); Σ_n is transposed back once.
         flip = rows > cols and (projector is None or isinstance(projector, CountSketch))
         a, b, shape = (v, u, (cols, rows)) if flip else (u, v, (rows, cols))
+        # At most FACTOR_REDUCTION_POSITIONS live positions (a ViT's or BERT's last block after live(): 1, DeiT's: 2),
+        # the norms and the sum come from the factors: the ghost norm's T²·(rows + cols) multiply-adds and Σ_n by one
+        # GEMM (T·rows·cols, at ≈ 0.035 ns each) cost less than a pass over each chunk (≈ 0.2 and ≈ 0.25 ns per entry).
+        from_factors = factors.positions <= FACTOR_REDUCTION_POSITIONS
         sq = torch.empty(n, dtype=v.dtype, device=v.device)
         sketches, total = [], None
         with torch.no_grad():
-            work = _scratch(min(step, n) * size, v) if cpu else None
-            for i in range(0, n, step):
+            if from_factors:
+                sq = factors.sq_norms()
+                if summed:
+                    total = u.reshape(-1, rows).T @ v.reshape(-1, cols)
+            work = _scratch(min(step, n) * size, v) if cpu and not (from_factors and projector is None) else None
+            for i in range(0, n, step) if not (from_factors and projector is None) else ():
                 j = min(n, i + step)
                 out = None if work is None else work[: (j - i) * size].view(j - i, *shape)
                 g = _outer_sums(a[i:j], b[i:j], out)
-                torch.linalg.vector_norm(g.view(j - i, -1), dim=1, out=sq[i:j])
+                if not from_factors:
+                    torch.linalg.vector_norm(g.view(j - i, -1), dim=1, out=sq[i:j])
                 if projector is not None:
                     sketches.append(projector.dense_transposed(g) if flip else projector.dense(g))
-                if summed:
+                if summed and not from_factors:
                     part = g.sum(0)
                     total = part if total is None else total.add_(part)
-        if flip and total is not None:
-            total = total.T.contiguous()
+            if not from_factors:
+                sq = sq.square_()
+                if flip and total is not None:
+                    total = total.T.contiguous()
         sketch = None if projector is None else (sketches[0] if len(sketches) == 1 else torch.cat(sketches))
-        return Reduced(factors, sq.square_(), projector, sketch, bias), total
+        return Reduced(factors, sq, projector, sketch, bias), total
 
     def sq_norms(self, grams: ghost.GramCache | None = None) -> torch.Tensor:
         """``[n]`` exact squared norms by the ghost-norm identity ``‖Σ_t u_t v_tᵀ‖² = ⟨U Uᵀ, V Vᵀ⟩``.

@@ -202,11 +202,12 @@ def test_no_examples_or_no_rows_drop_nothing():
         assert f.live() is f and choose_route(f, None).sq_norms().shape == (n,)
 
 
-@pytest.mark.parametrize(("rows", "cols", "t"), [(R, C, T), (C, R, T), (R, C, 1), (C, R, 1)])
+@pytest.mark.parametrize(("rows", "cols", "t"), [(R, C, T), (C, R, T), (R, C, 1), (C, R, 1), (R, C, 3), (C, R, 2)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_both_orientations_and_one_position_match_the_oracle(monkeypatch, rows, cols, t, kind):
     """More rows than columns: the transposes are formed and a CountSketch scatters them with its transposed hash;
-    one position: a broadcast product instead of the GEMM (bitwise the same values)."""
+    one position: a broadcast product instead of the GEMM (bitwise the same values); up to
+    FACTOR_REDUCTION_POSITIONS positions (T = 5 is above): the norms and the sum over examples from the factors."""
     monkeypatch.setattr(grads, "MATERIALISE_ELEMENTS", 3 * rows * cols)
     g = torch.Generator().manual_seed(11)
     f = Factored(torch.randn(N, t, rows, generator=g), torch.randn(N, t, cols, generator=g))
@@ -219,6 +220,10 @@ def test_both_orientations_and_one_position_match_the_oracle(monkeypatch, rows, 
     assert_close(total, want.sum(0), n=t + N, scale=scale.sum(0), err_msg="Σ_n G_n")
     assert_close(red.sketch(proj), proj.dense(want.float()).double(), n=t + rows * cols,
                  scale=scale.flatten(1).sum(1, keepdim=True).numpy(), err_msg="sketch")
+    assert T > grads.FACTOR_REDUCTION_POSITIONS >= 3  # (the cases cover both sides of it)
+    if t <= grads.FACTOR_REDUCTION_POSITIONS:  # (from the factors: the same with or without a sketch)
+        without = f.reduced(None, summed=True)
+        assert torch.equal(without[0].sq_norms(), red.sq_norms()) and torch.equal(without[1], total)
     dense = f.materialise().blocks[0]
     assert torch.equal(dense, torch.bmm(f.u.transpose(1, 2), f.v))  # (t = 1: one rounded product either way)
     if kind == "countsketch":
