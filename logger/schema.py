@@ -49,6 +49,8 @@ resizes, writes the data chunks, and only then advances the committed count.
 
 from __future__ import annotations
 
+import os
+
 FORMAT_VERSION = 4
 """Incremented on every change of the layout below (2: ``reconciled`` added, per-parameter sketches; 3: every
 per-step array has its own step chunk, sized by its bytes a step, instead of the step chunk of the largest array;
@@ -188,8 +190,34 @@ NON_INDEX_COORDS = (N_EXAMPLES, WALL_TIME, INDEX, LABEL, TRUE_LABEL, GROUP, LAYE
 """Variables that readers present as coordinates rather than data (the ``coordinates`` attribute)."""
 
 
-CHUNK_TARGET_BYTES = 4 * 2**20
-"""Target uncompressed size of one chunk of each per-step array; sets that array's steps per chunk."""
+CHUNK_BYTES_ENV = "GRADCOH_CHUNK_BYTES"
+"""Environment variable overriding :data:`CHUNK_TARGET_BYTES` (read once, at import) for new arrays. The test suite
+sets 64 KiB: every commit rewrites each array's partly filled chunk whole, so small chunks make its many short runs
+cheap (4 MiB chunks: ~20 MiB encoded per commit of a 2-layer model) while exercising the same code."""
+
+
+def chunk_target_bytes(environ: dict[str, str]) -> int:
+    """:data:`CHUNK_TARGET_BYTES` as set by ``environ`` (4 MiB when :data:`CHUNK_BYTES_ENV` is unset).
+
+    Raises:
+        ValueError: The variable is not a positive integer.
+    """
+    text = environ.get(CHUNK_BYTES_ENV)
+    if text is None:
+        return 4 * 2**20
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"gradcoh.logger.schema: {CHUNK_BYTES_ENV}={text!r} is not a positive number of bytes; "
+                         f"unset it (4 MiB chunks) or give e.g. {CHUNK_BYTES_ENV}=65536")
+    return value
+
+
+CHUNK_TARGET_BYTES = chunk_target_bytes(os.environ)
+"""Target uncompressed size of one chunk of each per-step array (4 MiB unless :data:`CHUNK_BYTES_ENV` says
+otherwise); sets that array's steps per chunk. Existing arrays keep their chunks when appended to."""
 
 MAX_STEPS_PER_CHUNK = 2**16
 """Upper bound on the steps of one chunk (the small per-step arrays: 512 KiB of ``n_examples``)."""

@@ -403,6 +403,7 @@ class TensorSketchMean(Projection):
         self.col_signed = torch.from_numpy(_signed(hashes["col_hash"], hashes["col_sign"], k)).to(device)
         self.col_hash = torch.from_numpy(hashes["col_hash"]).to(device)
         self.col_sign = torch.from_numpy(hashes["col_sign"]).to(device)
+        self._taps_last: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # column hashes in (tap, channel) order
 
     @classmethod
     def applies(cls, view: tuple[int, int], dim: int) -> bool:
@@ -425,12 +426,40 @@ class TensorSketchMean(Projection):
         in the frequency domain: one inverse FFT per example). When every block's counts fit at once (few positions,
         e.g. ``T = 1``), all blocks are counted together.
         """
+        return self._factored(u, v, bias, self.col_hash, self.col_sign, self.col_signed)
+
+    def factored_taps_last(self, u: torch.Tensor, v: torch.Tensor, channels: int) -> torch.Tensor:
+        """:meth:`factored` of a convolution's patches whose columns are ordered ``(tap, channel)``.
+
+        The natural view orders a patch's ``channels·taps`` columns ``(channel, tap)``; patches formed from a
+        channels-last input come ``(tap, channel)`` and contiguous (:meth:`~gradcoh.logger.ops.conv.Patches.
+        unfold_taps_last`: memory copies of ``channels`` entries instead of a transposing copy of every entry). Each
+        column keeps its own hash and sign (permuted with it), so the sketch is the same projection (to rounding).
+
+        Args:
+            u: ``[n, T, rows]`` output gradients.
+            v: ``[n, T, taps·channels]`` patches, column ``o·channels + c`` holding channel ``c`` at tap ``o``.
+            channels: Input channels ``C`` (the view's first ``C·taps`` columns; a bias column is sketched apart).
+        """
+        c = v.shape[-1]
+        key = (channels, c)
+        if key not in self._taps_last:
+            if c > self.cols or c % channels:
+                raise ValueError(f"patches of {c} columns in {channels} channels do not match the "
+                                 f"{self.rows}×{self.cols} view of this projection")
+            order = torch.arange(c, device=self.col_hash.device).view(channels, c // channels).T.reshape(-1)
+            self._taps_last[key] = (self.col_hash[:, order], self.col_sign[:, order], self.col_signed[:, order])
+        return self._factored(u, v, False, *self._taps_last[key])
+
+    def _factored(self, u: torch.Tensor, v: torch.Tensor, bias: bool, col_hash: torch.Tensor,
+                  col_sign: torch.Tensor, col_signed: torch.Tensor) -> torch.Tensor:
+        """:meth:`factored` with the column hashes given (``[B, ≥ c]``, in the order of ``v``'s columns)."""
         n, t, c = v.shape
         k = self.dim
         budget = min(_CACHE_ELEMENTS, _CHUNK_ELEMENTS)
         per_example = t * 2 * k
         if self.blocks * n * per_example <= budget:
-            return self._factored_all_blocks(u, v, bias)
+            return self._factored_all_blocks(u, v, bias, col_signed)
         ne = max(1, budget // per_example)
         tt = t if per_example <= budget else max(1, budget // (2 * k))  # (ne > 1 implies per_example <= budget)
         ones = self._ones_column(c, v.dtype) if bias else None
@@ -443,7 +472,7 @@ class TensorSketchMean(Projection):
                 m, p = ve.shape[:2]
                 ue, ve = ue.reshape(m * p, rows), ve.reshape(m * p, c)
                 for b in range(self.blocks):
-                    cv = self._count_block(ve, self.col_hash[b], self.col_sign[b], self.col_signed[b])
+                    cv = self._count_block(ve, col_hash[b], col_sign[b], col_signed[b])
                     if ones is not None:  # the implicit ones column: +1 at its signed bucket
                         cv += ones[b]
                     prod = torch.fft.rfft(self._count_block(ue, self.row_hash[b], self.row_sign[b],
@@ -454,11 +483,12 @@ class TensorSketchMean(Projection):
             parts.append(part)
         return torch.fft.irfft(torch.cat(parts), n=k, dim=-1) / math.sqrt(self.blocks)
 
-    def _factored_all_blocks(self, u: torch.Tensor, v: torch.Tensor, bias: bool) -> torch.Tensor:
+    def _factored_all_blocks(self, u: torch.Tensor, v: torch.Tensor, bias: bool,
+                             col_signed: torch.Tensor) -> torch.Tensor:
         """:meth:`factored` with every block counted at once (its temporaries fit the cache)."""
         n, t, c = v.shape
         fu = torch.fft.rfft(self._count(u.reshape(n * t, -1), self.row_signed), dim=-1)  # [B, n·t, k/2+1]
-        cv = self._count(v.reshape(n * t, c), self.col_signed)
+        cv = self._count(v.reshape(n * t, c), col_signed)
         if bias:
             cv += self._ones_column(c, cv.dtype).unsqueeze(1)
         acc = (fu * torch.fft.rfft(cv, dim=-1)).view(self.blocks, n, t, -1).sum((0, 2))

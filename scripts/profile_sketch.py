@@ -9,6 +9,7 @@ machine inflate it far less than wall time) and the cost model's ms (:meth:`Proj
 
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --steps 3
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --check-choice   # model vs measured
+    python scripts/profile_sketch.py --model timm-resnet --sketch-dim 256 --check-choice --whole  # with exact routes
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --counts --blocks v5,shape  # per rule
     python scripts/profile_sketch.py --model timm-resnet --sketch-dim 1024 --ab-blocks v5,shape --reps 7  # whole step
 
@@ -34,7 +35,7 @@ from pathlib import Path
 import gradcoh.logger.sketch as sketch
 import torch
 from bench_overhead import default_batch, make_zoo_case
-from gradcoh.logger import GradientLogger
+from gradcoh.logger import GradientLogger, ghost
 from gradcoh.logger.costs import SKETCH_COSTS
 
 ROUTES = ("dense", "factored", "indexed")
@@ -136,6 +137,9 @@ def check_choice(args: argparse.Namespace) -> None:
     factors of its shapes (fastest of ``--reps``, interleaved, thread CPU time) against the kind the cost model
     chose; with ``--blocks``, the TensorSketch mean once per number of blocks (the choice at the current count)."""
     seen, batch = first_step_forms(args)
+    if args.whole:
+        check_whole(args, seen, batch)
+        return
     k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
     blocks = args.blocks.split(",") if args.blocks else ["shape"]
     forms = {(view, t): kind for (_, view), (kind, fs) in seen.items() for route, t in fs
@@ -163,6 +167,81 @@ def check_choice(args: argparse.Namespace) -> None:
         fastest = min(best, key=best.get)
         cells = " | ".join(f"{best[name]:.2f} ({model_ms[name]:.2f})" for name in projs)
         print(f"| {rows}×{cols} | {t} | {kind} | {cells} | {fastest} |")
+
+
+def check_whole(args: argparse.Namespace, seen: dict, batch: int) -> None:
+    """:func:`check_choice` for what :func:`~gradcoh.logger.sketch.form_cost` weighs: each class's sketch *with* the
+    exact statistics' route it implies, per factored parameter, on random factors of its shapes and layout.
+
+    TensorSketch mean: the ghost norm (:func:`gradcoh.logger.ghost.sq_norms`; a convolution whose rule takes the norm
+    from the input map's Gram pays less) and the factored route. CountSketch: materialising (one batched GEMM), the
+    squared norms and the dense route; "fused" also subtracts what a fused call spares (autograd's weight-gradient
+    GEMM, less the slot's sum), which at level ``"auto"`` only Linear calls and first convolutions get, while
+    ``form_cost`` credits it to every form with ``T ≥ 20``. Convolutions' factors are given their rule's layout (the
+    patches' transposed storage, which the sketch copies). Fastest of ``--reps``, interleaved, thread CPU (ms)."""
+    k, gen = args.sketch_dim, torch.Generator().manual_seed(0)
+    model = make_zoo_case(args.model, batch, 0, "cpu")["models"]["default"]
+    modules = dict(model.named_modules())
+    print(f"# {args.model}, batch {batch}, k {k}: factored forms with the exact statistics' route, fastest of "
+          f"{args.reps} (ms thread CPU; model, load {os.getloadavg()[0]:.2f})")
+    print("| parameter | view | T | chosen | tensorsketch + ghost norm | countsketch + materialise | "
+          "countsketch, fused | cheaper measured (unfused) |")
+    print("|---|---|---:|---|---:|---:|---:|---|")
+    slower, lost = 0, 0.0
+    for (name, (rows, cols)), (kind, forms) in sorted(seen.items(), key=lambda kv: kv[0][0]):
+        ts_forms = [t for route, t in forms if route == "factored" and t > 1]
+        if len(ts_forms) != 1 or len(forms) != 1 or not sketch.TensorSketchMean.applies((rows, cols), k):
+            continue
+        t = ts_forms[0]
+        conv = isinstance(modules.get(name.rpartition(".")[0]), torch.nn.modules.conv._ConvNd)
+        if conv:  # the rules' layout: [n, C, T] storage viewed [n, T, C]
+            u = torch.randn(batch, rows, t, generator=gen).transpose(1, 2)
+            v = torch.randn(batch, cols, t, generator=gen).transpose(1, 2)
+        else:
+            u, v = torch.randn(batch, t, rows, generator=gen), torch.randn(batch, t, cols, generator=gen)
+        best = _whole_times(u, v, k, args.reps)
+        model_ms = {c.kind: sketch.form_cost(c, (rows, cols), k, ("factored", t)) * batch * 1e-6
+                    for c in (sketch.TensorSketchMean, sketch.CountSketch)}
+        fused = best["cs"] - max(0.0, best["spared"] - best["slot"])
+        cheaper = "tensorsketch" if best["ts"] < best["cs"] else "countsketch"
+        if cheaper != kind:
+            slower += 1
+            lost += abs(best["ts"] - best["cs"])
+        print(f"| {name}{' (conv)' if conv else ''} | {rows}×{cols} | {t} | {kind} | {best['ts']:.2f} "
+              f"({model_ms['tensorsketch']:.2f}) | {best['cs']:.2f} ({model_ms['countsketch']:.2f}) | {fused:.2f} | "
+              f"{cheaper} |")
+    print(f"\n{slower} parameters chose the class measured dearer without fusing, {lost:.1f} ms per step in all")
+
+
+def _whole_times(u: torch.Tensor, v: torch.Tensor, k: int, reps: int) -> dict[str, float]:
+    """Fastest of ``reps`` (ms, thread CPU, interleaved) for :func:`check_whole`: ``ts`` (ghost norm + TensorSketch
+    mean), ``cs`` (materialise + norms + CountSketch), ``spared`` (autograd's weight GEMM), ``slot`` (a slot's sum)."""
+    batch, _, rows = u.shape
+    cols = v.shape[2]
+    ts = sketch.TensorSketchMean(0, "w", (rows, cols), k)
+    cs = sketch.CountSketch(0, "w", (rows, cols), k)
+    step = max(1, sketch.MATERIALISE_ELEMENTS // (rows * cols))
+
+    def ts_whole() -> None:
+        ghost.sq_norms(u, v)
+        ts.factored(u, v)
+
+    def cs_whole() -> None:
+        for i in range(0, batch, step):
+            m = torch.bmm(u[i : i + step].transpose(1, 2), v[i : i + step])
+            m.pow(2).sum((1, 2))
+            cs.dense(m)
+
+    fns = {"ts": ts_whole, "cs": cs_whole,
+           "spared": lambda: torch.mm(u.reshape(-1, rows).T, v.reshape(-1, cols)),
+           "slot": lambda: torch.empty(batch, rows, cols).sum(0)}
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for key, fn in fns.items():
+            start = time.thread_time()
+            fn()
+            best[key] = min(best[key], (time.thread_time() - start) * 1e3)
+    return best
 
 
 def first_step_forms(args: argparse.Namespace) -> tuple[dict, int]:
@@ -318,6 +397,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--check-choice", action="store_true", help="time both classes on every factored form")
+    ap.add_argument("--whole", action="store_true",
+                    help="with --check-choice: each class with the exact statistics' route it implies")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--counts", action="store_true", help="operation counts of the first step's sketch")
     ap.add_argument("--plain-ms", type=float, default=0.0, help="with --counts: a plain step (ms) to divide by")

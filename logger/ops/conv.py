@@ -24,6 +24,7 @@ from torch import nn
 from .. import ghost
 from ..costs import kernel_costs
 from ..grads import Dense, Factored, bias_grad, materialise_is_cheaper
+from ..sketch import Projection, TensorSketchMean
 
 ELEMENT_MACS = 20.0
 """An element read and written by a memory-bound op (the im2col copy, a shifted add of Gram entries) counted as this
@@ -93,6 +94,22 @@ class Patches:
     def unfold(self) -> torch.Tensor:
         """``[n, T, C·prod(kernel)]`` (:func:`unfold`)."""
         return unfold(self.x, self.kernel, self.dilation, self.padding, self.stride)
+
+    def unfold_taps_last(self) -> torch.Tensor:
+        """``[n, T, prod(kernel)·C]`` patches with columns ordered ``(tap, channel)`` (:meth:`unfold`: reversed).
+
+        Formed from a channels-last copy of the (zero-padded) input: each patch is ``prod(kernel)`` contiguous runs of
+        ``C`` entries, where :meth:`unfold`'s ``[n, T, C·prod(kernel)]`` is a transposed view whose contiguous copy
+        moves every entry alone (ResNet-18's 3×3 convolutions at 4×4: 1.0 vs 3.6–8.5 ms for ``[32, 16, 2304]``, one
+        CPU core). For a TensorSketch, which hashes each column on its own
+        (:meth:`~gradcoh.logger.sketch.TensorSketchMean.factored_taps_last`).
+        """
+        x = _zero_pad(self.x, self.padding).movedim(1, -1).contiguous()  # [n, *padded, C]
+        nd = len(self.kernel)
+        for dim, (k, d, s) in enumerate(zip(self.kernel, self.dilation, self.stride, strict=True)):
+            x = x.unfold(1 + dim, d * (k - 1) + 1, s)[..., ::d]  # appends a window axis: [n, *out, C, *k]
+        perm = [0, *range(1, 1 + nd), *range(2 + nd, 2 + 2 * nd), 1 + nd]  # → [n, *out, *k, C]
+        return x.permute(perm).reshape(x.shape[0], math.prod(self.out), -1)
 
     def map_macs(self, rows: int) -> float:
         """Multiply-adds per example of the ghost norm through the map's Gram (:meth:`gram`).
@@ -193,6 +210,15 @@ class PatchFactored(Factored):
         if not self.bias:
             return self, None
         return PatchFactored(self.u, self._v, bias=False, patches=self.patches), bias_grad(self.u)
+
+    def sketch(self, projector: Projection) -> torch.Tensor:
+        """``[n, k]`` sketches; a TensorSketch mean of unformed patches reads them channels-last.
+
+        :meth:`Patches.unfold_taps_last` is a cheaper copy than :attr:`v`'s; the same projection to rounding.
+        """
+        if self._v is None and self.patches is not None and not self.bias and isinstance(projector, TensorSketchMean):
+            return projector.factored_taps_last(self.u, self.patches.unfold_taps_last(), self.patches.x.shape[1])
+        return super().sketch(projector)
 
     def norm_macs(self) -> float:
         """Multiply-adds per example of :meth:`sq_norms`."""

@@ -450,6 +450,50 @@ def test_tensorsketch_factored_code_paths_equal_dense(view, cache, monkeypatch):
                  scale=np.linalg.norm(want, axis=-1, keepdims=True))
 
 
+@pytest.mark.parametrize("cache", [2**18, 64], ids=["all_blocks", "block_by_block"])
+@pytest.mark.parametrize("geometry", [
+    (nn.Conv2d, 5, 7, 3, 1, 1, 1, (6, 6)),
+    (nn.Conv2d, 4, 9, (3, 2), (2, 1), (1, 0), (2, 1), (9, 8)),
+    (nn.Conv1d, 3, 6, 5, 2, 2, 1, (11,)),
+    (nn.Conv3d, 2, 5, 2, 1, 1, 1, (3, 4, 3)),
+], ids=["3x3", "dilated_strided_2d", "1d", "3d"])
+def test_patches_taps_last_give_the_same_tensorsketch(geometry, cache, monkeypatch):
+    """Patches formed channels-last (columns ``(tap, channel)``) are :meth:`Patches.unfold`'s columns permuted, and a
+    TensorSketch mean sketches them with each column's own hash: the sketch of the natural patches, through
+    ``factored_taps_last`` and through a convolution's :class:`PatchFactored` (which leaves ``v`` unformed; with a
+    bias column sketched apart), for several geometries (B = 2 for the 2-D ones, 1 for the others) and both code
+    paths of the factored route."""
+    import gradcoh.logger.sketch as sketch_module
+    from gradcoh.logger.ops.conv import Patches, PatchFactored
+
+    monkeypatch.setattr(sketch_module, "_CACHE_ELEMENTS", cache)
+    torch.manual_seed(5)
+    cls, cin, cout, kernel, stride, padding, dilation, spatial = geometry
+    conv = cls(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    x = torch.randn(3, cin, *spatial, dtype=torch.float64)
+    y = conv(x)
+    per_position = torch.randn_like(y).reshape(3, cout, -1).transpose(1, 2)  # the rule's layout: [n, T, C_out]
+    patches = Patches(x, tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.padding), tuple(conv.stride),
+                      tuple(y.shape[2:]))
+    v, taps_last = patches.unfold(), patches.unfold_taps_last()
+    taps = v.shape[-1] // cin
+    assert taps_last.stride(-1) == 1
+    assert torch.equal(taps_last.reshape(3, -1, taps, cin).transpose(2, 3).reshape(v.shape), v)
+    p = Projection.create(3, "w", (cout, cin * taps + 1), 16, "tensorsketch")
+    whole = torch.bmm(per_position.transpose(1, 2), v)
+    want = p.dense(whole).numpy()
+    n_acc = 2 * (per_position.shape[1] + cout * cin * taps)
+    scale = np.linalg.norm(want, axis=-1, keepdims=True)
+    assert_close(p.factored_taps_last(per_position, taps_last, cin), want, n=n_acc, dtype="float64", scale=scale)
+    form = PatchFactored(per_position, bias=True, patches=patches)
+    with_bias = torch.cat([whole, per_position.sum(1).unsqueeze(2)], dim=2)
+    want = p.dense(with_bias).numpy()
+    assert_close(form.sketch(p), want, n=n_acc, dtype="float64", scale=np.linalg.norm(want, axis=-1, keepdims=True))
+    assert form._v is None
+    with pytest.raises(ValueError, match="do not match"):
+        p.factored_taps_last(per_position, taps_last[..., :-1], cin)
+
+
 def test_choice_from_a_cost_model_of_the_shapes():
     """A TensorSketch mean where the factors are far smaller than the gradient (few positions on a large matrix),
     a CountSketch where the gradient is materialised anyway or has at most k entries; the same shapes, the same

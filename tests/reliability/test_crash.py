@@ -91,10 +91,11 @@ def test_resume_of_unrepaired_crash_tail(forkserver, reference, tmp_path):
 def test_sigkill_inside_a_partial_chunk_rewrite(forkserver, reference, tmp_path, when):
     """Killed while a partly filled chunk holding committed steps is written again: those steps survive unchanged.
 
-    The tiny run's arrays hold up to 65536 steps a chunk, so every commit (every ~20 ms) rewrites the one partly
-    filled chunk of each array; the kill lands in the 40th such rewrite, mid-commit (some arrays rewritten, others
-    not). ``temp``: half of the new chunk written to zarr's temporary file; ``renamed``: the new chunk, with steps
-    not yet committed, already replaced the old one.
+    The tiny run's arrays hold 64 (sketch) to 8192 (n_examples) steps a chunk at the suite's 64 KiB chunks (256 for
+    sq_norm; at the product's 4 MiB, 64× more), so every commit (every ~20 ms) rewrites the partly filled chunk of each
+    array; the kill lands in the 40th such rewrite, mid-commit (some arrays rewritten, others not). ``temp``: half of
+    the new chunk written to zarr's temporary file; ``renamed``: the new chunk, with steps not yet committed, already
+    replaced the old one.
     """
     ref, _ = reference
     store = tmp_path / f"rewrite-{when}.zarr"

@@ -41,12 +41,22 @@ def short_store(tmp_path_factory):
     return path
 
 
-def test_chunk_rule():
+def test_chunk_rule(monkeypatch):
+    """The rule at the product's 4 MiB target (tests/conftest.py sets 64 KiB through ``GRADCOH_CHUNK_BYTES``)."""
+    assert schema.chunk_target_bytes({}) == 4 * 2**20
+    assert schema.chunk_target_bytes({schema.CHUNK_BYTES_ENV: "65536"}) == 65536
+    for bad in ("0", "-5", "4MiB"):
+        with pytest.raises(ValueError, match=schema.CHUNK_BYTES_ENV):
+            schema.chunk_target_bytes({schema.CHUNK_BYTES_ENV: bad})
+    for target in (schema.chunk_target_bytes({}), CHUNK_TARGET_BYTES):
+        monkeypatch.setattr(schema, "CHUNK_TARGET_BYTES", target)
+        assert steps_per_chunk(10**9) == 1
+        for step_bytes in (100, 1000, 4096, 262_144, 3 * 2**20):
+            n = steps_per_chunk(step_bytes)
+            assert n & (n - 1) == 0
+            assert n == 1 if step_bytes > target else n * step_bytes <= target < 2 * n * step_bytes
+    monkeypatch.setattr(schema, "CHUNK_TARGET_BYTES", schema.chunk_target_bytes({}))
     assert steps_per_chunk(8) == MAX_STEPS_PER_CHUNK
-    assert steps_per_chunk(10**9) == 1
-    for step_bytes in (100, 1000, 4096, 262_144, 3 * 2**20):
-        n = steps_per_chunk(step_bytes)
-        assert n & (n - 1) == 0 and n * step_bytes <= CHUNK_TARGET_BYTES < 2 * n * step_bytes
     assert task_steps(8, 65536, 40_000) == 65536  # one task for a small array, whatever the step count
     assert task_steps(2**20, 1, 10_000) == TASK_BYTES // 2**20
     assert task_steps(2**20, 16, 10_000) % 16 == 0
